@@ -1,0 +1,394 @@
+"""The loaded desired state: typed, immutable objects the rest of the code works with.
+
+Everything here is a frozen dataclass built by :func:`reconciler.config.load_config` from validated
+documents with every default filled in, so a reader never needs to know the defaults. Schedules and
+retention are the engine's own types (:class:`reconciler.engine.schedule.Schedule`,
+:class:`reconciler.engine.retention.RetentionPolicy`). Secrets are :class:`~reconciler.config.secrets.Secret`
+references, resolved only when used.
+"""
+
+from __future__ import annotations
+
+import enum
+import fnmatch
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import PurePosixPath
+from types import MappingProxyType
+from typing import TypeVar
+
+from reconciler.config.errors import ConfigIssue
+from reconciler.config.secrets import Secret
+from reconciler.engine.retention import RetentionPolicy
+from reconciler.engine.schedule import After, Schedule, Window
+
+
+class License(str, enum.Enum):
+    """How the host is licensed, as declared (``AUTO`` = detect on connection)."""
+
+    AUTO = "auto"
+    FREE = "free"
+    LICENSED = "licensed"
+
+
+class CbtMode(str, enum.Enum):
+    """Desired Changed Block Tracking state of a policy's VMs."""
+
+    ENABLED = "enabled"
+    DISABLED = "disabled"
+    UNMANAGED = "unmanaged"
+
+
+class HookFailure(str, enum.Enum):
+    """What a failing hook means for the run."""
+
+    FAIL = "fail"
+    IGNORE = "ignore"
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where an object was defined, for messages: file (relative to the config dir) and 1-based line."""
+
+    file: str
+    line: int
+
+    def __str__(self) -> str:
+        return f"{self.file}:{self.line}"
+
+
+# -- Host --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """API (and default SSH) login."""
+
+    user: str
+    password: Secret
+
+
+@dataclass(frozen=True)
+class ApiEndpoint:
+    """The vSphere API over HTTPS. ``thumbprint`` is upper-case ``AA:BB:…`` (SHA-1 or SHA-256)."""
+
+    port: int
+    thumbprint: str | None
+    insecure_skip_tls_verify: bool
+
+    @property
+    def thumbprint_algorithm(self) -> str | None:
+        """``sha1`` or ``sha256`` by the pin's length; None when not pinned."""
+        if self.thumbprint is None:
+            return None
+        return "sha1" if len(self.thumbprint) == 59 else "sha256"
+
+
+@dataclass(frozen=True)
+class SshEndpoint:
+    """SSH access. ``user`` is already defaulted from the credentials."""
+
+    enabled: bool
+    port: int
+    user: str
+    host_key: str | None
+    private_key: Secret | None
+    insecure_skip_host_key_check: bool
+
+
+@dataclass(frozen=True)
+class HostLimits:
+    """Concurrency limits and the datastore free-space floor (0 = no check)."""
+
+    concurrent_backups: int
+    concurrent_backups_per_datastore: int
+    min_datastore_free_bytes: int
+    min_datastore_free_percent: float
+
+    def datastore_has_room(self, capacity: int, free: int) -> bool:
+        """Whether a datastore with this capacity and free space (bytes) is above both floors."""
+        if free < self.min_datastore_free_bytes:
+            return False
+        return capacity <= 0 or free * 100 >= capacity * self.min_datastore_free_percent
+
+
+@dataclass(frozen=True)
+class Host:
+    """A standalone ESXi host."""
+
+    name: str
+    address: str
+    license: License
+    credentials: Credentials
+    api: ApiEndpoint
+    ssh: SshEndpoint
+    limits: HostLimits
+    source: Source = field(compare=False)
+
+
+# -- Repository --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LocalBackend:
+    """A repository in a local directory (a NAS volume)."""
+
+    path: PurePosixPath
+    type: str = "local"
+
+
+Backend = LocalBackend
+"""Union of all backend types (only local today; object storage later)."""
+
+
+@dataclass(frozen=True)
+class Compression:
+    """Chunk compression; ``level`` is meaningful for zstd only."""
+
+    algorithm: str
+    level: int
+
+
+@dataclass(frozen=True)
+class Encryption:
+    """Data encryption; ``key`` is set exactly when enabled."""
+
+    enabled: bool
+    key: Secret | None
+
+
+@dataclass(frozen=True)
+class PruneSettings:
+    """Whether expired points are deleted, and the per-run guard."""
+
+    enabled: bool
+    max_deletions_per_run: int
+
+
+@dataclass(frozen=True)
+class Repository:
+    """Where restore points are stored."""
+
+    name: str
+    backend: Backend
+    compression: Compression
+    encryption: Encryption
+    prune: PruneSettings
+    source: Source = field(compare=False)
+
+
+# -- BackupPolicy ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class VmSelector:
+    """Which VMs of the host a policy covers (names are case-sensitive display names)."""
+
+    all: bool
+    names: tuple[str, ...]
+    patterns: tuple[str, ...]
+    exclude: tuple[str, ...]
+
+    def matches(self, vm_name: str) -> bool:
+        """Whether the VM named ``vm_name`` is selected."""
+        if any(fnmatch.fnmatchcase(vm_name, pattern) for pattern in self.exclude):
+            return False
+        return (
+            self.all
+            or vm_name in self.names
+            or any(fnmatch.fnmatchcase(vm_name, pattern) for pattern in self.patterns)
+        )
+
+    def select(self, vm_names: Iterable[str]) -> tuple[str, ...]:
+        """The selected names among ``vm_names``, in their order."""
+        return tuple(name for name in vm_names if self.matches(name))
+
+
+@dataclass(frozen=True)
+class DiskSelector:
+    """Which disks of each VM are backed up; globs match slot, label or file name."""
+
+    include: tuple[str, ...]
+    exclude: tuple[str, ...]
+
+    def matches(self, *identifiers: str) -> bool:
+        """Whether a disk known by these identifiers (e.g. ``"scsi0:1"``, ``"Hard disk 2"``,
+        ``"web01_1.vmdk"``) is backed up."""
+
+        def hit(patterns: tuple[str, ...]) -> bool:
+            return any(fnmatch.fnmatchcase(ident, p) for p in patterns for ident in identifiers)
+
+        return hit(self.include) and not hit(self.exclude)
+
+
+@dataclass(frozen=True)
+class Hook:
+    """A command run on the reconciler's machine around a VM's backup."""
+
+    command: tuple[str, ...]
+    timeout: timedelta
+    on_failure: HookFailure
+
+
+@dataclass(frozen=True)
+class Hooks:
+    """Pre and post hooks, run in order."""
+
+    pre: tuple[Hook, ...]
+    post: tuple[Hook, ...]
+
+
+@dataclass(frozen=True)
+class PowerCycle:
+    """Permission to power-cycle running VMs on free hosts to switch CBT, and when."""
+
+    allowed: bool
+    window: Window | None
+    shutdown_timeout: timedelta
+
+
+@dataclass(frozen=True)
+class BackupPolicy:
+    """VMs of one host backed up to one repository on a schedule, with a retention.
+
+    The policy's restore points form one retention group per VM: ``(policy name, host, VM)``.
+    """
+
+    name: str
+    host: str
+    repository: str
+    vms: VmSelector
+    disks: DiskSelector
+    schedule: Schedule
+    retention: RetentionPolicy
+    cbt: CbtMode
+    cbt_power_cycle: PowerCycle
+    quiesce: bool
+    snapshot_timeout: timedelta
+    hooks: Hooks
+    suspend: bool
+    source: Source = field(compare=False)
+
+
+@dataclass(frozen=True)
+class VerifyPolicy:
+    """A scheduled verification of a repository."""
+
+    name: str
+    repository: str
+    schedule: Schedule
+    read_data_percent: float
+    suspend: bool
+    source: Source = field(compare=False)
+
+
+# -- revision and the whole --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Revision:
+    """Which version of the config this is: a digest of the loaded files, plus the git commit if any.
+
+    ``id`` is what plans, actions and restore points record: ``git:<commit>``, ``git:<commit>+dirty``
+    when the work tree has uncommitted changes, or ``sha256:<digest>`` outside git.
+    """
+
+    digest: str
+    """sha256 (hex) over the names and contents of the loaded files."""
+    commit: str | None = None
+    dirty: bool = False
+
+    @property
+    def id(self) -> str:
+        """The short identifier, e.g. ``git:3f2a…+dirty``."""
+        if self.commit is None:
+            return f"sha256:{self.digest}"
+        return f"git:{self.commit}{'+dirty' if self.dirty else ''}"
+
+    def __str__(self) -> str:
+        return self.id
+
+
+_T = TypeVar("_T")
+
+
+def _index(items: Iterable[_T], name: str) -> Mapping[str, _T]:
+    return MappingProxyType({getattr(item, name): item for item in items})
+
+
+def _sorted_by_name(items: Iterable[_T]) -> tuple[_T, ...]:
+    return tuple(sorted(items, key=lambda item: str(getattr(item, "name"))))  # noqa: B009
+
+
+@dataclass(frozen=True, eq=False)
+class DesiredState:
+    """Everything the config declares, cross-checked, with lookups.
+
+    The mappings are read-only and ordered by name. ``warnings`` are problems that do not stop the
+    config from being used (e.g. an insecure opt-out), with their locations.
+    """
+
+    hosts: Mapping[str, Host]
+    repositories: Mapping[str, Repository]
+    policies: Mapping[str, BackupPolicy]
+    verify_policies: Mapping[str, VerifyPolicy]
+    revision: Revision
+    warnings: tuple[ConfigIssue, ...] = ()
+
+    @classmethod
+    def build(
+        cls,
+        hosts: Iterable[Host],
+        repositories: Iterable[Repository],
+        policies: Iterable[BackupPolicy],
+        verify_policies: Iterable[VerifyPolicy],
+        revision: Revision,
+        warnings: Iterable[ConfigIssue] = (),
+    ) -> DesiredState:
+        """Assemble from unordered objects (names must already be unique per kind)."""
+        return cls(
+            hosts=_index(_sorted_by_name(hosts), "name"),
+            repositories=_index(_sorted_by_name(repositories), "name"),
+            policies=_index(_sorted_by_name(policies), "name"),
+            verify_policies=_index(_sorted_by_name(verify_policies), "name"),
+            revision=revision,
+            warnings=tuple(sorted(warnings)),
+        )
+
+    def host(self, name: str) -> Host:
+        """The Host named ``name`` (KeyError if none)."""
+        return self.hosts[name]
+
+    def repository(self, name: str) -> Repository:
+        """The Repository named ``name`` (KeyError if none)."""
+        return self.repositories[name]
+
+    def policy(self, name: str) -> BackupPolicy:
+        """The BackupPolicy named ``name`` (KeyError if none)."""
+        return self.policies[name]
+
+    def verify_policy(self, name: str) -> VerifyPolicy:
+        """The VerifyPolicy named ``name`` (KeyError if none)."""
+        return self.verify_policies[name]
+
+    def policies_for_host(self, host: str) -> tuple[BackupPolicy, ...]:
+        """Backup policies of a host, by name."""
+        return tuple(p for p in self.policies.values() if p.host == host)
+
+    def policies_for_repository(self, repository: str) -> tuple[BackupPolicy, ...]:
+        """Backup policies writing to a repository, by name."""
+        return tuple(p for p in self.policies.values() if p.repository == repository)
+
+    def policies_for_vm(self, host: str, vm_name: str) -> tuple[BackupPolicy, ...]:
+        """Every policy protecting VM ``vm_name`` of ``host`` (possibly several), by name."""
+        return tuple(p for p in self.policies.values() if p.host == host and p.vms.matches(vm_name))
+
+    def dependents(self, policy: str) -> tuple[BackupPolicy, ...]:
+        """Backup policies scheduled to run after ``policy`` has succeeded."""
+        return tuple(p for p in self.policies.values() if after_policy(p.schedule) == policy)
+
+
+def after_policy(schedule: Schedule) -> str | None:
+    """The policy a schedule chains after (``after`` form), or None."""
+    return schedule.spec.policy if isinstance(schedule.spec, After) else None

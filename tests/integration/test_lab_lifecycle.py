@@ -1,0 +1,96 @@
+"""The lab launcher: nothing of a lab survives its stop, not even after a start that failed half-way."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from esxisim import MiB, procs
+from esxisim.lab import DatastoreSpec, DiskSpec, HostSpec, Lab, LabError, VMSpec, lab_spec
+
+pytestmark = pytest.mark.lab
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def lab_processes(state_dir: Path) -> list[str]:
+    """Processes with the lab's state dir on their command line (esxisim-host, unshare, nsroot)."""
+    return [f"{pid}: {' '.join(procs.cmdline(pid))}" for pid in procs.pids_mentioning(str(state_dir))]
+
+
+def test_stop_leaves_no_process_mount_or_file(tmp_path: Path) -> None:
+    state = tmp_path / "lab"
+    spec = lab_spec(hosts=1, vms=1, disk_sizes=(8 * MiB,))
+    with Lab(state, spec) as lab:
+        assert lab.running()
+        info = json.loads((state / "lab.json").read_text())
+        assert [h["name"] for h in info["hosts"]] == ["esxi1"]
+        ns = (state / "hosts/esxi1/sshd.ns").read_text().strip()
+        assert procs.pids_in_ns(ns)
+        assert lab_processes(state)
+        # the datastore is mounted inside the host's namespace only
+        sshd_pid = int((state / "hosts/esxi1/sshd.pid").read_text())
+        inside = procs.mounts_under(Path("/vmfs"), Path(f"/proc/{sshd_pid}/mountinfo"))
+        uuid = json.loads((state / "hosts/esxi1/volumes.json").read_text())[0]["uuid"]
+        assert inside == [f"/vmfs/volumes/{uuid}"]
+        assert not procs.mounts_under(state)
+        assert not Path("/vmfs").exists()
+    assert lab_processes(state) == []
+    assert procs.pids_in_ns(ns) == []
+    assert procs.mounts_under(tmp_path) == []
+    assert not state.exists()
+
+
+def test_failed_start_stops_what_was_started(tmp_path: Path) -> None:
+    state = tmp_path / "lab"
+    good = lab_spec(hosts=1, vms=1, disk_sizes=(8 * MiB,))[0]
+    bad = HostSpec(
+        name="esxi2",
+        vms=(VMSpec(name="broken", datastore="nosuchds", disks=(DiskSpec(size=8 * MiB),)),),
+        datastores=(DatastoreSpec(),),
+    )
+    lab = Lab(state, (good, bad), ready_timeout=30)
+    with pytest.raises(LabError):
+        lab.start()
+    assert lab_processes(state) == []
+    assert procs.mounts_under(tmp_path) == []
+
+
+def test_cli_up_status_down(tmp_path: Path) -> None:
+    state = tmp_path / "cli lab"
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "esxisim", *args],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+
+    up = cli("up", "--state-dir", str(state), "--hosts", "1", "--vms", "1", "--disk-sizes", "8M")
+    try:
+        assert up.returncode == 0, up.stderr
+        assert str(state / "lab.json") in up.stdout
+        assert "web01" in up.stdout
+        status = cli("status", "--state-dir", str(state))
+        assert status.returncode == 0, status.stdout + status.stderr
+        wrote = cli(
+            "guest-write", "--state-dir", str(state), "--vm", "web01", "--percent", "1", "--seed", "2"
+        )
+        assert wrote.returncode == 0, wrote.stderr
+        assert json.loads(wrote.stdout)["bytes"] > 0
+        fault = cli("fault", "--state-dir", str(state), "--host", "esxi1", "ssh-drop")
+        assert fault.returncode == 0, fault.stderr
+    finally:
+        down = cli("down", "--state-dir", str(state))
+    assert down.returncode == 0, down.stderr
+    assert lab_processes(state) == []
+    assert not state.exists()
