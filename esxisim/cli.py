@@ -9,6 +9,7 @@ python -m esxisim fault --state-dir DIR --host H KIND [--delay-ms N] [--off] [--
 python -m esxisim vim-cmd --state-dir DIR --host H -- ARGS...
 python -m esxisim down --state-dir DIR [--keep]
 python -m esxisim build [--force]
+python -m esxisim demo --state-dir DIR
 """
 
 from __future__ import annotations
@@ -190,6 +191,12 @@ def cmd_vimcmd(args: argparse.Namespace) -> int:
     return res.exit
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    from esxisim.demo import run_demo  # imports pyvmomi: only the demo needs it
+
+    return run_demo(args.state_dir)
+
+
 def cmd_build(args: argparse.Namespace) -> int:
     print(ensure_built(force=args.force, quiet=False))
     return 0
@@ -246,6 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("vim-cmd", cmd_vimcmd, "run vim-cmd on a host through its control API")
     p.add_argument("--host", required=True, help="host name")
     p.add_argument("argv", nargs=argparse.REMAINDER, help="vim-cmd arguments (after --)")
+
+    add("demo", cmd_demo, "start a lab, show it through the API and SSH, and stop it")
 
     p = add("build", cmd_build, "build the Go host binary if its sources changed", state_dir=False)
     p.add_argument("--force", action="store_true", help="rebuild even if up to date")

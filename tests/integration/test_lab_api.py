@@ -16,7 +16,7 @@ import pytest
 from pyVmomi import vim
 from pyVmomi.Security import ThumbprintMismatchException
 
-from esxisim.pytest_plugin import LabHandle, find_vm, pinned_context, wait_task
+from esxisim.handle import LabHandle, find_vm, pinned_context, wait_task
 
 pytestmark = pytest.mark.lab
 ConfigSpec: Any = vim.vm.ConfigSpec

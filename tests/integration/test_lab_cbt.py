@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from pyVmomi import vim, vmodl
 
-from esxisim.pytest_plugin import LabHandle, find_vm, wait_task
+from esxisim.handle import LabHandle, find_vm, wait_task
 
 pytestmark = pytest.mark.lab
 ConfigSpec: Any = vim.vm.ConfigSpec

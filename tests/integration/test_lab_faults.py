@@ -10,7 +10,7 @@ import paramiko
 import pytest
 from pyVmomi import vim
 
-from esxisim.pytest_plugin import LabHandle, find_vm, vmfs_path, wait_task
+from esxisim.handle import LabHandle, find_vm, vmfs_path, wait_task
 
 pytestmark = pytest.mark.lab
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from esxisim.pytest_plugin import LabHandle
+from esxisim.handle import LabHandle
 
 pytestmark = pytest.mark.lab
 

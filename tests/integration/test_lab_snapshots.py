@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from pyVmomi import vim
 
-from esxisim.pytest_plugin import LabHandle, find_vm, snapshot_ids, vmfs_path, wait_task
+from esxisim.handle import LabHandle, find_vm, snapshot_ids, vmfs_path, wait_task
 
 pytestmark = pytest.mark.lab
 

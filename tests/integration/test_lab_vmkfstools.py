@@ -7,7 +7,7 @@ import shlex
 
 import pytest
 
-from esxisim.pytest_plugin import LabHandle, snapshot_ids, vmfs_path
+from esxisim.handle import LabHandle, snapshot_ids, vmfs_path
 
 pytestmark = pytest.mark.lab
 
