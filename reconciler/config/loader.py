@@ -207,39 +207,37 @@ def _build_retention(
     )
 
 
+def _check_insecure_opt_out(
+    build: _Build, doc: Document, path: tuple[str, ...], pinned: bool, pin_field: str, what: str
+) -> None:
+    """An explicit opt-out of pinning is an error next to a pin, and a loud warning otherwise."""
+    if pinned:
+        build.issues.append(doc.issue(path, f"contradicts the pinned {pin_field}; remove one of them"))
+    else:
+        build.warnings.append(doc.issue(path, f"INSECURE: {what} is not verified"))
+
+
 def _build_host(build: _Build, doc: Document, spec: dict[str, Any]) -> model.Host:
     name = doc.data["metadata"]["name"]
     api, ssh, limits, creds = spec["api"], spec["ssh"], spec["limits"], spec["credentials"]
     if api["insecure_skip_tls_verify"]:
-        if "thumbprint" in api:
-            build.issues.append(
-                doc.issue(
-                    ("spec", "api", "insecure_skip_tls_verify"),
-                    "contradicts the pinned thumbprint; remove one of them",
-                )
-            )
-        else:
-            build.warnings.append(
-                doc.issue(
-                    ("spec", "api", "insecure_skip_tls_verify"),
-                    f"INSECURE: TLS certificate of host {name!r} is not verified",
-                )
-            )
+        _check_insecure_opt_out(
+            build,
+            doc,
+            ("spec", "api", "insecure_skip_tls_verify"),
+            "thumbprint" in api,
+            "thumbprint",
+            f"TLS certificate of host {name!r}",
+        )
     if ssh["enabled"] and ssh["insecure_skip_host_key_check"]:
-        if "host_key" in ssh:
-            build.issues.append(
-                doc.issue(
-                    ("spec", "ssh", "insecure_skip_host_key_check"),
-                    "contradicts the pinned host_key; remove one of them",
-                )
-            )
-        else:
-            build.warnings.append(
-                doc.issue(
-                    ("spec", "ssh", "insecure_skip_host_key_check"),
-                    f"INSECURE: SSH host key of host {name!r} is not verified",
-                )
-            )
+        _check_insecure_opt_out(
+            build,
+            doc,
+            ("spec", "ssh", "insecure_skip_host_key_check"),
+            "host_key" in ssh,
+            "host_key",
+            f"SSH host key of host {name!r}",
+        )
     if spec["license"] == "free" and not ssh["enabled"]:
         build.issues.append(
             doc.issue(
