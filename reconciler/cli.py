@@ -2,6 +2,11 @@
 
 Each verb lives in its own small function that parses nothing itself: argparse does the parsing here,
 so ``esxi-reconciler --help`` shows every verb in one place.
+
+Adding a verb: register it with :func:`add_command` (which gives it the global options, so they work
+before or after the verb name) and read the config directory with :func:`config_dir`. :func:`main` has
+configured logging (:mod:`reconciler.log`) before the verb runs; log with ``structlog.get_logger()``.
+Command output goes to stdout, logs to stderr.
 """
 
 from __future__ import annotations
@@ -11,10 +16,87 @@ import json
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
+
+import structlog
 
 from reconciler import __version__
+from reconciler.config import default_config_dir
+from reconciler.config.loader import CONFIG_ENV, DEFAULT_CONFIG_DIR
+from reconciler.log import LOG_FORMATS, LOG_LEVELS, configure_logging
 
 Handler = Callable[[argparse.Namespace], int]
+
+log = structlog.get_logger("reconciler.cli")  # not __name__: that is "__main__" under python -m
+
+# Only the verbs that exist; each new verb adds its lines here.
+_EXAMPLES = f"""\
+examples:
+  esxi-reconciler validate                  check the default config directory
+  esxi-reconciler validate config.example/  check another directory
+  esxi-reconciler --config /srv/esxi-config validate --resolve-secrets
+  esxi-reconciler validate --format json config.example/
+  esxi-reconciler -v --log-format json validate
+                                            ditto, with debug logs as JSON lines
+  esxi-reconciler COMMAND --help            options and examples of one command
+
+Global options may come before or after the command. Command output goes to
+stdout, logs to stderr: readable lines on a terminal, else JSON lines (with
+<N> priority prefixes when stderr is the systemd journal, see JOURNAL_STREAM).
+Secret values are never printed or logged.
+
+environment:
+  {CONFIG_ENV}  the config directory when --config is not given
+                          (else {DEFAULT_CONFIG_DIR})
+  NO_COLOR                no colours in terminal logs
+"""
+
+
+def add_global_options(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """The options every verb shares: ``--config DIR``, ``--log-format``, ``--log-level``, ``-v``.
+
+    Defined here and nowhere else. Their defaults are ``argparse.SUPPRESS`` so that a verb's copy does
+    not overwrite a value given before the verb; :func:`build_parser` sets the real defaults once.
+    """
+    parser.add_argument(
+        "--config",
+        metavar="DIR",
+        type=Path,
+        default=argparse.SUPPRESS,
+        help=f"config directory (or a single file); default: ${CONFIG_ENV} or {DEFAULT_CONFIG_DIR}",
+    )
+    parser.add_argument(
+        "--log-format",
+        choices=LOG_FORMATS,
+        default=argparse.SUPPRESS,
+        help="log format on stderr: console (readable), json (one object per line) or auto (console on"
+        " a terminal, else json); default: auto",
+    )
+    parser.add_argument(
+        "--log-level",
+        choices=LOG_LEVELS,
+        type=str.lower,
+        default=argparse.SUPPRESS,
+        help="least severe level logged; default: info",
+    )
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        dest="log_level",
+        action="store_const",
+        const="debug",
+        default=argparse.SUPPRESS,
+        help="same as --log-level debug",
+    )
+
+
+_GLOBAL_DEFAULTS: dict[str, Any] = {"config": None, "log_format": "auto", "log_level": "info"}
+
+
+def _global_options_parent() -> argparse.ArgumentParser:
+    parent = argparse.ArgumentParser(add_help=False)
+    add_global_options(parent.add_argument_group("global options"))
+    return parent
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -22,22 +104,43 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="esxi-reconciler",
         description="Agentless, GitOps-style backup for VMware ESXi virtual machines.",
+        epilog=_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        parents=[_global_options_parent()],
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.set_defaults(**_GLOBAL_DEFAULTS)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_validate(commands)
     return parser
 
 
-def add_config_option(parser: argparse.ArgumentParser) -> None:
-    """``--config DIR``, shared by every verb that reads the desired state."""
-    parser.add_argument(
-        "--config",
-        metavar="DIR",
-        type=Path,
-        help="config directory (or a single file); default: $ESXI_RECONCILER_CONFIG or"
-        " /etc/esxi-reconciler/config.d",
+def add_command(
+    commands: argparse._SubParsersAction[argparse.ArgumentParser],
+    name: str,
+    *,
+    help: str,
+    description: str,
+    epilog: str,
+    handler: Handler,
+) -> argparse.ArgumentParser:
+    """Register the verb ``name`` with the global options, its examples and its handler."""
+    parser = commands.add_parser(
+        name,
+        help=help,
+        description=description,
+        epilog=epilog,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        parents=[_global_options_parent()],
     )
+    parser.set_defaults(handler=handler)
+    return parser
+
+
+def config_dir(args: argparse.Namespace) -> Path:
+    """The config directory: ``--config``, else ``$ESXI_RECONCILER_CONFIG``, else the system default."""
+    config: Path | None = args.config
+    return config if config is not None else default_config_dir()
 
 
 # -- validate ----------------------------------------------------------------------------------------
@@ -53,18 +156,18 @@ exit status: 0 valid, 1 invalid, 2 usage error
 
 
 def _add_validate(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    parser = commands.add_parser(
+    parser = add_command(
+        commands,
         "validate",
         help="check the desired-state config without touching any host",
         description="Check every YAML file of the config: syntax, schemas, references between objects.\n"
         "All errors are reported at once, with file, line, column and field. Nothing is contacted.",
         epilog=_VALIDATE_EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        handler=cmd_validate,
     )
     parser.add_argument(
         "directory", nargs="?", type=Path, metavar="DIR", help="config directory (same as --config)"
     )
-    add_config_option(parser)
     parser.add_argument(
         "--format", choices=("text", "json"), default="text", help="output format (default: text)"
     )
@@ -73,7 +176,6 @@ def _add_validate(commands: argparse._SubParsersAction[argparse.ArgumentParser])
         action="store_true",
         help="also read every secret reference once (values are never shown)",
     )
-    parser.set_defaults(handler=cmd_validate)
 
 
 def _plural(count: int, word: str, plural: str | None = None) -> str:
@@ -82,7 +184,7 @@ def _plural(count: int, word: str, plural: str | None = None) -> str:
 
 def cmd_validate(args: argparse.Namespace) -> int:
     """``esxi-reconciler validate``: exit 0 when the config is valid, 1 when not."""
-    from reconciler.config import ConfigError, default_config_dir, load_config
+    from reconciler.config import ConfigError, load_config
 
     if args.directory is not None and args.config is not None and args.directory != args.config:
         print(
@@ -90,7 +192,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    path: Path = args.directory or args.config or default_config_dir()
+    path: Path = args.directory if args.directory is not None else config_dir(args)
+    log.debug("validate.start", config=str(path), resolve_secrets=args.resolve_secrets)
     try:
         desired = load_config(path, resolve_secrets=args.resolve_secrets)
     except ConfigError as error:
@@ -144,6 +247,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command named on the command line and return its exit code."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    configure_logging(args.log_format, args.log_level)
+    log.debug("command", command=args.command, version=__version__)
     handler: Handler | None = getattr(args, "handler", None)
     if handler is None:
         parser.print_help(sys.stderr)
