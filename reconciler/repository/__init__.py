@@ -1,0 +1,76 @@
+"""The backup repository: fixed 1 MiB content-addressed chunks, zstd, optional AES-256-GCM, restore points.
+
+The on-disk format is specified in ``docs/repository-format.md``. Entry points: :class:`Repository`
+(``init``/``open``), :class:`ChunkWriter`, :class:`RestorePoint`, :func:`collect_garbage`.
+"""
+
+from reconciler.repository.backend import Backend, LocalBackend
+from reconciler.repository.chunks import CHUNK_SIZE, HOLE, BlobCodec, EncodedChunk
+from reconciler.repository.crypto import KdfParams
+from reconciler.repository.errors import (
+    FormatError,
+    IntegrityError,
+    LockedError,
+    MissingObjectError,
+    ProtectedPointError,
+    RepositoryError,
+    WrongKeyError,
+)
+from reconciler.repository.gc import GcReport, collect_garbage
+from reconciler.repository.index import DIGEST_BLOCK_SIZE, DigestMap, DiskIndex
+from reconciler.repository.lock import LockInfo, RepositoryLock, remove_stale_locks
+from reconciler.repository.points import (
+    DiskRecord,
+    RestorePoint,
+    StoredFile,
+    VmRef,
+    group_points,
+    new_point_id,
+)
+from reconciler.repository.repo import (
+    CheckReport,
+    ChunkWrite,
+    ChunkWriter,
+    Repository,
+    RepositoryStats,
+    export_key,
+    import_key,
+)
+
+__all__ = [
+    "CHUNK_SIZE",
+    "DIGEST_BLOCK_SIZE",
+    "HOLE",
+    "Backend",
+    "BlobCodec",
+    "CheckReport",
+    "ChunkWrite",
+    "ChunkWriter",
+    "DigestMap",
+    "DiskIndex",
+    "DiskRecord",
+    "EncodedChunk",
+    "FormatError",
+    "GcReport",
+    "IntegrityError",
+    "KdfParams",
+    "LocalBackend",
+    "LockInfo",
+    "LockedError",
+    "MissingObjectError",
+    "ProtectedPointError",
+    "Repository",
+    "RepositoryError",
+    "RepositoryLock",
+    "RepositoryStats",
+    "RestorePoint",
+    "StoredFile",
+    "VmRef",
+    "WrongKeyError",
+    "collect_garbage",
+    "export_key",
+    "group_points",
+    "import_key",
+    "new_point_id",
+    "remove_stale_locks",
+]

@@ -1,0 +1,218 @@
+"""Keys: the master key, key files wrapped with Argon2id, keyed chunk ids, AES-256-GCM sealing.
+
+The master key is 64 random bytes: 32 for AES-256-GCM, 32 for the HMAC-SHA256 chunk-id key. A key file
+(docs/repository-format.md §4.6) wraps it under a key derived from a passphrase with Argon2id, whose
+parameters are stored in the file. Nothing here ever puts key material or a passphrase in a ``repr`` or
+an error message.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import hmac
+import json
+import os
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.argon2 import Argon2id
+
+from reconciler.repository.errors import FormatError, IntegrityError, WrongKeyError
+
+KEY_FILE_VERSION = 1
+MASTER_KEY_SIZE = 64
+NONCE_SIZE = 12
+TAG_SIZE = 16
+SALT_SIZE = 16
+
+Passphrase = str | bytes
+
+
+@dataclass(frozen=True, slots=True)
+class KdfParams:
+    """Argon2id cost parameters (defaults: RFC 9106's second recommended option, 64 MiB)."""
+
+    memory_kib: int = 64 * 1024
+    iterations: int = 3
+    lanes: int = 4
+
+    def __post_init__(self) -> None:
+        if self.lanes < 1 or self.iterations < 1 or self.memory_kib < 8 * self.lanes:
+            raise ValueError(f"invalid Argon2id parameters {self}")
+
+
+class MasterKey:
+    """The repository's secret keys. ``repr`` never shows them."""
+
+    __slots__ = ("_aead", "_id_key", "material")
+
+    def __init__(self, material: bytes) -> None:
+        if len(material) != MASTER_KEY_SIZE:
+            raise ValueError("master key must be 64 bytes")
+        self.material = material
+        self._aead = AESGCM(material[:32])
+        self._id_key = material[32:]
+
+    @classmethod
+    def generate(cls) -> MasterKey:
+        return cls(os.urandom(MASTER_KEY_SIZE))
+
+    def __repr__(self) -> str:
+        return "MasterKey(<hidden>)"
+
+    def chunk_id(self, data: bytes | bytearray | memoryview) -> bytes:
+        """HMAC-SHA256 of ``data`` under the id key (reveals nothing about ``data`` without the key)."""
+        return hmac.digest(self._id_key, data, "sha256")
+
+    def seal(self, plaintext: bytes | bytearray | memoryview, aad: bytes) -> tuple[bytes, bytes]:
+        """Encrypt with a fresh random 96-bit nonce; returns ``(nonce, ciphertext ‖ tag)``."""
+        nonce = os.urandom(NONCE_SIZE)
+        return nonce, self._aead.encrypt(nonce, plaintext, aad)
+
+    def open(self, name: str, nonce: bytes | memoryview, sealed: bytes | memoryview, aad: bytes) -> bytes:
+        """Decrypt and authenticate; :class:`IntegrityError` naming ``name`` if it fails."""
+        try:
+            return self._aead.decrypt(nonce, sealed, aad)
+        except InvalidTag:
+            raise IntegrityError(name, "authentication failed (damaged or tampered)") from None
+
+
+def plain_chunk_id(data: bytes | bytearray | memoryview) -> bytes:
+    """SHA-256 of ``data`` (chunk ids of an unencrypted repository)."""
+    return hashlib.sha256(data).digest()
+
+
+def chunk_id_function(key: MasterKey | None) -> Callable[[bytes | bytearray | memoryview], bytes]:
+    """The id function of a repository: keyed HMAC when encrypted, SHA-256 otherwise."""
+    return key.chunk_id if key is not None else plain_chunk_id
+
+
+def _passphrase_bytes(passphrase: Passphrase) -> bytes:
+    data = passphrase.encode("utf-8") if isinstance(passphrase, str) else bytes(passphrase)
+    if not data:
+        raise ValueError("the passphrase is empty")
+    return data
+
+
+def _derive(passphrase: Passphrase, salt: bytes, params: KdfParams) -> bytes:
+    kdf = Argon2id(
+        salt=salt,
+        length=32,
+        iterations=params.iterations,
+        lanes=params.lanes,
+        memory_cost=params.memory_kib,
+    )
+    return kdf.derive(_passphrase_bytes(passphrase))
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def _unb64(value: Any, what: str, name: str) -> bytes:
+    if not isinstance(value, str):
+        raise FormatError(f"{name}: {what} is not a base64 string")
+    try:
+        return base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise FormatError(f"{name}: {what} is not valid base64") from None
+
+
+@dataclass(frozen=True, slots=True)
+class KeyFile:
+    """A wrapped master key (``keys/<id>.json``); holds no secret in the clear."""
+
+    id: str
+    repository: str
+    created: str
+    kdf: KdfParams
+    salt: bytes
+    nonce: bytes
+    wrapped: bytes
+
+    @property
+    def name(self) -> str:
+        return f"keys/{self.id}.json"
+
+    def _aad(self) -> bytes:
+        return f"key:{self.id}:{self.repository}".encode("ascii")
+
+    @classmethod
+    def create(
+        cls, master: MasterKey, repository: str, passphrase: Passphrase, kdf: KdfParams | None = None
+    ) -> KeyFile:
+        """Wrap ``master`` under ``passphrase`` with fresh salt, nonce and key id."""
+        params = kdf or KdfParams()
+        salt = os.urandom(SALT_SIZE)
+        key_id = secrets.token_hex(8)
+        created = datetime.now(timezone.utc).isoformat(timespec="microseconds")
+        nonce = os.urandom(NONCE_SIZE)
+        aad = f"key:{key_id}:{repository}".encode("ascii")
+        wrapped = AESGCM(_derive(passphrase, salt, params)).encrypt(nonce, master.material, aad)
+        return cls(key_id, repository, created, params, salt, nonce, wrapped)
+
+    def unwrap(self, passphrase: Passphrase) -> MasterKey:
+        """The master key; :class:`WrongKeyError` if the passphrase (or the file) is wrong."""
+        wrapping = _derive(passphrase, self.salt, self.kdf)
+        try:
+            material = AESGCM(wrapping).decrypt(self.nonce, self.wrapped, self._aad())
+        except InvalidTag:
+            raise WrongKeyError(f"wrong passphrase for repository key {self.id}") from None
+        return MasterKey(material)
+
+    def to_json(self) -> bytes:
+        doc = {
+            "version": KEY_FILE_VERSION,
+            "id": self.id,
+            "repository": self.repository,
+            "created": self.created,
+            "kdf": {
+                "algorithm": "argon2id",
+                "salt": _b64(self.salt),
+                "memory_kib": self.kdf.memory_kib,
+                "iterations": self.kdf.iterations,
+                "lanes": self.kdf.lanes,
+            },
+            "wrap": {"algorithm": "aes-256-gcm", "nonce": _b64(self.nonce), "data": _b64(self.wrapped)},
+        }
+        return (json.dumps(doc, indent=2) + "\n").encode("utf-8")
+
+    @classmethod
+    def from_json(cls, data: bytes, name: str = "key file") -> KeyFile:
+        """Parse a key file; :class:`FormatError` naming ``name`` for anything unexpected."""
+        try:
+            doc = json.loads(data)
+        except (ValueError, UnicodeDecodeError):
+            raise FormatError(f"{name}: not valid JSON") from None
+        if not isinstance(doc, dict):
+            raise FormatError(f"{name}: not a JSON object")
+        if doc.get("version") != KEY_FILE_VERSION:
+            raise FormatError(f"{name}: unsupported key file version {doc.get('version')!r}")
+        try:
+            kdf, wrap = doc["kdf"], doc["wrap"]
+            if kdf["algorithm"] != "argon2id":
+                raise FormatError(f"{name}: unsupported KDF {kdf['algorithm']!r}")
+            if wrap["algorithm"] != "aes-256-gcm":
+                raise FormatError(f"{name}: unsupported key wrapping {wrap['algorithm']!r}")
+            params = KdfParams(int(kdf["memory_kib"]), int(kdf["iterations"]), int(kdf["lanes"]))
+            key_id, repository, created = str(doc["id"]), str(doc["repository"]), str(doc["created"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise FormatError(f"{name}: malformed key file ({exc.__class__.__name__}: {exc})") from None
+        if not key_id.isalnum():
+            raise FormatError(f"{name}: invalid key id")
+        return cls(
+            key_id,
+            repository,
+            created,
+            params,
+            _unb64(kdf["salt"], "kdf.salt", name),
+            _unb64(wrap["nonce"], "wrap.nonce", name),
+            _unb64(wrap["data"], "wrap.data", name),
+        )

@@ -1,0 +1,50 @@
+"""Repository errors. Messages name objects, keys and lock holders, never secret values.
+
+::
+
+    RepositoryError
+    ├── FormatError          an object or config is malformed or has an unknown version
+    │   └── IntegrityError   an object fails authentication / its id (damage or tampering)
+    ├── MissingObjectError   a referenced object does not exist
+    ├── WrongKeyError        no key file opens with the passphrase given
+    ├── LockedError          another process holds a conflicting lock
+    └── ProtectedPointError  a protected restore point was asked to be deleted
+"""
+
+from __future__ import annotations
+
+
+class RepositoryError(Exception):
+    """Base of all repository errors."""
+
+
+class FormatError(RepositoryError):
+    """An object is malformed, truncated or has a version this code does not know."""
+
+
+class IntegrityError(FormatError):
+    """An object fails authentication or does not match its id."""
+
+    def __init__(self, name: str, detail: str) -> None:
+        self.name = name
+        super().__init__(f"{name}: {detail}")
+
+
+class MissingObjectError(RepositoryError):
+    """A referenced object does not exist."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        super().__init__(f"{name}: object does not exist")
+
+
+class WrongKeyError(RepositoryError):
+    """The passphrase opens none of the repository's key files."""
+
+
+class LockedError(RepositoryError):
+    """A conflicting lock is held; the message names the holder."""
+
+
+class ProtectedPointError(RepositoryError):
+    """The restore point is protected and was not deleted."""

@@ -1,0 +1,627 @@
+"""The :class:`Repository` facade: init/open, chunks, indexes, digest maps, restore points, keys, check.
+
+The backup engine's view::
+
+    repo = Repository.open(path, passphrase, compression_level=3, expect_encrypted=True)
+    with repo.lock(purpose="backup nightly/web01"):
+        writer = repo.chunk_writer(capacity, base=previous_index)   # base: incremental; None: full
+        writer.write(offset, data)            # from any number of threads; offset chunk-aligned
+        index_id = writer.finish(digest_map)  # flushes chunks, writes digest map and index
+        vmx = repo.write_file("web01.vmx", data)
+        repo.write_point(RestorePoint(...))   # last; the point is listed from now on
+
+Thread-safe: several VMs may back up concurrently through one :class:`Repository` object (or several
+processes, each with a shared lock).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+from reconciler.repository.backend import Data, LocalBackend, fsync_dir
+from reconciler.repository.chunks import (
+    CHUNK_SIZE,
+    HOLE,
+    ID_SIZE,
+    BlobCodec,
+    EncodedChunk,
+    chunk_name,
+    is_zero,
+)
+from reconciler.repository.crypto import KdfParams, KeyFile, MasterKey, Passphrase
+from reconciler.repository.errors import (
+    FormatError,
+    IntegrityError,
+    MissingObjectError,
+    ProtectedPointError,
+    RepositoryError,
+    WrongKeyError,
+)
+from reconciler.repository.index import DigestMap, DiskIndex
+from reconciler.repository.lock import RepositoryLock
+from reconciler.repository.points import POINT_ID_RE, RestorePoint, StoredFile, point_name
+
+CONFIG_VERSION = 1
+CONFIG_NAME = "config"
+DIRECTORIES = ("keys", "chunks", "indexes", "digests", "points", "locks", "tmp")
+ENCRYPTION_NONE = "none"
+ENCRYPTION_AES = "aes-256-gcm"
+
+
+@dataclass(frozen=True)
+class RepositoryConfig:
+    """The ``config`` object (docs/repository-format.md §4.1)."""
+
+    id: str
+    created: str
+    chunk_size: int
+    compression: str
+    compression_level: int
+    encryption: str
+
+    def to_json(self) -> bytes:
+        doc = {
+            "version": CONFIG_VERSION,
+            "id": self.id,
+            "created": self.created,
+            "chunk_size": self.chunk_size,
+            "compression": {"algorithm": self.compression, "level": self.compression_level},
+            "encryption": self.encryption,
+        }
+        return (json.dumps(doc, indent=2) + "\n").encode("utf-8")
+
+    @classmethod
+    def from_json(cls, data: bytes) -> RepositoryConfig:
+        try:
+            doc = json.loads(data)
+            if not isinstance(doc, dict):
+                raise TypeError("not an object")
+        except (ValueError, TypeError, UnicodeDecodeError):
+            raise FormatError("config: not a JSON object") from None
+        if doc.get("version") != CONFIG_VERSION:
+            raise FormatError(f"config: unsupported repository version {doc.get('version')!r}")
+        try:
+            comp = doc["compression"]
+            config = cls(
+                str(doc["id"]),
+                str(doc["created"]),
+                int(doc["chunk_size"]),
+                str(comp["algorithm"]),
+                int(comp["level"]),
+                str(doc["encryption"]),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise FormatError(f"config: malformed ({exc.__class__.__name__}: {exc})") from None
+        if config.chunk_size != CHUNK_SIZE:
+            raise FormatError(f"config: unsupported chunk size {config.chunk_size}")
+        if config.compression not in ("zstd", "none"):
+            raise FormatError(f"config: unsupported compression {config.compression!r}")
+        if config.encryption not in (ENCRYPTION_NONE, ENCRYPTION_AES):
+            raise FormatError(f"config: unsupported encryption {config.encryption!r}")
+        return config
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkWrite:
+    """Result of writing one chunk: its id (``HOLE`` for zeros) and the bytes newly stored (0 if deduped)."""
+
+    id: bytes
+    stored: int
+    new: bool
+
+
+@dataclass(frozen=True)
+class RepositoryStats:
+    points: int
+    chunks: int
+    chunk_bytes: int
+    indexes: int
+    digest_maps: int
+
+
+@dataclass
+class CheckReport:
+    """What :meth:`Repository.check` looked at and every problem found (empty = healthy)."""
+
+    points: int = 0
+    chunks: int = 0
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def _now_text() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="microseconds")
+
+
+def _parse_hex_id(value: str, what: str) -> bytes:
+    try:
+        raw = bytes.fromhex(value)
+    except ValueError:
+        raise FormatError(f"invalid {what} id {value!r}") from None
+    if len(raw) != ID_SIZE:
+        raise FormatError(f"invalid {what} id {value!r}")
+    return raw
+
+
+class Repository:
+    """One opened repository. Use :meth:`init` or :meth:`open`."""
+
+    def __init__(
+        self,
+        backend: LocalBackend,
+        config: RepositoryConfig,
+        key: MasterKey | None,
+        key_id: str | None,
+        compression_level: int | None,
+    ) -> None:
+        self.backend = backend
+        self.config = config
+        self.key_id = key_id
+        self._key = key
+        level = compression_level if compression_level is not None else config.compression_level
+        self.codec = BlobCodec(key, None if config.compression == "none" else level)
+
+    def __repr__(self) -> str:
+        return f"Repository({str(self.backend.root)!r}, id={self.config.id}, encrypted={self.encrypted})"
+
+    @property
+    def path(self) -> Path:
+        return self.backend.root
+
+    @property
+    def id(self) -> str:
+        return self.config.id
+
+    @property
+    def encrypted(self) -> bool:
+        return self._key is not None
+
+    @property
+    def chunk_size(self) -> int:
+        return self.config.chunk_size
+
+    # -- init / open ---------------------------------------------------------------------------------
+
+    @classmethod
+    def init(
+        cls,
+        path: str | os.PathLike[str],
+        passphrase: Passphrase | None = None,
+        *,
+        compression: str = "zstd",
+        compression_level: int = 3,
+        kdf: KdfParams | None = None,
+    ) -> Repository:
+        """Create a repository in an empty (or missing) directory; encrypted iff ``passphrase`` is given.
+
+        Losing the key file(s) or the passphrase of an encrypted repository loses its data.
+        """
+        if compression not in ("zstd", "none"):
+            raise ValueError(f"unsupported compression {compression!r}")
+        root = Path(path)
+        if root.exists() and any(root.iterdir()):
+            raise RepositoryError(f"{root}: directory is not empty")
+        root.mkdir(parents=True, exist_ok=True)
+        for directory in DIRECTORIES:
+            (root / directory).mkdir(exist_ok=True)
+        for byte in range(256):
+            (root / "chunks" / f"{byte:02x}").mkdir(exist_ok=True)
+        fsync_dir(root / "chunks")
+        encryption = ENCRYPTION_AES if passphrase is not None else ENCRYPTION_NONE
+        config = RepositoryConfig(
+            os.urandom(16).hex(), _now_text(), CHUNK_SIZE, compression, compression_level, encryption
+        )
+        backend = LocalBackend(root)
+        key = None
+        key_id = None
+        if passphrase is not None:
+            key = MasterKey.generate()
+            keyfile = KeyFile.create(key, config.id, passphrase, kdf)
+            backend.put(keyfile.name, [keyfile.to_json()])
+            key_id = keyfile.id
+        backend.put(CONFIG_NAME, [config.to_json()])  # last: its presence means "initialised"
+        fsync_dir(root)
+        return cls(backend, config, key, key_id, None)
+
+    @classmethod
+    def open(
+        cls,
+        path: str | os.PathLike[str],
+        passphrase: Passphrase | None = None,
+        *,
+        compression_level: int | None = None,
+        expect_encrypted: bool | None = None,
+    ) -> Repository:
+        """Open a repository; ``compression_level`` overrides the stored default for new chunks.
+
+        ``expect_encrypted`` (the configuration's ``encryption.enabled``) guards against a ``config`` edited
+        to store plaintext. Raises :class:`WrongKeyError` if no key file opens with ``passphrase``.
+        """
+        backend = LocalBackend(path)
+        try:
+            config = RepositoryConfig.from_json(backend.get(CONFIG_NAME))
+        except MissingObjectError:
+            raise RepositoryError(f"{path}: not a repository (no config)") from None
+        key_names = sorted(n for n in backend.list("keys") if n.endswith(".json"))
+        encrypted = config.encryption == ENCRYPTION_AES
+        if not encrypted and key_names:
+            raise RepositoryError(f"{path}: config says unencrypted but key files exist; refusing to open")
+        if expect_encrypted is not None and expect_encrypted != encrypted:
+            state = "encrypted" if encrypted else "not encrypted"
+            raise RepositoryError(f"{path}: repository is {state}, but the configuration says otherwise")
+        if not encrypted:
+            if passphrase is not None:
+                raise RepositoryError(f"{path}: repository is not encrypted but a passphrase was given")
+            return cls(backend, config, None, None, compression_level)
+        if passphrase is None:
+            raise WrongKeyError(f"{path}: repository is encrypted; a passphrase is required")
+        tried = []
+        for name in key_names:
+            keyfile = KeyFile.from_json(backend.get(name), name)
+            if keyfile.repository != config.id:
+                continue
+            tried.append(keyfile.id)
+            try:
+                key = keyfile.unwrap(passphrase)
+            except WrongKeyError:
+                continue
+            return cls(backend, config, key, keyfile.id, compression_level)
+        if not tried:
+            raise WrongKeyError(f"{path}: no key file for this repository in keys/")
+        raise WrongKeyError(f"wrong passphrase for repository key {', '.join(tried)}")
+
+    # -- locks ---------------------------------------------------------------------------------------
+
+    def lock(self, *, exclusive: bool = False, purpose: str = "") -> RepositoryLock:
+        """A lock object (not yet acquired); use as a context manager."""
+        return RepositoryLock(self.backend, exclusive=exclusive, purpose=purpose)
+
+    # -- chunks --------------------------------------------------------------------------------------
+
+    def chunk_id(self, data: Data) -> bytes:
+        return self.codec.id_of(data)
+
+    def has_chunk(self, chunk_id: bytes) -> bool:
+        return chunk_id == HOLE or self.backend.exists(chunk_name(chunk_id))
+
+    def write_chunk(self, data: Data) -> ChunkWrite:
+        """Store one chunk unless it is all zeros (a hole) or already present (dedup). Thread-safe.
+
+        Visible and durable after :meth:`flush` (called by :meth:`write_index` and :meth:`write_point`).
+        """
+        if len(data) > self.chunk_size:
+            raise ValueError(f"chunk of {len(data)} bytes exceeds the chunk size")
+        if is_zero(data):
+            return ChunkWrite(HOLE, 0, False)
+        cid = self.codec.id_of(data)
+        if self.backend.exists(chunk_name(cid)):
+            return ChunkWrite(cid, 0, False)
+        return self.store_encoded(self.codec.encode_chunk(data, cid))
+
+    def store_encoded(self, chunk: EncodedChunk) -> ChunkWrite:
+        """Store a chunk encoded elsewhere (e.g. by :meth:`BlobCodec.encode_chunk` in a worker thread)."""
+        if self.backend.put_deferred(chunk_name(chunk.id), chunk.parts):
+            return ChunkWrite(chunk.id, chunk.size, True)
+        return ChunkWrite(chunk.id, 0, False)
+
+    def read_chunk(self, chunk_id: bytes) -> bytes:
+        """The plaintext of a chunk (zeros of ``chunk_size`` for a hole), verified against its id."""
+        if chunk_id == HOLE:
+            return bytes(self.chunk_size)
+        return self.codec.decode_chunk(chunk_id, self.backend.get(chunk_name(chunk_id)))
+
+    def flush(self) -> None:
+        """Make every chunk written so far durable and visible."""
+        self.backend.flush()
+
+    def discard_pending(self) -> None:
+        """Forget chunks not yet flushed (after a failed backup); their temp files are removed."""
+        self.backend.discard_pending()
+
+    def write_file(self, name: str, data: bytes) -> StoredFile:
+        """Store a small file (``.vmx``, ``.nvram``, descriptor) as chunks."""
+        ids = []
+        for start in range(0, len(data), self.chunk_size):
+            ids.append(self.write_chunk(data[start : start + self.chunk_size]).id.hex())
+        return StoredFile(name, len(data), tuple(ids))
+
+    def read_file(self, stored: StoredFile) -> bytes:
+        parts = []
+        remaining = stored.size
+        for hexid in stored.chunks:
+            data = self.read_chunk(_parse_hex_id(hexid, "chunk"))
+            parts.append(data[: min(remaining, len(data))])
+            remaining -= len(parts[-1])
+        result = b"".join(parts)
+        if len(result) != stored.size:
+            raise FormatError(f"{stored.name}: stored {len(result)} bytes, manifest says {stored.size}")
+        return result
+
+    # -- indexes and digest maps ---------------------------------------------------------------------
+
+    def _write_meta(self, directory: str, payload: bytes) -> str:
+        hexid = self.codec.id_of(payload).hex()
+        identity = f"{directory}:{hexid}".encode("ascii")
+        self.backend.put(f"{directory}/{hexid}", self.codec.encode(identity, payload, trailer=True))
+        return hexid
+
+    def _read_meta(self, directory: str, hexid: str) -> bytes:
+        raw = _parse_hex_id(hexid, directory)
+        name = f"{directory}/{hexid}"
+        payload = self.codec.decode(name, f"{directory}:{hexid}".encode("ascii"), self.backend.get(name))
+        if self.codec.id_of(payload) != raw:
+            raise IntegrityError(name, "content does not match its id")
+        return payload
+
+    def write_index(self, index: DiskIndex) -> str:
+        """Flush chunks, then store the index durably; returns its id (hex)."""
+        self.flush()
+        return self._write_meta("indexes", index.encode())
+
+    def read_index(self, index_id: str) -> DiskIndex:
+        return DiskIndex.decode(f"indexes/{index_id}", self._read_meta("indexes", index_id))
+
+    def write_digest_map(self, digest_map: DigestMap) -> str:
+        return self._write_meta("digests", digest_map.encode())
+
+    def read_digest_map(self, digest_map_id: str) -> DigestMap:
+        return DigestMap.decode(f"digests/{digest_map_id}", self._read_meta("digests", digest_map_id))
+
+    def chunk_writer(self, capacity: int, base: DiskIndex | None = None) -> ChunkWriter:
+        """A :class:`ChunkWriter` for one disk; ``base`` (the previous point's index) for incrementals."""
+        return ChunkWriter(self, capacity, base)
+
+    # -- restore points ------------------------------------------------------------------------------
+
+    def write_point(self, point: RestorePoint) -> None:
+        """Flush chunks, then write the manifest (last): from now on the point is listed."""
+        self.flush()
+        name = point_name(point.id)
+        parts = self.codec.encode(f"point:{point.id}".encode("ascii"), point.to_json(), trailer=True)
+        if not self.backend.put(name, parts):
+            raise RepositoryError(f"{name}: a restore point with this id exists")
+
+    def read_point(self, point_id: str) -> RestorePoint:
+        name = point_name(point_id)
+        payload = self.codec.decode(name, f"point:{point_id}".encode("ascii"), self.backend.get(name))
+        return RestorePoint.from_json(name, payload)
+
+    def point_ids(self) -> list[str]:
+        """Ids of all complete restore points, oldest first."""
+        ids = []
+        for name in self.backend.list("points"):
+            point_id = name.rpartition("/")[2]
+            if POINT_ID_RE.match(point_id):
+                ids.append(point_id)
+        return sorted(ids)
+
+    def list_points(self, *, policy: str | None = None, vm: str | None = None) -> list[RestorePoint]:
+        """Complete restore points, oldest first, optionally filtered by policy and VM name."""
+        points = []
+        for point_id in self.point_ids():
+            point = self.read_point(point_id)
+            if (policy is None or point.policy == policy) and (vm is None or point.vm.name == vm):
+                points.append(point)
+        return points
+
+    def set_protected(self, point_id: str, protected: bool) -> RestorePoint:
+        """Change a point's ``protected`` flag (the manifest is replaced atomically)."""
+        point = self.read_point(point_id).with_protected(protected)
+        parts = self.codec.encode(f"point:{point.id}".encode("ascii"), point.to_json(), trailer=True)
+        self.backend.replace(point.name, parts)
+        return point
+
+    def delete_point(self, point_id: str, *, force: bool = False) -> None:
+        """Remove a point's manifest (its data becomes garbage for GC); protected points need ``force``."""
+        point = self.read_point(point_id)
+        if point.protected and not force:
+            raise ProtectedPointError(f"restore point {point_id} is protected")
+        self.backend.delete(point.name)
+        fsync_dir(self.path / "points")
+
+    # -- keys ----------------------------------------------------------------------------------------
+
+    def add_key(self, passphrase: Passphrase, kdf: KdfParams | None = None) -> str:
+        """Wrap the master key under another passphrase; returns the new key id."""
+        if self._key is None:
+            raise RepositoryError("repository is not encrypted")
+        keyfile = KeyFile.create(self._key, self.id, passphrase, kdf)
+        self.backend.put(keyfile.name, [keyfile.to_json()])
+        return keyfile.id
+
+    def change_passphrase(self, new_passphrase: Passphrase, kdf: KdfParams | None = None) -> str:
+        """Add a key file for ``new_passphrase`` and remove the one this repository was opened with."""
+        old = self.key_id
+        new = self.add_key(new_passphrase, kdf)
+        if old is not None:
+            self.backend.delete(f"keys/{old}.json")
+            fsync_dir(self.path / "keys")
+        self.key_id = new
+        return new
+
+    # -- inspection ----------------------------------------------------------------------------------
+
+    def iter_chunk_ids(self) -> Iterator[bytes]:
+        """Ids of every stored chunk."""
+        for name in self.backend.list("chunks"):
+            hexid = name.rpartition("/")[2]
+            if len(hexid) == 2 * ID_SIZE:
+                try:
+                    yield bytes.fromhex(hexid)
+                except ValueError:
+                    continue
+
+    def stats(self) -> RepositoryStats:
+        chunks = 0
+        size = 0
+        for name in self.backend.list("chunks"):
+            chunks += 1
+            try:
+                size += self.backend.stat(name).size
+            except MissingObjectError:
+                continue
+        return RepositoryStats(
+            points=len(self.point_ids()),
+            chunks=chunks,
+            chunk_bytes=size,
+            indexes=sum(1 for _ in self.backend.list("indexes")),
+            digest_maps=sum(1 for _ in self.backend.list("digests")),
+        )
+
+    def referenced(self, points: list[RestorePoint]) -> tuple[set[bytes], set[str], set[str]]:
+        """Chunk ids, index names and digest map names used by ``points`` (raises on unreadable objects)."""
+        chunks: set[bytes] = set()
+        indexes: set[str] = set()
+        digests: set[str] = set()
+        for point in points:
+            for stored in point.files:
+                chunks.update(_parse_hex_id(c, "chunk") for c in stored.chunks)
+            for disk in point.disks:
+                indexes.add(f"indexes/{disk.index}")
+                index = self.read_index(disk.index)
+                chunks.update(index.referenced())
+                for dm in (disk.digest_map, index.digest_map.hex() if index.digest_map else None):
+                    if dm:
+                        digests.add(f"digests/{dm}")
+        chunks.discard(HOLE)
+        return chunks, indexes, digests
+
+    def check(self, *, read_data: bool = True) -> CheckReport:
+        """Every object referenced by a listed point exists and (``read_data``) authenticates.
+
+        Used by ``verify``; problems are collected, not raised, so one run reports all of them.
+        """
+        report = CheckReport()
+        chunks: dict[bytes, str] = {}
+        for point_id in self.point_ids():
+            try:
+                point = self.read_point(point_id)
+            except RepositoryError as exc:
+                report.problems.append(str(exc))
+                continue
+            report.points += 1
+            for stored in point.files:
+                for hexid in stored.chunks:
+                    try:
+                        chunks.setdefault(_parse_hex_id(hexid, "chunk"), point_id)
+                    except FormatError as exc:
+                        report.problems.append(f"point {point_id}: {exc}")
+            for disk in point.disks:
+                try:
+                    index = self.read_index(disk.index)
+                    if index.capacity != disk.capacity:
+                        report.problems.append(
+                            f"point {point_id} disk {disk.label}: index capacity {index.capacity}"
+                            f" != manifest capacity {disk.capacity}"
+                        )
+                    for cid in index.referenced():
+                        chunks.setdefault(cid, point_id)
+                    if disk.digest_map:
+                        self.read_digest_map(disk.digest_map)
+                except RepositoryError as exc:
+                    report.problems.append(f"point {point_id} disk {disk.label}: {exc}")
+        chunks.pop(HOLE, None)
+        for cid, point_id in sorted(chunks.items()):
+            report.chunks += 1
+            try:
+                if read_data:
+                    self.read_chunk(cid)
+                elif not self.has_chunk(cid):
+                    raise MissingObjectError(chunk_name(cid))
+            except RepositoryError as exc:
+                report.problems.append(f"point {point_id}: {exc}")
+        return report
+
+
+def export_key(path: str | os.PathLike[str], key_id: str | None = None) -> bytes:
+    """The key file's bytes (still wrapped by its passphrase), for the user to keep safe elsewhere."""
+    backend = LocalBackend(path)
+    names = sorted(n for n in backend.list("keys") if n.endswith(".json"))
+    if key_id is not None:
+        names = [n for n in names if n == f"keys/{key_id}.json"]
+    if not names:
+        raise MissingObjectError(f"keys/{key_id}.json" if key_id else "keys/*.json")
+    return backend.get(names[0])
+
+
+def import_key(path: str | os.PathLike[str], data: bytes, passphrase: Passphrase) -> str:
+    """Put an exported key file back after checking it opens with ``passphrase`` and fits this repository."""
+    backend = LocalBackend(path)
+    config = RepositoryConfig.from_json(backend.get(CONFIG_NAME))
+    keyfile = KeyFile.from_json(data, "imported key file")
+    if keyfile.repository != config.id:
+        raise RepositoryError(f"key {keyfile.id} belongs to repository {keyfile.repository}, not {config.id}")
+    keyfile.unwrap(passphrase)
+    backend.put(keyfile.name, [keyfile.to_json()])
+    return keyfile.id
+
+
+class ChunkWriter:
+    """Builds one disk's index from ``(offset, data)`` writes; memory is the index (32 B per MiB).
+
+    Without ``base`` every slot starts as a hole (a full backup writes every non-zero chunk); with the
+    previous point's index, slots start as the previous ids and writes replace the changed ones (an
+    incremental). ``write`` may be called from several threads at once.
+    """
+
+    def __init__(self, repo: Repository, capacity: int, base: DiskIndex | None = None) -> None:
+        if base is not None and (base.capacity != capacity or base.chunk_size != repo.chunk_size):
+            raise ValueError(
+                f"previous index is for {base.capacity} bytes / {base.chunk_size}-byte chunks, the disk has"
+                f" {capacity} bytes: a full read is needed"
+            )
+        self.repo = repo
+        ids = bytearray(base.ids) if base is not None else bytearray()
+        self.index = DiskIndex(capacity, repo.chunk_size, ids)
+        self._lock = threading.Lock()
+        self.bytes_written = 0
+        self.bytes_stored = 0
+        self.new_chunks = 0
+        self.dedup_chunks = 0
+        self.holes = 0
+        self.finished = False
+
+    def __repr__(self) -> str:
+        return f"ChunkWriter({self.index!r}, written={self.bytes_written}, stored={self.bytes_stored})"
+
+    def write(self, offset: int, data: Data) -> ChunkWrite:
+        """Store the chunk at ``offset`` (chunk-aligned; exactly the chunk's length, shorter at the end)."""
+        slot, rest = divmod(offset, self.index.chunk_size)
+        if rest:
+            raise ValueError(f"offset {offset} is not aligned to {self.index.chunk_size}")
+        expected = self.index.chunk_length(slot)
+        if len(data) != expected:
+            raise ValueError(f"chunk at offset {offset} must be {expected} bytes, got {len(data)}")
+        result = self.repo.write_chunk(data)
+        with self._lock:
+            if self.finished:
+                raise RuntimeError("writer already finished")
+            self.index[slot] = result.id
+            self.bytes_written += len(data)
+            self.bytes_stored += result.stored
+            if result.id == HOLE:
+                self.holes += 1
+            elif result.new:
+                self.new_chunks += 1
+            else:
+                self.dedup_chunks += 1
+        return result
+
+    def finish(self, digest_map: DigestMap | None = None) -> str:
+        """Flush the chunks, store the digest map (if any) and the index; returns the index id (hex)."""
+        with self._lock:
+            self.finished = True
+        if digest_map is not None:
+            if digest_map.capacity != self.index.capacity:
+                raise ValueError("digest map capacity differs from the disk's")
+            self.index.digest_map = bytes.fromhex(self.repo.write_digest_map(digest_map))
+        return self.repo.write_index(self.index)

@@ -1,0 +1,104 @@
+"""LocalBackend: atomic put-if-absent, staged (deferred) writes and flush, listing, names."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+
+from reconciler.repository import LocalBackend, MissingObjectError, RepositoryError
+
+
+@pytest.fixture(params=["syncfs", "fsync"])
+def backend(request: pytest.FixtureRequest, tmp_path: Path) -> LocalBackend:
+    for d in ("tmp", "objs", "objs/ab"):
+        (tmp_path / d).mkdir()
+    return LocalBackend(tmp_path, sync=request.param)
+
+
+def test_put_is_if_absent_and_leaves_no_temp_files(backend: LocalBackend, tmp_path: Path) -> None:
+    assert backend.put("objs/a", [b"one", memoryview(b"two")])
+    assert not backend.put("objs/a", [b"other"])
+    assert backend.get("objs/a") == b"onetwo"
+    assert list((tmp_path / "tmp").iterdir()) == []
+
+
+def test_replace_overwrites_atomically(backend: LocalBackend) -> None:
+    backend.replace("objs/a", [b"1"])
+    backend.replace("objs/a", [b"2"])
+    assert backend.get("objs/a") == b"2"
+
+
+def test_deferred_objects_are_visible_only_after_flush(backend: LocalBackend, tmp_path: Path) -> None:
+    assert backend.put_deferred("objs/ab/x", [b"chunk"])
+    assert not backend.put_deferred("objs/ab/x", [b"chunk"])  # already staged: dedup
+    assert backend.exists("objs/ab/x")
+    assert not (tmp_path / "objs/ab/x").exists()
+    assert len(list((tmp_path / "tmp").iterdir())) == 1
+    backend.flush()
+    assert (tmp_path / "objs/ab/x").read_bytes() == b"chunk"
+    assert list((tmp_path / "tmp").iterdir()) == []
+    assert not backend.put_deferred("objs/ab/x", [b"chunk"])
+
+
+def test_flush_creates_missing_parent_directories(backend: LocalBackend) -> None:
+    backend.put_deferred("objs/new/y", [b"y"])
+    backend.flush()
+    assert backend.get("objs/new/y") == b"y"
+
+
+def test_discard_pending_removes_staged_files(backend: LocalBackend, tmp_path: Path) -> None:
+    backend.put_deferred("objs/ab/z", [b"z"])
+    backend.discard_pending()
+    backend.flush()
+    assert not backend.exists("objs/ab/z")
+    assert list((tmp_path / "tmp").iterdir()) == []
+
+
+def test_concurrent_deferred_writes(backend: LocalBackend) -> None:
+    def run(start: int) -> None:
+        for i in range(start, start + 300):
+            backend.put_deferred(f"objs/ab/{i % 400}", [str(i % 400).encode()])
+
+    threads = [threading.Thread(target=run, args=(s,)) for s in (0, 100, 200)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    backend.flush()
+    names = sorted(backend.list("objs/ab"))
+    assert len(names) == 400
+    assert all(backend.get(n) == n.rpartition("/")[2].encode() for n in names)
+
+
+def test_get_stat_delete_missing(backend: LocalBackend) -> None:
+    with pytest.raises(MissingObjectError, match="objs/none: object does not exist"):
+        backend.get("objs/none")
+    with pytest.raises(MissingObjectError):
+        backend.stat("objs/none")
+    backend.delete("objs/none")  # no error
+    assert list(backend.list("missing-dir")) == []
+
+
+@pytest.mark.parametrize("name", ["", "/abs", "../up", "a/../b", "a//b", "./a"])
+def test_invalid_names_are_refused(backend: LocalBackend, name: str) -> None:
+    with pytest.raises(ValueError, match="invalid object name"):
+        backend.get(name)
+
+
+def test_a_failed_flush_poisons_the_backend(backend: LocalBackend, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Another thread's chunks may have been in the failed batch: nothing may be written after it."""
+    backend.put_deferred("objs/ab/a", [b"a"])
+
+    def broken(self: Path, target: Path) -> Path:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Path, "replace", broken)
+    with pytest.raises(OSError, match="No space"):
+        backend.flush()
+    monkeypatch.undo()
+    with pytest.raises(RepositoryError, match=r"could not be made durable .*No space"):
+        backend.flush()
+    with pytest.raises(RepositoryError, match="reopen the repository"):
+        backend.put_deferred("objs/ab/b", [b"b"])

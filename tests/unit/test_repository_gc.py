@@ -1,0 +1,148 @@
+"""Garbage collection: exactly the unreferenced objects go, under an exclusive lock; tmp leftovers."""
+
+from __future__ import annotations
+
+import os
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pytest
+
+from reconciler.repository import (
+    CHUNK_SIZE,
+    DigestMap,
+    DiskRecord,
+    KdfParams,
+    LockedError,
+    Repository,
+    RestorePoint,
+    VmRef,
+    collect_garbage,
+    new_point_id,
+)
+from reconciler.repository.chunks import chunk_name
+
+MiB = CHUNK_SIZE
+
+
+@pytest.fixture(params=["plain", "encrypted"])
+def repo(request: pytest.FixtureRequest, tmp_path: Path) -> Repository:
+    if request.param == "plain":
+        return Repository.init(tmp_path / "repo")
+    return Repository.init(tmp_path / "repo", "pw", kdf=KdfParams(64, 1, 1))
+
+
+def write_disk(repo: Repository, chunks: list[bytes], digest_map: bool = False) -> str:
+    writer = repo.chunk_writer(len(chunks) * MiB)
+    for i, data in enumerate(chunks):
+        writer.write(i * MiB, data)
+    dm = (
+        DigestMap("sha1", 65536, len(chunks) * MiB, 20, os.urandom(16 * len(chunks) * 20))
+        if digest_map
+        else None
+    )
+    return writer.finish(dm)
+
+
+def write_point(repo: Repository, index_id: str, files: bytes = b"vmx") -> RestorePoint:
+    now = datetime.now(timezone.utc)
+    point = RestorePoint(
+        id=new_point_id(now),
+        policy="p",
+        vm=VmRef("vm", "uuid", "h", "1"),
+        started=now,
+        snapshot_time=now,
+        finished=now,
+        status="success",
+        mode="full",
+        config_revision="r",
+        files=(repo.write_file("vm.vmx", files),),
+        disks=(DiskRecord(2000, "Hard disk 1", "x", repo.read_index(index_id).capacity, index_id),),
+    )
+    repo.write_point(point)
+    return point
+
+
+def chunk(tag: str) -> bytes:
+    return (tag * (MiB // len(tag) + 1)).encode()[:MiB]
+
+
+def test_gc_removes_exactly_the_unreferenced_chunks(repo: Repository) -> None:
+    shared, only_a, only_b = chunk("shared"), chunk("only-a"), chunk("only-b")
+    a = write_point(repo, write_disk(repo, [shared, only_a, bytes(MiB)], digest_map=True), b"vmx-a")
+    b = write_point(repo, write_disk(repo, [shared, only_b]), b"vmx-b")
+    orphan_index = write_disk(repo, [chunk("orphan")])  # interrupted backup: no manifest
+    before = set(repo.iter_chunk_ids())
+    assert len(before) == 6  # shared, only-a, only-b, orphan, vmx-a, vmx-b
+
+    report = collect_garbage(repo)
+    assert report.unreferenced_chunks == 1 and report.unreferenced_indexes == 1
+    assert set(repo.iter_chunk_ids()) == before - {repo.chunk_id(chunk("orphan"))}
+    assert not (repo.path / "indexes" / orphan_index).exists()
+    assert repo.check().ok
+
+    repo.delete_point(a.id)
+    report = collect_garbage(repo)
+    assert report.unreferenced_chunks == 2  # only-a and vmx-a; shared stays
+    assert report.unreferenced_indexes == 1 and report.unreferenced_digest_maps == 1
+    remaining = set(repo.iter_chunk_ids())
+    assert remaining == {repo.chunk_id(c) for c in (shared, only_b, b"vmx-b")}
+    assert repo.check().ok and repo.list_points() == [b]
+
+
+def test_dry_run_counts_without_deleting(repo: Repository) -> None:
+    write_disk(repo, [chunk("garbage"), chunk("more")])
+    before = set(repo.iter_chunk_ids())
+    report = collect_garbage(repo, dry_run=True)
+    assert report.unreferenced_chunks == 2 and report.unreferenced_bytes > 0
+    assert set(repo.iter_chunk_ids()) == before
+    assert len(report.deleted) == 3  # 2 chunks + 1 index
+
+
+def test_tmp_leftovers_older_than_the_limit_are_removed(repo: Repository) -> None:
+    old = repo.path / "tmp" / "0123"
+    new = repo.path / "tmp" / "4567"
+    old.write_bytes(b"half a chunk")
+    new.write_bytes(b"being written")
+    past = time.time() - 25 * 3600
+    os.utime(old, (past, past))
+    report = collect_garbage(repo, tmp_max_age_hours=24)
+    assert report.tmp_files == 1
+    assert not old.exists() and new.exists()
+
+
+def test_gc_needs_the_exclusive_lock(repo: Repository) -> None:
+    write_disk(repo, [chunk("garbage")])
+    with repo.lock(purpose="backup p/vm"), pytest.raises(LockedError, match="backup p/vm"):
+        collect_garbage(repo)
+    assert len(list(repo.iter_chunk_ids())) == 1
+    with repo.lock(exclusive=True) as held:
+        assert collect_garbage(repo, lock=held).unreferenced_chunks == 1
+    with pytest.raises(ValueError, match="exclusive"), repo.lock() as shared:
+        collect_garbage(repo, lock=shared)
+
+
+def test_unreadable_manifest_stops_gc_before_any_delete(repo: Repository) -> None:
+    point = write_point(repo, write_disk(repo, [chunk("data")]))
+    write_disk(repo, [chunk("garbage")])
+    path = repo.path / point.name
+    path.write_bytes(path.read_bytes()[:-3])
+    count = len(list(repo.iter_chunk_ids()))
+    with pytest.raises(Exception, match=point.name):
+        collect_garbage(repo)
+    assert len(list(repo.iter_chunk_ids())) == count
+
+
+def test_half_written_point_leftovers_are_collected(repo: Repository) -> None:
+    writer = repo.chunk_writer(2 * MiB)
+    writer.write(0, chunk("interrupted"))
+    repo.flush()  # chunks durable, but neither index nor manifest written: a crash here
+    (repo.path / "tmp" / "aaaa").write_bytes(b"torn")
+    past = time.time() - 48 * 3600
+    os.utime(repo.path / "tmp" / "aaaa", (past, past))
+    assert repo.list_points() == []
+    report = collect_garbage(repo)
+    assert report.unreferenced_chunks == 1 and report.tmp_files == 1
+    assert list(repo.iter_chunk_ids()) == [] and list((repo.path / "tmp").iterdir()) == []
+    assert chunk_name(repo.chunk_id(chunk("interrupted")))
