@@ -1,0 +1,183 @@
+"""The vSphere API (pyvmomi) of one standalone host: pinned connection, session reuse, licence
+detection and fault mapping.
+
+Licence rule (:func:`license_kind_from_editions`): the host is **free** when one of
+``licenseManager.licenses[].editionKey`` starts with ``esx.hypervisor`` (the "vSphere Hypervisor"
+editions, e.g. ``esx.hypervisor.cpuPackageCoreLimited``) or ``esx.free``, and no other edition is
+present; evaluation mode (``eval``) and every other edition count as **licensed** (full API). A
+configured ``license: free|licensed`` wins over detection; ``auto`` detects once per session. Whatever
+the result, a ``vim.fault.RestrictedVersion`` is mapped to :class:`RestrictedByLicenseError` so
+callers can fall back to SSH.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
+
+from pyVim.connect import Disconnect, SmartConnect
+from pyVmomi import vim, vmodl
+
+from reconciler.esxi.errors import ApiError, RestrictedByLicenseError, TaskTimeoutError
+from reconciler.esxi.tls import pinned_context
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+FREE_EDITION_PREFIXES = ("esx.hypervisor", "esx.free")
+
+
+def license_kind_from_editions(editions: list[str]) -> str:
+    """``free`` or ``licensed`` from the edition keys (rule in the module doc). No key → ``licensed``
+    (the API will tell with RestrictedVersion)."""
+    keys = [e for e in editions if e]
+    if keys and all(k.lower().startswith(FREE_EDITION_PREFIXES) for k in keys):
+        return "free"
+    return "licensed"
+
+
+@contextlib.contextmanager
+def mapped_faults(what: str) -> Iterator[None]:
+    """Turn pyvmomi faults into typed errors: RestrictedVersion → RestrictedByLicenseError, other
+    vim/vmodl faults → ApiError (the fault is the ``__cause__``)."""
+    try:
+        yield
+    except vim.fault.RestrictedVersion as exc:
+        msg = getattr(exc, "msg", "") or "RestrictedVersion"
+        raise RestrictedByLicenseError(f"{what}: refused by the host's licence ({msg})") from exc
+    except vmodl.MethodFault as exc:
+        raise ApiError(f"{what}: {type(exc).__name__}: {getattr(exc, 'msg', '') or exc}") from exc
+
+
+def wait_task(task: Any, timeout: float, what: str) -> Any:
+    """Wait for a vim.Task (at most ``timeout`` s) and return its result; faults are mapped.
+
+    Polls ``task.info`` (0.1 s growing to 1 s) rather than pyVim's WaitForTask, whose ``maxWaitTime``
+    is only checked when the task reports progress. Raises :class:`TaskTimeoutError` (the task may
+    still be running) when the time is up."""
+    deadline = time.monotonic() + timeout
+    delay = 0.1
+    with mapped_faults(what):
+        while True:
+            info = task.info
+            if info.state == vim.TaskInfo.State.success:
+                return info.result
+            if info.state == vim.TaskInfo.State.error:
+                raise info.error
+            if time.monotonic() > deadline:
+                raise TaskTimeoutError(f"{what}: task still {info.state} after {timeout} s", task)
+            time.sleep(delay)
+            delay = min(delay * 1.5, 1.0)
+
+
+class ApiSession:
+    """One logged-in pyvmomi session, reused across calls and re-established when it expires or the
+    connection dropped. Thread-safe for connect/reconnect; pyvmomi calls themselves may run from
+    several threads (its stub uses a connection pool)."""
+
+    def __init__(
+        self,
+        address: str,
+        port: int,
+        user: str,
+        password: Callable[[], str],
+        thumbprint: str | None,
+        *,
+        insecure: bool = False,
+        timeout: float = 60.0,
+    ) -> None:
+        self.address = address
+        self.port = port
+        self.user = user
+        self._password = password
+        self.thumbprint = thumbprint
+        self.insecure = insecure
+        self.timeout = timeout
+        self._si: Any = None
+        self._lock = threading.Lock()
+        self.ssl_context: Any = None
+
+    def _connect(self) -> Any:
+        ctx = pinned_context(self.address, self.port, self.thumbprint, insecure=self.insecure)
+        with mapped_faults(f"login to {self.address}:{self.port}"):
+            si = SmartConnect(  # type: ignore[no-untyped-call]
+                host=self.address,
+                port=self.port,
+                user=self.user,
+                pwd=self._password(),
+                sslContext=ctx,
+                disableSslCertValidation=False,
+                httpConnectionTimeout=self.timeout,
+            )
+        self.ssl_context = ctx
+        return si
+
+    @property
+    def si(self) -> Any:
+        """The ServiceInstance, connecting on first use."""
+        with self._lock:
+            if self._si is None:
+                self._si = self._connect()
+            return self._si
+
+    @property
+    def content(self) -> Any:
+        return self.si.RetrieveContent()
+
+    def alive(self) -> bool:
+        """Whether the session is still logged in (one cheap round trip)."""
+        if self._si is None:
+            return False
+        try:
+            return self._si.content.sessionManager.currentSession is not None
+        except (vmodl.MethodFault, OSError, http.client.HTTPException):
+            return False
+
+    def reconnect(self) -> None:
+        """Drop the session and log in again."""
+        with self._lock:
+            old, self._si = self._si, None
+        if old is not None:
+            with contextlib.suppress(Exception):
+                Disconnect(old)  # type: ignore[no-untyped-call]
+        _ = self.si
+
+    def call(self, what: str, fn: Callable[[], T]) -> T:
+        """Run ``fn`` with mapped faults; on an expired session or a dropped connection, log in again
+        and retry once (only use it for idempotent calls)."""
+        try:
+            with mapped_faults(what):
+                return fn()
+        except (TimeoutError, ApiError, OSError, http.client.HTTPException) as exc:
+            cause = exc.__cause__ if isinstance(exc, ApiError) else exc
+            transient = isinstance(cause, vim.fault.NotAuthenticated | OSError | http.client.HTTPException)
+            if not transient or self.alive():
+                raise
+            log.info("API session to %s lost (%s); logging in again", self.address, type(cause).__name__)
+            self.reconnect()
+            with mapped_faults(what):
+                return fn()
+
+    @property
+    def cookie(self) -> str | None:
+        """The session cookie (``vmware_soap_session=…``, attributes stripped) for /folder requests."""
+        cookie = getattr(self.si._stub, "cookie", None)
+        return str(cookie).split(";", 1)[0].strip() if cookie else None
+
+    def license_editions(self) -> list[str]:
+        """Edition keys of the host's licences (a read: works on free hosts)."""
+        return self.call(
+            "licenses", lambda: [str(lic.editionKey) for lic in self.content.licenseManager.licenses or []]
+        )
+
+    def close(self) -> None:
+        with self._lock:
+            si, self._si = self._si, None
+        if si is not None:
+            with contextlib.suppress(Exception):
+                Disconnect(si)  # type: ignore[no-untyped-call]

@@ -1,0 +1,306 @@
+"""Reading byte ranges of a frozen disk file on a datastore: HTTPS ``/folder`` Range GETs or ``dd``
+over SSH. Both readers take the file as a datastore path (``[ds] dir/file-flat.vmdk``) and a list of
+extents ``(offset, length)``, split them into pieces of at most ``piece_size`` (4 MiB), fetch the
+pieces on ``streams`` parallel workers and yield ``(offset, bytes)`` **in order**. At most
+``2 × streams`` pieces are in flight or waiting, so memory stays bounded (≈ 8 × 4 MiB with 4 streams)
+whatever the disk size.
+
+* :class:`HttpsRangeReader`: urllib3 pool with the pinned SSL context of :mod:`reconciler.esxi.tls`;
+  authenticated with the API session's ``vmware_soap_session`` cookie when given, else (or when the
+  cookie is refused with 401) ``Authorization: Basic``, switching to the cookie the host returns with
+  ``Set-Cookie`` (real ESXi does; the lab does not), so sessions do not pile up on the host.
+* :class:`SshDdReader`: ``dd if=PATH bs=B skip=S count=C`` with B the largest power of two ≤ 1 MiB
+  dividing offset and length (unaligned pieces: the enclosing 4 KiB-aligned range, cut locally);
+  one SSH connection per worker, replaced before paramiko would rekey (:data:`ROTATE_BYTES`); a
+  dropped connection is re-opened and the piece fetched again, up to ``attempts`` times with a
+  growing pause (reads are idempotent).
+
+:meth:`reconciler.esxi.host.EsxiHost.disk_reader` picks HTTPS when the API is reachable and SSH
+otherwise, unless overridden.
+"""
+
+from __future__ import annotations
+
+import base64
+import concurrent.futures
+import contextlib
+import logging
+import ssl
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from typing import Protocol
+from urllib.parse import quote
+
+import urllib3
+
+from reconciler.esxi.errors import EsxiError, ShellError
+from reconciler.esxi.shell import ShellConnection
+from reconciler.esxi.vimcmd import command_line
+
+log = logging.getLogger(__name__)
+
+MiB = 1 << 20
+PIECE_SIZE = 4 * MiB
+ROTATE_BYTES = 448 * MiB
+"""An SSH connection carries at most this much disk data, then the next piece opens a new one: paramiko
+rekeys after 512 MiB, and a rekey racing a channel close deadlocks its transport thread for 30 s
+("Key-exchange timed out waiting for key negotiation"; ``Channel._handle_close`` sends from the
+transport thread and waits for the key exchange only that thread can finish). Seen in the lab with one
+``dd`` channel per piece; a new connection costs a few ms."""
+
+
+class TransportError(EsxiError):
+    """A disk read failed."""
+
+
+def split_ds_path(ds_path: str) -> tuple[str, str]:
+    """``[datastore1] a b/c.vmdk`` → ``("datastore1", "a b/c.vmdk")``."""
+    if not ds_path.startswith("[") or "]" not in ds_path:
+        raise ValueError(f"not a datastore path: {ds_path!r}")
+    ds, _, rel = ds_path[1:].partition("]")
+    return ds, rel.strip()
+
+
+def vmfs_path(ds_path: str) -> str:
+    """``[ds] rel`` → ``/vmfs/volumes/ds/rel`` (works on ESXi and in the lab; never use the API's URL)."""
+    ds, rel = split_ds_path(ds_path)
+    return f"/vmfs/volumes/{ds}/{rel}"
+
+
+def pieces(extents: Iterable[tuple[int, int]], piece_size: int = PIECE_SIZE) -> Iterator[tuple[int, int]]:
+    """Split extents into (offset, length) pieces of at most ``piece_size`` bytes."""
+    for off, length in extents:
+        if off < 0 or length < 0:
+            raise ValueError(f"bad extent {(off, length)}")
+        end = off + length
+        while off < end:
+            n = min(piece_size, end - off)
+            yield off, n
+            off += n
+
+
+def ordered_parallel(
+    work: Iterable[tuple[int, int]], fetch: Callable[[int, int], bytes], streams: int
+) -> Iterator[tuple[int, bytes]]:
+    """Run ``fetch(offset, length)`` on ``streams`` threads, yield results in input order, keep at most
+    ``2 × streams`` pieces pending."""
+    with concurrent.futures.ThreadPoolExecutor(max_workers=streams, thread_name_prefix="disk-read") as pool:
+        pending: deque[tuple[int, int, concurrent.futures.Future[bytes]]] = deque()
+        it = iter(work)
+        try:
+            for off, length in it:
+                pending.append((off, length, pool.submit(fetch, off, length)))
+                if len(pending) >= 2 * streams:
+                    yield _result(*pending.popleft())
+            while pending:
+                yield _result(*pending.popleft())
+        finally:
+            for _, _, fut in pending:
+                fut.cancel()
+
+
+def _result(off: int, length: int, fut: concurrent.futures.Future[bytes]) -> tuple[int, bytes]:
+    data = fut.result()
+    if len(data) != length:
+        raise TransportError(f"read {len(data)} bytes at {off}, expected {length}")
+    return off, data
+
+
+class DiskReader(Protocol):
+    """What the backup pipeline reads with."""
+
+    def read(self, ds_path: str, extents: Iterable[tuple[int, int]]) -> Iterator[tuple[int, bytes]]: ...
+
+    def close(self) -> None: ...
+
+
+class HttpsRangeReader:
+    """``GET /folder/<path>?dcPath=ha-datacenter&dsName=<ds>`` with ``Range: bytes=a-b``."""
+
+    def __init__(
+        self,
+        address: str,
+        port: int,
+        ssl_context: ssl.SSLContext,
+        *,
+        user: str | None = None,
+        password: Callable[[], str] | None = None,
+        cookie: str | None = None,
+        streams: int = 4,
+        piece_size: int = PIECE_SIZE,
+        timeout: float = 120.0,
+        datacenter: str = "ha-datacenter",
+    ) -> None:
+        if cookie is None and (user is None or password is None):
+            raise ValueError("HttpsRangeReader needs a session cookie or user and password")
+        self.streams = streams
+        self.piece_size = piece_size
+        self.datacenter = datacenter
+        self._user = user
+        self._password = password
+        self._cookie = cookie
+        self._lock = threading.Lock()
+        self.pool = urllib3.HTTPSConnectionPool(
+            address,
+            port,
+            maxsize=streams,
+            block=True,
+            ssl_context=ssl_context,
+            assert_hostname=False,
+            timeout=urllib3.Timeout(connect=30.0, read=timeout),
+            retries=urllib3.Retry(total=3, connect=3, read=2, status=0, backoff_factor=0.5),
+        )
+
+    def _url(self, ds_path: str) -> str:
+        ds, rel = split_ds_path(ds_path)
+        return f"/folder/{quote(rel)}?dcPath={quote(self.datacenter)}&dsName={quote(ds)}"
+
+    def _headers(self) -> dict[str, str]:
+        with self._lock:
+            if self._cookie:
+                return {"Cookie": self._cookie}
+        assert self._user is not None and self._password is not None
+        token = base64.b64encode(f"{self._user}:{self._password()}".encode()).decode()
+        return {"Authorization": f"Basic {token}"}
+
+    def _remember_cookie(self, resp: urllib3.BaseHTTPResponse) -> None:
+        set_cookie = resp.headers.get("Set-Cookie")
+        if set_cookie and "vmware_soap_session" in set_cookie:
+            with self._lock:
+                if self._cookie is None:
+                    self._cookie = set_cookie.split(";", 1)[0]
+
+    def _request(self, ds_path: str, range_header: str | None) -> urllib3.BaseHTTPResponse:
+        headers = self._headers()
+        if range_header:
+            headers["Range"] = range_header
+        resp = self.pool.request("GET", self._url(ds_path), headers=headers, preload_content=True)
+        if resp.status == 401 and "Cookie" in headers and self._user is not None:
+            with self._lock:  # the cookie expired or was refused: Basic auth, then its cookie
+                if self._cookie == headers["Cookie"]:
+                    self._cookie = None
+            return self._request(ds_path, range_header)
+        self._remember_cookie(resp)
+        return resp
+
+    def _get(self, ds_path: str, off: int, length: int) -> bytes:
+        resp = self._request(ds_path, f"bytes={off}-{off + length - 1}")
+        if resp.status != 206:
+            raise TransportError(f"GET {ds_path} bytes {off}+{length}: HTTP {resp.status}")
+        expect = f"bytes {off}-{off + length - 1}/"
+        if not str(resp.headers.get("Content-Range", "")).startswith(expect):
+            got = resp.headers.get("Content-Range")
+            raise TransportError(f"GET {ds_path}: unexpected Content-Range {got}")
+        return bytes(resp.data)
+
+    def size(self, ds_path: str) -> int:
+        """The file's size (from a 1-byte Range GET's Content-Range)."""
+        resp = self._request(ds_path, "bytes=0-0")
+        if resp.status != 206:
+            raise TransportError(f"GET {ds_path}: HTTP {resp.status}")
+        return int(str(resp.headers["Content-Range"]).rsplit("/", 1)[1])
+
+    def get_file(self, ds_path: str) -> bytes:
+        """A whole (small) file, e.g. a descriptor or .vmx."""
+        resp = self._request(ds_path, None)
+        if resp.status != 200:
+            raise TransportError(f"GET {ds_path}: HTTP {resp.status}")
+        return bytes(resp.data)
+
+    def read(self, ds_path: str, extents: Iterable[tuple[int, int]]) -> Iterator[tuple[int, bytes]]:
+        """Yield (offset, data) for the extents, in order."""
+        return ordered_parallel(
+            pieces(extents, self.piece_size), lambda o, n: self._get(ds_path, o, n), self.streams
+        )
+
+    def close(self) -> None:
+        self.pool.close()
+
+
+def dd_block(off: int, length: int, limit: int = MiB) -> int:
+    """The largest power of two ≤ ``limit`` dividing both ``off`` and ``length``."""
+    bs = limit
+    while bs > 1 and (off % bs or length % bs):
+        bs //= 2
+    return bs
+
+
+class SshDdReader:
+    """``dd`` over SSH, one connection per worker thread."""
+
+    def __init__(
+        self,
+        connect: Callable[[], ShellConnection],
+        *,
+        streams: int = 2,
+        piece_size: int = PIECE_SIZE,
+        timeout: float = 120.0,
+        attempts: int = 4,
+    ) -> None:
+        self._connect = connect
+        self.attempts = attempts
+        self.streams = streams
+        self.piece_size = piece_size
+        self.timeout = timeout
+        self._local = threading.local()
+        self._all: list[ShellConnection] = []
+        self._lock = threading.Lock()
+
+    def _conn(self, length: int, fresh: bool = False) -> ShellConnection:
+        """This thread's connection; a new one when it dropped, when ``fresh``, or before it would carry
+        more than :data:`ROTATE_BYTES` (so paramiko never needs to rekey: see the module doc)."""
+        conn: ShellConnection | None = getattr(self._local, "conn", None)
+        used: int = getattr(self._local, "used", 0)
+        if fresh or conn is None or not conn.active or used + length > ROTATE_BYTES:
+            if conn is not None:
+                conn.close()
+                with self._lock:
+                    self._all.remove(conn)
+            conn = self._connect()
+            self._local.conn = conn
+            used = 0
+            with self._lock:
+                self._all.append(conn)
+        self._local.used = used + length
+        return conn
+
+    def _dd(self, path: str, off: int, length: int) -> bytes:
+        bs = dd_block(off, length)
+        start, end = off, off + length
+        if bs < 4096:  # unaligned: read the enclosing 4 KiB-aligned range and cut (bs=1 is very slow)
+            bs = 4096
+            start, end = off // bs * bs, -(-(off + length) // bs) * bs
+        count = (end - start) // bs
+        line = command_line(["dd", f"if={path}", f"bs={bs}", f"skip={start // bs}", f"count={count}"])
+        line += " 2>/dev/null"
+        for attempt in range(1, self.attempts + 1):
+            try:
+                conn = self._conn(end - start, fresh=attempt > 1)
+                with conn.stream(line, timeout=self.timeout) as stream:
+                    data = stream.read_exact(off + length - start)
+                    stream.read(end - (off + length))  # the aligned tail, possibly cut by EOF
+                    while stream.read(1 << 16):
+                        pass
+                    return data[off - start :]
+            except ShellError as exc:
+                if attempt == self.attempts:
+                    raise TransportError(f"dd {path} at {off}+{length}: {exc}") from exc
+                log.info("SSH read of %s at %d failed (%s); reconnecting", path, off, exc)
+                time.sleep(0.5 * attempt)
+        raise AssertionError("unreachable")
+
+    def read(self, ds_path: str, extents: Iterable[tuple[int, int]]) -> Iterator[tuple[int, bytes]]:
+        """Yield (offset, data) for the extents, in order."""
+        path = vmfs_path(ds_path)
+        return ordered_parallel(
+            pieces(extents, self.piece_size), lambda o, n: self._dd(path, o, n), self.streams
+        )
+
+    def close(self) -> None:
+        with self._lock:
+            conns, self._all = self._all, []
+        for conn in conns:
+            with contextlib.suppress(Exception):
+                conn.close()

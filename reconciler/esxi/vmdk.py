@@ -1,0 +1,157 @@
+"""Read and write VMDK *descriptor* files (esxi-reference §4).
+
+Header ``key=value`` lines (``version``, ``encoding``, ``CID``, ``parentCID``, ``isNativeSnapshot``,
+``createType``, ``parentFileNameHint``, ``changeTrackPath``), extent lines
+``ACCESS SECTORS TYPE "file" [offset]`` and ``ddb.* = "value"`` lines.
+
+Quoting: VMware writes file names between double quotes *without* escaping quotes inside them (a VM
+named ``a "b"`` gets ``RW 8 VMFS "a "b"-flat.vmdk"``), so a quoted value runs from the first to the
+last double quote of its line; the optional extent offset is the bare number after the closing quote.
+Writing does the same (no escaping). A newline in a name cannot be represented and is refused.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from reconciler.esxi.errors import ProtocolError
+
+SECTOR = 512
+NO_PARENT = "ffffffff"
+_EXTENT = re.compile(r'^(RW|RDONLY|NOACCESS)\s+(\d+)\s+(\w+)(?:\s+"(.*)"(?:\s+(\d+))?)?\s*$')
+_KV = re.compile(r"^\s*([A-Za-z][\w.]*)\s*=\s*(.*?)\s*$")
+FLAT_TYPES = frozenset({"VMFS", "FLAT"})
+
+
+def _unquote(raw: str) -> str:
+    raw = raw.strip()
+    if len(raw) >= 2 and raw[0] == '"' and raw[-1] == '"':
+        return raw[1:-1]
+    return raw
+
+
+@dataclass(frozen=True)
+class Extent:
+    """One extent line."""
+
+    access: str
+    sectors: int
+    type: str
+    file_name: str | None
+    offset: int = 0
+
+    @property
+    def size(self) -> int:
+        """Bytes covered by this extent."""
+        return self.sectors * SECTOR
+
+    def line(self) -> str:
+        """The extent line as written in a descriptor."""
+        if self.file_name is None:
+            return f"{self.access} {self.sectors} {self.type}"
+        _check_name(self.file_name)
+        tail = f" {self.offset}" if self.offset or self.type == "FLAT" else ""
+        return f'{self.access} {self.sectors} {self.type} "{self.file_name}"{tail}'
+
+
+def _check_name(name: str) -> None:
+    if "\n" in name or "\r" in name:
+        raise ValueError("a VMDK file name cannot contain a line break")
+
+
+@dataclass
+class Descriptor:
+    """A parsed descriptor. ``header`` keeps every header key (values unquoted), ``ddb`` the ddb.* keys."""
+
+    header: dict[str, str] = field(default_factory=dict)
+    extents: list[Extent] = field(default_factory=list)
+    ddb: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def parse(cls, text: str) -> Descriptor:
+        """Parse a descriptor; raises ProtocolError when it is not one."""
+        if "\x00" in text[:1024]:
+            raise ProtocolError("binary data where a VMDK descriptor was expected")
+        d = cls()
+        for raw in text.splitlines():
+            line = raw.strip()
+            if not line or line.startswith("#"):
+                continue
+            m = _EXTENT.match(line)
+            if m:
+                d.extents.append(
+                    Extent(m.group(1), int(m.group(2)), m.group(3).upper(), m.group(4), int(m.group(5) or 0))
+                )
+                continue
+            kv = _KV.match(line)
+            if kv is None:
+                raise ProtocolError(f"not a VMDK descriptor line: {line[:120]!r}")
+            key, value = kv.group(1), _unquote(kv.group(2))
+            if key.startswith("ddb."):
+                d.ddb[key] = value
+            else:
+                d.header[key] = value
+        if not d.extents:
+            raise ProtocolError("VMDK descriptor without extents")
+        return d
+
+    # -- fields
+
+    @property
+    def create_type(self) -> str:
+        return self.header.get("createType", "")
+
+    @property
+    def cid(self) -> str | None:
+        return self.header.get("CID")
+
+    @property
+    def parent_cid(self) -> str | None:
+        return self.header.get("parentCID")
+
+    @property
+    def has_parent(self) -> bool:
+        """Whether this is a delta (parentCID set and not ffffffff)."""
+        return (self.parent_cid or NO_PARENT).lower() != NO_PARENT
+
+    @property
+    def parent_file_name_hint(self) -> str | None:
+        return self.header.get("parentFileNameHint")
+
+    @property
+    def change_track_path(self) -> str | None:
+        return self.header.get("changeTrackPath")
+
+    @property
+    def capacity(self) -> int:
+        """Disk size in bytes: the sum of the extents."""
+        return sum(e.size for e in self.extents)
+
+    @property
+    def thin(self) -> bool:
+        return self.ddb.get("ddb.thinProvisioned") == "1"
+
+    @property
+    def flat_extent(self) -> Extent | None:
+        """The single raw (VMFS/FLAT) extent of a base disk, or None (delta, sparse, several extents …)."""
+        if len(self.extents) == 1 and self.extents[0].type in FLAT_TYPES and not self.has_parent:
+            return self.extents[0]
+        return None
+
+    # -- writing
+
+    def dumps(self) -> str:
+        """Descriptor text in VMware's layout."""
+        lines = ["# Disk DescriptorFile"]
+        quoted = {"encoding", "createType", "isNativeSnapshot", "parentFileNameHint", "changeTrackPath"}
+        for key, value in self.header.items():
+            _check_name(value)
+            lines.append(f'{key}="{value}"' if key in quoted else f"{key}={value}")
+        lines += ["", "# Extent description"]
+        lines += [e.line() for e in self.extents]
+        lines += ["", "# The Disk Data Base", "#DDB", ""]
+        for key, value in self.ddb.items():
+            _check_name(value)
+            lines.append(f'{key} = "{value}"')
+        return "\n".join(lines) + "\n"

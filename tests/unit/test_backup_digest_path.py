@@ -1,0 +1,150 @@
+"""The digest-compare path of one disk without a host: a stand-in answers like the host program
+(changed non-zero blocks sent, zero blocks not), including blocks that became zero since the last point."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import random
+import threading
+from collections.abc import Callable, Iterator
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, cast
+
+import pytest
+
+from reconciler.engine.backup import BackupOptions, _DiskJob, _Previous
+from reconciler.esxi.host import BackupSnapshot, EsxiHost, FrozenDisk
+from reconciler.esxi.hostdigest import BLOCK_SIZE, DIGEST_SIZE, DigestResult, block_digest
+from reconciler.repository import DiskRecord, Repository, RestorePoint, VmRef, new_point_id
+
+MiB = 1 << 20
+CAPACITY = 3 * MiB + 5 * BLOCK_SIZE + 100
+
+
+class FakeHost:
+    """Just what :class:`_DiskJob` uses on a free host."""
+
+    license = "free"
+    shell = object()
+
+    def __init__(self, content: bytes) -> None:
+        self.content = content
+        self.sent = 0
+
+    def digest_compare(
+        self, disk: FrozenDisk, previous: bytes | None, on_block: Callable[[int, bytes], None]
+    ) -> DigestResult:
+        digests = bytearray()
+        changed = zero = same = 0
+        for off in range(0, len(self.content), BLOCK_SIZE):
+            block = self.content[off : off + BLOCK_SIZE]
+            d = block_digest(block)
+            i = off // BLOCK_SIZE
+            prev = previous[i * DIGEST_SIZE : (i + 1) * DIGEST_SIZE] if previous else None
+            if block.count(0) == len(block):
+                zero += 1
+            elif d == prev:
+                same += 1
+            else:
+                on_block(off, block)
+                self.sent += len(block)
+                changed += 1
+            digests += d
+        return DigestResult(BLOCK_SIZE, len(self.content), bytes(digests), changed, zero, same, True, 0, 0, 0)
+
+
+@pytest.fixture
+def pool() -> Iterator[concurrent.futures.ThreadPoolExecutor]:
+    with concurrent.futures.ThreadPoolExecutor(2) as executor:
+        yield executor
+
+
+DISK = FrozenDisk(
+    2000, "Hard disk 1", "scsi0:0", "[ds] vm/vm.vmdk", "[ds] vm/vm-flat.vmdk", CAPACITY, None, None, ""
+)
+
+
+def run_job(
+    repo: Repository, host: FakeHost, previous: _Previous | None, pool: concurrent.futures.Executor
+) -> tuple[DiskRecord, Any]:
+    job = _DiskJob(
+        cast(EsxiHost, host),
+        repo,
+        cast(BackupSnapshot, None),
+        DISK,
+        previous,
+        BackupOptions(),
+        pool,
+        threading.Event(),
+        "vm",
+    )
+    return job.run()
+
+
+def restore(repo: Repository, record: DiskRecord) -> bytes:
+    index = repo.read_index(record.index)
+    return b"".join(repo.read_chunk(index[s])[: index.chunk_length(s)] for s in range(index.count))
+
+
+def as_previous(record: DiskRecord) -> _Previous:
+    now = datetime.now(timezone.utc)
+    point = RestorePoint(
+        new_point_id(), "p", VmRef("vm", "u", "h", "1"), now, now, now, "success", "full", "rev",
+        disks=(record,),
+    )  # fmt: skip
+    return _Previous(point, record)
+
+
+def test_digest_incremental_patches_changes_and_blocks_that_became_zero(
+    tmp_path: Path, pool: concurrent.futures.Executor
+) -> None:
+    repo = Repository.init(tmp_path / "repo")
+    rnd = random.Random(3)
+    disk = bytearray(rnd.randbytes(CAPACITY))
+    disk[MiB : 2 * MiB] = bytes(MiB)  # a hole
+    host = FakeHost(bytes(disk))
+    first, r1 = run_job(repo, host, None, pool)
+    assert r1.mode == "full" and r1.fallback_reason == "no previous restore point of this disk"
+    assert first.digest_map and restore(repo, first) == bytes(disk)
+    assert host.sent == CAPACITY - MiB  # zero blocks are not sent
+
+    # the guest writes 4 KiB in two places, zeroes a block and a half (trim), and writes into the hole
+    disk[10:4106] = rnd.randbytes(4096)
+    disk[2 * MiB + BLOCK_SIZE : 2 * MiB + 2 * BLOCK_SIZE] = bytes(BLOCK_SIZE)
+    disk[3 * MiB : 3 * MiB + BLOCK_SIZE + 300] = bytes(BLOCK_SIZE + 300)
+    disk[MiB + 7 : MiB + 9] = b"xy"
+    disk[-50:] = rnd.randbytes(50)
+    host = FakeHost(bytes(disk))
+    second, r2 = run_job(repo, host, as_previous(first), pool)
+    assert r2.mode == "digest" and r2.fallback_reason is None
+    assert restore(repo, second) == bytes(disk)
+    assert host.sent == 3 * BLOCK_SIZE + 100  # blocks 0, MiB/64K, the half-zeroed one, and the short last
+    assert second.digest_map != first.digest_map
+
+    # nothing changed: nothing sent, same index
+    host = FakeHost(bytes(disk))
+    third, r3 = run_job(repo, host, as_previous(second), pool)
+    assert host.sent == 0 and third.index == second.index and r3.bytes_stored == 0
+
+
+def test_another_digest_algorithm_means_a_full_read(
+    tmp_path: Path, pool: concurrent.futures.Executor
+) -> None:
+    from reconciler.repository import DigestMap
+
+    repo = Repository.init(tmp_path / "repo")
+    content = random.Random(4).randbytes(CAPACITY)
+    first, _ = run_job(repo, FakeHost(content), None, pool)
+    dm = repo.read_digest_map(first.digest_map or "")
+    other = DigestMap("sha1", dm.block_size, dm.capacity, dm.digest_size, dm.digests)
+    writer = repo.chunk_writer(CAPACITY, base=repo.read_index(first.index))
+    index_id = writer.finish(other)
+    record = DiskRecord(
+        first.key, first.label, first.file, first.capacity, index_id,
+        digest_map=writer.index.digest_map.hex() if writer.index.digest_map else None,
+    )  # fmt: skip
+    host = FakeHost(content)
+    second, result = run_job(repo, host, as_previous(record), pool)
+    assert result.mode == "full" and "sha1" in (result.fallback_reason or "")
+    assert host.sent == CAPACITY and restore(repo, second) == content
