@@ -254,7 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", required=True, help="host name")
     p.add_argument("argv", nargs=argparse.REMAINDER, help="vim-cmd arguments (after --)")
 
-    add("demo", cmd_demo, "start a lab, show it through the API and SSH, and stop it")
+    add("demo", cmd_demo, "start a lab, back it up with esxi-reconciler twice (full, incremental), stop it")
 
     p = add("build", cmd_build, "build the Go host binary if its sources changed", state_dir=False)
     p.add_argument("--force", action="store_true", help="rebuild even if up to date")

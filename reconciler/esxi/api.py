@@ -148,18 +148,23 @@ class ApiSession:
         _ = self.si
 
     def call(self, what: str, fn: Callable[[], T]) -> T:
-        """Run ``fn`` with mapped faults; on an expired session or a dropped connection, log in again
-        and retry once (only use it for idempotent calls)."""
+        """Run ``fn`` with mapped faults; on an expired session log in again, on a dropped connection
+        (e.g. one the host closed while idle) reconnect; then retry once (only for idempotent calls)."""
         try:
             with mapped_faults(what):
                 return fn()
         except (TimeoutError, ApiError, OSError, http.client.HTTPException) as exc:
             cause = exc.__cause__ if isinstance(exc, ApiError) else exc
             transient = isinstance(cause, vim.fault.NotAuthenticated | OSError | http.client.HTTPException)
-            if not transient or self.alive():
+            if not transient:
                 raise
-            log.info("API session to %s lost (%s); logging in again", self.address, type(cause).__name__)
-            self.reconnect()
+            if isinstance(cause, vim.fault.NotAuthenticated) or not self.alive():
+                log.info("API session to %s lost (%s); logging in again", self.address, type(cause).__name__)
+                self.reconnect()
+            else:
+                # The session is fine but the pooled connection was dropped (hosts close idle
+                # connections): a fresh connection carries the retry.
+                log.info("API connection to %s dropped (%s); retrying", self.address, type(cause).__name__)
             with mapped_faults(what):
                 return fn()
 

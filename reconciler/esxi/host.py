@@ -868,13 +868,24 @@ class EsxiHost:
         *,
         block_size: int = BLOCK_SIZE,
         timeout: float = 600.0,
+        first_block: int = 0,
+        block_count: int | None = None,
     ) -> DigestResult:
         """Run :mod:`.hostdigest` on the host against the frozen disk: ``on_block(offset, data)`` gets
-        every block whose digest differs from ``previous`` (None: every non-zero block)."""
+        every block whose digest differs from ``previous`` (None: every non-zero block). With a block
+        range, only blocks ``[first_block, first_block + block_count)`` (``previous`` and the result's
+        digests cover that range); each call uses its own SSH connection, so ranges can run in parallel."""
         conn = self._ssh().new_connection()
         try:
             return compare_on_host(
-                conn, vmfs_path(disk.data_file), previous, on_block, block_size=block_size, timeout=timeout
+                conn,
+                vmfs_path(disk.data_file),
+                previous,
+                on_block,
+                block_size=block_size,
+                timeout=timeout,
+                first_block=first_block,
+                block_count=block_count,
             )
         finally:
             conn.close()

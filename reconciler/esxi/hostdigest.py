@@ -8,6 +8,12 @@ also carries data, so the program travels on stdin behind a fixed bootstrap::
 
     python -c 'import sys;exec(compile(sys.stdin.buffer.read(N),"hostdigest","exec"))' PATH BLOCK
 
+Two optional arguments after ``BLOCK``, ``FIRST COUNT``, restrict the run to blocks
+``[FIRST, FIRST + COUNT)`` (``COUNT`` -1: to the end): the previous map sent and the map returned then
+cover only that range, block indices in records stay absolute, and the ``E`` record counts the range's
+blocks. The engine runs several ranges on parallel SSH connections for incrementals of large disks
+(one program reading the whole disk is bound by one host core).
+
 Nothing is written on the host. The program reads the frozen base disk file (under our snapshot),
 skips holes with ``SEEK_DATA``/``SEEK_HOLE`` when the file system supports them (else it reads
 everything), and treats all-zero blocks like holes (no digest, nothing sent).
@@ -57,6 +63,8 @@ import hashlib, os, struct, sys
 def main():
     path = sys.argv[1]
     block = int(sys.argv[2])
+    first = int(sys.argv[3]) if len(sys.argv) > 3 else 0
+    want_count = int(sys.argv[4]) if len(sys.argv) > 4 else -1
     inp = sys.stdin.buffer
     out = sys.stdout.buffer
     head = inp.read(17)
@@ -73,7 +81,11 @@ def main():
         return 2
     fd = os.open(path, os.O_RDONLY)
     size = os.fstat(fd).st_size
-    nblocks = (size + block - 1) // block
+    total_blocks = (size + block - 1) // block
+    first = min(first, total_blocks)
+    nblocks = total_blocks if want_count < 0 else min(total_blocks, first + want_count)
+    lo = first * block
+    hi = min(size, nblocks * block)
     # data ranges (start, end), block-aligned, from SEEK_DATA/SEEK_HOLE when available
     ranges = []
     flags = 0
@@ -81,15 +93,17 @@ def main():
     seek_hole = getattr(os, "SEEK_HOLE", None)
     if seek_data is not None and seek_hole is not None:
         try:
-            pos = 0
-            while pos < size:
+            pos = lo
+            while pos < hi:
                 try:
                     start = os.lseek(fd, pos, seek_data)
                 except OSError as exc:
                     if exc.errno == 6:  # ENXIO: no data after pos
                         break
                     raise
-                end = os.lseek(fd, start, seek_hole)
+                if start >= hi:
+                    break
+                end = min(os.lseek(fd, start, seek_hole), hi)
                 a = (start // block) * block
                 b = min(((end + block - 1) // block) * block, nblocks * block)
                 if ranges and a <= ranges[-1][1]:
@@ -102,7 +116,7 @@ def main():
             ranges = []
             flags = 0
     if not flags:
-        ranges = [(0, nblocks * block)]
+        ranges = [(lo, nblocks * block)] if nblocks > first else []
     out.write(b"ERHD" + struct.pack(">BBIQB", 1, 1, block, size, flags))
     newmap = hashlib.blake2b(digest_size=16)
     zero = bytes(block)
@@ -125,7 +139,7 @@ def main():
             run[0] = None
 
     bytes_read = 0
-    index = 0
+    index = first
     step = 16 * block
     pread = getattr(os, "pread", None)
 
@@ -157,13 +171,15 @@ def main():
                 break
             for off in range(0, len(data), block):
                 blk = data[off:off + block]
-                if blk == zero[:len(blk)]:
+                # bytes == bytes is a memcmp; memoryview == bytes compares item by item (slow)
+                if (blk == zero) if len(blk) == block else (blk.count(0) == len(blk)):
                     emit_run(b"Z", index)
                     newmap.update(zdig)
                 else:
                     dig = hashlib.blake2b(blk, digest_size=16).digest()
                     newmap.update(dig)
-                    if index < count and prev[index * 16:index * 16 + 16] == dig:
+                    rel = (index - first) * 16
+                    if index - first < count and prev[rel:rel + 16] == dig:
                         emit_run(b"S", index)
                     else:
                         flush_run()
@@ -176,7 +192,7 @@ def main():
         newmap.update(zdig)
         index += 1
     flush_run()
-    out.write(b"E" + struct.pack(">Q", nblocks) + newmap.digest() + struct.pack(">Q", bytes_read))
+    out.write(b"E" + struct.pack(">Q", nblocks - first) + newmap.digest() + struct.pack(">Q", bytes_read))
     out.flush()
     os.close(fd)
     return 0
@@ -186,11 +202,17 @@ sys.exit(main())
 """The on-host program (sent on stdin; see the module doc)."""
 
 
-def host_command(path: str, block_size: int = BLOCK_SIZE) -> str:
-    """The shell line that runs :data:`HOST_PROGRAM` on ``path`` (a ``/vmfs/volumes/...`` path)."""
+def host_command(
+    path: str, block_size: int = BLOCK_SIZE, first_block: int = 0, block_count: int | None = None
+) -> str:
+    """The shell line that runs :data:`HOST_PROGRAM` on ``path`` (a ``/vmfs/volumes/...`` path), on the
+    whole file or on blocks ``[first_block, first_block + block_count)``."""
     n = len(HOST_PROGRAM.encode("utf-8"))
     bootstrap = f'import sys;exec(compile(sys.stdin.buffer.read({n}),"hostdigest","exec"))'
-    return command_line(["python", "-c", bootstrap, path, str(block_size)])
+    argv = ["python", "-c", bootstrap, path, str(block_size)]
+    if first_block or block_count is not None:
+        argv += [str(first_block), str(-1 if block_count is None else block_count)]
+    return command_line(argv)
 
 
 def request(previous: bytes | None, block_size: int = BLOCK_SIZE) -> bytes:
@@ -248,9 +270,12 @@ def parse_stream(
     on_block: Callable[[int, bytes], None],
     *,
     block_size: int = BLOCK_SIZE,
+    first_block: int = 0,
+    block_count: int | None = None,
 ) -> DigestResult:
     """Read the host's answer, call ``on_block(offset, data)`` for each changed block (in disk order),
-    and rebuild and check the new digest map."""
+    and rebuild and check the new digest map. With a block range (``first_block``, ``block_count``),
+    ``previous`` and the returned digests cover only that range."""
     prev = previous or b""
     head = _read(stream, 19)
     if head[:4] != b"ERHD":
@@ -258,11 +283,13 @@ def parse_stream(
     version, algorithm, got_block, disk_size, flags = struct.unpack(">BBIQB", head[4:])
     if version != VERSION or algorithm != 1 or got_block != block_size:
         raise ProtocolError(f"hostdigest: unsupported answer (version {version}, algorithm {algorithm})")
-    nblocks = -(-disk_size // block_size)
-    digests = bytearray(nblocks * DIGEST_SIZE)
+    total_blocks = -(-disk_size // block_size)
+    first = min(first_block, total_blocks)
+    nblocks = total_blocks if block_count is None else min(total_blocks, first + block_count)
+    digests = bytearray((nblocks - first) * DIGEST_SIZE)
     received = 19
     changed = zero = same = 0
-    index = 0
+    index = first
     while True:
         tag = _read(stream, 1)
         received += 1
@@ -272,9 +299,9 @@ def parse_stream(
             if start != index or start + count > nblocks:
                 raise ProtocolError(f"hostdigest: run {tag!r} {start}+{count} out of order (at {index})")
             if tag == b"S":
-                if (start + count) * DIGEST_SIZE > len(prev):
+                a, b = (start - first) * DIGEST_SIZE, (start - first + count) * DIGEST_SIZE
+                if b > len(prev):
                     raise ProtocolError("hostdigest: 'same' run beyond the previous map")
-                a, b = start * DIGEST_SIZE, (start + count) * DIGEST_SIZE
                 digests[a:b] = prev[a:b]
                 same += count
             else:
@@ -286,9 +313,8 @@ def parse_stream(
                 raise ProtocolError(f"hostdigest: data block {start} out of order (at {index})")
             data = _read(stream, length)
             received += 12 + length
-            digests[start * DIGEST_SIZE : (start + 1) * DIGEST_SIZE] = hashlib.blake2b(
-                data, digest_size=DIGEST_SIZE
-            ).digest()
+            rel = (start - first) * DIGEST_SIZE
+            digests[rel : rel + DIGEST_SIZE] = hashlib.blake2b(data, digest_size=DIGEST_SIZE).digest()
             on_block(start * block_size, data)
             changed += 1
             index += 1
@@ -297,8 +323,8 @@ def parse_stream(
             received += len(tail)
             (blocks,) = struct.unpack(">Q", tail[:8])
             (host_read,) = struct.unpack(">Q", tail[-8:])
-            if blocks != nblocks or index != nblocks:
-                raise ProtocolError(f"hostdigest: {index} of {nblocks} blocks covered")
+            if blocks != nblocks - first or index != nblocks:
+                raise ProtocolError(f"hostdigest: {index - first} of {nblocks - first} blocks covered")
             if hashlib.blake2b(bytes(digests), digest_size=DIGEST_SIZE).digest() != tail[8:-8]:
                 raise FullBackupNeededError("digest-mismatch", "rebuilt digest map differs from the host's")
             break
@@ -326,12 +352,25 @@ def compare_on_host(
     *,
     block_size: int = BLOCK_SIZE,
     timeout: float = 600.0,
+    first_block: int = 0,
+    block_count: int | None = None,
 ) -> DigestResult:
     """Run the program on the host over ``conn`` against ``path`` (``/vmfs/volumes/...``), feeding it
-    ``previous`` (None = send every non-zero block). ``timeout`` applies to each wait for data."""
+    ``previous`` (None = send every non-zero block). ``timeout`` applies to each wait for data.
+
+    With ``first_block``/``block_count`` only that block range is compared (``previous`` then holds the
+    range's digests, and so does the result), so several ranges can run on parallel connections."""
     payload = request(previous, block_size)
-    with conn.stream(host_command(path, block_size), timeout=timeout) as stream:
+    line = host_command(path, block_size, first_block, block_count)
+    with conn.stream(line, timeout=timeout) as stream:
         stream.write(payload)
         stream.close_stdin()
-        result = parse_stream(stream, previous, on_block, block_size=block_size)
+        result = parse_stream(
+            stream,
+            previous,
+            on_block,
+            block_size=block_size,
+            first_block=first_block,
+            block_count=block_count,
+        )
     return replace(result, wire_bytes_out=len(payload))

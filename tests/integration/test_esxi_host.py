@@ -531,3 +531,15 @@ def test_create_timeout_still_removes_the_late_snapshot(free: EsxiHost) -> None:
     with pytest.raises(SnapshotTimeoutError), free.backup_snapshot(vm, timeout=0.001):
         pytest.fail("must not get here")
     assert free.vm(vm).snapshots == ()
+
+
+def test_api_call_survives_a_connection_the_host_closed_while_idle(lab: LabHandle, free: EsxiHost) -> None:
+    """Hosts close idle API connections; the next call must go through on a new connection."""
+    import socket
+
+    before = [vm.name for vm in free.list_vms()]
+    stub = free.api.si._stub
+    assert stub.pool, "expected a pooled API connection after a call"
+    for conn, _ in stub.pool:
+        conn.sock.shutdown(socket.SHUT_RDWR)  # what the peer closing the idle connection looks like
+    assert [vm.name for vm in free.list_vms()] == before
