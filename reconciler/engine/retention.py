@@ -9,9 +9,11 @@ rule that keeps it or why it goes. The semantics are defined in ``docs/retention
    newer than every successful point (kept for diagnosis; it may be a run still being written).
 3. The count rules run in the fixed order keep-last, keep-hourly, keep-daily, keep-weekly (ISO weeks),
    keep-monthly, keep-yearly. Each walks the successful, unprotected points newest to oldest; a period
-   that already holds a point kept by an earlier rule (or earlier in this rule) costs nothing; otherwise the
-   point, which is its period's newest, is kept while the rule has budget; the first new period without
-   budget ends the rule. Periods are computed in the policy's IANA time zone from the UTC timestamps.
+   whose newest point is already kept (by an earlier rule, or earlier in this rule) is covered and costs
+   nothing; otherwise the point, which is its period's newest, is kept while the rule has budget; the first
+   new period without budget ends the rule. (An older point kept by keep-weekly does not cover its month:
+   ISO weeks straddle months and years.) Periods are computed in the policy's IANA time zone from the
+   points' instants. So raising a count, or adding an older point, never removes a point that was kept.
 4. keep-within keeps every successful point strictly newer than (newest successful point - duration);
    it is measured from the newest success, not from now, and does not change what the count rules keep.
 5. The newest successful point is always kept.
@@ -346,9 +348,12 @@ def evaluate(points: Iterable[P], policy: RetentionPolicy) -> list[Decision[P]]:
         if point.id in seen:
             raise RetentionError(f"restore point id {point.id!r} appears twice")
         seen.add(point.id)
-    ordered.sort(key=lambda p: (p.time, p.id), reverse=True)
+    # Order by instant: aware datetimes of one ZoneInfo compare by wall clock (a fall-back night's 02:50 CEST
+    # would sort after its 02:10 CET), so compare in UTC.
+    ordered.sort(key=lambda p: (p.time.astimezone(UTC), p.id), reverse=True)
     zone = policy.zone
     local = [p.time.astimezone(zone) for p in ordered]
+    instant = [p.time.astimezone(UTC) for p in ordered]
 
     verdict: dict[int, tuple[bool, str, str]] = {}
     successes = [i for i, p in enumerate(ordered) if p.status == "success"]
@@ -361,7 +366,7 @@ def evaluate(points: Iterable[P], policy: RetentionPolicy) -> list[Decision[P]]:
             verdict[i] = (True, "protected", "protected")
         elif point.status != "success":
             label = point.status if point.status in ("failed", "partial") else f"incomplete ({point.status})"
-            if i == newest_incomplete and (newest_success is None or i < newest_success):
+            if i == newest_incomplete and (newest_success is None or instant[i] > instant[newest_success]):
                 verdict[i] = (
                     True,
                     f"newest {label} point, newer than every successful point (kept, does not count)",
@@ -386,12 +391,21 @@ def evaluate(points: Iterable[P], policy: RetentionPolicy) -> list[Decision[P]]:
                     kept[i] = (f"keep-last #{used}", rule)
             continue
         unit, key_of, label_of = _PERIODS[rule]
-        covered = {key_of(local[i]) for i in kept}
+        keys = {i: key_of(local[i]) for i in candidates}
+        newest_in: dict[Hashable, int] = {}
+        for i in candidates:  # newest first
+            newest_in.setdefault(keys[i], i)
+        # A period is covered when its NEWEST point is kept. An older point kept by an earlier rule does not
+        # cover it: ISO weeks straddle months and years, so keep-weekly's Sunday 27 September does not stand
+        # for September when September's newest point is Wednesday the 30th (whose week is kept through
+        # Sunday 4 October). Counting September as covered would let a higher keep-weekly, or an added older
+        # point, cost the 30th its place: the rules would not be monotonic.
+        covered = {key for key, i in newest_in.items() if i in kept}
         used = 0
         for i in candidates:
             if i in kept:
                 continue
-            key = key_of(local[i])
+            key = keys[i]
             if key in covered:
                 superseded.setdefault(i, f"not the newest point of {unit} {label_of(local[i])} ({rule})")
                 continue
@@ -405,10 +419,10 @@ def evaluate(points: Iterable[P], policy: RetentionPolicy) -> list[Decision[P]]:
     cutoff: datetime | None = None
     within = policy.keep_within
     if within is not None and newest_success is not None:
-        anchor = ordered[newest_success].time.astimezone(UTC)
+        anchor = instant[newest_success]
         cutoff = within.before(anchor, zone) if isinstance(within, CalendarDuration) else anchor - within
         for i in candidates:
-            if i not in kept and ordered[i].time > cutoff:
+            if i not in kept and instant[i] > cutoff:
                 kept[i] = (f"keep-within {policy.within_text()} of newest success", "keep-within")
 
     # 5: the newest successful point, always.

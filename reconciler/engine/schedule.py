@@ -61,9 +61,10 @@ LAST: Final = "last"
 DAY_NAMES: Final = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
 """Python weekday numbering, used by ``Weekly.days`` and ``Window.days``: Monday = 0 ... Sunday = 6."""
 
-# Searching forward/backward for a fire time: a valid cron expression fires at least once in 8 years
-# (29 February skips 2100); anything beyond this bound is treated as "never".
-_SEARCH_DAYS: Final = 366 * 9
+# Searching forward/backward for a fire time. The rarest accepted cron day is 29 February on one weekday
+# ('0 0 29 2 */7': day-of-month restricted, day-of-week starting with '*', so both must match), which recurs
+# after at most 40 years in the Gregorian calendar; every other accepted expression fires more often.
+_SEARCH_DAYS: Final = 366 * 41
 _MISSED_CAP: Final = 1000
 
 
@@ -643,14 +644,32 @@ def next_window_open(schedule: Schedule, instant: datetime) -> datetime | None:
     best: datetime | None = None
     for offset in range(10):
         day = start_day + timedelta(days=offset)
-        if window.days is not None and day.weekday() not in window.days:
-            continue
-        for candidate in _to_utc(datetime.combine(day, window.start), zone, True):
+        # A window opens where the wall clock passes its start: at every real occurrence of the start time
+        # (a fall-back overlap passes it twice) or where a DST jump carries the wall clock into the window
+        # (a start inside a spring-forward gap; a fall-back jump back into it).
+        candidates = _to_utc(datetime.combine(day, window.start), zone, False) + _transitions_on(day, zone)
+        for candidate in candidates:
             if candidate > instant and in_window(schedule, candidate):
                 best = candidate if best is None else min(best, candidate)
         if best is not None and offset >= 2:
             break
     return best
+
+
+def _transitions_on(day: date, zone: ZoneInfo) -> list[datetime]:
+    """The UTC instant at which ``zone``'s offset changes during wall-clock day ``day`` (at most one)."""
+    low = datetime.combine(day, time(0), tzinfo=zone).astimezone(UTC)
+    high = datetime.combine(day + timedelta(days=1), time(0), tzinfo=zone).astimezone(UTC)
+    if low.astimezone(zone).utcoffset() == high.astimezone(zone).utcoffset():
+        return []
+    lo, hi = int(low.timestamp()), int(high.timestamp())
+    while hi - lo > 1:
+        middle = (lo + hi) // 2
+        if datetime.fromtimestamp(middle, zone).utcoffset() == low.astimezone(zone).utcoffset():
+            lo = middle
+        else:
+            hi = middle
+    return [datetime.fromtimestamp(hi, UTC)]
 
 
 def jitter_offset(schedule: Schedule, jitter_key: str) -> timedelta:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import random
 import time as clock
 from datetime import date, datetime, time, timedelta, timezone
 from zoneinfo import ZoneInfo
@@ -784,85 +783,11 @@ class TestDescribe:
 
 
 # ------------------------------------------------------------------------------------------------
-# Properties (seeded random; deterministic)
+# DST consistency (the randomized properties are in test_schedule_properties.py)
 # ------------------------------------------------------------------------------------------------
 
-ZONES = (
-    "UTC",
-    "Europe/Berlin",
-    "America/New_York",
-    "Australia/Lord_Howe",
-    "Asia/Kathmandu",
-    "America/Santiago",
-)
 
-
-def random_schedule(rng: random.Random, *, windows: bool) -> Schedule:
-    at = time(rng.randrange(24), rng.choice((0, 15, 30, 45)))
-    choice = rng.randrange(5)
-    spec: ScheduleSpec
-    if choice == 0:
-        spec = Daily(at)
-    elif choice == 1:
-        spec = Weekly(frozenset(rng.sample(range(7), rng.randint(1, 3))), at)
-    elif choice == 2:
-        spec = Monthly(rng.choice([1, 15, 28, 29, 30, 31, LAST]), at)
-    elif choice == 3:
-        spec = Cron(
-            rng.choice(["0 2 * * *", "*/20 * * * *", "30 1-3 * * 0", "0 0 13 * fri", "15 */6 1,15 * *"])
-        )
-    else:
-        spec = Cron(f"{rng.randrange(60)} {rng.randrange(24)} * * {rng.randrange(7)}")
-    window = None
-    if windows and rng.random() < 0.5:
-        start = time(rng.randrange(24))
-        end = time((start.hour + rng.randint(2, 12)) % 24)
-        window = Window(start, end)
-    jitter = timedelta(minutes=rng.choice((0, 0, 10, 45)))
-    return Schedule(spec, rng.choice(ZONES), window, jitter)
-
-
-def random_instant(rng: random.Random) -> datetime:
-    return utc("2025-01-01 00:00") + timedelta(seconds=rng.randrange(3 * 365 * 86400))
-
-
-class TestProperties:
-    def test_next_fire_is_never_in_the_past_and_previous_never_in_the_future(self) -> None:
-        rng = random.Random(20261126)
-        for _ in range(400):
-            s = random_schedule(rng, windows=False)
-            t = random_instant(rng)
-            nxt, prev = next_fire(s, t), previous_fire(s, t)
-            assert nxt is not None and nxt > t, (s, t)
-            assert prev is not None and prev <= t, (s, t)
-            # nothing fires strictly between them
-            assert next_fire(s, prev) == nxt, (s, t)
-            assert previous_fire(s, nxt - timedelta(microseconds=1)) == prev, (s, t)
-
-    def test_next_due_is_never_in_the_past_and_is_exact(self) -> None:
-        rng = random.Random(7)
-        for _ in range(300):
-            s = random_schedule(rng, windows=True)
-            now = random_instant(rng)
-            last = now - timedelta(hours=rng.choice((1, 5, 30, 200))) if rng.random() < 0.8 else None
-            when = next_due(s, now, last, jitter_key="policy/vm")
-            assert when is not None
-            assert when >= now, (s, now, last)
-            assert isinstance(due(s, when, last, jitter_key="policy/vm"), Due), (s, now, last, when)
-            if when > now:
-                assert isinstance(due(s, when - timedelta(seconds=1), last, jitter_key="policy/vm"), NotDue)
-
-    def test_due_then_started_is_not_due_again_until_next_fire(self) -> None:
-        rng = random.Random(99)
-        for _ in range(200):
-            s = random_schedule(rng, windows=False)
-            now = random_instant(rng)
-            result = due(s, now, now - timedelta(days=40), jitter_key="k")
-            assert isinstance(result, Due)
-            again = due(s, now + timedelta(seconds=1), now, jitter_key="k")
-            assert isinstance(again, NotDue), (s, now)
-            assert again.next_due is not None and again.next_due > now
-
+class TestDstConsistency:
     @pytest.mark.parametrize(
         ("zone", "day"),
         [
