@@ -16,9 +16,12 @@ Per VM (:func:`backup_vm`):
      digests and sends only the differing blocks.
    * ``full``: no usable previous point, or a fallback (CBT reset, changeId rejected, capacity changed,
      another digest algorithm/block size, ...; the reason goes to the log and ``fallback_reason``). On
-     a licensed host with CBT active it reads the ``*`` (allocated) areas; else, with SSH, the digest
-     program with no previous map (holes and zero blocks are not sent, and the map is stored so the
-     next run can be incremental); else the whole disk through the transport (zero chunks become holes).
+     a licensed host with CBT active it reads the ``*`` (allocated) areas; else, with SSH, the blocks
+     the host lists as allocated (``SEEK_DATA``, one SSH round trip) over parallel HTTPS Range reads,
+     with the digest map computed on the client exactly as the host program computes it (so the next
+     run can be incremental); when HTTPS is unavailable (API unreachable, ``/folder`` refused, or
+     ``transport: ssh``), the digest program with no previous map (holes and zero blocks are not
+     sent); else the whole disk through the transport (zero chunks become holes).
 
 3. Incrementals *patch* the previous point: the :class:`ChunkWriter` starts from the previous index
    (unchanged chunks keep their ids) and a chunk touched by a small change is rebuilt from the previous
@@ -50,6 +53,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import structlog
+import urllib3
 
 from reconciler.config.model import BackupPolicy, DesiredState, Host
 from reconciler.config.model import Repository as RepositoryConfig
@@ -58,7 +62,7 @@ from reconciler.engine.progress import DiskProgress, Progress
 from reconciler.engine.vmlock import VmBusyError, vm_lock
 from reconciler.esxi.errors import EsxiError, FullBackupNeededError
 from reconciler.esxi.host import BackupSnapshot, EsxiHost, FrozenDisk, VmInfo
-from reconciler.esxi.hostdigest import BLOCK_SIZE, DIGEST_SIZE, ZERO_DIGEST, DigestResult
+from reconciler.esxi.hostdigest import BLOCK_SIZE, DIGEST_SIZE, ZERO_DIGEST, DigestResult, local_digests
 from reconciler.esxi.transport import split_ds_path
 from reconciler.repository import (
     HOLE,
@@ -350,6 +354,9 @@ class _Plan:
     """cbt and full-with-"*": the areas to read; None: the whole disk or the digest program."""
     digest_map: DigestMap | None = None
     use_digest: bool = False
+    https_first: bool = False
+    """A full read with the digest program's map: try parallel HTTPS Range reads of the allocated
+    ranges with the map computed locally first, the digest program over SSH when HTTPS is unavailable."""
 
 
 class _DiskJob:
@@ -429,7 +436,8 @@ class _DiskJob:
             else:
                 return _Plan("full", reason, None, areas=coalesce(areas))
         if self.host.shell is not None:
-            return _Plan("full", reason, None, use_digest=True)
+            https = self.options.transport in ("auto", "https")
+            return _Plan("full", reason, None, use_digest=True, https_first=https)
         return _Plan("full", reason, None, areas=[(0, disk.capacity)])
 
     def run(self) -> tuple[DiskRecord, DiskResult]:
@@ -452,7 +460,10 @@ class _DiskJob:
         self.log.info("backup.disk_start", mode=plan.mode, bytes_to_walk=total)
         digest_map = None
         try:
-            if plan.use_digest:
+            https = self._https_full(asm, writer, progress) if plan.https_first else None
+            if https is not None:
+                read, sent, digest_map = https
+            elif plan.use_digest:
                 read, sent, digest_map = self._digest(plan, asm, writer, progress)
             else:
                 assert plan.areas is not None
@@ -519,6 +530,63 @@ class _DiskJob:
         finally:
             reader.close()
         return received, received
+
+    def _https_full(
+        self, asm: ChunkAssembler, writer: ChunkWriter, progress: DiskProgress | None
+    ) -> tuple[int, int, DigestMap] | None:
+        """A full read over parallel HTTPS Range streams (free hosts allow ``/folder`` reads) of the
+        blocks the host lists as allocated (:meth:`EsxiHost.allocation`, one SSH round trip; everything
+        when it cannot tell), with the digest map computed here exactly as the host program would
+        (:func:`~reconciler.esxi.hostdigest.local_digests`), so the next run can be a digest incremental.
+        None (nothing read) when HTTPS is unavailable: the caller runs the digest program instead."""
+        disk = self.disk
+        try:
+            reader = self.host.https_reader(self.options.streams)
+        except (EsxiError, OSError, urllib3.exceptions.HTTPError) as exc:
+            self.log.warning("backup.https_unavailable", reason=str(exc) or type(exc).__name__)
+            return None
+        try:
+            try:
+                size = reader.size(disk.data_file)
+            except (EsxiError, OSError, urllib3.exceptions.HTTPError) as exc:
+                self.log.warning("backup.https_unavailable", reason=str(exc) or type(exc).__name__)
+                return None
+            if size != disk.capacity:
+                raise BackupError(
+                    f"disk {disk.label}: {disk.data_file} has {size} bytes, the disk {disk.capacity}"
+                )
+            sent = 0
+            try:
+                alloc = self.host.allocation(disk)
+            except EsxiError as exc:
+                self.log.info("backup.allocation_unavailable", reason=str(exc))
+                areas = [(0, disk.capacity)]
+            else:
+                if alloc.size != disk.capacity:
+                    raise BackupError(
+                        f"disk {disk.label}: {disk.data_file} has {alloc.size} bytes (host listing), the"
+                        f" disk {disk.capacity}"
+                    )
+                areas = [(0, disk.capacity)] if alloc.ranges is None else alloc.ranges
+                sent += 64 + 40 * len(alloc.ranges or [])  # the listing, roughly (program sent once)
+            digests = bytearray(-(-disk.capacity // BLOCK_SIZE) * DIGEST_SIZE)
+            received = 0
+            for off, data in reader.read(disk.data_file, areas):
+                if self.options.on_data is not None:
+                    self.options.on_data(disk, off, len(data))
+                i = off // BLOCK_SIZE * DIGEST_SIZE
+                entries = local_digests(data)
+                digests[i : i + len(entries)] = entries
+                asm.add(off, data)
+                received += len(data)
+                if progress is not None:
+                    progress.advance(len(data), off + len(data))
+            asm.finish()
+        finally:
+            reader.close()
+        self.log.info("backup.https_full", areas=len(areas), bytes_read=received)
+        dm = DigestMap(DIGEST_ALGORITHM, BLOCK_SIZE, disk.capacity, DIGEST_SIZE, bytes(digests))
+        return received, received + sent, dm
 
     def _digest(
         self, plan: _Plan, asm: ChunkAssembler, writer: ChunkWriter, progress: DiskProgress | None

@@ -65,7 +65,13 @@ from reconciler.esxi.errors import (
     TaskTimeoutError,
     UnsupportedDiskError,
 )
-from reconciler.esxi.hostdigest import BLOCK_SIZE, DigestResult, compare_on_host
+from reconciler.esxi.hostdigest import (
+    BLOCK_SIZE,
+    Allocation,
+    DigestResult,
+    allocation_on_host,
+    compare_on_host,
+)
 from reconciler.esxi.shell import ShellSession, SshTarget
 from reconciler.esxi.transport import (
     DiskReader,
@@ -890,7 +896,23 @@ class EsxiHost:
         finally:
             conn.close()
 
+    def allocation(
+        self, disk: FrozenDisk, *, block_size: int = BLOCK_SIZE, timeout: float = 120.0
+    ) -> Allocation:
+        """The frozen disk file's size and data ranges (``SEEK_DATA``, block-aligned), listed on the host
+        over SSH by :data:`.hostdigest.ALLOC_PROGRAM`; ``ranges`` is None when the host cannot tell."""
+        conn = self._ssh().new_connection()
+        try:
+            return allocation_on_host(conn, vmfs_path(disk.data_file), block_size=block_size, timeout=timeout)
+        finally:
+            conn.close()
+
     # -- readers
+
+    def https_reader(self, streams: int = 4) -> HttpsRangeReader:
+        """A pinned HTTPS ``/folder`` Range reader (works on free hosts too); raises when the API is
+        unreachable. The caller closes it."""
+        return self._https_reader(streams)
 
     def _https_reader(self, streams: int) -> HttpsRangeReader:
         """Pinned like the API; authenticated with the API session's cookie (no extra host session),

@@ -228,6 +228,126 @@ def request(previous: bytes | None, block_size: int = BLOCK_SIZE) -> bytes:
     )
 
 
+ALLOC_PROGRAM = r"""
+import os, sys
+
+def main():
+    path = sys.argv[1]
+    block = int(sys.argv[2])
+    out = sys.stdout
+    fd = os.open(path, os.O_RDONLY)
+    size = os.fstat(fd).st_size
+    top = ((size + block - 1) // block) * block
+    seek_data = getattr(os, "SEEK_DATA", None)
+    seek_hole = getattr(os, "SEEK_HOLE", None)
+    ranges = []
+    ok = seek_data is not None and seek_hole is not None
+    if ok:
+        try:
+            pos = 0
+            while pos < size:
+                try:
+                    start = os.lseek(fd, pos, seek_data)
+                except OSError as exc:
+                    if exc.errno == 6:  # ENXIO: no data after pos
+                        break
+                    raise
+                if start >= size:
+                    break
+                end = min(os.lseek(fd, start, seek_hole), size)
+                a = (start // block) * block
+                b = min(((end + block - 1) // block) * block, top)
+                if ranges and a <= ranges[-1][1]:
+                    ranges[-1] = (ranges[-1][0], max(ranges[-1][1], b))
+                else:
+                    ranges.append((a, b))
+                pos = end
+        except OSError:
+            ok = False
+    os.close(fd)
+    out.write("ERHA %d %d %d\n" % (1 if ok else 0, size, len(ranges) if ok else 0))
+    if ok:
+        out.write("".join("%d %d\n" % r for r in ranges))
+    out.write("END\n")
+    out.flush()
+    return 0
+
+sys.exit(main())
+"""
+"""On-host listing of a file's data ranges (``SEEK_DATA``/``SEEK_HOLE``), widened to whole blocks
+exactly as :data:`HOST_PROGRAM` widens them. Used by a full backup that reads the disk over HTTPS and
+computes the digest map on the client (:func:`local_digests`)."""
+
+
+def alloc_command(path: str, block_size: int = BLOCK_SIZE) -> str:
+    """The shell line that runs :data:`ALLOC_PROGRAM` (sent on stdin, like :data:`HOST_PROGRAM`)."""
+    n = len(ALLOC_PROGRAM.encode("utf-8"))
+    bootstrap = f'import sys;exec(compile(sys.stdin.buffer.read({n}),"hostalloc","exec"))'
+    return command_line(["python", "-c", bootstrap, path, str(block_size)])
+
+
+@dataclass(frozen=True)
+class Allocation:
+    """What :data:`ALLOC_PROGRAM` answered."""
+
+    size: int
+    ranges: list[tuple[int, int]] | None
+    """Block-aligned ``(offset, length)`` data ranges (the last may end at the file's end); None when
+    the file system could not tell (read everything)."""
+
+
+def parse_allocation(text: str) -> Allocation:
+    """Parse :data:`ALLOC_PROGRAM`'s output."""
+    lines = text.splitlines()
+    head = lines[0].split() if lines else []
+    if len(head) != 4 or head[0] != "ERHA" or not lines or lines[-1] != "END":
+        raise ProtocolError(f"hostalloc: bad answer {text[:60]!r}")
+    ok, size, count = int(head[1]), int(head[2]), int(head[3])
+    body = lines[1:-1]
+    if len(body) != count:
+        raise ProtocolError(f"hostalloc: {len(body)} ranges, announced {count}")
+    if not ok:
+        return Allocation(size, None)
+    ranges: list[tuple[int, int]] = []
+    for line in body:
+        a, b = (int(x) for x in line.split())
+        if a < 0 or b <= a or (ranges and a < sum(ranges[-1])):
+            raise ProtocolError(f"hostalloc: bad range {line!r}")
+        ranges.append((a, min(b, size) - a))
+    return Allocation(size, ranges)
+
+
+def allocation_on_host(
+    conn: ShellConnection, path: str, *, block_size: int = BLOCK_SIZE, timeout: float = 120.0
+) -> Allocation:
+    """Run :data:`ALLOC_PROGRAM` on the host over ``conn`` against ``path`` (``/vmfs/volumes/...``)."""
+    with conn.stream(alloc_command(path, block_size), timeout=timeout) as stream:
+        stream.write(ALLOC_PROGRAM.encode("utf-8"))
+        stream.close_stdin()
+        parts = []
+        while True:
+            part = stream.read(1 << 16)
+            if not part:
+                break
+            parts.append(part)
+    return parse_allocation(b"".join(parts).decode("ascii"))
+
+
+def local_digests(data: bytes, block_size: int = BLOCK_SIZE) -> bytes:
+    """The digest-map entries of ``data`` (block-aligned; only the last block may be short), exactly as
+    :data:`HOST_PROGRAM` computes them: BLAKE2b-128 per block, :data:`ZERO_DIGEST` for all-zero blocks."""
+    zero = bytes(block_size)
+    out = bytearray()
+    blake2b = hashlib.blake2b
+    for off in range(0, len(data), block_size):
+        blk = data[off : off + block_size]
+        if (blk == zero) if len(blk) == block_size else (blk.count(0) == len(blk)):
+            out += ZERO_DIGEST
+        else:
+            out += blake2b(blk, digest_size=DIGEST_SIZE).digest()
+    return bytes(out)
+
+
 def block_digest(data: bytes) -> bytes:
     """The digest of one block as the host computes it (zero blocks → :data:`ZERO_DIGEST`)."""
     if data.count(0) == len(data):

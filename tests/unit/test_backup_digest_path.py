@@ -16,6 +16,7 @@ import pytest
 from reconciler.engine.backup import BackupOptions, _DiskJob, _Previous
 from reconciler.esxi.host import BackupSnapshot, EsxiHost, FrozenDisk
 from reconciler.esxi.hostdigest import BLOCK_SIZE, DIGEST_SIZE, DigestResult, block_digest
+from reconciler.esxi.transport import TransportError
 from reconciler.repository import DiskRecord, Repository, RestorePoint, VmRef, new_point_id
 
 MiB = 1 << 20
@@ -31,6 +32,9 @@ class FakeHost:
     def __init__(self, content: bytes) -> None:
         self.content = content
         self.sent = 0
+
+    def https_reader(self, streams: int = 4) -> object:
+        raise TransportError("API unreachable")  # so the full read runs the digest program
 
     def digest_compare(
         self, disk: FrozenDisk, previous: bytes | None, on_block: Callable[[int, bytes], None]
