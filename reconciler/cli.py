@@ -26,6 +26,7 @@ from reconciler.config.loader import CONFIG_ENV, DEFAULT_CONFIG_DIR
 from reconciler.log import LOG_FORMATS, LOG_LEVELS, configure_logging
 
 if TYPE_CHECKING:
+    from reconciler.config.model import DesiredState
     from reconciler.config.model import Repository as RepositoryConfig
 
 Handler = Callable[[argparse.Namespace], int]
@@ -193,6 +194,19 @@ def _plural(count: int, word: str, plural: str | None = None) -> str:
     return f"{count} {word if count == 1 else (plural or word + 's')}"
 
 
+def load_desired(args: argparse.Namespace) -> DesiredState | None:
+    """The validated desired state of ``--config``, or None after printing every error (the caller
+    exits 2: a broken config is bad input)."""
+    from reconciler.config import ConfigError, load_config
+
+    try:
+        return load_config(config_dir(args))
+    except ConfigError as error:
+        for issue in error.issues:
+            print(issue, file=sys.stderr)
+        return None
+
+
 def cmd_validate(args: argparse.Namespace) -> int:
     """``esxi-reconciler validate``: exit 0 when the config is valid, 1 when not."""
     from reconciler.config import ConfigError, load_config
@@ -315,13 +329,8 @@ def _repository_config(args: argparse.Namespace, command: str) -> RepositoryConf
     """The named Repository of the config, or None after printing why (exit 2)."""
     import difflib
 
-    from reconciler.config import ConfigError, load_config
-
-    try:
-        desired = load_config(config_dir(args))
-    except ConfigError as error:
-        for issue in error.issues:
-            print(issue, file=sys.stderr)
+    desired = load_desired(args)
+    if desired is None:
         return None
     if args.repository not in desired.repositories:
         names = sorted(desired.repositories)
@@ -457,16 +466,12 @@ def cmd_backup(args: argparse.Namespace) -> int:
     """``esxi-reconciler backup POLICY``: 0 when every VM succeeded, 1 when any failed, 2 on bad input."""
     import threading
 
-    from reconciler.config import ConfigError, load_config
     from reconciler.engine.backup import BackupError, BackupOptions, VmResult, backup_policy
     from reconciler.engine.progress import Progress
     from reconciler.esxi.host import sigterm_raises
 
-    try:
-        desired = load_config(config_dir(args))
-    except ConfigError as error:
-        for issue in error.issues:
-            print(issue, file=sys.stderr)
+    desired = load_desired(args)
+    if desired is None:
         return 2
 
     cancel = threading.Event()
@@ -534,14 +539,10 @@ def _add_points(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
 
 def cmd_points(args: argparse.Namespace) -> int:
     """``esxi-reconciler points``: 0, or 1 if a repository could not be read."""
-    from reconciler.config import ConfigError, load_config
     from reconciler.engine.backup import open_repository
 
-    try:
-        desired = load_config(config_dir(args))
-    except ConfigError as error:
-        for issue in error.issues:
-            print(issue, file=sys.stderr)
+    desired = load_desired(args)
+    if desired is None:
         return 2
     rows: list[dict[str, Any]] = []
     status = 0
