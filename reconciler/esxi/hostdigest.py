@@ -57,9 +57,43 @@ DIGEST_SIZE = 16
 ZERO_DIGEST = bytes(DIGEST_SIZE)
 VERSION = 1
 
+_DATA_RANGES = r"""
+def data_ranges(fd, lo, hi, top, block):
+    # block-aligned (start, end) data ranges of [lo, hi) from SEEK_DATA/SEEK_HOLE, merged, capped at
+    # top; None when the file system cannot tell (then everything is read)
+    seek_data = getattr(os, "SEEK_DATA", None)
+    seek_hole = getattr(os, "SEEK_HOLE", None)
+    if seek_data is None or seek_hole is None:
+        return None
+    ranges = []
+    try:
+        pos = lo
+        while pos < hi:
+            try:
+                start = os.lseek(fd, pos, seek_data)
+            except OSError as exc:
+                if exc.errno == 6:  # ENXIO: no data after pos
+                    break
+                raise
+            if start >= hi:
+                break
+            end = min(os.lseek(fd, start, seek_hole), hi)
+            a = (start // block) * block
+            b = min(((end + block - 1) // block) * block, top)
+            if ranges and a <= ranges[-1][1]:
+                ranges[-1] = (ranges[-1][0], max(ranges[-1][1], b))
+            else:
+                ranges.append((a, b))
+            pos = end
+    except OSError:
+        return None
+    return ranges
+"""
+"""Shared by the on-host programs: one definition of how data ranges are found and widened."""
+
 HOST_PROGRAM = r"""
 import hashlib, os, struct, sys
-
+""" + _DATA_RANGES + r"""
 def main():
     path = sys.argv[1]
     block = int(sys.argv[2])
@@ -86,35 +120,8 @@ def main():
     nblocks = total_blocks if want_count < 0 else min(total_blocks, first + want_count)
     lo = first * block
     hi = min(size, nblocks * block)
-    # data ranges (start, end), block-aligned, from SEEK_DATA/SEEK_HOLE when available
-    ranges = []
-    flags = 0
-    seek_data = getattr(os, "SEEK_DATA", None)
-    seek_hole = getattr(os, "SEEK_HOLE", None)
-    if seek_data is not None and seek_hole is not None:
-        try:
-            pos = lo
-            while pos < hi:
-                try:
-                    start = os.lseek(fd, pos, seek_data)
-                except OSError as exc:
-                    if exc.errno == 6:  # ENXIO: no data after pos
-                        break
-                    raise
-                if start >= hi:
-                    break
-                end = min(os.lseek(fd, start, seek_hole), hi)
-                a = (start // block) * block
-                b = min(((end + block - 1) // block) * block, nblocks * block)
-                if ranges and a <= ranges[-1][1]:
-                    ranges[-1] = (ranges[-1][0], max(ranges[-1][1], b))
-                else:
-                    ranges.append((a, b))
-                pos = end
-            flags = 1
-        except OSError:
-            ranges = []
-            flags = 0
+    ranges = data_ranges(fd, lo, hi, nblocks * block, block)
+    flags = 0 if ranges is None else 1
     if not flags:
         ranges = [(lo, nblocks * block)] if nblocks > first else []
     out.write(b"ERHD" + struct.pack(">BBIQB", 1, 1, block, size, flags))
@@ -230,7 +237,7 @@ def request(previous: bytes | None, block_size: int = BLOCK_SIZE) -> bytes:
 
 ALLOC_PROGRAM = r"""
 import os, sys
-
+""" + _DATA_RANGES + r"""
 def main():
     path = sys.argv[1]
     block = int(sys.argv[2])
@@ -238,32 +245,10 @@ def main():
     fd = os.open(path, os.O_RDONLY)
     size = os.fstat(fd).st_size
     top = ((size + block - 1) // block) * block
-    seek_data = getattr(os, "SEEK_DATA", None)
-    seek_hole = getattr(os, "SEEK_HOLE", None)
-    ranges = []
-    ok = seek_data is not None and seek_hole is not None
-    if ok:
-        try:
-            pos = 0
-            while pos < size:
-                try:
-                    start = os.lseek(fd, pos, seek_data)
-                except OSError as exc:
-                    if exc.errno == 6:  # ENXIO: no data after pos
-                        break
-                    raise
-                if start >= size:
-                    break
-                end = min(os.lseek(fd, start, seek_hole), size)
-                a = (start // block) * block
-                b = min(((end + block - 1) // block) * block, top)
-                if ranges and a <= ranges[-1][1]:
-                    ranges[-1] = (ranges[-1][0], max(ranges[-1][1], b))
-                else:
-                    ranges.append((a, b))
-                pos = end
-        except OSError:
-            ok = False
+    ranges = data_ranges(fd, 0, size, top, block)
+    ok = ranges is not None
+    if ranges is None:
+        ranges = []
     os.close(fd)
     out.write("ERHA %d %d %d\n" % (1 if ok else 0, size, len(ranges) if ok else 0))
     if ok:
