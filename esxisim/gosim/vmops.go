@@ -192,32 +192,22 @@ func (vm *VM) CreateSnapshot(name, desc string, memory, quiesce bool) (*Snap, *O
 }
 
 func (vm *VM) detachSnap(s *Snap) {
+	// s's children take its place among its siblings (the roots when s has no parent).
+	siblings := &vm.Roots
 	if s.Parent != nil {
-		p := s.Parent
-		var kids []*Snap
-		for _, c := range p.Children {
-			if c != s {
-				kids = append(kids, c)
-			}
-		}
-		for _, c := range s.Children {
-			c.Parent = p
-			kids = append(kids, c)
-		}
-		p.Children = kids
-	} else {
-		var roots []*Snap
-		for _, c := range vm.Roots {
-			if c != s {
-				roots = append(roots, c)
-			}
-		}
-		for _, c := range s.Children {
-			c.Parent = nil
-			roots = append(roots, c)
-		}
-		vm.Roots = roots
+		siblings = &s.Parent.Children
 	}
+	var kept []*Snap
+	for _, c := range *siblings {
+		if c != s {
+			kept = append(kept, c)
+		}
+	}
+	for _, c := range s.Children {
+		c.Parent = s.Parent
+		kept = append(kept, c)
+	}
+	*siblings = kept
 	if vm.Current == s {
 		vm.Current = s.Parent
 	}
