@@ -196,6 +196,10 @@ class RemoteStream:
             return self.channel.recv(size)
         except TimeoutError as exc:
             raise ShellError(f"no data from {self.command[:120]} for {self.timeout} s") from exc
+        except (paramiko.SSHException, EOFError, OSError) as exc:
+            # The connection dropped mid-read (paramiko raises EOFError while acknowledging data):
+            # a ShellError, so readers retry the piece on a new connection like any other drop.
+            raise ShellError(f"{self.command[:120]}: connection lost while reading: {exc!r}") from exc
 
     def read_exact(self, size: int) -> bytes:
         """Exactly ``size`` bytes; ShellError if the stream ends first."""
