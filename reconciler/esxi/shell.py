@@ -328,7 +328,9 @@ class ShellConnection:
         try:
             yield stream
         except BaseException:
-            stream.channel.close()
+            # Closing a channel of a dead connection raises too; the original error is the one to tell.
+            with contextlib.suppress(paramiko.SSHException, EOFError, OSError):
+                stream.channel.close()
             raise
         stream.close(check=True)
 
