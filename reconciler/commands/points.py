@@ -1,0 +1,89 @@
+"""``esxi-reconciler points``: list restore points."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+import structlog
+
+from reconciler.cli import add_command, human_size, load_desired
+
+log = structlog.get_logger("reconciler.cli")
+
+
+_POINTS_EXAMPLES = """\
+examples:
+  esxi-reconciler points                    every restore point of every repository
+  esxi-reconciler points --vm web01 --json  one VM's points as JSON
+"""
+
+
+def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = add_command(
+        commands,
+        "points",
+        help="list restore points",
+        description="List the complete restore points of every configured repository, oldest first.",
+        epilog=_POINTS_EXAMPLES,
+        handler=cmd_points,
+    )
+    parser.add_argument("--vm", metavar="NAME", help="only points of this VM (display name)")
+    parser.add_argument("--json", action="store_true", help="JSON output")
+
+
+def cmd_points(args: argparse.Namespace) -> int:
+    """``esxi-reconciler points``: 0, or 1 if a repository could not be read."""
+    from reconciler.engine.backup import open_repository
+
+    desired = load_desired(args)
+    if desired is None:
+        return 2
+    rows: list[dict[str, Any]] = []
+    status = 0
+    for name, repo_cfg in desired.repositories.items():
+        try:
+            repo = open_repository(repo_cfg)
+            with repo.lock(purpose="list points"):
+                points = repo.list_points(vm=args.vm)
+        except Exception as error:
+            print(f"esxi-reconciler points: repository {name}: {error}", file=sys.stderr)
+            status = 1
+            continue
+        for p in points:
+            rows.append(
+                {
+                    "repository": name,
+                    "id": p.id,
+                    "policy": p.policy,
+                    "vm": p.vm.name,
+                    "host": p.vm.host,
+                    "time": p.snapshot_time.isoformat(),
+                    "status": p.status,
+                    "mode": p.mode,
+                    "fallback_reason": p.fallback_reason,
+                    "protected": p.protected,
+                    "size": sum(d.capacity for d in p.disks),
+                    "read": sum(d.bytes_read for d in p.disks),
+                    "sent": sum(d.bytes_sent for d in p.disks),
+                    "stored": sum(d.bytes_stored for d in p.disks),
+                }
+            )
+    if args.json:
+        print(json.dumps(rows, indent=2, ensure_ascii=False))
+        return status
+    if rows:
+        header = ("ID", "REPOSITORY", "POLICY", "VM", "TIME", "STATUS", "MODE", "SIZE", "SENT", "STORED")
+        table = [header]
+        for r in rows:
+            plain = [r[k] for k in ("id", "repository", "policy", "vm")]
+            sizes = [human_size(r[k]) for k in ("size", "sent", "stored")]
+            table.append((*plain, r["time"][:19], r["status"], r["mode"], *sizes))
+        widths = [max(len(str(row[i])) for row in table) for i in range(len(header))]
+        for row in table:
+            print("  ".join(str(cell).ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+    else:
+        print("no restore points")
+    return status

@@ -1,0 +1,108 @@
+"""``esxi-reconciler validate``: check the config without contacting anything."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import structlog
+
+from reconciler.cli import add_command, config_dir, plural
+
+log = structlog.get_logger("reconciler.cli")
+
+
+_VALIDATE_EXAMPLES = """\
+examples:
+  esxi-reconciler validate config.example/
+  esxi-reconciler validate --config /etc/esxi-reconciler/config.d --resolve-secrets
+  esxi-reconciler validate --format json | jq '.errors[] | "\\(.file):\\(.line) \\(.message)"'
+
+exit status: 0 valid, 1 invalid, 2 usage error
+"""
+
+
+def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = add_command(
+        commands,
+        "validate",
+        help="check the desired-state config without touching any host",
+        description="Check every YAML file of the config: syntax, schemas, references between objects.\n"
+        "All errors are reported at once, with file, line, column and field. Nothing is contacted.",
+        epilog=_VALIDATE_EXAMPLES,
+        handler=cmd_validate,
+    )
+    parser.add_argument(
+        "directory", nargs="?", type=Path, metavar="DIR", help="config directory (same as --config)"
+    )
+    parser.add_argument(
+        "--format", choices=("text", "json"), default="text", help="output format (default: text)"
+    )
+    parser.add_argument(
+        "--resolve-secrets",
+        action="store_true",
+        help="also read every secret reference once (values are never shown)",
+    )
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    """``esxi-reconciler validate``: exit 0 when the config is valid, 1 when not."""
+    from reconciler.config import ConfigError, load_config
+
+    if args.directory is not None and args.config is not None and args.directory != args.config:
+        print(
+            "esxi-reconciler validate: give the config directory either as DIR or --config, not both",
+            file=sys.stderr,
+        )
+        return 2
+    path: Path = args.directory if args.directory is not None else config_dir(args)
+    log.debug("validate.start", config=str(path), resolve_secrets=args.resolve_secrets)
+    try:
+        desired = load_config(path, resolve_secrets=args.resolve_secrets)
+    except ConfigError as error:
+        if args.format == "json":
+            result = {"valid": False, "config": str(path), "errors": [i.to_dict() for i in error.issues]}
+            print(json.dumps(result, indent=2, ensure_ascii=False))
+        else:
+            for issue in error.issues:
+                print(issue)
+            files = {issue.file for issue in error.issues}
+            print(f"FAILED: {plural(len(error.issues), 'error')} in {plural(len(files), 'file')} ({path})")
+        return 1
+    revision = desired.revision
+    counts = {
+        "hosts": len(desired.hosts),
+        "repositories": len(desired.repositories),
+        "policies": len(desired.policies),
+        "verify_policies": len(desired.verify_policies),
+    }
+    if args.format == "json":
+        result = {
+            "valid": True,
+            "config": str(path),
+            "revision": {
+                "id": revision.id,
+                "commit": revision.commit,
+                "dirty": revision.dirty,
+                "digest": revision.digest,
+            },
+            "counts": counts,
+            "errors": [],
+            "warnings": [w.to_dict() for w in desired.warnings],
+        }
+        print(json.dumps(result, indent=2, ensure_ascii=False))
+        return 0
+    for warning in desired.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    summary = ", ".join(
+        (
+            plural(counts["hosts"], "host"),
+            plural(counts["repositories"], "repository", "repositories"),
+            plural(counts["policies"], "policy", "policies"),
+            plural(counts["verify_policies"], "verify policy", "verify policies"),
+        )
+    )
+    print(f"OK: {summary} (revision {revision.id})")
+    return 0
