@@ -943,6 +943,111 @@ class EsxiHost:
         shell = self._ssh()
         return SshDdReader(shell.new_connection, streams=streams)
 
+    # -- power and registration (API when licensed, vim-cmd over SSH otherwise)
+
+    def _vm_change(self, what: str, api_call: Callable[[Any], Any], argv: list[str], timeout: float) -> str:
+        """Run one state-changing VM operation: ``api_call(vm_mo)`` (a task or a plain call) on a
+        licensed host, else ``argv`` over SSH; returns the SSH output ("" through the API)."""
+        if self._use_api_for_changes():
+            try:
+                with mapped_faults(what):  # not api.call: retrying a power or register call is unsafe
+                    result = api_call(None)
+                if isinstance(result, vim.Task):
+                    wait_task(result, timeout, what)
+                return ""
+            except RestrictedByLicenseError:
+                if self.shell is None:
+                    raise
+                self._api_restricted = True
+        try:
+            return self._ssh().run(argv, timeout=timeout, retry=False).text
+        except CommandError as exc:
+            raise EsxiError(f"{what} over SSH: {exc}") from exc
+
+    def wait_power_state(self, vm: VmInfo | str, state: str, *, timeout: float = 300.0) -> VmInfo:
+        """Poll until the VM reports ``state`` (``poweredOn``/``poweredOff``/``suspended``)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            info = self.vm(_vmid(vm))
+            if info.power_state == state:
+                return info
+            if time.monotonic() > deadline:
+                raise EsxiError(
+                    f"VM {info.name!r} still {info.power_state} after {timeout:.0f}s, not {state}"
+                )
+            time.sleep(0.5)
+
+    def power_on(self, vm: VmInfo | str, *, timeout: float = 600.0) -> VmInfo:
+        """Power the VM on and wait until the host reports it on (no-op when it already is)."""
+        info = self.vm(_vmid(vm))
+        if info.power_state != "poweredOn":
+            self._vm_change(
+                f"power on VM {info.name!r}",
+                lambda _: self._vm_mo(info.vmid).PowerOnVM_Task(),
+                vimcmd.power(info.vmid, "on"),
+                timeout,
+            )
+        return self.wait_power_state(info, "poweredOn", timeout=timeout)
+
+    def power_off(self, vm: VmInfo | str, *, timeout: float = 600.0) -> VmInfo:
+        """Hard power-off (like pulling the plug); prefer :meth:`shutdown_guest`."""
+        info = self.vm(_vmid(vm))
+        if info.power_state != "poweredOff":
+            self._vm_change(
+                f"power off VM {info.name!r}",
+                lambda _: self._vm_mo(info.vmid).PowerOffVM_Task(),
+                vimcmd.power(info.vmid, "off"),
+                timeout,
+            )
+        return self.wait_power_state(info, "poweredOff", timeout=timeout)
+
+    def shutdown_guest(self, vm: VmInfo | str, *, timeout: float = 600.0) -> VmInfo:
+        """Ask the guest OS to shut down (VMware Tools) and wait up to ``timeout`` for power-off;
+        raises :class:`EsxiError` when it does not stop in time (the VM is left running)."""
+        info = self.vm(_vmid(vm))
+        if info.power_state == "poweredOff":
+            return info
+        self._vm_change(
+            f"guest shutdown of VM {info.name!r}",
+            lambda _: self._vm_mo(info.vmid).ShutdownGuest(),
+            vimcmd.power(info.vmid, "shutdown"),
+            min(timeout, 120.0),
+        )
+        return self.wait_power_state(info, "poweredOff", timeout=timeout)
+
+    def guest_heartbeat(self, vm: VmInfo | str) -> str:
+        """The guest heartbeat colour the host reports: ``green`` (Tools answering), ``yellow``, ``red``,
+        ``gray`` (no Tools / not running)."""
+        mo = self._vm_mo(_vmid(vm))
+        return str(self.api.call("guest heartbeat", lambda: mo.summary.quickStats.guestHeartbeatStatus))
+
+    def register_vm(self, vmx_path: str, *, timeout: float = 300.0) -> VmInfo:
+        """Register the VM whose ``.vmx`` is at datastore path ``vmx_path`` (``[ds] dir/x.vmx``) and
+        return it; its display name is the one in the .vmx."""
+        before = {v.vmid for v in self.list_vms()}
+
+        def api(_: Any) -> Any:
+            content = self.api.si.RetrieveContent()
+            datacenter = content.rootFolder.childEntity[0]
+            pool = content.rootFolder.childEntity[0].hostFolder.childEntity[0].resourcePool
+            return datacenter.vmFolder.RegisterVM_Task(path=vmx_path, asTemplate=False, pool=pool)
+
+        self._vm_change(f"register {vmx_path}", api, vimcmd.registervm(vmfs_path(vmx_path)), timeout)
+        found = [v for v in self.list_vms() if v.vmid not in before and v.vmx_path == vmx_path]
+        if len(found) != 1:
+            raise EsxiError(f"registered {vmx_path} but found {len(found)} new VMs with that .vmx")
+        return found[0]
+
+    def unregister_vm(self, vm: VmInfo | str, *, timeout: float = 300.0) -> None:
+        """Remove the VM from the inventory, keeping its files (it must be powered off)."""
+        info = self.vm(_vmid(vm))
+        self._vm_change(
+            f"unregister VM {info.name!r}",
+            lambda _: self._vm_mo(info.vmid).UnregisterVM(),
+            vimcmd.unregister(info.vmid),
+            timeout,
+        )
+
     # -- CBT switching (minimal; the reconciler finishes it)
 
     def enable_cbt(self, vm: VmInfo | str, *, timeout: float = 600.0) -> None:

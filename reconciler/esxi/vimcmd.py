@@ -70,6 +70,22 @@ def reload(vmid: str) -> list[str]:
     return [VIM_CMD, "vmsvc/reload", vmid]
 
 
+def power(vmid: str, operation: str) -> list[str]:
+    """``vmsvc/power.on|off|shutdown``; ``shutdown`` asks the guest through VMware Tools."""
+    if operation not in ("on", "off", "shutdown"):
+        raise ValueError(f"unknown power operation {operation!r}")
+    return [VIM_CMD, f"vmsvc/power.{operation}", vmid]
+
+
+def registervm(vmx_path: str) -> list[str]:
+    """``solo/registervm /vmfs/volumes/…/x.vmx``: prints the new Vmid."""
+    return [VIM_CMD, "solo/registervm", vmx_path]
+
+
+def unregister(vmid: str) -> list[str]:
+    return [VIM_CMD, "vmsvc/unregister", vmid]
+
+
 def license_show() -> list[str]:
     return [VIM_CMD, "vimsvc/license", "--show"]
 
