@@ -6,20 +6,18 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import os
 import signal
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import pytest
-import structlog
 
 from esxisim.handle import LabHandle
 from reconciler import cli
@@ -30,86 +28,19 @@ from reconciler.engine.vmlock import vm_lock
 from reconciler.esxi.host import BackupSnapshot, EsxiHost, FrozenDisk, sigterm_raises
 from reconciler.esxi.hostdigest import request
 from reconciler.repository import KdfParams, Repository, RestorePoint
+from tests.integration.labconfig import PASSPHRASE, policy_yaml, write_lab_config
 
-pytestmark = pytest.mark.lab
+pytestmark = [pytest.mark.lab, pytest.mark.usefixtures("restore_logging")]
 
 HOSTILE = 'ファイル鯖 "q" $(x)'
-PASSPHRASE = "correct horse battery staple"
 
 
-def _private_file(path: Path, text: str) -> str:
-    path.write_text(text)
-    path.chmod(0o600)
-    return str(path)
-
-
-def write_config(lab: LabHandle, root: Path) -> Path:
-    cfg = root / "config"
-    for sub in ("hosts", "repositories", "policies"):
-        (cfg / sub).mkdir(parents=True)
-    secrets = root / "secrets"
-    secrets.mkdir(mode=0o700)
-    for name in (lab.free, lab.licensed):
-        info = lab.host(name)
-        pw = _private_file(secrets / f"{name}.pw", lab.password(name))
-        (cfg / "hosts" / f"{name}.yaml").write_text(
-            f"""apiVersion: esxi-reconciler/v1
-kind: Host
-metadata: {{name: {name}}}
-spec:
-  address: {info["api"]["host"]}
-  credentials: {{user: root, password: {{file: {pw}}}}}
-  api: {{port: {info["api"]["port"]}, thumbprint: "{info["api"]["thumbprint_sha256"]}"}}
-  ssh: {{port: {info["ssh"]["port"]}, host_key: "{info["ssh"]["host_key_fingerprint"]}"}}
-  limits: {{concurrent_backups: 2, concurrent_backups_per_datastore: 2}}
-"""
-        )
-    key = _private_file(secrets / "repo.key", PASSPHRASE)
-    (cfg / "repositories" / "r.yaml").write_text(
-        f"""apiVersion: esxi-reconciler/v1
-kind: Repository
-metadata: {{name: r}}
-spec:
-  backend: {{type: local, path: {root / "repo"}}}
-  encryption: {{enabled: true, key: {{file: {key}}}}}
-"""
+def lab_policies(lab: LabHandle) -> str:
+    return (
+        policy_yaml("free-web", lab.free, ["web01"])
+        + policy_yaml("free-odd", lab.free, ["db 01", HOSTILE])
+        + policy_yaml("lic", lab.licensed, ["app203"])
     )
-    policy = """---
-apiVersion: esxi-reconciler/v1
-kind: BackupPolicy
-metadata: {{name: {name}}}
-spec:
-  host: {host}
-  repository: r
-  vms: {{names: {vms}}}
-  schedule: {{daily: {{at: "02:00"}}}}
-  retention: {{keep_last: 3}}
-"""
-    (cfg / "policies" / "p.yaml").write_text(
-        policy.format(name="free-web", host=lab.free, vms=json.dumps(["web01"]))
-        + policy.format(
-            name="free-odd", host=lab.free, vms=json.dumps(["db 01", HOSTILE], ensure_ascii=False)
-        )
-        + policy.format(name="lic", host=lab.licensed, vms=json.dumps(["app203"]))
-    )
-    return cfg
-
-
-@pytest.fixture(autouse=True)
-def _restore_logging(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """cli.main configures logging process-wide; put it back for the other tests of the session."""
-    monkeypatch.delenv("JOURNAL_STREAM", raising=False)
-    loggers = [logging.getLogger(), *(logging.getLogger(n) for n in list(logging.root.manager.loggerDict))]
-    saved = [(lg, list(lg.handlers), lg.level, lg.propagate) for lg in loggers]
-    yield
-    for lg, handlers, level, propagate in saved:
-        for handler in list(lg.handlers):
-            if handler not in handlers:
-                lg.removeHandler(handler)
-        lg.setLevel(level)
-        lg.propagate = propagate
-    logging.captureWarnings(False)
-    structlog.reset_defaults()
 
 
 @dataclass
@@ -123,7 +54,7 @@ class Env:
 @pytest.fixture(scope="module")
 def env(lab: LabHandle, tmp_path_factory: pytest.TempPathFactory) -> Env:
     root = tmp_path_factory.mktemp("backup")
-    cfg = write_config(lab, root)
+    cfg = write_lab_config(lab, root, lab_policies(lab))
     Repository.init(root / "repo", PASSPHRASE, kdf=KdfParams(memory_kib=1024, iterations=1, lanes=1))
     desired = load_config(cfg)
     return Env(lab, cfg, desired, open_repository(desired.repository("r")))
