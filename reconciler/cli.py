@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -32,6 +33,9 @@ if TYPE_CHECKING:
 
 COMMANDS: tuple[str, ...] = ("validate", "repo", "backup", "points")
 """Modules of :mod:`reconciler.commands`, in the order ``--help`` lists them."""
+
+STATE_ENV = "STATE_DIRECTORY"
+DEFAULT_STATE_DIR = Path("/var/lib/esxi-reconciler")
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -61,6 +65,8 @@ Secret values are never printed or logged.
 environment:
   {CONFIG_ENV}  the config directory when --config is not given
                           (else {DEFAULT_CONFIG_DIR})
+  STATE_DIRECTORY         the state directory when --state-dir is not given
+                          (else /var/lib/esxi-reconciler)
   NO_COLOR                no colours in terminal logs
 """
 
@@ -77,6 +83,14 @@ def add_global_options(parser: argparse.ArgumentParser | argparse._ArgumentGroup
         type=Path,
         default=argparse.SUPPRESS,
         help=f"config directory (or a single file); default: ${CONFIG_ENV} or {DEFAULT_CONFIG_DIR}",
+    )
+    parser.add_argument(
+        "--state-dir",
+        metavar="DIR",
+        type=Path,
+        default=argparse.SUPPRESS,
+        help=f"where status and run history are kept; default: ${STATE_ENV} (set by systemd) or"
+        f" {DEFAULT_STATE_DIR}",
     )
     parser.add_argument(
         "--log-format",
@@ -103,7 +117,12 @@ def add_global_options(parser: argparse.ArgumentParser | argparse._ArgumentGroup
     )
 
 
-_GLOBAL_DEFAULTS: dict[str, Any] = {"config": None, "log_format": "auto", "log_level": "info"}
+_GLOBAL_DEFAULTS: dict[str, Any] = {
+    "config": None,
+    "state_dir": None,
+    "log_format": "auto",
+    "log_level": "info",
+}
 
 
 def _global_options_parent() -> argparse.ArgumentParser:
@@ -155,6 +174,16 @@ def config_dir(args: argparse.Namespace) -> Path:
     """The config directory: ``--config``, else ``$ESXI_RECONCILER_CONFIG``, else the system default."""
     config: Path | None = args.config
     return config if config is not None else default_config_dir()
+
+
+def state_dir(args: argparse.Namespace) -> Path:
+    """The state directory: ``--state-dir``, else ``$STATE_DIRECTORY`` (systemd's ``StateDirectory=``; the
+    first entry if several), else :data:`DEFAULT_STATE_DIR`."""
+    given: Path | None = args.state_dir
+    if given is not None:
+        return given
+    env = os.environ.get(STATE_ENV, "").split(":")[0]
+    return Path(env) if env else DEFAULT_STATE_DIR
 
 
 def plural(count: int, word: str, plural: str | None = None) -> str:

@@ -286,3 +286,39 @@ class Plan:
             )
         except (KeyError, TypeError) as exc:
             raise ValueError(f"not a saved plan (missing or bad field: {exc})") from None
+
+
+OutcomeStatus = Literal["ok", "failed", "skipped"]
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What became of one action when applied. ``skipped``: not attempted (cancelled, a guard, a
+    dependency failed), with the reason in ``error``; ``detail`` holds action-specific results (point
+    id, bytes, chunks freed, ...) as JSON-able values; ``transient`` tells the status store whether a
+    failure is worth retrying with backoff."""
+
+    action: Action
+    status: OutcomeStatus
+    started: datetime
+    finished: datetime
+    attempts: int = 1
+    error: str | None = None
+    transient: bool = False
+    detail: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "action": self.action.to_dict(),
+            "status": self.status,
+            "started": self.started.isoformat(),
+            "finished": self.finished.isoformat(),
+            "attempts": self.attempts,
+            "error": self.error,
+            "transient": self.transient,
+            "detail": self.detail,
+        }
