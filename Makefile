@@ -5,7 +5,7 @@
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
-APT_PACKAGES := golang-go golang-github-vmware-govmomi-dev openssh-server openssh-client util-linux iproute2 python3-venv
+APT_PACKAGES := golang-go golang-github-vmware-govmomi-dev openssh-server openssh-client util-linux iproute2 python3-venv systemd
 LAB_DIR ?= .lab
 
 .PHONY: all setup apt venv lab-build lint test unit demo clean
