@@ -31,7 +31,13 @@ if TYPE_CHECKING:
     from reconciler.config.model import DesiredState
     from reconciler.config.model import Repository as RepositoryConfig
 
-COMMANDS: tuple[str, ...] = ("validate", "repo", "backup", "points")
+COMMANDS: tuple[str, ...] = (
+    "validate",
+    "repo",
+    "backup",
+    "points",
+    "verify",
+)
 """Modules of :mod:`reconciler.commands`, in the order ``--help`` lists them."""
 
 STATE_ENV = "STATE_DIRECTORY"
@@ -55,6 +61,9 @@ examples:
                                             save its key file (keep it apart from the repository)
   esxi-reconciler backup web-daily          back up every VM of a policy now
   esxi-reconciler points --vm web01         list the restore points of a VM
+  esxi-reconciler verify                    check every repository can be restored (reads all data)
+  esxi-reconciler verify nas --read-data-subset 10%
+                                            ditto, reading a random tenth of the data
   esxi-reconciler COMMAND --help            options and examples of one command
 
 Global options may come before or after the command. Command output goes to

@@ -28,7 +28,6 @@ from reconciler.repository.points import (
     new_point_id,
 )
 from reconciler.repository.repo import (
-    CheckReport,
     ChunkWrite,
     ChunkWriter,
     Repository,
@@ -36,6 +35,7 @@ from reconciler.repository.repo import (
     export_key,
     import_key,
 )
+from reconciler.repository.verify import Problem, VerifyReport, verify_repository
 
 __all__ = [
     "CHUNK_SIZE",
@@ -43,7 +43,6 @@ __all__ = [
     "HOLE",
     "Backend",
     "BlobCodec",
-    "CheckReport",
     "ChunkWrite",
     "ChunkWriter",
     "DigestMap",
@@ -58,6 +57,7 @@ __all__ = [
     "LockInfo",
     "LockedError",
     "MissingObjectError",
+    "Problem",
     "ProtectedPointError",
     "Repository",
     "RepositoryError",
@@ -65,6 +65,7 @@ __all__ = [
     "RepositoryStats",
     "RestorePoint",
     "StoredFile",
+    "VerifyReport",
     "VmRef",
     "WrongKeyError",
     "collect_garbage",
@@ -73,4 +74,5 @@ __all__ = [
     "import_key",
     "new_point_id",
     "remove_stale_locks",
+    "verify_repository",
 ]

@@ -20,7 +20,7 @@ import json
 import os
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -46,6 +46,7 @@ from reconciler.repository.errors import (
 from reconciler.repository.index import DigestMap, DiskIndex
 from reconciler.repository.lock import RepositoryLock
 from reconciler.repository.points import POINT_ID_RE, RestorePoint, StoredFile, point_name
+from reconciler.repository.verify import VerifyReport, verify_repository
 
 CONFIG_VERSION = 1
 CONFIG_NAME = "config"
@@ -123,19 +124,6 @@ class RepositoryStats:
     chunk_bytes: int
     indexes: int
     digest_maps: int
-
-
-@dataclass
-class CheckReport:
-    """What :meth:`Repository.check` looked at and every problem found (empty = healthy)."""
-
-    points: int = 0
-    chunks: int = 0
-    problems: list[str] = field(default_factory=list)
-
-    @property
-    def ok(self) -> bool:
-        return not self.problems
 
 
 def _now_text() -> str:
@@ -495,51 +483,12 @@ class Repository:
         chunks.discard(HOLE)
         return chunks, indexes, digests
 
-    def check(self, *, read_data: bool = True) -> CheckReport:
+    def check(self, *, read_data: bool = True) -> VerifyReport:
         """Every object referenced by a listed point exists and (``read_data``) authenticates.
 
-        Used by ``verify``; problems are collected, not raised, so one run reports all of them.
+        Shorthand for :func:`reconciler.repository.verify.verify_repository` (all data or none).
         """
-        report = CheckReport()
-        chunks: dict[bytes, str] = {}
-        for point_id in self.point_ids():
-            try:
-                point = self.read_point(point_id)
-            except RepositoryError as exc:
-                report.problems.append(str(exc))
-                continue
-            report.points += 1
-            for stored in point.files:
-                for hexid in stored.chunks:
-                    try:
-                        chunks.setdefault(_parse_hex_id(hexid, "chunk"), point_id)
-                    except FormatError as exc:
-                        report.problems.append(f"point {point_id}: {exc}")
-            for disk in point.disks:
-                try:
-                    index = self.read_index(disk.index)
-                    if index.capacity != disk.capacity:
-                        report.problems.append(
-                            f"point {point_id} disk {disk.label}: index capacity {index.capacity}"
-                            f" != manifest capacity {disk.capacity}"
-                        )
-                    for cid in index.referenced():
-                        chunks.setdefault(cid, point_id)
-                    if disk.digest_map:
-                        self.read_digest_map(disk.digest_map)
-                except RepositoryError as exc:
-                    report.problems.append(f"point {point_id} disk {disk.label}: {exc}")
-        chunks.pop(HOLE, None)
-        for cid, point_id in sorted(chunks.items()):
-            report.chunks += 1
-            try:
-                if read_data:
-                    self.read_chunk(cid)
-                elif not self.has_chunk(cid):
-                    raise MissingObjectError(chunk_name(cid))
-            except RepositoryError as exc:
-                report.problems.append(f"point {point_id}: {exc}")
-        return report
+        return verify_repository(self, read_data_percent=100.0 if read_data else 0.0)
 
 
 def export_key(path: str | os.PathLike[str], key_id: str | None = None) -> bytes:
