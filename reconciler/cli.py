@@ -33,6 +33,7 @@ if TYPE_CHECKING:
 
 COMMANDS: tuple[str, ...] = (
     "validate",
+    "plan",
     "repo",
     "backup",
     "points",
@@ -56,6 +57,7 @@ examples:
   esxi-reconciler validate --format json config.example/
   esxi-reconciler -v --log-format json validate
                                             ditto, with debug logs as JSON lines
+  esxi-reconciler plan                      show what would be done now, and why
   esxi-reconciler repo init nas             create the repository configured as nas
   esxi-reconciler repo key-export nas --out /safe/place/nas.key
                                             save its key file (keep it apart from the repository)

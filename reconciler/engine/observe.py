@@ -1,0 +1,250 @@
+"""Observe: read every configured host and repository once, into an :class:`ObservedState`.
+
+The planner is pure; this is the I/O in front of it. Hosts are read in parallel, each within a bounded
+time, and a host that fails or hangs becomes ``HostObservation(reachable=False, error=...)`` instead of
+an exception: one host down must not stop the plan for the others. Repositories are read under a
+*shared* lock (a backup may write at the same time; a garbage collection may not delete underneath us).
+
+:func:`fingerprint` digests the observed facts a plan depends on, so ``apply FILE`` can tell whether a
+saved plan still describes reality. :func:`load_history` reads the run history from the status store.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Protocol
+
+import structlog
+
+from reconciler.config.model import DesiredState, Host
+from reconciler.config.model import Repository as RepositoryConfig
+from reconciler.engine.backup import open_repository
+from reconciler.engine.observed import HostObservation, ObservedState, RepositoryObservation, RunRecord
+from reconciler.esxi.host import DatastoreInfo, EsxiHost, VmInfo
+from reconciler.repository import Repository
+
+log = structlog.get_logger(__name__)
+
+HOST_TIMEOUT = 120.0
+"""Seconds one host may take to answer (licence, inventory, datastores) before it counts as unreachable."""
+
+STATUS_DB = "status.db"
+_ERROR_MAX = 300
+
+
+class HostReader(Protocol):
+    """What :func:`observe` needs of a host connection (:class:`EsxiHost`; fakes in tests)."""
+
+    prefix: str
+
+    @property
+    def license(self) -> str: ...
+
+    def list_vms(self) -> list[VmInfo]: ...
+
+    def datastores(self) -> list[DatastoreInfo]: ...
+
+    def close(self) -> None: ...
+
+
+HostFactory = Callable[[Host], HostReader]
+RepoOpener = Callable[[RepositoryConfig], Repository]
+
+
+def _error_text(exc: BaseException) -> str:
+    """A one-line reason for people (exception messages of this code base never hold secret values)."""
+    text = " ".join(str(exc).split())
+    if len(text) > _ERROR_MAX:  # API faults can carry whole object dumps
+        text = text[: _ERROR_MAX - 1] + "…"
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _observe_host(config: Host, factory: HostFactory) -> HostObservation:
+    host = factory(config)
+    try:
+        license = host.license
+        vms = tuple(host.list_vms())
+        datastores = tuple(host.datastores())
+        return HostObservation(
+            name=config.name,
+            reachable=True,
+            license=license,
+            ssh_enabled=config.ssh.enabled,
+            vms=vms,
+            datastores=datastores,
+            snapshot_prefix=host.prefix,
+        )
+    finally:
+        host.close()
+
+
+def _observe_hosts(hosts: Sequence[Host], factory: HostFactory, timeout: float) -> dict[str, HostObservation]:
+    results: dict[str, HostObservation] = {}
+    lock = threading.Lock()
+
+    def work(config: Host) -> None:
+        started = time.monotonic()
+        try:
+            observation = _observe_host(config, factory)
+        except Exception as exc:  # any failure is an observation of this host, never a crash
+            observation = HostObservation(
+                name=config.name, reachable=False, error=_error_text(exc), ssh_enabled=config.ssh.enabled
+            )
+            log.warning("observe.host_unreachable", host=config.name, error=observation.error)
+        else:
+            log.debug(
+                "observe.host",
+                host=config.name,
+                vms=len(observation.vms),
+                seconds=round(time.monotonic() - started, 3),
+            )
+        with lock:
+            results.setdefault(config.name, observation)
+
+    # Daemon threads: a host that hangs past its time must not keep the process alive on exit.
+    threads = [threading.Thread(target=work, args=(h,), name=f"observe-{h.name}", daemon=True) for h in hosts]
+    for thread in threads:
+        thread.start()
+    deadline = time.monotonic() + timeout
+    for thread in threads:
+        thread.join(max(0.0, deadline - time.monotonic()))
+    with lock:
+        for config in hosts:
+            if config.name not in results:
+                log.warning("observe.host_timeout", host=config.name, seconds=timeout)
+                results[config.name] = HostObservation(
+                    name=config.name,
+                    reachable=False,
+                    error=f"no answer within {timeout:g} s",
+                    ssh_enabled=config.ssh.enabled,
+                )
+        return dict(results)
+
+
+def _observe_repository(config: RepositoryConfig, opener: RepoOpener) -> RepositoryObservation:
+    try:
+        repo = opener(config)
+        with repo.lock(exclusive=False, purpose="observe"):
+            points = tuple(repo.list_points())
+    except Exception as exc:  # unreadable repository: an observation, the plan still covers the rest
+        error = _error_text(exc)
+        log.warning("observe.repository_unreachable", repository=config.name, error=error)
+        return RepositoryObservation(name=config.name, reachable=False, error=error)
+    log.debug("observe.repository", repository=config.name, points=len(points))
+    return RepositoryObservation(name=config.name, reachable=True, points=points)
+
+
+def observe(
+    desired: DesiredState,
+    *,
+    now: datetime,
+    history: Mapping[str, RunRecord],
+    host_factory: HostFactory = EsxiHost.from_config,
+    repo_opener: RepoOpener = open_repository,
+    host_timeout: float = HOST_TIMEOUT,
+) -> ObservedState:
+    """Observe every host and repository of ``desired``; ``now`` becomes the observation's time."""
+    results: dict[str, HostObservation] = {}
+    hosts = list(desired.hosts.values())
+    # Hosts answer over the network in parallel while the (local) repositories are read here.
+    host_thread = threading.Thread(
+        target=lambda: results.update(_observe_hosts(hosts, host_factory, host_timeout)),
+        name="observe-hosts",
+        daemon=True,
+    )
+    host_thread.start()
+    repositories = {
+        name: _observe_repository(config, repo_opener) for name, config in desired.repositories.items()
+    }
+    host_thread.join()
+    return ObservedState(
+        time=now,
+        hosts={name: results[name] for name in desired.hosts},
+        repositories=repositories,
+        history=history,
+    )
+
+
+# -- fingerprint ----------------------------------------------------------------------------------
+
+
+def _iso(value: datetime | None) -> str | None:
+    return value.isoformat() if value is not None else None
+
+
+def _vm_facts(vm: VmInfo) -> dict[str, Any]:
+    return {
+        "name": vm.name,
+        "vmid": vm.vmid,
+        "power": vm.power_state,
+        "cbt": vm.cbt_enabled,
+        "snapshots": sorted([s.id, s.name] for s in vm.snapshots),
+        "disks": sorted([d.key, d.capacity] for d in vm.disks),
+    }
+
+
+def fingerprint(desired: DesiredState, observed: ObservedState) -> str:
+    """SHA-256 (hex) over the observed facts a plan depends on.
+
+    Left out on purpose: the time, error texts, and datastore free space (it moves with every guest
+    write, so a saved plan would always look stale). Schedules depend on the time, but a saved plan's
+    actions stay valid when applied a little later.
+    """
+    doc: dict[str, Any] = {
+        "revision": desired.revision.id,
+        "hosts": {
+            name: {
+                "reachable": host.reachable,
+                "license": host.license,
+                "vms": sorted((_vm_facts(vm) for vm in host.vms), key=lambda v: (v["vmid"], v["name"])),
+            }
+            for name, host in sorted(observed.hosts.items())
+        },
+        "repositories": {
+            name: {
+                "reachable": repo.reachable,
+                "points": sorted(
+                    f"{p.id} {p.status}{' protected' if p.protected else ''}" for p in repo.points
+                ),
+            }
+            for name, repo in sorted(observed.repositories.items())
+        },
+        "history": {
+            key: [_iso(record.retry_after), _iso(record.last_started)]
+            for key, record in sorted(observed.history.items())
+        },
+    }
+    text = json.dumps(doc, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+# -- history --------------------------------------------------------------------------------------
+
+
+def load_history(state_dir: Path, revision: str | None = None) -> dict[str, RunRecord]:
+    """The run history of ``state_dir`` (``status.db``), read-only; empty when there is none yet.
+
+    ``revision``: the current config revision (a terminal failure recorded under another revision no
+    longer holds its job back). Without the status store every job looks as if it never ran, which
+    still plans correctly from the repositories' restore points.
+    """
+    if not (state_dir / STATUS_DB).exists():
+        return {}
+    try:
+        store = importlib.import_module("reconciler.status.store")
+    except ImportError:  # the status store is optional for planning
+        log.debug("observe.no_status_store", state_dir=str(state_dir))
+        return {}
+    out: dict[str, RunRecord] = {}
+    for key, record in dict(store.read_history(state_dir, revision)).items():
+        if not isinstance(record, RunRecord):
+            raise TypeError(f"status store returned {type(record).__name__} for {key!r}, not a RunRecord")
+        out[str(key)] = record
+    return out

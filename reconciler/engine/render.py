@@ -1,0 +1,133 @@
+"""A plan as text for people: a diff a reviewer reads in a pull request, Terraform style.
+
+``+`` creates (a backup, a verification), ``~`` changes in place (CBT), ``-`` deletes (a restore
+point, an orphaned snapshot, unreferenced data); notices follow (``!`` warning, ``…`` pending, ``i``
+info), then one summary line. Names come from VM inventories and may hold anything, so control
+characters are shown escaped: a VM name cannot move the cursor or recolour the terminal.
+"""
+
+from __future__ import annotations
+
+from datetime import timezone
+
+from reconciler.engine.actions import (
+    Action,
+    Change,
+    CollectGarbage,
+    Notice,
+    Plan,
+    PrunePoint,
+    RemoveSnapshot,
+    RunBackup,
+    RunTestRestore,
+    RunVerify,
+    SetCbt,
+)
+
+_COLORS: dict[object, str] = {
+    Change.CREATE: "\x1b[32m",
+    Change.UPDATE: "\x1b[33m",
+    Change.DELETE: "\x1b[31m",
+    "warning": "\x1b[1;33m",
+    "pending": "\x1b[36m",
+    "info": "\x1b[2m",
+}
+_RESET = "\x1b[0m"
+_NOTICE_MARK = {"warning": "!", "pending": "…", "info": "i"}
+
+
+def _safe(text: str) -> str:
+    """Escape control characters (C0, DEL, C1) so inventory names cannot drive the terminal."""
+    return "".join(
+        ch if ch.isprintable() or ch == " " else ch.encode("unicode_escape").decode("ascii") for ch in text
+    )
+
+
+def _paint(text: str, key: object, color: bool) -> str:
+    code = _COLORS.get(key) if color else None
+    return f"{code}{text}{_RESET}" if code else text
+
+
+def _onoff(enabled: bool) -> str:
+    return "enabled" if enabled else "disabled"
+
+
+def action_line(action: Action) -> str:
+    """One action without its ``+``/``~``/``-`` mark, e.g. ``backup esxi1/web01 -> nas (due since ...)``."""
+    reason = _safe(action.reason)
+    subject = _safe(action.subject)
+    if isinstance(action, SetCbt):
+        return f"{subject}  cbt: {_onoff(not action.enabled)} -> {_onoff(action.enabled)} ({reason})"
+    if isinstance(action, RunBackup):
+        return f"backup {subject} -> {_safe(action.repository)} ({reason})"
+    if isinstance(action, PrunePoint):
+        return f"point {subject} of {_safe(action.policy)} in {_safe(action.repository)} ({reason})"
+    if isinstance(action, RemoveSnapshot):
+        return f"snapshot {subject} '{_safe(action.snapshot_name)}' ({reason})"
+    if isinstance(action, CollectGarbage):
+        return f"unreferenced data in {subject} ({reason})"
+    if isinstance(action, RunVerify):
+        return (
+            f"verify {subject} by {_safe(action.verify_policy)}, reading {action.read_data_percent:g} % of"
+            f" the data ({reason})"
+        )
+    if isinstance(action, RunTestRestore):
+        return f"test restore {subject} from {_safe(action.repository)} ({reason})"
+    return f"{action.kind} {subject} ({reason})"
+
+
+def notice_line(notice: Notice) -> str:
+    """One notice without its mark, e.g. ``warning esxi1/web01: foreign snapshot 'x' blocks ...``."""
+    return f"{notice.level} {_safe(notice.subject)}: {_safe(notice.message)}"
+
+
+def _count(n: int, one: str, many: str) -> str:
+    return f"{n} {one if n == 1 else many}"
+
+
+def summary(plan: Plan) -> str:
+    """The last line: what the plan does, in counts, and what it leaves."""
+    kinds = [a.kind for a in plan.actions]
+    parts = [
+        (kinds.count("remove-snapshot"), "orphaned snapshot to remove", "orphaned snapshots to remove"),
+        (kinds.count("cbt"), "CBT change", "CBT changes"),
+        (kinds.count("backup"), "backup", "backups"),
+        (kinds.count("prune"), "point to prune", "points to prune"),
+        (kinds.count("gc"), "garbage collection", "garbage collections"),
+        (kinds.count("verify"), "verification", "verifications"),
+        (kinds.count("test-restore"), "test restore", "test restores"),
+    ]
+    levels = [n.level for n in plan.notices]
+    left = [
+        (levels.count("pending"), "pending", "pending"),
+        (levels.count("warning"), "warning", "warnings"),
+        (levels.count("info"), "note", "notes"),
+    ]
+    did = ", ".join(_count(n, one, many) for n, one, many in parts if n)
+    rest = ", ".join(_count(n, one, many) for n, one, many in left if n)
+    if not did:
+        if not rest:
+            return "No changes. Reality matches the desired state."
+        return f"No changes; {rest}."
+    return f"Plan: {did}; {rest}." if rest else f"Plan: {did}."
+
+
+def render_text(plan: Plan, *, color: bool) -> str:
+    """The whole plan as text (ends with a newline)."""
+    lines: list[str] = []
+    for action in plan.actions:
+        lines.append(_paint(f"  {action.change.value} {action_line(action)}", action.change, color))
+    if plan.notices:
+        if lines:
+            lines.append("")
+        for notice in plan.notices:
+            mark = _NOTICE_MARK.get(notice.level, "?")
+            lines.append(_paint(f"  {mark} {notice_line(notice)}", notice.level, color))
+    if lines:
+        lines.append("")
+    if plan.next_due is not None:
+        lines.append(
+            f"Next scheduled job: {plan.next_due.astimezone(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}"
+        )
+    lines.append(summary(plan))
+    return "\n".join(lines) + "\n"

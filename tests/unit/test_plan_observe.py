@@ -1,0 +1,132 @@
+"""Observe with fake hosts and real (local) repositories: failures and hangs become observations,
+repositories are read under a shared lock, the run history comes from the status store."""
+
+from __future__ import annotations
+
+import threading
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pytest
+
+from reconciler.config.model import Host
+from reconciler.engine.observe import HostReader, load_history, observe
+from reconciler.engine.observed import RunRecord
+from reconciler.esxi.errors import EsxiError
+from reconciler.esxi.host import DatastoreInfo, VmInfo
+from reconciler.repository import Repository
+from tests.unit.planfixtures import NOW_TEXT, at, load_desired, point, repo_doc, vm
+
+NOW = at(NOW_TEXT)
+
+
+class FakeHost:
+    """Answers like EsxiHost; ``fail`` raises on the inventory, ``hang`` blocks until released."""
+
+    prefix = "esxi-reconciler-"
+
+    def __init__(
+        self, vms: list[VmInfo], *, fail: Exception | None = None, hang: threading.Event | None = None
+    ):
+        self.vms, self.fail, self.hang = vms, fail, hang
+        self.closed = False
+
+    @property
+    def license(self) -> str:
+        return "free"
+
+    def list_vms(self) -> list[VmInfo]:
+        if self.hang is not None:
+            self.hang.wait()
+        if self.fail is not None:
+            raise self.fail
+        return self.vms
+
+    def datastores(self) -> list[DatastoreInfo]:
+        return [DatastoreInfo("ds1", 100, 50, True, "VMFS")]
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def test_hosts_that_fail_or_hang_are_unreachable_and_the_rest_is_observed(tmp_path: Path) -> None:
+    repo_path = tmp_path / "repo"
+    repo = Repository.init(repo_path)
+    repo.write_point(point("web", "web01", at("2026-11-26 02:00")))
+    desired = load_desired(
+        tmp_path, repositories=[repo_doc(path=str(repo_path)), repo_doc("gone", path=str(tmp_path / "x"))]
+    )
+    release = threading.Event()
+    fakes = {
+        "esxi1": FakeHost([vm("web01")]),
+        "esxi2": FakeHost([], hang=release),
+    }
+
+    def factory(config: Host) -> HostReader:
+        return fakes[config.name]
+
+    try:
+        seen = observe(desired, now=NOW, history={}, host_factory=factory, host_timeout=2.0)
+    finally:
+        release.set()
+    assert seen.time == NOW
+    free = seen.hosts["esxi1"]
+    assert (free.reachable, free.license, [v.name for v in free.vms], free.ssh_enabled) == (
+        True,
+        "free",
+        ["web01"],
+        True,
+    )
+    assert fakes["esxi1"].closed
+    assert (seen.hosts["esxi2"].reachable, seen.hosts["esxi2"].error) == (False, "no answer within 2 s")
+    assert [p.vm.name for p in seen.repositories["nas"].points] == ["web01"]
+    gone = seen.repositories["gone"]
+    assert not gone.reachable and gone.error is not None and "not a repository" in gone.error
+
+
+def test_a_host_error_is_an_observation_with_the_message(tmp_path: Path) -> None:
+    desired = load_desired(tmp_path)
+    fakes = {"esxi1": FakeHost([], fail=EsxiError("login failed for root")), "esxi2": FakeHost([])}
+    seen = observe(desired, now=NOW, history={}, host_factory=lambda c: fakes[c.name], repo_opener=_no_repo)
+    assert (seen.hosts["esxi1"].reachable, seen.hosts["esxi1"].error) == (
+        False,
+        "EsxiError: login failed for root",
+    )
+    assert fakes["esxi1"].closed
+    assert seen.hosts["esxi2"].reachable
+    assert seen.repositories["nas"].error == "RuntimeError: no repository here"
+
+
+def _no_repo(config: object) -> Repository:
+    raise RuntimeError("no repository here")
+
+
+def test_repository_under_an_exclusive_lock_is_not_read(tmp_path: Path) -> None:
+    repo_path = tmp_path / "repo"
+    repo = Repository.init(repo_path)
+    desired = load_desired(tmp_path, repositories=[repo_doc(path=str(repo_path))])
+    with repo.lock(exclusive=True, purpose="gc"):
+        seen = observe(desired, now=NOW, history={}, host_factory=lambda c: FakeHost([]))
+    assert not seen.repositories["nas"].reachable
+    assert "gc" in (seen.repositories["nas"].error or "")
+    after = observe(desired, now=NOW, history={}, host_factory=lambda c: FakeHost([]))
+    assert after.repositories["nas"].reachable
+
+
+def test_history_is_empty_without_a_status_store(tmp_path: Path) -> None:
+    assert load_history(tmp_path / "nowhere") == {}
+    assert load_history(tmp_path) == {}
+
+
+def test_history_from_the_status_store(tmp_path: Path) -> None:
+    store_module = pytest.importorskip("reconciler.status.store")
+    from reconciler.engine.actions import Outcome, RunBackup
+
+    action = RunBackup(reason="r", policy="web", host_name="esxi1", vm="web01", vmid="1", repository="nas")
+    started = datetime(2026, 11, 26, 2, 0, tzinfo=timezone.utc)
+    with store_module.StatusStore.open(tmp_path / "status.db") as store:
+        store.record_outcome(Outcome(action, "ok", started, at("2026-11-26 02:10")), "git:abc")
+    history = load_history(tmp_path, "git:abc")
+    assert history == {
+        "backup/web/esxi1/web01": RunRecord(last_started=started, last_succeeded=at("2026-11-26 02:10"))
+    }
