@@ -34,6 +34,7 @@ if TYPE_CHECKING:
 COMMANDS: tuple[str, ...] = (
     "validate",
     "plan",
+    "apply",
     "repo",
     "backup",
     "points",
@@ -58,6 +59,8 @@ examples:
   esxi-reconciler -v --log-format json validate
                                             ditto, with debug logs as JSON lines
   esxi-reconciler plan                      show what would be done now, and why
+  esxi-reconciler apply                     do it: show the plan, ask, execute
+  esxi-reconciler apply tonight.plan        execute a plan saved by plan --out (if still current)
   esxi-reconciler repo init nas             create the repository configured as nas
   esxi-reconciler repo key-export nas --out /safe/place/nas.key
                                             save its key file (keep it apart from the repository)

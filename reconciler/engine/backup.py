@@ -47,7 +47,7 @@ import os
 import posixpath
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -150,6 +150,8 @@ class VmResult:
     error: str | None = None
     seconds: float = 0.0
     disks: list[DiskResult] = field(default_factory=list)
+    exception: BaseException | None = field(default=None, repr=False, compare=False)
+    """What made it fail, for callers that classify failures (retry: transient or terminal)."""
 
     @property
     def bytes_read(self) -> int:
@@ -750,6 +752,7 @@ def backup_vm(
         # unreferenced, they are garbage for GC.
         expected = isinstance(exc, EsxiError | BackupError | Cancelled)
         result.error = str(exc) if expected else f"{type(exc).__name__}: {exc}"
+        result.exception = exc
         vlog.error("backup.vm_failed", error=result.error, exc_info=not expected)
     else:
         result.ok = result.error is None  # a failing post hook (on_failure: fail) fails the run
@@ -944,12 +947,14 @@ def backup_policy(
     policy_name: str,
     *,
     vm: str | None = None,
+    vms: Collection[str] | None = None,
     options: BackupOptions | None = None,
     cancel: threading.Event | None = None,
     host_factory: Callable[[Host], EsxiHost] = EsxiHost.from_config,
     on_result: Callable[[VmResult], None] | None = None,
 ) -> list[VmResult]:
-    """Back up the VMs of a policy (or only ``vm``), several at once within the host's limits.
+    """Back up the VMs of a policy (or only ``vm``, or only those of ``vms`` the policy selects and the
+    host has: the others are simply not in the results), several at once within the host's limits.
 
     Raises :class:`BackupError` for problems of the whole run (unknown policy or VM, repository);
     per-VM failures are in the results.
@@ -963,12 +968,15 @@ def backup_policy(
     host_cfg = desired.host(policy.host)
     repo = open_repository(desired.repository(policy.repository))
     with host_factory(host_cfg) as inventory_host:
-        vms = inventory_host.list_vms()
-    selected = [v for v in vms if policy.vms.matches(v.name)]
+        inventory = inventory_host.list_vms()
+    selected = [v for v in inventory if policy.vms.matches(v.name)]
+    if vms is not None:
+        wanted = set(vms)
+        selected = [v for v in selected if v.name in wanted]
     if vm is not None:
         selected = [v for v in selected if v.name == vm]
         if not selected:
-            known = vm in {v.name for v in vms}
+            known = vm in {v.name for v in inventory}
             raise BackupError(
                 f"VM {vm!r} is not selected by policy {policy_name!r}"
                 if known
@@ -990,10 +998,10 @@ def backup_policy(
                     options=options, pool=encode_pool, cancel=cancel, repo_lock=repo_lock,
                 )  # fmt: skip
         except Cancelled as exc:
-            return VmResult(info.name, host_cfg.name, policy.name, False, error=str(exc))
+            return VmResult(info.name, host_cfg.name, policy.name, False, error=str(exc), exception=exc)
         except Exception as exc:  # e.g. login failed
             log.error("backup.vm_failed", vm=info.name, error=str(exc))
-            return VmResult(info.name, host_cfg.name, policy.name, False, error=str(exc))
+            return VmResult(info.name, host_cfg.name, policy.name, False, error=str(exc), exception=exc)
 
     with (
         repo.lock(purpose=f"backup {policy_name}") as repo_lock,

@@ -15,6 +15,7 @@ import hmac
 import json
 import os
 import secrets
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -101,7 +102,17 @@ def _passphrase_bytes(passphrase: Passphrase) -> bytes:
     return data
 
 
+_KDF_LOCK = threading.Lock()
+"""Argon2id derivations run one at a time: two at once in one process deadlock inside cryptography 50
+(OpenSSL's Argon2; seen when the daemon opened a repository for two hosts' backups in parallel)."""
+
+
 def _derive(passphrase: Passphrase, salt: bytes, params: KdfParams) -> bytes:
+    with _KDF_LOCK:
+        return _derive_now(passphrase, salt, params)
+
+
+def _derive_now(passphrase: Passphrase, salt: bytes, params: KdfParams) -> bytes:
     kdf = Argon2id(
         salt=salt,
         length=32,

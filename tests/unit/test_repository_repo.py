@@ -241,6 +241,24 @@ class TestKeys:
     def test_default_kdf_is_memory_hard(self) -> None:
         assert KdfParams().memory_kib >= 64 * 1024
 
+    def test_several_threads_open_one_repository_at_once(self, tmp_path: Path) -> None:
+        """The daemon opens a repository for several hosts' backups in parallel: two Argon2id
+        derivations at once used to deadlock inside cryptography (default parameters, lanes > 1)."""
+        Repository.init(tmp_path / "r", "pw", kdf=KdfParams(memory_kib=8 * 1024, iterations=1, lanes=4))
+        opened: list[str] = []
+        threads = [
+            threading.Thread(
+                target=lambda: opened.append(Repository.open(tmp_path / "r", "pw").id), daemon=True
+            )
+            for _ in range(3)
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+        assert not any(t.is_alive() for t in threads), "opening the repository deadlocked"
+        assert len(opened) == 3 and len(set(opened)) == 1
+
     def test_unknown_key_file_version_is_rejected(self, tmp_path: Path) -> None:
         repo = Repository.init(tmp_path / "r", PASSPHRASE, kdf=FAST_KDF)
         path = tmp_path / f"r/keys/{repo.key_id}.json"
