@@ -39,6 +39,10 @@ COMMANDS: tuple[str, ...] = (
     "backup",
     "points",
     "verify",
+    "restore",
+    "export",
+    "run",
+    "status",
 )
 """Modules of :mod:`reconciler.commands`, in the order ``--help`` lists them."""
 
@@ -69,6 +73,12 @@ examples:
   esxi-reconciler verify                    check every repository can be restored (reads all data)
   esxi-reconciler verify nas --read-data-subset 10%
                                             ditto, reading a random tenth of the data
+  esxi-reconciler restore web01             restore its newest point as a new VM
+  esxi-reconciler restore web01 --overwrite
+                                            put it back over web01 itself (asks first)
+  esxi-reconciler export web01 --to DIR     write its newest point as local files
+  esxi-reconciler run                       the daemon: reconcile until stopped (systemd runs this)
+  esxi-reconciler status                    Ready/Reconciling/Stalled per host, VM, policy, repository
   esxi-reconciler COMMAND --help            options and examples of one command
 
 Global options may come before or after the command. Command output goes to

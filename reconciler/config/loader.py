@@ -359,7 +359,14 @@ def _build_verify_policy(build: _Build, doc: Document, spec: dict[str, Any]) -> 
         read_data_percent=float(spec["read_data_percent"]),
         suspend=spec["suspend"],
         source=_source(doc),
+        test_restore=_restore_test(spec.get("test_restore")),
     )
+
+
+def _restore_test(spec: dict[str, Any] | None) -> model.RestoreTest | None:
+    if spec is None:
+        return None
+    return model.RestoreTest(spec["host"], spec.get("datastore"), tuple(spec.get("vms", ())))
 
 
 _BUILDERS: dict[str, Callable[[_Build, Document, dict[str, Any]], Any]] = {
@@ -559,6 +566,11 @@ def load_config(
                 _check_reference(
                     build, item.doc, ("spec", field_name), kind, item.data["spec"][field_name], names[kind]
                 )
+        if item.kind == "VerifyPolicy" and item.clean("spec", "test_restore", "host"):
+            host = item.data["spec"].get("test_restore", {}).get("host")
+            if host is not None:
+                where = ("spec", "test_restore", "host")
+                _check_reference(build, item.doc, where, "Host", host, names["Host"])
         if item.kind in ("BackupPolicy", "VerifyPolicy") and item.clean("spec", "schedule", "after"):
             after = item.data["spec"]["schedule"]["after"]
             _check_reference(

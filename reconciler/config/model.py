@@ -272,6 +272,16 @@ class BackupPolicy:
 
 
 @dataclass(frozen=True)
+class RestoreTest:
+    """The test restore of a verify policy: where the temporary VMs run, and which VMs."""
+
+    host: str
+    datastore: str | None = None
+    vms: tuple[str, ...] = ()
+    """Empty: every VM with points in the repository."""
+
+
+@dataclass(frozen=True)
 class VerifyPolicy:
     """A scheduled verification of a repository."""
 
@@ -281,6 +291,7 @@ class VerifyPolicy:
     read_data_percent: float
     suspend: bool
     source: Source = field(compare=False)
+    test_restore: RestoreTest | None = None
 
 
 # -- revision and the whole --------------------------------------------------------------------------

@@ -703,6 +703,27 @@ VERIFY_POLICY_SPEC = _obj(
             "default": 100,
         },
         "suspend": _bool("Pause the policy.", default=False),
+        "test_restore": _obj(
+            "Also prove that VMs boot: restore each VM's newest point as a temporary VM on this host,"
+            " power it on, wait for poweredOn (and a green guest heartbeat where reported), then remove"
+            " it. The result is a status condition.",
+            {
+                "host": _ref("name", "Name of the Host where the temporary VMs run."),
+                "datastore": _str(
+                    "Datastore of that host for the temporary VMs; default: the VM's original datastore.",
+                    minLength=1,
+                ),
+                "vms": {
+                    "type": "array",
+                    "description": "Names of the VMs to test; default: every VM with points in the"
+                    " repository.",
+                    "minItems": 1,
+                    "uniqueItems": True,
+                    "items": {"type": "string", "description": "A VM name.", "minLength": 1},
+                },
+            },
+            required=("host",),
+        ),
     },
     required=("repository", "schedule"),
 )

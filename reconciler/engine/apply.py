@@ -94,8 +94,10 @@ class _Run:
         retry: RetryPolicy,
         backup_options: BackupOptions,
         gc_wait_seconds: float,
+        clock: Callable[[], datetime] = _now,
     ) -> None:
         self.desired = desired
+        self.clock = clock
         self.cancel = cancel
         self.on_outcome = on_outcome
         self.host_factory = host_factory
@@ -122,7 +124,7 @@ class _Run:
         transient: bool = False,
         detail: dict[str, Any] | None = None,
     ) -> None:
-        outcome = Outcome(action, status, started, _now(), attempts, error, transient, detail or {})
+        outcome = Outcome(action, status, started, self.clock(), attempts, error, transient, detail or {})
         with self._lock:
             if index in self.outcomes:
                 return  # one outcome per action, whatever happens
@@ -201,7 +203,7 @@ class _Run:
         attempts: int | None = None,
     ) -> None:
         """Run ``fn`` (returning the outcome's detail) with retries and emit its outcome."""
-        started = _now()
+        started = self.clock()
         reason = self.skip_reason(action)
         if reason is not None:
             self.emit(index, action, "skipped", started, attempts=0, error=reason)
@@ -309,20 +311,20 @@ def _set_cbt(run: _Run, a: SetCbt) -> dict[str, Any]:
         if vm.power_state != expected:
             raise Skip(f"the VM is {vm.power_state} now, the plan expected {expected}; re-plan")
         if a.method == "power-cycle":
-            _power_cycle_allowed(run.desired, a)
+            _power_cycle_allowed(run.desired, a, run.clock())
             _power_cycle(host, vm, a)
         else:
             host.set_cbt(vm, a.enabled)
     return {"cbt": state, "method": a.method}
 
 
-def _power_cycle_allowed(desired: DesiredState, a: SetCbt) -> None:
+def _power_cycle_allowed(desired: DesiredState, a: SetCbt, now: datetime) -> None:
     """A saved plan may be applied hours later: the policy must still allow the power cycle, now."""
     policy = desired.policies.get(a.policy)
     if policy is None or not policy.cbt_power_cycle.allowed:
         raise Skip(f"policy {a.policy} does not allow power-cycling VMs (any more)")
     window = Schedule(Manual(), timezone=policy.schedule.timezone, window=policy.cbt_power_cycle.window)
-    if not in_window(window, _now()):
+    if not in_window(window, now):
         raise Skip(f"outside the power-cycle window of policy {a.policy}")
 
 
@@ -398,7 +400,7 @@ class _BackupRound:
         if entry is None:
             return
         index, action = entry
-        began = _now() - timedelta(seconds=res.seconds)
+        began = run.clock() - timedelta(seconds=res.seconds)
         if res.ok:
             run.emit(index, action, "ok", began, attempts=tries, detail=_backup_detail(res))
             return
@@ -427,7 +429,7 @@ class _BackupRound:
 
 def _policy_backups(run: _Run, policy: str, full: bool, items: list[tuple[int, RunBackup]]) -> None:
     """Back up the VMs of one policy; VMs failing transiently are tried again (only them)."""
-    started = _now()
+    started = run.clock()
     pending = {a.vm: (i, a) for i, a in items}
     tries = 0
     while pending:
@@ -491,7 +493,7 @@ def _prunes(run: _Run, items: list[tuple[int, PrunePoint]]) -> None:
     for index, action in items:
         by_repo.setdefault(action.repository, []).append((index, action))
     for name, group in by_repo.items():
-        started = _now()
+        started = run.clock()
         reason = run.skip_reason(group[0][1])
         if reason is None:
             cfg = run.desired.repositories.get(name)
@@ -615,13 +617,17 @@ def apply(
     retry: RetryPolicy | None = None,
     backup_options: BackupOptions | None = None,
     gc_wait_seconds: float = 300.0,
+    clock: Callable[[], datetime] = _now,
 ) -> list[Outcome]:
     """Execute ``plan`` against reality as configured in ``desired``; one outcome per action, in plan
     order (``on_outcome`` gets each as soon as it is known). Never raises for an action's failure;
-    :class:`KeyboardInterrupt` sets ``cancel`` and, once running backups have unwound, propagates."""
+    :class:`KeyboardInterrupt` sets ``cancel`` and, once running backups have unwound, propagates.
+
+    ``clock`` is the time schedules live in: outcome times (which become the run history the next plan
+    reads) and the power-cycle window check use it; the daemon passes its own clock."""
     run = _Run(
         desired, cancel, on_outcome, host_factory, retry or RetryPolicy(), backup_options or BackupOptions(),
-        gc_wait_seconds,
+        gc_wait_seconds, clock,
     )  # fmt: skip
     log.info("apply.start", actions=len(plan.actions), revision=plan.revision)
     try:
@@ -640,7 +646,9 @@ def apply(
         run.close()
         for index, action in enumerate(plan.actions):  # every action gets its outcome, also on the way out
             if index not in run.outcomes:
-                run.emit(index, action, "skipped", _now(), attempts=0, error="cancelled before it started")
+                run.emit(
+                    index, action, "skipped", run.clock(), attempts=0, error="cancelled before it started"
+                )
     outcomes = [run.outcomes[i] for i in range(len(plan.actions))]
     counts = {s: sum(1 for o in outcomes if o.status == s) for s in ("ok", "failed", "skipped")}
     log.info("apply.done", **counts)
@@ -661,4 +669,6 @@ def _one(run: _Run, index: int, action: Action) -> None:
     elif isinstance(action, RunTestRestore):
         run.attempt(index, action, lambda: _test_restore(run, action))
     else:
-        run.emit(index, action, "skipped", _now(), attempts=0, error=f"unknown action kind {action.kind!r}")
+        run.emit(
+            index, action, "skipped", run.clock(), attempts=0, error=f"unknown action kind {action.kind!r}"
+        )

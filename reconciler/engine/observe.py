@@ -12,7 +12,6 @@ saved plan still describes reality. :func:`load_history` reads the run history f
 from __future__ import annotations
 
 import hashlib
-import importlib
 import json
 import threading
 import time
@@ -35,7 +34,6 @@ log = structlog.get_logger(__name__)
 HOST_TIMEOUT = 120.0
 """Seconds one host may take to answer (licence, inventory, datastores) before it counts as unreachable."""
 
-STATUS_DB = "status.db"
 _ERROR_MAX = 300
 
 
@@ -229,22 +227,12 @@ def fingerprint(desired: DesiredState, observed: ObservedState) -> str:
 
 
 def load_history(state_dir: Path, revision: str | None = None) -> dict[str, RunRecord]:
-    """The run history of ``state_dir`` (``status.db``), read-only; empty when there is none yet.
+    """The run history of ``state_dir`` (the status store), read-only; empty when there is none yet.
 
     ``revision``: the current config revision (a terminal failure recorded under another revision no
-    longer holds its job back). Without the status store every job looks as if it never ran, which
-    still plans correctly from the repositories' restore points.
+    longer holds its job back). Without history every job looks as if it never ran, which still plans
+    correctly from the repositories' restore points.
     """
-    if not (state_dir / STATUS_DB).exists():
-        return {}
-    try:
-        store = importlib.import_module("reconciler.status.store")
-    except ImportError:  # the status store is optional for planning
-        log.debug("observe.no_status_store", state_dir=str(state_dir))
-        return {}
-    out: dict[str, RunRecord] = {}
-    for key, record in dict(store.read_history(state_dir, revision)).items():
-        if not isinstance(record, RunRecord):
-            raise TypeError(f"status store returned {type(record).__name__} for {key!r}, not a RunRecord")
-        out[str(key)] = record
-    return out
+    from reconciler.status.store import read_history  # status sits above the engine's types
+
+    return read_history(state_dir, revision)

@@ -49,6 +49,9 @@ Prune (per reachable repository)
 
 Verify (per active verify policy of a reachable repository): due like a backup, history key
 ``verify/<name>``; ``after`` chains use the upstream backup policy's last success -> ``RunVerify``.
+With a ``test_restore`` block, also one ``RunTestRestore`` per VM it names (every VM with points when it
+names none) of that VM's newest successful point in the repository, on the block's host (unreachable:
+a warning; no successful point: a warning).
 
 ``next_due``: the earliest time any job that is not due now becomes due (or a power-cycle window opens).
 Order: remove-snapshot, cbt, backup, prune, gc, verify; within a kind by host/VM/policy/time.
@@ -72,6 +75,7 @@ from reconciler.engine.actions import (
     PrunePoint,
     RemoveSnapshot,
     RunBackup,
+    RunTestRestore,
     RunVerify,
     SetCbt,
 )
@@ -578,6 +582,45 @@ def _plan_verify(
             read_data_percent=policy.read_data_percent,
         )
     )
+    if policy.test_restore is not None:
+        _plan_test_restores(b, observed, policy, repo.points, result.reason)
+
+
+def _plan_test_restores(
+    b: _Builder, observed: ObservedState, policy: VerifyPolicy, points: Iterable[RestorePoint], reason: str
+) -> None:
+    """One ``RunTestRestore`` per VM of the test-restore block (all VMs with points when it names none),
+    of the VM's newest successful point in the repository, whatever policy made it."""
+    test = policy.test_restore
+    assert test is not None
+    subject = f"test-restore {policy.name}"
+    host = observed.hosts.get(test.host)
+    if host is None or not host.reachable:
+        error = host.error if host is not None and host.error else "not observed"
+        b.notice("warning", subject, f"host {test.host} is unreachable ({error}): no test restore")
+        return
+    newest: dict[str, RestorePoint] = {}
+    for point in points:
+        if point.status == "success" and (
+            point.vm.name not in newest or point.time > newest[point.vm.name].time
+        ):
+            newest[point.vm.name] = point
+    for vm in test.vms or tuple(sorted(newest)):
+        found = newest.get(vm)
+        if found is None:
+            b.notice("warning", subject, f"VM {vm!r} has no successful restore point in {policy.repository}")
+            continue
+        b.actions.append(
+            RunTestRestore(
+                reason=f"{reason}; newest point of {vm} ({found.time.astimezone(UTC):%Y-%m-%dT%H:%MZ})",
+                verify_policy=policy.name,
+                repository=policy.repository,
+                vm=vm,
+                point_id=found.id,
+                host_name=test.host,
+                datastore=test.datastore,
+            )
+        )
 
 
 # -- the plan --------------------------------------------------------------------------------------

@@ -32,6 +32,7 @@ verifies the chain (backings back at the pre-backup files, our delta files gone)
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import posixpath
 import re
@@ -39,7 +40,7 @@ import secrets
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
@@ -77,10 +78,11 @@ from reconciler.esxi.transport import (
     DiskReader,
     HttpsRangeReader,
     SshDdReader,
+    SshDdWriter,
     split_ds_path,
     vmfs_path,
 )
-from reconciler.esxi.vmdk import Descriptor
+from reconciler.esxi.vmdk import Descriptor, vmfs_descriptor
 from reconciler.esxi.vmx import VmxFile
 
 log = logging.getLogger(__name__)
@@ -1091,3 +1093,292 @@ class EsxiHost:
         shell.run(["sh", "-c", 'cat > "$1"', "sh", tmp], stdin=vmx.dumps().encode("utf-8", "surrogateescape"))
         shell.run(["mv", "-f", tmp, path], timeout=60)
         shell.run(vimcmd.reload(info.vmid), timeout=timeout)
+
+    # -- writing files and disks (restore): SSH when enabled, else the API + HTTPS ``/folder``
+    #
+    # Files go over SSH whenever it is enabled (free hosts always; it keeps thin disks thin, because
+    # ``dd conv=notrunc`` skips the holes); a licensed host without SSH uses FileManager tasks and
+    # HTTPS PUT, which writes every byte of a disk (holes as zeros: ``/folder`` has no ranged PUT).
+
+    def _datacenter(self) -> Any:
+        return self.api.content.rootFolder.childEntity[0]
+
+    def _file_task(self, what: str, start: Callable[[], Any], timeout: float = 600.0) -> None:
+        """Run a FileManager task and wait for it by reading only ``info.state``/``info.error`` (the
+        lab's vcsim names the FileManager as the task's ``entity``, which pyvmomi refuses to
+        deserialize; the two properties are all we need anyway)."""
+        with mapped_faults(what):
+            task = start()
+        pc = self.api.content.propertyCollector
+        q = vmodl.query.PropertyCollector
+        spec = q.FilterSpec(  # type: ignore[no-untyped-call]
+            objectSet=[q.ObjectSpec(obj=task)],  # type: ignore[no-untyped-call]
+            propSet=[q.PropertySpec(type=vim.Task, pathSet=["info.state", "info.error"])],  # type: ignore[no-untyped-call]
+        )
+        deadline = time.monotonic() + timeout
+        delay = 0.05
+        with mapped_faults(what):
+            while True:
+                props = {p.name: p.val for obj in pc.RetrieveContents([spec]) for p in obj.propSet}
+                state = props.get("info.state")
+                if state == vim.TaskInfo.State.success:
+                    return
+                if state == vim.TaskInfo.State.error:
+                    raise props["info.error"]
+                if time.monotonic() > deadline:
+                    raise TaskTimeoutError(f"{what}: task still {state} after {timeout} s", task)
+                time.sleep(delay)
+                delay = min(delay * 1.5, 1.0)
+
+    def make_directory(self, ds_path: str) -> None:
+        """Create the folder ``[ds] dir``; raises :class:`EsxiError` if it already exists (so a caller
+        that created it may later delete it as its own)."""
+        if self.shell is not None:
+            try:
+                self._ssh().run(["mkdir", vmfs_path(ds_path)], timeout=60, retry=False)
+            except CommandError as exc:
+                raise EsxiError(f"cannot create folder {ds_path}: {exc.stderr.strip() or exc}") from exc
+            return
+        fm = self.api.content.fileManager
+        with mapped_faults(f"create folder {ds_path}"):
+            fm.MakeDirectory(name=ds_path, datacenter=self._datacenter(), createParentDirectories=False)
+
+    def delete_path(self, ds_path: str) -> None:
+        """Delete a file or a whole folder (no error when it does not exist)."""
+        if self.shell is not None:
+            self._ssh().run(["rm", "-rf", vmfs_path(ds_path)], timeout=600)
+            return
+        if not self.file_exists(ds_path) and not self.folder_exists(ds_path):
+            return
+        fm = self.api.content.fileManager
+        self._file_task(
+            f"delete {ds_path}",
+            lambda: fm.DeleteDatastoreFile_Task(name=ds_path, datacenter=self._datacenter()),
+        )
+
+    def folder_exists(self, ds_path: str) -> bool:
+        """Whether the folder ``[ds] dir`` exists (SSH ``test -d``; else the datastore browser)."""
+        if self.shell is not None:
+            return (
+                self._ssh().run(["test", "-d", vmfs_path(ds_path)], check=False, timeout=60).exit_status == 0
+            )
+        ds, rel = split_ds_path(ds_path)
+        parent, name = posixpath.split(rel.rstrip("/"))
+
+        def search() -> bool:
+            content = self.api.content
+            view = content.viewManager.CreateContainerView(content.rootFolder, [vim.Datastore], True)
+            try:
+                store = next((d for d in view.view if d.summary.name == ds), None)
+            finally:
+                view.Destroy()
+            if store is None:
+                return False
+            spec = vim.host.DatastoreBrowser.SearchSpec(matchPattern=[name])  # type: ignore[no-untyped-call]
+            try:
+                task = store.browser.SearchDatastore_Task(datastorePath=f"[{ds}] {parent}", searchSpec=spec)
+                result = wait_task(task, 120, f"search {ds_path}")
+            except (ApiError, vim.fault.FileNotFound):
+                return False
+            return any(f.path == name for f in (result.file or []))
+
+        return self.api.call(f"folder {ds_path}", search)
+
+    def list_folder(self, folder: str, pattern: str = "*") -> list[str]:
+        """Names of the files in ``[ds] dir`` matching the glob ``pattern`` (not recursive): ``find``
+        over SSH, else the datastore browser. Names with a line break are not listed."""
+        if self.shell is not None:
+            res = self._ssh().run(
+                ["find", vmfs_path(folder), "-maxdepth", "1", "-type", "f", "-name", pattern], timeout=120
+            )
+            return sorted(posixpath.basename(line) for line in res.text.splitlines() if line)
+
+        def search() -> list[str]:
+            ds = split_ds_path(folder)[0]
+            content = self.api.content
+            view = content.viewManager.CreateContainerView(content.rootFolder, [vim.Datastore], True)
+            try:
+                store = next((d for d in view.view if d.summary.name == ds), None)
+            finally:
+                view.Destroy()
+            if store is None:
+                raise EsxiError(f"host {self.name} has no datastore {ds!r}")
+            spec = vim.host.DatastoreBrowser.SearchSpec(matchPattern=[pattern])  # type: ignore[no-untyped-call]
+            task = store.browser.SearchDatastore_Task(datastorePath=folder, searchSpec=spec)
+            result = wait_task(task, 120, f"list {folder}")
+            return sorted(str(f.path) for f in (result.file or []))
+
+        return self.api.call(f"list {folder}", search)
+
+    def move_file(self, src: str, dst: str) -> None:
+        """Rename a datastore file (replacing ``dst``): ``mv -f`` over SSH, else MoveDatastoreFile."""
+        if self.shell is not None:
+            self._ssh().run(["mv", "-f", vmfs_path(src), vmfs_path(dst)], timeout=600, retry=False)
+            return
+        fm = self.api.content.fileManager
+        dc = self._datacenter()
+        self._file_task(
+            f"move {src}",
+            lambda: fm.MoveDatastoreFile_Task(
+                sourceName=src, sourceDatacenter=dc, destinationName=dst, destinationDatacenter=dc, force=True
+            ),
+        )
+
+    def write_file(self, ds_path: str, data: bytes) -> None:
+        """Write a small file (.vmx, .nvram, descriptor) atomically: a temporary file next to it, then
+        renamed over it, so a reader or a crash never sees half a .vmx."""
+        tmp = ds_path + ".esxi-reconciler.tmp"
+        if self.shell is not None:
+            self._ssh().run(["sh", "-c", 'cat > "$1"', "sh", vmfs_path(tmp)], stdin=data, timeout=120)
+        else:
+            reader = self._https_reader(streams=1)
+            try:
+                reader.put_file(tmp, [data], len(data))
+            finally:
+                reader.close()
+        self.move_file(tmp, ds_path)
+
+    def create_disk(
+        self,
+        descriptor: str,
+        capacity: int,
+        *,
+        thin: bool = True,
+        adapter: str = "lsilogic",
+        hw_version: str = "14",
+    ) -> str:
+        """Create an empty flat disk ``[ds] dir/name.vmdk`` of exactly ``capacity`` bytes and return the
+        datastore path of its raw extent (``name-flat.vmdk``). SSH: ``vmkfstools -c`` (thin or
+        zeroedthick). API: the descriptor is uploaded; the extent is created by :meth:`write_disk`."""
+        if capacity % 512:
+            raise ValueError(f"disk capacity {capacity} is not a multiple of 512")
+        stem = posixpath.basename(split_ds_path(descriptor)[1])
+        if not stem.lower().endswith(".vmdk"):
+            raise ValueError(f"not a .vmdk name: {descriptor!r}")
+        flat_name = stem[:-5] + "-flat.vmdk"
+        if self.shell is not None:
+            argv = ["vmkfstools", "-c", f"{capacity}b", "-d", "thin" if thin else "zeroedthick"]
+            try:
+                self._ssh().run([*argv, vmfs_path(descriptor)], timeout=3600, retry=False)
+            except CommandError as exc:
+                raise EsxiError(f"creating disk {descriptor}: {exc}") from exc
+            desc = self.read_descriptor(descriptor)
+            extent = desc.flat_extent
+            if extent is None or extent.file_name is None or desc.capacity != capacity:
+                raise EsxiError(f"vmkfstools made {descriptor} with {desc.capacity} bytes, not {capacity}")
+            return _ds_join(_dir_of(descriptor), extent.file_name)
+        text = vmfs_descriptor(flat_name, capacity, thin=thin, adapter=adapter, hw_version=hw_version)
+        self.write_file(descriptor, text.encode("utf-8"))
+        return _ds_join(_dir_of(descriptor), flat_name)
+
+    def delete_disk(self, descriptor: str) -> None:
+        """Delete a base disk: descriptor, extents and change-tracking file."""
+        try:
+            desc = self.read_descriptor(descriptor)
+        except EsxiError:
+            desc = None
+        files = [descriptor]
+        if desc is not None:
+            names = [e.file_name for e in desc.extents if e.file_name]
+            if desc.change_track_path:
+                names.append(desc.change_track_path)
+            files += [_ds_join(_dir_of(descriptor), n) for n in names]
+        for f in files:
+            self.delete_path(f)
+
+    def write_disk(
+        self,
+        data_file: str,
+        capacity: int,
+        pieces: Iterable[tuple[int, bytes]],
+        on_written: Callable[[int, int], None] | None = None,
+    ) -> None:
+        """Write ``(offset, bytes)`` pieces (ascending; what is not given stays zero) into the raw extent
+        made by :meth:`create_disk`: ``dd`` over SSH (holes skipped), else one HTTPS PUT of the whole
+        file (holes sent as zeros)."""
+        if self.shell is not None:
+            writer = SshDdWriter(self._ssh().new_connection)
+            try:
+                writer.write(vmfs_path(data_file), pieces, on_written)
+            finally:
+                writer.close()
+            return
+        reader = self._https_reader(streams=1)
+        try:
+            reader.put_file(data_file, _with_zeros(pieces, capacity, on_written), capacity)
+        finally:
+            reader.close()
+
+    def file_sha256(self, ds_path: str, *, timeout: float = 3600.0) -> str:
+        """SHA-256 (hex) of a datastore file. Over SSH it is computed on the host (``sha256sum``, else
+        the host's Python): only 64 bytes cross the network instead of the whole disk. Without SSH the
+        file is read back over HTTPS and hashed here."""
+        if self.shell is not None:
+            path = vmfs_path(ds_path)
+            res = self._ssh().run(["sha256sum", path], timeout=timeout, check=False)
+            if res.exit_status != 0:
+                res = self._ssh().run(["python", "-c", _SHA256_PROGRAM, path], timeout=timeout)
+            digest = res.text.split(maxsplit=1)[0] if res.text.strip() else ""
+            if not re.fullmatch(r"[0-9a-f]{64}", digest):
+                raise ProtocolError(f"unexpected digest output for {ds_path}: {res.text[:120]!r}")
+            return digest
+        reader = self._https_reader(streams=4)
+        try:
+            size = reader.size(ds_path)
+            h = hashlib.sha256()
+            for _, data in reader.read(ds_path, [(0, size)]):
+                h.update(data)
+            return h.hexdigest()
+        finally:
+            reader.close()
+
+    def reload_vm(self, vm: VmInfo | str, *, timeout: float = 300.0) -> VmInfo:
+        """Make the host re-read the VM's .vmx after an edit (VM powered off) and return the VM:
+        ``vim-cmd vmsvc/reload`` over SSH; without SSH the VM is unregistered and registered again from
+        the same .vmx (the API's ``Reload`` refreshes only hostd's view and the lab does not implement
+        ``ReloadVirtualMachineFromPath``), which keeps its identity (the .vmx holds the UUIDs) but gives
+        it a new vmid."""
+        info = self.vm(_vmid(vm))
+        if self.shell is not None:
+            self._ssh().run(vimcmd.reload(info.vmid), timeout=timeout, retry=False)
+            return self.vm(info.vmid)
+        if info.power_state != "poweredOff":
+            raise EsxiError(f"VM {info.name!r} must be powered off to reload its .vmx")
+        self.unregister_vm(info, timeout=timeout)
+        return self.register_vm(info.vmx_path, timeout=timeout)
+
+
+_SHA256_PROGRAM = (
+    "import hashlib,sys\n"
+    "h=hashlib.sha256()\n"
+    "f=open(sys.argv[1],'rb')\n"
+    "for b in iter(lambda:f.read(1<<20),b''):h.update(b)\n"
+    "print(h.hexdigest())\n"
+)
+
+
+def _with_zeros(
+    pieces: Iterable[tuple[int, bytes]], capacity: int, on_written: Callable[[int, int], None] | None
+) -> Iterator[bytes]:
+    """The whole file as a byte stream: the pieces with zeros in between and up to ``capacity``."""
+    zero = bytes(1 << 20)
+    pos = 0
+
+    def gap(end: int) -> Iterator[bytes]:
+        nonlocal pos
+        while pos < end:
+            n = min(len(zero), end - pos)
+            yield zero[:n]
+            pos += n
+
+    for off, data in pieces:
+        if off < pos:
+            raise ValueError(f"pieces out of order at {off}")
+        yield from gap(off)
+        yield data
+        pos += len(data)
+        if on_written is not None:
+            on_written(off, len(data))
+    if pos > capacity:
+        raise ValueError(f"data past the end of the disk ({pos} > {capacity})")
+    yield from gap(capacity)

@@ -176,7 +176,9 @@ class HttpsRangeReader:
         headers = self._headers()
         if range_header:
             headers["Range"] = range_header
-        resp = self.pool.request("GET", self._url(ds_path), headers=headers, preload_content=True)
+        resp = self.pool.request(
+            "GET", self._url(ds_path), headers=headers, preload_content=True, redirect=False
+        )
         if resp.status == 401 and "Cookie" in headers and self._user is not None:
             with self._lock:  # the cookie expired or was refused: Basic auth, then its cookie
                 if self._cookie == headers["Cookie"]:
@@ -214,6 +216,27 @@ class HttpsRangeReader:
         return ordered_parallel(
             pieces(extents, self.piece_size), lambda o, n: self._get(ds_path, o, n), self.streams
         )
+
+    def put_file(self, ds_path: str, body: Iterable[bytes], size: int, *, timeout: float = 3600.0) -> None:
+        """Upload a whole file with one streamed ``PUT /folder/...`` of ``size`` bytes (the only way to
+        write a datastore file over the API: ``/folder`` has no ranged PUT, so a restore sends the holes
+        as zeros). Not retried: the body is a one-shot stream."""
+        headers = self._headers()
+        headers["Content-Length"] = str(size)
+        headers["Content-Type"] = "application/octet-stream"
+        resp = self.pool.urlopen(
+            "PUT",
+            self._url(ds_path),
+            body=iter(body),
+            headers=headers,
+            retries=False,
+            timeout=urllib3.Timeout(connect=30.0, read=timeout),
+            preload_content=True,
+            chunked=False,
+        )
+        if resp.status not in (200, 201, 204):
+            raise TransportError(f"PUT {ds_path}: HTTP {resp.status}")
+        self._remember_cookie(resp)
 
     def close(self) -> None:
         self.pool.close()
@@ -304,3 +327,70 @@ class SshDdReader:
         for conn in conns:
             with contextlib.suppress(Exception):
                 conn.close()
+
+
+class SshDdWriter:
+    """Writes disk data into an existing raw file on the host with ``dd of=PATH bs=B seek=S
+    conv=notrunc`` fed over SSH stdin: one ``dd`` per run of contiguous pieces (holes are skipped, so a
+    thin disk stays thin), a new connection after :data:`ROTATE_BYTES` (see the module doc)."""
+
+    def __init__(self, connect: Callable[[], ShellConnection], *, timeout: float = 600.0) -> None:
+        self._connect = connect
+        self.timeout = timeout
+        self._conn: ShellConnection | None = None
+        self._used = 0
+
+    def _connection(self, length: int) -> ShellConnection:
+        if self._conn is None or not self._conn.active or self._used + length > ROTATE_BYTES:
+            if self._conn is not None:
+                self._conn.close()
+            self._conn = self._connect()
+            self._used = 0
+        self._used += length
+        return self._conn
+
+    def write(
+        self,
+        path: str,
+        data: Iterable[tuple[int, bytes]],
+        on_written: Callable[[int, int], None] | None = None,
+        *,
+        run_limit: int = 256 * MiB,
+    ) -> None:
+        """Write ``(offset, bytes)`` pieces (ascending, non-overlapping) into ``path`` (a
+        ``/vmfs/volumes`` path); ``on_written(offset, length)`` after each piece was sent."""
+        run: list[tuple[int, bytes]] = []
+        run_bytes = 0
+        for off, piece in data:
+            if run and (run[-1][0] + len(run[-1][1]) != off or run_bytes + len(piece) > run_limit):
+                self._run(path, run, on_written)
+                run, run_bytes = [], 0
+            run.append((off, piece))
+            run_bytes += len(piece)
+        if run:
+            self._run(path, run, on_written)
+
+    def _run(
+        self, path: str, run: list[tuple[int, bytes]], on_written: Callable[[int, int], None] | None
+    ) -> None:
+        start = run[0][0]
+        total = sum(len(p) for _, p in run)
+        bs = dd_block(start, start)  # the seek must be whole blocks; short pipe reads are fine for dd
+        line = command_line(["dd", f"of={path}", f"bs={bs}", f"seek={start // bs}", "conv=notrunc"])
+        line += " 2>/dev/null"
+        conn = self._connection(total)
+        try:
+            with conn.stream(line, timeout=self.timeout) as stream:
+                for off, piece in run:
+                    stream.write(piece)
+                    if on_written is not None:
+                        on_written(off, len(piece))
+                stream.close_stdin()
+        except ShellError as exc:
+            raise TransportError(f"dd into {path} at {start}+{total}: {exc}") from exc
+
+    def close(self) -> None:
+        if self._conn is not None:
+            with contextlib.suppress(Exception):
+                self._conn.close()
+            self._conn = None

@@ -13,9 +13,11 @@ Writing does the same (no escaping). A newline in a name cannot be represented a
 from __future__ import annotations
 
 import re
+import secrets
 from dataclasses import dataclass, field
 
 from reconciler.esxi.errors import ProtocolError
+from reconciler.esxi.vmx import new_vmx_uuid
 
 SECTOR = 512
 NO_PARENT = "ffffffff"
@@ -155,3 +157,55 @@ class Descriptor:
             _check_name(value)
             lines.append(f'{key} = "{value}"')
         return "\n".join(lines) + "\n"
+
+
+def new_cid() -> str:
+    """A random content id (8 hex digits, never ``ffffffff``)."""
+    while True:
+        cid = secrets.token_hex(4)
+        if cid != NO_PARENT:
+            return cid
+
+
+def flat_descriptor(
+    flat_name: str,
+    capacity: int,
+    *,
+    create_type: str = "vmfs",
+    thin: bool = True,
+    adapter: str = "lsilogic",
+    hw_version: str = "14",
+) -> Descriptor:
+    """The descriptor of a new base disk whose data is the raw file ``flat_name``: ``createType="vmfs"``
+    with a ``VMFS`` extent (on a datastore) or ``"monolithicFlat"`` with a ``FLAT`` extent at offset 0
+    (hosted products, ``qemu-img``, VirtualBox)."""
+    if capacity % SECTOR:
+        raise ValueError(f"capacity {capacity} is not a multiple of {SECTOR}")
+    _check_name(flat_name)
+    sectors = capacity // SECTOR
+    extent_type = "VMFS" if create_type == "vmfs" else "FLAT"
+    ddb = {"ddb.adapterType": adapter, "ddb.virtualHWVersion": hw_version, "ddb.uuid": new_vmx_uuid()}
+    if create_type != "vmfs":  # hosted tools want a geometry
+        cylinders = min(65535, max(1, sectors // (255 * 63)))
+        ddb.update({"ddb.geometry.cylinders": str(cylinders), "ddb.geometry.heads": "255"})
+        ddb["ddb.geometry.sectors"] = "63"
+    if thin and create_type == "vmfs":
+        ddb["ddb.thinProvisioned"] = "1"
+    return Descriptor(
+        header={
+            "version": "1",
+            "encoding": "UTF-8",
+            "CID": new_cid(),
+            "parentCID": NO_PARENT,
+            "createType": create_type,
+        },
+        extents=[Extent("RW", sectors, extent_type, flat_name, 0)],
+        ddb=ddb,
+    )
+
+
+def vmfs_descriptor(
+    flat_name: str, capacity: int, *, thin: bool = True, adapter: str = "lsilogic", hw_version: str = "14"
+) -> str:
+    """Text of a ``createType="vmfs"`` descriptor for a datastore (see :func:`flat_descriptor`)."""
+    return flat_descriptor(flat_name, capacity, thin=thin, adapter=adapter, hw_version=hw_version).dumps()

@@ -15,6 +15,7 @@ and reported as such.
 from __future__ import annotations
 
 import re
+import secrets
 from dataclasses import dataclass
 
 from reconciler.esxi.errors import ProtocolError
@@ -189,3 +190,70 @@ class VmxFile:
         self.set("ctkEnabled", flag)
         for disk in self.disks():
             self.set(f"{disk.node}.ctkEnabled", flag)
+
+
+_IDENTITY_KEYS = ("uuid.bios", "uuid.location", "vc.uuid")
+
+
+def new_vmx_uuid() -> str:
+    """A random UUID in VMware's spelling (``56 4d 9a … 1c-4e 2b …``: 8 bytes, dash, 8 bytes), as in
+    ``uuid.bios`` and a descriptor's ``ddb.uuid``."""
+    raw = secrets.token_bytes(16)
+    return " ".join(f"{b:02x}" for b in raw[:8]) + "-" + " ".join(f"{b:02x}" for b in raw[8:])
+
+
+_ETHERNET = re.compile(r"^(ethernet\d+)\.present$", re.IGNORECASE)
+_CTK = re.compile(r"^(?:ctkEnabled|(?:scsi|sata|ide|nvme)\d+:\d+\.ctkEnabled)$", re.IGNORECASE)
+
+
+def prepare_restored_vmx(
+    vmx: VmxFile,
+    *,
+    display_name: str,
+    disk_files: dict[str, str],
+    nvram: str | None,
+    keep_identity: bool,
+) -> list[str]:
+    """Rewrite a backed-up .vmx (in place) for a VM restored beside the original: ``displayName``, each
+    restored disk's ``fileName`` (``disk_files``: node → file name), ``nvram``; CBT keys removed (the
+    restored disks have no change tracking; the reconciler switches it on again); and unless
+    ``keep_identity``: new BIOS and vCenter UUIDs (written right away, so the VM's uuid does not change
+    when the host re-reads the .vmx), ``uuid.location`` and MAC addresses removed so ESXi generates new
+    ones, ``uuid.action = "create"`` (with ``keep_identity``: ``"keep"``, which also avoids the "moved or
+    copied?" question). Disks of the .vmx that are not restored are switched off (``present = FALSE``).
+    Returns the nodes switched off."""
+    vmx.set("displayName", display_name)
+    if nvram is not None:
+        vmx.set("nvram", nvram)
+    elif "nvram" in vmx:
+        vmx.remove("nvram")
+    dropped = []
+    for disk in vmx.disks(include_independent=True):
+        if disk.node.lower() in {n.lower() for n in disk_files}:
+            continue
+        vmx.set(f"{disk.node}.present", "FALSE")
+        dropped.append(disk.node)
+    for node, name in disk_files.items():
+        vmx.set(f"{node}.fileName", name)
+    for key, _ in vmx.items():
+        if _CTK.match(key):
+            vmx.remove(key)
+    for key in ("sched.swap.derivedName", "migrate.hostLog"):
+        vmx.remove(key)  # point into the original VM's folder
+    if keep_identity:
+        vmx.set("uuid.action", "keep")
+        return dropped
+    for key in _IDENTITY_KEYS:
+        vmx.remove(key)
+    vmx.set("uuid.bios", new_vmx_uuid())  # written now, so the VM's uuid is stable from the start
+    vmx.set("vc.uuid", new_vmx_uuid())
+    for key, _ in vmx.items():
+        m = _ETHERNET.match(key)
+        if m is None:
+            continue
+        nic = m.group(1)
+        for suffix in ("address", "generatedAddress", "generatedAddressOffset"):
+            vmx.remove(f"{nic}.{suffix}")
+        vmx.set(f"{nic}.addressType", "generated")
+    vmx.set("uuid.action", "create")
+    return dropped

@@ -24,6 +24,7 @@ from reconciler import cli
 from reconciler.config import load_config
 from reconciler.config.model import DesiredState
 from reconciler.engine.backup import BackupOptions, VmResult, backup_policy, open_repository
+from reconciler.engine.restore import disk_content
 from reconciler.engine.vmlock import vm_lock
 from reconciler.esxi.host import BackupSnapshot, EsxiHost, FrozenDisk, sigterm_raises
 from reconciler.esxi.hostdigest import request
@@ -62,16 +63,6 @@ def env(lab: LabHandle, tmp_path_factory: pytest.TempPathFactory) -> Env:
 
 def sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-def restored(repo: Repository, point: RestorePoint, key: int) -> bytes:
-    (disk,) = [d for d in point.disks if d.key == key]
-    index = repo.read_index(disk.index)
-    out = bytearray()
-    for slot in range(index.count):
-        out += repo.read_chunk(index[slot])[: index.chunk_length(slot)]
-    assert len(out) == disk.capacity
-    return bytes(out)
 
 
 @dataclass
@@ -136,7 +127,7 @@ def check_restores(env: Env, results: list[VmResult], capture: Capture) -> list[
         point = env.repo.read_point(res.point_id)
         assert point.status == "success" and point.vm.name == res.vm
         for disk in point.disks:
-            assert sha(restored(env.repo, point, disk.key)) == capture.frozen[(res.vm, disk.key)], (
+            assert sha(disk_content(env.repo, point, disk.key)) == capture.frozen[(res.vm, disk.key)], (
                 res.vm,
                 disk.key,
             )

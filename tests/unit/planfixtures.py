@@ -83,12 +83,15 @@ spec:
 {textwrap.indent(textwrap.dedent(extra), "  ")}"""
 
 
-def verify_doc(name: str, *, repository: str = "nas", schedule: str = '{daily: {at: "05:00"}}') -> str:
+def verify_doc(
+    name: str, *, repository: str = "nas", schedule: str = '{daily: {at: "05:00"}}', test_restore: str = ""
+) -> str:
+    extra = f", test_restore: {test_restore}" if test_restore else ""
     return f"""---
 apiVersion: esxi-reconciler/v1
 kind: VerifyPolicy
 metadata: {{name: {name}}}
-spec: {{repository: {repository}, schedule: {schedule}, read_data_percent: 10}}
+spec: {{repository: {repository}, schedule: {schedule}, read_data_percent: 10{extra}}}
 """
 
 

@@ -17,6 +17,7 @@ from reconciler.engine.actions import (
     PrunePoint,
     RemoveSnapshot,
     RunBackup,
+    RunTestRestore,
     RunVerify,
     SetCbt,
 )
@@ -589,6 +590,40 @@ def test_verify_after_a_backup_policy(tmp_path: Path) -> None:
     result = plan(desired, observed(NOW, hosts, points, history=history))
     assert kinds(result) == ["verify"]
     assert plan(desired, observed(NOW, hosts, points[:0], history=history)).actions[-1].kind == "backup"
+
+
+def test_test_restore_of_the_newest_successful_point_of_each_vm(tmp_path: Path) -> None:
+    desired = load_desired(
+        tmp_path,
+        policy_doc("web", "esxi1", ["web01", "db 01"]),
+        verify_doc("check", test_restore="{host: esxi1, datastore: datastore1}"),
+    )
+    hosts = [host("esxi1", [vm("web01"), vm("db 01")])]
+    points = [
+        point("web", "web01", at("2026-11-25 02:00")),
+        point("web", "web01", at("2026-11-26 02:00")),
+        point("web", "db 01", at("2026-11-26 02:00")),
+    ]
+    failed = replace(point("web", "db 01", at("2026-11-26 03:00")), status="failed")
+    result = plan(desired, observed(at("2026-11-26 05:00"), hosts, [*points, failed]))
+    assert kinds(result) == ["verify", "test-restore", "test-restore"]
+    tests = [a for a in result.actions if isinstance(a, RunTestRestore)]
+    assert [(t.vm, t.point_id, t.host_name, t.datastore) for t in tests] == [
+        ("db 01", points[2].id, "esxi1", "datastore1"),
+        ("web01", points[1].id, "esxi1", "datastore1"),
+    ]
+    (tmp_path / "named").mkdir()
+    named = load_desired(
+        tmp_path / "named",
+        policy_doc("web", "esxi1", ["web01"]),
+        verify_doc("check", test_restore="{host: esxi1, vms: [web01, gone]}"),
+    )
+    result = plan(named, observed(at("2026-11-26 05:00"), hosts, points))
+    assert [a.vm for a in result.actions if isinstance(a, RunTestRestore)] == ["web01"]
+    assert any("'gone' has no successful restore point" in n.message for n in result.notices)
+    down_host = plan(named, observed(at("2026-11-26 05:00"), [down("esxi1")], points))
+    assert kinds(down_host) == ["verify"]
+    assert any("no test restore" in n.message for n in down_host.notices)
 
 
 # -- the plan as a whole -------------------------------------------------------------------------------

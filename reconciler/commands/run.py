@@ -1,0 +1,94 @@
+"""``esxi-reconciler run``: the daemon (see :mod:`reconciler.daemon`)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from datetime import timedelta
+
+from reconciler.cli import add_command, config_dir, state_dir
+
+_RUN_EXAMPLES = """\
+examples:
+  esxi-reconciler run                       reconcile until stopped (what the systemd unit runs)
+  esxi-reconciler run --once                one cycle (observe, plan, apply), then exit
+  esxi-reconciler run --resync 15m --stop-timeout 5m
+
+signals: SIGHUP re-reads the config now; SIGTERM or SIGINT cancels running
+backups (their snapshots are removed), waits at most --stop-timeout and exits 0;
+a second SIGTERM exits at once. Under systemd (Type=notify) it reports READY,
+STATUS and WATCHDOG pings. One daemon per state directory (daemon.lock).
+
+exit codes: 0 stopped by a signal (or --once and nothing failed), 1 another
+daemon holds the state directory (or --once and an action failed), 2 --once
+with an invalid config.
+"""
+
+
+def _duration(text: str) -> timedelta:
+    from reconciler.config import parse_interval
+
+    try:
+        value = parse_interval(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    if value <= timedelta(0):
+        raise argparse.ArgumentTypeError(f"{text!r} must be longer than zero")
+    return value
+
+
+def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = add_command(
+        commands,
+        "run",
+        help="run the reconciler daemon",
+        description="Keep reality matching the config: watch the config directory, and on every change, "
+        "SIGHUP, resync or due job observe the hosts and repositories, plan and apply what is due. "
+        "An invalid config is reported and the last good one keeps running.",
+        epilog=_RUN_EXAMPLES,
+        handler=cmd_run,
+    )
+    parser.add_argument("--once", action="store_true", help="run one cycle, then exit")
+    parser.add_argument(
+        "--resync",
+        metavar="DURATION",
+        type=_duration,
+        default=timedelta(minutes=5),
+        help="re-observe at least this often even without file events (jittered ±10%%); default: 5m",
+    )
+    parser.add_argument(
+        "--stop-timeout",
+        metavar="DURATION",
+        type=_duration,
+        default=timedelta(seconds=120),
+        help="on SIGTERM, wait at most this long for running backups to unwind; default: 120s "
+        "(keep systemd's TimeoutStopSec= above it)",
+    )
+    parser.add_argument(
+        "--debounce",
+        metavar="DURATION",
+        type=_duration,
+        default=timedelta(seconds=2),
+        help="quiet period after config file events before re-reading; default: 2s",
+    )
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from reconciler.daemon import Daemon
+
+    daemon = Daemon(
+        config_dir(args),
+        state_dir(args),
+        resync=args.resync.total_seconds(),
+        debounce=args.debounce.total_seconds(),
+        stop_timeout=args.stop_timeout.total_seconds(),
+        once=args.once,
+    )
+    code = daemon.run()
+    if daemon.abandoned:
+        # A cycle thread is still inside a host call: do not let interpreter shutdown wait for it.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code

@@ -1,0 +1,127 @@
+"""One reconcile cycle: history → observe → plan → record → apply → outcomes → conditions.
+
+The daemon calls a :data:`Cycle` with a :class:`CycleContext`; :func:`reconcile` is the real one. Tests
+inject their own to drive the loop without hosts. Everything a cycle learns goes to the status store
+as it happens (each outcome when it arrives), so a crash loses nothing already done.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TypeVar
+
+import structlog
+
+from reconciler.config.model import DesiredState
+from reconciler.engine.actions import Outcome
+from reconciler.status.conditions import Condition, derive_conditions
+from reconciler.status.store import StatusStore
+
+log = structlog.get_logger(__name__)
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class CycleContext:
+    """What one cycle works with. ``cancel`` is set on SIGTERM: running work unwinds (snapshots are
+    removed) and no new action starts."""
+
+    desired: DesiredState
+    store: StatusStore
+    cancel: threading.Event
+    now: datetime
+    state_dir: Path
+    number: int = 1
+    clock: Callable[[], datetime] = field(default=lambda: datetime.now(timezone.utc))
+    """The daemon's clock: what "now" is for schedules while the cycle runs (``now`` is its start)."""
+
+
+@dataclass(frozen=True)
+class CycleResult:
+    """``ok``: nothing failed. ``summary``: one line for ``systemctl status``. ``next_due``: when the
+    earliest scheduled job becomes due (the loop wakes then, not only at the resync)."""
+
+    ok: bool
+    summary: str
+    next_due: datetime | None = None
+
+
+Cycle = Callable[[CycleContext], CycleResult]
+
+
+def _log_changes(before: list[Condition], after: list[Condition]) -> None:
+    """One log event per object whose status or reason changed (the journal tells the story)."""
+    old = {c.key: c for c in before}
+    for condition in after:
+        previous = old.get(condition.key)
+        if previous is None or (previous.status, previous.reason) != (condition.status, condition.reason):
+            level = log.warning if condition.status == "Stalled" else log.info
+            level(
+                "condition.changed",
+                kind=condition.kind,
+                name=condition.name,
+                status=condition.status,
+                reason=condition.reason,
+                message=condition.message,
+            )
+
+
+def _guarded(what: str, write: Callable[[], T], default: T) -> T:
+    """Run a status-store write; its failure (disk full, a bug in a derivation) is logged and never
+    keeps the backups themselves from running."""
+    try:
+        return write()
+    except Exception:
+        log.exception("status.write_failed", what=what)
+        return default
+
+
+def reconcile(ctx: CycleContext) -> CycleResult:
+    """The daemon's cycle against real hosts and repositories."""
+    from reconciler.engine.apply import apply
+    from reconciler.engine.observe import observe
+    from reconciler.engine.plan import plan
+
+    desired, store = ctx.desired, ctx.store
+    revision = desired.revision.id
+    observed = observe(desired, now=ctx.now, history=store.history(revision))
+    the_plan = plan(desired, observed)
+    log.info(
+        "cycle.planned",
+        revision=revision,
+        actions=len(the_plan.actions),
+        notices=len(the_plan.notices),
+        next_due=the_plan.next_due.isoformat() if the_plan.next_due else None,
+    )
+    _guarded("plan", lambda: store.record_plan(the_plan), None)
+    none: list[Condition] = []
+    before = _guarded("conditions", store.conditions, none)
+    due = _guarded("conditions", lambda: derive_conditions(desired, observed, plan=the_plan), none)
+    _guarded("conditions", lambda: store.replace_conditions(due, keep_kinds=("config",)), None)
+
+    def record(outcome: Outcome) -> None:
+        _guarded("outcome", lambda: store.record_outcome(outcome, revision), None)
+
+    outcomes = apply(the_plan, desired, cancel=ctx.cancel, on_outcome=record, clock=ctx.clock)
+
+    def conclude() -> list[Condition]:
+        after = derive_conditions(
+            desired, observed, plan=the_plan, outcomes=outcomes, history=store.history(revision)
+        )
+        store.replace_conditions(after, keep_kinds=("config",))
+        return after
+
+    after = _guarded("conditions", conclude, none)
+    _log_changes(before, after)
+    failed = sum(o.status == "failed" for o in outcomes)
+    done = sum(o.ok for o in outcomes)
+    stalled = sum(c.status == "Stalled" for c in after)
+    summary = (
+        f"{done} done, {failed} failed, {len(the_plan.actions) - done - failed} not run; {stalled} stalled"
+    )
+    return CycleResult(ok=failed == 0, summary=summary, next_due=the_plan.next_due)

@@ -1,0 +1,362 @@
+"""The loop of ``esxi-reconciler run``: keep reality matching the config, for months, whatever happens.
+
+Level-triggered: a file event, ``SIGHUP``, the resync timer and a job becoming due all mean the same,
+"re-read the config, then observe, plan and apply what is due" (:mod:`.cycle`). The loop thread does
+only cheap things (config loads, timers, signals, systemd pings); a cycle runs in a worker thread, so a
+backup of several hours neither blocks reloads nor starves the watchdog, while a hung loop thread does
+stop the ``WATCHDOG=1`` pings and systemd restarts the service.
+
+Never stops on a bad day: an invalid config keeps the last good one running (the first one invalid: run
+with nothing until it is fixed), an exception in a cycle is logged and the next cycle runs as planned.
+"""
+
+from __future__ import annotations
+
+import random
+import signal
+import threading
+import time
+from collections.abc import Callable
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import structlog
+
+from reconciler.config import ConfigError, ConfigIssue, DesiredState, load_config
+from reconciler.daemon import signals
+from reconciler.daemon.cycle import Cycle, CycleContext, CycleResult, reconcile
+from reconciler.daemon.lock import AlreadyRunning, InstanceLock
+from reconciler.daemon.notify import Notifier
+from reconciler.daemon.watch import ConfigWatcher, Debouncer
+from reconciler.status.conditions import Condition, config_condition
+from reconciler.status.store import StatusStore, status_path
+
+log = structlog.get_logger(__name__)
+
+DEFAULT_RESYNC = 300.0
+DEFAULT_DEBOUNCE = 2.0
+DEFAULT_STOP_TIMEOUT = 120.0
+RESYNC_JITTER = 0.1
+"""Each resync interval is drawn from ``resync * [1 - J, 1 + J]``, so two daemons do not beat together."""
+DUE_SLACK = 1.0
+"""Seconds after ``next_due`` the loop wakes, so the planner sees the job as due."""
+DEFAULT_MIN_INTERVAL = 10.0
+"""Least time between the end of a cycle and the next one started by ``next_due`` (a planner that keeps
+saying "due now" must not make the daemon hammer the hosts)."""
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_INVALID_CONFIG = 2
+
+
+def _utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class Daemon:
+    """``Daemon(config_dir, state_dir).run()`` → exit code. Every knob is a parameter for tests:
+    ``cycle`` (default :func:`~reconciler.daemon.cycle.reconcile`), ``clock`` (the "now" a cycle plans
+    for), ``load`` (the config loader), ``notifier`` (systemd), ``watch`` (watchdog on the config dir)."""
+
+    def __init__(
+        self,
+        config_dir: Path,
+        state_dir: Path,
+        *,
+        resync: float = DEFAULT_RESYNC,
+        debounce: float = DEFAULT_DEBOUNCE,
+        stop_timeout: float = DEFAULT_STOP_TIMEOUT,
+        min_interval: float = DEFAULT_MIN_INTERVAL,
+        once: bool = False,
+        watch: bool = True,
+        cycle: Cycle = reconcile,
+        clock: Callable[[], datetime] = _utcnow,
+        load: Callable[[Path], DesiredState] = load_config,
+        notifier: Notifier | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.config_dir = config_dir
+        self.state_dir = state_dir
+        self.resync = resync
+        self.stop_timeout = stop_timeout
+        self.min_interval = min_interval
+        self.once = once
+        self.watch = watch and not once
+        self.cycle = cycle
+        self.clock = clock
+        self.load = load
+        self.notifier = notifier if notifier is not None else Notifier()
+        self.rng = rng or random.Random()
+        self.debouncer = Debouncer(debounce)
+        self.cancel = threading.Event()
+        self.waker = signals.Waker()
+
+        self.desired: DesiredState | None = None
+        self.config_issues: tuple[ConfigIssue, ...] = ()
+        self.cycles = 0
+        """Cycles started so far."""
+        self.last_result: CycleResult | None = None
+        self.abandoned = False
+        """True when run() returned while a cycle was still running (stop timeout): the caller must end
+        the process without waiting for that thread (``os._exit``)."""
+
+        self._stop_signal: int | None = None
+        self._reload_requested = False
+        self._cycle_requested = True
+        self._next_cycle = 0.0
+        self._worker: threading.Thread | None = None
+        self._result: CycleResult | None = None
+        self._store: StatusStore | None = None
+        self._ready_sent = False
+
+    # -- requests (from signal handlers, the watcher thread or tests) -------------------------------
+
+    def request_reload(self) -> None:
+        """SIGHUP: re-read the config now and run a cycle."""
+        self._reload_requested = True
+        self.waker.wake()
+
+    def request_stop(self, signum: int = signal.SIGTERM) -> None:
+        """Cancel running work and exit (at most ``stop_timeout`` later)."""
+        if self._stop_signal is None:
+            self._stop_signal = signum
+        self.cancel.set()
+        self.waker.wake()
+
+    def _stop_signal_received(self, signum: int) -> None:
+        """SIGTERM/SIGINT: the first stops (:meth:`request_stop`), a second one exits at once."""
+        if self._stop_signal is not None:
+            signals.force_exit(signum)
+        self.request_stop(signum)
+
+    def config_changed(self, path: str = "") -> None:
+        """A file event under the config directory (called from the watcher thread)."""
+        self.debouncer.note(time.monotonic())
+        self.waker.wake()
+
+    # -- the loop -----------------------------------------------------------------------------------
+
+    def run(self) -> int:
+        """Run until stopped (or one cycle with ``once``); return the exit code."""
+        lock = InstanceLock(self.state_dir)
+        try:
+            lock.acquire()
+        except AlreadyRunning as exc:
+            log.error("daemon.already_running", pid=exc.pid, lock=str(exc.path), message=str(exc))
+            return EXIT_FAILED
+        restore = signals.install(self.request_reload, self._stop_signal_received)
+        watcher = ConfigWatcher(self.config_dir, self.config_changed) if self.watch else None
+        try:
+            self._store = StatusStore.open(status_path(self.state_dir))
+            if watcher is not None:
+                watcher.start()
+            log.info(
+                "daemon.start",
+                config=str(self.config_dir),
+                state_dir=str(self.state_dir),
+                resync_seconds=self.resync,
+                once=self.once,
+                watchdog_seconds=self.notifier.watchdog_interval,
+            )
+            return self._loop()
+        finally:
+            if watcher is not None:
+                watcher.stop()
+            restore()
+            if self._store is not None and not self.abandoned:
+                self._store.close()
+            lock.release()
+            self.notifier.close()
+
+    def _loop(self) -> int:
+        self._reload()
+        if self.desired is None and self.once:
+            return EXIT_INVALID_CONFIG
+        next_ping = 0.0
+        while True:
+            now = time.monotonic()
+            if self._stop_signal is not None:
+                return self._shutdown()
+            if self._reload_requested:
+                self._reload_requested = False
+                self.notifier.reloading()
+                self._reload()
+                self._cycle_requested = True  # "reload now" also means "reconcile now"
+                self.notifier.ready(self._status_line())
+            if self.debouncer.take(now) and self._reload():
+                self._cycle_requested = True
+            if self._worker is not None and self._result is not None:
+                self._worker.join()  # it has returned its result: only the thread's exit is left
+                self._finish_cycle(now)
+                if self.once:
+                    return EXIT_OK if self.last_result and self.last_result.ok else EXIT_FAILED
+            if self._worker is None and (self._cycle_requested or now >= self._next_cycle):
+                if not self._cycle_requested:
+                    self._reload()  # a resync re-reads the config too (a commit in a parent repo)
+                if self.desired is not None:
+                    self._start_cycle()
+                else:
+                    self._cycle_requested = False
+                    self._next_cycle = now + self.resync
+            if not self._ready_sent:
+                self.notifier.ready(self._status_line())
+                self._ready_sent = True
+            interval = self.notifier.watchdog_interval
+            if interval is not None and now >= next_ping:
+                self.notifier.watchdog()
+                next_ping = now + interval
+            self.waker.wait(self._sleep(now, next_ping if interval is not None else None))
+
+    def _sleep(self, now: float, next_ping: float | None) -> float | None:
+        deadlines = [d for d in (next_ping, self.debouncer.deadline) if d is not None]
+        if self._worker is None:
+            deadlines.append(self._next_cycle)
+        return max(0.0, min(deadlines) - now) if deadlines else None
+
+    # -- config ---------------------------------------------------------------------------------------
+
+    def _reload(self) -> bool:
+        """Re-read the config; True when a different valid config is now in force."""
+        now = self.clock()
+        try:
+            desired = self.load(self.config_dir)
+        except ConfigError as error:
+            issues = error.issues
+        except Exception as exc:  # an unreadable directory or a bug must not stop the daemon
+            log.exception("config.load_failed", config=str(self.config_dir))
+            issues = (ConfigIssue(str(self.config_dir), 0, 0, "", f"cannot be loaded: {exc}"),)
+        else:
+            changed = self.desired is None or desired.revision != self.desired.revision
+            self.desired, self.config_issues = desired, ()
+            for warning in desired.warnings:
+                log.warning("config.warning", issue=str(warning))
+            log.info(
+                "config.loaded" if changed else "config.unchanged",
+                revision=desired.revision.id,
+                hosts=len(desired.hosts),
+                policies=len(desired.policies),
+            )
+            self._set_config_condition(config_condition(now, revision=desired.revision.id, desired=desired))
+            return changed
+        self.config_issues = issues
+        for issue in issues:
+            log.error(
+                "config.invalid",
+                file=issue.file,
+                line=issue.line,
+                column=issue.column,
+                field=issue.path,
+                message=issue.message,
+            )
+        running = self.desired.revision.id if self.desired else None
+        log.error(
+            "config.rejected",
+            errors=len(issues),
+            running_revision=running,
+            action="keeping the last good config" if running else "nothing runs until the config is fixed",
+        )
+        self._set_config_condition(config_condition(now, revision=running, issues=issues))
+        self.notifier.status(self._status_line())
+        return False
+
+    def _set_config_condition(self, condition: Condition) -> None:
+        if self._store is not None:
+            try:
+                self._store.set_condition(condition)
+            except Exception:
+                log.exception("status.write_failed")
+
+    # -- cycles ---------------------------------------------------------------------------------------
+
+    def _start_cycle(self) -> None:
+        assert self.desired is not None and self._store is not None
+        self._cycle_requested = False
+        self.cycles += 1
+        ctx = CycleContext(
+            desired=self.desired,
+            store=self._store,
+            cancel=self.cancel,
+            now=self.clock(),
+            state_dir=self.state_dir,
+            number=self.cycles,
+            clock=self.clock,
+        )
+        log.info("cycle.start", cycle=self.cycles, revision=self.desired.revision.id)
+        self.notifier.status(f"cycle {self.cycles} running (revision {self.desired.revision.id})")
+        self._result = None
+        self._worker = threading.Thread(target=self._run_cycle, args=(ctx,), name="reconcile", daemon=True)
+        self._worker.start()
+
+    def _run_cycle(self, ctx: CycleContext) -> None:
+        started = time.monotonic()
+        result = CycleResult(ok=False, summary="cycle ended abnormally")
+        try:
+            result = self.cycle(ctx)
+        except Exception as exc:
+            log.exception("cycle.failed", cycle=ctx.number, revision=ctx.desired.revision.id)
+            result = CycleResult(ok=False, summary=f"cycle failed: {type(exc).__name__}: {exc}")
+        finally:  # whatever happened, the loop must learn that the cycle is over
+            log.info(
+                "cycle.done",
+                cycle=ctx.number,
+                revision=ctx.desired.revision.id,
+                ok=result.ok,
+                summary=result.summary,
+                seconds=round(time.monotonic() - started, 3),
+            )
+            self._result = result
+            self.waker.wake()
+
+    def _finish_cycle(self, now: float) -> None:
+        self._worker = None
+        self.last_result = self._result
+        delay = self.resync * (1 + RESYNC_JITTER * (2 * self.rng.random() - 1))
+        due = self.last_result.next_due if self.last_result else None
+        if due is not None:
+            until_due = (due - self.clock()).total_seconds() + DUE_SLACK
+            delay = min(delay, max(self.min_interval, until_due))
+        self._next_cycle = now + delay
+        self.notifier.status(self._status_line())
+
+    def _status_line(self) -> str:
+        """One line for ``systemctl status``: the config, the last cycle, the next one."""
+        parts = []
+        if self.config_issues:
+            running = f"running {self.desired.revision.id}" if self.desired else "nothing runs"
+            parts.append(f"config invalid ({len(self.config_issues)} errors, {running})")
+        if self._worker is not None:
+            parts.append(f"cycle {self.cycles} running")
+        elif self.last_result is not None:
+            parts.append(f"cycle {self.cycles}: {self.last_result.summary}")
+            wall = self.clock() + timedelta(seconds=max(0.0, self._next_cycle - time.monotonic()))
+            parts.append(f"next {wall:%Y-%m-%d %H:%M}Z")
+        elif self.desired is None and not self.config_issues:
+            parts.append("no config loaded")
+        return "; ".join(parts) or "starting"
+
+    # -- stopping -------------------------------------------------------------------------------------
+
+    def _shutdown(self) -> int:
+        """Cancel running work and wait for it to unwind, at most ``stop_timeout`` seconds."""
+        self.notifier.stopping()
+        worker = self._worker
+        log.info("daemon.stopping", signal=self._stop_signal, cycle_running=worker is not None)
+        if worker is not None:
+            deadline = time.monotonic() + self.stop_timeout
+            interval = self.notifier.watchdog_interval
+            while worker.is_alive() and time.monotonic() < deadline:
+                if interval is not None:
+                    self.notifier.watchdog()
+                remaining = deadline - time.monotonic()
+                worker.join(min(remaining, interval) if interval is not None else remaining)
+            if worker.is_alive():
+                self.abandoned = True
+                log.warning(
+                    "daemon.stop_timeout",
+                    seconds=self.stop_timeout,
+                    detail="running work abandoned; its snapshots are removed on the next run",
+                )
+            else:
+                self._finish_cycle(time.monotonic())
+        log.info("daemon.stopped", cycles=self.cycles)
+        return EXIT_OK

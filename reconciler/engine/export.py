@@ -1,0 +1,154 @@
+"""Exporting a restore point as local files, importable without any ESXi: the ``.vmx`` (+ ``.nvram``)
+and each disk as a sparse raw image (``raw``: holes stay file holes) or a ``monolithicFlat`` VMDK
+(``vmdk``: descriptor + sparse ``-flat`` file; qemu-img, VirtualBox, Workstation and ``vmkfstools -i``
+read it), or a ``stream-optimized`` VMDK (one compressed file, what OVF/OVA packages carry; see
+:mod:`.vmdkstream`). The .vmx of a VMDK export names the exported disks. Every disk file is read back
+after writing (a stream-optimized one through its grain directory) and its SHA-256 compared with the
+point's content.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import posixpath
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import structlog
+
+from reconciler.engine import vmdkstream
+from reconciler.engine.restore import (
+    ContentHash,
+    RestoreError,
+    disk_nodes,
+    disk_pieces,
+    hashed,
+    point_file,
+    point_vmx,
+    safe_file_name,
+)
+from reconciler.esxi.transport import split_ds_path
+from reconciler.esxi.vmdk import SECTOR, Descriptor, Extent, flat_descriptor
+from reconciler.repository import DiskRecord, Repository, RestorePoint
+
+log = structlog.get_logger(__name__)
+
+FORMATS = ("raw", "vmdk", "stream-optimized")
+
+
+@dataclass(frozen=True)
+class ExportedDisk:
+    label: str
+    path: Path
+    """The raw image, or the VMDK descriptor."""
+    data: Path
+    """The file holding the bytes (the raw image or the ``-flat`` file)."""
+    sha256: str
+
+
+@dataclass
+class ExportResult:
+    point_id: str
+    directory: Path
+    files: list[Path] = field(default_factory=list)
+    disks: list[ExportedDisk] = field(default_factory=list)
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _stream_sha256(path: Path) -> str:
+    """SHA-256 of the disk inside a stream-optimized VMDK, read back through its grain directory."""
+    digest = ContentHash()
+    with path.open("rb") as f:
+        _, capacity, grains = vmdkstream.read(f)
+        for off, data in grains:
+            digest.update(off, data)
+    return digest.hexdigest(capacity)
+
+
+def _descriptor(
+    repo: Repository, point: RestorePoint, disk: DiskRecord, file_name: str, create_type: str
+) -> Descriptor:
+    """A descriptor for an exported disk, keeping the original's adapter type, hardware version and
+    disk UUID (guests may identify disks by it)."""
+    desc = flat_descriptor(file_name, disk.capacity, create_type=create_type)
+    if create_type == "streamOptimized":
+        desc.extents[0] = Extent("RW", disk.capacity // SECTOR, "SPARSE", file_name, 0)
+    stored = point_file(point, posixpath.basename(split_ds_path(disk.file)[1]))
+    if stored is not None:
+        original = Descriptor.parse(repo.read_file(stored).decode("utf-8", "surrogateescape"))
+        for key in ("ddb.adapterType", "ddb.virtualHWVersion", "ddb.uuid"):
+            if key in original.ddb:
+                desc.ddb[key] = original.ddb[key]
+    return desc
+
+
+def export_point(repo: Repository, point: RestorePoint, directory: Path, fmt: str = "raw") -> ExportResult:
+    """Write the point into ``directory`` (created; existing files are never overwritten)."""
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown export format {fmt!r} (one of {', '.join(FORMATS)})")
+    directory.mkdir(parents=True, exist_ok=True)
+    result = ExportResult(point.id, directory)
+    _, vmx = point_vmx(repo, point)
+    nodes = disk_nodes(vmx, point)
+    for disk in sorted(point.disks, key=lambda d: d.key):
+        stem = safe_file_name(posixpath.basename(split_ds_path(disk.file)[1]))
+        stem = stem[:-5] if stem.lower().endswith(".vmdk") else stem
+        data_path = directory / (f"{stem}.img" if fmt == "raw" else f"{stem}-flat.vmdk")
+        main = data_path if fmt == "raw" else directory / f"{stem}.vmdk"
+        if fmt == "stream-optimized":
+            data_path = main
+        for p in {main, data_path}:
+            if p.exists():
+                raise RestoreError(f"{p} already exists; export into an empty directory")
+        digest = ContentHash()
+        if fmt == "stream-optimized":
+            desc = _descriptor(repo, point, disk, main.name, "streamOptimized")
+            with main.open("xb") as f:
+                vmdkstream.write(f, disk.capacity, hashed(disk_pieces(repo, disk), digest), desc)
+            expected = digest.hexdigest(disk.capacity)
+            actual = _stream_sha256(main)
+        else:
+            with data_path.open("xb") as f:
+                f.truncate(disk.capacity)  # a sparse file: what is never written stays a hole
+                for off, data in hashed(disk_pieces(repo, disk), digest):
+                    os.pwrite(f.fileno(), data, off)
+            expected = digest.hexdigest(disk.capacity)
+            actual = _file_sha256(data_path)
+        if actual != expected:
+            raise RestoreError(f"{data_path}: SHA-256 {actual} differs from the restore point's {expected}")
+        if fmt == "vmdk":
+            desc = _descriptor(repo, point, disk, data_path.name, "monolithicFlat")
+            main.write_text(desc.dumps(), encoding="utf-8")
+            Descriptor.parse(main.read_text(encoding="utf-8"))  # what we wrote must parse
+        if fmt != "raw":
+            vmx.set(f"{nodes[disk.key]}.fileName", main.name)
+            if main != data_path:
+                result.files.append(main)
+        result.files.append(data_path)
+        result.disks.append(ExportedDisk(disk.label, main, data_path, expected))
+        log.info("export.disk", disk=disk.label, path=str(main), sha256=expected)
+    for stored in point.files:
+        if stored.name.lower().endswith(".nvram"):
+            result.files.append(_create(directory / safe_file_name(stored.name), repo.read_file(stored)))
+    vmx_file = next(f for f in point.files if f.name.lower().endswith(".vmx"))
+    # raw images are not disks a .vmx can name: the backed-up .vmx as it was
+    text = vmx.dumps().encode("utf-8", "surrogateescape") if fmt != "raw" else repo.read_file(vmx_file)
+    result.files.append(_create(directory / safe_file_name(vmx_file.name), text))
+    return result
+
+
+def _create(path: Path, data: bytes) -> Path:
+    try:
+        with path.open("xb") as f:
+            f.write(data)
+    except FileExistsError:
+        raise RestoreError(f"{path} already exists; export into an empty directory") from None
+    return path

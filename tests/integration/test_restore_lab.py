@@ -1,0 +1,434 @@
+"""Restore against the lab, free (SSH) and licensed (API + HTTPS, SSH disabled) hosts: restored disks
+equal the snapshot-time content (the guest writes after the backup), new VMs get a new identity,
+overwrite is refused without ``--overwrite``, survives SIGKILL mid-write with the original intact,
+and the next backup after an overwrite is correct; ``--disk`` and ``--test``."""
+
+from __future__ import annotations
+
+import hashlib
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from esxisim.handle import LabHandle
+from reconciler import cli
+from reconciler.config import load_config
+from reconciler.config.model import DesiredState
+from reconciler.engine.backup import BackupOptions, backup_policy, open_repository
+from reconciler.engine.restore import (
+    RestoreOptions,
+    disk_content,
+    restore_new_vm,
+    restore_overwrite,
+    test_restore,
+)
+from reconciler.esxi.host import BackupSnapshot, EsxiHost
+from reconciler.esxi.vmx import VmxFile
+from reconciler.repository import KdfParams, Repository, RestorePoint
+from tests.integration.labconfig import PASSPHRASE, policy_yaml, write_lab_config
+
+pytestmark = [pytest.mark.lab, pytest.mark.usefixtures("restore_logging")]
+
+HOSTILE = 'ファイル鯖 "q" $(x)'
+SCRATCH_API = "app201 scratch"
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+@dataclass
+class Env:
+    lab: LabHandle
+    config: Path
+    desired: DesiredState
+    repo: Repository
+    frozen: dict[tuple[str, int], str] = field(default_factory=dict)
+
+    def on_snapshot(self, host: EsxiHost, bs: BackupSnapshot) -> None:
+        lab_host = self.lab.free if host.name == self.lab.free else self.lab.licensed
+        for disk in bs.disks:
+            data = self.lab.local_path(lab_host, disk.data_file).read_bytes()
+            self.frozen[(bs.vm.name, disk.key)] = sha(data)
+
+    def backup(self, policy: str, vm: str | None = None) -> RestorePoint:
+        (res,) = backup_policy(
+            self.desired, policy, vm=vm, options=BackupOptions(on_snapshot=self.on_snapshot)
+        )
+        assert res.ok and res.point_id, res.error
+        return self.repo.read_point(res.point_id)
+
+    def cli(self, *args: str) -> int:
+        return cli.main(["--config", str(self.config), "--log-level", "warning", *args])
+
+
+@pytest.fixture(scope="module")
+def env(lab: LabHandle, tmp_path_factory: pytest.TempPathFactory) -> Env:
+    root = tmp_path_factory.mktemp("restore")
+    policies = (
+        policy_yaml("free", lab.free, ["web01", "db 01", HOSTILE])
+        + policy_yaml("lic", lab.licensed, ["app201"])
+        + policy_yaml("lic-scratch", lab.licensed, [SCRATCH_API])
+    )
+    cfg = write_lab_config(lab, root, policies)
+    # the licensed host as in config.example: API only, no SSH
+    host_file = cfg / "hosts" / f"{lab.licensed}.yaml"
+    lines = [ln for ln in host_file.read_text().splitlines() if not ln.strip().startswith("ssh:")]
+    host_file.write_text("\n".join([*lines, "  ssh: {enabled: false}"]) + "\n")
+    Repository.init(root / "repo", PASSPHRASE, kdf=KdfParams(memory_kib=1024, iterations=1, lanes=1))
+    desired = load_config(cfg)
+    return Env(lab, cfg, desired, open_repository(desired.repository("r")))
+
+
+def vm_state(lab: LabHandle, host: str, name: str) -> dict[str, object] | None:
+    return next((v for v in lab.client(host).state()["vms"] if v["name"] == name), None)
+
+
+def remove_vm(env: Env, host_name: str, name: str) -> None:
+    """Unregister a restored VM and delete its folder (lab cleanup)."""
+    with EsxiHost.from_config(env.desired.host(host_name)) as host:
+        vm = host.find_vm(name)
+        if vm.power_state != "poweredOff":
+            host.power_off(vm)
+        host.unregister_vm(vm)
+        host.delete_path(vm.vmx_path.rsplit("/", 1)[0])
+
+
+def check_new_vm(env: Env, host_name: str, name: str, point: RestorePoint) -> None:
+    """The restored VM: registered, its disks equal to the frozen content, a new identity."""
+    lab = env.lab
+    with EsxiHost.from_config(env.desired.host(host_name)) as host:
+        vm = host.find_vm(name)
+        assert vm.vmx_path.startswith("[datastore1] ")
+        assert len(vm.disks) == len(point.disks)
+        for disk, rec in zip(sorted(vm.disks, key=lambda d: d.key), point.disks, strict=True):
+            desc = host.read_descriptor(disk.file)
+            assert desc.flat_extent is not None and desc.flat_extent.file_name
+            assert desc.capacity == rec.capacity
+            flat = disk.file.rsplit("/", 1)[0] + "/" + desc.flat_extent.file_name
+            assert sha(lab.local_path(host_name, flat).read_bytes()) == env.frozen[(point.vm.name, rec.key)]
+        vmx = VmxFile.parse(lab.local_path(host_name, vm.vmx_path).read_text(encoding="utf-8"))
+        assert vmx.get("displayName") == name
+        assert vmx.get("uuid.action") == "create" and vmx.get("uuid.location") is None
+        assert (
+            vmx.get("ethernet0.generatedAddress") is None and vmx.get("ethernet0.addressType") == "generated"
+        )
+        assert not any(k.lower().endswith("ctkenabled") for k, _ in vmx.items())
+        original = host.find_vm(point.vm.name)
+        assert vm.uuid != original.uuid and vm.uuid
+        assert vm.uuid.replace("-", "") == (vmx.get("uuid.bios") or "").replace(" ", "").replace("-", "")
+
+
+# -- as a new VM -------------------------------------------------------------------------------------
+
+
+def test_free_host_new_vm_equals_the_snapshot_content(env: Env, capsys: pytest.CaptureFixture[str]) -> None:
+    lab = env.lab
+    point = env.backup("free", "web01")
+    lab.client(lab.free).guest_write("web01", 10, seed=901)  # after the point: must not be restored
+    assert env.cli("restore", "web01", "--name", "web01 copy", "--power-on") == 0, capsys.readouterr()
+    out = capsys.readouterr().out
+    assert "restored as new VM 'web01 copy'" in out and "powered on" in out
+    try:
+        check_new_vm(env, lab.free, "web01 copy", point)
+        assert vm_state(lab, lab.free, "web01 copy")["power"] == "poweredOn"  # type: ignore[index]
+        # the name is taken now: a second restore with it is refused, pointing at --overwrite
+        assert env.cli("restore", "web01", "--name", "web01 copy") == 1
+        assert "--overwrite" in capsys.readouterr().err
+    finally:
+        remove_vm(env, lab.free, "web01 copy")
+    assert vm_state(lab, lab.free, "web01 copy") is None
+
+
+def test_hostile_name_default_new_name(env: Env, capsys: pytest.CaptureFixture[str]) -> None:
+    lab = env.lab
+    point = env.backup("free", HOSTILE)
+    assert env.cli("restore", HOSTILE) == 0, capsys.readouterr()
+    out = capsys.readouterr().out
+    names = [
+        v["name"] for v in lab.client(lab.free).state()["vms"] if str(v["name"]).startswith(HOSTILE + "-")
+    ]
+    assert len(names) == 1 and "-restored-" in str(names[0]), names
+    copy = str(names[0])
+    try:
+        assert copy in out
+        check_new_vm(env, lab.free, copy, point)
+        # overwrite that copy from the same point (hostile names all the way through the swap)
+        with EsxiHost.from_config(env.desired.host(lab.free)) as host:
+            host.power_on(host.find_vm(copy))
+        lab.client(lab.free).guest_write(copy, 10, seed=903)
+        assert env.cli("restore", HOSTILE, "--overwrite", "--yes", "--to-vm", copy) == 0, capsys.readouterr()
+        assert f"overwrote 2 disks of {copy}" in capsys.readouterr().out
+        assert flat_sha(env, lab.free, copy) == {d.key: env.frozen[(HOSTILE, d.key)] for d in point.disks}
+    finally:
+        remove_vm(env, lab.free, str(names[0]))
+
+
+def test_licensed_host_without_ssh_new_vm(env: Env, capsys: pytest.CaptureFixture[str]) -> None:
+    lab = env.lab
+    assert env.desired.host(lab.licensed).ssh.enabled is False
+    point = env.backup("lic", "app201")
+    lab.client(lab.licensed).guest_write("app201", 10, seed=902)
+    assert env.cli("restore", "app201", "--name", "app201-r") == 0, capsys.readouterr()
+    try:
+        check_new_vm(env, lab.licensed, "app201-r", point)
+    finally:
+        remove_vm(env, lab.licensed, "app201-r")
+    assert vm_state(lab, lab.licensed, "app201-r") is None
+
+
+def test_licensed_host_without_ssh_overwrite(env: Env, capsys: pytest.CaptureFixture[str]) -> None:
+    lab = env.lab
+    with EsxiHost.from_config(env.desired.host(lab.licensed)) as host:
+        seed = env.backup("lic", "app201")
+        restore_new_vm(host, env.repo, seed, RestoreOptions(name=SCRATCH_API, power_on=True))
+        try:
+            p1 = env.backup("lic-scratch", SCRATCH_API)
+            expected = {d.key: env.frozen[(SCRATCH_API, d.key)] for d in p1.disks}
+            uuid = host.find_vm(SCRATCH_API).uuid
+            lab.client(lab.licensed).guest_write(SCRATCH_API, 20, seed=961)
+            old = disk_files(lab, lab.licensed, SCRATCH_API)
+            code = env.cli("restore", SCRATCH_API, "--overwrite", "--yes", "--power-on")
+            assert code == 0, capsys.readouterr()
+            assert f"overwrote 2 disks of {SCRATCH_API}" in capsys.readouterr().out
+            vm = host.find_vm(SCRATCH_API)
+            assert vm.power_state == "poweredOn" and vm.uuid == uuid  # same identity
+            assert flat_sha(env, lab.licensed, SCRATCH_API) == expected
+            for files in old.values():
+                assert not any(lab.local_path(lab.licensed, f).exists() for f in files)
+            p2 = env.backup("lic-scratch", SCRATCH_API)
+            for disk in p2.disks:
+                assert sha(disk_content(env.repo, p2, disk.key)) == expected[disk.key]
+        finally:
+            remove_vm(env, lab.licensed, SCRATCH_API)
+
+
+def test_test_restore_boots_and_removes_the_vm(env: Env, capsys: pytest.CaptureFixture[str]) -> None:
+    lab = env.lab
+    env.backup("lic", "app201")
+    before = {v["name"] for v in lab.client(lab.licensed).state()["vms"]}
+    result = test_restore(env.desired, "r", "app201", None, lab.licensed, "datastore1")
+    assert result.ok, result.error
+    assert result.power_state == "poweredOn" and result.heartbeat in ("green", "gray")
+    assert {v["name"] for v in lab.client(lab.licensed).state()["vms"]} == before
+    ds = lab.local_path(lab.licensed, "[datastore1] x").parent
+    assert not [p for p in ds.iterdir() if "testrestore" in p.name]
+    # the CLI, on the free host
+    env.backup("free", "db 01")
+    assert env.cli("restore", "db 01", "--test") == 0, capsys.readouterr()
+    assert "poweredOn" in capsys.readouterr().out
+    assert not [v for v in lab.client(lab.free).state()["vms"] if "testrestore" in str(v["name"])]
+
+
+# -- overwrite ---------------------------------------------------------------------------------------
+
+
+SCRATCH = "web01 scratch"
+SCRATCH_LIC = "app202 scratch"
+
+
+@pytest.fixture(scope="module")
+def ssh_env(lab: LabHandle, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
+    """Both hosts with SSH (the licensed host's CBT overwrite edits the .vmx over SSH), and two scratch
+    VMs (restored copies of web01 and app202, powered on) to overwrite, removed at the end: the lab's
+    own VMs keep their disk files for the other tests of the session."""
+    root = tmp_path_factory.mktemp("restore-ssh")
+    policies = (
+        policy_yaml("seed", lab.free, ["web01"])
+        + policy_yaml("seed-lic", lab.licensed, ["app202"])
+        + policy_yaml("free", lab.free, [SCRATCH, "db 01"])
+        + policy_yaml("lic-cbt", lab.licensed, [SCRATCH_LIC])
+    )
+    cfg = write_lab_config(lab, root, policies)
+    Repository.init(root / "repo", PASSPHRASE, kdf=KdfParams(memory_kib=1024, iterations=1, lanes=1))
+    desired = load_config(cfg)
+    env = Env(lab, cfg, desired, open_repository(desired.repository("r")))
+    made = []
+    try:
+        for policy, host_name, vm, scratch in (
+            ("seed", lab.free, "web01", SCRATCH),
+            ("seed-lic", lab.licensed, "app202", SCRATCH_LIC),
+        ):
+            point = env.backup(policy, vm)
+            with EsxiHost.from_config(desired.host(host_name)) as host:
+                restore_new_vm(host, env.repo, point, RestoreOptions(name=scratch, power_on=True))
+            made.append((host_name, scratch))
+        yield env
+    finally:
+        for host_name, scratch in made:
+            remove_vm(env, host_name, scratch)
+
+
+def disk_files(lab: LabHandle, host: str, name: str) -> dict[int, tuple[str, str]]:
+    """Disk key -> (descriptor, extent) of the VM's base disks, as the lab's state reports them."""
+    vm = vm_state(lab, host, name)
+    assert vm is not None
+    out = {}
+    for d in vm["disks"]:  # type: ignore[attr-defined]
+        base = d["chain"][-1]
+        out[int(d["key"])] = (str(base["descriptor"]), str(base["extent"]))
+    return out
+
+
+def flat_sha(env: Env, host_name: str, vm_name: str) -> dict[int, str]:
+    """SHA-256 of each current (base) disk of a VM, read from the lab's files."""
+    out = {}
+    with EsxiHost.from_config(env.desired.host(host_name)) as host:
+        for disk in host.find_vm(vm_name).disks:
+            desc = host.read_descriptor(disk.file)
+            assert desc.flat_extent is not None and desc.flat_extent.file_name
+            flat = disk.file.rsplit("/", 1)[0] + "/" + desc.flat_extent.file_name
+            out[disk.key] = sha(env.lab.local_path(host_name, flat).read_bytes())
+    return out
+
+
+def test_overwrite_is_refused_without_overwrite_and_confirmation(
+    ssh_env: Env, capsys: pytest.CaptureFixture[str]
+) -> None:
+    env, lab = ssh_env, ssh_env.lab
+    env.backup("free", "db 01")
+    before = flat_sha(env, lab.free, "db 01")
+    assert env.cli("restore", "db 01", "--name", "db 01") == 1  # its own name: that is an overwrite
+    assert "--overwrite" in capsys.readouterr().err
+    assert env.cli("restore", "db 01", "--disk", "scsi0:1") == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert env.cli("restore", "db 01", "--overwrite") == 2  # not a terminal and no --yes: no question
+    assert "not confirmed" in capsys.readouterr().err
+    assert env.cli("restore", "db 01", "--overwrite", "--yes", "--to-vm", "nope") == 2
+    assert "nothing to overwrite" in capsys.readouterr().err
+    assert flat_sha(env, lab.free, "db 01") == before
+    assert vm_state(lab, lab.free, "db 01")["power"] == "poweredOn"  # type: ignore[index]
+
+
+def test_free_overwrite_then_the_next_backup_is_correct(
+    ssh_env: Env, capsys: pytest.CaptureFixture[str]
+) -> None:
+    env, lab = ssh_env, ssh_env.lab
+    p1 = env.backup("free", SCRATCH)
+    expected = {d.key: env.frozen[(SCRATCH, d.key)] for d in p1.disks}
+    lab.client(lab.free).guest_write(SCRATCH, 20, seed=911)
+    env.backup("free", SCRATCH)  # a newer point with other content
+    lab.client(lab.free).guest_write(SCRATCH, 5, seed=912)
+    old = disk_files(lab, lab.free, SCRATCH)
+    assert env.cli("restore", SCRATCH, "--point", p1.id, "--overwrite", "--yes", "--power-on") == 0, (
+        capsys.readouterr()
+    )
+    assert "overwrote 2 disks of web01 scratch" in capsys.readouterr().out
+    assert flat_sha(env, lab.free, SCRATCH) == expected
+    new = disk_files(lab, lab.free, SCRATCH)
+    assert all("-restored-" in new[k][0] for k in old)
+    for files in old.values():  # the originals are gone once the restored disks are in use
+        assert not any(lab.local_path(lab.free, f).exists() for f in files)
+    assert vm_state(lab, lab.free, SCRATCH)["power"] == "poweredOn"  # type: ignore[index]
+    # the next backup (digest compare against the newer point) stores exactly the restored content
+    p3 = env.backup("free", SCRATCH)
+    assert p3.mode == "digest"
+    for disk in p3.disks:
+        assert (
+            sha(disk_content(env.repo, p3, disk.key)) == expected[disk.key] == env.frozen[(SCRATCH, disk.key)]
+        )
+
+
+def test_licensed_cbt_overwrite_makes_the_next_backup_full(ssh_env: Env) -> None:
+    env, lab = ssh_env, ssh_env.lab
+    with EsxiHost.from_config(env.desired.host(lab.licensed)) as host:
+        host.set_cbt(host.find_vm(SCRATCH_LIC), True)
+        try:
+            p1 = env.backup("lic-cbt", SCRATCH_LIC)
+            lab.client(lab.licensed).guest_write(SCRATCH_LIC, 10, seed=921)
+            p2 = env.backup("lic-cbt", SCRATCH_LIC)
+            assert p2.mode == "cbt"
+            args = ["restore", SCRATCH_LIC, "--point", p1.id, "--overwrite", "--yes", "--power-on"]
+            code = cli.main(["--config", str(env.config), "--log-level", "warning", *args])
+            assert code == 0
+            vm = host.find_vm(SCRATCH_LIC)
+            assert vm.power_state == "poweredOn" and vm.cbt_enabled
+            lab.client(lab.licensed).guest_write(SCRATCH_LIC, 2, seed=922)
+            p3 = env.backup("lic-cbt", SCRATCH_LIC)
+            # the old changeIds belong to the replaced disks: CBT must not be trusted, the read is full
+            assert p3.mode == "full" and p3.fallback_reason, p3
+            for disk in p3.disks:
+                assert sha(disk_content(env.repo, p3, disk.key)) == env.frozen[(SCRATCH_LIC, disk.key)]
+            p4 = env.backup("lic-cbt", SCRATCH_LIC)  # and CBT works again from the new baseline
+            assert p4.mode == "cbt"
+        finally:
+            host.set_cbt(host.find_vm(SCRATCH_LIC), False)
+            host.power_on(host.find_vm(SCRATCH_LIC))  # as the fixture made it
+
+
+def test_single_disk_overwrite(ssh_env: Env, capsys: pytest.CaptureFixture[str]) -> None:
+    env, lab = ssh_env, ssh_env.lab
+    p1 = env.backup("free", SCRATCH)
+    lab.client(lab.free).guest_write(SCRATCH, 20, seed=931)
+    after_write = flat_sha(env, lab.free, SCRATCH)
+    (second,) = [d for d in p1.disks if d.key == 2001]
+    assert env.cli("restore", SCRATCH, "--overwrite", "--yes", "--disk", second.label, "--power-on") == 0
+    assert "overwrote 1 disk of web01 scratch" in capsys.readouterr().out
+    now = flat_sha(env, lab.free, SCRATCH)
+    assert now[2001] == env.frozen[(SCRATCH, 2001)]
+    assert now[2000] == after_write[2000]  # the other disk is untouched
+
+
+_KILLED_RESTORE = """
+import pathlib, sys, time
+from reconciler.config import load_config
+from reconciler.engine.backup import open_repository
+from reconciler.engine.restore import RestoreOptions, find_point, restore_overwrite
+from reconciler.esxi.host import EsxiHost
+
+marker = pathlib.Path(sys.argv[2])
+
+def hang(disk, offset, length):
+    marker.write_text("writing")
+    time.sleep(600)
+
+desired = load_config(sys.argv[1])
+repo = open_repository(desired.repository("r"))
+point = find_point(repo, sys.argv[3], None)
+with EsxiHost.from_config(desired.host("esxi1")) as host:
+    target = host.find_vm(sys.argv[3])
+    restore_overwrite(host, repo, point, target, RestoreOptions(on_data=hang, shutdown_timeout=5))
+"""
+
+
+def test_sigkill_mid_write_leaves_the_original_vm_intact(ssh_env: Env, tmp_path: Path) -> None:
+    env, lab = ssh_env, ssh_env.lab
+    env.backup("free", SCRATCH)
+    lab.client(lab.free).guest_write(SCRATCH, 10, seed=941)  # the VM now differs from the point
+    files = disk_files(lab, lab.free, SCRATCH)
+    content = flat_sha(env, lab.free, SCRATCH)
+    vmx_path = str(vm_state(lab, lab.free, SCRATCH)["vmx"])  # type: ignore[index]
+    vmx_before = lab.local_path(lab.free, vmx_path).read_bytes()
+    marker = tmp_path / "writing"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _KILLED_RESTORE, str(env.config), str(marker), SCRATCH],
+        cwd=Path(__file__).resolve().parents[2],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not marker.exists():
+            assert proc.poll() is None and time.monotonic() < deadline, "the restore never started writing"
+            time.sleep(0.05)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert disk_files(lab, lab.free, SCRATCH) == files
+    assert flat_sha(env, lab.free, SCRATCH) == content
+    assert lab.local_path(lab.free, vmx_path).read_bytes() == vmx_before
+    folder = lab.local_path(lab.free, vmx_path).parent
+    leftovers = [p for p in folder.iterdir() if "-restored-" in p.name]
+    assert leftovers  # the half-written restored disk, never referenced by the VM
+    with EsxiHost.from_config(env.desired.host(lab.free)) as host:
+        assert host.power_on(host.find_vm(SCRATCH)).power_state == "poweredOn"  # still usable
+        # the next overwrite removes the leftovers and succeeds
+        point = env.repo.list_points(vm=SCRATCH)[-1]
+        restore_overwrite(host, env.repo, point, host.find_vm(SCRATCH), RestoreOptions(power_on=True))
+    assert not [p for p in leftovers if p.exists()]
+    assert flat_sha(env, lab.free, SCRATCH) == {d.key: env.frozen[(SCRATCH, d.key)] for d in point.disks}

@@ -1,0 +1,158 @@
+"""Export without a host: a point with holes, a partial last chunk and a hostile name, written as raw
+images, monolithicFlat and streamOptimized VMDKs; digests equal the point's content, holes stay file
+holes, descriptors parse with the project's parser, the streamOptimized file reads back through its
+grain directory and a damaged one is refused."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import struct
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pytest
+
+from reconciler.engine import vmdkstream
+from reconciler.engine.export import export_point
+from reconciler.engine.restore import RestoreError, disk_content, disk_sha256, find_point
+from reconciler.esxi.vmdk import Descriptor, flat_descriptor
+from reconciler.esxi.vmx import VmxFile
+from reconciler.repository import CHUNK_SIZE, DiskRecord, Repository, RestorePoint, VmRef, new_point_id
+
+MiB = CHUNK_SIZE
+NAME = 'ファイル鯖 "q" $(x)'
+VMX = f"""\
+.encoding = "UTF-8"
+displayName = "{NAME.replace('"', "|22")}"
+nvram = "vm.nvram"
+uuid.bios = "56 4d 00 11 22 33 44 55-66 77 88 99 aa bb cc dd"
+ctkEnabled = "TRUE"
+scsi0.present = "TRUE"
+scsi0:0.present = "TRUE"
+scsi0:0.fileName = "vm.vmdk"
+scsi0:0.ctkEnabled = "TRUE"
+scsi0:1.present = "TRUE"
+scsi0:1.fileName = "vm_1.vmdk"
+ethernet0.present = "TRUE"
+ethernet0.generatedAddress = "00:0c:29:aa:bb:cc"
+"""
+
+
+def make_point(repo: Repository) -> RestorePoint:
+    """Disk 1: 4 MiB + 512 bytes (data, hole, data, partial last chunk); disk 2: all holes."""
+    cap1 = 4 * MiB + 512
+    w = repo.chunk_writer(cap1)
+    w.write(0, os.urandom(MiB))
+    w.write(2 * MiB, b"\x01" * 4096 + bytes(MiB - 4096))
+    w.write(4 * MiB, b"\x07" * 512)
+    disk1 = w.finish()
+    disk2 = repo.chunk_writer(2 * MiB).finish()
+    now = datetime.now(timezone.utc)
+    desc = flat_descriptor("vm-flat.vmdk", cap1, adapter="pvscsi").dumps().encode()
+    point = RestorePoint(
+        id=new_point_id(now),
+        policy="p",
+        vm=VmRef(NAME, "uuid", "h", "1"),
+        started=now,
+        snapshot_time=now,
+        finished=now,
+        status="success",
+        mode="full",
+        config_revision="r",
+        files=(
+            repo.write_file("vm.vmx", VMX.encode()),
+            repo.write_file("vm.nvram", b"nvram" * 100),
+            repo.write_file("vm.vmdk", desc),
+        ),
+        disks=(
+            DiskRecord(2000, "Hard disk 1", "[ds] vm/vm.vmdk", cap1, disk1),
+            DiskRecord(2001, "Hard disk 2", "[ds] vm/vm_1.vmdk", 2 * MiB, disk2),
+        ),
+    )
+    repo.write_point(point)
+    return point
+
+
+@pytest.fixture
+def repo(tmp_path: Path) -> Repository:
+    return Repository.init(tmp_path / "repo")
+
+
+def sha_file(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_raw_export_digests_and_holes(repo: Repository, tmp_path: Path) -> None:
+    point = make_point(repo)
+    out = tmp_path / "out"
+    result = export_point(repo, point, out, "raw")
+    assert sorted(p.name for p in out.iterdir()) == ["vm.img", "vm.nvram", "vm.vmx", "vm_1.img"]
+    for disk, exported in zip(point.disks, result.disks, strict=True):
+        assert exported.sha256 == disk_sha256(repo, disk) == sha_file(exported.path)
+        assert exported.path.stat().st_size == disk.capacity
+    assert (out / "vm.img").read_bytes() == disk_content(repo, point, 2000)
+    assert (out / "vm_1.img").stat().st_blocks == 0  # an all-hole disk allocates nothing
+    assert (out / "vm.img").stat().st_blocks * 512 < 3 * MiB  # the hole chunk is a file hole
+    assert (out / "vm.vmx").read_text() == VMX
+    with pytest.raises(RestoreError, match="already exists"):
+        export_point(repo, point, out, "raw")
+
+
+def test_monolithic_flat_export(repo: Repository, tmp_path: Path) -> None:
+    point = make_point(repo)
+    out = tmp_path / "out"
+    export_point(repo, point, out, "vmdk")
+    desc = Descriptor.parse((out / "vm.vmdk").read_text())
+    assert desc.create_type == "monolithicFlat" and desc.capacity == point.disks[0].capacity
+    assert desc.extents[0].type == "FLAT" and desc.extents[0].file_name == "vm-flat.vmdk"
+    assert desc.ddb["ddb.adapterType"] == "pvscsi"
+    assert sha_file(out / "vm-flat.vmdk") == disk_sha256(repo, point.disks[0])
+    vmx = VmxFile.parse((out / "vm.vmx").read_text())
+    assert vmx.get("scsi0:0.fileName") == "vm.vmdk" and vmx.get("scsi0:1.fileName") == "vm_1.vmdk"
+    assert vmx.get("displayName") == NAME
+
+
+def test_stream_optimized_export_reads_back(repo: Repository, tmp_path: Path) -> None:
+    point = make_point(repo)
+    out = tmp_path / "out"
+    result = export_point(repo, point, out, "stream-optimized")
+    assert sorted(p.name for p in out.iterdir()) == ["vm.nvram", "vm.vmdk", "vm.vmx", "vm_1.vmdk"]
+    for disk, exported in zip(point.disks, result.disks, strict=True):
+        with exported.path.open("rb") as f:
+            desc, capacity, grains = vmdkstream.read(f)
+            image = bytearray(capacity)
+            for off, data in grains:
+                image[off : off + len(data)] = data
+        assert desc.create_type == "streamOptimized" and desc.extents[0].type == "SPARSE"
+        assert capacity == disk.capacity and bytes(image) == disk_content(repo, point, disk.key)
+    # compressed: the random MiB dominates, the zeros cost almost nothing
+    assert (out / "vm.vmdk").stat().st_size < 1.2 * MiB
+    head = (out / "vm.vmdk").read_bytes()[:512]
+    assert head[:4] == b"KDMV" and struct.unpack_from("<I", head, 4)[0] == 3
+
+
+def test_stream_optimized_damage_is_refused() -> None:
+    buf = io.BytesIO()
+    data = os.urandom(70000)
+    vmdkstream.write(buf, MiB, [(65536, data)], flat_descriptor("x.vmdk", MiB, create_type="streamOptimized"))
+    raw = bytearray(buf.getvalue())
+    _, _, grains = vmdkstream.read(io.BytesIO(bytes(raw)))
+    got = dict(grains)
+    assert got[65536] == data[:65536] and got[131072][: 70000 - 65536] == data[65536:]
+    raw[-3 * 512 + 12] = 0  # the footer marker's type
+    with pytest.raises(vmdkstream.StreamVmdkError, match="footer"):
+        vmdkstream.read(io.BytesIO(bytes(raw)))
+    with pytest.raises(vmdkstream.StreamVmdkError, match="KDMV"):
+        vmdkstream.read(io.BytesIO(bytes(1024)))
+
+
+def test_find_point(repo: Repository) -> None:
+    point = make_point(repo)
+    assert find_point(repo, NAME, None) == point == find_point(repo, NAME, "latest")
+    assert find_point(repo, NAME, point.id) == point
+    with pytest.raises(RestoreError, match="no successful restore point of VM 'other'"):
+        find_point(repo, "other", None)
+    with pytest.raises(RestoreError, match="is of VM"):
+        find_point(repo, "other", point.id)
