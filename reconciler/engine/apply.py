@@ -50,7 +50,7 @@ from reconciler.engine.prune import PruneResult, collect, prune
 from reconciler.engine.retry import Attempted, RetryPolicy, classify
 from reconciler.engine.schedule import Manual, Schedule, in_window
 from reconciler.engine.vmlock import VmBusyError, vm_lock
-from reconciler.esxi.errors import ApiError, EsxiError
+from reconciler.esxi.errors import EsxiError, PowerStateTimeoutError
 from reconciler.esxi.host import EsxiHost, VmInfo
 from reconciler.repository.errors import LockedError
 from reconciler.repository.repo import Repository
@@ -334,11 +334,11 @@ def _power_cycle(host: EsxiHost, vm: VmInfo, a: SetCbt) -> None:
     seconds = a.shutdown_timeout_seconds
     try:
         host.shutdown_guest(vm, timeout=seconds)
+    except PowerStateTimeoutError:
+        raise EsxiError(f"guest did not shut down in {seconds:.0f}s; CBT unchanged") from None
     except EsxiError as exc:
         if host.vm(vm.vmid).power_state != "poweredOff":
-            if isinstance(exc, ApiError) or exc.__cause__ is not None:
-                raise EsxiError(f"guest shutdown refused ({exc}); CBT unchanged") from exc
-            raise EsxiError(f"guest did not shut down in {seconds:.0f}s; CBT unchanged") from None
+            raise EsxiError(f"guest shutdown refused ({exc}); CBT unchanged") from exc
     failure: BaseException | None = None
     try:
         host.set_cbt(vm, a.enabled)

@@ -34,6 +34,7 @@ from reconciler.esxi.errors import (
     NotPinnedError,
     PinMismatchError,
     RestrictedByLicenseError,
+    ShellAuthError,
     ShellError,
     SnapshotTimeoutError,
     TaskTimeoutError,
@@ -58,9 +59,6 @@ _TRANSIENT_ERRNOS = frozenset(
         errno.EHOSTDOWN,
     }
 )
-_AUTH_WORDS = ("login", "authenticat", "private key", "password")
-"""A :class:`ShellError` saying one of these is a credentials problem (the shell layer has no
-subclass for it), which waiting does not fix."""
 
 
 def _auth_fault(exc: BaseException) -> bool:
@@ -87,9 +85,10 @@ def classify(exc: BaseException) -> Kind:
         return "transient"
     if _auth_fault(exc):
         return "terminal"
+    if isinstance(exc, ShellAuthError):
+        return "terminal"
     if isinstance(exc, ShellError):
-        text = str(exc).lower()
-        if any(word in text for word in _AUTH_WORDS) or (exc.__cause__ and _auth_fault(exc.__cause__)):
+        if exc.__cause__ is not None and _auth_fault(exc.__cause__):
             return "terminal"
         return "transient"  # no exit status: the connection or transport failed
     if isinstance(exc, ApiError):

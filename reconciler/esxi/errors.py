@@ -39,6 +39,10 @@ class ShellError(EsxiError):
     """SSH connection, authentication or transport failure."""
 
 
+class ShellAuthError(ShellError):
+    """SSH login refused or the private key unusable: waiting and retrying does not fix it."""
+
+
 class CommandError(ShellError):
     """A remote command failed (non-zero exit or a vim-cmd fault in its output)."""
 
@@ -50,6 +54,10 @@ class CommandError(ShellError):
         self.fault = fault
         detail = (fault or stderr.strip() or stdout.strip())[-500:]
         super().__init__(f"{command[:200]} failed (exit {exit_status}): {detail}")
+
+
+class PowerStateTimeoutError(EsxiError):
+    """A VM did not reach the expected power state in time (e.g. the guest ignored a shutdown)."""
 
 
 class SnapshotError(EsxiError):

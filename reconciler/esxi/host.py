@@ -58,6 +58,7 @@ from reconciler.esxi.errors import (
     ForeignSnapshotError,
     FullBackupNeededError,
     InsufficientSpaceError,
+    PowerStateTimeoutError,
     ProtocolError,
     RestrictedByLicenseError,
     ShellError,
@@ -974,7 +975,7 @@ class EsxiHost:
             if info.power_state == state:
                 return info
             if time.monotonic() > deadline:
-                raise EsxiError(
+                raise PowerStateTimeoutError(
                     f"VM {info.name!r} still {info.power_state} after {timeout:.0f}s, not {state}"
                 )
             time.sleep(0.5)

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 
 import paramiko
 
-from reconciler.esxi.errors import CommandError, NotPinnedError, PinMismatchError, ShellError
+from reconciler.esxi.errors import CommandError, NotPinnedError, PinMismatchError, ShellAuthError, ShellError
 from reconciler.esxi.vimcmd import command_line, find_fault
 
 log = logging.getLogger(__name__)
@@ -65,7 +65,7 @@ def load_private_key(text: str, passphrase: str | None = None) -> paramiko.PKey:
             return cls.from_private_key(io.StringIO(text), password=passphrase)
         except (paramiko.SSHException, ValueError) as exc:
             errors.append(f"{cls.__name__}: {type(exc).__name__}")
-    raise ShellError("cannot load the SSH private key (" + "; ".join(errors) + ")")
+    raise ShellAuthError("cannot load the SSH private key (" + "; ".join(errors) + ")")
 
 
 @dataclass(frozen=True)
@@ -178,7 +178,7 @@ def _authenticate(transport: paramiko.Transport, target: SshTarget) -> None:
             errors.append(f"password: {exc}")
     if not errors:
         errors.append("no private key or password configured")
-    raise ShellError(f"SSH login as {target.user} on {target.address} failed: " + "; ".join(errors))
+    raise ShellAuthError(f"SSH login as {target.user} on {target.address} failed: " + "; ".join(errors))
 
 
 class RemoteStream:

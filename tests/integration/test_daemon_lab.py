@@ -15,7 +15,6 @@ and retention see the offset, the hosts and the repository see real time.
 from __future__ import annotations
 
 import functools
-import os
 import signal
 import subprocess
 import sys
@@ -30,6 +29,7 @@ import pytest
 import yaml
 
 from esxisim import demo
+from esxisim.demo import git
 from esxisim.handle import LabHandle
 from reconciler.config import load_config
 from reconciler.daemon import Daemon
@@ -72,18 +72,6 @@ def wait_until(what: str, check: Callable[[], Any], timeout: float = 90.0) -> An
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for: {what}")
         time.sleep(0.3)
-
-
-def git(config: Path, *args: str) -> str:
-    env = {
-        **os.environ,
-        "GIT_AUTHOR_NAME": "ops",
-        "GIT_AUTHOR_EMAIL": "ops@example.org",
-        "GIT_COMMITTER_NAME": "ops",
-        "GIT_COMMITTER_EMAIL": "ops@example.org",
-    }
-    done = subprocess.run(["git", "-C", str(config), *args], env=env, check=True, capture_output=True)
-    return done.stdout.decode().strip()
 
 
 def edit_policy(config: Path, file: str, change: Callable[[dict[str, Any]], None]) -> None:

@@ -29,7 +29,7 @@ from reconciler.engine.apply import apply
 from reconciler.engine.backup import BackupOptions
 from reconciler.engine.retry import RetryPolicy
 from reconciler.engine.vmlock import vm_lock
-from reconciler.esxi.errors import CommandError, EsxiError
+from reconciler.esxi.errors import CommandError, EsxiError, PowerStateTimeoutError
 from reconciler.esxi.host import SNAPSHOT_PREFIX, EsxiHost, SnapshotInfo, VmInfo
 from reconciler.repository import CHUNK_SIZE, DiskRecord, Repository, RestorePoint, VmRef, new_point_id
 
@@ -153,7 +153,9 @@ class FakeHost:
     def shutdown_guest(self, vm: VmInfo, *, timeout: float) -> VmInfo:
         self._call("shutdown_guest", vm.name, f"{timeout:.0f}")
         if not self.world.guest_stops:
-            raise EsxiError(f"VM {vm.name!r} still poweredOn after {timeout:.0f}s, not poweredOff")
+            raise PowerStateTimeoutError(
+                f"VM {vm.name!r} still poweredOn after {timeout:.0f}s, not poweredOff"
+            )
         self.world.set(self.name, replace(self.world.vms[self.name][vm.vmid], power_state="poweredOff"))
         return self.world.vms[self.name][vm.vmid]
 

@@ -20,6 +20,7 @@ from reconciler.esxi.errors import (
     InsufficientSpaceError,
     PinMismatchError,
     RestrictedByLicenseError,
+    ShellAuthError,
     ShellError,
     TaskTimeoutError,
 )
@@ -58,7 +59,7 @@ TERMINAL = [
     SecretError("secret file:/x cannot be read"),
     WrongKeyError("wrong passphrase"),
     PinMismatchError("host presented another certificate"),
-    ShellError("SSH login as root on 10.0.0.1 failed: Authentication failed."),
+    ShellAuthError("SSH login as root on 10.0.0.1 failed: Authentication failed."),
     wrapped(ApiError("login to 10.0.0.1:443: InvalidLogin"), InvalidLogin()),
     ApiError("reconfigure: InvalidState: the VM is busy"),
     wrapped(EsxiError("power on VM 'x' over SSH: exit 1"), CommandError("vim-cmd", 1, "", "no")),
