@@ -549,7 +549,7 @@ def test_api_call_survives_a_connection_the_host_closed_while_idle(lab: LabHandl
 
 
 @pytest.mark.parametrize("which", ["free", "licensed"])
-def test_power_cycle_and_reregistration(lab: LabHandle, which: str) -> None:
+def test_power_cycle(lab: LabHandle, which: str) -> None:
     name = lab.free if which == "free" else lab.licensed
     vm_name = "db 01" if which == "free" else "app202"
     with EsxiHost.from_config(host_config(lab, name)) as host:
@@ -558,10 +558,7 @@ def test_power_cycle_and_reregistration(lab: LabHandle, which: str) -> None:
         assert host.guest_heartbeat(vm) == "green"
         assert host.shutdown_guest(vm, timeout=30).power_state == "poweredOff"
         assert host.guest_heartbeat(vm) == "gray"
-        host.unregister_vm(vm)
-        assert vm_name not in {v.name for v in host.list_vms()}
-        again = host.register_vm(vm.vmx_path)
-        assert again.name == vm_name and again.vmx_path == vm.vmx_path
-        assert host.power_on(again, timeout=30).power_state == "poweredOn"
-        assert host.power_off(again, timeout=30).power_state == "poweredOff"
-        host.power_on(again, timeout=30)
+        assert host.power_on(vm, timeout=30).power_state == "poweredOn"
+        assert host.power_off(vm, timeout=30).power_state == "poweredOff"
+        host.power_on(vm, timeout=30)
+    # register_vm / unregister_vm (a new vmid) are exercised on restored VMs: test_restore_lab.py
