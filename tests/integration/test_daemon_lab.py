@@ -151,6 +151,11 @@ def test_the_daemon_keeps_reality_matching_git(
 
     edit_policy(config, "web.yaml", first_version)
     edit_policy(config, "apps.yaml", first_version)
+    (config / "policies" / "verify.yaml").write_text(
+        "apiVersion: esxi-reconciler/v1\nkind: VerifyPolicy\nmetadata: {name: hourly-check}\n"
+        "spec:\n  repository: nas\n  schedule: {every: 1h}\n  read_data_percent: 100\n"
+        f"  test_restore: {{host: {lab.licensed}, vms: [web01]}}\n"
+    )
     git(config, "init", "-q")
     git(config, "add", "-A")
     git(config, "commit", "-q", "-m", "back up the web and app servers")
@@ -230,6 +235,19 @@ def test_the_daemon_keeps_reality_matching_git(
         )
         assert points(repo, policy="web-daily", vm="web01")[-1].config_revision == f"git:{second_commit}"
         broken.unlink()
+
+        #    The scheduled verification ran, and so did its test restore: web01 (a free-host VM)
+        #    restored on the licensed host, booted, checked and removed again.
+        def applied(kind: str) -> list[Any]:
+            with StatusStore.open(status_path(state), readonly=True) as store:
+                return [e for e in store.actions(limit=500) if e.kind == kind]
+
+        wait_until("a test restore", lambda: applied("test-restore"))
+        assert [e.status for e in applied("verify")][:1] == ["ok"]
+        assert [(e.subject, e.status) for e in applied("test-restore")][:1] == [
+            (f"{lab.licensed}/web01", "ok")
+        ]
+        assert not [v.name for v in licensed.list_vms() if "web01" in v.name]
 
         # 4. Simulated time passes: more backups, then retention (keep_last 3 and one per day, week,
         #    month: all these points are of one day) expires the oldest, which are pruned and freed.
