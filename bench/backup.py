@@ -118,10 +118,12 @@ def run_child(argv: list[str], env: dict[str, str] | None = None) -> Run:
         argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
     )
     hwm = [0]
+    done = threading.Event()
 
     def sample() -> None:
+        # Not proc.poll(): it would reap the child before the os.wait4 below, which needs its rusage.
         status = Path(f"/proc/{proc.pid}/status")
-        while proc.poll() is None:
+        while not done.is_set():
             try:
                 for line in status.read_text().splitlines():
                     if line.startswith("VmHWM:"):
@@ -135,6 +137,7 @@ def run_child(argv: list[str], env: dict[str, str] | None = None) -> Run:
     assert proc.stdout is not None
     out = proc.stdout.read()
     _, status, rusage = os.wait4(proc.pid, 0)
+    done.set()
     proc.returncode = os.waitstatus_to_exitcode(status)
     seconds = time.perf_counter() - t0
     thread.join()
@@ -180,7 +183,7 @@ spec:
 """
         )
         repo = root / f"repo-{name}"
-        Repository.init(repo, PASSPHRASE)  # default (production) KDF cost and zstd-3
+        Repository.init(repo, PASSPHRASE)  # default (production) KDF cost and zstd level (1)
         (cfg / "repositories" / f"r-{name}.yaml").write_text(
             f"""apiVersion: esxi-reconciler/v1
 kind: Repository
@@ -508,8 +511,9 @@ def report(args: argparse.Namespace, info: dict[str, str], res: dict[str, Any]) 
         f" Guest writes: {args.percent:g} %"
         f" → {res['changed']:,} bytes changed in {res['write_runs']} runs (4 KiB–1 MiB, scattered).",
         f"Tools: {vers['restic']} (repository v2, compression auto); {vers['borg']}"
-        f" (`--compression {args.borg_compression}`, repokey-blake2); esxi-reconciler zstd-3 + AES-256-GCM,"
-        " 1 MiB chunks, production Argon2id key cost.",
+        f" (`--compression {args.borg_compression}`, repokey-blake2);"
+        " esxi-reconciler zstd level 1 (its default) + AES-256-GCM, 1 MiB chunks,"
+        " production Argon2id key cost.",
         "",
         table(res["rows"]),
         "",

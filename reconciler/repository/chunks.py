@@ -75,7 +75,7 @@ class EncodedChunk:
 class BlobCodec:
     """Encode and decode blobs for one repository (its key and compression level)."""
 
-    def __init__(self, key: MasterKey | None, compression_level: int | None = 3) -> None:
+    def __init__(self, key: MasterKey | None, compression_level: int | None = 1) -> None:
         if compression_level is not None and not -7 <= compression_level <= 22:
             raise ValueError(f"zstd level {compression_level} out of range")
         self.key = key
@@ -89,7 +89,7 @@ class BlobCodec:
     def _compressor(self) -> zstandard.ZstdCompressor:
         comp: zstandard.ZstdCompressor | None = getattr(self._local, "comp", None)
         if comp is None:
-            comp = zstandard.ZstdCompressor(level=self.level or 3, write_content_size=True)
+            comp = zstandard.ZstdCompressor(level=self.level or 1, write_content_size=True)
             self._local.comp = comp
         return comp
 

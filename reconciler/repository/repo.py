@@ -2,7 +2,7 @@
 
 The backup engine's view::
 
-    repo = Repository.open(path, passphrase, compression_level=3, expect_encrypted=True)
+    repo = Repository.open(path, passphrase, compression_level=1, expect_encrypted=True)
     with repo.lock(purpose="backup nightly/web01"):
         writer = repo.chunk_writer(capacity, base=previous_index)   # base: incremental; None: full
         writer.write(offset, data)            # from any number of threads; offset chunk-aligned
@@ -186,7 +186,7 @@ class Repository:
         passphrase: Passphrase | None = None,
         *,
         compression: str = "zstd",
-        compression_level: int = 3,
+        compression_level: int = 1,
         kdf: KdfParams | None = None,
     ) -> Repository:
         """Create a repository in an empty (or missing) directory; encrypted iff ``passphrase`` is given.

@@ -86,7 +86,7 @@ def test_defaults_are_visible_in_the_model(tmp_path: Path) -> None:
 
     repo = desired.repository("nas")
     assert repo.backend.path == PurePosixPath("/srv/backups/esxi")
-    assert (repo.compression.algorithm, repo.compression.level) == ("zstd", 3)
+    assert (repo.compression.algorithm, repo.compression.level) == ("zstd", 1)
     assert (repo.encryption.enabled, repo.encryption.key) == (False, None)
     assert (repo.prune.enabled, repo.prune.max_deletions_per_run) == (False, 100)
 
