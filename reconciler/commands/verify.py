@@ -27,6 +27,8 @@ examples:
   esxi-reconciler verify nas --read-data-subset 2/7
                                             read slice 2 of 7 (7 runs, 1/7 .. 7/7, read everything)
   esxi-reconciler verify --json             machine-readable report
+  esxi-reconciler verify nas --repair       also set bad chunks aside, so the next backups store
+                                            that data again (repairing the points where they can)
 
 exit status: 0 healthy, 1 damage found (the restore points affected are named) or a repository
 could not be verified (locked by GC, unreadable), 2 usage or configuration error
@@ -67,6 +69,12 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     data.add_argument(
         "--no-read-data", action="store_true", help="check structure and chunk presence, read no chunk data"
     )
+    parser.add_argument(
+        "--repair",
+        action="store_true",
+        help="set bad chunks aside (quarantine/) so that the next backup of each affected VM reads in full"
+        " and stores that data again (what the daemon's scheduled verifications do)",
+    )
     parser.add_argument("--json", action="store_true", help="JSON output")
 
 
@@ -106,7 +114,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
         try:
             repo = open_repository(cfg)
             with Progress(tty=None if not args.json else False) as progress:
-                report = verify_repository(repo, read_data_percent=percent, subset=slice_, progress=progress)
+                report = verify_repository(
+                    repo, read_data_percent=percent, subset=slice_, progress=progress, quarantine=args.repair
+                )
         except (SecretError, RepositoryError, OSError) as error:
             log.error("verify.failed", repository=name, error=str(error))
             entry.update({"ok": False, "error": str(error)})
@@ -144,3 +154,9 @@ def _print_report(name: str, report: VerifyReport) -> None:
     print("  restore points that cannot be fully restored:")
     for point_id, label in sorted(report.damaged_points.items()):
         print(f"    {point_id}  {label}" if label != point_id else f"    {point_id}")
+    if report.quarantined:
+        print(
+            f"  {plural(report.quarantined, 'bad chunk')} set aside in quarantine/: the next backup of each"
+            " affected VM reads its disks in full and stores the data again, which repairs these points"
+            " where the VM still holds that data"
+        )

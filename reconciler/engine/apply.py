@@ -560,7 +560,10 @@ def _verify(run: _Run, a: RunVerify) -> dict[str, Any]:
     except ImportError:  # pragma: no cover - a build without the verify module
         raise Skip("repository verification is not available in this version") from None
     report = verify_repository(
-        run.repository(a.repository), read_data_percent=a.read_data_percent, cancel=run.cancel
+        run.repository(a.repository),
+        read_data_percent=a.read_data_percent,
+        cancel=run.cancel,
+        quarantine=True,
     )
     if report.cancelled:
         raise Skip("cancelled while verifying")

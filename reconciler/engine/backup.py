@@ -396,6 +396,12 @@ class _DiskJob:
         rec = prev.record
         if rec.capacity != disk.capacity:
             return self._full_plan(f"capacity changed from {rec.capacity} to {disk.capacity} bytes")
+        lost = self._lost_chunks(rec)
+        if lost:
+            return self._full_plan(
+                f"the previous point needs {lost} chunk(s) that verify found damaged or missing; a full"
+                " read stores them again"
+            )
         reasons = []
         if licensed and disk.change_id and rec.change_id:
             try:
@@ -424,6 +430,15 @@ class _DiskJob:
         else:
             reasons.append("digest: the previous point has no digest map for the disk")
         return self._full_plan("; ".join(reasons))
+
+    def _lost_chunks(self, rec: DiskRecord) -> int:
+        """How many chunks the previous point's index needs that verify set aside and no backup has
+        stored again since (an incremental would keep referencing them)."""
+        quarantined = self.repo.quarantined()
+        if not quarantined:
+            return 0
+        needed = quarantined.intersection(self.repo.read_index(rec.index).referenced())
+        return sum(1 for cid in needed if not self.repo.has_chunk(cid))
 
     def _full_plan(self, reason: str | None) -> _Plan:
         """A full read; ``reason`` is the fallback reason (None when a full read is simply due)."""

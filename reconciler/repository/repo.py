@@ -16,6 +16,7 @@ processes, each with a shared lock).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import threading
@@ -49,6 +50,8 @@ from reconciler.repository.points import POINT_ID_RE, RestorePoint, StoredFile, 
 from reconciler.repository.verify import VerifyReport, verify_repository
 
 CONFIG_VERSION = 1
+QUARANTINE_DIR = "quarantine"
+"""Where :meth:`Repository.quarantine_chunk` sets bad chunks aside."""
 CONFIG_NAME = "config"
 DIRECTORIES = ("keys", "chunks", "indexes", "digests", "points", "locks", "tmp")
 ENCRYPTION_NONE = "none"
@@ -280,6 +283,28 @@ class Repository:
 
     def has_chunk(self, chunk_id: bytes) -> bool:
         return chunk_id == HOLE or self.backend.exists(chunk_name(chunk_id))
+
+    def quarantine_chunk(self, chunk_id: bytes) -> None:
+        """Set a damaged or missing chunk aside (``quarantine/<id hex>``: its blob, or empty when there
+        was none): the chunk no longer counts as stored, so the next backup that meets its content stores
+        it again — which heals every point referencing it — and backups know to read in full
+        (:meth:`quarantined`). Like Proxmox Backup Server's ``.bad`` chunks."""
+        name = chunk_name(chunk_id)
+        try:
+            blob = self.backend.get(name)
+        except (MissingObjectError, OSError):
+            blob = b""
+        (self.path / QUARANTINE_DIR).mkdir(exist_ok=True)
+        self.backend.put(f"{QUARANTINE_DIR}/{chunk_id.hex()}", [blob])
+        self.backend.delete(name)
+
+    def quarantined(self) -> set[bytes]:
+        """Ids of the chunks verify set aside (see :meth:`quarantine_chunk`)."""
+        out = set()
+        for name in self.backend.list(QUARANTINE_DIR):
+            with contextlib.suppress(ValueError):
+                out.add(bytes.fromhex(name.rsplit("/", 1)[-1]))
+        return out
 
     def write_chunk(self, data: Data) -> ChunkWrite:
         """Store one chunk unless it is all zeros (a hole) or already present (dedup). Thread-safe.

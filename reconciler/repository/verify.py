@@ -102,6 +102,8 @@ class VerifyReport:
     problems: list[Problem] = field(default_factory=list)
     damaged_points: dict[str, str] = field(default_factory=dict)
     """Affected point id -> a label for people (``web01@2026-11-20T02:00Z``; the id if unreadable)."""
+    quarantined: int = 0
+    """Bad chunks set aside (``quarantine/``) so that the next backup of their content stores them again."""
     cancelled: bool = False
 
     @property
@@ -116,6 +118,7 @@ class VerifyReport:
             "chunks_read": self.chunks_read,
             "bytes_read": self.bytes_read,
             "cancelled": self.cancelled,
+            "quarantined": self.quarantined,
             "problems": [p.to_dict() for p in self.problems],
             "damaged_points": [{"id": k, "label": v} for k, v in sorted(self.damaged_points.items())],
         }
@@ -389,8 +392,12 @@ def verify_repository(
     seed: int | str | None = None,
     progress: Progress | None = None,
     cancel: threading.Event | None = None,
+    quarantine: bool = False,
 ) -> VerifyReport:
     """Check every listed restore point of ``repo``; problems are collected, not raised.
+
+    ``quarantine``: set every bad chunk aside (:meth:`Repository.quarantine_chunk`) so that the next
+    backups store its content again (``verify --repair``, and the daemon's scheduled verifications).
 
     Takes a shared lock for the run (:class:`LockedError` if GC holds the repository). ``subset`` (n, t)
     overrides ``read_data_percent``; 0 percent checks the structure and chunk presence only.
@@ -415,6 +422,10 @@ def verify_repository(
         lock.check()  # a lost lock means GC may have run: "missing" could be false alarms
         if bad:
             _locate(repo, walk, bad)
+            for cid in bad if quarantine else ():
+                repo.quarantine_chunk(cid)
+                report.quarantined += 1
+                log.warning("verify.quarantined", repository=str(repo.path), chunk=cid.hex())
     for found in walk.findings.values():
         report.problems.append(found.problem())
         for point_id, entry in found.users.items():

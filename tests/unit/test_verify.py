@@ -155,6 +155,31 @@ def test_a_flipped_byte_in_a_chunk_is_found_by_reading_the_data(repo: Repository
     assert problem.points == (point.id,)
 
 
+def test_repair_sets_bad_chunks_aside_and_rewriting_the_data_heals_the_points(repo: Repository) -> None:
+    damaged, lost, fine = chunk("damaged"), chunk("lost"), chunk("fine")
+    point = write_point(repo, "web01", 0, [("Hard disk 1", write_disk(repo, [damaged, lost, fine]))])
+    path = repo.path / chunk_name(repo.chunk_id(damaged))
+    blob = bytearray(path.read_bytes())
+    blob[len(blob) // 2] ^= 0x01
+    path.write_bytes(bytes(blob))
+    (repo.path / chunk_name(repo.chunk_id(lost))).unlink()
+
+    assert len(verify_repository(repo).problems) == 2
+    assert repo.quarantined() == set()  # without --repair, verify changes nothing
+    report = verify_repository(repo, quarantine=True)
+    assert report.quarantined == 2 and set(report.damaged_points) == {point.id}
+    bad = {repo.chunk_id(damaged), repo.chunk_id(lost)}
+    assert repo.quarantined() == bad
+    assert not any(repo.has_chunk(c) for c in bad)
+    assert (repo.path / "quarantine" / repo.chunk_id(damaged).hex()).read_bytes() == bytes(blob)
+
+    # a backup that meets the same content stores it again: the old point is whole again
+    with repo.lock(purpose="test"):
+        write_disk(repo, [damaged, lost, None])
+        repo.flush()
+    assert verify_repository(repo).ok
+
+
 def test_a_damaged_configuration_file_chunk_names_the_file(repo: Repository) -> None:
     vmx = repo.write_file("web01.vmx", b'displayName = "web01"\n')
     point = write_point(repo, "web01", 0, [], files=(vmx,))
