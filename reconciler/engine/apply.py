@@ -633,6 +633,7 @@ def apply(
         gc_wait_seconds, clock,
     )  # fmt: skip
     log.info("apply.start", actions=len(plan.actions), revision=plan.revision)
+    running: set[int] = set()
     try:
         for kind, items in _segments(plan.actions):
             if kind == RunBackup.kind:
@@ -641,7 +642,9 @@ def apply(
                 _prunes(run, [(i, a) for i, a in items if isinstance(a, PrunePoint)])
             else:
                 for index, action in items:
+                    running.add(index)
                     _one(run, index, action)
+                    running.discard(index)
     except BaseException:
         cancel.set()
         raise
@@ -649,9 +652,8 @@ def apply(
         run.close()
         for index, action in enumerate(plan.actions):  # every action gets its outcome, also on the way out
             if index not in run.outcomes:
-                run.emit(
-                    index, action, "skipped", run.clock(), attempts=0, error="cancelled before it started"
-                )
+                why = "interrupted while running" if index in running else "cancelled before it started"
+                run.emit(index, action, "skipped", run.clock(), attempts=0, error=why)
     outcomes = [run.outcomes[i] for i in range(len(plan.actions))]
     counts = {s: sum(1 for o in outcomes if o.status == s) for s in ("ok", "failed", "skipped")}
     log.info("apply.done", **counts)
