@@ -245,15 +245,11 @@ def _message(exc: BaseException) -> str:
     return text if isinstance(exc, EsxiError | Skip | OSError) and text else f"{type(exc).__name__}: {text}"
 
 
-def _lock_key(host: EsxiHost) -> str:
-    return f"{host.api.address}:{host.api.port}"
-
-
 @contextlib.contextmanager
 def _vm_guard(host: EsxiHost, vmid: str, options: BackupOptions) -> Iterator[None]:
     """Hold a VM's lock for a CBT switch or snapshot removal (a backup holds it for its whole run)."""
     try:
-        guard = vm_lock(_lock_key(host), vmid, options.lock_dir)
+        guard = vm_lock(host.identity, vmid, options.lock_dir)
         guard.__enter__()
     except VmBusyError:
         raise Skip("a backup of this VM is running; try again after it") from None

@@ -796,7 +796,7 @@ def _backup_vm(
 ) -> RestorePoint:
     vm = host.vm(ref) if isinstance(ref, VmInfo) else host.find_vm(ref)
     try:
-        with vm_lock(f"{host.api.address}:{host.api.port}", vm.vmid, options.lock_dir):
+        with vm_lock(host.identity, vm.vmid, options.lock_dir):
             vm = host.vm(vm)
             foreign = [s.name for s in vm.snapshots if not host.is_ours(s)]
             if foreign:

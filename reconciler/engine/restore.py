@@ -439,7 +439,7 @@ def restore_overwrite(
     nodes = disk_nodes(point_vmx_file, point)
     chosen = [select_disk(point, nodes, disk)] if disk else list(point.disks)
     rlog = log.bind(point=point.id, vm=target.name, host=host.name)
-    with vm_lock(f"{host.api.address}:{host.api.port}", target.vmid):
+    with vm_lock(host.identity, target.vmid):
         vm = host.vm(target)
         if vm.snapshots:
             raise RestoreError(f"VM {vm.name!r} has snapshots; remove them before overwriting its disks")

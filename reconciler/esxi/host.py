@@ -347,6 +347,12 @@ class EsxiHost:
             api_password=password,
         )
 
+    @property
+    def identity(self) -> str:
+        """``address:port`` of the API: what tells hosts apart (per-VM locks), whatever their names in
+        the config."""
+        return f"{self.api.address}:{self.api.port}"
+
     def close(self) -> None:
         self.api.close()
         if self.shell is not None:

@@ -115,6 +115,7 @@ class FakeHost:
         self.world = world
         self.name = name
         self.api = SimpleNamespace(address=f"{name}.lan", port=443)
+        self.identity = f"{name}.lan:443"
 
     def _call(self, method: str, *args: str) -> None:
         self.world.calls.append((self.name, method, *args))
