@@ -246,7 +246,8 @@ class Plan:
     actions: tuple[Action, ...] = ()
     notices: tuple[Notice, ...] = ()
     next_due: datetime | None = field(default=None)
-    """The earliest time a scheduled job becomes due after ``created`` (for the daemon's timer)."""
+    """The earliest time a scheduled job becomes due again after ``created``, a job due now counting from
+    this run (for the daemon's timer and the "Next scheduled job" line)."""
 
     @property
     def has_changes(self) -> bool:

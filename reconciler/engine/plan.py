@@ -53,7 +53,8 @@ With a ``test_restore`` block, also one ``RunTestRestore`` per VM it names (ever
 names none) of that VM's newest successful point in the repository, on the block's host (unreachable:
 a warning; no successful point: a warning).
 
-``next_due``: the earliest time any job that is not due now becomes due (or a power-cycle window opens).
+``next_due``: the earliest time a job becomes due again — a job due now counts from this run — or a
+power-cycle window opens.
 Order: remove-snapshot, cbt, backup, prune, gc, verify; within a kind by host/VM/policy/time.
 """
 
@@ -220,6 +221,9 @@ def _schedule_job(
     if isinstance(result, NotDue):
         b.later(result.next_due)
         return None
+    following = due(schedule, now, now, upstream, jitter_key=jitter_key)  # as if it ran now
+    if isinstance(following, NotDue):
+        b.later(following.next_due)
     return result
 
 

@@ -73,7 +73,7 @@ def test_first_backup_is_due_with_the_schedule_as_reason(tmp_path: Path) -> None
     assert backup.vmid == vm("web01").vmid
     assert backup.due_since == at("2026-11-26 02:00")
     assert "due since 2026-11-26 02:00 UTC (daily at 02:00)" in backup.reason
-    assert result.next_due is None  # the only job is due now
+    assert result.next_due == at("2026-11-27 02:00")  # the only job: its run after this one
 
 
 def test_backup_done_after_the_fire_time_is_not_repeated(tmp_path: Path) -> None:
