@@ -14,7 +14,9 @@ Safety rules, in order of importance:
   replaced atomically (temp file + rename) to point at them and reloaded; only then are the original
   disks deleted. A kill at any moment before the rename leaves the VM on its original disks (the
   half-written ``-restored-`` files are the only leftover, removed by the next overwrite of the VM);
-  after it, on verified restored disks.
+  after it, on verified restored disks. A whole-VM overwrite switches to the point's configuration in
+  the same rename (its .vmx under the VM's current name, its .nvram written beforehand under a new
+  name); ``--disk`` keeps the current configuration.
   The per-VM lock of :mod:`.vmlock` is held throughout, so no backup of this machine runs meanwhile.
 * **The next backup is correct**: a restored disk is a new baseline. CBT of an overwritten disk is
   reset (its ``ctkEnabled`` switched off, reloaded, and on again), so the old changeIds are refused
@@ -30,7 +32,7 @@ import re
 import secrets
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 
 import structlog
@@ -420,6 +422,45 @@ def _remove_leftovers(host: EsxiHost, vm: VmInfo, pairs: list[tuple[DiskRecord, 
             if ours.fullmatch(name) and path not in used:
                 log.warning("restore.leftover_removed", vm=vm.name, file=path)
                 host.delete_disk(path)
+    ds, rel = split_ds_path(vm.vmx_path)
+    folder = f"[{ds}] {posixpath.dirname(rel)}"
+    in_use = host.read_vmx(vm).get("nvram")
+    stem = posixpath.basename(rel).rsplit(".", 1)[0]
+    ours = re.compile(re.escape(stem) + r"-restored-\d{14}-[0-9a-f]{4}\.nvram")
+    for name in host.list_folder(folder, "*-restored-*.nvram"):
+        if ours.fullmatch(name) and name != in_use:
+            log.warning("restore.leftover_removed", vm=vm.name, file=f"{folder}/{name}")
+            host.delete_path(f"{folder}/{name}")
+
+
+def _point_configuration(
+    host: EsxiHost,
+    repo: Repository,
+    point: RestorePoint,
+    vm: VmInfo,
+    point_vmx_file: VmxFile,
+    current: VmxFile,
+    stamp: str,
+) -> tuple[VmxFile, str | None]:
+    """The .vmx a whole-VM overwrite switches to: the point's (memory, CPUs, devices, identity as backed
+    up) under the VM's current display name, with the point's .nvram written beside the current one
+    under a new name (so the one .vmx rename switches both). Returns it and the datastore path of the
+    replaced .nvram to delete after the switch (None: none replaced)."""
+    vmx = VmxFile.parse(point_vmx_file.dumps())
+    vmx.set("displayName", vm.name)
+    src = vmx.get("nvram")
+    stored = point_file(point, posixpath.basename(src)) if src else None
+    if stored is None:
+        return vmx, None
+    ds, rel = split_ds_path(vm.vmx_path)
+    folder = posixpath.dirname(rel)
+    name = f"{posixpath.basename(rel).rsplit('.', 1)[0]}-restored-{stamp}.nvram"
+    host.write_file(f"[{ds}] {posixpath.join(folder, name)}", repo.read_file(stored))
+    vmx.set("nvram", name)
+    previous = current.get("nvram")
+    if not previous or "/" in previous:
+        return vmx, None
+    return vmx, f"[{ds}] {posixpath.join(folder, previous)}"
 
 
 def restore_overwrite(
@@ -483,8 +524,15 @@ def restore_overwrite(
                     rlog.error("restore.cleanup_failed", file=d.descriptor, error=str(exc))
             raise
         # the switch: one atomic .vmx rename; before it the VM runs on the originals, after it on
-        # verified restored disks
-        vmx = host.read_vmx(vm)
+        # verified restored disks (and, for the whole VM, on the point's configuration)
+        current_vmx = host.read_vmx(vm)
+        old_nvram: str | None = None
+        if disk is None:
+            vmx, old_nvram = _point_configuration(host, repo, point, vm, point_vmx_file, current_vmx, stamp)
+            where = {d.node: nodes.get(rec.key, d.node) for (rec, _), d in zip(pairs, written, strict=True)}
+            written = [replace(d, node=where[d.node]) for d in written]
+        else:
+            vmx = current_vmx
         tracked = [d.node for d in written if vmx.is_true(f"{d.node}.ctkEnabled")]
         for d in written:
             vmx.set(f"{d.node}.fileName", _relative(vm.vmx_path, d.descriptor))
@@ -505,6 +553,8 @@ def restore_overwrite(
         for _, cur in pairs:
             rlog.info("restore.original_deleted", file=cur.file)
             host.delete_disk(cur.file)
+        if old_nvram is not None:
+            host.delete_path(old_nvram)
         result.disks = written
         if options.power_on:
             host.power_on(vm)

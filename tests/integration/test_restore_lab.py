@@ -314,12 +314,29 @@ def test_free_overwrite_then_the_next_backup_is_correct(
     lab.client(lab.free).guest_write(SCRATCH, 20, seed=911)
     env.backup("free", SCRATCH)  # a newer point with other content
     lab.client(lab.free).guest_write(SCRATCH, 5, seed=912)
+    with EsxiHost.from_config(env.desired.host(lab.free)) as host:  # someone changes the VM's settings
+        vm = host.power_off(host.find_vm(SCRATCH))
+        backed_up = host.read_vmx(vm)
+        changed = host.read_vmx(vm)
+        changed.set("memSize", str(int(backed_up.get("memSize") or "1024") * 2))
+        host.write_file(vm.vmx_path, changed.dumps().encode())
+        host.power_on(host.reload_vm(vm))
+    folder = lab.local_path(lab.free, f"[datastore1] {SCRATCH}")
+    old_nvram = folder / str(backed_up.get("nvram"))
+    assert old_nvram.exists()
     old = disk_files(lab, lab.free, SCRATCH)
     assert env.cli("restore", SCRATCH, "--point", p1.id, "--overwrite", "--yes", "--power-on") == 0, (
         capsys.readouterr()
     )
     assert "overwrote 2 disks of web01 scratch" in capsys.readouterr().out
     assert flat_sha(env, lab.free, SCRATCH) == expected
+    # the whole VM is back as backed up: its configuration (memory) and its .nvram, under its name
+    with EsxiHost.from_config(env.desired.host(lab.free)) as host:
+        restored_vmx = host.read_vmx(host.find_vm(SCRATCH))
+    assert restored_vmx.get("memSize") == backed_up.get("memSize")
+    assert restored_vmx.get("displayName") == SCRATCH
+    nvram = str(restored_vmx.get("nvram"))
+    assert "-restored-" in nvram and (folder / nvram).exists() and not old_nvram.exists()
     new = disk_files(lab, lab.free, SCRATCH)
     assert all("-restored-" in new[k][0] for k in old)
     for files in old.values():  # the originals are gone once the restored disks are in use
