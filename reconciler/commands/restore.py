@@ -151,7 +151,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
             f"restore point {point.id} of {point.vm.name} ({point.snapshot_time:%Y-%m-%d %H:%M} UTC,"
             f" {plural(len(point.disks), 'disk')}, {human_size(sum(d.capacity for d in point.disks))})"
         )
-        progress = Progress()
+        progress = Progress(operation="restore")
         with EsxiHost.from_config(desired.host(host_name)) as host, sigterm_raises():
             try:
                 if args.test:

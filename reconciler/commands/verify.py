@@ -113,7 +113,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
         entry: dict[str, Any] = {"repository": name, "path": str(cfg.backend.path)}
         try:
             repo = open_repository(cfg)
-            with Progress(tty=None if not args.json else False) as progress:
+            with Progress(tty=None if not args.json else False, operation="verify") as progress:
                 report = verify_repository(
                     repo, read_data_percent=percent, subset=slice_, progress=progress, quarantine=args.repair
                 )

@@ -1,8 +1,8 @@
-"""Progress of running backups: bytes, rate and ETA per disk.
+"""Progress of long operations (backups, restores, verifications): bytes, rate and ETA per disk.
 
 On a terminal one status line on stderr is redrawn (``\\r``) twice a second; otherwise a structlog
-``backup.progress`` event per active disk every ``log_interval`` seconds. Counters are updated from the
-pipeline threads; one reporter thread renders them.
+``<operation>.progress`` event (``backup.progress`` …) per active disk every ``log_interval`` seconds.
+Counters are updated from the pipeline threads; one reporter thread renders them.
 """
 
 from __future__ import annotations
@@ -79,8 +79,10 @@ class Progress:
         tty: bool | None = None,
         interval: float = 0.5,
         log_interval: float = 10.0,
+        operation: str = "backup",
     ) -> None:
         self.stream = stream if stream is not None else sys.stderr
+        self.event = f"{operation}.progress"
         self.tty = self.stream.isatty() if tty is None else tty
         self.interval = interval if self.tty else log_interval
         self._disks: list[DiskProgress] = []
@@ -148,7 +150,7 @@ class Progress:
             return
         for d in self.active():
             log.info(
-                "backup.progress",
+                self.event,
                 vm=d.vm,
                 disk=d.disk,
                 position=d.position,
