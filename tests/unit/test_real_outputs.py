@@ -23,7 +23,7 @@ SAMPLES: list[dict[str, Any]] = yaml.safe_load((REAL / "index.yaml").read_text()
 
 
 def text_of(sample: dict[str, Any]) -> str:
-    return (REAL / sample["file"]).read_text(encoding="utf-8")
+    return (REAL / str(sample["file"])).read_text(encoding="utf-8")
 
 
 def test_corpus_is_complete_and_documented() -> None:
