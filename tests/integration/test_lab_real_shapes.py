@@ -35,7 +35,7 @@ def test_license_output_has_the_real_layout(lab: LabHandle) -> None:
         assert lines[-1] == "[200] End of report."
         fields = [shape(line) for line in lines if re.match(r"^ {3}\w", line)]
         assert fields == [shape(line) for line in real.splitlines() if re.match(r"^ {3}\w", line)]
-        assert all(line.startswith("     [") for line in lines if line.strip().startswith("["))
+        assert all(line.startswith("     [") for line in lines[1:-1] if line.strip().startswith("["))
         assert license_kind_from_editions(vimcmd.parse_license_editions(res.text)) == kind
 
 
@@ -65,7 +65,7 @@ def test_getallvms_snapshot_get_and_getstate_parse_like_real_output(lab: LabHand
     rows = vimcmd.parse_getallvms(res.text)
     assert rows and all(re.fullmatch(r"vmx-\d+", r.version) for r in rows)
     # columns are padded with (at least) three blanks, as on ESXi 6.5-9.0
-    real = (REAL / "vimcmd/getallvms-esxi65-invalid-vm-first.txt").read_text().splitlines()[1]
+    real = (REAL / "vimcmd/getallvms-esxi65-invalid-vm-first.txt").read_text().splitlines()[2]
     assert re.match(r"^\d+ {3,}\S", real) and all(
         re.match(r"^\d+ {3,}\S", line) for line in res.text.splitlines()[1:2]
     )
