@@ -188,7 +188,7 @@ func TestHost(t *testing.T) {
 
 	// vim-cmd formats
 	out, _, code := h.vimcmd([]string{"vmsvc/getallvms"})
-	if code != 0 || !strings.HasPrefix(out, "Vmid  Name    ") || !strings.Contains(out, "[ds1] web 01/web 01.vmx") {
+	if code != 0 || !strings.HasPrefix(out, "Vmid   Name   ") || !strings.Contains(out, "[ds1] web 01/web 01.vmx") {
 		t.Fatalf("getallvms:\n%s", out)
 	}
 	out, _, code = h.vimcmd([]string{"vmsvc/power.getstate", "2"})

@@ -3,8 +3,9 @@ detection and fault mapping.
 
 Licence rule (:func:`license_kind_from_editions`): the host is **free** when one of
 ``licenseManager.licenses[].editionKey`` starts with ``esx.hypervisor`` (the "vSphere Hypervisor"
-editions, e.g. ``esx.hypervisor.cpuPackageCoreLimited``) or ``esx.free``, and no other edition is
-present; evaluation mode (``eval``) and every other edition count as **licensed** (full API). A
+editions, e.g. ``esx.hypervisor.cpuPackageCoreLimited``), ``esx.free`` or ``esxBasic`` (ESX 4), and no
+other edition is present; evaluation mode (``eval``) and every other edition count as **licensed**
+(full API). A
 configured ``license: free|licensed`` wins over detection; ``auto`` detects once per session. Whatever
 the result, a ``vim.fault.RestrictedVersion`` is mapped to :class:`RestrictedByLicenseError` so
 callers can fall back to SSH.
@@ -29,7 +30,7 @@ from reconciler.esxi.tls import pinned_context
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-FREE_EDITION_PREFIXES = ("esx.hypervisor", "esx.free")
+FREE_EDITION_PREFIXES = ("esx.hypervisor", "esx.free", "esxbasic")
 
 
 def license_kind_from_editions(editions: list[str]) -> str:

@@ -376,8 +376,7 @@ class EsxiHost:
                 if self.shell is None:
                     raise
                 text = self._ssh().run(vimcmd.license_show(), timeout=60).text
-                edition = vimcmd.parse_license_edition(text)
-                editions = [edition] if edition else []
+                editions = vimcmd.parse_license_editions(text)
             self._license = license_kind_from_editions(editions)
             log.info("host %s: licence detected as %s (editions %s)", self.name, self._license, editions)
         return self._license
@@ -954,9 +953,17 @@ class EsxiHost:
 
     # -- power and registration (API when licensed, vim-cmd over SSH otherwise)
 
-    def _vm_change(self, what: str, api_call: Callable[[Any], Any], argv: list[str], timeout: float) -> str:
+    def _vm_change(
+        self,
+        what: str,
+        api_call: Callable[[Any], Any],
+        argv: list[str],
+        timeout: float,
+        check_output: Callable[[str], None] | None = None,
+    ) -> str:
         """Run one state-changing VM operation: ``api_call(vm_mo)`` (a task or a plain call) on a
-        licensed host, else ``argv`` over SSH; returns the SSH output ("" through the API)."""
+        licensed host, else ``argv`` over SSH; returns the SSH output ("" through the API).
+        ``check_output`` judges the SSH output (vim-cmd can report a failure with exit status 0)."""
         if self._use_api_for_changes():
             try:
                 with mapped_faults(what):  # not api.call: retrying a power or register call is unsafe
@@ -969,7 +976,10 @@ class EsxiHost:
                     raise
                 self._api_restricted = True
         try:
-            return self._ssh().run(argv, timeout=timeout, retry=False).text
+            text = self._ssh().run(argv, timeout=timeout, retry=False).text
+            if check_output is not None:
+                check_output(text)
+            return text
         except CommandError as exc:
             raise EsxiError(f"{what} over SSH: {exc}") from exc
 
@@ -995,6 +1005,7 @@ class EsxiHost:
                 lambda _: self._vm_mo(info.vmid).PowerOnVM_Task(),
                 vimcmd.power(info.vmid, "on"),
                 timeout,
+                lambda text: vimcmd.check_power_output("on", text),
             )
         return self.wait_power_state(info, "poweredOn", timeout=timeout)
 
@@ -1007,6 +1018,7 @@ class EsxiHost:
                 lambda _: self._vm_mo(info.vmid).PowerOffVM_Task(),
                 vimcmd.power(info.vmid, "off"),
                 timeout,
+                lambda text: vimcmd.check_power_output("off", text),
             )
         return self.wait_power_state(info, "poweredOff", timeout=timeout)
 
@@ -1021,6 +1033,7 @@ class EsxiHost:
             lambda _: self._vm_mo(info.vmid).ShutdownGuest(),
             vimcmd.power(info.vmid, "shutdown"),
             min(timeout, 120.0),
+            lambda text: vimcmd.check_power_output("shutdown", text),
         )
         return self.wait_power_state(info, "poweredOff", timeout=timeout)
 
@@ -1255,28 +1268,38 @@ class EsxiHost:
         hw_version: str = "14",
     ) -> str:
         """Create an empty flat disk ``[ds] dir/name.vmdk`` of exactly ``capacity`` bytes and return the
-        datastore path of its raw extent (``name-flat.vmdk``). SSH: ``vmkfstools -c`` (thin or
-        zeroedthick). API: the descriptor is uploaded; the extent is created by :meth:`write_disk`."""
+        datastore path of its raw extent (``name-flat.vmdk``). SSH: ``vmkfstools -c <KiB>k`` (thin or
+        zeroedthick; a size that is no whole KiB gets a written descriptor and a sparse extent). API: the
+        descriptor is uploaded; the extent is created by :meth:`write_disk`."""
         if capacity % 512:
             raise ValueError(f"disk capacity {capacity} is not a multiple of 512")
         stem = posixpath.basename(split_ds_path(descriptor)[1])
         if not stem.lower().endswith(".vmdk"):
             raise ValueError(f"not a .vmdk name: {descriptor!r}")
         flat_name = stem[:-5] + "-flat.vmdk"
-        if self.shell is not None:
-            argv = ["vmkfstools", "-c", f"{capacity}b", "-d", "thin" if thin else "zeroedthick"]
+        if self.shell is not None and capacity % 1024 == 0:
+            argv = vimcmd.vmkfstools_create(vmfs_path(descriptor), capacity, thin=thin)
             try:
-                self._ssh().run([*argv, vmfs_path(descriptor)], timeout=3600, retry=False)
+                self._ssh().run(argv, timeout=3600, retry=False)
             except CommandError as exc:
-                raise EsxiError(f"creating disk {descriptor}: {exc}") from exc
+                why = vimcmd.vmkfstools_failure(f"{exc.stdout}\n{exc.stderr}") or str(exc)
+                raise EsxiError(f"creating disk {descriptor}: {why}") from exc
             desc = self.read_descriptor(descriptor)
             extent = desc.flat_extent
             if extent is None or extent.file_name is None or desc.capacity != capacity:
                 raise EsxiError(f"vmkfstools made {descriptor} with {desc.capacity} bytes, not {capacity}")
             return _ds_join(_dir_of(descriptor), extent.file_name)
+        # No vmkfstools (or a size that is no whole KiB, which ``vmkfstools -c`` cannot express): the
+        # descriptor is written here; over SSH the raw extent is made at its exact size at once (a sparse
+        # file, thin on VMFS), through the API it is created by :meth:`write_disk`.
         text = vmfs_descriptor(flat_name, capacity, thin=thin, adapter=adapter, hw_version=hw_version)
+        flat = _ds_join(_dir_of(descriptor), flat_name)
+        if self.shell is not None:
+            sectors = capacity // 512
+            argv = ["dd", "if=/dev/zero", f"of={vmfs_path(flat)}", "bs=512", "count=0", f"seek={sectors}"]
+            self._ssh().run(argv, timeout=600, retry=False)
         self.write_file(descriptor, text.encode("utf-8"))
-        return _ds_join(_dir_of(descriptor), flat_name)
+        return flat
 
     def delete_disk(self, descriptor: str) -> None:
         """Delete a base disk: descriptor, extents and change-tracking file."""

@@ -91,9 +91,12 @@ def data_ranges(fd, lo, hi, top, block):
 """
 """Shared by the on-host programs: one definition of how data ranges are found and widened."""
 
-HOST_PROGRAM = r"""
+HOST_PROGRAM = (
+    r"""
 import hashlib, os, struct, sys
-""" + _DATA_RANGES + r"""
+"""
+    + _DATA_RANGES
+    + r"""
 def main():
     path = sys.argv[1]
     block = int(sys.argv[2])
@@ -206,6 +209,7 @@ def main():
 
 sys.exit(main())
 """
+)
 """The on-host program (sent on stdin; see the module doc)."""
 
 
@@ -235,9 +239,12 @@ def request(previous: bytes | None, block_size: int = BLOCK_SIZE) -> bytes:
     )
 
 
-ALLOC_PROGRAM = r"""
+ALLOC_PROGRAM = (
+    r"""
 import os, sys
-""" + _DATA_RANGES + r"""
+"""
+    + _DATA_RANGES
+    + r"""
 def main():
     path = sys.argv[1]
     block = int(sys.argv[2])
@@ -259,6 +266,7 @@ def main():
 
 sys.exit(main())
 """
+)
 """On-host listing of a file's data ranges (``SEEK_DATA``/``SEEK_HOLE``), widened to whole blocks
 exactly as :data:`HOST_PROGRAM` widens them. Used by a full backup that reads the disk over HTTPS and
 computes the digest map on the client (:func:`local_digests`)."""

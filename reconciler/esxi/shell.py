@@ -315,7 +315,7 @@ class ShellConnection:
         if check:
             fault = find_fault(result.text)
             if status != 0 or fault is not None:
-                what = f"{fault.type}: {fault.msg}" if fault else None
+                what = fault.describe() if fault else None
                 raise CommandError(line, status, result.text, result.error_text, what)
         return result
 

@@ -7,19 +7,16 @@ element quoted by :func:`shlex.quote`, which is correct for ESXi's BusyBox ``ash
 
 from __future__ import annotations
 
+import posixpath
 import re
 import shlex
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
-from reconciler.esxi.errors import ProtocolError
+from reconciler.esxi.errors import CommandError, ProtocolError
 
 VIM_CMD = "vim-cmd"
-
-GETALLVMS_ROW = re.compile(r"^(\d+)\s+(.*?)\s+(\[[^\]]+\] .*?\.vmx)\s+(\S+)\s+(vmx-\d+)\s*(.*)$")
-FAULT = re.compile(r"^\((vim|vmodl)\.fault\.(\w+)\)", re.MULTILINE)
-_FAULT_MSG = re.compile(r'^\s*msg = "(.*)"\s*$', re.MULTILINE)
 
 
 def check_arg(value: str) -> str:
@@ -90,7 +87,43 @@ def license_show() -> list[str]:
     return [VIM_CMD, "vimsvc/license", "--show"]
 
 
-# -- parsers -------------------------------------------------------------------------------------
+def vmkfstools_create(path: str, capacity: int, *, thin: bool) -> list[str]:
+    """``vmkfstools -c <size>k -d thin|zeroedthick <path>``. The vSphere 6.7, 7.0 and 8.0 storage guides
+    document the size of ``-c`` with the suffixes k/K, m/M, g/G only, so the exact size is given in KiB;
+    a capacity that is no whole number of KiB cannot be created exactly this way (ValueError)."""
+    if capacity <= 0 or capacity % 1024:
+        raise ValueError(f"vmkfstools -c takes whole KiB; {capacity} bytes is not one")
+    return ["vmkfstools", "-c", f"{capacity // 1024}k", "-d", "thin" if thin else "zeroedthick", path]
+
+
+_VMKFSTOOLS_FAILURE = re.compile(r"(?:^|: )(Failed to [^\n]*)", re.MULTILINE)
+
+
+def vmkfstools_failure(text: str) -> str | None:
+    """The line that says why vmkfstools failed (``Failed to create virtual disk: … (12)``), ignoring the
+    ``DISKLIB-…`` debug noise of ``-v`` and progress such as ``Clone: 19% done.``; the last such line
+    wins (vmkfstools retries other methods before giving up)."""
+    found = _VMKFSTOOLS_FAILURE.findall(text)
+    return found[-1].strip() if found else None
+
+
+# -- parsers ------------------------------------------------------------------------------------
+#
+# Every parser here was checked against outputs captured on real hosts (``tests/fixtures/real``,
+# ESXi 4 … 9). A line that matches no known shape raises ProtocolError naming the command and quoting
+# the line: guessing (e.g. "no licence key found, so licensed") has cost us wrong plans before.
+
+FAULT = re.compile(
+    r"^(?:(?P<context>[^\n(]*?): )?\((?P<ns>vim|vmodl)\.fault\.(?P<name>\w+)\)(?: \{)?[ \t]*$", re.MULTILINE
+)
+"""A fault object, at the start of a line (``(vim.fault.NotFound) {``) or after what vim-cmd was doing
+(``Power on failed: (vim.fault.GenericVmConfigFault) {``, ESXi 7–9)."""
+_FAULT_MSG = re.compile(r'^(?P<indent>\s*)msg = "(?P<text>.*)$')
+
+
+def unexpected(command: str, line: str, why: str = "unexpected line") -> ProtocolError:
+    """The error for output we do not understand: names the command and quotes the line."""
+    return ProtocolError(f"{command}: {why} {line[:160]!r} (an ESXi output shape this version does not know)")
 
 
 @dataclass(frozen=True)
@@ -100,6 +133,38 @@ class VimFault:
     type: str
     """e.g. ``vim.fault.NotFound``."""
     msg: str
+    context: str = ""
+    """What vim-cmd printed before the fault on the same line (``Power on failed``), if anything."""
+
+    def describe(self) -> str:
+        """One line for an error message."""
+        head = f"{self.context}: {self.type}" if self.context else self.type
+        return f"{head}: {self.msg}" if self.msg else head
+
+
+def _fault_msg(lines: list[str]) -> str:
+    """The fault's own ``msg``: the least indented ``msg = "..."`` before the object closes (nested
+    faults and messages are deeper); a message may run over several lines; old builds end it with
+    ``",`` and new ones with ``"``."""
+    best: tuple[int, str] | None = None
+    i = 0
+    while i < len(lines):
+        line = lines[i]
+        if line.strip() == "}" and not line.startswith(" "):
+            break
+        m = _FAULT_MSG.match(line)
+        i += 1
+        if m is None:
+            continue
+        text = m.group("text")
+        while not re.search(r'",?\s*$', text) and i < len(lines):
+            text += "\n" + lines[i]
+            i += 1
+        text = re.sub(r'",?\s*$', "", text)
+        indent = len(m.group("indent"))
+        if best is None or indent <= best[0]:
+            best = (indent, text)
+    return best[1] if best else ""
 
 
 def find_fault(text: str) -> VimFault | None:
@@ -107,8 +172,36 @@ def find_fault(text: str) -> VimFault | None:
     m = FAULT.search(text)
     if m is None:
         return None
-    msg = _FAULT_MSG.search(text, m.end())
-    return VimFault(f"{m.group(1)}.fault.{m.group(2)}", msg.group(1) if msg else "")
+    rest = text[m.end() :].split("\n")[1:]
+    context = (m.group("context") or "").strip()
+    return VimFault(f"{m.group('ns')}.fault.{m.group('name')}", _fault_msg(rest), context)
+
+
+_POWER_PROGRESS = {
+    "on": "Powering on VM:",
+    "off": "Powering off VM:",
+    "suspend": "Suspending VM:",
+    "reset": "Reset VM:",
+}
+
+
+def check_power_output(operation: str, text: str) -> None:
+    """Check what ``vmsvc/power.<operation>`` printed. vim-cmd may exit 0 after a failure, so the text
+    is the verdict: ``Powering on VM:`` alone is success; a fault (``Power on failed: (vim.fault…)``, ESXi
+    7–9; a bare ``(vim.fault…)``, older builds) or a bare ``Power on failed`` (ESXi 6.0/6.5) is an error;
+    anything else is an unknown shape. ``shutdown``/``reboot`` print nothing on success."""
+    command = f"vim-cmd vmsvc/power.{operation}"
+    fault = find_fault(text)
+    if fault is not None:
+        raise CommandError(command, 0, text, "", fault.describe())
+    expected = _POWER_PROGRESS.get(operation)
+    for line in text.splitlines():
+        stripped = line.strip()
+        if not stripped or stripped == expected:
+            continue
+        if re.fullmatch(r"[A-Z][A-Za-z ]* failed\.?", stripped):
+            raise CommandError(command, 0, text, "", stripped)
+        raise unexpected(command, line)
 
 
 @dataclass(frozen=True)
@@ -118,27 +211,96 @@ class VmRow:
     vmid: str
     name: str
     vmx: str
+    """``[datastore] dir/x.vmx``; ``[] /var/run/crx/…`` for VMs outside any datastore (vCLS, ESXi 8/9)."""
     guest: str
     version: str
     annotation: str
 
 
+_ROW_START = re.compile(r"^(\d+)(\s+)(\S.*)$", re.DOTALL)
+_ROW_END = re.compile(r"\.vmx\s+(\S+)\s+(vmx-\d+)(?:\s+(.*?))?\s*$", re.DOTALL)
+_DS_PATH = re.compile(r"\[[^\]\n]*\] \S")
+_SKIPPED = re.compile(r"^Skipping invalid VM '\d+'\s*$")
+
+
+def _split_name_file(middle: str) -> tuple[str, str] | None:
+    """Split ``name<spaces>[ds] path`` (without ``.vmx``). Names may contain ``[x] `` and spaces, so
+    every `` [`` that starts a datastore path is a candidate: one whose path's folder or file stem is the
+    name wins; else the widest gap (columns are padded, a name's own spaces are usually single); ties
+    go to the leftmost."""
+    candidates: list[tuple[int, int]] = []  # (gap width, start of file)
+    for m in re.finditer(r"(\s+)(?=\[)", middle):
+        start = m.end()
+        if m.start() == 0 or not _DS_PATH.match(middle, start):
+            continue
+        candidates.append((len(m.group(1)), start))
+    if not candidates:
+        return None
+
+    def parts(start: int) -> tuple[str, str]:
+        return middle[:start].rstrip(), middle[start:]
+
+    def related(start: int) -> bool:
+        name, path = parts(start)
+        rel = path.split("] ", 1)[1]
+        folder, _, stem = rel.rpartition("/")
+        return name in (posixpath.basename(folder), stem)
+
+    matching = [c for c in candidates if related(c[1])]
+    if len(matching) == 1:
+        return parts(matching[0][1])
+    widest = max(c[0] for c in candidates)
+    return parts(next(c[1] for c in candidates if c[0] == widest))
+
+
+def _parse_row(text: str) -> VmRow | None:
+    start = _ROW_START.match(text)
+    if start is None:
+        return None
+    body = start.group(3)
+    end = _ROW_END.search(body)
+    if end is None:
+        return None
+    split = _split_name_file(body[: end.start()])
+    if split is None:
+        return None
+    name, path = split
+    return VmRow(start.group(1), name, path + ".vmx", end.group(1), end.group(2), end.group(3) or "")
+
+
 def parse_getallvms(text: str) -> list[VmRow]:
-    """Rows anchored on the ``[ds] path.vmx`` column; other lines continue the previous annotation;
-    ``Skipping invalid VM`` lines are dropped."""
+    """Parse ``vmsvc/getallvms``. A row is ``vmid name [ds] path.vmx guest vmx-NN [annotation]``;
+    ``Skipping invalid VM 'N'`` lines (anywhere, even before the header) are dropped; a line that is no
+    row continues the previous row's annotation (multi-line annotations), unless joined to the next
+    line it completes a row (a name with a line break)."""
+    command = "vim-cmd vmsvc/getallvms"
+    lines = [line for line in text.splitlines() if not _SKIPPED.match(line)]
+    while lines and not lines[0].strip():
+        lines.pop(0)
+    if not lines or not re.match(r"^Vmid\s+Name\s+File\s+Guest OS\s+Version\s+Annotation\s*$", lines[0]):
+        raise unexpected(
+            command,
+            lines[0] if lines else text,
+            "expected the header 'Vmid Name File Guest OS Version Annotation', got",
+        )
     rows: list[VmRow] = []
-    lines = text.splitlines()
-    if not lines or not lines[0].startswith("Vmid"):
-        raise ProtocolError(f"unexpected getallvms output: {text[:200]!r}")
-    for line in lines[1:]:
-        m = GETALLVMS_ROW.match(line)
-        if m:
-            rows.append(VmRow(*(g.strip() if i != 1 else g for i, g in enumerate(m.groups()))))
-        elif rows and line.strip() and not line.startswith("Skipping invalid VM"):
+    i = 1
+    while i < len(lines):
+        line = lines[i]
+        row = _parse_row(line)
+        if row is None and i + 1 < len(lines) and _ROW_START.match(line) and _parse_row(lines[i + 1]) is None:
+            row = _parse_row(f"{line}\n{lines[i + 1]}")
+            if row is not None:
+                i += 1
+        if row is not None:
+            rows.append(VmRow(row.vmid, row.name, row.vmx, row.guest, row.version, row.annotation.rstrip()))
+        elif line.strip():
+            if not rows:
+                raise unexpected(command, line)
             last = rows[-1]
-            rows[-1] = VmRow(
-                last.vmid, last.name, last.vmx, last.guest, last.version, f"{last.annotation}\n{line}"
-            )
+            annotation = f"{last.annotation}\n{line.rstrip()}"
+            rows[-1] = VmRow(last.vmid, last.name, last.vmx, last.guest, last.version, annotation)
+        i += 1
     return rows
 
 
@@ -146,12 +308,29 @@ _POWER = {"powered on": "poweredOn", "powered off": "poweredOff", "suspended": "
 
 
 def parse_power_state(text: str) -> str:
-    """``poweredOn`` | ``poweredOff`` | ``suspended`` (the API's spelling)."""
+    """``poweredOn`` | ``poweredOff`` | ``suspended`` (the API's spelling) from ``vmsvc/power.getstate``:
+    ``Retrieved runtime info`` then ``Powered on`` | ``Powered off`` | ``Suspended``."""
+    command = "vim-cmd vmsvc/power.getstate"
+    fault = find_fault(text)
+    if fault is not None:
+        raise CommandError(command, 0, text, "", fault.describe())
+    state = None
     for line in text.splitlines():
-        state = _POWER.get(line.strip().lower())
-        if state:
-            return state
-    raise ProtocolError(f"no power state in: {text[:200]!r}")
+        stripped = line.strip()
+        if not stripped or stripped == "Retrieved runtime info":
+            continue
+        found = _POWER.get(stripped.lower())
+        if found is None or state is not None:
+            raise unexpected(command, line)
+        state = found
+    if state is None:
+        raise unexpected(command, text, "no power state in")
+    return state
+
+
+_SNAPSHOT_HEADERS = frozenset(
+    {"Get Snapshot:", "Create Snapshot:", "Remove Snapshot:", "Revert Snapshot:", "Remove All Snapshots:"}
+)
 
 
 @dataclass(frozen=True)
@@ -168,10 +347,13 @@ class ShellSnapshot:
 
 
 def parse_snapshot_get(text: str) -> list[ShellSnapshot]:
-    """Parse ``vmsvc/snapshot.get``. Depth is the number of leading ``--`` pairs; an empty tree prints
-    only ``Get Snapshot:``."""
+    """Parse ``vmsvc/snapshot.get`` (and the tree that ``snapshot.remove|revert`` print). Depth is the
+    number of leading ``--`` pairs; an empty tree prints only ``Get Snapshot:``; times are M/D/YYYY with
+    unpadded fields (``11/30/2017 0:0:4``); a description may run over several lines."""
+    command = "vim-cmd vmsvc/snapshot.get"
     out: list[ShellSnapshot] = []
     current: dict[str, str] = {}
+    field = ""
     depth = 0
     stack: list[str] = []  # ids by depth
 
@@ -179,7 +361,11 @@ def parse_snapshot_get(text: str) -> list[ShellSnapshot]:
         if not current:
             return
         if "Id" not in current or "Name" not in current:
-            raise ProtocolError(f"snapshot entry without name or id: {current}")
+            raise unexpected(
+                command,
+                f"--Snapshot Name        : {current.get('Name', '')}",
+                "snapshot without an Id (ESX 4-era output; snapshots are removed by id) at",
+            )
         created = None
         with_date = current.get("Created On", "").strip()
         if with_date:
@@ -212,12 +398,15 @@ def parse_snapshot_get(text: str) -> list[ShellSnapshot]:
                 flush()
                 depth = level
             current[field] = m.group(3)
-        elif line.startswith(("Get Snapshot:", "Remove Snapshot:", "Create Snapshot:")) or re.match(
-            r"^(--)*\|-(ROOT|CHILD)$", line
-        ):
             continue
-        elif line.strip():
-            raise ProtocolError(f"unexpected snapshot.get line: {line[:120]!r}")
+        if line.rstrip() in _SNAPSHOT_HEADERS or re.match(r"^(--)*\|-(ROOT|CHILD)$", line):
+            field = ""
+            continue
+        if field in ("Desciption", "Description") and current:
+            current[field] += "\n" + line  # a description with line breaks
+            continue
+        if line.strip():
+            raise unexpected(command, line)
     flush()
     return out
 
@@ -230,7 +419,29 @@ def parse_change_tracking_enabled(text: str) -> bool | None:
     return m.group(1) == "true"
 
 
-def parse_license_edition(text: str) -> str | None:
-    """The ``vmodl key`` of ``vimsvc/license --show`` (e.g. ``esx.hypervisor.cpuPackageCoreLimited``)."""
-    m = re.search(r"^vmodl key: (\S+)", text, re.MULTILINE)
-    return m.group(1) if m else None
+_LICENSE_FIELD = re.compile(r"^\s*(serial|vmodl key|name|total|used|unit|Properties):(?:\s+(.*?))?\s*$")
+_LICENSE_PROPERTY = re.compile(r"^\s+\[\w+\] = .*$")
+_LICENSE_STATUS = re.compile(r"^\[\d{3}\] .*$")
+
+
+def parse_license_editions(text: str) -> list[str]:
+    """The ``vmodl key`` of each licence ``vimsvc/license --show`` reports, e.g.
+    ``esx.hypervisor.cpuPackageCoreLimited`` (free), ``esxBasic`` (free, ESX 4), ``eval`` /
+    ``esx.eval.entitlement.cpuCoreMin`` (evaluation). Real output starts with ``[200] Sending request for
+    installed licenses...`` and indents every field; an unknown line, or no key at all, raises (a host
+    must never be taken for licensed because its output was not understood)."""
+    command = "vim-cmd vimsvc/license --show"
+    keys: list[str] = []
+    for line in text.splitlines():
+        if not line.strip() or _LICENSE_STATUS.match(line) or _LICENSE_PROPERTY.match(line):
+            continue
+        m = _LICENSE_FIELD.match(line)
+        if m is None:
+            raise unexpected(command, line)
+        if m.group(1) == "vmodl key":
+            if not m.group(2):
+                raise unexpected(command, line, "empty licence key in")
+            keys.append(m.group(2))
+    if not keys:
+        raise unexpected(command, text, "no 'vmodl key' in")
+    return keys

@@ -17,12 +17,12 @@ from pyVmomi import vim
 from pyVmomi.Security import ThumbprintMismatchException
 
 from esxisim.handle import LabHandle, find_vm, pinned_context, wait_task
+from reconciler.esxi import vimcmd
 
 pytestmark = pytest.mark.lab
 ConfigSpec: Any = vim.vm.ConfigSpec
 
 FREE_VMS = ["web01", "db 01", 'ファイル鯖 "q" $(x)']
-GETALLVMS_ROW = re.compile(r"^(\d+)\s+(.*?)\s+(\[[^\]]+\] .*?\.vmx)\s+(\S+)\s+(vmx-\d+)\s*(.*)$")
 
 
 def colon_hex(digest: bytes) -> str:
@@ -61,11 +61,7 @@ def test_vm_names_with_spaces_quotes_and_japanese(lab: LabHandle) -> None:
     assert res.exit == 0, res
     lines = res.text.splitlines()
     assert lines[0].split() == ["Vmid", "Name", "File", "Guest", "OS", "Version", "Annotation"]
-    rows = {}
-    for line in lines[1:]:
-        m = GETALLVMS_ROW.match(line)
-        if m:
-            rows[m.group(2)] = (m.group(1), m.group(3))
+    rows = {r.name: (r.vmid, r.vmx) for r in vimcmd.parse_getallvms(res.text)}
     assert sorted(rows) == sorted(FREE_VMS)
     si = lab.api(lab.free)
     for name in FREE_VMS:

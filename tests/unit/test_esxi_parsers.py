@@ -260,9 +260,9 @@ def test_faults_power_config_license() -> None:
     cfg = '(vim.vm.ConfigInfo) {\n   name = "x", \n   changeTrackingEnabled = true, \n}'
     assert vimcmd.parse_change_tracking_enabled(cfg) is True
     assert vimcmd.parse_change_tracking_enabled(cfg.replace("true", "<unset>")) is None
-    assert vimcmd.parse_license_edition("serial: 0\nvmodl key: esx.hypervisor.cpuPackageCoreLimited\n") == (
-        "esx.hypervisor.cpuPackageCoreLimited"
-    )
+    assert vimcmd.parse_license_editions(
+        "   serial: 0\n   vmodl key: esx.hypervisor.cpuPackageCoreLimited\n"
+    ) == ["esx.hypervisor.cpuPackageCoreLimited"]
 
 
 def test_commands_are_quoted_for_sh() -> None:
