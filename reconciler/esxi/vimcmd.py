@@ -2,7 +2,10 @@
 
 Builders return an argv list; :func:`command_line` turns any argv into one shell line with every
 element quoted by :func:`shlex.quote`, which is correct for ESXi's BusyBox ``ash`` (single quotes,
-``'"'"'`` for an embedded single quote; no other character is special inside single quotes).
+``'"'"'`` for an embedded single quote; no other character is special inside single quotes, a line
+break included: POSIX makes every character between two single quotes literal, so a VM name or path
+holding a newline reaches the command as one argument — tested against BusyBox ``ash`` in the lab).
+Only NUL cannot be passed: it ends a C string, so no argv can hold it.
 """
 
 from __future__ import annotations
@@ -20,17 +23,47 @@ VIM_CMD = "vim-cmd"
 
 
 def check_arg(value: str) -> str:
-    """Refuse what cannot be passed safely to a remote command: line breaks and NUL."""
-    if "\n" in value or "\r" in value or "\x00" in value:
-        raise ValueError(f"refusing a line break or NUL in a remote command argument: {value[:60]!r}")
+    """Refuse what no remote command can receive: NUL (it ends a C string). Line breaks are fine: quoted,
+    they stay inside the argument."""
+    if "\x00" in value:
+        raise ValueError(f"refusing a NUL character in a remote command argument: {value[:60]!r}")
     return value
 
 
 def command_line(argv: Sequence[str]) -> str:
-    """One shell line with every element quoted (and checked by :func:`check_arg`)."""
+    """One shell line with every element quoted (and checked by :func:`check_arg`); a line break in an
+    element stays inside its single quotes (see :func:`line_breaks_quoted`)."""
     if not argv:
         raise ValueError("empty command")
     return " ".join(shlex.quote(check_arg(str(a))) for a in argv)
+
+
+def line_breaks_quoted(line: str) -> bool:
+    """Whether every line break of a shell line is inside quotes, its quotes are closed and it holds no
+    NUL: then the shell reads it as the one line it was built as. Scanned with the POSIX quoting rules
+    that BusyBox ``ash`` follows (everything between single quotes is literal; a backslash escapes the
+    next character outside them), so a line built by :func:`command_line` passes and a hand-built
+    ``echo a<newline>reboot`` does not. A backslash before a line break (a line continuation) fails too."""
+    quote = ""
+    escaped = False
+    for ch in line:
+        if ch == "\x00":
+            return False
+        if escaped:
+            if ch in "\n\r":
+                return False
+            escaped = False
+        elif quote == "'":
+            quote = "" if ch == "'" else quote
+        elif ch == "\\":
+            escaped = True
+        elif quote == '"':
+            quote = "" if ch == '"' else quote
+        elif ch in "'\"":
+            quote = ch
+        elif ch in "\n\r":
+            return False
+    return not quote and not escaped
 
 
 # -- builders ------------------------------------------------------------------------------------
