@@ -106,7 +106,7 @@ def to_line(command: Sequence[str] | str) -> str:
     :func:`~reconciler.esxi.vimcmd.command_line`) and refused if a line break in it is not quoted."""
     if isinstance(command, str):
         if not line_breaks_quoted(command):
-            raise ValueError(f"refusing an unquoted line break or NUL in a remote command line: {command[:60]!r}")
+            raise ValueError(f"refusing an unquoted line break or NUL in a remote command: {command[:60]!r}")
         return command
     return command_line(command)
 

@@ -250,10 +250,13 @@ class VmRow:
     annotation: str
 
 
-_ROW_START = re.compile(r"^(\d+)(\s+)(\S.*)$", re.DOTALL)
+# Columns are padded with spaces; \s would also take a U+2028 or U+0085 that begins or ends a name.
+_ROW_START = re.compile(r"^(\d+)( +)([^ ].*)$", re.DOTALL)
 _ROW_END = re.compile(r"\.vmx\s+(\S+)\s+(vmx-\d+)(?:\s+(.*?))?\s*$", re.DOTALL)
 _DS_PATH = re.compile(r"\[[^\]\n]*\] \S")
 _SKIPPED = re.compile(r"^Skipping invalid VM '\d+'\s*$")
+_ROW_MAX_LINES = 64
+"""How many lines one row may span: a name (up to 80 characters) and its path, each with line breaks."""
 
 
 def _split_name_file(middle: str) -> tuple[str, str] | None:
@@ -271,7 +274,7 @@ def _split_name_file(middle: str) -> tuple[str, str] | None:
         return None
 
     def parts(start: int) -> tuple[str, str]:
-        return middle[:start].rstrip(), middle[start:]
+        return middle[:start].rstrip(" "), middle[start:]
 
     def related(start: int) -> bool:
         name, path = parts(start)
@@ -305,9 +308,12 @@ def parse_getallvms(text: str) -> list[VmRow]:
     """Parse ``vmsvc/getallvms``. A row is ``vmid name [ds] path.vmx guest vmx-NN [annotation]``;
     ``Skipping invalid VM 'N'`` lines (anywhere, even before the header) are dropped; a line that is no
     row continues the previous row's annotation (multi-line annotations), unless joined to the next
-    line it completes a row (a name with a line break)."""
+    line it completes a row (a name with line breaks: the row spans lines up to the one holding the
+    path's end and the guest and version columns; it starts with a vmid padded up to the header's
+    ``Name`` column, which an annotation line such as ``2023 migrated`` does not)."""
     command = "vim-cmd vmsvc/getallvms"
-    lines = [line for line in text.splitlines() if not _SKIPPED.match(line)]
+    # split("\n"), not splitlines(): a name may hold U+2028 or U+0085, which splitlines() breaks at
+    lines = [line for line in text.split("\n") if not _SKIPPED.match(line)]
     while lines and not lines[0].strip():
         lines.pop(0)
     if not lines or not re.match(r"^Vmid\s+Name\s+File\s+Guest OS\s+Version\s+Annotation\s*$", lines[0]):
@@ -317,14 +323,20 @@ def parse_getallvms(text: str) -> list[VmRow]:
             "expected the header 'Vmid Name File Guest OS Version Annotation', got",
         )
     rows: list[VmRow] = []
+    name_column = lines[0].find("Name")
     i = 1
     while i < len(lines):
         line = lines[i]
         row = _parse_row(line)
-        if row is None and i + 1 < len(lines) and _ROW_START.match(line) and _parse_row(lines[i + 1]) is None:
-            row = _parse_row(f"{line}\n{lines[i + 1]}")
-            if row is not None:
-                i += 1
+        padded_vmid = line[:name_column].rstrip().isdigit() and line[name_column - 1 : name_column] == " "
+        if row is None and padded_vmid:
+            for end in range(i + 1, min(len(lines), i + _ROW_MAX_LINES)):
+                if _parse_row(lines[end]) is not None:
+                    break
+                row = _parse_row("\n".join(lines[i : end + 1]))
+                if row is not None:
+                    i = end
+                    break
         if row is not None:
             rows.append(VmRow(row.vmid, row.name, row.vmx, row.guest, row.version, row.annotation.rstrip()))
         elif line.strip():
