@@ -1348,7 +1348,8 @@ class EsxiHost:
         file is read back over HTTPS and hashed here."""
         if self.shell is not None:
             path = vmfs_path(ds_path)
-            res = self._ssh().run(["sha256sum", path], timeout=timeout, check=False)
+            # The file on stdin: sha256sum then prints no name (GNU's escapes a name holding a line break).
+            res = self._ssh().run(["sh", "-c", 'sha256sum < "$1"', "sh", path], timeout=timeout, check=False)
             if res.exit_status != 0:
                 res = self._ssh().run(["python", "-c", _SHA256_PROGRAM, path], timeout=timeout)
             digest = res.text.split(maxsplit=1)[0] if res.text.strip() else ""
