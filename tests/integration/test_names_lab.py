@@ -36,7 +36,7 @@ ARGS = [
     NL_LIC,
     "\nleading and trailing\n",
     "a\n\n'b'\n\"c\"\n\\\n$(id)\n`id`\n; reboot\n",
-    "it's \"q\" $HOME * ? [a] | & > < \\",
+    'it\'s "q" $HOME * ? [a] | & > < \\',
     "tab\tesc\x1b[2J del\x7f nel\x85 ls\u2028 ファイル鯖",
     "-n",
     "",
