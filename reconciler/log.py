@@ -122,11 +122,19 @@ def redact_secrets(logger: WrappedLogger, method_name: str, event_dict: EventDic
     return event_dict
 
 
+# structlog's ConsoleRenderer shows a text value holding one of these as its repr(), which escapes
+# control characters already; other text values are shown as they are.
+_CONSOLE_REPR_TRIGGERS = frozenset(" \t=\r\n\"'")
+
+
 def printable_text(logger: WrappedLogger, method_name: str, event_dict: EventDict) -> EventDict:
-    """structlog processor for the console format: the message and every text value escaped by
-    :func:`~reconciler.printable.printable` (JSON lines need nothing: JSON escapes control characters)."""
+    """structlog processor for the console format: the message and every text value that the renderer
+    would show as it is are escaped by :func:`~reconciler.printable.printable` (the others it shows as
+    their ``repr()``, escaped once already). JSON lines need nothing: JSON escapes control characters."""
     for key, value in list(event_dict.items()):
-        if key not in _UNTOUCHED_KEYS and isinstance(value, str):
+        if key in _UNTOUCHED_KEYS or not isinstance(value, str):
+            continue
+        if key == "event" or not _CONSOLE_REPR_TRIGGERS.intersection(value):
             event_dict[key] = printable(value)
     return event_dict
 
