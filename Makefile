@@ -5,14 +5,15 @@
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
-APT_PACKAGES := golang-go golang-github-vmware-govmomi-dev openssh-server openssh-client util-linux iproute2 python3-venv systemd
+APT_PACKAGES := golang-go golang-github-vmware-govmomi-dev openssh-server openssh-client util-linux iproute2 python3-venv systemd busybox
 LAB_DIR ?= .lab
 
 .PHONY: all setup apt venv lab-build lint test unit demo clean
 
 all: test
 
-# Debian packages the lab and the tests need: Go + govmomi (vcsim), OpenSSH (the simulated host's sshd).
+# Debian packages the lab and the tests need: Go + govmomi (vcsim), OpenSSH (the simulated host's sshd),
+# BusyBox (its ash is the ESXi shell: the lab tests check the quoting of remote commands against it).
 apt:
 	@missing=""; for p in $(APT_PACKAGES); do \
 	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; \

@@ -40,7 +40,8 @@ class VimCmdResult:
 
 
 class ControlClient:
-    """Talk to one esxisim-host process (``POST /vimcmd``, ``/guest-write``, ``/fault``, ``GET /state``)."""
+    """Talk to one esxisim-host process (``POST /vimcmd``, ``/guest-write``, ``/fault``, ``/create-vm``,
+    ``GET /state``)."""
 
     def __init__(self, socket_path: str | Path, timeout: float = 600.0) -> None:
         self.socket_path = str(socket_path)
@@ -86,6 +87,14 @@ class ControlClient:
         """Inject (or clear) a fault in the host process: api-slow, api-down, api-up, snapshot-fail ..."""
         ans = self.request("POST", "/fault", {"kind": kind, **options})
         return ans if isinstance(ans, dict) else {"ok": True}
+
+    def create_vm(self, vm: dict[str, Any]) -> dict[str, Any]:
+        """Add a VM while the host runs (``vm``: one VM of sim.json, see docs/lab.md); returns its
+        ``vmid`` and ``vmx``. Remove it with ``vim-cmd vmsvc/destroy`` (powered off)."""
+        ans = self.request("POST", "/create-vm", vm)
+        if not isinstance(ans, dict):
+            raise ControlError(f"/create-vm: unexpected answer {ans!r}")
+        return ans
 
     def state(self) -> dict[str, Any]:
         """Return the host's VMs (ids, power, snapshots, disk chains, change ids) and datastores."""

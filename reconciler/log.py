@@ -15,7 +15,9 @@ shown from WARNING up. Command output proper (``validate``'s verdict, plans) goe
 Formats:
 
 * ``console``: ``2025-01-31T02:00:00.123456Z [info     ] backup.done  [reconciler.engine] vm=web01``;
-  colours only on a terminal and unless ``$NO_COLOR`` is set.
+  colours only on a terminal and unless ``$NO_COLOR`` is set. Control characters in the message and in
+  text values (a VM name holding a line break or an escape sequence) are shown escaped by
+  :func:`reconciler.printable.printable`, so a name cannot fake a log line or drive the terminal.
 * ``json``: one JSON object per line with ``timestamp`` (UTC, ISO 8601), ``level``, ``logger``,
   ``event`` and the event's own keys. When stderr is the systemd journal (``$JOURNAL_STREAM`` names
   it), every line starts with a ``<N>`` syslog priority so journald records the right ``PRIORITY``.
@@ -39,6 +41,7 @@ from structlog.stdlib import ProcessorFormatter
 from structlog.typing import EventDict, Processor, WrappedLogger
 
 from reconciler.config.secrets import Secret
+from reconciler.printable import printable
 
 LogFormat = Literal["auto", "json", "console"]
 LOG_FORMATS: tuple[LogFormat, ...] = ("auto", "json", "console")
@@ -116,6 +119,23 @@ def redact_secrets(logger: WrappedLogger, method_name: str, event_dict: EventDic
             event_dict[key] = _redacted(value)
         else:
             event_dict[key] = _scrub(value)
+    return event_dict
+
+
+# structlog's ConsoleRenderer shows a text value holding one of these as its repr(), which escapes
+# control characters already; other text values are shown as they are.
+_CONSOLE_REPR_TRIGGERS = frozenset(" \t=\r\n\"'")
+
+
+def printable_text(logger: WrappedLogger, method_name: str, event_dict: EventDict) -> EventDict:
+    """structlog processor for the console format: the message and every text value that the renderer
+    would show as it is are escaped by :func:`~reconciler.printable.printable` (the others it shows as
+    their ``repr()``, escaped once already). JSON lines need nothing: JSON escapes control characters."""
+    for key, value in list(event_dict.items()):
+        if key in _UNTOUCHED_KEYS or not isinstance(value, str):
+            continue
+        if key == "event" or not _CONSOLE_REPR_TRIGGERS.intersection(value):
+            event_dict[key] = printable(value)
     return event_dict
 
 
@@ -232,7 +252,8 @@ def configure_logging(
     else:
         colors = _isatty(target) and "NO_COLOR" not in os.environ
         renderer = [
-            structlog.dev.ConsoleRenderer(colors=colors, exception_formatter=structlog.dev.plain_traceback)
+            printable_text,
+            structlog.dev.ConsoleRenderer(colors=colors, exception_formatter=structlog.dev.plain_traceback),
         ]
     formatter = _Formatter(
         journal=journal,

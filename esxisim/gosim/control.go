@@ -31,6 +31,7 @@ func (h *Host) startControl() error {
 	mux.HandleFunc("/vimcmd", h.ctlVimcmd)
 	mux.HandleFunc("/guest-write", h.ctlGuestWrite)
 	mux.HandleFunc("/fault", h.ctlFault)
+	mux.HandleFunc("/create-vm", h.ctlCreateVM)
 	mux.HandleFunc("/state", h.ctlState)
 	mux.HandleFunc("/shutdown", h.ctlShutdown)
 	h.fe.control = &http.Server{Handler: mux}
@@ -155,6 +156,34 @@ func (h *Host) ctlFault(w http.ResponseWriter, r *http.Request) {
 	}
 	logf("fault %s applied", req.Kind)
 	writeJSON(w, http.StatusOK, map[string]interface{}{"ok": true})
+}
+
+// ctlCreateVM adds a VM while the host runs (body: one VM of sim.json), for tests that need a VM the
+// default lab does not have; remove it with vim-cmd vmsvc/destroy.
+func (h *Host) ctlCreateVM(w http.ResponseWriter, r *http.Request) {
+	var vc VMConfig
+	if !readJSON(w, r, &vc) {
+		return
+	}
+	if vc.Name == "" || len(vc.Disks) == 0 {
+		jsonError(w, http.StatusBadRequest, "a VM needs a name and at least one disk")
+		return
+	}
+	if vc.Datastore == "" && len(h.cfg.Datastores) > 0 {
+		vc.Datastore = h.cfg.Datastores[0].Name
+	}
+	if ds := h.dsByName(vc.Datastore); ds != nil && fileExists(filepath.Join(ds.Path, escapeFileName(vc.Name))) {
+		jsonError(w, http.StatusConflict, "the folder of VM %q already exists", vc.Name)
+		return
+	}
+	vm, err := h.addVM(vc)
+	if err != nil {
+		jsonError(w, http.StatusBadRequest, "create-vm: %v", err)
+		return
+	}
+	h.refreshDatastore(vm.DS)
+	logf("created vm %s (%q)", vm.ID, vm.Name)
+	writeJSON(w, http.StatusOK, map[string]interface{}{"vmid": vm.ID, "vmx": vm.DSPath()})
 }
 
 var quitOnce sync.Once

@@ -209,3 +209,16 @@ func TestHost(t *testing.T) {
 		t.Fatalf("license:\n%s", out)
 	}
 }
+
+func TestEscapeFileName(t *testing.T) {
+	for in, want := range map[string]string{
+		"web01":                "web01",
+		"a/b\\c%d":             "a%2fb%5cc%25d",
+		"web01\n+ backup evil": "web01%0a+ backup evil",
+		"tab\tx\x1b[31m\x7f日本": "tab%09x%1b[31m%7f日本",
+	} {
+		if got := escapeFileName(in); got != want {
+			t.Errorf("escapeFileName(%q) = %q, want %q", in, got, want)
+		}
+	}
+}

@@ -517,10 +517,20 @@ func newLongID(cid uint32) string {
 	return fmt.Sprintf("%x%08x", randBytes(12), cid)
 }
 
-// escapeFileName escapes a VM name for use as a file/dir name, as ESXi does.
+// escapeFileName is the folder and file name ESXi gives a new VM: "%", "/" and backslash escaped as %XX.
+// Control characters (a line break in a display name) are escaped the same way here, so the lab's
+// descriptors and .vmsd stay line-based text; what ESXi itself does with them is unconfirmed.
 func escapeFileName(name string) string {
-	r := strings.NewReplacer("%", "%25", "/", "%2f", "\\", "%5c")
-	return r.Replace(name)
+	var b strings.Builder
+	for _, r := range name {
+		switch {
+		case r == '%' || r == '/' || r == '\\' || r < 0x20 || r == 0x7f:
+			fmt.Fprintf(&b, "%%%02x", r)
+		default:
+			b.WriteRune(r)
+		}
+	}
+	return b.String()
 }
 
 func fileExists(p string) bool {

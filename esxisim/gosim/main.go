@@ -175,6 +175,39 @@ type frontEnd struct {
 	stopOnce sync.Once
 }
 
+// addVM writes the files of a VM of sim.json (or of POST /create-vm), registers it and sets its CBT and
+// power state.
+func (h *Host) addVM(vc VMConfig) (*VM, error) {
+	path, err := h.createVMFiles(vc)
+	if err != nil {
+		return nil, err
+	}
+	vm, f := h.Register(path, "")
+	if f != nil {
+		return nil, fmt.Errorf("register %s: %s", vc.Name, f.Msg)
+	}
+	vm.mu.Lock()
+	defer vm.mu.Unlock()
+	if vc.CBT {
+		vm.CtkVM = true
+		for _, d := range vm.Disks {
+			d.CtkKey = true
+			d.Pending = true
+		}
+		vm.activateCBT()
+	}
+	switch vc.Power {
+	case "poweredOn", "on":
+		vm.Power = poweredOn
+		now := time.Now()
+		vm.BootTime = &now
+	case "suspended":
+		vm.Power = suspended
+	}
+	vm.syncModel()
+	return vm, nil
+}
+
 func start(cfg *Config) (*Host, error) {
 	for _, d := range []string{cfg.StateDir, filepath.Join(cfg.StateDir, "tls"), filepath.Join(cfg.StateDir, "run")} {
 		if err := os.MkdirAll(d, 0755); err != nil {
@@ -193,33 +226,9 @@ func start(cfg *Config) (*Host, error) {
 	}
 	// VMs from sim.json
 	for _, vc := range cfg.VMs {
-		path, err := h.createVMFiles(vc)
-		if err != nil {
+		if _, err := h.addVM(vc); err != nil {
 			return h, err
 		}
-		vm, f := h.Register(path, "")
-		if f != nil {
-			return h, fmt.Errorf("register %s: %s", vc.Name, f.Msg)
-		}
-		vm.mu.Lock()
-		if vc.CBT {
-			vm.CtkVM = true
-			for _, d := range vm.Disks {
-				d.CtkKey = true
-				d.Pending = true
-			}
-			vm.activateCBT()
-		}
-		switch vc.Power {
-		case "poweredOn", "on":
-			vm.Power = poweredOn
-			now := time.Now()
-			vm.BootTime = &now
-		case "suspended":
-			vm.Power = suspended
-		}
-		vm.syncModel()
-		vm.mu.Unlock()
 	}
 	h.refreshDatastores()
 

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from reconciler.cli import add_command, human_size, load_desired, plural, state_dir
+from reconciler.printable import printable
 
 if TYPE_CHECKING:
     from reconciler.config.model import DesiredState
@@ -65,7 +66,7 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
 
 
 def _err(message: str) -> None:
-    print(f"esxi-reconciler apply: {message}", file=sys.stderr)
+    print(f"esxi-reconciler apply: {printable(message)}", file=sys.stderr)
 
 
 def _load_plan(path: Path) -> Plan | str:
@@ -129,7 +130,7 @@ def _show(outcome: Outcome) -> None:
     else:
         tries = f" after {plural(outcome.attempts, 'attempt')}" if outcome.attempts > 1 else ""
         text += f"{tries}: {outcome.error}"
-    print(text, flush=True)
+    print(printable(text), flush=True)
 
 
 def _confirm(count: int) -> bool | None:

@@ -8,6 +8,7 @@ import sys
 import structlog
 
 from reconciler.cli import add_command, human_size, load_desired
+from reconciler.printable import printable
 
 log = structlog.get_logger("reconciler.cli")
 
@@ -61,13 +62,16 @@ def cmd_backup(args: argparse.Namespace) -> int:
         if res.ok:
             reason = f" (fallback: {res.fallback_reason})" if res.fallback_reason else ""
             print(
-                f"{res.vm}: ok {res.mode} read {human_size(res.bytes_read)} sent {human_size(res.bytes_sent)}"
-                f" stored {human_size(res.bytes_stored)} in {res.seconds:.1f}s point {res.point_id}{reason}",
+                printable(
+                    f"{res.vm}: ok {res.mode} read {human_size(res.bytes_read)}"
+                    f" sent {human_size(res.bytes_sent)} stored {human_size(res.bytes_stored)}"
+                    f" in {res.seconds:.1f}s point {res.point_id}{reason}"
+                ),
                 flush=True,
             )
         else:
             kept = f" (point {res.point_id} kept)" if res.point_id else ""
-            print(f"{res.vm}: FAILED after {res.seconds:.1f}s: {res.error}{kept}", flush=True)
+            print(printable(f"{res.vm}: FAILED after {res.seconds:.1f}s: {res.error}{kept}"), flush=True)
 
     try:
         with sigterm_raises(), progress:
@@ -80,14 +84,14 @@ def cmd_backup(args: argparse.Namespace) -> int:
                 on_result=show,
             )
     except BackupError as error:
-        print(f"esxi-reconciler backup: {error}", file=sys.stderr)
+        print(f"esxi-reconciler backup: {printable(str(error))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("esxi-reconciler backup: interrupted; snapshots removed, no partial point", file=sys.stderr)
         return 130
     except Exception as error:  # repository or host unreachable, secrets ...
         log.error("backup.failed", error=str(error))
-        print(f"esxi-reconciler backup: {error}", file=sys.stderr)
+        print(f"esxi-reconciler backup: {printable(str(error))}", file=sys.stderr)
         return 1
     failed = [r for r in results if not r.ok]
     print(f"{len(results) - len(failed)} of {len(results)} VMs backed up", flush=True)

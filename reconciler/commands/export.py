@@ -9,6 +9,7 @@ from pathlib import Path
 import structlog
 
 from reconciler.cli import add_command, human_size, load_desired
+from reconciler.printable import printable
 
 log = structlog.get_logger("reconciler.cli")
 
@@ -64,14 +65,14 @@ def cmd_export(args: argparse.Namespace) -> int:
         try:
             point = find_point(repo, args.vm, args.point)
         except RestoreError as exc:
-            print(f"esxi-reconciler export: {exc}", file=sys.stderr)
+            print(f"esxi-reconciler export: {printable(str(exc))}", file=sys.stderr)
             return 2
         try:
             result = export_point(repo, point, args.to, args.format)
         except (RestoreError, OSError) as exc:
-            print(f"esxi-reconciler export: FAILED: {exc}", file=sys.stderr)
+            print(f"esxi-reconciler export: FAILED: {printable(str(exc))}", file=sys.stderr)
             return 1
-    print(f"exported restore point {point.id} of {point.vm.name} to {result.directory}")
+    print(f"exported restore point {point.id} of {printable(point.vm.name)} to {result.directory}")
     for d in result.disks:
         size = human_size(next(p.capacity for p in point.disks if p.label == d.label))
         print(f"  {d.label}: {d.path.name} ({size}) sha256 {d.sha256[:16]}… ok")

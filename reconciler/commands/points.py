@@ -10,6 +10,7 @@ from typing import Any
 import structlog
 
 from reconciler.cli import add_command, human_size, load_desired
+from reconciler.printable import printable
 
 log = structlog.get_logger("reconciler.cli")
 
@@ -49,7 +50,7 @@ def cmd_points(args: argparse.Namespace) -> int:
             with repo.lock(purpose="list points"):
                 points = repo.list_points(vm=args.vm)
         except Exception as error:
-            print(f"esxi-reconciler points: repository {name}: {error}", file=sys.stderr)
+            print(f"esxi-reconciler points: repository {name}: {printable(str(error))}", file=sys.stderr)
             status = 1
             continue
         for p in points:
@@ -78,7 +79,7 @@ def cmd_points(args: argparse.Namespace) -> int:
         header = ("ID", "REPOSITORY", "POLICY", "VM", "TIME", "STATUS", "MODE", "SIZE", "SENT", "STORED")
         table = [header]
         for r in rows:
-            plain = [r[k] for k in ("id", "repository", "policy", "vm")]
+            plain = [printable(r[k]) for k in ("id", "repository", "policy", "vm")]
             sizes = [human_size(r[k]) for k in ("size", "sent", "stored")]
             table.append((*plain, r["time"][:19], r["status"], r["mode"], *sizes))
         widths = [max(len(str(row[i])) for row in table) for i in range(len(header))]

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 import structlog
 
 from reconciler.cli import add_command, human_size, load_desired, plural
+from reconciler.printable import printable
 
 if TYPE_CHECKING:
     from reconciler.config.model import DesiredState
@@ -140,7 +141,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
         try:
             point = find_point(repo, args.vm, args.point)
         except RestoreError as exc:
-            print(f"esxi-reconciler restore: {exc}", file=sys.stderr)
+            print(f"esxi-reconciler restore: {printable(str(exc))}", file=sys.stderr)
             return 2
         host_name = args.host or point.vm.host
         if host_name not in desired.hosts:
@@ -148,7 +149,8 @@ def cmd_restore(args: argparse.Namespace) -> int:
             return 2
         target_name = args.to_vm or args.vm
         print(
-            f"restore point {point.id} of {point.vm.name} ({point.snapshot_time:%Y-%m-%d %H:%M} UTC,"
+            f"restore point {point.id} of {printable(point.vm.name)}"
+            f" ({point.snapshot_time:%Y-%m-%d %H:%M} UTC,"
             f" {plural(len(point.disks), 'disk')}, {human_size(sum(d.capacity for d in point.disks))})"
         )
         progress = Progress(operation="restore")
@@ -157,7 +159,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
                 if args.test:
                     with progress:
                         tr = run_test_restore(host, repo, point, datastore=args.datastore, progress=progress)
-                    print(tr.message)
+                    print(printable(tr.message))
                     return 0 if tr.ok else 1
                 options = RestoreOptions(
                     name=args.name,
@@ -192,20 +194,23 @@ def cmd_restore(args: argparse.Namespace) -> int:
                     with progress:
                         result = restore_overwrite(host, repo, point, target, options, disk=args.disk)
                     count = plural(len(result.disks), "disk")
-                    print(f"overwrote {count} of {result.vm_name} (verified by SHA-256)")
+                    print(f"overwrote {count} of {printable(result.vm_name)} (verified by SHA-256)")
                 else:
                     with progress:
                         result = restore_new_vm(host, repo, point, options)
-                    print(f"restored as new VM {result.vm_name!r} (vmid {result.vmid}) at {result.vmx_path}")
+                    print(
+                        f"restored as new VM '{printable(result.vm_name)}' (vmid {result.vmid})"
+                        f" at {printable(result.vmx_path)}"
+                    )
                 for d in result.disks:
-                    print(f"  {d.label} ({d.node}): {d.descriptor} sha256 {d.sha256[:16]}… ok")
+                    print(printable(f"  {d.label} ({d.node}): {d.descriptor} sha256 {d.sha256[:16]}… ok"))
                 if result.powered_on:
                     print("  powered on")
                 return 0
             except RestoreError as exc:
-                print(f"esxi-reconciler restore: {exc}", file=sys.stderr)
+                print(f"esxi-reconciler restore: {printable(str(exc))}", file=sys.stderr)
                 return 1
             except Exception as exc:
                 log.error("restore.failed", error=str(exc), error_type=exc.__class__.__name__, exc_info=True)
-                print(f"esxi-reconciler restore: FAILED: {exc}", file=sys.stderr)
+                print(f"esxi-reconciler restore: FAILED: {printable(str(exc))}", file=sys.stderr)
                 return 1

@@ -9,6 +9,7 @@ from datetime import datetime
 from typing import Any
 
 from reconciler.cli import add_command, plural, state_dir
+from reconciler.printable import printable
 
 _STATUS_EXAMPLES = """\
 examples:
@@ -52,7 +53,7 @@ def _short_revision(revision: str | None) -> str:
 
 
 def _clip(text: str, width: int) -> str:
-    text = " ".join(text.split())
+    text = printable(text)
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
@@ -102,7 +103,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         table.append(
             (
                 c.kind,
-                c.name,
+                printable(c.name),
                 c.status,
                 c.reason,
                 _clip(c.message, MESSAGE_WIDTH),
@@ -126,6 +127,6 @@ def cmd_status(args: argparse.Namespace) -> int:
     if failures:
         print("\nrecent failures:")
         for f in failures:
-            print(f"  {_when(f.time)}  {f.kind} {f.subject}: {_clip(f.error or 'failed', 100)}")
+            print(f"  {_when(f.time)}  {f.kind} {printable(f.subject)}: {_clip(f.error or 'failed', 100)}")
     print(f"\n{plural(len(conditions), 'object')}, {stalled} stalled")
     return 1 if stalled else 0

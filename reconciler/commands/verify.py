@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from reconciler.cli import add_command, human_size, load_desired, plural
+from reconciler.printable import printable
 
 if TYPE_CHECKING:
     from reconciler.repository.verify import VerifyReport
@@ -121,7 +122,10 @@ def cmd_verify(args: argparse.Namespace) -> int:
             log.error("verify.failed", repository=name, error=str(error))
             entry.update({"ok": False, "error": str(error)})
             if not args.json:
-                print(f"esxi-reconciler verify: repository {name}: not verified: {error}", file=sys.stderr)
+                print(
+                    f"esxi-reconciler verify: repository {name}: not verified: {printable(str(error))}",
+                    file=sys.stderr,
+                )
             status = 1
             results.append(entry)
             continue
@@ -150,10 +154,10 @@ def _print_report(name: str, report: VerifyReport) -> None:
     affected = plural(len(report.damaged_points), "restore point")
     print(f"repository {name}: DAMAGED: {problems}, {affected} affected; {counts}")
     for problem in report.problems:
-        print(f"  {problem.message}")
+        print(f"  {printable(problem.message)}")
     print("  restore points that cannot be fully restored:")
     for point_id, label in sorted(report.damaged_points.items()):
-        print(f"    {point_id}  {label}" if label != point_id else f"    {point_id}")
+        print(f"    {point_id}  {printable(label)}" if label != point_id else f"    {point_id}")
     if report.quarantined:
         print(
             f"  {plural(report.quarantined, 'bad chunk')} set aside in quarantine/: the next backup of each"

@@ -11,6 +11,10 @@ YAML-1.2-core-like set of rules:
 - everything else (``yes``, ``off``, ``012``, ``0x1F``, ``1_000``, ``02:00``, ``2026-01-01``, ``.inf``)
   stays the string that was written.
 
+Before any of that, a file holding git's conflict markers (``<<<<<<< HEAD`` … ``=======`` …
+``>>>>>>> branch``, left by a failed merge) is reported as one issue at its first marker: YAML would
+read the markers as text, or fail on the line after them.
+
 It also refuses what has no place in a reviewed config: anchors and aliases (no "billion laughs"),
 explicit tags other than ``!!str``, duplicate or non-scalar keys, nesting deeper than
 :data:`MAX_DEPTH` and files larger than :data:`MAX_FILE_BYTES`. Problems are returned as
@@ -60,6 +64,11 @@ _INT = re.compile(r"^[-+]?(?:0|[1-9][0-9]*)$")
 _FLOAT = re.compile(
     r"^[-+]?(?:(?:0|[1-9][0-9]*)(?:\.[0-9]*)?(?:[eE][-+]?[0-9]+)?|\.[0-9]+(?:[eE][-+]?[0-9]+)?)$"
 )
+
+# git writes a marker at the start of a line: 7 characters, then a space and a label for <<<<<<<,
+# >>>>>>> and ||||||| (diff3 base), or nothing at all (======= always; the others with an empty label).
+_CONFLICT_MARKER = re.compile(r"^(?:(?:<{7}|>{7}|\|{7})(?: [^\r\n]*)?|={7})\r?$", re.MULTILINE)
+_CONFLICT_OPEN_OR_CLOSE = re.compile(r"^(?:<{7}|>{7})(?: [^\r\n]*)?\r?$", re.MULTILINE)
 
 PathElement = str | int
 """One step of a path into a document: a mapping key or a sequence index."""
@@ -232,12 +241,37 @@ def to_data(node: Node) -> Any:
     return {key.value: to_data(value) for key, value in node.value}
 
 
+def conflict_marker(text: str, file: str) -> ConfigIssue | None:
+    """The issue of a file left with git conflict markers by a failed merge, located at its first
+    marker; None when there is none. A line ``=======`` alone can be text (a heading underlined in a
+    block scalar), so only a file with a ``<<<<<<<`` or ``>>>>>>>`` line counts as conflicted."""
+    if _CONFLICT_OPEN_OR_CLOSE.search(text) is None:
+        return None
+    first = _CONFLICT_MARKER.search(text)
+    assert first is not None  # the open or close marker is one
+    line = text.count("\n", 0, first.start()) + 1
+    marker = first.group().rstrip("\r")
+    shown = marker if len(marker) <= 60 else marker[:59] + "…"
+    return ConfigIssue(
+        file,
+        line,
+        1,
+        "",
+        f"unresolved merge conflict: git conflict marker {shown!r} (a merge left both versions in the file);"
+        " resolve the conflict (keep the right lines, delete the <<<<<<<, ======= and >>>>>>> lines) and"
+        " commit",
+    )
+
+
 def parse_text(text: str, file: str) -> tuple[list[Document], list[ConfigIssue]]:
     """Compose every document of ``text``; empty documents (only comments, a trailing ``---``) are skipped.
 
     If the file has any problem, no document of it is returned: a half-read file must not be
-    mistaken for a complete one.
+    mistaken for a complete one. A file with git conflict markers gets that one issue and is not parsed.
     """
+    conflict = conflict_marker(text, file)
+    if conflict is not None:
+        return [], [conflict]
     composer = _Composer(text, file)
     nodes: list[Node] = []
     try:

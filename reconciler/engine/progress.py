@@ -16,6 +16,8 @@ from typing import TextIO
 
 import structlog
 
+from reconciler.printable import printable
+
 log = structlog.get_logger(__name__)
 
 MiB = 1 << 20
@@ -136,7 +138,7 @@ class Progress:
         """The terminal status line for the disks being read."""
         now = time.monotonic() if now is None else now
         parts = [
-            f"{d.vm}/{d.disk} {d.fraction() * 100:3.0f}% {d.rate(now) / MiB:.1f} MiB/s"
+            f"{printable(d.vm)}/{printable(d.disk)} {d.fraction() * 100:3.0f}% {d.rate(now) / MiB:.1f} MiB/s"
             f" ETA {_eta_text(d.eta(now))}"
             for d in self.active()
         ]

@@ -3,7 +3,8 @@
 ``+`` creates (a backup, a verification), ``~`` changes in place (CBT), ``-`` deletes (a restore
 point, an orphaned snapshot, unreferenced data); notices follow (``!`` warning, ``…`` pending, ``i``
 info), then one summary line. Names come from VM inventories and may hold anything, so control
-characters are shown escaped: a VM name cannot move the cursor or recolour the terminal.
+characters are shown escaped (:func:`reconciler.printable.printable`): a VM name cannot add a line,
+move the cursor or recolour the terminal.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from reconciler.engine.actions import (
     RunVerify,
     SetCbt,
 )
+from reconciler.printable import printable
 
 _COLORS: dict[object, str] = {
     Change.CREATE: "\x1b[32m",
@@ -36,13 +38,6 @@ _RESET = "\x1b[0m"
 _NOTICE_MARK = {"warning": "!", "pending": "…", "info": "i"}
 
 
-def _safe(text: str) -> str:
-    """Escape control characters (C0, DEL, C1) so inventory names cannot drive the terminal."""
-    return "".join(
-        ch if ch.isprintable() or ch == " " else ch.encode("unicode_escape").decode("ascii") for ch in text
-    )
-
-
 def _paint(text: str, key: object, color: bool) -> str:
     code = _COLORS.get(key) if color else None
     return f"{code}{text}{_RESET}" if code else text
@@ -54,31 +49,31 @@ def _onoff(enabled: bool) -> str:
 
 def action_line(action: Action) -> str:
     """One action without its ``+``/``~``/``-`` mark, e.g. ``backup esxi1/web01 -> nas (due since ...)``."""
-    reason = _safe(action.reason)
-    subject = _safe(action.subject)
+    reason = printable(action.reason)
+    subject = printable(action.subject)
     if isinstance(action, SetCbt):
         return f"{subject}  cbt: {_onoff(not action.enabled)} -> {_onoff(action.enabled)} ({reason})"
     if isinstance(action, RunBackup):
-        return f"backup {subject} -> {_safe(action.repository)} ({reason})"
+        return f"backup {subject} -> {printable(action.repository)} ({reason})"
     if isinstance(action, PrunePoint):
-        return f"point {subject} of {_safe(action.policy)} in {_safe(action.repository)} ({reason})"
+        return f"point {subject} of {printable(action.policy)} in {printable(action.repository)} ({reason})"
     if isinstance(action, RemoveSnapshot):
-        return f"snapshot {subject} '{_safe(action.snapshot_name)}' ({reason})"
+        return f"snapshot {subject} '{printable(action.snapshot_name)}' ({reason})"
     if isinstance(action, CollectGarbage):
         return f"unreferenced data in {subject} ({reason})"
     if isinstance(action, RunVerify):
         return (
-            f"verify {subject} by {_safe(action.verify_policy)}, reading {action.read_data_percent:g} % of"
-            f" the data ({reason})"
+            f"verify {subject} by {printable(action.verify_policy)},"
+            f" reading {action.read_data_percent:g} % of the data ({reason})"
         )
     if isinstance(action, RunTestRestore):
-        return f"test restore {subject} from {_safe(action.repository)} ({reason})"
+        return f"test restore {subject} from {printable(action.repository)} ({reason})"
     return f"{action.kind} {subject} ({reason})"
 
 
 def notice_line(notice: Notice) -> str:
     """One notice without its mark, e.g. ``warning esxi1/web01: foreign snapshot 'x' blocks ...``."""
-    return f"{notice.level} {_safe(notice.subject)}: {_safe(notice.message)}"
+    return f"{notice.level} {printable(notice.subject)}: {printable(notice.message)}"
 
 
 def _count(n: int, one: str, many: str) -> str:

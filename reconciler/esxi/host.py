@@ -1205,13 +1205,16 @@ class EsxiHost:
         return self.api.call(f"folder {ds_path}", search)
 
     def list_folder(self, folder: str, pattern: str = "*") -> list[str]:
-        """Names of the files in ``[ds] dir`` matching the glob ``pattern`` (not recursive): ``find``
-        over SSH, else the datastore browser. Names with a line break are not listed."""
+        """Names of the files in ``[ds] dir`` matching the glob ``pattern`` (not recursive): ``find
+        -print0`` over SSH (NUL-separated, so names holding a line break come out whole), else the
+        datastore browser."""
         if self.shell is not None:
             res = self._ssh().run(
-                ["find", vmfs_path(folder), "-maxdepth", "1", "-type", "f", "-name", pattern], timeout=120
+                ["find", vmfs_path(folder), "-maxdepth", "1", "-type", "f", "-name", pattern, "-print0"],
+                timeout=120,
             )
-            return sorted(posixpath.basename(line) for line in res.text.splitlines() if line)
+            paths = res.stdout.decode("utf-8", "surrogateescape").split("\0")
+            return sorted(posixpath.basename(path) for path in paths if path)
 
         def search() -> list[str]:
             ds = split_ds_path(folder)[0]
@@ -1345,7 +1348,8 @@ class EsxiHost:
         file is read back over HTTPS and hashed here."""
         if self.shell is not None:
             path = vmfs_path(ds_path)
-            res = self._ssh().run(["sha256sum", path], timeout=timeout, check=False)
+            # The file on stdin: sha256sum then prints no name (GNU's escapes a name holding a line break).
+            res = self._ssh().run(["sh", "-c", 'sha256sum < "$1"', "sh", path], timeout=timeout, check=False)
             if res.exit_status != 0:
                 res = self._ssh().run(["python", "-c", _SHA256_PROGRAM, path], timeout=timeout)
             digest = res.text.split(maxsplit=1)[0] if res.text.strip() else ""

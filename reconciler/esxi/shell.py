@@ -9,8 +9,9 @@
 * **Login**: the private key (OpenSSH format) if configured, else the password; paramiko falls back
   from ``password`` to ``keyboard-interactive`` by itself (ESXi offers only the latter).
 * **Commands**: :meth:`ShellConnection.run` takes an argv (each element quoted with
-  :func:`shlex.quote`, correct for BusyBox ``ash``; line breaks and NUL are refused) or a prepared
-  line built with :func:`reconciler.esxi.vimcmd.command_line`.
+  :func:`shlex.quote`, correct for BusyBox ``ash``; a line break stays inside its single quotes, so
+  names and paths holding one pass as one argument; NUL is refused) or a prepared line built with
+  :func:`reconciler.esxi.vimcmd.command_line` (refused if it holds a line break outside quotes).
 * **Streams** (:meth:`ShellConnection.stream`): stdout read in bounded pieces; paramiko buffers at
   most one channel window (2 MiB by default) per channel.
 * **Rekeying**: paramiko renegotiates keys after 512 MiB per direction. A rekey while several threads
@@ -38,7 +39,7 @@ from dataclasses import dataclass
 import paramiko
 
 from reconciler.esxi.errors import CommandError, NotPinnedError, PinMismatchError, ShellAuthError, ShellError
-from reconciler.esxi.vimcmd import command_line, find_fault
+from reconciler.esxi.vimcmd import command_line, find_fault, line_breaks_quoted
 
 log = logging.getLogger(__name__)
 
@@ -101,10 +102,11 @@ class ShellResult:
 
 
 def to_line(command: Sequence[str] | str) -> str:
-    """A shell line: an argv is quoted element by element; a str is taken as already built."""
+    """A shell line: an argv is quoted element by element; a str is taken as already built (with
+    :func:`~reconciler.esxi.vimcmd.command_line`) and refused if a line break in it is not quoted."""
     if isinstance(command, str):
-        if "\n" in command or "\x00" in command:
-            raise ValueError("refusing a line break or NUL in a remote command line")
+        if not line_breaks_quoted(command):
+            raise ValueError(f"refusing an unquoted line break or NUL in a remote command: {command[:60]!r}")
         return command
     return command_line(command)
 

@@ -56,11 +56,12 @@ class TransportError(EsxiError):
 
 
 def split_ds_path(ds_path: str) -> tuple[str, str]:
-    """``[datastore1] a b/c.vmdk`` → ``("datastore1", "a b/c.vmdk")``."""
+    """``[datastore1] a b/c.vmdk`` → ``("datastore1", "a b/c.vmdk")``. Only the one space after ``]`` is
+    dropped: a folder named after a VM may begin or end with a space or a line break."""
     if not ds_path.startswith("[") or "]" not in ds_path:
         raise ValueError(f"not a datastore path: {ds_path!r}")
     ds, _, rel = ds_path[1:].partition("]")
-    return ds, rel.strip()
+    return ds, rel.removeprefix(" ")
 
 
 def vmfs_path(ds_path: str) -> str:

@@ -2,7 +2,10 @@
 
 Builders return an argv list; :func:`command_line` turns any argv into one shell line with every
 element quoted by :func:`shlex.quote`, which is correct for ESXi's BusyBox ``ash`` (single quotes,
-``'"'"'`` for an embedded single quote; no other character is special inside single quotes).
+``'"'"'`` for an embedded single quote; no other character is special inside single quotes, a line
+break included: POSIX makes every character between two single quotes literal, so a VM name or path
+holding a newline reaches the command as one argument — tested against BusyBox ``ash`` in the lab).
+Only NUL cannot be passed: it ends a C string, so no argv can hold it.
 """
 
 from __future__ import annotations
@@ -20,17 +23,47 @@ VIM_CMD = "vim-cmd"
 
 
 def check_arg(value: str) -> str:
-    """Refuse what cannot be passed safely to a remote command: line breaks and NUL."""
-    if "\n" in value or "\r" in value or "\x00" in value:
-        raise ValueError(f"refusing a line break or NUL in a remote command argument: {value[:60]!r}")
+    """Refuse what no remote command can receive: NUL (it ends a C string). Line breaks are fine: quoted,
+    they stay inside the argument."""
+    if "\x00" in value:
+        raise ValueError(f"refusing a NUL character in a remote command argument: {value[:60]!r}")
     return value
 
 
 def command_line(argv: Sequence[str]) -> str:
-    """One shell line with every element quoted (and checked by :func:`check_arg`)."""
+    """One shell line with every element quoted (and checked by :func:`check_arg`); a line break in an
+    element stays inside its single quotes (see :func:`line_breaks_quoted`)."""
     if not argv:
         raise ValueError("empty command")
     return " ".join(shlex.quote(check_arg(str(a))) for a in argv)
+
+
+def line_breaks_quoted(line: str) -> bool:
+    """Whether every line break of a shell line is inside quotes, its quotes are closed and it holds no
+    NUL: then the shell reads it as the one line it was built as. Scanned with the POSIX quoting rules
+    that BusyBox ``ash`` follows (everything between single quotes is literal; a backslash escapes the
+    next character outside them), so a line built by :func:`command_line` passes and a hand-built
+    ``echo a<newline>reboot`` does not. A backslash before a line break (a line continuation) fails too."""
+    quote = ""
+    escaped = False
+    for ch in line:
+        if ch == "\x00":
+            return False
+        if escaped:
+            if ch in "\n\r":
+                return False
+            escaped = False
+        elif quote == "'":
+            quote = "" if ch == "'" else quote
+        elif ch == "\\":
+            escaped = True
+        elif quote == '"':
+            quote = "" if ch == '"' else quote
+        elif ch in "'\"":
+            quote = ch
+        elif ch in "\n\r":
+            return False
+    return not quote and not escaped
 
 
 # -- builders ------------------------------------------------------------------------------------
@@ -217,10 +250,13 @@ class VmRow:
     annotation: str
 
 
-_ROW_START = re.compile(r"^(\d+)(\s+)(\S.*)$", re.DOTALL)
+# Columns are padded with spaces; \s would also take a U+2028 or U+0085 that begins or ends a name.
+_ROW_START = re.compile(r"^(\d+)( +)([^ ].*)$", re.DOTALL)
 _ROW_END = re.compile(r"\.vmx\s+(\S+)\s+(vmx-\d+)(?:\s+(.*?))?\s*$", re.DOTALL)
 _DS_PATH = re.compile(r"\[[^\]\n]*\] \S")
 _SKIPPED = re.compile(r"^Skipping invalid VM '\d+'\s*$")
+_ROW_MAX_LINES = 64
+"""How many lines one row may span: a name (up to 80 characters) and its path, each with line breaks."""
 
 
 def _split_name_file(middle: str) -> tuple[str, str] | None:
@@ -238,7 +274,7 @@ def _split_name_file(middle: str) -> tuple[str, str] | None:
         return None
 
     def parts(start: int) -> tuple[str, str]:
-        return middle[:start].rstrip(), middle[start:]
+        return middle[:start].rstrip(" "), middle[start:]
 
     def related(start: int) -> bool:
         name, path = parts(start)
@@ -272,9 +308,12 @@ def parse_getallvms(text: str) -> list[VmRow]:
     """Parse ``vmsvc/getallvms``. A row is ``vmid name [ds] path.vmx guest vmx-NN [annotation]``;
     ``Skipping invalid VM 'N'`` lines (anywhere, even before the header) are dropped; a line that is no
     row continues the previous row's annotation (multi-line annotations), unless joined to the next
-    line it completes a row (a name with a line break)."""
+    line it completes a row (a name with line breaks: the row spans lines up to the one holding the
+    path's end and the guest and version columns; it starts with a vmid padded up to the header's
+    ``Name`` column, which an annotation line such as ``2023 migrated`` does not)."""
     command = "vim-cmd vmsvc/getallvms"
-    lines = [line for line in text.splitlines() if not _SKIPPED.match(line)]
+    # split("\n"), not splitlines(): a name may hold U+2028 or U+0085, which splitlines() breaks at
+    lines = [line for line in text.split("\n") if not _SKIPPED.match(line)]
     while lines and not lines[0].strip():
         lines.pop(0)
     if not lines or not re.match(r"^Vmid\s+Name\s+File\s+Guest OS\s+Version\s+Annotation\s*$", lines[0]):
@@ -284,14 +323,20 @@ def parse_getallvms(text: str) -> list[VmRow]:
             "expected the header 'Vmid Name File Guest OS Version Annotation', got",
         )
     rows: list[VmRow] = []
+    name_column = lines[0].find("Name")
     i = 1
     while i < len(lines):
         line = lines[i]
         row = _parse_row(line)
-        if row is None and i + 1 < len(lines) and _ROW_START.match(line) and _parse_row(lines[i + 1]) is None:
-            row = _parse_row(f"{line}\n{lines[i + 1]}")
-            if row is not None:
-                i += 1
+        padded_vmid = line[:name_column].rstrip().isdigit() and line[name_column - 1 : name_column] == " "
+        if row is None and padded_vmid:
+            for end in range(i + 1, min(len(lines), i + _ROW_MAX_LINES)):
+                if _parse_row(lines[end]) is not None:
+                    break
+                row = _parse_row("\n".join(lines[i : end + 1]))
+                if row is not None:
+                    i = end
+                    break
         if row is not None:
             rows.append(VmRow(row.vmid, row.name, row.vmx, row.guest, row.version, row.annotation.rstrip()))
         elif line.strip():

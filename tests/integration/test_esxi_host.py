@@ -197,11 +197,11 @@ def test_ssh_pinning_and_logins(lab: LabHandle, caplog: pytest.LogCaptureFixture
 def test_shell_quotes_hostile_arguments(free: EsxiHost) -> None:
     shell = free.shell
     assert shell is not None
-    for arg in [*FREE_VMS, "it's `id` $HOME ; echo pwned", "*", "-n", "日本語 \\ | & > <", ""]:
+    for arg in [*FREE_VMS, "it's `id` $HOME ; echo pwned", "*", "-n", "日本語 \\ | & > <", "", "a\nb\n; id"]:
         res = shell.run(["printf", "%s", arg])
         assert res.stdout.decode() == arg
     with pytest.raises(ValueError):
-        shell.run(["echo", "a\nb"])
+        shell.run(["echo", "a\x00b"])
     res = shell.run(["sh", "-c", "exit 3"], check=False)
     assert res.exit_status == 3
 

@@ -248,6 +248,68 @@ def test_yaml_problems_of_all_files_are_reported_together(tmp_path: Path) -> Non
     ]
 
 
+CONFLICT_FIX = (
+    " (a merge left both versions in the file); resolve the conflict (keep the right lines, delete the"
+    " <<<<<<<, ======= and >>>>>>> lines) and commit"
+)
+
+
+def test_git_conflict_markers_are_one_error_at_the_first_marker() -> None:
+    """A failed merge on the NAS: the markers are named at their own line, not at a YAML error after them."""
+    conflicted = """\
+        apiVersion: esxi-reconciler/v1
+        kind: Repository
+        metadata: {name: nas}
+        spec:
+        <<<<<<< HEAD
+          backend: {type: local, path: /srv/a}
+        =======
+          backend: {type: local, path: /srv/b}
+        >>>>>>> feature/offsite
+          encryption: {enabled: false}
+        """
+    assert problems(conflicted) == [
+        f"t.yaml:5:1 unresolved merge conflict: git conflict marker '<<<<<<< HEAD'{CONFLICT_FIX}"
+    ]
+    # diff3 style, CRLF line ends, a marker in the first line, and half-resolved files
+    assert problems(
+        "<<<<<<< ours\r\na: 1\r\n||||||| base\r\na: 0\r\n=======\r\na: 2\r\n>>>>>>> theirs\r\n"
+    ) == [f"t.yaml:1:1 unresolved merge conflict: git conflict marker '<<<<<<< ours'{CONFLICT_FIX}"]
+    assert problems("a: 1\nb: 2\n=======\nb: 3\n>>>>>>> main\n") == [
+        f"t.yaml:3:1 unresolved merge conflict: git conflict marker '======='{CONFLICT_FIX}"
+    ]
+    assert problems("a: 1\n<<<<<<<\nb: 2\n") == [
+        f"t.yaml:2:1 unresolved merge conflict: git conflict marker '<<<<<<<'{CONFLICT_FIX}"
+    ]
+
+
+def test_lookalikes_of_conflict_markers_are_yaml() -> None:
+    """``=======`` alone (a heading underline in a block scalar), indented or longer runs are not markers."""
+    assert data("note: |\n  Title\n  =======\n  <<<<<<< not at the line start\n") == {
+        "note": "Title\n=======\n<<<<<<< not at the line start\n"
+    }
+    assert data("a: '<<<<<<<<'\n# >>>>>>> in a comment\n") == {"a": "<<<<<<<<"}
+
+
+def test_conflict_markers_are_reported_for_every_file_of_the_config(tmp_path: Path) -> None:
+    (tmp_path / "hosts").mkdir()
+    (tmp_path / "hosts" / "esxi1.yaml").write_text("a: 1\n<<<<<<< HEAD\na: 2\n=======\na: 3\n>>>>>>> x\n")
+    (tmp_path / "repo.yaml").write_text(
+        "spec:\n  a: 1\n<<<<<<< Updated upstream\n  b: [\n=======\n>>>>>>> y\n"
+    )
+    (tmp_path / "ok.yaml").write_text(
+        "apiVersion: esxi-reconciler/v1\nkind: Repository\nmetadata: {name: r}\n"
+        "spec: {backend: {type: local, path: /srv/r}, encryption: {enabled: false}}\n"
+    )
+    with pytest.raises(ConfigError) as caught:
+        load_config(tmp_path)
+    assert [str(i) for i in caught.value.issues] == [
+        f"hosts/esxi1.yaml:2:1 unresolved merge conflict: git conflict marker '<<<<<<< HEAD'{CONFLICT_FIX}",
+        "repo.yaml:3:1 unresolved merge conflict: git conflict marker '<<<<<<< Updated upstream'"
+        + CONFLICT_FIX,
+    ]
+
+
 def test_unquoted_date_time_is_a_valid_once_schedule(tmp_path: Path) -> None:
     """``once: 2026-12-24T02:00`` unquoted stays the string that was written (no datetime object)."""
     (tmp_path / "p.yaml").write_text(

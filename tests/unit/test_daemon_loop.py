@@ -197,6 +197,42 @@ def test_an_invalid_config_keeps_the_last_good_one_and_is_reported(config_dir: P
     assert not daemon.config_issues
 
 
+def test_a_failed_git_merge_keeps_the_last_good_config_and_names_the_marker(
+    config_dir: Path, tmp_path: Path
+) -> None:
+    """A ``git pull`` on the NAS that stopped in a conflict leaves markers in a file: the daemon goes on
+    with the config it had, and the condition names the file, the marker's line and the fix."""
+    cycle = Recorder()
+    daemon = make(config_dir, tmp_path, cycle)
+    thread, codes = start(daemon)
+    wait_for(lambda: len(cycle.contexts) == 1, "the first cycle")
+    good = cycle.revisions[0]
+
+    ours, theirs = VALID.format(name="r").splitlines(), VALID.format(name="offsite").splitlines()
+    conflicted = [*ours[:3], "<<<<<<< HEAD", *ours[3:], "=======", *theirs[3:], ">>>>>>> offsite-repo"]
+    (config_dir / "repo.yaml").write_text("\n".join(conflicted) + "\n")
+    daemon.request_reload()
+    wait_for(lambda: len(cycle.contexts) == 2, "a cycle after the reload")
+    assert cycle.revisions[1] == good
+    assert list(cycle.contexts[1].desired.repositories) == ["r"]
+    assert [str(i) for i in daemon.config_issues] == [
+        "repo.yaml:4:1 unresolved merge conflict: git conflict marker '<<<<<<< HEAD' (a merge left both"
+        " versions in the file); resolve the conflict (keep the right lines, delete the <<<<<<<, ======= and"
+        " >>>>>>> lines) and commit"
+    ]
+    with StatusStore.open(status_path(tmp_path / "state"), readonly=True) as store:
+        (config,) = [c for c in store.conditions() if c.kind == "config"]
+    assert (config.status, config.reason, config.revision) == ("Stalled", "InvalidConfig", good)
+    assert config.message.startswith("repo.yaml:4:1 unresolved merge conflict: git conflict marker")
+
+    (config_dir / "repo.yaml").write_text(VALID.format(name="offsite"))  # resolved and committed
+    daemon.request_reload()
+    wait_for(lambda: len(cycle.contexts) == 3, "a cycle after the fix")
+    assert stop(daemon, thread, codes) == 0
+    assert list(cycle.contexts[2].desired.repositories) == ["offsite"]
+    assert not daemon.config_issues
+
+
 def test_an_invalid_first_config_runs_nothing_until_fixed(config_dir: Path, tmp_path: Path) -> None:
     (config_dir / "repo.yaml").write_text(INVALID.format(name="r"))
     cycle = Recorder()

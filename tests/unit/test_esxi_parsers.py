@@ -21,6 +21,10 @@ HOSTILE = [
     "back\\slash *?[a]",
     "-n",
     "",
+    "web01\n+ backup evil",
+    "cr\rlf\r\n; reboot\n",
+    "'\n'\"\n\"\\\n$(id)\n`id`",
+    "esc\x1b[31mred\x7f \u2028 \x85",
 ]
 
 VMX = """.encoding = "UTF-8"
@@ -200,6 +204,47 @@ def test_getallvms() -> None:
         vimcmd.parse_getallvms("garbage")
 
 
+# A name holding line breaks makes a row span lines: only in the name (the lab escapes the folder as
+# %0a) or in the name and the path (a folder named with the line break).
+GETALLVMS_MULTILINE = (
+    "Vmid  Name                  File                                           Guest OS           Version"
+    "   Annotation\n"
+    "1     web01                 [datastore1] web01/web01.vmx                   otherLinux64Guest  vmx-14"
+    "    notes:\n"
+    "2023 migrated\n"
+    "2     web01\n"
+    "+ backup evil   [datastore1] web01%0a+ backup evil/web01%0a+ backup evil.vmx"
+    "  otherLinux64Guest  vmx-14    \n"
+    "3     a\n"
+    "7     b\tz   [datastore1] a\n"
+    "7     b\tz/a\n"
+    "7     b\tz.vmx  otherGuest  vmx-19    ann\n"
+    "4     \u2028odd\x85    [datastore1] odd/odd.vmx    otherGuest  vmx-19    \n"
+    "5     db 01                 [datastore1] db 01/db 01.vmx               otherLinux64Guest  vmx-14    \n"
+)
+
+
+NOTES = "notes:\n2023 migrated"
+
+
+def test_getallvms_names_with_line_breaks() -> None:
+    rows = vimcmd.parse_getallvms(GETALLVMS_MULTILINE)
+    assert [(r.vmid, r.name, r.vmx, r.guest, r.version, r.annotation) for r in rows] == [
+        ("1", "web01", "[datastore1] web01/web01.vmx", "otherLinux64Guest", "vmx-14", NOTES),
+        (
+            "2",
+            "web01\n+ backup evil",
+            "[datastore1] web01%0a+ backup evil/web01%0a+ backup evil.vmx",
+            "otherLinux64Guest",
+            "vmx-14",
+            "",
+        ),
+        ("3", "a\n7     b\tz", "[datastore1] a\n7     b\tz/a\n7     b\tz.vmx", "otherGuest", "vmx-19", "ann"),
+        ("4", "\u2028odd\x85", "[datastore1] odd/odd.vmx", "otherGuest", "vmx-19", ""),
+        ("5", "db 01", "[datastore1] db 01/db 01.vmx", "otherLinux64Guest", "vmx-14", ""),
+    ]
+
+
 SNAPSHOT_GET = """Get Snapshot:
 |-ROOT
 --Snapshot Name        : user: nightly
@@ -275,14 +320,26 @@ def test_commands_are_quoted_for_sh() -> None:
         assert out.split(b"\0")[:-1] == [a.encode() for a in argv]
         assert shlex.split(line)[1:] == ["%s\\0", *argv]
     with pytest.raises(ValueError):
-        vimcmd.command_line(["echo", "line\nbreak"])
-    with pytest.raises(ValueError):
-        vimcmd.command_line(vimcmd.snapshot_create("3", "a\rb", "", memory=False, quiesce=False))
+        vimcmd.command_line(["echo", "nul\x00byte"])
     with pytest.raises(ValueError):
         vimcmd.snapshot_remove("3", "1; reboot")
-    with pytest.raises(ValueError):
-        to_line("echo a\nreboot")
     assert to_line(["vim-cmd", "vmsvc/get.config", "3"]) == "vim-cmd vmsvc/get.config 3"
+    # a prepared line passes only when its line breaks are quoted (as command_line quotes them)
+    line = vimcmd.command_line(["cat", "/vmfs/volumes/ds/web01\n+ backup evil/x.vmx"]) + " 2>/dev/null"
+    assert to_line(line) == line
+    for unsafe in (
+        "echo a\nreboot",
+        "echo a\rreboot",
+        "echo 'a'\nreboot",
+        'echo "a\\\nb"',
+        "echo a\\\nreboot",
+        "echo 'unclosed\n",
+        "echo nul\x00",
+    ):
+        assert not vimcmd.line_breaks_quoted(unsafe), unsafe
+        with pytest.raises(ValueError):
+            to_line(unsafe)
+    assert vimcmd.line_breaks_quoted("printf '%s' 'a\nb' \"c\nd\" 'it'\\''s\n'")
 
 
 def test_datastore_paths() -> None:
@@ -290,6 +347,9 @@ def test_datastore_paths() -> None:
     from reconciler.esxi.transport import dd_block, pieces, split_ds_path, vmfs_path
 
     assert split_ds_path("[ds 1] a b/c.vmdk") == ("ds 1", "a b/c.vmdk")
+    assert split_ds_path("[ds]  lead\n/\nx.vmx") == ("ds", " lead\n/\nx.vmx")
+    assert split_ds_path("[ds] trail \n") == ("ds", "trail \n")
+    assert vmfs_path("[ds] a\nb/a\nb.vmx") == "/vmfs/volumes/ds/a\nb/a\nb.vmx"
     assert (
         vmfs_path('[datastore1] ファイル鯖 "q" $(x)/x.vmdk')
         == '/vmfs/volumes/datastore1/ファイル鯖 "q" $(x)/x.vmdk'

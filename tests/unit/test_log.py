@@ -117,6 +117,32 @@ def test_console_lines() -> None:
     assert line[:4].isdigit() and line.split()[0].endswith("Z")
 
 
+HOSTILE_NAME = "web01\n+ backup evil\x1b[2J\tend"
+
+
+def test_console_lines_escape_names_json_keeps_them() -> None:
+    """A VM name with a line break or an escape sequence cannot add a log line or drive the terminal;
+    JSON lines keep the exact name (JSON escapes it itself)."""
+    stream = io.StringIO()
+    configure_logging("console", "info", stream=stream)
+    log = structlog.get_logger("reconciler.engine")
+    log.info("backup.vm_start", vm=HOSTILE_NAME, disk="a\x1b[2Jb\u2028c", host="esxi1")
+    log.warning(f"event naming {HOSTILE_NAME}")
+    logging.getLogger("reconciler.esxi.host").warning("removing snapshot of VM %s", HOSTILE_NAME)
+    out = lines(stream)
+    assert len(out) == 3 and not any("\x1b" in line or "\t" in line or "\u2028" in line for line in out), out
+    # escaped once: a value with spaces as its repr (structlog's), one without by printable()
+    assert "disk=a\\x1b[2Jb\\u2028c host=esxi1 vm='web01\\n+ backup evil\\x1b[2J\\tend'" in out[0]
+    assert out[1].split("] ", 1)[1].startswith("event naming web01\\n+ backup evil\\x1b[2J\\tend")
+    assert "removing snapshot of VM web01\\n+ backup evil\\x1b[2J\\tend" in out[2]
+
+    stream = io.StringIO()
+    configure_logging("json", "info", stream=stream)
+    structlog.get_logger("reconciler.engine").info("backup.vm_start", vm=HOSTILE_NAME)
+    (record,) = records(stream)
+    assert record["vm"] == HOSTILE_NAME
+
+
 def test_console_colours_only_on_a_terminal_without_no_color(monkeypatch: pytest.MonkeyPatch) -> None:
     stream = TtyStream()
     configure_logging("auto", stream=stream)
