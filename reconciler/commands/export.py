@@ -50,9 +50,9 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
 def cmd_export(args: argparse.Namespace) -> int:
     """0 exported; 1 failed; 2 bad input."""
     from reconciler.commands.restore import find_repository
-    from reconciler.engine.backup import open_repository
-    from reconciler.engine.export import export_point
-    from reconciler.engine.restore import RestoreError, find_point
+    from reconciler.operations.backup import open_repository
+    from reconciler.operations.export import export_point
+    from reconciler.operations.restore import RestoreError, find_point
 
     desired = load_desired(args)
     if desired is None:

@@ -37,7 +37,7 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
 
 def cmd_points(args: argparse.Namespace) -> int:
     """``esxi-reconciler points``: 0, or 1 if a repository could not be read."""
-    from reconciler.engine.backup import open_repository
+    from reconciler.operations.backup import open_repository
 
     desired = load_desired(args)
     if desired is None:

@@ -111,7 +111,7 @@ def cmd_repo_key_export(args: argparse.Namespace) -> int:
     import os
 
     from reconciler.config.secrets import SecretError
-    from reconciler.engine.backup import open_repository
+    from reconciler.operations.backup import open_repository
     from reconciler.repository import export_key
     from reconciler.repository.errors import RepositoryError
 

@@ -71,7 +71,7 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
 def find_repository(args: argparse.Namespace, desired: DesiredState, command: str) -> str | None:
     """The repository named by ``--repository``, else the only one holding points of ``args.vm``;
     None after printing why not (exit 2)."""
-    from reconciler.engine.backup import open_repository
+    from reconciler.operations.backup import open_repository
 
     if args.repository:
         if args.repository not in desired.repositories:
@@ -106,9 +106,10 @@ def _confirm(question: str) -> bool:
 
 def cmd_restore(args: argparse.Namespace) -> int:
     """0 restored; 1 the restore failed; 2 bad input or refused."""
-    from reconciler.engine.backup import open_repository
-    from reconciler.engine.progress import Progress
-    from reconciler.engine.restore import (
+    from reconciler.esxi.host import EsxiHost, sigterm_raises
+    from reconciler.operations.backup import open_repository
+    from reconciler.operations.progress import Progress
+    from reconciler.operations.restore import (
         RestoreError,
         RestoreOptions,
         find_point,
@@ -116,7 +117,6 @@ def cmd_restore(args: argparse.Namespace) -> int:
         restore_overwrite,
         run_test_restore,
     )
-    from reconciler.esxi.host import EsxiHost, sigterm_raises
 
     if args.disk and not args.overwrite:
         print(

@@ -84,8 +84,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
     import difflib
 
     from reconciler.config.secrets import SecretError
-    from reconciler.engine.backup import open_repository
-    from reconciler.engine.progress import Progress
+    from reconciler.operations.backup import open_repository
+    from reconciler.operations.progress import Progress
     from reconciler.repository.errors import RepositoryError
     from reconciler.repository.verify import verify_repository
 

@@ -38,7 +38,7 @@ from reconciler.config.errors import ConfigError, ConfigIssue
 from reconciler.config.revision import config_revision
 from reconciler.config.secrets import Secret, SecretError
 from reconciler.config.validation import apply_defaults, suggest, validate_document
-from reconciler.engine import retention, schedule
+from reconciler.rules import retention, schedule
 
 DEFAULT_CONFIG_DIR = Path("/etc/esxi-reconciler/config.d")
 CONFIG_ENV = "ESXI_RECONCILER_CONFIG"

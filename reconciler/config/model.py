@@ -2,8 +2,8 @@
 
 Everything here is a frozen dataclass built by :func:`reconciler.config.load_config` from validated
 documents with every default filled in, so a reader never needs to know the defaults. Schedules and
-retention are the engine's own types (:class:`reconciler.engine.schedule.Schedule`,
-:class:`reconciler.engine.retention.RetentionPolicy`). Secrets are :class:`~reconciler.config.secrets.Secret`
+retention are the engine's own types (:class:`reconciler.rules.schedule.Schedule`,
+:class:`reconciler.rules.retention.RetentionPolicy`). Secrets are :class:`~reconciler.config.secrets.Secret`
 references, resolved only when used.
 """
 
@@ -20,8 +20,8 @@ from typing import TypeVar
 
 from reconciler.config.errors import ConfigIssue
 from reconciler.config.secrets import Secret
-from reconciler.engine.retention import RetentionPolicy
-from reconciler.engine.schedule import After, Schedule, Window
+from reconciler.rules.retention import RetentionPolicy
+from reconciler.rules.schedule import After, Schedule, Window
 
 
 class License(str, enum.Enum):

@@ -1,6 +1,6 @@
 """Restore point manifests (docs/repository-format.md §4.5).
 
-A :class:`RestorePoint` satisfies :class:`reconciler.engine.retention.RestorePointLike` (``id``, ``time``,
+A :class:`RestorePoint` satisfies :class:`reconciler.rules.retention.RestorePointLike` (``id``, ``time``,
 ``status``, ``protected``), so retention can evaluate the repository's own objects.
 """
 

@@ -48,7 +48,7 @@ from reconciler.repository.index import DiskIndex, chunk_count
 from reconciler.repository.points import RestorePoint
 
 if TYPE_CHECKING:
-    from reconciler.engine.progress import Progress
+    from reconciler.operations.progress import Progress
     from reconciler.repository.repo import Repository
 
 log = structlog.get_logger(__name__)

@@ -20,7 +20,12 @@ from esxisim.handle import LabHandle, find_vm
 from reconciler import cli
 from reconciler.config import load_config
 from reconciler.config.model import DesiredState
-from reconciler.engine.actions import (
+from reconciler.esxi.host import BackupSnapshot, EsxiHost, FrozenDisk, sigterm_raises
+from reconciler.operations.apply import apply
+from reconciler.operations.backup import BackupOptions, backup_policy, open_repository
+from reconciler.operations.restore import disk_content
+from reconciler.operations.retry import RetryPolicy
+from reconciler.planning.actions import (
     Action,
     CbtMethod,
     CollectGarbage,
@@ -30,11 +35,6 @@ from reconciler.engine.actions import (
     RunBackup,
     SetCbt,
 )
-from reconciler.engine.apply import apply
-from reconciler.engine.backup import BackupOptions, backup_policy, open_repository
-from reconciler.engine.restore import disk_content
-from reconciler.engine.retry import RetryPolicy
-from reconciler.esxi.host import BackupSnapshot, EsxiHost, FrozenDisk, sigterm_raises
 from reconciler.repository import KdfParams, Repository
 from tests.integration.labconfig import PASSPHRASE, policy_yaml, write_lab_config
 

@@ -23,11 +23,11 @@ from esxisim.handle import LabHandle
 from reconciler import cli
 from reconciler.config import load_config
 from reconciler.config.model import DesiredState
-from reconciler.engine.backup import BackupOptions, VmResult, backup_policy, open_repository
-from reconciler.engine.restore import disk_content
-from reconciler.engine.vmlock import vm_lock
 from reconciler.esxi.host import BackupSnapshot, EsxiHost, FrozenDisk, sigterm_raises
 from reconciler.esxi.hostdigest import request
+from reconciler.operations.backup import BackupOptions, VmResult, backup_policy, open_repository
+from reconciler.operations.restore import disk_content
+from reconciler.operations.vmlock import vm_lock
 from reconciler.repository import KdfParams, Repository, RestorePoint
 from tests.integration.labconfig import PASSPHRASE, policy_yaml, write_lab_config
 
@@ -386,7 +386,7 @@ def test_datastore_free_space_floor_refuses_the_vm(env: Env) -> None:
 _KILLED_RUN = """
 import pathlib, sys, time
 from reconciler.config import load_config
-from reconciler.engine.backup import BackupOptions, backup_policy
+from reconciler.operations.backup import BackupOptions, backup_policy
 
 marker = pathlib.Path(sys.argv[2])
 

@@ -34,9 +34,9 @@ from esxisim.handle import LabHandle
 from reconciler.config import load_config
 from reconciler.daemon import Daemon
 from reconciler.daemon.notify import Notifier
-from reconciler.engine.backup import open_repository
 from reconciler.esxi.host import EsxiHost
 from reconciler.esxi.vmx import VmxFile
+from reconciler.operations.backup import open_repository
 from reconciler.repository import Repository, RestorePoint
 from reconciler.repository.chunks import chunk_name
 from reconciler.repository.errors import LockedError

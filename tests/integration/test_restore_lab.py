@@ -19,16 +19,16 @@ from esxisim.handle import LabHandle
 from reconciler import cli
 from reconciler.config import load_config
 from reconciler.config.model import DesiredState
-from reconciler.engine.backup import BackupOptions, backup_policy, open_repository
-from reconciler.engine.restore import (
+from reconciler.esxi.host import BackupSnapshot, EsxiHost
+from reconciler.esxi.vmx import VmxFile
+from reconciler.operations.backup import BackupOptions, backup_policy, open_repository
+from reconciler.operations.restore import (
     RestoreOptions,
     disk_content,
     restore_new_vm,
     restore_overwrite,
     test_restore,
 )
-from reconciler.esxi.host import BackupSnapshot, EsxiHost
-from reconciler.esxi.vmx import VmxFile
 from reconciler.repository import KdfParams, Repository, RestorePoint
 from tests.integration.labconfig import PASSPHRASE, policy_yaml, write_lab_config
 
@@ -394,8 +394,8 @@ def test_single_disk_overwrite(ssh_env: Env, capsys: pytest.CaptureFixture[str])
 _KILLED_RESTORE = """
 import pathlib, sys, time
 from reconciler.config import load_config
-from reconciler.engine.backup import open_repository
-from reconciler.engine.restore import RestoreOptions, find_point, restore_overwrite
+from reconciler.operations.backup import open_repository
+from reconciler.operations.restore import RestoreOptions, find_point, restore_overwrite
 from reconciler.esxi.host import EsxiHost
 
 marker = pathlib.Path(sys.argv[2])

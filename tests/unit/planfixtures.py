@@ -15,8 +15,8 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 from reconciler.config import DesiredState, load_config
-from reconciler.engine.observed import HostObservation, ObservedState, RepositoryObservation, RunRecord
 from reconciler.esxi.host import SNAPSHOT_PREFIX, DatastoreInfo, DiskInfo, SnapshotInfo, VmInfo
+from reconciler.planning.observed import HostObservation, ObservedState, RepositoryObservation, RunRecord
 from reconciler.repository.points import RestorePoint, VmRef
 
 UTC = timezone.utc

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from reconciler.engine.prune import collect, prune
+from reconciler.operations.prune import collect, prune
 from reconciler.repository import (
     CHUNK_SIZE,
     DiskRecord,

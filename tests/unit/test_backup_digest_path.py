@@ -13,10 +13,10 @@ from typing import Any, cast
 
 import pytest
 
-from reconciler.engine.backup import BackupOptions, _DiskJob, _Previous
 from reconciler.esxi.host import BackupSnapshot, EsxiHost, FrozenDisk
 from reconciler.esxi.hostdigest import BLOCK_SIZE, DIGEST_SIZE, DigestResult, block_digest
 from reconciler.esxi.transport import TransportError
+from reconciler.operations.backup import BackupOptions, _DiskJob, _Previous
 from reconciler.repository import DiskRecord, Repository, RestorePoint, VmRef, new_point_id
 
 MiB = 1 << 20

@@ -22,7 +22,7 @@ from reconciler.config import (
     parse_interval,
     parse_size,
 )
-from reconciler.engine import retention, schedule
+from reconciler.rules import retention, schedule
 
 THUMB256 = ":".join(["AB"] * 32)
 HOST_KEY = "SHA256:glTDKakoUPbVOd03b0gW7idkUX2l4CNVFK9DMWRIDXo"

@@ -14,11 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from reconciler.engine import vmdkstream
-from reconciler.engine.export import export_point
-from reconciler.engine.restore import RestoreError, disk_content, disk_sha256, find_point
 from reconciler.esxi.vmdk import Descriptor, flat_descriptor
 from reconciler.esxi.vmx import VmxFile
+from reconciler.operations import vmdkstream
+from reconciler.operations.export import export_point
+from reconciler.operations.restore import RestoreError, disk_content, disk_sha256, find_point
 from reconciler.repository import CHUNK_SIZE, DiskRecord, Repository, RestorePoint, VmRef, new_point_id
 
 MiB = CHUNK_SIZE

@@ -10,7 +10,7 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from reconciler.engine.retention import (
+from reconciler.rules.retention import (
     CalendarDuration,
     Decision,
     RestorePointInfo,

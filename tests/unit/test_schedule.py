@@ -9,7 +9,7 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from reconciler.engine.schedule import (
+from reconciler.rules.schedule import (
     LAST,
     After,
     Cron,

@@ -10,7 +10,7 @@ import pytest
 
 from reconciler import cli
 from reconciler.daemon.lock import InstanceLock
-from reconciler.engine.actions import Outcome, Plan, RunBackup
+from reconciler.planning.actions import Outcome, Plan, RunBackup
 from reconciler.status import Condition, StatusStore, status_path
 
 pytestmark = pytest.mark.usefixtures("restore_logging")

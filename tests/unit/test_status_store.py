@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from reconciler.engine.actions import Outcome, Plan, PrunePoint, RunBackup, RunVerify
-from reconciler.engine.observed import backup_key, verify_key
+from reconciler.planning.actions import Outcome, Plan, PrunePoint, RunBackup, RunVerify
+from reconciler.planning.observed import backup_key, verify_key
 from reconciler.status import Condition, StatusStore, StatusStoreError, read_history, status_path
 from reconciler.status.backoff import BASE, MAXIMUM, retry_delay
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from reconciler.engine.progress import DiskProgress, Progress
+from reconciler.operations.progress import DiskProgress, Progress
 from reconciler.repository import (
     CHUNK_SIZE,
     DigestMap,

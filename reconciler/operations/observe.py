@@ -24,9 +24,9 @@ import structlog
 
 from reconciler.config.model import DesiredState, Host
 from reconciler.config.model import Repository as RepositoryConfig
-from reconciler.engine.backup import open_repository
-from reconciler.engine.observed import HostObservation, ObservedState, RepositoryObservation, RunRecord
 from reconciler.esxi.host import DatastoreInfo, EsxiHost, VmInfo
+from reconciler.operations.backup import open_repository
+from reconciler.planning.observed import HostObservation, ObservedState, RepositoryObservation, RunRecord
 from reconciler.repository import Repository
 
 log = structlog.get_logger(__name__)

@@ -38,13 +38,13 @@ from datetime import datetime, timezone
 import structlog
 
 from reconciler.config.model import DesiredState
-from reconciler.engine.progress import Progress
-from reconciler.engine.vmlock import vm_lock
 from reconciler.esxi.errors import EsxiError, InsufficientSpaceError
 from reconciler.esxi.host import DiskInfo, EsxiHost, VmInfo
 from reconciler.esxi.transport import ordered_parallel, split_ds_path
 from reconciler.esxi.vmdk import Descriptor
 from reconciler.esxi.vmx import VmxFile, prepare_restored_vmx
+from reconciler.operations.progress import Progress
+from reconciler.operations.vmlock import vm_lock
 from reconciler.repository import HOLE, DiskRecord, Repository, RestorePoint, StoredFile
 
 log = structlog.get_logger(__name__)
@@ -661,7 +661,7 @@ def test_restore(
 ) -> TestRestoreResult:
     """For the apply executor (a ``RunTestRestore`` action): open the configured repository and host,
     test-restore ``vm``'s point (``None``/``latest``: the newest successful one)."""
-    from reconciler.engine.backup import open_repository
+    from reconciler.operations.backup import open_repository
 
     repo = open_repository(desired.repositories[repository])
     with repo.lock(purpose=f"test restore of {vm}"):

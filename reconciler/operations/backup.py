@@ -57,13 +57,13 @@ import urllib3
 
 from reconciler.config.model import BackupPolicy, DesiredState, Host
 from reconciler.config.model import Repository as RepositoryConfig
-from reconciler.engine.hooks import HookFailedError, VmHooks
-from reconciler.engine.progress import DiskProgress, Progress
-from reconciler.engine.vmlock import VmBusyError, vm_lock
 from reconciler.esxi.errors import EsxiError, FullBackupNeededError
 from reconciler.esxi.host import BackupSnapshot, EsxiHost, FrozenDisk, VmInfo
 from reconciler.esxi.hostdigest import BLOCK_SIZE, DIGEST_SIZE, ZERO_DIGEST, DigestResult, local_digests
 from reconciler.esxi.transport import split_ds_path
+from reconciler.operations.hooks import HookFailedError, VmHooks
+from reconciler.operations.progress import DiskProgress, Progress
+from reconciler.operations.vmlock import VmBusyError, vm_lock
 from reconciler.repository import (
     HOLE,
     ChunkWrite,
@@ -117,7 +117,7 @@ class BackupOptions:
     on_data: OnData | None = None
     """Called for every piece of disk data received: (disk, offset, length)."""
     lock_dir: Path | None = None
-    """Where the per-VM locks live (default: :func:`reconciler.engine.vmlock.default_lock_dir`)."""
+    """Where the per-VM locks live (default: :func:`reconciler.operations.vmlock.default_lock_dir`)."""
 
 
 @dataclass
