@@ -61,6 +61,7 @@ from reconciler.esxi.errors import EsxiError, FullBackupNeededError
 from reconciler.esxi.host import BackupSnapshot, EsxiHost, FrozenDisk, VmInfo
 from reconciler.esxi.hostdigest import BLOCK_SIZE, DIGEST_SIZE, ZERO_DIGEST, DigestResult, local_digests
 from reconciler.esxi.transport import split_ds_path
+from reconciler.facts.points import BackupMode, DiskRecord, RestorePoint, StoredFile, VmRef, new_point_id
 from reconciler.operations.hooks import HookFailedError, VmHooks
 from reconciler.operations.progress import DiskProgress, Progress
 from reconciler.operations.vmlock import VmBusyError, vm_lock
@@ -70,15 +71,9 @@ from reconciler.repository import (
     ChunkWriter,
     DigestMap,
     DiskIndex,
-    DiskRecord,
     Repository,
     RepositoryLock,
-    RestorePoint,
-    StoredFile,
-    VmRef,
-    new_point_id,
 )
-from reconciler.repository.points import BackupMode
 
 log = structlog.get_logger(__name__)
 

@@ -19,6 +19,7 @@ import structlog
 
 from reconciler.esxi.transport import split_ds_path
 from reconciler.esxi.vmdk import SECTOR, Descriptor, Extent, flat_descriptor
+from reconciler.facts.points import DiskRecord, RestorePoint
 from reconciler.operations import vmdkstream
 from reconciler.operations.restore import (
     ContentHash,
@@ -30,7 +31,7 @@ from reconciler.operations.restore import (
     point_vmx,
     safe_file_name,
 )
-from reconciler.repository import DiskRecord, Repository, RestorePoint
+from reconciler.repository import Repository
 
 log = structlog.get_logger(__name__)
 

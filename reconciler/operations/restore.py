@@ -43,9 +43,10 @@ from reconciler.esxi.host import DiskInfo, EsxiHost, VmInfo
 from reconciler.esxi.transport import ordered_parallel, split_ds_path
 from reconciler.esxi.vmdk import Descriptor
 from reconciler.esxi.vmx import VmxFile, prepare_restored_vmx
+from reconciler.facts.points import DiskRecord, RestorePoint, StoredFile
 from reconciler.operations.progress import Progress
 from reconciler.operations.vmlock import vm_lock
-from reconciler.repository import HOLE, DiskRecord, Repository, RestorePoint, StoredFile
+from reconciler.repository import HOLE, Repository
 
 log = structlog.get_logger(__name__)
 

@@ -15,7 +15,7 @@ from datetime import datetime
 from types import MappingProxyType
 
 from reconciler.esxi.host import SNAPSHOT_PREFIX, DatastoreInfo, SnapshotInfo, VmInfo
-from reconciler.repository.points import RestorePoint
+from reconciler.facts.points import RestorePoint
 
 
 @dataclass(frozen=True)

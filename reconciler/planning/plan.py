@@ -68,6 +68,7 @@ from datetime import datetime, timezone
 from reconciler.config.model import BackupPolicy, CbtMode, DesiredState, VerifyPolicy, after_policy
 from reconciler.esxi.host import VmInfo
 from reconciler.esxi.transport import split_ds_path
+from reconciler.facts.points import RestorePoint
 from reconciler.operations.observe import fingerprint
 from reconciler.planning.actions import (
     Action,
@@ -91,7 +92,6 @@ from reconciler.planning.observed import (
     backup_key,
     verify_key,
 )
-from reconciler.repository.points import RestorePoint
 from reconciler.rules.retention import evaluate
 from reconciler.rules.schedule import (
     DAY_NAMES,

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
+from reconciler.facts.points import POINT_ID_RE, RestorePoint, StoredFile, point_name
 from reconciler.repository.backend import Data, LocalBackend, fsync_dir
 from reconciler.repository.chunks import (
     CHUNK_SIZE,
@@ -46,7 +47,6 @@ from reconciler.repository.errors import (
 )
 from reconciler.repository.index import DigestMap, DiskIndex
 from reconciler.repository.lock import RepositoryLock
-from reconciler.repository.points import POINT_ID_RE, RestorePoint, StoredFile, point_name
 from reconciler.repository.verify import VerifyReport, verify_repository
 
 CONFIG_VERSION = 1

@@ -30,6 +30,7 @@ import structlog
 import zstandard
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
+from reconciler.facts.points import RestorePoint
 from reconciler.repository.chunks import (
     FLAG_AEAD,
     FLAG_TRAILER,
@@ -45,7 +46,6 @@ from reconciler.repository.chunks import (
 from reconciler.repository.crypto import NONCE_SIZE, TAG_SIZE
 from reconciler.repository.errors import FormatError, MissingObjectError, RepositoryError
 from reconciler.repository.index import DiskIndex, chunk_count
-from reconciler.repository.points import RestorePoint
 
 if TYPE_CHECKING:
     from reconciler.operations.progress import Progress

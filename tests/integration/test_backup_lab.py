@@ -25,10 +25,11 @@ from reconciler.config import load_config
 from reconciler.config.model import DesiredState
 from reconciler.esxi.host import BackupSnapshot, EsxiHost, FrozenDisk, sigterm_raises
 from reconciler.esxi.hostdigest import request
+from reconciler.facts.points import RestorePoint
 from reconciler.operations.backup import BackupOptions, VmResult, backup_policy, open_repository
 from reconciler.operations.restore import disk_content
 from reconciler.operations.vmlock import vm_lock
-from reconciler.repository import KdfParams, Repository, RestorePoint
+from reconciler.repository import KdfParams, Repository
 from tests.integration.labconfig import PASSPHRASE, policy_yaml, write_lab_config
 
 pytestmark = [pytest.mark.lab, pytest.mark.usefixtures("restore_logging")]

@@ -21,6 +21,7 @@ from reconciler.config import load_config
 from reconciler.config.model import DesiredState
 from reconciler.esxi.host import BackupSnapshot, EsxiHost
 from reconciler.esxi.vmx import VmxFile
+from reconciler.facts.points import RestorePoint
 from reconciler.operations.backup import BackupOptions, backup_policy, open_repository
 from reconciler.operations.restore import (
     RestoreOptions,
@@ -29,7 +30,7 @@ from reconciler.operations.restore import (
     restore_overwrite,
     test_restore,
 )
-from reconciler.repository import KdfParams, Repository, RestorePoint
+from reconciler.repository import KdfParams, Repository
 from tests.integration.labconfig import PASSPHRASE, policy_yaml, write_lab_config
 
 pytestmark = [pytest.mark.lab, pytest.mark.usefixtures("restore_logging")]

@@ -16,8 +16,8 @@ from pathlib import Path
 
 from reconciler.config import DesiredState, load_config
 from reconciler.esxi.host import SNAPSHOT_PREFIX, DatastoreInfo, DiskInfo, SnapshotInfo, VmInfo
+from reconciler.facts.points import RestorePoint, VmRef
 from reconciler.planning.observed import HostObservation, ObservedState, RepositoryObservation, RunRecord
-from reconciler.repository.points import RestorePoint, VmRef
 
 UTC = timezone.utc
 GiB = 2**30

@@ -17,6 +17,7 @@ from reconciler.config import load_config
 from reconciler.config.model import DesiredState, Host
 from reconciler.esxi.errors import CommandError, EsxiError, PowerStateTimeoutError
 from reconciler.esxi.host import SNAPSHOT_PREFIX, EsxiHost, SnapshotInfo, VmInfo
+from reconciler.facts.points import DiskRecord, RestorePoint, VmRef, new_point_id
 from reconciler.operations.apply import apply
 from reconciler.operations.backup import BackupOptions
 from reconciler.operations.retry import RetryPolicy
@@ -31,7 +32,7 @@ from reconciler.planning.actions import (
     RunVerify,
     SetCbt,
 )
-from reconciler.repository import CHUNK_SIZE, DiskRecord, Repository, RestorePoint, VmRef, new_point_id
+from reconciler.repository import CHUNK_SIZE, Repository
 
 NOW = datetime(2026, 11, 26, 3, 0, tzinfo=timezone.utc)
 CONFIG = """\

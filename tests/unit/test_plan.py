@@ -11,6 +11,7 @@ import pytest
 
 from reconciler.config import DesiredState
 from reconciler.esxi.host import VmInfo
+from reconciler.facts.points import RestorePoint
 from reconciler.operations.observe import fingerprint
 from reconciler.planning.actions import (
     CollectGarbage,
@@ -25,7 +26,6 @@ from reconciler.planning.actions import (
 )
 from reconciler.planning.observed import RepositoryObservation, RunRecord, backup_key, verify_key
 from reconciler.planning.plan import plan
-from reconciler.repository.points import RestorePoint
 from reconciler.rules.schedule import jitter_offset
 from tests.unit.planfixtures import (
     GiB,

@@ -14,6 +14,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from reconciler.facts.points import (
+    DiskRecord,
+    RestorePoint,
+    StoredFile,
+    VmRef,
+    group_points,
+    new_point_id,
+)
 from reconciler.repository.chunks import (
     FLAG_AEAD,
     FLAG_ZSTD,
@@ -28,14 +36,6 @@ from reconciler.repository.crypto import MasterKey
 from reconciler.repository.errors import FormatError, IntegrityError
 from reconciler.repository.index import DigestMap, DiskIndex
 from reconciler.repository.lock import LockInfo
-from reconciler.repository.points import (
-    DiskRecord,
-    RestorePoint,
-    StoredFile,
-    VmRef,
-    group_points,
-    new_point_id,
-)
 from reconciler.repository.repo import RepositoryConfig
 
 KEY = MasterKey(bytes(range(64)))

@@ -9,18 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from reconciler.repository import (
-    CHUNK_SIZE,
-    DigestMap,
-    DiskRecord,
-    KdfParams,
-    LockedError,
-    Repository,
-    RestorePoint,
-    VmRef,
-    collect_garbage,
-    new_point_id,
-)
+from reconciler.facts.points import DiskRecord, RestorePoint, VmRef, new_point_id
+from reconciler.repository import CHUNK_SIZE, DigestMap, KdfParams, LockedError, Repository, collect_garbage
 from reconciler.repository.chunks import chunk_name
 
 MiB = CHUNK_SIZE

@@ -14,11 +14,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from reconciler.facts.points import DiskRecord, RestorePoint, VmRef, new_point_id
 from reconciler.repository import (
     CHUNK_SIZE,
     HOLE,
     DigestMap,
-    DiskRecord,
     FormatError,
     IntegrityError,
     KdfParams,
@@ -26,12 +26,9 @@ from reconciler.repository import (
     ProtectedPointError,
     Repository,
     RepositoryError,
-    RestorePoint,
-    VmRef,
     WrongKeyError,
     export_key,
     import_key,
-    new_point_id,
 )
 from reconciler.repository.chunks import chunk_name
 

@@ -11,6 +11,7 @@ import pytest
 from reconciler.esxi.host import _with_zeros
 from reconciler.esxi.vmdk import Descriptor, vmfs_descriptor
 from reconciler.esxi.vmx import VmxFile, prepare_restored_vmx
+from reconciler.facts.points import DiskRecord, RestorePoint, VmRef
 from reconciler.operations.restore import (
     ContentHash,
     RestoreError,
@@ -19,7 +20,6 @@ from reconciler.operations.restore import (
     safe_file_name,
     select_disk,
 )
-from reconciler.repository import DiskRecord, RestorePoint, VmRef
 
 VMX = """\
 .encoding = "UTF-8"

@@ -12,18 +12,9 @@ from pathlib import Path
 
 import pytest
 
+from reconciler.facts.points import DiskRecord, RestorePoint, StoredFile, VmRef
 from reconciler.operations.progress import DiskProgress, Progress
-from reconciler.repository import (
-    CHUNK_SIZE,
-    DigestMap,
-    DiskRecord,
-    KdfParams,
-    LockedError,
-    Repository,
-    RestorePoint,
-    StoredFile,
-    VmRef,
-)
+from reconciler.repository import CHUNK_SIZE, DigestMap, KdfParams, LockedError, Repository
 from reconciler.repository.chunks import chunk_name
 from reconciler.repository.verify import in_subset, parse_subset, point_label, verify_repository
 

@@ -15,8 +15,6 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from typing import Any, Literal
 
-from reconciler.repository.errors import FormatError
-
 MANIFEST_VERSION = 1
 PointStatus = Literal["success", "partial", "failed"]
 BackupMode = Literal["full", "cbt", "digest"]
@@ -168,6 +166,8 @@ class RestorePoint:
     @classmethod
     def from_json(cls, name: str, data: bytes) -> RestorePoint:
         """Parse a manifest; :class:`FormatError` naming ``name`` for anything unexpected."""
+        from reconciler.repository.errors import FormatError  # moves to repository/ with the codec
+
         try:
             doc = json.loads(data)
         except (ValueError, UnicodeDecodeError):
