@@ -1,12 +1,13 @@
-"""Restore point manifests (docs/repository-format.md §4.5).
+"""Restore point records: what a repository holds for one VM at one moment (docs/repository-format.md §4.5).
 
-A :class:`RestorePoint` satisfies :class:`reconciler.rules.retention.RestorePointLike` (``id``, ``time``,
-``status``, ``protected``), so retention can evaluate the repository's own objects.
+Plain values shared by the repository (which stores them, :mod:`reconciler.repository.manifest` is the
+JSON codec), the planner and retention: a :class:`RestorePoint` satisfies
+:class:`reconciler.rules.retention.RestorePointLike` (``id``, ``time``, ``status``, ``protected``), so
+retention evaluates the repository's own objects. Standard library only.
 """
 
 from __future__ import annotations
 
-import json
 import re
 import secrets
 from collections import defaultdict
@@ -15,7 +16,6 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from typing import Any, Literal
 
-MANIFEST_VERSION = 1
 PointStatus = Literal["success", "partial", "failed"]
 BackupMode = Literal["full", "cbt", "digest"]
 _STATUSES = ("success", "partial", "failed")
@@ -118,135 +118,6 @@ class RestorePoint:
 
     def with_protected(self, protected: bool) -> RestorePoint:
         return replace(self, protected=protected)
-
-    def to_dict(self) -> dict[str, Any]:
-        doc: dict[str, Any] = dict(self.extra)
-        doc.update(
-            {
-                "version": MANIFEST_VERSION,
-                "id": self.id,
-                "policy": self.policy,
-                "vm": {
-                    "name": self.vm.name,
-                    "uuid": self.vm.uuid,
-                    "host": self.vm.host,
-                    "vmid": self.vm.vmid,
-                },
-                "started": self.started.isoformat(timespec="microseconds"),
-                "snapshot_time": self.snapshot_time.isoformat(timespec="microseconds"),
-                "finished": self.finished.isoformat(timespec="microseconds"),
-                "status": self.status,
-                "mode": self.mode,
-                "fallback_reason": self.fallback_reason,
-                "config_revision": self.config_revision,
-                "protected": self.protected,
-                "files": [{"name": f.name, "size": f.size, "chunks": list(f.chunks)} for f in self.files],
-                "disks": [
-                    {
-                        "key": d.key,
-                        "label": d.label,
-                        "file": d.file,
-                        "capacity": d.capacity,
-                        "index": d.index,
-                        "change_id": d.change_id,
-                        "digest_map": d.digest_map,
-                        "bytes_read": d.bytes_read,
-                        "bytes_sent": d.bytes_sent,
-                        "bytes_stored": d.bytes_stored,
-                    }
-                    for d in self.disks
-                ],
-            }
-        )
-        return doc
-
-    def to_json(self) -> bytes:
-        return json.dumps(self.to_dict(), ensure_ascii=False, separators=(",", ":")).encode("utf-8")
-
-    @classmethod
-    def from_json(cls, name: str, data: bytes) -> RestorePoint:
-        """Parse a manifest; :class:`FormatError` naming ``name`` for anything unexpected."""
-        from reconciler.repository.errors import FormatError  # moves to repository/ with the codec
-
-        try:
-            doc = json.loads(data)
-        except (ValueError, UnicodeDecodeError):
-            raise FormatError(f"{name}: manifest is not valid JSON") from None
-        if not isinstance(doc, dict):
-            raise FormatError(f"{name}: manifest is not a JSON object")
-        if doc.get("version") != MANIFEST_VERSION:
-            raise FormatError(f"{name}: unsupported manifest version {doc.get('version')!r}")
-        try:
-            vm = doc["vm"]
-            point = cls(
-                id=str(doc["id"]),
-                policy=str(doc["policy"]),
-                vm=VmRef(str(vm["name"]), str(vm["uuid"]), str(vm["host"]), str(vm["vmid"])),
-                started=_time(doc["started"]),
-                snapshot_time=_time(doc["snapshot_time"]),
-                finished=_time(doc["finished"]),
-                status=doc["status"],
-                mode=doc["mode"],
-                config_revision=str(doc["config_revision"]),
-                fallback_reason=_opt_str(doc.get("fallback_reason")),
-                protected=bool(doc.get("protected", False)),
-                files=tuple(
-                    StoredFile(str(f["name"]), int(f["size"]), tuple(str(c) for c in f["chunks"]))
-                    for f in doc.get("files", [])
-                ),
-                disks=tuple(
-                    DiskRecord(
-                        key=int(d["key"]),
-                        label=str(d["label"]),
-                        file=str(d["file"]),
-                        capacity=int(d["capacity"]),
-                        index=str(d["index"]),
-                        change_id=_opt_str(d.get("change_id")),
-                        digest_map=_opt_str(d.get("digest_map")),
-                        bytes_read=int(d.get("bytes_read", 0)),
-                        bytes_sent=int(d.get("bytes_sent", 0)),
-                        bytes_stored=int(d.get("bytes_stored", 0)),
-                    )
-                    for d in doc.get("disks", [])
-                ),
-                extra={k: v for k, v in doc.items() if k not in _KNOWN_KEYS},
-            )
-        except (KeyError, TypeError, ValueError) as exc:
-            raise FormatError(f"{name}: malformed manifest ({exc.__class__.__name__}: {exc})") from None
-        if point.name != name and name.startswith("points/"):
-            raise FormatError(f"{name}: manifest claims id {point.id}")
-        return point
-
-
-_KNOWN_KEYS = frozenset(
-    (
-        "version",
-        "id",
-        "policy",
-        "vm",
-        "started",
-        "snapshot_time",
-        "finished",
-        "status",
-        "mode",
-        "fallback_reason",
-        "config_revision",
-        "protected",
-        "files",
-        "disks",
-    )
-)
-
-
-def _time(value: Any) -> datetime:
-    moment = datetime.fromisoformat(str(value))
-    if moment.tzinfo is None:
-        raise ValueError(f"time {value!r} has no UTC offset")
-    return moment
-
-
-def _opt_str(value: Any) -> str | None:
-    return None if value is None else str(value)
 
 
 def group_points(points: Iterable[RestorePoint]) -> dict[tuple[str, str], list[RestorePoint]]:

@@ -47,6 +47,7 @@ from reconciler.repository.errors import (
 )
 from reconciler.repository.index import DigestMap, DiskIndex
 from reconciler.repository.lock import RepositoryLock
+from reconciler.repository.manifest import decode_manifest, encode_manifest
 from reconciler.repository.verify import VerifyReport, verify_repository
 
 CONFIG_VERSION = 1
@@ -399,14 +400,14 @@ class Repository:
         """Flush chunks, then write the manifest (last): from now on the point is listed."""
         self.flush()
         name = point_name(point.id)
-        parts = self.codec.encode(f"point:{point.id}".encode("ascii"), point.to_json(), trailer=True)
+        parts = self.codec.encode(f"point:{point.id}".encode("ascii"), encode_manifest(point), trailer=True)
         if not self.backend.put(name, parts):
             raise RepositoryError(f"{name}: a restore point with this id exists")
 
     def read_point(self, point_id: str) -> RestorePoint:
         name = point_name(point_id)
         payload = self.codec.decode(name, f"point:{point_id}".encode("ascii"), self.backend.get(name))
-        return RestorePoint.from_json(name, payload)
+        return decode_manifest(name, payload)
 
     def point_ids(self) -> list[str]:
         """Ids of all complete restore points, oldest first."""
@@ -429,7 +430,7 @@ class Repository:
     def set_protected(self, point_id: str, protected: bool) -> RestorePoint:
         """Change a point's ``protected`` flag (the manifest is replaced atomically)."""
         point = self.read_point(point_id).with_protected(protected)
-        parts = self.codec.encode(f"point:{point.id}".encode("ascii"), point.to_json(), trailer=True)
+        parts = self.codec.encode(f"point:{point.id}".encode("ascii"), encode_manifest(point), trailer=True)
         self.backend.replace(point.name, parts)
         return point
 
