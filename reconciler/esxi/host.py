@@ -75,89 +75,24 @@ from reconciler.esxi.hostdigest import (
     compare_on_host,
 )
 from reconciler.esxi.shell import ShellSession, SshTarget
-from reconciler.esxi.transport import (
-    DiskReader,
-    HttpsRangeReader,
-    SshDdReader,
-    SshDdWriter,
-    split_ds_path,
-    vmfs_path,
-)
+from reconciler.esxi.transport import DiskReader, HttpsRangeReader, SshDdReader, SshDdWriter, vmfs_path
 from reconciler.esxi.vmdk import Descriptor, vmfs_descriptor
 from reconciler.esxi.vmx import VmxFile
+from reconciler.facts.inventory import (
+    SNAPSHOT_PREFIX,
+    DatastoreInfo,
+    DiskInfo,
+    SnapshotInfo,
+    VmInfo,
+    split_ds_path,
+)
 
 log = logging.getLogger(__name__)
 
-SNAPSHOT_PREFIX = "esxi-reconciler-"
 _VMFS_UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{12}$")
 
 
-# -- what the engine sees -------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class SnapshotInfo:
-    """One snapshot of a VM (the tree flattened, parents first)."""
-
-    id: str
-    """The snapshot id (``vim-cmd`` SnapshotId = the API tree's ``id``)."""
-    name: str
-    description: str
-    created: datetime | None
-    parent_id: str | None
-    quiesced: bool
-
-
-@dataclass(frozen=True)
-class DiskInfo:
-    """A virtual disk as the VM currently sees it."""
-
-    key: int
-    label: str
-    node: str | None
-    """``scsi0:0`` …"""
-    file: str
-    """Datastore path of the current top of the chain (a delta while snapshots exist)."""
-    chain: tuple[str, ...]
-    """Top first, base last."""
-    capacity: int
-    change_id: str | None
-    uuid: str | None
-    mode: str | None
-    thin: bool | None
-
-    @property
-    def base(self) -> str:
-        return self.chain[-1]
-
-    @property
-    def independent(self) -> bool:
-        return (self.mode or "").startswith("independent")
-
-
-@dataclass(frozen=True)
-class VmInfo:
-    vmid: str
-    """The managed object id = the ``vim-cmd`` Vmid."""
-    name: str
-    uuid: str | None
-    instance_uuid: str | None
-    power_state: str
-    vmx_path: str
-    datastore: str
-    disks: tuple[DiskInfo, ...]
-    snapshots: tuple[SnapshotInfo, ...]
-    cbt_enabled: bool
-    hw_version: str | None
-
-
-@dataclass(frozen=True)
-class DatastoreInfo:
-    name: str
-    capacity: int
-    free: int
-    accessible: bool
-    type: str
+# -- what a backup reads -------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)

@@ -33,7 +33,8 @@ import structlog
 
 from reconciler.config.model import DesiredState, Host
 from reconciler.esxi.errors import EsxiError, PowerStateTimeoutError
-from reconciler.esxi.host import EsxiHost, VmInfo
+from reconciler.esxi.host import EsxiHost
+from reconciler.facts.inventory import VmInfo
 from reconciler.operations.backup import BackupOptions, Cancelled, VmResult, backup_policy, open_repository
 from reconciler.operations.prune import PruneResult, collect, prune
 from reconciler.operations.retry import Attempted, RetryPolicy, classify

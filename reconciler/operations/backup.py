@@ -58,9 +58,9 @@ import urllib3
 from reconciler.config.model import BackupPolicy, DesiredState, Host
 from reconciler.config.model import Repository as RepositoryConfig
 from reconciler.esxi.errors import EsxiError, FullBackupNeededError
-from reconciler.esxi.host import BackupSnapshot, EsxiHost, FrozenDisk, VmInfo
+from reconciler.esxi.host import BackupSnapshot, EsxiHost, FrozenDisk
 from reconciler.esxi.hostdigest import BLOCK_SIZE, DIGEST_SIZE, ZERO_DIGEST, DigestResult, local_digests
-from reconciler.esxi.transport import split_ds_path
+from reconciler.facts.inventory import VmInfo, split_ds_path
 from reconciler.facts.points import BackupMode, DiskRecord, RestorePoint, StoredFile, VmRef, new_point_id
 from reconciler.operations.hooks import HookFailedError, VmHooks
 from reconciler.operations.progress import DiskProgress, Progress

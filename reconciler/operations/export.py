@@ -17,8 +17,8 @@ from pathlib import Path
 
 import structlog
 
-from reconciler.esxi.transport import split_ds_path
 from reconciler.esxi.vmdk import SECTOR, Descriptor, Extent, flat_descriptor
+from reconciler.facts.inventory import split_ds_path
 from reconciler.facts.points import DiskRecord, RestorePoint
 from reconciler.operations import vmdkstream
 from reconciler.operations.restore import (

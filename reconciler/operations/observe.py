@@ -24,7 +24,8 @@ import structlog
 
 from reconciler.config.model import DesiredState, Host
 from reconciler.config.model import Repository as RepositoryConfig
-from reconciler.esxi.host import DatastoreInfo, EsxiHost, VmInfo
+from reconciler.esxi.host import EsxiHost
+from reconciler.facts.inventory import DatastoreInfo, VmInfo
 from reconciler.operations.backup import open_repository
 from reconciler.planning.observed import HostObservation, ObservedState, RepositoryObservation, RunRecord
 from reconciler.repository import Repository

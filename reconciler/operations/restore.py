@@ -39,10 +39,11 @@ import structlog
 
 from reconciler.config.model import DesiredState
 from reconciler.esxi.errors import EsxiError, InsufficientSpaceError
-from reconciler.esxi.host import DiskInfo, EsxiHost, VmInfo
-from reconciler.esxi.transport import ordered_parallel, split_ds_path
+from reconciler.esxi.host import EsxiHost
+from reconciler.esxi.transport import ordered_parallel
 from reconciler.esxi.vmdk import Descriptor
 from reconciler.esxi.vmx import VmxFile, prepare_restored_vmx
+from reconciler.facts.inventory import DiskInfo, VmInfo, split_ds_path
 from reconciler.facts.points import DiskRecord, RestorePoint, StoredFile
 from reconciler.operations.progress import Progress
 from reconciler.operations.vmlock import vm_lock

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from types import MappingProxyType
 
-from reconciler.esxi.host import SNAPSHOT_PREFIX, DatastoreInfo, SnapshotInfo, VmInfo
+from reconciler.facts.inventory import SNAPSHOT_PREFIX, DatastoreInfo, SnapshotInfo, VmInfo
 from reconciler.facts.points import RestorePoint
 
 

@@ -66,8 +66,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
 from reconciler.config.model import BackupPolicy, CbtMode, DesiredState, VerifyPolicy, after_policy
-from reconciler.esxi.host import VmInfo
-from reconciler.esxi.transport import split_ds_path
+from reconciler.facts.inventory import VmInfo, split_ds_path
 from reconciler.facts.points import RestorePoint
 from reconciler.operations.observe import fingerprint
 from reconciler.planning.actions import (

@@ -15,7 +15,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 from reconciler.config import DesiredState, load_config
-from reconciler.esxi.host import SNAPSHOT_PREFIX, DatastoreInfo, DiskInfo, SnapshotInfo, VmInfo
+from reconciler.facts.inventory import SNAPSHOT_PREFIX, DatastoreInfo, DiskInfo, SnapshotInfo, VmInfo
 from reconciler.facts.points import RestorePoint, VmRef
 from reconciler.planning.observed import HostObservation, ObservedState, RepositoryObservation, RunRecord
 

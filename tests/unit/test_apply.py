@@ -16,7 +16,8 @@ import pytest
 from reconciler.config import load_config
 from reconciler.config.model import DesiredState, Host
 from reconciler.esxi.errors import CommandError, EsxiError, PowerStateTimeoutError
-from reconciler.esxi.host import SNAPSHOT_PREFIX, EsxiHost, SnapshotInfo, VmInfo
+from reconciler.esxi.host import EsxiHost
+from reconciler.facts.inventory import SNAPSHOT_PREFIX, SnapshotInfo, VmInfo
 from reconciler.facts.points import DiskRecord, RestorePoint, VmRef, new_point_id
 from reconciler.operations.apply import apply
 from reconciler.operations.backup import BackupOptions

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from reconciler.config import DesiredState
-from reconciler.esxi.host import VmInfo
+from reconciler.facts.inventory import VmInfo
 from reconciler.facts.points import RestorePoint
 from reconciler.operations.observe import fingerprint
 from reconciler.planning.actions import (

@@ -11,7 +11,7 @@ import pytest
 
 from reconciler.config.model import Host
 from reconciler.esxi.errors import EsxiError
-from reconciler.esxi.host import DatastoreInfo, VmInfo
+from reconciler.facts.inventory import DatastoreInfo, VmInfo
 from reconciler.operations.observe import HostReader, load_history, observe
 from reconciler.planning.observed import RunRecord
 from reconciler.repository import Repository
