@@ -106,8 +106,9 @@ def _confirm(question: str) -> bool:
 
 def cmd_restore(args: argparse.Namespace) -> int:
     """0 restored; 1 the restore failed; 2 bad input or refused."""
-    from reconciler.esxi.host import EsxiHost, sigterm_raises
+    from reconciler.esxi.host import sigterm_raises
     from reconciler.operations.backup import open_repository
+    from reconciler.operations.hosts import connect
     from reconciler.operations.progress import Progress
     from reconciler.operations.restore import (
         RestoreError,
@@ -154,7 +155,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
             f" {plural(len(point.disks), 'disk')}, {human_size(sum(d.capacity for d in point.disks))})"
         )
         progress = Progress(operation="restore")
-        with EsxiHost.from_config(desired.host(host_name)) as host, sigterm_raises():
+        with connect(desired.host(host_name)) as host, sigterm_raises():
             try:
                 if args.test:
                     with progress:

@@ -20,16 +20,9 @@ from typing import TypeVar
 
 from reconciler.config.errors import ConfigIssue
 from reconciler.config.secrets import Secret
+from reconciler.facts.inventory import HostLimits, License
 from reconciler.rules.retention import RetentionPolicy
 from reconciler.rules.schedule import After, Schedule, Window
-
-
-class License(str, enum.Enum):
-    """How the host is licensed, as declared (``AUTO`` = detect on connection)."""
-
-    AUTO = "auto"
-    FREE = "free"
-    LICENSED = "licensed"
 
 
 class CbtMode(str, enum.Enum):
@@ -95,22 +88,6 @@ class SshEndpoint:
     host_key: str | None
     private_key: Secret | None
     insecure_skip_host_key_check: bool
-
-
-@dataclass(frozen=True)
-class HostLimits:
-    """Concurrency limits and the datastore free-space floor (0 = no check)."""
-
-    concurrent_backups: int
-    concurrent_backups_per_datastore: int
-    min_datastore_free_bytes: int
-    min_datastore_free_percent: float
-
-    def datastore_has_room(self, capacity: int, free: int) -> bool:
-        """Whether a datastore with this capacity and free space (bytes) is above both floors."""
-        if free < self.min_datastore_free_bytes:
-            return False
-        return capacity <= 0 or free * 100 >= capacity * self.min_datastore_free_percent
 
 
 @dataclass(frozen=True)

@@ -47,7 +47,6 @@ from typing import Any
 
 from pyVmomi import vim, vmodl
 
-from reconciler.config.model import Host, HostLimits, License
 from reconciler.esxi import vimcmd
 from reconciler.esxi.api import ApiSession, license_kind_from_editions, mapped_faults, wait_task
 from reconciler.esxi.errors import (
@@ -74,7 +73,7 @@ from reconciler.esxi.hostdigest import (
     allocation_on_host,
     compare_on_host,
 )
-from reconciler.esxi.shell import ShellSession, SshTarget
+from reconciler.esxi.shell import ShellSession
 from reconciler.esxi.transport import DiskReader, HttpsRangeReader, SshDdReader, SshDdWriter, vmfs_path
 from reconciler.esxi.vmdk import Descriptor, vmfs_descriptor
 from reconciler.esxi.vmx import VmxFile
@@ -82,6 +81,8 @@ from reconciler.facts.inventory import (
     SNAPSHOT_PREFIX,
     DatastoreInfo,
     DiskInfo,
+    HostLimits,
+    License,
     SnapshotInfo,
     VmInfo,
     split_ds_path,
@@ -245,42 +246,6 @@ class EsxiHost:
         self._api_restricted = False
         self._api_user = api_user
         self._api_password = api_password
-
-    @classmethod
-    def from_config(cls, host: Host, *, snapshot_prefix: str = SNAPSHOT_PREFIX) -> EsxiHost:
-        """Build from the loaded configuration (nothing is connected until used)."""
-        password = host.credentials.password.reveal
-        api = ApiSession(
-            host.address,
-            host.api.port,
-            host.credentials.user,
-            password,
-            host.api.thumbprint,
-            insecure=host.api.insecure_skip_tls_verify,
-        )
-        shell = None
-        if host.ssh.enabled:
-            shell = ShellSession(
-                SshTarget(
-                    address=host.address,
-                    port=host.ssh.port,
-                    user=host.ssh.user,
-                    host_key=host.ssh.host_key,
-                    insecure_skip_host_key_check=host.ssh.insecure_skip_host_key_check,
-                    password=password,
-                    private_key=host.ssh.private_key.reveal if host.ssh.private_key else None,
-                )
-            )
-        return cls(
-            api,
-            shell,
-            license=host.license,
-            limits=host.limits,
-            name=host.name,
-            snapshot_prefix=snapshot_prefix,
-            api_user=host.credentials.user,
-            api_password=password,
-        )
 
     @property
     def identity(self) -> str:

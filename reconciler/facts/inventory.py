@@ -1,11 +1,15 @@
-"""What a host holds, as plain values: VMs, their disks and snapshots, datastores; datastore paths.
+"""What a host holds, as plain values: VMs, their disks and snapshots, datastores; datastore paths;
+and the two host settings the host layer is given (:class:`License`, :class:`HostLimits`).
 
 :class:`reconciler.esxi.host.EsxiHost` reads them from a host; the planner, the status conditions and
-the operations read them without loading the host layer (pyVmomi, paramiko). Standard library only.
+the operations read them without loading the host layer (pyVmomi, paramiko). The config model holds
+:class:`License` and :class:`HostLimits` as they are, so the host layer takes them without importing
+the config. Standard library only.
 """
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -85,3 +89,30 @@ def split_ds_path(ds_path: str) -> tuple[str, str]:
         raise ValueError(f"not a datastore path: {ds_path!r}")
     ds, _, rel = ds_path[1:].partition("]")
     return ds, rel.removeprefix(" ")
+
+
+# -- host settings the host layer is given -----------------------------------------------------------
+
+
+class License(str, enum.Enum):
+    """How the host is licensed, as declared (``AUTO`` = detect on connection)."""
+
+    AUTO = "auto"
+    FREE = "free"
+    LICENSED = "licensed"
+
+
+@dataclass(frozen=True)
+class HostLimits:
+    """Concurrency limits and the datastore free-space floor (0 = no check)."""
+
+    concurrent_backups: int
+    concurrent_backups_per_datastore: int
+    min_datastore_free_bytes: int
+    min_datastore_free_percent: float
+
+    def datastore_has_room(self, capacity: int, free: int) -> bool:
+        """Whether a datastore with this capacity and free space (bytes) is above both floors."""
+        if free < self.min_datastore_free_bytes:
+            return False
+        return capacity <= 0 or free * 100 >= capacity * self.min_datastore_free_percent

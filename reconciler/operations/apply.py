@@ -31,11 +31,12 @@ from typing import Any
 
 import structlog
 
-from reconciler.config.model import DesiredState, Host
+from reconciler.config.model import DesiredState
 from reconciler.esxi.errors import EsxiError, PowerStateTimeoutError
 from reconciler.esxi.host import EsxiHost
 from reconciler.facts.inventory import VmInfo
 from reconciler.operations.backup import BackupOptions, Cancelled, VmResult, backup_policy, open_repository
+from reconciler.operations.hosts import HostFactory, connect
 from reconciler.operations.prune import PruneResult, collect, prune
 from reconciler.operations.retry import Attempted, RetryPolicy, classify
 from reconciler.operations.vmlock import VmBusyError, vm_lock
@@ -58,7 +59,6 @@ from reconciler.rules.schedule import Manual, Schedule, in_window
 
 log = structlog.get_logger(__name__)
 
-HostFactory = Callable[[Host], EsxiHost]
 OnOutcome = Callable[[Outcome], None]
 
 EXPECTED_POWER = {
@@ -91,7 +91,7 @@ class _Run:
         desired: DesiredState,
         cancel: threading.Event,
         on_outcome: OnOutcome | None,
-        host_factory: HostFactory,
+        host_factory: HostFactory[EsxiHost],
         retry: RetryPolicy,
         backup_options: BackupOptions,
         gc_wait_seconds: float,
@@ -613,7 +613,7 @@ def apply(
     *,
     cancel: threading.Event,
     on_outcome: OnOutcome | None = None,
-    host_factory: HostFactory = EsxiHost.from_config,
+    host_factory: HostFactory[EsxiHost] = connect,
     retry: RetryPolicy | None = None,
     backup_options: BackupOptions | None = None,
     gc_wait_seconds: float = 300.0,

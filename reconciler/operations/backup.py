@@ -55,7 +55,7 @@ from pathlib import Path
 import structlog
 import urllib3
 
-from reconciler.config.model import BackupPolicy, DesiredState, Host
+from reconciler.config.model import BackupPolicy, DesiredState
 from reconciler.config.model import Repository as RepositoryConfig
 from reconciler.esxi.errors import EsxiError, FullBackupNeededError
 from reconciler.esxi.host import BackupSnapshot, EsxiHost, FrozenDisk
@@ -63,6 +63,7 @@ from reconciler.esxi.hostdigest import BLOCK_SIZE, DIGEST_SIZE, ZERO_DIGEST, Dig
 from reconciler.facts.inventory import VmInfo, split_ds_path
 from reconciler.facts.points import BackupMode, DiskRecord, RestorePoint, StoredFile, VmRef, new_point_id
 from reconciler.operations.hooks import HookFailedError, VmHooks
+from reconciler.operations.hosts import HostFactory, connect
 from reconciler.operations.progress import DiskProgress, Progress
 from reconciler.operations.vmlock import VmBusyError, vm_lock
 from reconciler.repository import (
@@ -960,7 +961,7 @@ def backup_policy(
     vms: Collection[str] | None = None,
     options: BackupOptions | None = None,
     cancel: threading.Event | None = None,
-    host_factory: Callable[[Host], EsxiHost] = EsxiHost.from_config,
+    host_factory: HostFactory[EsxiHost] = connect,
     on_result: Callable[[VmResult], None] | None = None,
 ) -> list[VmResult]:
     """Back up the VMs of a policy (or only ``vm``, or only those of ``vms`` the policy selects and the

@@ -24,9 +24,9 @@ import structlog
 
 from reconciler.config.model import DesiredState, Host
 from reconciler.config.model import Repository as RepositoryConfig
-from reconciler.esxi.host import EsxiHost
 from reconciler.facts.inventory import DatastoreInfo, VmInfo
 from reconciler.operations.backup import open_repository
+from reconciler.operations.hosts import HostFactory, connect
 from reconciler.planning.observed import HostObservation, ObservedState, RepositoryObservation, RunRecord
 from reconciler.repository import Repository
 
@@ -53,7 +53,6 @@ class HostReader(Protocol):
     def close(self) -> None: ...
 
 
-HostFactory = Callable[[Host], HostReader]
 RepoOpener = Callable[[RepositoryConfig], Repository]
 
 
@@ -65,7 +64,7 @@ def _error_text(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
-def _observe_host(config: Host, factory: HostFactory) -> HostObservation:
+def _observe_host(config: Host, factory: HostFactory[HostReader]) -> HostObservation:
     host = factory(config)
     try:
         license = host.license
@@ -84,7 +83,9 @@ def _observe_host(config: Host, factory: HostFactory) -> HostObservation:
         host.close()
 
 
-def _observe_hosts(hosts: Sequence[Host], factory: HostFactory, timeout: float) -> dict[str, HostObservation]:
+def _observe_hosts(
+    hosts: Sequence[Host], factory: HostFactory[HostReader], timeout: float
+) -> dict[str, HostObservation]:
     results: dict[str, HostObservation] = {}
     lock = threading.Lock()
 
@@ -145,7 +146,7 @@ def observe(
     *,
     now: datetime,
     history: Mapping[str, RunRecord],
-    host_factory: HostFactory = EsxiHost.from_config,
+    host_factory: HostFactory[HostReader] = connect,
     repo_opener: RepoOpener = open_repository,
     host_timeout: float = HOST_TIMEOUT,
 ) -> ObservedState:

@@ -664,11 +664,12 @@ def test_restore(
     """For the apply executor (a ``RunTestRestore`` action): open the configured repository and host,
     test-restore ``vm``'s point (``None``/``latest``: the newest successful one)."""
     from reconciler.operations.backup import open_repository
+    from reconciler.operations.hosts import connect
 
     repo = open_repository(desired.repositories[repository])
     with repo.lock(purpose=f"test restore of {vm}"):
         point = find_point(repo, vm, point_id)
-        with EsxiHost.from_config(desired.host(host)) as esxi:
+        with connect(desired.host(host)) as esxi:
             return run_test_restore(esxi, repo, point, datastore=datastore)
 
 

@@ -27,6 +27,7 @@ from reconciler.esxi.host import BackupSnapshot, EsxiHost, FrozenDisk, sigterm_r
 from reconciler.esxi.hostdigest import request
 from reconciler.facts.points import RestorePoint
 from reconciler.operations.backup import BackupOptions, VmResult, backup_policy, open_repository
+from reconciler.operations.hosts import connect
 from reconciler.operations.restore import disk_content
 from reconciler.operations.vmlock import vm_lock
 from reconciler.repository import KdfParams, Repository
@@ -199,7 +200,7 @@ def test_free_host_full_then_digest_incrementals_with_guest_writes(env: Env) -> 
 
 def test_licensed_host_full_then_cbt_incremental_and_reset_fallback(env: Env) -> None:
     lab = env.lab
-    with EsxiHost.from_config(env.desired.host(lab.licensed)) as host:
+    with connect(env.desired.host(lab.licensed)) as host:
         host.set_cbt(host.find_vm("app203"), True)
         try:
             cap = Capture(lab, lab.licensed)

@@ -38,6 +38,7 @@ from reconciler.esxi.host import EsxiHost
 from reconciler.esxi.vmx import VmxFile
 from reconciler.facts.points import RestorePoint
 from reconciler.operations.backup import open_repository
+from reconciler.operations.hosts import connect
 from reconciler.repository import Repository
 from reconciler.repository.chunks import chunk_name
 from reconciler.repository.errors import LockedError
@@ -120,7 +121,7 @@ def lab_hosts(lab: LabHandle, tmp_path: Path) -> Iterator[dict[str, EsxiHost]]:
     snapshot, no .vmx backup copy, no fault."""
     config = demo.write_config(lab.info, lab.lab, tmp_path / "hostcfg")
     desired = load_config(config)
-    hosts = {name: EsxiHost.from_config(desired.host(name)) for name in (lab.free, lab.licensed)}
+    hosts = {name: connect(desired.host(name)) for name in (lab.free, lab.licensed)}
     try:
         yield hosts
     finally:

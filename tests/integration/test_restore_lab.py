@@ -23,6 +23,7 @@ from reconciler.esxi.host import BackupSnapshot, EsxiHost
 from reconciler.esxi.vmx import VmxFile
 from reconciler.facts.points import RestorePoint
 from reconciler.operations.backup import BackupOptions, backup_policy, open_repository
+from reconciler.operations.hosts import connect
 from reconciler.operations.restore import (
     RestoreOptions,
     disk_content,
@@ -92,7 +93,7 @@ def vm_state(lab: LabHandle, host: str, name: str) -> dict[str, object] | None:
 
 def remove_vm(env: Env, host_name: str, name: str) -> None:
     """Unregister a restored VM and delete its folder (lab cleanup)."""
-    with EsxiHost.from_config(env.desired.host(host_name)) as host:
+    with connect(env.desired.host(host_name)) as host:
         vm = host.find_vm(name)
         if vm.power_state != "poweredOff":
             host.power_off(vm)
@@ -103,7 +104,7 @@ def remove_vm(env: Env, host_name: str, name: str) -> None:
 def check_new_vm(env: Env, host_name: str, name: str, point: RestorePoint) -> None:
     """The restored VM: registered, its disks equal to the frozen content, a new identity."""
     lab = env.lab
-    with EsxiHost.from_config(env.desired.host(host_name)) as host:
+    with connect(env.desired.host(host_name)) as host:
         vm = host.find_vm(name)
         assert vm.vmx_path.startswith("[datastore1] ")
         assert len(vm.disks) == len(point.disks)
@@ -160,7 +161,7 @@ def test_hostile_name_default_new_name(env: Env, capsys: pytest.CaptureFixture[s
         assert copy in out
         check_new_vm(env, lab.free, copy, point)
         # overwrite that copy from the same point (hostile names all the way through the swap)
-        with EsxiHost.from_config(env.desired.host(lab.free)) as host:
+        with connect(env.desired.host(lab.free)) as host:
             host.power_on(host.find_vm(copy))
         lab.client(lab.free).guest_write(copy, 10, seed=903)
         assert env.cli("restore", HOSTILE, "--overwrite", "--yes", "--to-vm", copy) == 0, capsys.readouterr()
@@ -185,7 +186,7 @@ def test_licensed_host_without_ssh_new_vm(env: Env, capsys: pytest.CaptureFixtur
 
 def test_licensed_host_without_ssh_overwrite(env: Env, capsys: pytest.CaptureFixture[str]) -> None:
     lab = env.lab
-    with EsxiHost.from_config(env.desired.host(lab.licensed)) as host:
+    with connect(env.desired.host(lab.licensed)) as host:
         seed = env.backup("lic", "app201")
         restore_new_vm(host, env.repo, seed, RestoreOptions(name=SCRATCH_API, power_on=True))
         try:
@@ -256,7 +257,7 @@ def ssh_env(lab: LabHandle, tmp_path_factory: pytest.TempPathFactory) -> Iterato
             ("seed-lic", lab.licensed, "app202", SCRATCH_LIC),
         ):
             point = env.backup(policy, vm)
-            with EsxiHost.from_config(desired.host(host_name)) as host:
+            with connect(desired.host(host_name)) as host:
                 restore_new_vm(host, env.repo, point, RestoreOptions(name=scratch, power_on=True))
             made.append((host_name, scratch))
         yield env
@@ -279,7 +280,7 @@ def disk_files(lab: LabHandle, host: str, name: str) -> dict[int, tuple[str, str
 def flat_sha(env: Env, host_name: str, vm_name: str) -> dict[int, str]:
     """SHA-256 of each current (base) disk of a VM, read from the lab's files."""
     out = {}
-    with EsxiHost.from_config(env.desired.host(host_name)) as host:
+    with connect(env.desired.host(host_name)) as host:
         for disk in host.find_vm(vm_name).disks:
             desc = host.read_descriptor(disk.file)
             assert desc.flat_extent is not None and desc.flat_extent.file_name
@@ -315,7 +316,7 @@ def test_free_overwrite_then_the_next_backup_is_correct(
     lab.client(lab.free).guest_write(SCRATCH, 20, seed=911)
     env.backup("free", SCRATCH)  # a newer point with other content
     lab.client(lab.free).guest_write(SCRATCH, 5, seed=912)
-    with EsxiHost.from_config(env.desired.host(lab.free)) as host:  # someone changes the VM's settings
+    with connect(env.desired.host(lab.free)) as host:  # someone changes the VM's settings
         vm = host.power_off(host.find_vm(SCRATCH))
         backed_up = host.read_vmx(vm)
         changed = host.read_vmx(vm)
@@ -332,7 +333,7 @@ def test_free_overwrite_then_the_next_backup_is_correct(
     assert "overwrote 2 disks of web01 scratch" in capsys.readouterr().out
     assert flat_sha(env, lab.free, SCRATCH) == expected
     # the whole VM is back as backed up: its configuration (memory) and its .nvram, under its name
-    with EsxiHost.from_config(env.desired.host(lab.free)) as host:
+    with connect(env.desired.host(lab.free)) as host:
         restored_vmx = host.read_vmx(host.find_vm(SCRATCH))
     assert restored_vmx.get("memSize") == backed_up.get("memSize")
     assert restored_vmx.get("displayName") == SCRATCH
@@ -354,7 +355,7 @@ def test_free_overwrite_then_the_next_backup_is_correct(
 
 def test_licensed_cbt_overwrite_makes_the_next_backup_full(ssh_env: Env) -> None:
     env, lab = ssh_env, ssh_env.lab
-    with EsxiHost.from_config(env.desired.host(lab.licensed)) as host:
+    with connect(env.desired.host(lab.licensed)) as host:
         host.set_cbt(host.find_vm(SCRATCH_LIC), True)
         try:
             p1 = env.backup("lic-cbt", SCRATCH_LIC)
@@ -397,7 +398,7 @@ import pathlib, sys, time
 from reconciler.config import load_config
 from reconciler.operations.backup import open_repository
 from reconciler.operations.restore import RestoreOptions, find_point, restore_overwrite
-from reconciler.esxi.host import EsxiHost
+from reconciler.operations.hosts import connect
 
 marker = pathlib.Path(sys.argv[2])
 
@@ -408,7 +409,7 @@ def hang(disk, offset, length):
 desired = load_config(sys.argv[1])
 repo = open_repository(desired.repository("r"))
 point = find_point(repo, sys.argv[3], None)
-with EsxiHost.from_config(desired.host("esxi1")) as host:
+with connect(desired.host("esxi1")) as host:
     target = host.find_vm(sys.argv[3])
     restore_overwrite(host, repo, point, target, RestoreOptions(on_data=hang, shutdown_timeout=5))
 """
@@ -443,7 +444,7 @@ def test_sigkill_mid_write_leaves_the_original_vm_intact(ssh_env: Env, tmp_path:
     folder = lab.local_path(lab.free, vmx_path).parent
     leftovers = [p for p in folder.iterdir() if "-restored-" in p.name]
     assert leftovers  # the half-written restored disk, never referenced by the VM
-    with EsxiHost.from_config(env.desired.host(lab.free)) as host:
+    with connect(env.desired.host(lab.free)) as host:
         assert host.power_on(host.find_vm(SCRATCH)).power_state == "poweredOn"  # still usable
         # the next overwrite removes the leftovers and succeeds
         point = env.repo.list_points(vm=SCRATCH)[-1]

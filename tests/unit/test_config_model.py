@@ -16,12 +16,12 @@ from reconciler.config import (
     DesiredState,
     DiskSelector,
     HookFailure,
-    License,
     VmSelector,
     load_config,
     parse_interval,
     parse_size,
 )
+from reconciler.facts.inventory import License
 from reconciler.rules import retention, schedule
 
 THUMB256 = ":".join(["AB"] * 32)
