@@ -85,7 +85,7 @@ def _load_plan(path: Path) -> Plan | str:
 def staleness(saved: Plan, desired: DesiredState, observed: ObservedState) -> str | None:
     """Why ``saved`` may no longer be applied (None: it is current): the config revision or the
     observed facts it was made from changed. Names the actions a new plan would do differently."""
-    from reconciler.operations.observe import fingerprint
+    from reconciler.planning.fingerprint import fingerprint
     from reconciler.planning.plan import plan
     from reconciler.planning.render import action_line
 

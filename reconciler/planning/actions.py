@@ -236,7 +236,7 @@ class Plan:
     """An ordered list of actions with notices, tied to what was observed.
 
     ``observed_fingerprint`` is a digest of the observed facts the plan depends on
-    (:func:`reconciler.operations.observe.fingerprint`); ``apply FILE`` refuses a saved plan whose
+    (:func:`reconciler.planning.fingerprint.fingerprint`); ``apply FILE`` refuses a saved plan whose
     fingerprint or config revision no longer matches ("saved plan is stale").
     """
 

@@ -68,7 +68,6 @@ from datetime import datetime, timezone
 from reconciler.config.model import BackupPolicy, CbtMode, DesiredState, VerifyPolicy, after_policy
 from reconciler.facts.inventory import VmInfo, split_ds_path
 from reconciler.facts.points import RestorePoint
-from reconciler.operations.observe import fingerprint
 from reconciler.planning.actions import (
     Action,
     CbtMethod,
@@ -83,6 +82,7 @@ from reconciler.planning.actions import (
     RunVerify,
     SetCbt,
 )
+from reconciler.planning.fingerprint import fingerprint
 from reconciler.planning.observed import (
     HostObservation,
     ObservedState,

@@ -405,7 +405,7 @@ def test_pruning_is_opt_in_per_repository(env: Env) -> None:
 
 def test_a_saved_plan_of_another_config_revision_is_stale(env: Env) -> None:
     from reconciler.commands.apply import staleness
-    from reconciler.operations.observe import fingerprint
+    from reconciler.planning.fingerprint import fingerprint
     from reconciler.planning.observed import ObservedState
 
     observed = ObservedState(time=NOW)

@@ -12,7 +12,6 @@ import pytest
 from reconciler.config import DesiredState
 from reconciler.facts.inventory import VmInfo
 from reconciler.facts.points import RestorePoint
-from reconciler.operations.observe import fingerprint
 from reconciler.planning.actions import (
     CollectGarbage,
     Notice,
@@ -24,6 +23,7 @@ from reconciler.planning.actions import (
     RunVerify,
     SetCbt,
 )
+from reconciler.planning.fingerprint import fingerprint
 from reconciler.planning.observed import RepositoryObservation, RunRecord, backup_key, verify_key
 from reconciler.planning.plan import plan
 from reconciler.rules.schedule import jitter_offset
