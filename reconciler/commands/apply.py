@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from reconciler.cli import add_command, human_size, load_desired, plural, state_dir
+from reconciler.commands.common import add_command, human_size, load_desired, plural, state_dir
 from reconciler.printable import printable
 
 if TYPE_CHECKING:

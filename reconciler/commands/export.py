@@ -8,7 +8,7 @@ from pathlib import Path
 
 import structlog
 
-from reconciler.cli import add_command, human_size, load_desired
+from reconciler.commands.common import add_command, human_size, load_desired
 from reconciler.printable import printable
 
 log = structlog.get_logger("reconciler.cli")

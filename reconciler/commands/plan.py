@@ -14,7 +14,7 @@ from pathlib import Path
 
 import structlog
 
-from reconciler.cli import add_command, load_desired, state_dir
+from reconciler.commands.common import add_command, load_desired, state_dir
 
 log = structlog.get_logger("reconciler.cli")
 

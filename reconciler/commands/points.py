@@ -9,7 +9,7 @@ from typing import Any
 
 import structlog
 
-from reconciler.cli import add_command, human_size, load_desired
+from reconciler.commands.common import add_command, human_size, load_desired
 from reconciler.printable import printable
 
 log = structlog.get_logger("reconciler.cli")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import structlog
 
-from reconciler.cli import add_command, repository_config
+from reconciler.commands.common import add_command, repository_config
 
 log = structlog.get_logger("reconciler.cli")
 

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 import structlog
 
-from reconciler.cli import add_command, human_size, load_desired, plural
+from reconciler.commands.common import add_command, human_size, load_desired, plural
 from reconciler.printable import printable
 
 if TYPE_CHECKING:

@@ -8,7 +8,7 @@ import sys
 from datetime import datetime
 from typing import Any
 
-from reconciler.cli import add_command, plural, state_dir
+from reconciler.commands.common import add_command, plural, state_dir
 from reconciler.printable import printable
 
 _STATUS_EXAMPLES = """\
