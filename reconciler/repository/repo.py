@@ -48,7 +48,6 @@ from reconciler.repository.errors import (
 from reconciler.repository.index import DigestMap, DiskIndex
 from reconciler.repository.lock import RepositoryLock
 from reconciler.repository.manifest import decode_manifest, encode_manifest
-from reconciler.repository.verify import VerifyReport, verify_repository
 
 CONFIG_VERSION = 1
 QUARANTINE_DIR = "quarantine"
@@ -508,13 +507,6 @@ class Repository:
                         digests.add(f"digests/{dm}")
         chunks.discard(HOLE)
         return chunks, indexes, digests
-
-    def check(self, *, read_data: bool = True) -> VerifyReport:
-        """Every object referenced by a listed point exists and (``read_data``) authenticates.
-
-        Shorthand for :func:`reconciler.repository.verify.verify_repository` (all data or none).
-        """
-        return verify_repository(self, read_data_percent=100.0 if read_data else 0.0)
 
 
 def export_key(path: str | os.PathLike[str], key_id: str | None = None) -> bytes:

@@ -12,6 +12,7 @@ import pytest
 from reconciler.facts.points import DiskRecord, RestorePoint, VmRef, new_point_id
 from reconciler.repository import CHUNK_SIZE, DigestMap, KdfParams, LockedError, Repository, collect_garbage
 from reconciler.repository.chunks import chunk_name
+from reconciler.repository.verify import verify_repository
 
 MiB = CHUNK_SIZE
 
@@ -70,7 +71,7 @@ def test_gc_removes_exactly_the_unreferenced_chunks(repo: Repository) -> None:
     assert report.unreferenced_chunks == 1 and report.unreferenced_indexes == 1
     assert set(repo.iter_chunk_ids()) == before - {repo.chunk_id(chunk("orphan"))}
     assert not (repo.path / "indexes" / orphan_index).exists()
-    assert repo.check().ok
+    assert verify_repository(repo).ok
 
     repo.delete_point(a.id)
     report = collect_garbage(repo)
@@ -78,7 +79,7 @@ def test_gc_removes_exactly_the_unreferenced_chunks(repo: Repository) -> None:
     assert report.unreferenced_indexes == 1 and report.unreferenced_digest_maps == 1
     remaining = set(repo.iter_chunk_ids())
     assert remaining == {repo.chunk_id(c) for c in (shared, only_b, b"vmx-b")}
-    assert repo.check().ok and repo.list_points() == [b]
+    assert verify_repository(repo).ok and repo.list_points() == [b]
 
 
 def test_dry_run_counts_without_deleting(repo: Repository) -> None:
