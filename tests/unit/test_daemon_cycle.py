@@ -18,7 +18,7 @@ from reconciler.operations import observe as observe_module
 from reconciler.planning import plan as plan_module
 from reconciler.planning.actions import Outcome, Plan, RunBackup
 from reconciler.planning.observed import ObservedState, RunRecord, backup_key
-from reconciler.status import StatusStore, status_path
+from reconciler.status.store import StatusStore, status_path
 from tests.unit.planfixtures import at, host, load_desired, observed, policy_doc, vm
 
 NOW = at("2026-11-26 03:00")
