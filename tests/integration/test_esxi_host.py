@@ -16,6 +16,7 @@ from reconciler.config.model import ApiEndpoint, Credentials, Host, Source, SshE
 from reconciler.config.secrets import Secret
 from reconciler.esxi.api import ApiSession
 from reconciler.esxi.errors import (
+    EsxiError,
     ForeignSnapshotError,
     FullBackupNeededError,
     InsufficientSpaceError,
@@ -348,7 +349,7 @@ def test_cbt_inactive_means_full(licensed: EsxiHost) -> None:
 
 def test_free_host_cbt_switch_edits_the_vmx_with_the_vm_off(lab: LabHandle, free: EsxiHost) -> None:
     vm = free.find_vm("db 01")
-    with pytest.raises(Exception, match="powered off"):
+    with pytest.raises(EsxiError, match="must be powered off to switch CBT"):
         free.set_cbt(vm, True)
     assert lab.vimcmd(lab.free, "vmsvc/power.off", vm.vmid).exit == 0
     try:

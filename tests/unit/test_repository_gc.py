@@ -12,6 +12,7 @@ import pytest
 from reconciler.facts.points import DiskRecord, RestorePoint, VmRef, new_point_id
 from reconciler.repository import CHUNK_SIZE, DigestMap, KdfParams, LockedError, Repository, collect_garbage
 from reconciler.repository.chunks import chunk_name
+from reconciler.repository.errors import IntegrityError
 from reconciler.repository.verify import verify_repository
 
 MiB = CHUNK_SIZE
@@ -120,7 +121,7 @@ def test_unreadable_manifest_stops_gc_before_any_delete(repo: Repository) -> Non
     path = repo.path / point.name
     path.write_bytes(path.read_bytes()[:-3])
     count = len(list(repo.iter_chunk_ids()))
-    with pytest.raises(Exception, match=point.name):
+    with pytest.raises(IntegrityError, match=point.name):
         collect_garbage(repo)
     assert len(list(repo.iter_chunk_ids())) == count
 
