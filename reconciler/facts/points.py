@@ -17,6 +17,9 @@ from datetime import datetime, timezone
 from typing import Any, Literal
 
 PointStatus = Literal["success", "partial", "failed"]
+"""This version writes only ``success`` (a manifest is written last, once everything is stored; a failed
+backup leaves no point). ``partial`` and ``failed`` are read, reserved for a writer that records
+incomplete runs: never restored from, never an incremental's base, not counted by retention."""
 BackupMode = Literal["full", "cbt", "digest"]
 _STATUSES = ("success", "partial", "failed")
 _MODES = ("full", "cbt", "digest")
