@@ -16,8 +16,14 @@ ROOT = Path(__file__).parents[2]
 PYPROJECT = ROOT / "pyproject.toml"
 LINT_IMPORTS = Path(sys.executable).with_name("lint-imports")
 
-IO_LIBRARIES = ("pyVmomi", "pyVim", "paramiko", "urllib3", "cryptography", "zstandard", "sqlite3", "watchdog")
-IO_PACKAGES = ("reconciler.esxi", "reconciler.repository", "reconciler.operations", "reconciler.status.store")
+IO_LIBRARIES = (
+    *("pyVmomi", "pyVim", "paramiko", "urllib3", "cryptography", "zstandard", "sqlite3", "watchdog"),
+    *("yaml", "jsonschema", "subprocess", "socket"),
+)
+IO_PACKAGES = (
+    *("reconciler.esxi", "reconciler.repository", "reconciler.operations", "reconciler.status.store"),
+    *("reconciler.config.loader", "reconciler.config.revision", "reconciler.daemon", "reconciler.commands"),
+)
 
 
 def lint_imports(config: Path, *, tree: Path = ROOT) -> subprocess.CompletedProcess[str]:
