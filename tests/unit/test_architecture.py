@@ -99,6 +99,7 @@ def test_a_violation_is_caught(tmp_path: Path, module: str, statement: str, cont
         "reconciler.rules.durations",
         "reconciler.facts.inventory",
         "reconciler.facts.points",
+        "reconciler.printable",
     ],
 )
 def test_importing_pure_code_loads_no_io_code(module: str) -> None:

@@ -125,7 +125,7 @@ def test_console_lines_escape_names_json_keeps_them() -> None:
     JSON lines keep the exact name (JSON escapes it itself)."""
     stream = io.StringIO()
     configure_logging("console", "info", stream=stream)
-    log = structlog.get_logger("reconciler.engine")
+    log = structlog.get_logger("reconciler.operations")
     log.info("backup.vm_start", vm=HOSTILE_NAME, disk="a\x1b[2Jb\u2028c", host="esxi1")
     log.warning(f"event naming {HOSTILE_NAME}")
     logging.getLogger("reconciler.esxi.host").warning("removing snapshot of VM %s", HOSTILE_NAME)
@@ -138,7 +138,7 @@ def test_console_lines_escape_names_json_keeps_them() -> None:
 
     stream = io.StringIO()
     configure_logging("json", "info", stream=stream)
-    structlog.get_logger("reconciler.engine").info("backup.vm_start", vm=HOSTILE_NAME)
+    structlog.get_logger("reconciler.operations").info("backup.vm_start", vm=HOSTILE_NAME)
     (record,) = records(stream)
     assert record["vm"] == HOSTILE_NAME
 
