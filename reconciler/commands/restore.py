@@ -332,12 +332,12 @@ def _overwrite(
     try:
         if point is None:
             point = _own_point(args, repo, host, target)
-        check_overwrite(point, host, target, other_vm=bool(args.to_vm))
+        check_overwrite(point, host.name, target, other_vm=bool(args.to_vm))
     except RestoreError as exc:
         print(f"esxi-reconciler restore: {exc}", file=sys.stderr)
         return 2
     print(describe_point(point))
-    other = not same_vm(point, host, target)
+    other = not same_vm(point, host.name, target)
     if other:
         print(
             f"  over a DIFFERENT VM: {target.name!r} on {host.name} (uuid {target.uuid or '?'}), which keeps"

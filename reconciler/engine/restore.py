@@ -221,9 +221,10 @@ def find_point(
     return candidates[0].newest
 
 
-def same_vm(point: RestorePoint, host: EsxiHost, vm: VmInfo) -> bool:
-    """Whether ``point`` is of ``vm`` itself: backed up on this host, with this BIOS UUID."""
-    return bool(point.vm.uuid) and point.vm.host == host.name and point.vm.uuid == vm.uuid
+def same_vm(point: RestorePoint, host: str, vm: VmInfo) -> bool:
+    """Whether ``point`` is of ``vm`` (on the host named ``host``) itself: backed up on that host, with
+    this BIOS UUID (the name may have changed since)."""
+    return bool(point.vm.uuid) and point.vm.host == host and point.vm.uuid == vm.uuid
 
 
 def point_file(point: RestorePoint, name: str) -> StoredFile | None:
@@ -755,14 +756,14 @@ def _keep_identity(vmx: VmxFile, current: VmxFile) -> None:
             vmx.set(f"{nic}.addressType", "generated")
 
 
-def check_overwrite(point: RestorePoint, host: EsxiHost, vm: VmInfo, *, other_vm: bool) -> None:
+def check_overwrite(point: RestorePoint, host: str, vm: VmInfo, *, other_vm: bool) -> None:
     """Refuse to put a point over a VM it is not of (another host's VM of the same name, a re-created
     VM), unless the caller says so explicitly (``other_vm``: ``--to-vm``)."""
     if other_vm or same_vm(point, host, vm):
         return
     name = shlex.quote(vm.name)
     raise RestoreError(
-        f"restore point {point.id} is of {describe_source(point)}, not of VM {vm.name!r} on {host.name}"
+        f"restore point {point.id} is of {describe_source(point)}, not of VM {vm.name!r} on {host}"
         f" (uuid {vm.uuid or '?'}) that would be overwritten; nothing changed. Use a point of that VM"
         f" (`esxi-reconciler points --vm {name}` shows each point's host and uuid), or, to put this other"
         f" VM's point over it anyway, name the target with --to-vm {name}"
@@ -849,8 +850,8 @@ def restore_overwrite(
     rlog = log.bind(point=point.id, vm=target.name, host=host.name)
     with vm_lock(host.identity, target.vmid):
         vm = host.vm(target)
-        check_overwrite(point, host, vm, other_vm=other_vm)
-        other_identity = not same_vm(point, host, vm)
+        check_overwrite(point, host.name, vm, other_vm=other_vm)
+        other_identity = not same_vm(point, host.name, vm)
         if vm.snapshots:
             raise RestoreError(f"VM {vm.name!r} has snapshots; remove them before overwriting its disks")
         earlier = unfinished_overwrite(host, vm)
