@@ -500,22 +500,25 @@ def _base_stem(rel: str) -> str:
 
 def _remove_leftovers(host: EsxiHost, vm: VmInfo, disk_files: Iterable[str]) -> list[str]:
     """Delete what an interrupted overwrite of these disks left behind: ``<disk>-restored-<time>-<random>``
-    disks next to them and ``<vmx>-restored-…nvram`` files, that the VM does not use; returns them."""
+    disks next to them and ``<vmx>-restored-…nvram`` files, that the VM uses neither as the host sees
+    it nor in its .vmx file (which a killed run may have written without the reload); returns them."""
     removed: list[str] = []
+    vmx = host.read_vmx(vm)
     used = {f for d in vm.disks for f in d.chain}
+    named = {posixpath.basename(d.file_name) for d in vmx.disks(include_independent=True)}
     for file in disk_files:
         ds, rel = split_ds_path(file)
         folder = f"[{ds}] {posixpath.dirname(rel)}"
         ours = re.compile(re.escape(_base_stem(rel)) + r"-restored-\d{14}-[0-9a-f]{4}\.vmdk")
         for name in host.list_folder(folder, "*-restored-*.vmdk"):
             path = f"{folder}/{name}"
-            if ours.fullmatch(name) and path not in used and path not in removed:
+            if ours.fullmatch(name) and path not in used and name not in named and path not in removed:
                 log.warning("restore.leftover_removed", vm=vm.name, file=path)
                 host.delete_disk(path)
                 removed.append(path)
     ds, rel = split_ds_path(vm.vmx_path)
     folder = f"[{ds}] {posixpath.dirname(rel)}"
-    in_use = host.read_vmx(vm).get("nvram")
+    in_use = vmx.get("nvram")
     stem = posixpath.basename(rel).rsplit(".", 1)[0]
     ours = re.compile(re.escape(stem) + r"-restored-\d{14}-[0-9a-f]{4}\.nvram")
     for name in host.list_folder(folder, "*-restored-*.nvram"):
@@ -637,22 +640,28 @@ def _settle(host: EsxiHost, vm: VmInfo, journal: OverwriteJournal, *, delete_rep
     the restored files it does not use go. After the switch it is on verified restored disks: CBT is
     switched on again where that run had switched it off, and the files it replaced are deleted
     (``delete_replaced``: a new overwrite, which replaces them anyway) or kept and listed (``--abort``:
-    nothing the VM had is deleted without an overwrite that says so)."""
-    used = {f for d in vm.disks for f in d.chain}
-    switched = bool(journal.replaced) and not any(f in used for f in journal.replaced)
+    nothing the VM had is deleted without an overwrite that says so). The .vmx file decides which side
+    of the switch the VM is on: a run killed between writing it and the reload has switched."""
+    if vm.snapshots:
+        raise RestoreError(f"VM {vm.name!r} has snapshots (a backup running?); try again once they are gone")
+    vmx = host.read_vmx(vm)
+    named = {posixpath.basename(d.file_name) for d in vmx.disks(include_independent=True)}
+    switched = bool(journal.replaced) and not any(posixpath.basename(f) in named for f in journal.replaced)
     if not switched:
         return Settled(vm, False, _remove_leftovers(host, vm, [d.file for d in vm.disks]))
-    vmx = host.read_vmx(vm)
-    off = [n for n in journal.cbt_nodes if not vmx.is_true(f"{n}.ctkEnabled")]
-    if off and vm.power_state == "poweredOff":
+    if vm.power_state == "poweredOff":
+        off = [n for n in journal.cbt_nodes if not vmx.is_true(f"{n}.ctkEnabled")]
         for node in off:
             vmx.set(f"{node}.ctkEnabled", "TRUE")
-        host.write_file(vm.vmx_path, vmx.dumps().encode("utf-8", "surrogateescape"))
-        vm = host.reload_vm(vm)
-    nvram = vmx.get("nvram")
+        if off:
+            host.write_file(vm.vmx_path, vmx.dumps().encode("utf-8", "surrogateescape"))
+        hostd = {f for d in vm.disks for f in d.chain}
+        if off or any(f in hostd for f in journal.replaced):  # edited, or written but not reloaded
+            vm = host.reload_vm(vm)
+    used = {f for d in vm.disks for f in d.chain}
     files = [f for f in journal.replaced if f not in used and host.file_exists(f)]
     old_nvram = journal.nvram
-    if old_nvram and posixpath.basename(old_nvram) != nvram and host.file_exists(old_nvram):
+    if old_nvram and posixpath.basename(old_nvram) != vmx.get("nvram") and host.file_exists(old_nvram):
         files.append(old_nvram)
     if not delete_replaced:
         return Settled(vm, True, kept=files)
