@@ -442,9 +442,14 @@ def kill_overwrite_at(env: Env, tmp_path: Path, vm: str, stage: str) -> None:
         proc.wait()
 
 
-def restored_files(env: Env, vmx_path: str) -> list[Path]:
-    folder = env.lab.local_path(env.lab.free, vmx_path).parent
-    return sorted(p for p in folder.iterdir() if "-restored-" in p.name)
+def leftovers(env: Env, vm: str) -> list[Path]:
+    """``-restored-`` files in the VM's folder that the VM does not use (disks or .nvram)."""
+    lab = env.lab
+    vmx_path = str(vm_state(lab, lab.free, vm)["vmx"])  # type: ignore[index]
+    vmx = lab.local_path(lab.free, vmx_path)
+    in_use = {posixpath.basename(f) for pair in disk_files(lab, lab.free, vm).values() for f in pair}
+    in_use.add(str(VmxFile.parse(vmx.read_text(encoding="utf-8")).get("nvram")))
+    return sorted(p for p in vmx.parent.iterdir() if "-restored-" in p.name and p.name not in in_use)
 
 
 @pytest.mark.parametrize(
@@ -467,7 +472,8 @@ def test_killed_overwrite_leaves_the_vm_powered_off_and_the_next_command_gives_i
     env, lab = ssh_env, ssh_env.lab
     point = env.backup("free", SCRATCH)
     restored = {d.key: sha(disk_content(env.repo, point, d.key)) for d in point.disks}
-    lab.client(lab.free).guest_write(SCRATCH, 10, seed=941)  # the VM now differs from the point
+    seed = 9400 + 10 * ["powered-off", "writing", "switched"].index(stage) + (then == "abort")
+    lab.client(lab.free).guest_write(SCRATCH, 10, seed=seed)  # the VM now differs from the point
     files = disk_files(lab, lab.free, SCRATCH)
     content = flat_sha(env, lab.free, SCRATCH)
     assert content != restored
@@ -491,7 +497,7 @@ def test_killed_overwrite_leaves_the_vm_powered_off_and_the_next_command_gives_i
         assert disk_files(lab, lab.free, SCRATCH) == files
         assert flat_sha(env, lab.free, SCRATCH) == content
         assert lab.local_path(lab.free, vmx_path).read_bytes() == vmx_before
-        assert bool(restored_files(env, vmx_path)) == (stage == "writing")  # half-written, never used
+        assert bool(leftovers(env, SCRATCH)) == (stage == "writing")  # half-written, never used
 
     # the next restore of the VM says what happened and the way on (here: not confirmed, nothing done)
     assert env.cli("restore", SCRATCH, "--overwrite") == 2
@@ -511,7 +517,7 @@ def test_killed_overwrite_leaves_the_vm_powered_off_and_the_next_command_gives_i
                     host.delete_disk(descriptor)
         else:
             assert "gave up" in out and flat_sha(env, lab.free, SCRATCH) == content
-            assert disk_files(lab, lab.free, SCRATCH) == files and not restored_files(env, vmx_path)
+            assert disk_files(lab, lab.free, SCRATCH) == files and not leftovers(env, SCRATCH)
             assert lab.local_path(lab.free, vmx_path).read_bytes() == vmx_before
     else:
         assert env.cli("restore", SCRATCH, "--overwrite", "--yes") == 0, capsys.readouterr()
@@ -520,10 +526,7 @@ def test_killed_overwrite_leaves_the_vm_powered_off_and_the_next_command_gives_i
         assert flat_sha(env, lab.free, SCRATCH) == restored
         for pair in files.values():  # what the killed run replaced is gone too
             assert not any(lab.local_path(lab.free, f).exists() for f in pair)
-        in_use = {f for pair in disk_files(lab, lab.free, SCRATCH).values() for f in pair}
-        assert {p.name for p in restored_files(env, vmx_path) if p.suffix == ".vmdk"} == {
-            posixpath.basename(f) for f in in_use
-        }  # no leftover of the killed run
+        assert not leftovers(env, SCRATCH)  # none of the killed run
         with EsxiHost.from_config(env.desired.host(lab.free)) as host:
             host.power_on(host.find_vm(SCRATCH))  # as the fixture made it
     assert not journal_file.exists()
@@ -536,7 +539,6 @@ def test_failed_overwrite_gives_the_vm_its_power_back(ssh_env: Env) -> None:
     env, lab = ssh_env, ssh_env.lab
     point = env.backup("free", SCRATCH)
     content = flat_sha(env, lab.free, SCRATCH)
-    vmx_path = str(vm_state(lab, lab.free, SCRATCH)["vmx"])  # type: ignore[index]
 
     def fail(disk: object, offset: int, length: int) -> None:
         raise RuntimeError("the NAS went away")
@@ -553,7 +555,7 @@ def test_failed_overwrite_gives_the_vm_its_power_back(ssh_env: Env) -> None:
         )
         vm = host.find_vm(SCRATCH)
         assert vm.power_state == "poweredOn" and not host.file_exists(journal_path(vm))
-    assert flat_sha(env, lab.free, SCRATCH) == content and not restored_files(env, vmx_path)
+    assert flat_sha(env, lab.free, SCRATCH) == content and not leftovers(env, SCRATCH)
 
 
 # -- the same VM name on both hosts ------------------------------------------------------------------
