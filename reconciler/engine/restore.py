@@ -554,6 +554,10 @@ class OverwriteJournal:
     """Datastore path of the .nvram being replaced (whole-VM overwrite, set just before the switch)."""
     cbt_nodes: tuple[str, ...] = ()
     """Disks whose CBT the switch turns off and on again (set just before the switch)."""
+    point_vm: str = ""
+    """The name of the point's VM (what ``restore`` is given to run the same overwrite again)."""
+    other_vm: bool = False
+    """A point of another VM (``--to-vm``)."""
 
     def to_json(self) -> bytes:
         doc = {
@@ -566,6 +570,8 @@ class OverwriteJournal:
             "replaced": list(self.replaced),
             "nvram": self.nvram,
             "cbt_nodes": list(self.cbt_nodes),
+            "point_vm": self.point_vm,
+            "other_vm": self.other_vm,
         }
         return json.dumps(doc, ensure_ascii=False, indent=1).encode("utf-8")
 
@@ -584,14 +590,23 @@ class OverwriteJournal:
                 replaced=tuple(str(f) for f in doc.get("replaced") or ()),
                 nvram=str(doc["nvram"]) if doc.get("nvram") else None,
                 cbt_nodes=tuple(str(n) for n in doc.get("cbt_nodes") or ()),
+                point_vm=str(doc.get("point_vm") or ""),
+                other_vm=bool(doc.get("other_vm")),
             )
         except (ValueError, KeyError, TypeError, AttributeError):
             return cls(point="?", source="?", started=datetime.fromtimestamp(0, timezone.utc),
                        power_state=None, stamp="")  # fmt: skip
 
     def notice(self, vm: VmInfo, host: str) -> str:
-        """One line for the user: what the unfinished overwrite left and the two ways on."""
-        cmd = f"esxi-reconciler restore {shlex.quote(vm.name)} --host {shlex.quote(host)}"
+        """One line for the user: what the unfinished overwrite left and the two ways on (the same
+        overwrite again, or ``--abort``)."""
+        where = f"--host {shlex.quote(host)}"
+        rerun = f"esxi-reconciler restore {shlex.quote(self.point_vm or vm.name)} {where} --overwrite"
+        if self.point != "?":
+            rerun += f" --point {self.point}"
+        if self.other_vm:
+            rerun += f" --to-vm {shlex.quote(vm.name)}"
+        abort = f"esxi-reconciler restore {shlex.quote(vm.name)} {where} --abort"
         was = (
             f"it was {self.power_state} before" if self.power_state else "its earlier power state is unknown"
         )
@@ -600,7 +615,7 @@ class OverwriteJournal:
         return (
             f"VM {vm.name!r} on {host} {state} after an overwrite that did not finish (restore point"
             f" {self.point}, started {self.started.astimezone(timezone.utc):%Y-%m-%d %H:%M} UTC; {was}):"
-            f" run `{cmd} --overwrite` again to finish it, or `{cmd} --abort` to give it up{back}"
+            f" run `{rerun}` to finish it, or `{abort}` to give it up{back}"
         )
 
 
@@ -889,9 +904,15 @@ def restore_overwrite(
         stamp = f"{datetime.now(timezone.utc):%Y%m%d%H%M%S}-{secrets.token_hex(2)}"
         before = earlier.power_state if earlier is not None and earlier.power_state else vm.power_state
         journal = OverwriteJournal(
-            point.id, describe_source(point), datetime.now(timezone.utc), before, stamp,
+            point.id,
+            describe_source(point),
+            datetime.now(timezone.utc),
+            before,
+            stamp,
             tuple(cur.file for _, cur in pairs),
-        )  # fmt: skip
+            point_vm=point.vm.name,
+            other_vm=other_identity or point.vm.name != vm.name,
+        )
         _write_journal(host, vm, journal)  # before anything changes: a killed run is found by the next one
         rlog.info("restore.overwrite_start", disks=[r.label for r, _ in pairs], power_state=before)
         result = RestoreResult(point.id, host.name, vm.name, vm.vmid, vm.vmx_path, power_state_before=before)

@@ -173,23 +173,37 @@ def test_a_cross_vm_overwrite_keeps_the_targets_identity() -> None:
 def test_the_overwrite_journal_round_trips_and_says_the_way_back() -> None:
     journal = OverwriteJournal(
         point="20260301T020000000000Z-0badcafe",
-        source="VM 'web01' from esxi1 (uuid x)",
+        source="VM 'web01' from esxi2 (uuid x)",
         started=T0,
         power_state="poweredOn",
         stamp="20260301020000-abcd",
         replaced=("[datastore1] web01/web01.vmdk",),
         nvram="[datastore1] web01/web01.nvram",
         cbt_nodes=("scsi0:0",),
+        point_vm="web01",
+        other_vm=True,
     )
     assert OverwriteJournal.from_json(journal.to_json()) == journal
     notice = journal.notice(vm_info("web 01's", UUID1, "poweredOff"), "esxi1")
     assert "\n" not in notice and "is powered off" in notice and "it was poweredOn before" in notice
     assert "restore point 20260301T020000000000Z-0badcafe" in notice
-    assert """`esxi-reconciler restore 'web 01'"'"'s' --host esxi1 --abort`""" in notice
-    assert "--overwrite` again" in notice and "power the VM back on" in notice
+    target = """'web 01'"'"'s'"""  # as a shell needs it
+    # the same overwrite again (same point, same explicitly named other VM), or give it up
+    assert (
+        "`esxi-reconciler restore web01 --host esxi1 --overwrite --point 20260301T020000000000Z-0badcafe"
+        f" --to-vm {target}` to finish it"
+    ) in notice
+    assert (
+        f"`esxi-reconciler restore {target} --host esxi1 --abort` to give it up and power the VM back on"
+        in notice
+    )
     broken = OverwriteJournal.from_json(b"{half a journ")
-    assert broken.power_state is None and "power state is unknown" in broken.notice(
-        vm_info("web01", UUID1), "esxi1"
+    assert broken.power_state is None and broken.replaced == ()
+    notice = broken.notice(vm_info("web01", UUID1, "poweredOff"), "esxi1")
+    assert (
+        "power state is unknown" in notice
+        and "--point" not in notice
+        and "power the VM back on" not in notice
     )
 
 
