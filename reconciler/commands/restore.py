@@ -191,6 +191,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
     from reconciler.engine.backup import open_repository
     from reconciler.engine.progress import Progress
     from reconciler.engine.restore import (
+        AmbiguousVmError,
         OverwriteFailed,
         RestoreError,
         RestoreOptions,
@@ -228,7 +229,10 @@ def cmd_restore(args: argparse.Namespace) -> int:
             try:
                 point = find_point(repo, args.vm, args.point, host=args.from_host)
             except RestoreError as exc:
-                print(f"esxi-reconciler restore: {exc}", file=sys.stderr)
+                hint = ""
+                if isinstance(exc, AmbiguousVmError) and args.overwrite and not args.host:
+                    hint = "; with --overwrite, --host HOST overwrites the VM on HOST from its own points"
+                print(f"esxi-reconciler restore: {exc}{hint}", file=sys.stderr)
                 return 2
         host_name = str(args.host or (point.vm.host if point is not None else ""))
         if host_name not in desired.hosts:
