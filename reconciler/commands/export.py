@@ -81,8 +81,8 @@ def cmd_export(args: argparse.Namespace) -> int:
         except (RestoreError, OSError) as exc:
             print(f"esxi-reconciler export: FAILED: {printable(str(exc))}", file=sys.stderr)
             return 1
-    print(f"exported restore point {point.id} of {describe_source(point)} to {result.directory}")
+    print(printable(f"exported restore point {point.id} of {describe_source(point)} to {result.directory}"))
     for d in result.disks:
         size = human_size(next(p.capacity for p in point.disks if p.label == d.label))
-        print(f"  {d.label}: {d.path.name} ({size}) sha256 {d.sha256[:16]}… ok")
+        print(printable(f"  {d.label}: {d.path.name} ({size}) sha256 {d.sha256[:16]}… ok"))
     return 0

@@ -89,7 +89,7 @@ def cmd_points(args: argparse.Namespace) -> int:
         header = (*(k.upper() for k in keys), "TIME", "STATUS", "MODE", "SIZE", "SENT", "STORED")
         table = [header]
         for r in rows:
-            plain = [r[k] for k in keys]
+            plain = [printable(r[k]) for k in keys]
             sizes = [human_size(r[k]) for k in ("size", "sent", "stored")]
             table.append((*plain, r["time"][:19], r["status"], r["mode"], *sizes))
         widths = [max(len(str(row[i])) for row in table) for i in range(len(header))]

@@ -136,7 +136,7 @@ def find_repository(args: argparse.Namespace, desired: DesiredState, command: st
         why = f"several repositories hold {what}: {', '.join(holding)}; choose one with --repository"
     else:
         why = f"no repository has restore points of VM {what}"
-    print(f"esxi-reconciler {command}: {why}", file=sys.stderr)
+    print(f"esxi-reconciler {command}: {printable(why)}", file=sys.stderr)
     return None
 
 
@@ -144,16 +144,25 @@ def describe_point(point: RestorePoint) -> str:
     """The line every restore and export prints first: which VM and which point."""
     from reconciler.engine.restore import describe_source
 
-    return (
+    return printable(
         f"restore point {point.id} of {describe_source(point)}: {point.snapshot_time:%Y-%m-%d %H:%M} UTC,"
         f" {plural(len(point.disks), 'disk')}, {human_size(sum(d.capacity for d in point.disks))}"
     )
 
 
+def _say(text: str) -> None:
+    """Command output that holds names: control characters escaped (see :mod:`reconciler.printable`)."""
+    print(printable(text))
+
+
+def _err(message: str) -> None:
+    print(f"esxi-reconciler restore: {printable(message)}", file=sys.stderr)
+
+
 def _confirm(question: str) -> bool:
     if not sys.stdin.isatty():
         return False
-    print(question + " [y/N] ", end="", file=sys.stderr, flush=True)
+    print(printable(question) + " [y/N] ", end="", file=sys.stderr, flush=True)
     return sys.stdin.readline().strip().lower() in ("y", "yes")
 
 
@@ -204,7 +213,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
 
     error = _option_error(args)
     if error is not None:
-        print(f"esxi-reconciler restore: {error}", file=sys.stderr)
+        _err(error)
         return 2
     desired = load_desired(args)
     if desired is None:
@@ -212,9 +221,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
     if args.abort:
         return _abort(args, desired)
     if args.from_host and args.from_host not in desired.hosts:
-        print(
-            f"esxi-reconciler restore: note: {args.from_host!r} is not a Host of the config", file=sys.stderr
-        )
+        _err(f"note: {args.from_host!r} is not a Host of the config")
     repo_name = find_repository(args, desired, "restore")
     if repo_name is None:
         return 2
@@ -232,11 +239,11 @@ def cmd_restore(args: argparse.Namespace) -> int:
                 hint = ""
                 if isinstance(exc, AmbiguousVmError) and args.overwrite and not args.host:
                     hint = "; with --overwrite, --host HOST overwrites the VM on HOST from its own points"
-                print(f"esxi-reconciler restore: {exc}{hint}", file=sys.stderr)
+                _err(f"{exc}{hint}")
                 return 2
         host_name = str(args.host or (point.vm.host if point is not None else ""))
         if host_name not in desired.hosts:
-            print(f"esxi-reconciler restore: no Host named {host_name!r} in the config", file=sys.stderr)
+            _err(f"no Host named {host_name!r} in the config")
             return 2
         progress = Progress(operation="restore")
         options = RestoreOptions(
@@ -254,9 +261,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
                 print(describe_point(point))
                 for vm in host.list_vms():
                     if vm.name == args.vm and (journal := unfinished_overwrite(host, vm)) is not None:
-                        print(
-                            f"esxi-reconciler restore: note: {journal.notice(vm, host.name)}", file=sys.stderr
-                        )
+                        _err(f"note: {journal.notice(vm, host.name)}")
                 if args.test:
                     with progress:
                         tr = run_test_restore(host, repo, point, datastore=args.datastore, progress=progress)
@@ -264,23 +269,26 @@ def cmd_restore(args: argparse.Namespace) -> int:
                     return 0 if tr.ok else 1
                 with progress:
                     result = restore_new_vm(host, repo, point, options)
-                print(f"restored as new VM {result.vm_name!r} (vmid {result.vmid}) at {result.vmx_path}")
+                print(
+                    f"restored as new VM '{printable(result.vm_name)}' (vmid {result.vmid})"
+                    f" at {printable(result.vmx_path)}"
+                )
                 for d in result.disks:
                     print(printable(f"  {d.label} ({d.node}): {d.descriptor} sha256 {d.sha256[:16]}… ok"))
                 if result.powered_on:
                     print("  powered on")
                 return 0
             except OverwriteFailed as exc:
-                print(f"esxi-reconciler restore: FAILED: {exc}", file=sys.stderr)
+                _err(f"FAILED: {exc}")
                 if isinstance(exc.__cause__, (KeyboardInterrupt, SystemExit)):
                     raise exc.__cause__ from None  # stopped by a signal: exit as such, after saying where
                 return 1
             except RestoreError as exc:
-                print(f"esxi-reconciler restore: {printable(str(exc))}", file=sys.stderr)
+                _err(str(exc))
                 return 1
             except Exception as exc:
                 log.error("restore.failed", error=str(exc), error_type=exc.__class__.__name__, exc_info=True)
-                print(f"esxi-reconciler restore: FAILED: {printable(str(exc))}", file=sys.stderr)
+                _err(f"FAILED: {exc}")
                 return 1
 
 
@@ -325,11 +333,9 @@ def _overwrite(
     target_name = args.to_vm or args.vm
     matches = [v for v in host.list_vms() if v.name == target_name]
     if len(matches) != 1:
-        print(
-            f"esxi-reconciler restore: host {host.name} has {len(matches)} VMs named {target_name!r}, so"
-            " there is nothing to overwrite; restore it as a new VM (without --overwrite, with --name if"
-            " needed)",
-            file=sys.stderr,
+        _err(
+            f"host {host.name} has {len(matches)} VMs named {target_name!r}, so there is nothing to"
+            " overwrite; restore it as a new VM (without --overwrite, with --name if needed)"
         )
         return 2
     target = matches[0]
@@ -338,18 +344,18 @@ def _overwrite(
             point = _own_point(args, repo, host, target)
         check_overwrite(point, host.name, target, other_vm=bool(args.to_vm))
     except RestoreError as exc:
-        print(f"esxi-reconciler restore: {exc}", file=sys.stderr)
+        _err(str(exc))
         return 2
     print(describe_point(point))
     other = not same_vm(point, host.name, target)
     if other:
-        print(
+        _say(
             f"  over a DIFFERENT VM: {target.name!r} on {host.name} (uuid {target.uuid or '?'}), which keeps"
             " its own UUIDs and MAC addresses"
         )
     earlier = unfinished_overwrite(host, target)
     if earlier is not None:
-        print(
+        _say(
             f"  {target.name!r} was left by an overwrite that did not finish (restore point {earlier.point},"
             f" it was {earlier.power_state or 'in an unknown state'} before): this one cleans up after it"
         )
@@ -360,23 +366,20 @@ def _overwrite(
         f" The VM will be powered off ({target.power_state} now)."
     )
     if not args.yes and not _confirm(question):
-        print(
-            "esxi-reconciler restore: not confirmed; nothing changed (use --yes when not on a terminal)",
-            file=sys.stderr,
-        )
+        _err("not confirmed; nothing changed (use --yes when not on a terminal)")
         return 2
     with progress:
         result = restore_overwrite(
             host, repo, point, target, options, disk=args.disk, other_vm=bool(args.to_vm)
         )
     count = plural(len(result.disks), "disk")
-    print(f"overwrote {count} of {result.vm_name} on {host.name} (verified by SHA-256)")
+    _say(f"overwrote {count} of {result.vm_name} on {host.name} (verified by SHA-256)")
     for d in result.disks:
-        print(f"  {d.label} ({d.node}): {d.descriptor} sha256 {d.sha256[:16]}… ok")
+        _say(f"  {d.label} ({d.node}): {d.descriptor} sha256 {d.sha256[:16]}… ok")
     if result.powered_on:
         print("  powered on")
     elif result.power_state_before == "poweredOn":
-        print(
+        _say(
             f"  left powered off (it was on before; --power-on starts it after the restore): power it on once"
             f" checked, in the Host Client or with `vim-cmd vmsvc/power.on {result.vmid}` on {host.name}"
         )
@@ -390,7 +393,7 @@ def _abort(args: argparse.Namespace, desired: DesiredState) -> int:
 
     name = args.to_vm or args.vm
     if args.host and args.host not in desired.hosts:
-        print(f"esxi-reconciler restore: no Host named {args.host!r} in the config", file=sys.stderr)
+        _err(f"no Host named {args.host!r} in the config")
         return 2
     hosts = [args.host] if args.host else sorted(desired.hosts)
     seen: list[str] = []
@@ -404,22 +407,18 @@ def _abort(args: argparse.Namespace, desired: DesiredState) -> int:
                         if (journal := unfinished_overwrite(host, vm)) is not None:
                             found.append((host_name, vm, journal))
         except Exception as exc:
-            print(f"esxi-reconciler restore: host {host_name}: {exc}", file=sys.stderr)
+            _err(f"host {host_name}: {exc}")
             if args.host:
                 return 1
     if not found:
         if not seen:
-            print(f"esxi-reconciler restore: no VM named {name!r} on {', '.join(hosts)}", file=sys.stderr)
+            _err(f"no VM named {name!r} on {', '.join(hosts)}")
             return 2
-        print(f"VM {name!r} on {', '.join(seen)}: no unfinished overwrite; nothing to abort")
+        _say(f"VM {name!r} on {', '.join(seen)}: no unfinished overwrite; nothing to abort")
         return 0
     if len(found) > 1:
         where = ", ".join(f"{h} (restore point {j.point})" for h, _, j in found)
-        print(
-            f"esxi-reconciler restore: several VMs named {name!r} have an unfinished overwrite: {where};"
-            " choose one with --host",
-            file=sys.stderr,
-        )
+        _err(f"several VMs named {name!r} have an unfinished overwrite: {where}; choose one with --host")
         return 2
     host_name, vm, _ = found[0]
     with EsxiHost.from_config(desired.host(host_name)) as host, sigterm_raises():
@@ -429,33 +428,31 @@ def _abort(args: argparse.Namespace, desired: DesiredState) -> int:
             log.error(
                 "restore.abort_failed", error=str(exc), error_type=exc.__class__.__name__, exc_info=True
             )
-            print(
-                f"esxi-reconciler restore: FAILED to abort the overwrite of {name!r}: {exc}", file=sys.stderr
-            )
+            _err(f"FAILED to abort the overwrite of {name!r}: {exc}")
             return 1
     if result is None:
-        print(f"VM {name!r} on {host_name}: no unfinished overwrite; nothing to abort")
+        _say(f"VM {name!r} on {host_name}: no unfinished overwrite; nothing to abort")
         return 0
     point = result.journal.point
     if result.switched:
-        print(
+        _say(
             f"the overwrite of VM {name!r} on {host_name} (restore point {point}) had already switched it to"
             " its restored disks (verified): it stays on them"
         )
         if result.kept:
             print("  the files it replaced are still in the VM's folder; delete them once the VM is checked:")
             for f in result.kept:
-                print(f"    {f}")
+                _say(f"    {f}")
     else:
-        print(
+        _say(
             f"gave up the overwrite of VM {name!r} on {host_name} (restore point {point});"
             " the VM is on its original disks, as it was"
         )
         for f in result.removed:
-            print(f"  removed {f}")
+            _say(f"  removed {f}")
     before = result.journal.power_state
     if result.powered_on:
         print("  powered on again (as before the overwrite)")
     else:
-        print(f"  {result.vm.power_state} (it was {before or 'in an unknown state'} before the overwrite)")
+        _say(f"  {result.vm.power_state} (it was {before or 'in an unknown state'} before the overwrite)")
     return 0
