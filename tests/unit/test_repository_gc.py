@@ -1,8 +1,12 @@
-"""Garbage collection: exactly the unreferenced objects go, under an exclusive lock; tmp leftovers."""
+"""Garbage collection: exactly the unreferenced objects go, under an exclusive lock; tmp leftovers; the
+marker of an interrupted GC; the cheap signs of garbage the planner reads."""
 
 from __future__ import annotations
 
 import os
+import socket
+import subprocess
+import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -21,6 +25,7 @@ from reconciler.repository import (
     collect_garbage,
     new_point_id,
 )
+from reconciler.repository.backend import host_tag
 from reconciler.repository.chunks import chunk_name
 
 MiB = CHUNK_SIZE
@@ -100,16 +105,34 @@ def test_dry_run_counts_without_deleting(repo: Repository) -> None:
     assert len(report.deleted) == 3  # 2 chunks + 1 index
 
 
-def test_tmp_leftovers_older_than_the_limit_are_removed(repo: Repository) -> None:
-    old = repo.path / "tmp" / "0123"
-    new = repo.path / "tmp" / "4567"
-    old.write_bytes(b"half a chunk")
-    new.write_bytes(b"being written")
-    past = time.time() - 25 * 3600
-    os.utime(old, (past, past))
-    report = collect_garbage(repo, tmp_max_age_hours=24)
-    assert report.tmp_files == 1
-    assert not old.exists() and new.exists()
+def test_tmp_leftovers_go_unless_a_live_process_of_this_host_owns_them(repo: Repository) -> None:
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        host = socket.gethostname()
+        dead_pid = _dead_pid()
+        tmp = repo.path / "tmp"
+        killed = tmp / f"{host_tag(host)}-{dead_pid}-0badc0de-{'1' * 16}"  # a killed backup's chunk
+        running = tmp / f"{host_tag(host)}-{live.pid}-0badc0de-{'2' * 16}"  # another process, still staging
+        legacy = tmp / "0123"  # an older version's name: owner unknown
+        for path in (killed, running, legacy):
+            path.write_bytes(b"half a chunk")
+        past = time.time() - 3600
+        os.utime(legacy, (past, past))
+
+        report = collect_garbage(repo)
+        assert report.tmp_files == 2 and report.tmp_bytes == 2 * len(b"half a chunk")
+        assert sorted(p.name for p in tmp.iterdir()) == [running.name]
+    finally:
+        live.kill()
+        live.wait()
+    report = collect_garbage(repo)  # its writer is gone now
+    assert report.tmp_files == 1 and list((repo.path / "tmp").iterdir()) == []
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
 
 
 def test_gc_needs_the_exclusive_lock(repo: Repository) -> None:
