@@ -259,7 +259,7 @@ def cmd_repo_gc(args: argparse.Namespace) -> int:
 
 
 def _gc_line(name: str, path: object, report: GcReport) -> str:
-    """``repository nas (/srv/nas): removed 12 chunks (48.0 MiB), ...; 5 restore points keep 1234 chunks``."""
+    """``repository nas (/srv/nas): removed 12 chunks (48.0 MiB), ...; 1234 chunks in use by 5 points``."""
     parts = []
     if report.unreferenced_chunks:
         parts.append(
@@ -273,7 +273,7 @@ def _gc_line(name: str, path: object, report: GcReport) -> str:
         parts.append(f"{plural(report.tmp_files, 'staged file')} in tmp/ ({human_size(report.tmp_bytes)})")
     verb = "would remove" if report.dry_run else "removed"
     done = f"{verb} {', '.join(parts)}" if parts else "nothing to remove"
-    kept = f"{plural(report.points, 'restore point')} keep {plural(report.referenced_chunks, 'chunk')}"
+    kept = f"{plural(report.referenced_chunks, 'chunk')} in use by {plural(report.points, 'restore point')}"
     line = f"repository {name} ({path}): {done}; {kept}"
     if report.interrupted_at is not None:
         when = report.interrupted_at.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
