@@ -17,16 +17,19 @@ from reconciler.repository import (
     CHUNK_SIZE,
     DigestMap,
     DiskRecord,
+    GarbageSigns,
     KdfParams,
     LockedError,
     Repository,
     RestorePoint,
     VmRef,
     collect_garbage,
+    garbage_signs,
     new_point_id,
 )
 from reconciler.repository.backend import host_tag
 from reconciler.repository.chunks import chunk_name
+from reconciler.repository.gc import GC_MARKER, GcMarker, read_gc_marker
 
 MiB = CHUNK_SIZE
 
@@ -155,6 +158,7 @@ def test_unreadable_manifest_stops_gc_before_any_delete(repo: Repository) -> Non
     with pytest.raises(Exception, match=point.name):
         collect_garbage(repo)
     assert len(list(repo.iter_chunk_ids())) == count
+    assert read_gc_marker(repo) is not None  # not completed: the planner will run it again
 
 
 def test_half_written_point_leftovers_are_collected(repo: Repository) -> None:
@@ -169,3 +173,47 @@ def test_half_written_point_leftovers_are_collected(repo: Repository) -> None:
     assert report.unreferenced_chunks == 1 and report.tmp_files == 1
     assert list(repo.iter_chunk_ids()) == [] and list((repo.path / "tmp").iterdir()) == []
     assert chunk_name(repo.chunk_id(chunk("interrupted")))
+
+
+def test_the_marker_is_there_while_gc_sweeps_and_goes_when_it_completes(repo: Repository) -> None:
+    write_disk(repo, [chunk("garbage"), chunk("more")])
+    seen: list[bool] = []
+    dry = collect_garbage(repo, dry_run=True, progress=lambda done, total: seen.append(True))
+    assert seen == [] and not (repo.path / GC_MARKER).exists() and dry.interrupted_at is None
+
+    report = collect_garbage(repo, progress=lambda done, total: seen.append((repo.path / GC_MARKER).exists()))
+    assert seen == [True, True, True]  # 2 chunks and the index, each deleted under the marker
+    assert report.interrupted_at is None and read_gc_marker(repo) is None
+
+
+def test_an_interrupted_gc_is_reported_and_completed(repo: Repository) -> None:
+    write_disk(repo, [chunk("garbage")])
+    started = datetime(2026, 11, 26, 2, 0, tzinfo=timezone.utc)
+    (repo.path / GC_MARKER).write_bytes(GcMarker(started, "nas1", 4242, "ab" * 16).to_json())
+    with repo.lock() as lock:
+        signs = garbage_signs(repo, repo.list_points(), lock)
+    assert signs == GarbageSigns(gc_interrupted=started, unreferenced_indexes=1)
+
+    dry = collect_garbage(repo, dry_run=True)
+    assert dry.interrupted_at == started and read_gc_marker(repo) == GcMarker(
+        started, "nas1", 4242, "ab" * 16
+    )
+    report = collect_garbage(repo)
+    assert report.interrupted_at == started and report.unreferenced_chunks == 1
+    assert read_gc_marker(repo) is None
+
+    (repo.path / GC_MARKER).write_bytes(b"torn")  # a marker cut short still means: not completed
+    marker = read_gc_marker(repo)
+    assert marker is not None and abs(marker.started.timestamp() - time.time()) < 60
+
+
+def test_indexes_are_counted_as_garbage_only_when_no_other_process_may_be_writing(repo: Repository) -> None:
+    kept = write_point(repo, write_disk(repo, [chunk("kept")]))
+    write_disk(repo, [chunk("a backup died after its index")])
+    with repo.lock(purpose="observe") as lock:
+        assert garbage_signs(repo, [kept], lock).unreferenced_indexes == 1
+        with repo.lock(purpose="backup p/vm"):  # a backup now: its index may be on its way to a point
+            assert garbage_signs(repo, [kept], lock) == GarbageSigns()
+        later = write_point(repo, write_disk(repo, [chunk("finished after the points were read")]))
+        assert garbage_signs(repo, [kept], lock).unreferenced_indexes == 1  # later's manifest is found
+        assert garbage_signs(repo, [kept, later], lock).unreferenced_indexes == 1
