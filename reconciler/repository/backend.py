@@ -39,6 +39,7 @@ from pathlib import Path, PurePosixPath
 from typing import Protocol, cast
 
 from reconciler.repository.errors import MissingObjectError, RepositoryError, StorageError
+from reconciler.units import human_size
 
 Data = bytes | bytearray | memoryview
 """A bytes-like part of an object (objects are written as a sequence of parts, without joining them)."""
@@ -248,8 +249,6 @@ class LocalBackend:
 
     def refused(self, exc: OSError, doing: str, needed: int | None = None) -> StorageError | None:
         """The one-line :class:`StorageError` for a write the volume refused, or None for other errors."""
-        from reconciler.cli import human_size  # the one size format people read
-
         if exc.errno not in _REFUSED:
             return None
         where = self.describe()
