@@ -216,7 +216,8 @@ def cmd_repo_gc(args: argparse.Namespace) -> int:
     unknown = [n for n in names if n not in desired.repositories]
     for name in unknown:
         close = difflib.get_close_matches(name, sorted(desired.repositories), n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
+        configured = ", ".join(sorted(desired.repositories)) or "none"
+        hint = f"; did you mean {close[0]!r}?" if close else f" (configured: {configured})"
         print(f"esxi-reconciler repo gc: no Repository named {name!r}{hint}", file=sys.stderr)
     if unknown:
         return 2
