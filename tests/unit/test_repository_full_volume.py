@@ -5,6 +5,7 @@ run succeeds without any cleaning by hand, and earlier points still verify."""
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import subprocess
@@ -156,3 +157,41 @@ def test_no_room_for_the_manifest_lists_no_partial_point(volume: Path) -> None:
     assert staged(repo) == []
     filler.unlink()
     assert repo.check().ok
+
+
+def test_a_read_only_volume_says_so_and_how_to_fix_it(volume: Path) -> None:
+    repo = Repository.open(Repository.init(volume / "repo").path, label="nas")
+    subprocess.run(["mount", "-o", "remount,ro", str(volume)], check=True)
+    try:
+        with pytest.raises(StorageError) as refused, repo.discard_pending_on_exit():
+            backup(repo, os.urandom(CHUNK_SIZE))
+    finally:
+        subprocess.run(["mount", "-o", "remount,rw", str(volume)], check=True)
+    assert str(refused.value) == (
+        f"repository nas ({repo.path}): the volume is read-only (writing a chunk); remount it read-write"
+        " (under systemd, list the path in ReadWritePaths=), then run again"
+    )
+    assert refused.value.errno == errno.EROFS
+
+
+@pytest.mark.parametrize(
+    ("code", "expected"),
+    [
+        (errno.EDQUOT, "disk quota exceeded writing a disk index of 4.0 KiB; raise the quota of user "),
+        (errno.EACCES, "permission denied writing a disk index as user "),
+        (errno.EPERM, "permission denied writing a disk index as user "),
+    ],
+)
+def test_quota_and_permission_refusals_name_the_user_and_the_fix(
+    tmp_path: Path, code: int, expected: str
+) -> None:
+    backend = Repository.open(Repository.init(tmp_path / "repo").path, label="nas").backend
+    refused = backend.refused(OSError(code, os.strerror(code)), "writing a disk index", 4096)
+    assert refused is not None and refused.errno == code
+    assert str(refused).startswith(f"repository nas ({backend.root}): {expected}")
+    assert "(uid " in str(refused) and str(refused).endswith(
+        "then run again" + (" — nothing needs cleaning up by hand" if code == errno.EDQUOT else "")
+    )
+    assert (
+        backend.refused(OSError(errno.EIO, "I/O error"), "writing a disk index") is None
+    )  # not the volume's state
