@@ -285,14 +285,16 @@ class LocalBackend:
                 exc.errno,
             )
         return StorageError(
-            f"{where}: permission denied {doing} as user {_user()}; give that user write access to"
-            f" {self.root} and everything below it, then run again",
+            f"{where}: permission denied {doing} as user {_user()}; give that user read and write access"
+            f" to {self.root} and everything below it, then run again",
             exc.errno,
         )
 
     @contextlib.contextmanager
-    def _writing(self, doing: str, needed: int | None = None) -> Iterator[None]:
-        """Turn a refused write into a :class:`StorageError` (other ``OSError``s pass unchanged)."""
+    def volume_errors(self, doing: str, needed: int | None = None) -> Iterator[None]:
+        """Turn an access the volume refuses into a :class:`StorageError` (other ``OSError``s pass
+        unchanged). Used around every write; reads stay plain ``OSError`` (verify reports an unreadable
+        object as damage), except where a repository is opened."""
         try:
             yield
         except OSError as exc:
@@ -315,7 +317,7 @@ class LocalBackend:
         failure the staged file is removed."""
         tmp = self._tmp_path()
         needed = sum(memoryview(part).nbytes for part in parts)
-        with self._writing(f"writing {_what(name)}", needed):
+        with self.volume_errors(f"writing {_what(name)}", needed):
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o600)
             try:
                 size = _write_all(fd, parts)
@@ -337,7 +339,7 @@ class LocalBackend:
             return False
         tmp, _ = self._create_tmp(parts, fsync=True, name=name)
         try:
-            with self._writing(f"writing {_what(name)}"):
+            with self.volume_errors(f"writing {_what(name)}"):
                 try:
                     os.link(tmp, final)
                 except FileExistsError:
@@ -365,7 +367,7 @@ class LocalBackend:
         final = self._path(name)
         tmp, _ = self._create_tmp(parts, fsync=True, name=name)
         try:
-            with self._writing(f"writing {_what(name)}"):
+            with self.volume_errors(f"writing {_what(name)}"):
                 tmp.replace(final)
         except BaseException:
             with contextlib.suppress(OSError):
@@ -429,7 +431,7 @@ class LocalBackend:
                 self._syncfs()
             # 2. names visible
             dirs: set[Path] = set()
-            with self._writing("making staged chunks visible (rename out of tmp/)"):
+            with self.volume_errors("making staged chunks visible (rename out of tmp/)"):
                 for name, (tmp, _) in batch.items():
                     final = self._path(name)
                     try:
@@ -522,5 +524,5 @@ class LocalBackend:
         return ObjectInfo(name, st.st_size, st.st_mtime)
 
     def delete(self, name: str) -> None:
-        with contextlib.suppress(FileNotFoundError), self._writing(f"deleting {name}"):
+        with contextlib.suppress(FileNotFoundError), self.volume_errors(f"deleting {name}"):
             self._path(name).unlink()

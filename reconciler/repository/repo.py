@@ -241,7 +241,8 @@ class Repository:
         """
         backend = LocalBackend(path, label=label)
         try:
-            config = RepositoryConfig.from_json(backend.get(CONFIG_NAME))
+            with backend.volume_errors("reading config"):  # e.g. a directory the service user cannot read
+                config = RepositoryConfig.from_json(backend.get(CONFIG_NAME))
         except MissingObjectError:
             raise RepositoryError(f"{path}: not a repository (no config)") from None
         key_names = sorted(n for n in backend.list("keys") if n.endswith(".json"))
