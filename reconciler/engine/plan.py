@@ -572,7 +572,7 @@ def _plan_gc(b: _Builder, repo: RepositoryObservation, pruned: int) -> None:
         n = repo.unreferenced_indexes
         reasons.append(
             f"{n} disk {'index' if n == 1 else 'indexes'} no restore point references"
-            " (left by a failed or killed backup)"
+            ", left by a failed backup or deleted points"
         )
     if reasons:
         b.actions.append(CollectGarbage(reason="; ".join(reasons), repository=repo.name))

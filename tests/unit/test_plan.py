@@ -584,7 +584,9 @@ def test_an_interrupted_gc_or_orphaned_indexes_plan_a_gc_with_the_reason(tmp_pat
 
     orphans = replace(clean, unreferenced_indexes=2)
     (gc,) = plan(desired, observed(NOW, hosts, repositories={"nas": orphans})).actions
-    assert gc.reason == "2 disk indexes no restore point references (left by a failed or killed backup)"
+    assert gc.reason == (
+        "2 disk indexes no restore point references, left by a failed backup or deleted points"
+    )
 
 
 def test_a_prune_and_an_interrupted_gc_make_one_gc_with_both_reasons(tmp_path: Path) -> None:
@@ -597,7 +599,7 @@ def test_a_prune_and_an_interrupted_gc_make_one_gc_with_both_reasons(tmp_path: P
     assert kinds(result) == ["prune", "gc"]
     assert result.actions[-1].reason == (
         "free the data of 1 pruned point; previous GC interrupted at 2026-11-25 04:10 UTC;"
-        " 1 disk index no restore point references (left by a failed or killed backup)"
+        " 1 disk index no restore point references, left by a failed backup or deleted points"
     )
     clean = replace(repo, gc_interrupted=None, unreferenced_indexes=0)
     assert fingerprint(desired, observed(NOW, [], repositories={"nas": repo})) != fingerprint(

@@ -107,7 +107,7 @@ def test_a_gc_killed_mid_sweep_is_planned_again_and_repo_gc_reclaims_the_space(
     pruned = backup(repo, 6, "web02")
     repo.delete_point(pruned.id)  # a prune: 7 chunks (6 disk, 1 .vmx) and an index are garbage now
     assert [a.reason for a in gc_actions(desired)] == [
-        "1 disk index no restore point references (left by a failed or killed backup)"
+        "1 disk index no restore point references, left by a failed backup or deleted points"
     ]
 
     child = subprocess.Popen(
