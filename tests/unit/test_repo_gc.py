@@ -11,6 +11,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -19,12 +20,13 @@ import pytest
 from reconciler.cli import main
 from reconciler.config import DesiredState
 from reconciler.engine.actions import CollectGarbage
+from reconciler.engine.apply import apply
 from reconciler.engine.observe import observe
 from reconciler.engine.plan import plan
 from reconciler.esxi.host import DatastoreInfo, VmInfo
 from reconciler.repository import CHUNK_SIZE, DiskRecord, Repository, RestorePoint, VmRef, new_point_id
 from reconciler.repository.chunks import chunk_name
-from reconciler.repository.gc import GC_MARKER, read_gc_marker
+from reconciler.repository.gc import GC_MARKER, GcMarker, read_gc_marker
 from tests.unit.planfixtures import load_desired, repo_doc
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -197,3 +199,25 @@ def test_repo_gc_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     err = capsys.readouterr().err
     assert err.startswith("esxi-reconciler repo gc: repository nas: ") and "not a repository" in err
     assert "Traceback" not in err and err.count("\n") == 1
+
+
+def test_the_daemons_apply_completes_an_interrupted_gc(tmp_path: Path) -> None:
+    """What a ``run`` cycle does after a GC was killed: plan it with the reason, apply it, done."""
+    repo = Repository.init(tmp_path / "repo")
+    desired = load_desired(tmp_path, repositories=[repo_doc(path=str(repo.path), prune=False)])
+    kept = backup(repo, 1, "web01")
+    repo.delete_point(backup(repo, 2, "web02").id)
+    started = datetime(2026, 11, 26, 2, 14, tzinfo=timezone.utc)
+    (repo.path / GC_MARKER).write_bytes(GcMarker(started, "nas1", 4242, "ab" * 16).to_json())
+
+    now = datetime.now(timezone.utc)
+    the_plan = plan(desired, observe(desired, now=now, history={}, host_factory=lambda c: NoVms()))
+    (gc,) = the_plan.actions
+    assert isinstance(gc, CollectGarbage) and gc.reason.startswith(
+        "previous GC interrupted at 2026-11-26 02:14 UTC"
+    )
+    (outcome,) = apply(the_plan, desired, cancel=threading.Event())
+    assert outcome.ok and outcome.detail["chunks_freed"] == 3  # web02's 2 disk chunks and its .vmx
+    assert outcome.detail["completed_interrupted_gc"] == started.isoformat()
+    assert read_gc_marker(repo) is None and [p.id for p in repo.list_points()] == [kept.id]
+    assert gc_actions(desired) == []
