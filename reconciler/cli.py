@@ -26,6 +26,7 @@ from reconciler import __version__
 from reconciler.config import default_config_dir
 from reconciler.config.loader import CONFIG_ENV, DEFAULT_CONFIG_DIR
 from reconciler.log import LOG_FORMATS, LOG_LEVELS, configure_logging
+from reconciler.units import human_size as human_size  # re-exported: the commands import it from here
 
 if TYPE_CHECKING:
     from reconciler.config.model import DesiredState
@@ -68,6 +69,7 @@ examples:
   esxi-reconciler repo init nas             create the repository configured as nas
   esxi-reconciler repo key-export nas --out /safe/place/nas.key
                                             save its key file (keep it apart from the repository)
+  esxi-reconciler repo gc nas --dry-run     what garbage collection would free (repo gc: free it)
   esxi-reconciler backup web-daily          back up every VM of a policy now
   esxi-reconciler points --vm web01         list the restore points of a VM
   esxi-reconciler verify                    check every repository can be restored (reads all data)
@@ -213,16 +215,6 @@ def state_dir(args: argparse.Namespace) -> Path:
 def plural(count: int, word: str, plural: str | None = None) -> str:
     """``"1 host"``, ``"3 hosts"``; ``plural`` for irregular words."""
     return f"{count} {word if count == 1 else (plural or word + 's')}"
-
-
-def human_size(n: int) -> str:
-    """Bytes in binary units for people: ``"512 B"``, ``"1.5 GiB"``."""
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if value < 1024 or unit == "TiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{n} B"  # pragma: no cover
 
 
 def load_desired(args: argparse.Namespace) -> DesiredState | None:

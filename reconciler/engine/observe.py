@@ -27,7 +27,7 @@ from reconciler.config.model import Repository as RepositoryConfig
 from reconciler.engine.backup import open_repository
 from reconciler.engine.observed import HostObservation, ObservedState, RepositoryObservation, RunRecord
 from reconciler.esxi.host import DatastoreInfo, EsxiHost, VmInfo
-from reconciler.repository import Repository
+from reconciler.repository import Repository, garbage_signs
 
 log = structlog.get_logger(__name__)
 
@@ -129,14 +129,27 @@ def _observe_hosts(hosts: Sequence[Host], factory: HostFactory, timeout: float) 
 def _observe_repository(config: RepositoryConfig, opener: RepoOpener) -> RepositoryObservation:
     try:
         repo = opener(config)
-        with repo.lock(exclusive=False, purpose="observe"):
-            points = tuple(repo.list_points())
+        with repo.lock(exclusive=False, purpose="observe") as lock:
+            points = repo.list_points()
+            signs = garbage_signs(repo, points, lock)
     except Exception as exc:  # unreadable repository: an observation, the plan still covers the rest
         error = _error_text(exc)
         log.warning("observe.repository_unreachable", repository=config.name, error=error)
         return RepositoryObservation(name=config.name, reachable=False, error=error)
-    log.debug("observe.repository", repository=config.name, points=len(points))
-    return RepositoryObservation(name=config.name, reachable=True, points=points)
+    log.debug(
+        "observe.repository",
+        repository=config.name,
+        points=len(points),
+        gc_interrupted=signs.gc_interrupted.isoformat() if signs.gc_interrupted else None,
+        unreferenced_indexes=signs.unreferenced_indexes,
+    )
+    return RepositoryObservation(
+        name=config.name,
+        reachable=True,
+        points=tuple(points),
+        gc_interrupted=signs.gc_interrupted,
+        unreferenced_indexes=signs.unreferenced_indexes,
+    )
 
 
 def observe(
@@ -188,6 +201,19 @@ def _vm_facts(vm: VmInfo) -> dict[str, Any]:
     }
 
 
+def _repository_facts(repo: RepositoryObservation) -> dict[str, Any]:
+    facts: dict[str, Any] = {
+        "reachable": repo.reachable,
+        "points": sorted(f"{p.id} {p.status}{' protected' if p.protected else ''}" for p in repo.points),
+    }
+    # only when present: a repository without garbage keeps the fingerprint it always had
+    if repo.gc_interrupted is not None:
+        facts["gc_interrupted"] = repo.gc_interrupted.isoformat()
+    if repo.unreferenced_indexes:
+        facts["unreferenced_indexes"] = repo.unreferenced_indexes
+    return facts
+
+
 def fingerprint(desired: DesiredState, observed: ObservedState) -> str:
     """SHA-256 (hex) over the observed facts a plan depends on.
 
@@ -206,13 +232,7 @@ def fingerprint(desired: DesiredState, observed: ObservedState) -> str:
             for name, host in sorted(observed.hosts.items())
         },
         "repositories": {
-            name: {
-                "reachable": repo.reachable,
-                "points": sorted(
-                    f"{p.id} {p.status}{' protected' if p.protected else ''}" for p in repo.points
-                ),
-            }
-            for name, repo in sorted(observed.repositories.items())
+            name: _repository_facts(repo) for name, repo in sorted(observed.repositories.items())
         },
         "history": {
             key: [_iso(record.retry_after), _iso(record.last_started)]

@@ -14,11 +14,12 @@ from reconciler.repository.errors import (
     MissingObjectError,
     ProtectedPointError,
     RepositoryError,
+    StorageError,
     WrongKeyError,
 )
-from reconciler.repository.gc import GcReport, collect_garbage
+from reconciler.repository.gc import GarbageSigns, GcReport, collect_garbage, garbage_signs
 from reconciler.repository.index import DIGEST_BLOCK_SIZE, DigestMap, DiskIndex
-from reconciler.repository.lock import LockInfo, RepositoryLock, remove_stale_locks
+from reconciler.repository.lock import LockInfo, RepositoryLock, remove_stale_locks, stale_staged_files
 from reconciler.repository.points import (
     DiskRecord,
     RestorePoint,
@@ -50,6 +51,7 @@ __all__ = [
     "DiskRecord",
     "EncodedChunk",
     "FormatError",
+    "GarbageSigns",
     "GcReport",
     "IntegrityError",
     "KdfParams",
@@ -64,15 +66,18 @@ __all__ = [
     "RepositoryLock",
     "RepositoryStats",
     "RestorePoint",
+    "StorageError",
     "StoredFile",
     "VerifyReport",
     "VmRef",
     "WrongKeyError",
     "collect_garbage",
     "export_key",
+    "garbage_signs",
     "group_points",
     "import_key",
     "new_point_id",
     "remove_stale_locks",
+    "stale_staged_files",
     "verify_repository",
 ]
