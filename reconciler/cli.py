@@ -57,6 +57,7 @@ examples:
   esxi-reconciler repo init nas             create the repository configured as nas
   esxi-reconciler repo key-export nas --out /safe/place/nas.key
                                             save its key file (keep it apart from the repository)
+  esxi-reconciler repo gc nas --dry-run     what garbage collection would free (repo gc: free it)
   esxi-reconciler backup web-daily          back up every VM of a policy now
   esxi-reconciler points --vm web01         list the restore points of a VM
   esxi-reconciler verify                    check every repository can be restored (reads all data)

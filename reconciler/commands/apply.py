@@ -16,8 +16,9 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from reconciler.commands.common import add_command, human_size, load_desired, plural, state_dir
+from reconciler.commands.common import add_command, load_desired, plural, state_dir
 from reconciler.printable import printable
+from reconciler.units import human_size
 
 if TYPE_CHECKING:
     from reconciler.config.model import DesiredState

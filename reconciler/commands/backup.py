@@ -7,8 +7,9 @@ import sys
 
 import structlog
 
-from reconciler.commands.common import add_command, human_size, load_desired
+from reconciler.commands.common import add_command, load_desired
 from reconciler.printable import printable
+from reconciler.units import human_size
 
 log = structlog.get_logger("reconciler.cli")
 

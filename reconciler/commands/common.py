@@ -1,5 +1,6 @@
 """What every verb of :mod:`reconciler.commands` shares: the global options, registering a verb, the
-config and state directories, the loaded config, and the wording of counts and sizes.
+config and state directories, the loaded config, and the wording of counts (sizes:
+:func:`reconciler.units.human_size`).
 
 :mod:`reconciler.cli` builds the parser from the verbs and runs one; the verbs import only this module
 of the command line, never :mod:`reconciler.cli`.
@@ -130,16 +131,6 @@ def state_dir(args: argparse.Namespace) -> Path:
 def plural(count: int, word: str, plural: str | None = None) -> str:
     """``"1 host"``, ``"3 hosts"``; ``plural`` for irregular words."""
     return f"{count} {word if count == 1 else (plural or word + 's')}"
-
-
-def human_size(n: int) -> str:
-    """Bytes in binary units for people: ``"512 B"``, ``"1.5 GiB"``."""
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if value < 1024 or unit == "TiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{n} B"  # pragma: no cover
 
 
 def load_desired(args: argparse.Namespace) -> DesiredState | None:

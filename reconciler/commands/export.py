@@ -8,8 +8,9 @@ from pathlib import Path
 
 import structlog
 
-from reconciler.commands.common import add_command, human_size, load_desired
+from reconciler.commands.common import add_command, load_desired
 from reconciler.printable import printable
+from reconciler.units import human_size
 
 log = structlog.get_logger("reconciler.cli")
 
@@ -21,6 +22,8 @@ examples:
                                             monolithicFlat VMDKs (qemu-img, VirtualBox, vmkfstools -i)
   esxi-reconciler export web01 --to out --format stream-optimized
                                             one compressed VMDK per disk (for an OVF/OVA)
+  esxi-reconciler export web01 --from-host esxi2 --to out
+                                            web01 exists on esxi1 and esxi2: esxi2's
 """
 
 
@@ -36,6 +39,12 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     )
     parser.add_argument("vm", metavar="VM", help="the VM's name as backed up")
     parser.add_argument("--point", metavar="ID", default="latest", help="restore point id; default: latest")
+    parser.add_argument(
+        "--from-host",
+        metavar="H",
+        help="the VM named VM as backed up on host H, when VMs of that name were backed up on several"
+        " hosts (`points --vm VM` lists them)",
+    )
     parser.add_argument("--repository", metavar="R", help="repository (default: the one holding the VM)")
     parser.add_argument("--to", metavar="DIR", type=Path, required=True, help="target directory")
     parser.add_argument(
@@ -49,10 +58,10 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
 
 def cmd_export(args: argparse.Namespace) -> int:
     """0 exported; 1 failed; 2 bad input."""
-    from reconciler.commands.restore import find_repository
+    from reconciler.commands.restore import describe_point, find_repository
     from reconciler.operations.backup import open_repository
     from reconciler.operations.export import export_point
-    from reconciler.operations.restore import RestoreError, find_point
+    from reconciler.operations.restore import RestoreError, describe_source, find_point
 
     desired = load_desired(args)
     if desired is None:
@@ -63,17 +72,18 @@ def cmd_export(args: argparse.Namespace) -> int:
     repo = open_repository(desired.repositories[name])
     with repo.lock(purpose=f"export of {args.vm}"):
         try:
-            point = find_point(repo, args.vm, args.point)
+            point = find_point(repo, args.vm, args.point, host=args.from_host)
         except RestoreError as exc:
             print(f"esxi-reconciler export: {printable(str(exc))}", file=sys.stderr)
             return 2
+        print(describe_point(point))
         try:
             result = export_point(repo, point, args.to, args.format)
         except (RestoreError, OSError) as exc:
             print(f"esxi-reconciler export: FAILED: {printable(str(exc))}", file=sys.stderr)
             return 1
-    print(f"exported restore point {point.id} of {printable(point.vm.name)} to {result.directory}")
+    print(printable(f"exported restore point {point.id} of {describe_source(point)} to {result.directory}"))
     for d in result.disks:
         size = human_size(next(p.capacity for p in point.disks if p.label == d.label))
-        print(f"  {d.label}: {d.path.name} ({size}) sha256 {d.sha256[:16]}… ok")
+        print(printable(f"  {d.label}: {d.path.name} ({size}) sha256 {d.sha256[:16]}… ok"))
     return 0

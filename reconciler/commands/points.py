@@ -9,8 +9,9 @@ from typing import Any
 
 import structlog
 
-from reconciler.commands.common import add_command, human_size, load_desired
+from reconciler.commands.common import add_command, load_desired
 from reconciler.printable import printable
+from reconciler.units import human_size
 
 log = structlog.get_logger("reconciler.cli")
 
@@ -27,7 +28,8 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         commands,
         "points",
         help="list restore points",
-        description="List the complete restore points of every configured repository, oldest first.",
+        description="List the complete restore points of every configured repository, oldest first, with"
+        " the host each VM was backed up on (and its UUID where one name stands for several VMs).",
         epilog=_POINTS_EXAMPLES,
         handler=cmd_points,
     )
@@ -61,6 +63,8 @@ def cmd_points(args: argparse.Namespace) -> int:
                     "policy": p.policy,
                     "vm": p.vm.name,
                     "host": p.vm.host,
+                    "uuid": p.vm.uuid,
+                    "vmid": p.vm.vmid,
                     "time": p.snapshot_time.isoformat(),
                     "status": p.status,
                     "mode": p.mode,
@@ -76,10 +80,17 @@ def cmd_points(args: argparse.Namespace) -> int:
         print(json.dumps(rows, indent=2, ensure_ascii=False))
         return status
     if rows:
-        header = ("ID", "REPOSITORY", "POLICY", "VM", "TIME", "STATUS", "MODE", "SIZE", "SENT", "STORED")
+        # a name backed up as several VMs (two hosts, a re-created VM): show the UUIDs that tell them apart
+        identities: dict[str, set[tuple[str, str]]] = {}
+        for r in rows:
+            identities.setdefault(r["vm"], set()).add((r["host"], r["uuid"]))
+        keys = ["id", "repository", "policy", "vm", "host"]
+        if any(len(ids) > 1 for ids in identities.values()):
+            keys.append("uuid")
+        header = (*(k.upper() for k in keys), "TIME", "STATUS", "MODE", "SIZE", "SENT", "STORED")
         table = [header]
         for r in rows:
-            plain = [printable(r[k]) for k in ("id", "repository", "policy", "vm")]
+            plain = [printable(r[k]) for k in keys]
             sizes = [human_size(r[k]) for k in ("size", "sent", "stored")]
             table.append((*plain, r["time"][:19], r["status"], r["mode"], *sizes))
         widths = [max(len(str(row[i])) for row in table) for i in range(len(header))]

@@ -1,14 +1,21 @@
-"""``esxi-reconciler repo init|key-export``: create a repository, save its key."""
+"""``esxi-reconciler repo init|key-export|gc``: create a repository, save its key, free its garbage."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from datetime import timezone
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from reconciler.commands.common import add_command, repository_config
+from reconciler.commands.common import add_command, load_desired, plural, repository_config
+from reconciler.units import human_size
+
+if TYPE_CHECKING:
+    from reconciler.repository.gc import GcReport
 
 log = structlog.get_logger("reconciler.cli")
 
@@ -17,8 +24,23 @@ _REPO_EXAMPLES = """\
 examples:
   esxi-reconciler repo init nas
   esxi-reconciler repo key-export nas --out /media/usb/nas-repository.key
+  esxi-reconciler repo gc nas --dry-run      what garbage collection would free
+  esxi-reconciler repo gc                    free it in every repository
 
-exit status: 0 done, 1 failed (e.g. the repository exists), 2 usage or configuration error
+exit status: 0 done, 1 failed (e.g. the repository exists; GC deferred), 2 usage or configuration error
+"""
+
+_GC_EXAMPLES = """\
+examples:
+  esxi-reconciler repo gc nas --dry-run     what would be removed; nothing is deleted
+  esxi-reconciler repo gc nas               remove it now (fails if a backup is running)
+  esxi-reconciler repo gc --wait 600        every repository, waiting up to 10 min for backups
+
+Prints per repository what was removed: chunks and their size, disk indexes, digest maps,
+staged files left in tmp/ by killed runs, and whether an interrupted GC was completed.
+
+exit status: 0 done, 1 GC failed or deferred (a backup holds the repository), 2 usage or
+configuration error
 """
 
 _KEY_WARNING = """\
@@ -33,7 +55,7 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     parser = add_command(
         commands,
         "repo",
-        help="create a repository, export its key",
+        help="create a repository, export its key, free its garbage",
         description="Manage the repositories of the configuration (named as in their Repository document).",
         epilog=_REPO_EXAMPLES,
         handler=_repo_usage,
@@ -61,10 +83,37 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     )
     export.add_argument("repository", metavar="REPOSITORY", help="name of a Repository document")
     export.add_argument("--out", metavar="FILE", type=Path, required=True, help="file to create")
+    gc = add_command(
+        verbs,
+        "gc",
+        help="free the data no restore point references (garbage collection)",
+        description="Delete from REPOSITORY (default: every configured one) the chunks, disk indexes and\n"
+        "digest maps no restore point references, and the staged files killed runs left in tmp/;\n"
+        "completes a GC that was interrupted. Runs under the repository's exclusive lock, so never\n"
+        "while a backup, restore or verification holds it: then it waits up to --wait seconds and\n"
+        "otherwise does nothing. The daemon runs GC by itself after pruning, after an interrupted GC\n"
+        "and after a failed backup; this is for doing it now (e.g. on a full volume).",
+        epilog=_GC_EXAMPLES,
+        handler=cmd_repo_gc,
+    )
+    gc.add_argument(
+        "repositories", metavar="REPOSITORY", nargs="*", help="names of Repository documents (default: all)"
+    )
+    gc.add_argument("--dry-run", action="store_true", help="report what would be removed; delete nothing")
+    gc.add_argument(
+        "--wait",
+        metavar="SECONDS",
+        type=float,
+        default=0.0,
+        help="wait up to this long for a running backup to release the repository (default: 0)",
+    )
+    gc.add_argument("--json", action="store_true", help="JSON output")
 
 
 def _repo_usage(args: argparse.Namespace) -> int:
-    print("esxi-reconciler repo: give a subcommand: init or key-export (see repo --help)", file=sys.stderr)
+    print(
+        "esxi-reconciler repo: give a subcommand: init, key-export or gc (see repo --help)", file=sys.stderr
+    )
     return 2
 
 
@@ -147,3 +196,90 @@ def cmd_repo_key_export(args: argparse.Namespace) -> int:
     print(f"wrote the key file of repository {cfg.name} (key {repo.key_id}) to {out} (mode 600)")
     print(_KEY_WARNING, file=sys.stderr)
     return 0
+
+
+def cmd_repo_gc(args: argparse.Namespace) -> int:
+    """``esxi-reconciler repo gc [REPOSITORY...] [--dry-run]``: 0 done, 1 failed or deferred, 2 bad input."""
+    import difflib
+
+    from reconciler.config.secrets import SecretError
+    from reconciler.operations.backup import open_repository
+    from reconciler.operations.prune import collect
+    from reconciler.repository.errors import RepositoryError, StorageError
+
+    desired = load_desired(args)
+    if desired is None:
+        return 2
+    if args.wait < 0:
+        print("esxi-reconciler repo gc: --wait must not be negative", file=sys.stderr)
+        return 2
+    names: list[str] = args.repositories or sorted(desired.repositories)
+    unknown = [n for n in names if n not in desired.repositories]
+    for name in unknown:
+        close = difflib.get_close_matches(name, sorted(desired.repositories), n=1)
+        configured = ", ".join(sorted(desired.repositories)) or "none"
+        hint = f"; did you mean {close[0]!r}?" if close else f" (configured: {configured})"
+        print(f"esxi-reconciler repo gc: no Repository named {name!r}{hint}", file=sys.stderr)
+    if unknown:
+        return 2
+    if not names:
+        print("esxi-reconciler repo gc: no repositories configured", file=sys.stderr)
+        return 2
+    status = 0
+    results: list[dict[str, Any]] = []
+    for name in names:
+        cfg = desired.repositories[name]
+        entry: dict[str, Any] = {"repository": name, "path": str(cfg.backend.path), "dry_run": args.dry_run}
+        results.append(entry)
+        try:
+            repo = open_repository(cfg)
+            result = collect(repo, wait_seconds=args.wait, dry_run=args.dry_run)
+        except (SecretError, RepositoryError, OSError) as error:
+            status = 1
+            log.error("repo.gc_failed", repository=name, error=str(error))
+            entry.update({"ok": False, "error": str(error), "deferred": None})
+            if not args.json:
+                why = str(error) if isinstance(error, StorageError) else f"repository {name}: {error}"
+                print(f"esxi-reconciler repo gc: {why}", file=sys.stderr)
+            continue
+        if result.report is None:
+            status = 1
+            entry.update({"ok": False, "error": None, "deferred": result.deferred})
+            if not args.json:
+                print(
+                    f"esxi-reconciler repo gc: repository {name}: {result.deferred}; run it again when that"
+                    " is done, or give --wait SECONDS",
+                    file=sys.stderr,
+                )
+            continue
+        entry.update({"ok": True, "error": None, "deferred": None, **result.report.to_dict()})
+        if not args.json:
+            print(_gc_line(name, cfg.backend.path, result.report))
+    if args.json:
+        print(json.dumps({"ok": status == 0, "repositories": results}, indent=2, ensure_ascii=False))
+    return status
+
+
+def _gc_line(name: str, path: object, report: GcReport) -> str:
+    """``repository nas (/srv/nas): removed 12 chunks (48.0 MiB), ...; 1234 chunks in use by 5 points``."""
+    parts = []
+    if report.unreferenced_chunks:
+        parts.append(
+            f"{plural(report.unreferenced_chunks, 'chunk')} ({human_size(report.unreferenced_bytes)})"
+        )
+    if report.unreferenced_indexes:
+        parts.append(plural(report.unreferenced_indexes, "disk index", "disk indexes"))
+    if report.unreferenced_digest_maps:
+        parts.append(plural(report.unreferenced_digest_maps, "digest map"))
+    if report.tmp_files:
+        parts.append(f"{plural(report.tmp_files, 'staged file')} in tmp/ ({human_size(report.tmp_bytes)})")
+    verb = "would remove" if report.dry_run else "removed"
+    done = f"{verb} {', '.join(parts)}" if parts else "nothing to remove"
+    kept = f"{plural(report.referenced_chunks, 'chunk')} in use by {plural(report.points, 'restore point')}"
+    line = f"repository {name} ({path}): {done}; {kept}"
+    if report.interrupted_at is not None:
+        when = report.interrupted_at.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+        line += f"; {'would complete' if report.dry_run else 'completed'} the GC interrupted at {when}"
+    if report.dry_run:
+        line += " (dry run: nothing deleted)"
+    return line

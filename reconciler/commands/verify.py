@@ -9,8 +9,9 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from reconciler.commands.common import add_command, human_size, load_desired, plural
+from reconciler.commands.common import add_command, load_desired, plural
 from reconciler.printable import printable
+from reconciler.units import human_size
 
 if TYPE_CHECKING:
     from reconciler.repository.verify import VerifyReport

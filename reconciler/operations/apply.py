@@ -540,7 +540,9 @@ def _gc(run: _Run, a: CollectGarbage) -> dict[str, Any]:
         "indexes_freed": report.unreferenced_indexes,
         "digest_maps_freed": report.unreferenced_digest_maps,
         "tmp_files_freed": report.tmp_files,
+        "tmp_bytes_freed": report.tmp_bytes,
         "points": report.points,
+        "completed_interrupted_gc": report.interrupted_at.isoformat() if report.interrupted_at else None,
     }
 
 

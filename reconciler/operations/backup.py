@@ -27,8 +27,12 @@ Per VM (:func:`backup_vm`):
    (unchanged chunks keep their ids) and a chunk touched by a small change is rebuilt from the previous
    chunk's content, read back from the repository, plus the new bytes. Only changed bytes cross the
    network.
-4. The manifest is written last (status ``success``); a failed VM writes no manifest, drops its
-   unflushed chunks and leaves only garbage for GC.
+4. The manifest is written last (status ``success``); a failed VM writes no manifest and leaves only
+   garbage for GC. Its staged (unflushed) chunks are dropped when the policy's run ends, and a run
+   first removes the staged files killed runs left in ``tmp/`` (the repository's lock rules say whose
+   writer is gone), so a full volume, once space is freed, needs no cleaning by hand. A volume that
+   refuses writes (full, quota, read-only, permission) fails the VM with one line naming the
+   repository, the cause and the fix (:class:`~reconciler.repository.StorageError`).
 
 Pipeline and memory: the transport reads on its own threads (≤ 2 × streams pieces of 4 MiB in flight)
 or the digest stream delivers 64 KiB blocks; the VM's thread assembles 1 MiB chunks; a shared thread
@@ -74,6 +78,7 @@ from reconciler.repository import (
     DiskIndex,
     Repository,
     RepositoryLock,
+    StorageError,
 )
 
 log = structlog.get_logger(__name__)
@@ -759,9 +764,9 @@ def backup_vm(
             host, repo, policy, vm, revision, options, executor, cancel, result, vlog, repo_lock
         )
     except Exception as exc:
-        # Chunks already staged stay: other VMs share the repository handle (discard_pending is global);
-        # unreferenced, they are garbage for GC.
-        expected = isinstance(exc, EsxiError | BackupError | Cancelled)
+        # Chunks already staged stay until the policy's run ends: other VMs share the repository handle
+        # and may have deduplicated against them (backup_policy then discards what is still staged).
+        expected = isinstance(exc, EsxiError | BackupError | Cancelled | StorageError)
         result.error = str(exc) if expected else f"{type(exc).__name__}: {exc}"
         result.exception = exc
         vlog.error("backup.vm_failed", error=result.error, exc_info=not expected)
@@ -922,6 +927,7 @@ def open_repository(config: RepositoryConfig) -> Repository:
         passphrase,
         compression_level=config.compression.level if config.compression.algorithm == "zstd" else None,
         expect_encrypted=config.encryption.enabled,
+        label=config.name,
     )
 
 
@@ -1014,8 +1020,20 @@ def backup_policy(
             log.error("backup.vm_failed", vm=info.name, error=str(exc))
             return VmResult(info.name, host_cfg.name, policy.name, False, error=str(exc), exception=exc)
 
+    # what killed runs left in tmp/ goes first: on a full volume it is what makes room for the lock file
+    stale = repo.remove_stale_staged()
+    if stale:
+        log.info(
+            "backup.stale_staged_removed",
+            repository=policy.repository,
+            files=len(stale),
+            bytes=sum(f.size for f in stale),
+        )
     with (
         repo.lock(purpose=f"backup {policy_name}") as repo_lock,
+        # exited after the pools: every point written flushed what was staged before it, so what is
+        # still staged then belongs to failed VMs only, and goes rather than wait in tmp/ for GC
+        repo.discard_pending_on_exit(),
         concurrent.futures.ThreadPoolExecutor(options.workers, thread_name_prefix="encode") as encode_pool,
         concurrent.futures.ThreadPoolExecutor(
             max(1, host_cfg.limits.concurrent_backups), thread_name_prefix="vm"

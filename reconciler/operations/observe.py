@@ -26,7 +26,7 @@ from reconciler.facts.inventory import DatastoreInfo, VmInfo
 from reconciler.operations.backup import open_repository
 from reconciler.operations.hosts import HostFactory, connect
 from reconciler.planning.observed import HostObservation, ObservedState, RepositoryObservation, RunRecord
-from reconciler.repository import Repository
+from reconciler.repository import Repository, garbage_signs
 
 log = structlog.get_logger(__name__)
 
@@ -129,14 +129,27 @@ def _observe_hosts(
 def _observe_repository(config: RepositoryConfig, opener: RepoOpener) -> RepositoryObservation:
     try:
         repo = opener(config)
-        with repo.lock(exclusive=False, purpose="observe"):
-            points = tuple(repo.list_points())
+        with repo.lock(exclusive=False, purpose="observe") as lock:
+            points = repo.list_points()
+            signs = garbage_signs(repo, points, lock)
     except Exception as exc:  # unreadable repository: an observation, the plan still covers the rest
         error = _error_text(exc)
         log.warning("observe.repository_unreachable", repository=config.name, error=error)
         return RepositoryObservation(name=config.name, reachable=False, error=error)
-    log.debug("observe.repository", repository=config.name, points=len(points))
-    return RepositoryObservation(name=config.name, reachable=True, points=points)
+    log.debug(
+        "observe.repository",
+        repository=config.name,
+        points=len(points),
+        gc_interrupted=signs.gc_interrupted.isoformat() if signs.gc_interrupted else None,
+        unreferenced_indexes=signs.unreferenced_indexes,
+    )
+    return RepositoryObservation(
+        name=config.name,
+        reachable=True,
+        points=tuple(points),
+        gc_interrupted=signs.gc_interrupted,
+        unreferenced_indexes=signs.unreferenced_indexes,
+    )
 
 
 def observe(

@@ -27,7 +27,7 @@ import structlog
 
 from reconciler.facts.points import RestorePoint, group_points
 from reconciler.repository.errors import LockedError, MissingObjectError
-from reconciler.repository.gc import GcReport, collect_garbage
+from reconciler.repository.gc import GcReport, Progress, collect_garbage
 from reconciler.repository.lock import list_locks
 from reconciler.repository.repo import Repository
 
@@ -116,18 +116,20 @@ def collect(
     cancel: threading.Event | None = None,
     sleep: Callable[[float], None] | None = None,
     clock: Callable[[], float] = time.monotonic,
+    dry_run: bool = False,
+    progress: Progress | None = None,
 ) -> GcResult:
     """Run GC when the exclusive lock can be had within ``wait_seconds``; else defer it.
 
     A running backup (shared lock) makes the exclusive lock fail: GC polls every ``poll_seconds``
     and, at the bound or on ``cancel``, returns ``deferred`` with the holder named. Nothing is swept
-    unless the exclusive lock is held.
+    unless the exclusive lock is held. ``dry_run``: count what would go, delete nothing.
     """
     cancel = cancel or threading.Event()
     started = clock()
     while True:
         try:
-            report = collect_garbage(repo)
+            report = collect_garbage(repo, dry_run=dry_run, progress=progress)
         except LockedError as exc:
             waited = clock() - started
             if waited >= wait_seconds or cancel.is_set():
@@ -144,8 +146,11 @@ def collect(
             continue
         log.info(
             "gc.done",
+            dry_run=dry_run,
             chunks=report.unreferenced_chunks,
             bytes=report.unreferenced_bytes,
             indexes=report.unreferenced_indexes,
+            tmp_files=report.tmp_files,
+            interrupted_at=report.interrupted_at.isoformat() if report.interrupted_at else None,
         )
         return GcResult(report, None, clock() - started)

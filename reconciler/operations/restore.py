@@ -12,12 +12,20 @@ Safety rules, in order of importance:
 * **Overwrite keeps the original until the restored disks are verified**: the restored disks are
   written next to the originals under new names (``<disk>-restored-<time>-<random>.vmdk``); the .vmx is then
   replaced atomically (temp file + rename) to point at them and reloaded; only then are the original
-  disks deleted. A kill at any moment before the rename leaves the VM on its original disks (the
-  half-written ``-restored-`` files are the only leftover, removed by the next overwrite of the VM);
-  after it, on verified restored disks. A whole-VM overwrite switches to the point's configuration in
-  the same rename (its .vmx under the VM's current name, its .nvram written beforehand under a new
-  name); ``--disk`` keeps the current configuration.
-  The per-VM lock of :mod:`.vmlock` is held throughout, so no backup of this machine runs meanwhile.
+  disks deleted. A whole-VM overwrite switches to the point's configuration in the same rename (its
+  .vmx under the VM's current name, its .nvram written beforehand under a new name); ``--disk`` keeps
+  the current configuration. The per-VM lock of :mod:`.vmlock` is held throughout, so no backup of
+  this machine runs meanwhile.
+* **Only the VM's own points overwrite it**: a point is of a VM identity (host, BIOS UUID), not of a
+  name; :func:`find_point` never mixes same-named VMs, and :func:`restore_overwrite` refuses a point of
+  another VM unless told so (``--to-vm``), which then keeps the target's identity.
+* **A stopped overwrite says where the VM is**: the overwrite powers the VM off first, so a kill leaves
+  it powered off: before the rename on its original disks (the half-written ``-restored-`` files are
+  the only leftover), after it on verified restored disks (the replaced files still in the folder). A
+  journal written into the VM's folder before the power-off (:class:`OverwriteJournal`) records the
+  power state and the files being replaced: the next overwrite of the VM finishes what the killed run
+  left, :func:`abort_overwrite` gives it up and powers the VM back on. A failure that is not a kill does
+  that at once before the rename (what was written goes, the VM gets its power state back).
 * **The next backup is correct**: a restored disk is a new baseline. CBT of an overwritten disk is
   reset (its ``ctkEnabled`` switched off, reloaded, and on again), so the old changeIds are refused
   and the next backup falls back to a full read; the free-host digest compare compares content and
@@ -27,9 +35,11 @@ Safety rules, in order of importance:
 from __future__ import annotations
 
 import hashlib
+import json
 import posixpath
 import re
 import secrets
+import shlex
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
@@ -128,8 +138,67 @@ def disk_sha256(repo: Repository, disk: DiskRecord) -> str:
     return digest.hexdigest(disk.capacity)
 
 
-def find_point(repo: Repository, vm: str, point_id: str | None) -> RestorePoint:
-    """The point ``point_id`` (must be of ``vm``), or with None/``latest`` the newest successful one."""
+# -- which point: a VM is its identity (host, uuid), not its name -----------------------------------
+
+
+@dataclass(frozen=True)
+class BackedUpVm:
+    """One VM as the repository knows it: a name, the host it was backed up on and its BIOS UUID (what
+    tells apart VMs of the same name, e.g. production and DR copies, or a VM deleted and re-created),
+    with its newest successful point."""
+
+    name: str
+    host: str
+    uuid: str
+    newest: RestorePoint
+    points: int
+
+    def describe(self) -> str:
+        newest = self.newest.time.astimezone(timezone.utc)
+        return (
+            f"{self.host} uuid {self.uuid or '?'} newest {newest:%Y-%m-%d %H:%M} UTC (point {self.newest.id})"
+        )
+
+
+def backed_up_vms(points: Iterable[RestorePoint]) -> list[BackedUpVm]:
+    """The successful points grouped by VM identity (name, host, uuid), ordered by host then newest."""
+    groups: dict[tuple[str, str, str], list[RestorePoint]] = {}
+    for point in points:
+        if point.status == "success":
+            groups.setdefault((point.vm.name, point.vm.host, point.vm.uuid), []).append(point)
+    found = [
+        BackedUpVm(name, host, uuid, max(group, key=lambda p: p.id), len(group))
+        for (name, host, uuid), group in groups.items()
+    ]
+    return sorted(found, key=lambda v: (v.name, v.host, -v.newest.time.timestamp(), v.uuid))
+
+
+def describe_source(point: RestorePoint) -> str:
+    """Which VM a point is of, for people: ``VM 'web01' from esxi1 (uuid …)``."""
+    return f"VM {point.vm.name!r} from {point.vm.host} (uuid {point.vm.uuid or '?'})"
+
+
+class AmbiguousVmError(RestoreError):
+    """A VM name names several backed-up VMs; the message lists them and how to choose."""
+
+    def __init__(self, vm: str, candidates: list[BackedUpVm]) -> None:
+        self.candidates = candidates
+        hosts = {c.host for c in candidates}
+        how = "--from-host HOST or --point ID" if len(hosts) > 1 else "--point ID"
+        super().__init__(
+            f"{len(candidates)} different VMs named {vm!r} have restore points: "
+            + "; ".join(c.describe() for c in candidates)
+            + f"; choose one with {how} (see `esxi-reconciler points --vm {shlex.quote(vm)}`)"
+        )
+
+
+def find_point(
+    repo: Repository, vm: str, point_id: str | None, *, host: str | None = None, uuid: str | None = None
+) -> RestorePoint:
+    """The point ``point_id`` (must be of a VM named ``vm``, backed up on ``host`` when given), or with
+    None/``latest`` the newest successful one of the one VM named ``vm`` (on ``host``, with ``uuid``,
+    when given). Points of a name are never mixed across VMs: when the name stands for several VMs
+    (several hosts, or several UUIDs), :class:`AmbiguousVmError` lists them."""
     if point_id and point_id != "latest":
         try:
             point = repo.read_point(point_id)
@@ -137,11 +206,27 @@ def find_point(repo: Repository, vm: str, point_id: str | None) -> RestorePoint:
             raise RestoreError(f"restore point {point_id}: {exc}") from exc
         if point.vm.name != vm:
             raise RestoreError(f"restore point {point_id} is of VM {point.vm.name!r}, not {vm!r}")
+        if host is not None and point.vm.host != host:
+            raise RestoreError(f"restore point {point_id} is of {describe_source(point)}, not from {host}")
         return point
-    points = [p for p in repo.list_points(vm=vm) if p.status == "success"]
-    if not points:
-        raise RestoreError(f"no successful restore point of VM {vm!r} in the repository")
-    return points[-1]
+    candidates = [
+        c
+        for c in backed_up_vms(repo.list_points(vm=vm))
+        if (host is None or c.host == host) and (uuid is None or c.uuid == uuid)
+    ]
+    if not candidates:
+        where = f" from {host}" if host is not None else ""
+        which = f" with uuid {uuid}" if uuid is not None else ""
+        raise RestoreError(f"no successful restore point of VM {vm!r}{where}{which} in the repository")
+    if len(candidates) > 1:
+        raise AmbiguousVmError(vm, candidates)
+    return candidates[0].newest
+
+
+def same_vm(point: RestorePoint, host: str, vm: VmInfo) -> bool:
+    """Whether ``point`` is of ``vm`` (on the host named ``host``) itself: backed up on that host, with
+    this BIOS UUID (the name may have changed since)."""
+    return bool(point.vm.uuid) and point.vm.host == host and point.vm.uuid == vm.uuid
 
 
 def point_file(point: RestorePoint, name: str) -> StoredFile | None:
@@ -211,11 +296,14 @@ class RestoreResult:
     vmx_path: str
     disks: list[RestoredDisk] = field(default_factory=list)
     powered_on: bool = False
+    power_state_before: str | None = None
+    """Overwrite: the VM's power state before the restore (before an interrupted earlier one, if any)."""
 
 
 @dataclass(frozen=True)
 class RestoreOptions:
-    """How to restore; ``on_data`` is a test seam called for every piece written."""
+    """How to restore; ``on_data`` (every piece written) and ``on_stage`` (each step of an overwrite:
+    ``powered-off``, ``written``, ``cbt-reset``, ``switched``) are test seams."""
 
     name: str | None = None
     datastore: str | None = None
@@ -226,6 +314,7 @@ class RestoreOptions:
     shutdown_timeout: float = 300.0
     progress: Progress | None = None
     on_data: OnData | None = None
+    on_stage: Callable[[str], None] | None = None
 
 
 def default_name(vm: str, now: datetime | None = None) -> str:
@@ -411,28 +500,225 @@ def _base_stem(rel: str) -> str:
     return re.sub(r"(-restored-\d{14}-[0-9a-f]{4})+$", "", posixpath.basename(rel)[:-5])
 
 
-def _remove_leftovers(host: EsxiHost, vm: VmInfo, pairs: list[tuple[DiskRecord, DiskInfo]]) -> None:
+def _remove_leftovers(host: EsxiHost, vm: VmInfo, disk_files: Iterable[str]) -> list[str]:
     """Delete what an interrupted overwrite of these disks left behind: ``<disk>-restored-<time>-<random>``
-    disks next to them that the VM does not use."""
+    disks next to them and ``<vmx>-restored-…nvram`` files, that the VM uses neither as the host sees
+    it nor in its .vmx file (which a killed run may have written without the reload); returns them."""
+    removed: list[str] = []
+    vmx = host.read_vmx(vm)
     used = {f for d in vm.disks for f in d.chain}
-    for _, cur in pairs:
-        ds, rel = split_ds_path(cur.file)
+    named = {posixpath.basename(d.file_name) for d in vmx.disks(include_independent=True)}
+    for file in disk_files:
+        ds, rel = split_ds_path(file)
         folder = f"[{ds}] {posixpath.dirname(rel)}"
         ours = re.compile(re.escape(_base_stem(rel)) + r"-restored-\d{14}-[0-9a-f]{4}\.vmdk")
         for name in host.list_folder(folder, "*-restored-*.vmdk"):
             path = f"{folder}/{name}"
-            if ours.fullmatch(name) and path not in used:
+            if ours.fullmatch(name) and path not in used and name not in named and path not in removed:
                 log.warning("restore.leftover_removed", vm=vm.name, file=path)
                 host.delete_disk(path)
+                removed.append(path)
     ds, rel = split_ds_path(vm.vmx_path)
     folder = f"[{ds}] {posixpath.dirname(rel)}"
-    in_use = host.read_vmx(vm).get("nvram")
+    in_use = vmx.get("nvram")
     stem = posixpath.basename(rel).rsplit(".", 1)[0]
     ours = re.compile(re.escape(stem) + r"-restored-\d{14}-[0-9a-f]{4}\.nvram")
     for name in host.list_folder(folder, "*-restored-*.nvram"):
         if ours.fullmatch(name) and name != in_use:
             log.warning("restore.leftover_removed", vm=vm.name, file=f"{folder}/{name}")
             host.delete_path(f"{folder}/{name}")
+            removed.append(f"{folder}/{name}")
+    return removed
+
+
+# -- the overwrite journal: what a killed overwrite leaves for the next command ----------------------
+
+JOURNAL_SUFFIX = ".esxi-reconciler-overwrite.json"
+
+
+@dataclass(frozen=True)
+class OverwriteJournal:
+    """Written into the VM's folder before an overwrite powers the VM off and removed when it is done.
+    A killed run leaves it behind, so the next ``restore`` of the VM knows that an unfinished overwrite
+    powered it off, which power state to give back (``--abort``) and which files that run replaced."""
+
+    point: str
+    source: str
+    """The point's VM, for people (:func:`describe_source`)."""
+    started: datetime
+    power_state: str | None
+    """The VM's power state before the overwrite (before the first of several interrupted ones);
+    None: unknown (an unreadable journal)."""
+    stamp: str
+    replaced: tuple[str, ...] = ()
+    """Datastore paths of the disks being replaced."""
+    nvram: str | None = None
+    """Datastore path of the .nvram being replaced (whole-VM overwrite, set just before the switch)."""
+    cbt_nodes: tuple[str, ...] = ()
+    """Disks whose CBT the switch turns off and on again (set just before the switch)."""
+    point_vm: str = ""
+    """The name of the point's VM (what ``restore`` is given to run the same overwrite again)."""
+    other_vm: bool = False
+    """A point of another VM (``--to-vm``)."""
+
+    def to_json(self) -> bytes:
+        doc = {
+            "written_by": "esxi-reconciler restore --overwrite",
+            "point": self.point,
+            "source": self.source,
+            "started": self.started.isoformat(timespec="seconds"),
+            "power_state": self.power_state,
+            "stamp": self.stamp,
+            "replaced": list(self.replaced),
+            "nvram": self.nvram,
+            "cbt_nodes": list(self.cbt_nodes),
+            "point_vm": self.point_vm,
+            "other_vm": self.other_vm,
+        }
+        return json.dumps(doc, ensure_ascii=False, indent=1).encode("utf-8")
+
+    @classmethod
+    def from_json(cls, data: bytes) -> OverwriteJournal:
+        """Parse a journal; one that cannot be read still says that an overwrite did not finish."""
+        try:
+            doc = json.loads(data)
+            started = datetime.fromisoformat(str(doc["started"]))
+            return cls(
+                point=str(doc["point"]),
+                source=str(doc.get("source") or "?"),
+                started=started if started.tzinfo else started.replace(tzinfo=timezone.utc),
+                power_state=str(doc["power_state"]) if doc.get("power_state") else None,
+                stamp=str(doc.get("stamp") or ""),
+                replaced=tuple(str(f) for f in doc.get("replaced") or ()),
+                nvram=str(doc["nvram"]) if doc.get("nvram") else None,
+                cbt_nodes=tuple(str(n) for n in doc.get("cbt_nodes") or ()),
+                point_vm=str(doc.get("point_vm") or ""),
+                other_vm=bool(doc.get("other_vm")),
+            )
+        except (ValueError, KeyError, TypeError, AttributeError):
+            return cls(point="?", source="?", started=datetime.fromtimestamp(0, timezone.utc),
+                       power_state=None, stamp="")  # fmt: skip
+
+    def notice(self, vm: VmInfo, host: str) -> str:
+        """One line for the user: what the unfinished overwrite left and the two ways on (the same
+        overwrite again, or ``--abort``)."""
+        where = f"--host {shlex.quote(host)}"
+        rerun = f"esxi-reconciler restore {shlex.quote(self.point_vm or vm.name)} {where} --overwrite"
+        if self.point != "?":
+            rerun += f" --point {self.point}"
+        if self.other_vm:
+            rerun += f" --to-vm {shlex.quote(vm.name)}"
+        abort = f"esxi-reconciler restore {shlex.quote(vm.name)} {where} --abort"
+        was = (
+            f"it was {self.power_state} before" if self.power_state else "its earlier power state is unknown"
+        )
+        state = "is powered off" if vm.power_state == "poweredOff" else f"is {vm.power_state}"
+        back = " and power the VM back on" if self.power_state == "poweredOn" else ""
+        return (
+            f"VM {vm.name!r} on {host} {state} after an overwrite that did not finish (restore point"
+            f" {self.point}, started {self.started.astimezone(timezone.utc):%Y-%m-%d %H:%M} UTC; {was}):"
+            f" run `{rerun}` to finish it, or `{abort}` to give it up{back}"
+        )
+
+
+def journal_path(vm: VmInfo) -> str:
+    """``[ds] dir/<vmx name>.esxi-reconciler-overwrite.json`` beside the VM's .vmx."""
+    ds, rel = split_ds_path(vm.vmx_path)
+    stem = posixpath.basename(rel).rsplit(".", 1)[0]
+    return f"[{ds}] {posixpath.join(posixpath.dirname(rel), stem + JOURNAL_SUFFIX)}"
+
+
+def unfinished_overwrite(host: EsxiHost, vm: VmInfo) -> OverwriteJournal | None:
+    """The journal an interrupted overwrite of ``vm`` left, if any."""
+    path = journal_path(vm)
+    if not host.file_exists(path):
+        return None
+    return OverwriteJournal.from_json(host.read_file(path, 1 << 20))
+
+
+def _write_journal(host: EsxiHost, vm: VmInfo, journal: OverwriteJournal) -> None:
+    host.write_file(journal_path(vm), journal.to_json())
+
+
+@dataclass
+class Settled:
+    """What cleaning up after an interrupted overwrite found and did."""
+
+    vm: VmInfo
+    switched: bool
+    """Whether that overwrite had switched the VM to its (verified) restored disks."""
+    removed: list[str] = field(default_factory=list)
+    kept: list[str] = field(default_factory=list)
+    """Replaced files of the VM still in its folder (kept by ``--abort``)."""
+
+
+def _settle(host: EsxiHost, vm: VmInfo, journal: OverwriteJournal, *, delete_replaced: bool) -> Settled:
+    """Clean up after an interrupted overwrite. Before its switch the VM is on its original disks: only
+    the restored files it does not use go. After the switch it is on verified restored disks: CBT is
+    switched on again where that run had switched it off, and the files it replaced are deleted
+    (``delete_replaced``: a new overwrite, which replaces them anyway) or kept and listed (``--abort``:
+    nothing the VM had is deleted without an overwrite that says so). The .vmx file decides which side
+    of the switch the VM is on: a run killed between writing it and the reload has switched."""
+    if vm.snapshots:
+        raise RestoreError(f"VM {vm.name!r} has snapshots (a backup running?); try again once they are gone")
+    vmx = host.read_vmx(vm)
+    named = {posixpath.basename(d.file_name) for d in vmx.disks(include_independent=True)}
+    switched = bool(journal.replaced) and not any(posixpath.basename(f) in named for f in journal.replaced)
+    if not switched:
+        return Settled(vm, False, _remove_leftovers(host, vm, [d.file for d in vm.disks]))
+    if vm.power_state == "poweredOff":
+        off = [n for n in journal.cbt_nodes if not vmx.is_true(f"{n}.ctkEnabled")]
+        for node in off:
+            vmx.set(f"{node}.ctkEnabled", "TRUE")
+        if off:
+            host.write_file(vm.vmx_path, vmx.dumps().encode("utf-8", "surrogateescape"))
+        hostd = {f for d in vm.disks for f in d.chain}
+        if off or any(f in hostd for f in journal.replaced):  # edited, or written but not reloaded
+            vm = host.reload_vm(vm)
+    used = {f for d in vm.disks for f in d.chain}
+    files = [f for f in journal.replaced if f not in used and host.file_exists(f)]
+    old_nvram = journal.nvram
+    if old_nvram and posixpath.basename(old_nvram) != vmx.get("nvram") and host.file_exists(old_nvram):
+        files.append(old_nvram)
+    if not delete_replaced:
+        return Settled(vm, True, kept=files)
+    for f in files:
+        log.warning("restore.replaced_file_deleted", vm=vm.name, file=f)
+        if f.lower().endswith(".vmdk"):
+            host.delete_disk(f)
+        else:
+            host.delete_path(f)
+    return Settled(vm, True, removed=files)
+
+
+@dataclass
+class AbortResult:
+    journal: OverwriteJournal
+    vm: VmInfo
+    switched: bool
+    removed: list[str]
+    kept: list[str]
+    powered_on: bool
+
+
+def abort_overwrite(host: EsxiHost, target: VmInfo) -> AbortResult | None:
+    """Give up the interrupted overwrite of ``target`` (None: there is none): remove what it wrote
+    (before its switch; after it the VM stays on the verified restored disks and the replaced files are
+    kept), power the VM on if it was on before, and remove the journal."""
+    with vm_lock(host.identity, target.vmid):
+        vm = host.vm(target)
+        journal = unfinished_overwrite(host, vm)
+        if journal is None:
+            return None
+        settled = _settle(host, vm, journal, delete_replaced=False)
+        vm = settled.vm
+        powered_on = False
+        if journal.power_state == "poweredOn" and vm.power_state != "poweredOn":
+            vm = host.power_on(vm)
+            powered_on = True
+        host.delete_path(journal_path(vm))
+    log.info("restore.overwrite_aborted", vm=vm.name, point=journal.point, switched=settled.switched)
+    return AbortResult(journal, vm, settled.switched, settled.removed, settled.kept, powered_on)
 
 
 def _point_configuration(
@@ -465,6 +751,107 @@ def _point_configuration(
     return vmx, f"[{ds}] {posixpath.join(folder, previous)}"
 
 
+_VM_IDENTITY = ("uuid.bios", "uuid.location", "vc.uuid", "uuid.action")
+_NIC_IDENTITY = ("addressType", "address", "generatedAddress", "generatedAddressOffset")
+_NIC = re.compile(r"^(ethernet\d+)\.present$", re.IGNORECASE)
+
+
+def _keep_identity(vmx: VmxFile, current: VmxFile) -> None:
+    """Give the configuration switched onto another VM (``--to-vm``) that VM's own identity: its BIOS
+    and vCenter UUIDs and MAC addresses, so two VMs never share them; a network card it does not have
+    gets a generated address."""
+    for key in _VM_IDENTITY:
+        value = current.get(key)
+        if value is None:
+            vmx.remove(key)
+        else:
+            vmx.set(key, value)
+    for key, _ in vmx.items():
+        m = _NIC.match(key)
+        if m is None:
+            continue
+        nic = m.group(1)
+        has_nic = f"{nic}.present" in current
+        for suffix in _NIC_IDENTITY:
+            value = current.get(f"{nic}.{suffix}") if has_nic else None
+            if value is None:
+                vmx.remove(f"{nic}.{suffix}")
+            else:
+                vmx.set(f"{nic}.{suffix}", value)
+        if not has_nic:
+            vmx.set(f"{nic}.addressType", "generated")
+
+
+def check_overwrite(point: RestorePoint, host: str, vm: VmInfo, *, other_vm: bool) -> None:
+    """Refuse to put a point over a VM it is not of (another host's VM of the same name, a re-created
+    VM), unless the caller says so explicitly (``other_vm``: ``--to-vm``)."""
+    if other_vm or same_vm(point, host, vm):
+        return
+    name = shlex.quote(vm.name)
+    raise RestoreError(
+        f"restore point {point.id} is of {describe_source(point)}, not of VM {vm.name!r} on {host}"
+        f" (uuid {vm.uuid or '?'}) that would be overwritten; nothing changed. Use a point of that VM"
+        f" (`esxi-reconciler points --vm {name}` shows each point's host and uuid), or, to put this other"
+        f" VM's point over it anyway, name the target with --to-vm {name}"
+    )
+
+
+class OverwriteFailed(RestoreError):
+    """An overwrite stopped after it had powered the VM off; says where the VM is left and the way on."""
+
+    def __init__(self, cause: str, vm_state: str) -> None:
+        super().__init__(f"{cause}; {vm_state}")
+        self.cause = cause
+        self.vm_state = vm_state
+
+
+def _cause(exc: BaseException) -> str:
+    if isinstance(exc, KeyboardInterrupt):
+        return "interrupted"
+    if isinstance(exc, SystemExit):
+        return f"stopped (exit status {exc.code})"
+    return str(exc) or exc.__class__.__name__
+
+
+def _find_again(host: EsxiHost, vm: VmInfo) -> VmInfo:
+    """The VM after a failure: by vmid, else by its .vmx (a reload re-registers it with a new vmid
+    where there is no SSH); registered again if the failure came between unregister and register."""
+    try:
+        return host.vm(vm)
+    except EsxiError:
+        found = [v for v in host.list_vms() if v.vmx_path == vm.vmx_path]
+        if found:
+            return found[0]
+        log.warning("restore.reregister", vm=vm.name, vmx=vm.vmx_path)
+        return host.register_vm(vm.vmx_path)
+
+
+def _after_failure(host: EsxiHost, vm: VmInfo, journal: OverwriteJournal) -> str:
+    """After an overwrite stopped: before its switch, remove what it wrote and give the VM its power
+    state back (the VM is as it was; the journal goes); after it, leave the journal for the next
+    command. Returns where the VM is left, for the user."""
+    try:
+        vm = _find_again(host, vm)
+        settled = _settle(host, vm, journal, delete_replaced=False)
+        vm = settled.vm
+        if settled.switched:
+            return "the VM is on the verified restored disks, but " + journal.notice(vm, host.name)
+        powered = ""
+        if journal.power_state == "poweredOn" and vm.power_state != "poweredOn":
+            vm = host.power_on(vm)
+            powered = ", and powered on again"
+        host.delete_path(journal_path(vm))
+        return f"VM {vm.name!r} is unchanged, on its original disks{powered}"
+    except Exception as exc:  # the host may be gone: the journal stays for the next command
+        log.error("restore.overwrite_cleanup_failed", vm=vm.name, error=str(exc))
+        return f"cleaning up failed too ({exc}): " + journal.notice(vm, host.name)
+
+
+def _stage(options: RestoreOptions, name: str) -> None:
+    if options.on_stage is not None:
+        options.on_stage(name)
+
+
 def restore_overwrite(
     host: EsxiHost,
     repo: Repository,
@@ -473,19 +860,32 @@ def restore_overwrite(
     options: RestoreOptions,
     *,
     disk: str | None = None,
+    other_vm: bool = False,
 ) -> RestoreResult:
     """Replace the disks of the existing VM ``target`` (all of the point's, or the one named by
     ``disk``) with the point's content, keeping the originals until the restored ones are verified and
-    the .vmx switched (see the module doc). The VM is powered off first (guest shutdown, then hard off
-    after ``shutdown_timeout``) and powered on afterwards only with ``power_on``."""
+    the .vmx switched (see the module doc). The point must be of ``target`` itself (host and UUID)
+    unless ``other_vm``; then ``target`` keeps its own identity. The VM is powered off first (guest
+    shutdown, then hard off after ``shutdown_timeout``) and powered on afterwards only with
+    ``power_on``. A journal in the VM's folder (:class:`OverwriteJournal`) lets the next command finish
+    or undo a killed run; a failure before the switch removes what was written and powers the VM on
+    again if it was on; any failure after the power-off raises :class:`OverwriteFailed`."""
     _, point_vmx_file = point_vmx(repo, point)
     nodes = disk_nodes(point_vmx_file, point)
     chosen = [select_disk(point, nodes, disk)] if disk else list(point.disks)
     rlog = log.bind(point=point.id, vm=target.name, host=host.name)
     with vm_lock(host.identity, target.vmid):
         vm = host.vm(target)
+        check_overwrite(point, host.name, vm, other_vm=other_vm)
+        other_identity = not same_vm(point, host.name, vm)
         if vm.snapshots:
             raise RestoreError(f"VM {vm.name!r} has snapshots; remove them before overwriting its disks")
+        earlier = unfinished_overwrite(host, vm)
+        if earlier is not None:  # finish what a killed run left before replacing anything
+            rlog.warning(
+                "restore.unfinished_overwrite", earlier=earlier.point, power_state=earlier.power_state
+            )
+            vm = _settle(host, vm, earlier, delete_replaced=True).vm
         current = {d.key: d for d in vm.disks}
         pairs: list[tuple[DiskRecord, DiskInfo]] = []
         for rec in chosen:
@@ -502,13 +902,26 @@ def restore_overwrite(
             by_ds[ds] = by_ds.get(ds, 0) + (stored_bytes(repo, rec) if sparse else rec.capacity)
         for ds, need in by_ds.items():
             _check_space(host, ds, need)
-        _remove_leftovers(host, vm, pairs)
-        rlog.info("restore.overwrite_start", disks=[r.label for r, _ in pairs])
-        _power_off(host, vm, options.shutdown_timeout)
+        _remove_leftovers(host, vm, [cur.file for _, cur in pairs])
         stamp = f"{datetime.now(timezone.utc):%Y%m%d%H%M%S}-{secrets.token_hex(2)}"
-        result = RestoreResult(point.id, host.name, vm.name, vm.vmid, vm.vmx_path)
+        before = earlier.power_state if earlier is not None and earlier.power_state else vm.power_state
+        journal = OverwriteJournal(
+            point.id,
+            describe_source(point),
+            datetime.now(timezone.utc),
+            before,
+            stamp,
+            tuple(cur.file for _, cur in pairs),
+            point_vm=point.vm.name,
+            other_vm=other_identity or point.vm.name != vm.name,
+        )
+        _write_journal(host, vm, journal)  # before anything changes: a killed run is found by the next one
+        rlog.info("restore.overwrite_start", disks=[r.label for r, _ in pairs], power_state=before)
+        result = RestoreResult(point.id, host.name, vm.name, vm.vmid, vm.vmx_path, power_state_before=before)
         written: list[RestoredDisk] = []
         try:
+            _power_off(host, vm, options.shutdown_timeout)
+            _stage(options, "powered-off")
             for rec, cur in pairs:
                 ds, rel = split_ds_path(cur.file)
                 name = f"{_base_stem(rel)}-restored-{stamp}.vmdk"
@@ -518,50 +931,64 @@ def restore_overwrite(
                         host, repo, rec, cur.node or "", new, options, vm.name, _adapter(repo, point, rec)
                     )
                 )
-        except BaseException:
-            for d in written:  # the VM still uses its original disks: only our new files go
-                try:
-                    host.delete_disk(d.descriptor)
-                except Exception as exc:
-                    rlog.error("restore.cleanup_failed", file=d.descriptor, error=str(exc))
-            raise
-        # the switch: one atomic .vmx rename; before it the VM runs on the originals, after it on
-        # verified restored disks (and, for the whole VM, on the point's configuration)
-        current_vmx = host.read_vmx(vm)
-        old_nvram: str | None = None
-        if disk is None:
-            vmx, old_nvram = _point_configuration(host, repo, point, vm, point_vmx_file, current_vmx, stamp)
-            where = {d.node: nodes.get(rec.key, d.node) for (rec, _), d in zip(pairs, written, strict=True)}
-            written = [replace(d, node=where[d.node]) for d in written]
-        else:
-            vmx = current_vmx
-        tracked = [d.node for d in written if vmx.is_true(f"{d.node}.ctkEnabled")]
-        for d in written:
-            vmx.set(f"{d.node}.fileName", _relative(vm.vmx_path, d.descriptor))
-            if d.node in tracked:
-                vmx.set(f"{d.node}.ctkEnabled", "FALSE")  # reset CBT: the old changeIds must not match
-        host.write_file(vm.vmx_path, vmx.dumps().encode("utf-8", "surrogateescape"))
-        vm = host.reload_vm(vm)
-        if tracked:
-            for node in tracked:
-                vmx.set(f"{node}.ctkEnabled", "TRUE")  # tracking restarts at the next power-on
+            current_vmx = host.read_vmx(vm)
+            old_nvram: str | None = None
+            if disk is None:
+                vmx, old_nvram = _point_configuration(
+                    host, repo, point, vm, point_vmx_file, current_vmx, stamp
+                )
+                if other_identity:
+                    _keep_identity(vmx, current_vmx)
+                where = {
+                    d.node: nodes.get(rec.key, d.node) for (rec, _), d in zip(pairs, written, strict=True)
+                }
+                written = [replace(d, node=where[d.node]) for d in written]
+            else:
+                vmx = current_vmx
+            tracked = [d.node for d in written if vmx.is_true(f"{d.node}.ctkEnabled")]
+            journal = replace(journal, nvram=old_nvram, cbt_nodes=tuple(tracked))
+            _write_journal(host, vm, journal)
+            _stage(options, "written")
+            # the switch: one atomic .vmx rename; before it the VM is on the originals, after it on
+            # verified restored disks (and, for the whole VM, on the point's configuration)
+            for d in written:
+                vmx.set(f"{d.node}.fileName", _relative(vm.vmx_path, d.descriptor))
+                if d.node in tracked:
+                    vmx.set(f"{d.node}.ctkEnabled", "FALSE")  # reset CBT: the old changeIds must not match
             host.write_file(vm.vmx_path, vmx.dumps().encode("utf-8", "surrogateescape"))
             vm = host.reload_vm(vm)
-        result.vmid = vm.vmid
-        now = {d.key: d for d in vm.disks}
-        for rec, cur in pairs:
-            if now.get(rec.key) is None or now[rec.key].file == cur.file:
-                raise RestoreError(f"VM {vm.name!r} still uses {cur.file} after the switch; originals kept")
-        for _, cur in pairs:
-            rlog.info("restore.original_deleted", file=cur.file)
-            host.delete_disk(cur.file)
-        if old_nvram is not None:
-            host.delete_path(old_nvram)
+            if tracked:
+                _stage(options, "cbt-reset")
+                for node in tracked:
+                    vmx.set(f"{node}.ctkEnabled", "TRUE")  # tracking restarts at the next power-on
+                host.write_file(vm.vmx_path, vmx.dumps().encode("utf-8", "surrogateescape"))
+                vm = host.reload_vm(vm)
+            result.vmid = vm.vmid
+            now = {d.key: d for d in vm.disks}
+            for rec, cur in pairs:
+                if now.get(rec.key) is None or now[rec.key].file == cur.file:
+                    raise RestoreError(
+                        f"VM {vm.name!r} still uses {cur.file} after the switch; originals kept"
+                    )
+            _stage(options, "switched")
+            for _, cur in pairs:
+                rlog.info("restore.original_deleted", file=cur.file)
+                host.delete_disk(cur.file)
+            if old_nvram is not None:
+                host.delete_path(old_nvram)
+            host.delete_path(journal_path(vm))
+        except BaseException as exc:
+            state = _after_failure(host, vm, journal)
+            rlog.error("restore.overwrite_failed", error=_cause(exc), state=state)
+            raise OverwriteFailed(_cause(exc), state) from exc
         result.disks = written
-        if options.power_on:
-            host.power_on(vm)
-            result.powered_on = True
     rlog.info("restore.overwrite_done", disks=[d.descriptor for d in written])
+    if options.power_on:  # the restore is complete and verified: a failed power-on changes nothing
+        try:
+            host.power_on(vm)
+        except EsxiError as exc:
+            raise RestoreError(f"overwrote VM {vm.name!r} (verified), but power-on failed: {exc}") from exc
+        result.powered_on = True
     return result
 
 

@@ -13,7 +13,7 @@ from typing import Any
 
 from reconciler.config.model import DesiredState
 from reconciler.facts.inventory import VmInfo
-from reconciler.planning.observed import ObservedState
+from reconciler.planning.observed import ObservedState, RepositoryObservation
 
 
 def _iso(value: datetime | None) -> str | None:
@@ -29,6 +29,19 @@ def _vm_facts(vm: VmInfo) -> dict[str, Any]:
         "snapshots": sorted([s.id, s.name] for s in vm.snapshots),
         "disks": sorted([d.key, d.capacity] for d in vm.disks),
     }
+
+
+def _repository_facts(repo: RepositoryObservation) -> dict[str, Any]:
+    facts: dict[str, Any] = {
+        "reachable": repo.reachable,
+        "points": sorted(f"{p.id} {p.status}{' protected' if p.protected else ''}" for p in repo.points),
+    }
+    # only when present: a repository without garbage keeps the fingerprint it always had
+    if repo.gc_interrupted is not None:
+        facts["gc_interrupted"] = repo.gc_interrupted.isoformat()
+    if repo.unreferenced_indexes:
+        facts["unreferenced_indexes"] = repo.unreferenced_indexes
+    return facts
 
 
 def fingerprint(desired: DesiredState, observed: ObservedState) -> str:
@@ -49,13 +62,7 @@ def fingerprint(desired: DesiredState, observed: ObservedState) -> str:
             for name, host in sorted(observed.hosts.items())
         },
         "repositories": {
-            name: {
-                "reachable": repo.reachable,
-                "points": sorted(
-                    f"{p.id} {p.status}{' protected' if p.protected else ''}" for p in repo.points
-                ),
-            }
-            for name, repo in sorted(observed.repositories.items())
+            name: _repository_facts(repo) for name, repo in sorted(observed.repositories.items())
         },
         "history": {
             key: [_iso(record.retry_after), _iso(record.last_started)]

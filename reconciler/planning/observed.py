@@ -45,12 +45,17 @@ class HostObservation:
 
 @dataclass(frozen=True)
 class RepositoryObservation:
-    """One repository as observed: its complete restore points (or why it could not be read)."""
+    """One repository as observed: its complete restore points (or why it could not be read), and the
+    cheap signs of garbage waiting for a GC (:func:`reconciler.repository.garbage_signs`)."""
 
     name: str
     reachable: bool
     error: str | None = None
     points: tuple[RestorePoint, ...] = ()
+    gc_interrupted: datetime | None = None
+    """Start of a GC that did not complete (killed, or failed): its garbage is still there."""
+    unreferenced_indexes: int = 0
+    """Disk indexes no restore point references (a failed or killed backup, or an interrupted prune)."""
 
 
 @dataclass(frozen=True)

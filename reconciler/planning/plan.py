@@ -45,7 +45,12 @@ Prune (per reachable repository)
     says so (the guard documented in docs/config.md: a mass deletion is more likely a retention
     mistake than intended; a person raises the limit or fixes the retention).
   * The newest successful point of a group is never pruned (retention keeps it; checked again here).
-  * One ``CollectGarbage`` per repository with prunes, after them.
+
+GC (per reachable repository): one ``CollectGarbage``, after the prunes, when points are pruned, when
+  the repository says an earlier GC did not complete (its marker: killed or failed; reason "previous GC
+  interrupted at <time>"), or when disk indexes no restore point references were seen (a failed or
+  killed backup, or a prune whose GC never ran). The reasons are joined. Also with pruning disabled: GC
+  frees only data no restore point uses.
 
 Verify (per active verify policy of a reachable repository): due like a backup, history key
 ``verify/<name>``; ``after`` chains use the upstream backup policy's last success -> ``RunVerify``.
@@ -489,7 +494,8 @@ def _plan_host(b: _Builder, desired: DesiredState, observed: ObservedState, name
 # -- repositories: prune and gc --------------------------------------------------------------------
 
 
-def _plan_prune(b: _Builder, desired: DesiredState, repo: RepositoryObservation) -> None:
+def _plan_prune(b: _Builder, desired: DesiredState, repo: RepositoryObservation) -> int:
+    """Plan the prunes of ``repo``; returns how many points are planned to go."""
     config = desired.repository(repo.name)
     groups: dict[tuple[str, str], list[RestorePoint]] = defaultdict(list)
     for point in repo.points:
@@ -519,14 +525,14 @@ def _plan_prune(b: _Builder, desired: DesiredState, repo: RepositoryObservation)
             " this repository: never pruned automatically",
         )
     if not expired:
-        return
+        return 0
     if not config.prune.enabled:
         b.notice(
             "info",
             repo.name,
             f"{_count(len(expired), 'expired point')} kept: pruning is disabled for repository {repo.name}",
         )
-        return
+        return 0
     limit = config.prune.max_deletions_per_run
     if len(expired) > limit:
         # The documented guard (docs/config.md): too many at once looks like a retention mistake, so
@@ -537,7 +543,7 @@ def _plan_prune(b: _Builder, desired: DesiredState, repo: RepositoryObservation)
             f"{_count(len(expired), 'expired point')} exceed max_deletions_per_run {limit}: none pruned"
             " (check the retention, or raise the limit to let them go)",
         )
-        return
+        return 0
     expired.sort(key=lambda item: (item[0].time.astimezone(UTC), item[0].id))
     for point, reason in expired:
         b.actions.append(
@@ -550,12 +556,25 @@ def _plan_prune(b: _Builder, desired: DesiredState, repo: RepositoryObservation)
                 time=point.time,
             )
         )
-    b.actions.append(
-        CollectGarbage(
-            reason=f"free the data of {_count(len(expired), 'pruned point')}",
-            repository=repo.name,
+    return len(expired)
+
+
+def _plan_gc(b: _Builder, repo: RepositoryObservation, pruned: int) -> None:
+    """One GC of ``repo`` when there is garbage to free: pruned points, an interrupted GC, orphaned
+    indexes (see the module doc)."""
+    reasons = []
+    if pruned:
+        reasons.append(f"free the data of {_count(pruned, 'pruned point')}")
+    if repo.gc_interrupted is not None:
+        reasons.append(f"previous GC interrupted at {_fmt(repo.gc_interrupted)}")
+    if repo.unreferenced_indexes:
+        n = repo.unreferenced_indexes
+        reasons.append(
+            f"{n} disk {'index' if n == 1 else 'indexes'} no restore point references"
+            ", left by a failed backup or deleted points"
         )
-    )
+    if reasons:
+        b.actions.append(CollectGarbage(reason="; ".join(reasons), repository=repo.name))
 
 
 # -- verify ----------------------------------------------------------------------------------------
@@ -658,7 +677,7 @@ def plan(desired: DesiredState, observed: ObservedState) -> Plan:
     for name in desired.repositories:
         repo = observed.repositories.get(name)
         if repo is not None and repo.reachable:
-            _plan_prune(b, desired, repo)
+            _plan_gc(b, repo, _plan_prune(b, desired, repo))
     for verify in desired.verify_policies.values():
         if not verify.suspend:
             _plan_verify(b, observed, verify, facts.successes)

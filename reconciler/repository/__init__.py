@@ -15,11 +15,12 @@ from reconciler.repository.errors import (
     MissingObjectError,
     ProtectedPointError,
     RepositoryError,
+    StorageError,
     WrongKeyError,
 )
-from reconciler.repository.gc import GcReport, collect_garbage
+from reconciler.repository.gc import GarbageSigns, GcReport, collect_garbage, garbage_signs
 from reconciler.repository.index import DIGEST_BLOCK_SIZE, DigestMap, DiskIndex
-from reconciler.repository.lock import LockInfo, RepositoryLock, remove_stale_locks
+from reconciler.repository.lock import LockInfo, RepositoryLock, remove_stale_locks, stale_staged_files
 from reconciler.repository.repo import (
     ChunkWrite,
     ChunkWriter,
@@ -42,6 +43,7 @@ __all__ = [
     "DiskIndex",
     "EncodedChunk",
     "FormatError",
+    "GarbageSigns",
     "GcReport",
     "IntegrityError",
     "KdfParams",
@@ -55,11 +57,14 @@ __all__ = [
     "RepositoryError",
     "RepositoryLock",
     "RepositoryStats",
+    "StorageError",
     "VerifyReport",
     "WrongKeyError",
     "collect_garbage",
     "export_key",
+    "garbage_signs",
     "import_key",
     "remove_stale_locks",
+    "stale_staged_files",
     "verify_repository",
 ]

@@ -13,6 +13,12 @@ either no object or the whole object. Two kinds of write exist (see docs/reposit
 
 Object storage backends (later) implement the same protocol: ``put`` maps to a conditional PUT and
 ``put_deferred``/``flush`` to plain PUTs (an object store has no torn objects).
+
+Staged files are named after their writer (:func:`staged_name`: host, pid and a per-process token), so
+that a later run can tell the leftovers of a killed writer from the files of a live one
+(:func:`reconciler.repository.lock.stale_staged_files`). A write the volume refuses (full, over quota,
+read-only, no permission) raises :class:`StorageError`, one line naming the repository, the cause and
+the fix, and leaves no staged file of its own behind.
 """
 
 from __future__ import annotations
@@ -21,15 +27,19 @@ import contextlib
 import ctypes
 import ctypes.util
 import errno
+import hashlib
 import os
+import re
 import secrets
+import socket
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Protocol, cast
 
-from reconciler.repository.errors import MissingObjectError, RepositoryError
+from reconciler.repository.errors import MissingObjectError, RepositoryError, StorageError
+from reconciler.units import human_size
 
 Data = bytes | bytearray | memoryview
 """A bytes-like part of an object (objects are written as a sequence of parts, without joining them)."""
@@ -37,6 +47,74 @@ Data = bytes | bytearray | memoryview
 TMP_DIR = "tmp"
 FLUSH_OBJECTS = 256
 FLUSH_BYTES = 256 * 1024 * 1024
+
+_SESSION = secrets.token_hex(4)
+"""Tells this process's staged files from those of an earlier process that had the same pid."""
+_STAGED_RE = re.compile(
+    r"^(?P<host>[0-9a-f]{12})-(?P<pid>[0-9]{1,10})-(?P<session>[0-9a-f]{8})-[0-9a-f]{16}$"
+)
+
+
+def host_tag(host: str) -> str:
+    """The 12 hex digits naming a host in staged file names (a hash: names stay ASCII and short)."""
+    return hashlib.sha256(host.encode("utf-8", "surrogateescape")).hexdigest()[:12]
+
+
+@dataclass(frozen=True, slots=True)
+class StagedOwner:
+    """Who wrote a staged file: the host (as :func:`host_tag`), the pid and that process's token."""
+
+    host: str
+    pid: int
+    session: str
+
+    @property
+    def ours(self) -> bool:
+        """Written by this very process (not by an earlier one that had the same pid)."""
+        return self.pid == os.getpid() and self.session == _SESSION
+
+
+def staged_name(host: str) -> str:
+    """A fresh name under ``tmp/`` for a file this process stages on ``host``."""
+    return f"{TMP_DIR}/{host_tag(host)}-{os.getpid()}-{_SESSION}-{secrets.token_hex(8)}"
+
+
+def staged_owner(name: str) -> StagedOwner | None:
+    """The writer of the staged file ``name`` (``tmp/...``), or None for a name of an older version."""
+    match = _STAGED_RE.match(name.rpartition("/")[2])
+    if match is None:
+        return None
+    return StagedOwner(match["host"], int(match["pid"]), match["session"])
+
+
+_REFUSED = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM})
+"""Errors that mean the volume refuses writes (a person must act), as opposed to a bug or a glitch."""
+
+_WHAT = {
+    "chunks": "a chunk",
+    "indexes": "a disk index",
+    "digests": "a digest map",
+    "points": "a restore point manifest",
+    "locks": "a lock file",
+    "keys": "a key file",
+    "quarantine": "a quarantined chunk",
+    "config": "the repository config",
+    "gc-running.json": "the GC marker",
+}
+
+
+def _what(name: str) -> str:
+    return _WHAT.get(name.partition("/")[0], name)
+
+
+def _user() -> str:
+    import pwd
+
+    uid = os.geteuid()
+    try:
+        return f"{pwd.getpwuid(uid).pw_name} (uid {uid})"
+    except KeyError:
+        return f"uid {uid}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,19 +221,87 @@ class LocalBackend:
     each touched directory). Thread-safe.
     """
 
-    def __init__(self, root: str | os.PathLike[str], *, sync: str = "syncfs") -> None:
+    def __init__(
+        self, root: str | os.PathLike[str], *, sync: str = "syncfs", label: str | None = None
+    ) -> None:
         if sync not in ("syncfs", "fsync"):
             raise ValueError(f"unknown sync mode {sync!r}")
         self.root = Path(root)
+        self.label = label
+        """The repository's configured name, for messages (None: the path alone names it)."""
+        self.host = socket.gethostname()
         self._use_syncfs = sync == "syncfs" and _SYNCFS is not None
         self._lock = threading.Lock()
         self._pending: dict[str, tuple[Path, int]] = {}
         self._flushing: set[str] = set()
         self._pending_bytes = 0
         self._failed: str | None = None
+        self._failed_storage: StorageError | None = None
 
     def __repr__(self) -> str:
         return f"LocalBackend({str(self.root)!r})"
+
+    def describe(self) -> str:
+        """``repository nas (/srv/backup/nas)`` — how messages name this repository."""
+        return f"repository {self.label} ({self.root})" if self.label else f"repository {self.root}"
+
+    # -- refused writes ------------------------------------------------------------------------------
+
+    def refused(self, exc: OSError, doing: str, needed: int | None = None) -> StorageError | None:
+        """The one-line :class:`StorageError` for a write the volume refused, or None for other errors."""
+        if exc.errno not in _REFUSED:
+            return None
+        where = self.describe()
+        size = f" of {human_size(needed)}" if needed else ""
+        if exc.errno == errno.ENOSPC:
+            space = ""
+            with contextlib.suppress(OSError):
+                st = os.statvfs(self.root)
+                if st.f_files and not st.f_favail:
+                    space = f" (no free inodes left of {st.f_files})"
+                else:
+                    free, total = st.f_bavail * st.f_frsize, st.f_blocks * st.f_frsize
+                    space = f" ({human_size(free)} free of {human_size(total)})"
+            gc = (
+                f", or free unreferenced data with 'esxi-reconciler repo gc {self.label}'"
+                if self.label
+                else ""
+            )
+            return StorageError(
+                f"{where}: the volume is full: no space left {doing}{size}{space}; free space on that volume"
+                f"{gc}, then run again — nothing needs cleaning up by hand",
+                exc.errno,
+            )
+        if exc.errno == errno.EDQUOT:
+            return StorageError(
+                f"{where}: disk quota exceeded {doing}{size}; raise the quota of user {_user()} on that"
+                " volume or free space in it, then run again — nothing needs cleaning up by hand",
+                exc.errno,
+            )
+        if exc.errno == errno.EROFS:
+            return StorageError(
+                f"{where}: the volume is read-only ({doing}); remount it read-write (under systemd, list the"
+                " path in ReadWritePaths=), then run again",
+                exc.errno,
+            )
+        return StorageError(
+            f"{where}: permission denied {doing} as user {_user()}; give that user read and write access"
+            f" to {self.root} and everything below it, then run again",
+            exc.errno,
+        )
+
+    @contextlib.contextmanager
+    def volume_errors(self, doing: str, needed: int | None = None) -> Iterator[None]:
+        """Turn an access the volume refuses into a :class:`StorageError` (other ``OSError``s pass
+        unchanged). Used around every write; reads stay plain ``OSError`` (verify reports an unreadable
+        object as damage), except where a repository is opened."""
+        try:
+            yield
+        except OSError as exc:
+            refused = self.refused(exc, doing, needed)
+            if refused is None:
+                raise
+            raise refused from exc
 
     # -- paths ---------------------------------------------------------------------------------------
 
@@ -164,21 +310,25 @@ class LocalBackend:
         return self.root / name
 
     def _tmp_path(self) -> Path:
-        return self.root / TMP_DIR / secrets.token_hex(16)
+        return self.root / staged_name(self.host)
 
-    def _create_tmp(self, parts: Sequence[Data], *, fsync: bool) -> tuple[Path, int]:
+    def _create_tmp(self, parts: Sequence[Data], *, fsync: bool, name: str) -> tuple[Path, int]:
+        """Write ``parts`` to a new staged file (``name``: the object it is for, for messages); on any
+        failure the staged file is removed."""
         tmp = self._tmp_path()
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o600)
-        try:
-            size = _write_all(fd, parts)
-            if fsync:
-                os.fsync(fd)
-        except BaseException:
+        needed = sum(memoryview(part).nbytes for part in parts)
+        with self.volume_errors(f"writing {_what(name)}", needed):
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o600)
+            try:
+                size = _write_all(fd, parts)
+                if fsync:
+                    os.fsync(fd)
+            except BaseException:
+                os.close(fd)
+                with contextlib.suppress(OSError):
+                    tmp.unlink()
+                raise
             os.close(fd)
-            with contextlib.suppress(OSError):
-                tmp.unlink()
-            raise
-        os.close(fd)
         return tmp, size
 
     # -- writes --------------------------------------------------------------------------------------
@@ -187,19 +337,26 @@ class LocalBackend:
         final = self._path(name)
         if final.exists():
             return False
-        tmp, _ = self._create_tmp(parts, fsync=True)
+        tmp, _ = self._create_tmp(parts, fsync=True, name=name)
         try:
-            try:
-                os.link(tmp, final)
-            except FileExistsError:
-                return False
-            except OSError as exc:
-                if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK):
-                    raise
-                # File systems without hard links (some SMB mounts): best-effort if-absent.
-                if final.exists():
+            with self.volume_errors(f"writing {_what(name)}"):
+                try:
+                    os.link(tmp, final)
+                except FileExistsError:
                     return False
-                tmp.replace(final)
+                except OSError as exc:
+                    if exc.errno not in (
+                        errno.EPERM,
+                        errno.ENOTSUP,
+                        errno.EOPNOTSUPP,
+                        errno.EXDEV,
+                        errno.EMLINK,
+                    ):
+                        raise
+                    # File systems without hard links (some SMB mounts): best-effort if-absent.
+                    if final.exists():
+                        return False
+                    tmp.replace(final)
         finally:
             with contextlib.suppress(FileNotFoundError):
                 tmp.unlink()
@@ -208,9 +365,10 @@ class LocalBackend:
 
     def replace(self, name: str, parts: Sequence[Data]) -> None:
         final = self._path(name)
-        tmp, _ = self._create_tmp(parts, fsync=True)
+        tmp, _ = self._create_tmp(parts, fsync=True, name=name)
         try:
-            tmp.replace(final)
+            with self.volume_errors(f"writing {_what(name)}"):
+                tmp.replace(final)
         except BaseException:
             with contextlib.suppress(OSError):
                 tmp.unlink()
@@ -218,6 +376,8 @@ class LocalBackend:
         fsync_dir(final.parent)
 
     def _check_not_failed(self) -> None:
+        if self._failed_storage is not None:  # the same one-line message for every later write
+            raise StorageError(str(self._failed_storage), self._failed_storage.errno)
         if self._failed is not None:
             raise RepositoryError(
                 f"{self.root}: an earlier batch of chunks could not be made durable ({self._failed});"
@@ -232,7 +392,7 @@ class LocalBackend:
                 return False
         if final.exists():
             return False
-        tmp, size = self._create_tmp(parts, fsync=not self._use_syncfs)
+        tmp, size = self._create_tmp(parts, fsync=not self._use_syncfs, name=name)
         with self._lock:
             if name in self._pending or name in self._flushing:
                 duplicate = True
@@ -271,17 +431,18 @@ class LocalBackend:
                 self._syncfs()
             # 2. names visible
             dirs: set[Path] = set()
-            for name, (tmp, _) in batch.items():
-                final = self._path(name)
-                try:
-                    tmp.replace(final)
-                except FileNotFoundError:
-                    if tmp.exists():  # the parent directory is missing
-                        final.parent.mkdir(parents=True, exist_ok=True)
+            with self.volume_errors("making staged chunks visible (rename out of tmp/)"):
+                for name, (tmp, _) in batch.items():
+                    final = self._path(name)
+                    try:
                         tmp.replace(final)
-                    else:
-                        raise
-                dirs.add(final.parent)
+                    except FileNotFoundError:
+                        if tmp.exists():  # the parent directory is missing
+                            final.parent.mkdir(parents=True, exist_ok=True)
+                            tmp.replace(final)
+                        else:
+                            raise
+                    dirs.add(final.parent)
             # 3. names durable
             if self._use_syncfs:
                 self._syncfs()
@@ -290,6 +451,11 @@ class LocalBackend:
                     fsync_dir(directory)
         except BaseException as exc:
             self._failed = f"{exc.__class__.__name__}: {exc}"
+            if isinstance(exc, StorageError):
+                self._failed_storage = exc
+            for tmp, _ in batch.values():  # what was not renamed is lost anyway: leave no staged file
+                with contextlib.suppress(OSError):
+                    tmp.unlink()
             raise
         finally:
             with self._lock:
@@ -301,6 +467,11 @@ class LocalBackend:
         try:
             if _SYNCFS(fd) != 0:
                 err = ctypes.get_errno()
+                refused = self.refused(
+                    OSError(err, os.strerror(err)), "making staged chunks durable (syncfs)"
+                )
+                if refused is not None:
+                    raise refused
                 raise RepositoryError(f"syncfs on {self.root} failed: {os.strerror(err)}")
         finally:
             os.close(fd)
@@ -353,5 +524,5 @@ class LocalBackend:
         return ObjectInfo(name, st.st_size, st.st_mtime)
 
     def delete(self, name: str) -> None:
-        with contextlib.suppress(FileNotFoundError):
+        with contextlib.suppress(FileNotFoundError), self.volume_errors(f"deleting {name}"):
             self._path(name).unlink()

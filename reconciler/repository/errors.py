@@ -8,7 +8,8 @@
     ├── MissingObjectError   a referenced object does not exist
     ├── WrongKeyError        no key file opens with the passphrase given
     ├── LockedError          another process holds a conflicting lock
-    └── ProtectedPointError  a protected restore point was asked to be deleted
+    ├── ProtectedPointError  a protected restore point was asked to be deleted
+    └── StorageError         the volume refused a write: full, over quota, read-only, no permission
 """
 
 from __future__ import annotations
@@ -48,3 +49,16 @@ class LockedError(RepositoryError):
 
 class ProtectedPointError(RepositoryError):
     """The restore point is protected and was not deleted."""
+
+
+class StorageError(RepositoryError):
+    """The repository's volume refused a write (``ENOSPC``, ``EDQUOT``, ``EROFS``, ``EACCES``, ``EPERM``).
+
+    An expected failure, not a bug: the message is one line naming the repository (its configured name
+    and path), the cause, the space needed and free where known, and the fix. ``errno`` is the
+    operating system's code; the ``OSError`` is the ``__cause__`` (so retry logic sees it as terminal).
+    """
+
+    def __init__(self, message: str, errno: int) -> None:
+        self.errno = errno
+        super().__init__(message)

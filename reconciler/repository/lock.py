@@ -8,6 +8,10 @@ Usage::
 
 A lock is stale — and ignored — when its time is more than 30 minutes old, or when it was taken on this
 host by a process that no longer exists.
+
+The same rules tell which files in ``tmp/`` are leftovers: :func:`stale_staged_files` lists the staged
+files whose writer is gone (docs/repository-format.md §7.1), so a run can remove what a killed run left
+without touching what a live writer in another process is still staging.
 """
 
 from __future__ import annotations
@@ -23,13 +27,17 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from types import TracebackType
 
-from reconciler.repository.backend import Backend
-from reconciler.repository.errors import FormatError, LockedError, MissingObjectError
+from reconciler.repository.backend import TMP_DIR, Backend, ObjectInfo, host_tag, staged_owner
+from reconciler.repository.errors import FormatError, LockedError, MissingObjectError, RepositoryError
 
 LOCK_VERSION = 1
 LOCKS_DIR = "locks"
 STALE_AFTER = timedelta(minutes=30)
 REFRESH_INTERVAL = timedelta(minutes=5)
+STAGING_GRACE = timedelta(minutes=10)
+"""A staged file this young is kept when its writer cannot be checked (another host, or an older
+version's name): a writer stages a lock file *before* its lock exists, and one put takes that long at
+most even on a slow NAS."""
 
 Clock = Callable[[], datetime]
 
@@ -150,8 +158,11 @@ class RepositoryLock:
         alive: Callable[[int], bool] = pid_alive,
         stale_after: timedelta = STALE_AFTER,
         refresh_interval: timedelta = REFRESH_INTERVAL,
+        remove_stale: bool = True,
     ) -> None:
         self.backend = backend
+        self.remove_stale = remove_stale
+        """An exclusive locker deletes the stale lock files it finds (§7); False for a dry run."""
         self.exclusive = exclusive
         self.purpose = purpose
         self._clock = clock
@@ -196,7 +207,7 @@ class RepositoryLock:
             self.backend.delete(info.name)
             holder = min(conflicts, key=lambda c: c.time)
             raise LockedError(f"repository is locked {holder.describe()}")
-        if self.exclusive:
+        if self.exclusive and self.remove_stale:
             for other in stale:
                 self.backend.delete(other.name)
         self.info = info
@@ -234,8 +245,8 @@ class RepositoryLock:
                 self.refresh()
             except LockedError:
                 return
-            except OSError:
-                continue  # transient storage error; retry next interval (stale only after 30 min)
+            except (OSError, RepositoryError):
+                continue  # storage error (even a full volume); retry next interval (stale only after 30 min)
 
     def release(self) -> None:
         """Stop refreshing and remove the lock file (idempotent)."""
@@ -245,7 +256,7 @@ class RepositoryLock:
             self._thread = None
         with self._mutex:
             if self.info is not None:
-                with contextlib.suppress(OSError):
+                with contextlib.suppress(OSError, RepositoryError):
                     self.backend.delete(self.info.name)
                 self.info = None
 
@@ -276,3 +287,55 @@ def remove_stale_locks(
             backend.delete(info.name)
             removed.append(info)
     return removed
+
+
+def stale_staged_files(
+    backend: Backend,
+    *,
+    own: LockInfo | None = None,
+    clock: Clock = _utcnow,
+    host: str | None = None,
+    alive: Callable[[int], bool] = pid_alive,
+    grace: timedelta = STAGING_GRACE,
+) -> list[ObjectInfo]:
+    """The files in ``tmp/`` no live writer owns: safe to delete, by the lock rules (§7.1).
+
+    A staged file names its writer (host, pid, process token). It is kept when the writer is on this host
+    and its process exists (and is not an earlier process that had the same pid as the caller), or when
+    a live lock of that host and pid exists; a file of another host without a live lock, or of an older
+    version (no owner in the name), is kept while younger than ``grace`` — and one of an older version
+    also while any live lock other than ``own`` (the caller's) exists, since it may be that writer's.
+    ``tmp/`` is listed *before* the locks are read, so a writer that appears in between cannot lose a
+    file. The result is unsorted; nothing is deleted here.
+    """
+    names = list(backend.list(TMP_DIR))
+    if not names:
+        return []
+    now = clock()
+    here = host or socket.gethostname()
+    here_tag = host_tag(here)
+    live = [
+        info
+        for info in list_locks(backend)
+        if not info.is_stale(now, here, alive) and (own is None or info.id != own.id)
+    ]
+    live_writers = {(host_tag(info.host), info.pid) for info in live}
+    stale = []
+    for name in names:
+        try:
+            info = backend.stat(name)
+        except MissingObjectError:
+            continue
+        young = now.timestamp() - info.mtime < grace.total_seconds()
+        owner = staged_owner(name)
+        if owner is None:
+            keep = young or bool(live)
+        elif owner.host == here_tag:
+            # this host: the process table is the truth (a file of an earlier process that had our pid
+            # is not ours: the token differs)
+            keep = owner.ours or (owner.pid != os.getpid() and alive(owner.pid))
+        else:
+            keep = (owner.host, owner.pid) in live_writers or young
+        if not keep:
+            stale.append(info)
+    return stale

@@ -26,7 +26,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from reconciler.facts.points import POINT_ID_RE, RestorePoint, StoredFile, point_name
-from reconciler.repository.backend import Data, LocalBackend, fsync_dir
+from reconciler.repository.backend import Data, LocalBackend, ObjectInfo, fsync_dir
 from reconciler.repository.chunks import (
     CHUNK_SIZE,
     HOLE,
@@ -46,7 +46,7 @@ from reconciler.repository.errors import (
     WrongKeyError,
 )
 from reconciler.repository.index import DigestMap, DiskIndex
-from reconciler.repository.lock import RepositoryLock
+from reconciler.repository.lock import RepositoryLock, stale_staged_files
 from reconciler.repository.manifest import decode_manifest, encode_manifest
 
 CONFIG_VERSION = 1
@@ -231,15 +231,18 @@ class Repository:
         *,
         compression_level: int | None = None,
         expect_encrypted: bool | None = None,
+        label: str | None = None,
     ) -> Repository:
         """Open a repository; ``compression_level`` overrides the stored default for new chunks.
 
         ``expect_encrypted`` (the configuration's ``encryption.enabled``) guards against a ``config`` edited
         to store plaintext. Raises :class:`WrongKeyError` if no key file opens with ``passphrase``.
+        ``label`` (the configured name) names the repository in messages, next to its path.
         """
-        backend = LocalBackend(path)
+        backend = LocalBackend(path, label=label)
         try:
-            config = RepositoryConfig.from_json(backend.get(CONFIG_NAME))
+            with backend.volume_errors("reading config"):  # e.g. a directory the service user cannot read
+                config = RepositoryConfig.from_json(backend.get(CONFIG_NAME))
         except MissingObjectError:
             raise RepositoryError(f"{path}: not a repository (no config)") from None
         key_names = sorted(n for n in backend.list("keys") if n.endswith(".json"))
@@ -272,9 +275,22 @@ class Repository:
 
     # -- locks ---------------------------------------------------------------------------------------
 
-    def lock(self, *, exclusive: bool = False, purpose: str = "") -> RepositoryLock:
-        """A lock object (not yet acquired); use as a context manager."""
-        return RepositoryLock(self.backend, exclusive=exclusive, purpose=purpose)
+    def lock(
+        self, *, exclusive: bool = False, purpose: str = "", remove_stale: bool = True
+    ) -> RepositoryLock:
+        """A lock object (not yet acquired); use as a context manager. ``remove_stale=False``: an
+        exclusive lock that leaves stale lock files in place (a dry run changes nothing)."""
+        return RepositoryLock(self.backend, exclusive=exclusive, purpose=purpose, remove_stale=remove_stale)
+
+    def remove_stale_staged(self, *, own: RepositoryLock | None = None) -> list[ObjectInfo]:
+        """Delete the files in ``tmp/`` that no live writer owns — the leftovers of killed or failed runs
+        (docs/repository-format.md §7.1) — and return them. Safe without a lock and beside running
+        writers: a file is removed only when the lock rules say its writer is gone. ``own``: the caller's
+        lock, which does not count as another writer."""
+        stale = stale_staged_files(self.backend, own=own.info if own is not None else None)
+        for info in stale:
+            self.backend.delete(info.name)
+        return stale
 
     # -- chunks --------------------------------------------------------------------------------------
 
@@ -339,6 +355,15 @@ class Repository:
     def discard_pending(self) -> None:
         """Forget chunks not yet flushed (after a failed backup); their temp files are removed."""
         self.backend.discard_pending()
+
+    @contextlib.contextmanager
+    def discard_pending_on_exit(self) -> Iterator[None]:
+        """A scope of writes (a backup run) that leaves nothing staged behind, however it ends: chunks
+        not flushed by then (no point references them) are discarded on the way out."""
+        try:
+            yield
+        finally:
+            self.discard_pending()
 
     def write_file(self, name: str, data: bytes) -> StoredFile:
         """Store a small file (``.vmx``, ``.nvram``, descriptor) as chunks."""

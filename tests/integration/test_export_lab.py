@@ -50,7 +50,9 @@ def test_export_formats_equal_the_snapshot_content(
 
     raw = tmp_path / "raw"
     assert cli.main([*base, "--to", str(raw)]) == 0, capsys.readouterr()
-    assert f"exported restore point {point.id} of {HOSTILE}" in capsys.readouterr().out
+    out = capsys.readouterr().out  # which VM (name, source host, uuid) and which point
+    source = f"VM {HOSTILE!r} from {lab.free} (uuid {point.vm.uuid})"
+    assert f"exported restore point {point.id} of {source}" in out
     for key, stem in stems.items():
         image = raw / f"{stem}.img"
         assert hashlib.sha256(image.read_bytes()).hexdigest() == frozen[key]

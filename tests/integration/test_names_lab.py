@@ -205,7 +205,7 @@ def test_plan_backup_points_status_restore(env: Env, capsys: pytest.CaptureFixtu
     for host_name, name, shown in ((lab.free, NL_FREE, free_shown), (lab.licensed, NL_LIC, lic_shown)):
         assert env.cli("restore", name, log_format="console") == 0, capsys.readouterr()
         captured = capsys.readouterr()
-        assert f"of {shown} (" in captured.out
+        assert f"of VM '{shown}' from {host_name} (uuid " in captured.out
         m = re.search(r"restored as new VM '(.*)' \(vmid (\d+)\) at (\[datastore1\] .*\.vmx)\n", captured.out)
         assert m is not None, captured.out
         assert m.group(1).startswith(shown + "-restored-")

@@ -1,11 +1,15 @@
 """Restore against the lab, free (SSH) and licensed (API + HTTPS, SSH disabled) hosts: restored disks
 equal the snapshot-time content (the guest writes after the backup), new VMs get a new identity,
-overwrite is refused without ``--overwrite``, survives SIGKILL mid-write with the original intact,
-and the next backup after an overwrite is correct; ``--disk`` and ``--test``."""
+overwrite is refused without ``--overwrite``, a SIGKILL at each stage of an overwrite leaves the VM
+powered off where the next command (``--abort`` or ``--overwrite`` again) gives it back, a failed one
+powers it on again, and the next backup after an overwrite is correct; ``--disk`` and ``--test``; the
+same VM name on both hosts: an overwrite uses the overwritten VM's own points, the bare name is refused."""
 
 from __future__ import annotations
 
 import hashlib
+import json
+import posixpath
 import subprocess
 import sys
 import time
@@ -25,8 +29,10 @@ from reconciler.facts.points import RestorePoint
 from reconciler.operations.backup import BackupOptions, backup_policy, open_repository
 from reconciler.operations.hosts import connect
 from reconciler.operations.restore import (
+    OverwriteFailed,
     RestoreOptions,
     disk_content,
+    journal_path,
     restore_new_vm,
     restore_overwrite,
     test_restore,
@@ -400,54 +406,245 @@ from reconciler.operations.backup import open_repository
 from reconciler.operations.restore import RestoreOptions, find_point, restore_overwrite
 from reconciler.operations.hosts import connect
 
-marker = pathlib.Path(sys.argv[2])
+config, marker, vm, stage = sys.argv[1], pathlib.Path(sys.argv[2]), sys.argv[3], sys.argv[4]
 
-def hang(disk, offset, length):
-    marker.write_text("writing")
+def hang(*_):
+    marker.write_text(stage)
     time.sleep(600)
 
-desired = load_config(sys.argv[1])
+def on_stage(name):
+    if name == stage:
+        hang()
+
+desired = load_config(config)
 repo = open_repository(desired.repository("r"))
-point = find_point(repo, sys.argv[3], None)
+point = find_point(repo, vm, None)
+options = RestoreOptions(on_data=hang if stage == "writing" else None, on_stage=on_stage, shutdown_timeout=5)
 with connect(desired.host("esxi1")) as host:
-    target = host.find_vm(sys.argv[3])
-    restore_overwrite(host, repo, point, target, RestoreOptions(on_data=hang, shutdown_timeout=5))
+    restore_overwrite(host, repo, point, host.find_vm(vm), options)
 """
 
 
-def test_sigkill_mid_write_leaves_the_original_vm_intact(ssh_env: Env, tmp_path: Path) -> None:
-    env, lab = ssh_env, ssh_env.lab
-    env.backup("free", SCRATCH)
-    lab.client(lab.free).guest_write(SCRATCH, 10, seed=941)  # the VM now differs from the point
-    files = disk_files(lab, lab.free, SCRATCH)
-    content = flat_sha(env, lab.free, SCRATCH)
-    vmx_path = str(vm_state(lab, lab.free, SCRATCH)["vmx"])  # type: ignore[index]
-    vmx_before = lab.local_path(lab.free, vmx_path).read_bytes()
-    marker = tmp_path / "writing"
+def kill_overwrite_at(env: Env, tmp_path: Path, vm: str, stage: str) -> None:
+    """Run an overwrite of ``vm`` in another process and SIGKILL it at ``stage`` (see RestoreOptions)."""
+    marker = tmp_path / f"at-{stage}"
     proc = subprocess.Popen(
-        [sys.executable, "-c", _KILLED_RESTORE, str(env.config), str(marker), SCRATCH],
+        [sys.executable, "-c", _KILLED_RESTORE, str(env.config), str(marker), vm, stage],
         cwd=Path(__file__).resolve().parents[2],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
     try:
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 180
         while not marker.exists():
-            assert proc.poll() is None and time.monotonic() < deadline, "the restore never started writing"
+            assert proc.poll() is None and time.monotonic() < deadline, f"the restore never reached {stage}"
             time.sleep(0.05)
     finally:
         proc.kill()
         proc.wait()
-    assert disk_files(lab, lab.free, SCRATCH) == files
-    assert flat_sha(env, lab.free, SCRATCH) == content
-    assert lab.local_path(lab.free, vmx_path).read_bytes() == vmx_before
-    folder = lab.local_path(lab.free, vmx_path).parent
-    leftovers = [p for p in folder.iterdir() if "-restored-" in p.name]
-    assert leftovers  # the half-written restored disk, never referenced by the VM
+
+
+def leftovers(env: Env, vm: str) -> list[Path]:
+    """``-restored-`` files in the VM's folder that the VM does not use (disks or .nvram)."""
+    lab = env.lab
+    vmx_path = str(vm_state(lab, lab.free, vm)["vmx"])  # type: ignore[index]
+    vmx = lab.local_path(lab.free, vmx_path)
+    in_use = {posixpath.basename(f) for pair in disk_files(lab, lab.free, vm).values() for f in pair}
+    in_use.add(str(VmxFile.parse(vmx.read_text(encoding="utf-8")).get("nvram")))
+    return sorted(p for p in vmx.parent.iterdir() if "-restored-" in p.name and p.name not in in_use)
+
+
+@pytest.mark.parametrize(
+    ("stage", "then"),
+    [
+        ("powered-off", "abort"),  # powered off, nothing written yet
+        ("writing", "abort"),  # half-written restored disks beside the untouched originals
+        ("writing", "overwrite"),
+        ("switched", "abort"),  # on the verified restored disks, the originals not deleted yet
+        ("switched", "overwrite"),
+    ],
+)
+def test_killed_overwrite_leaves_the_vm_powered_off_and_the_next_command_gives_it_back(
+    ssh_env: Env, tmp_path: Path, capsys: pytest.CaptureFixture[str], stage: str, then: str
+) -> None:
+    """SIGKILL at each stage of an overwrite: the VM is left powered off (the overwrite powered it off),
+    on its original disks before the switch and on the verified restored ones after it; the journal in
+    its folder lets the next command say so, and `--abort` (power back on, leftovers gone, nothing of
+    the VM deleted) or a new `--overwrite` (finished, replaced files gone) get it back."""
+    env, lab = ssh_env, ssh_env.lab
+    point = env.backup("free", SCRATCH)
+    restored = {d.key: sha(disk_content(env.repo, point, d.key)) for d in point.disks}
+    seed = 9400 + 10 * ["powered-off", "writing", "switched"].index(stage) + (then == "abort")
+    lab.client(lab.free).guest_write(SCRATCH, 10, seed=seed)  # the VM now differs from the point
+    files = disk_files(lab, lab.free, SCRATCH)
+    content = flat_sha(env, lab.free, SCRATCH)
+    assert content != restored
+    vmx_path = str(vm_state(lab, lab.free, SCRATCH)["vmx"])  # type: ignore[index]
+    vmx_before = lab.local_path(lab.free, vmx_path).read_bytes()
+    assert vm_state(lab, lab.free, SCRATCH)["power"] == "poweredOn"  # type: ignore[index]
+    kill_overwrite_at(env, tmp_path, SCRATCH, stage)
+
+    # what the kill leaves: the VM powered off, the journal beside its .vmx
+    assert vm_state(lab, lab.free, SCRATCH)["power"] == "poweredOff"  # type: ignore[index]
     with connect(env.desired.host(lab.free)) as host:
-        assert host.power_on(host.find_vm(SCRATCH)).power_state == "poweredOn"  # still usable
-        # the next overwrite removes the leftovers and succeeds
-        point = env.repo.list_points(vm=SCRATCH)[-1]
-        restore_overwrite(host, env.repo, point, host.find_vm(SCRATCH), RestoreOptions(power_on=True))
-    assert not [p for p in leftovers if p.exists()]
-    assert flat_sha(env, lab.free, SCRATCH) == {d.key: env.frozen[(SCRATCH, d.key)] for d in point.disks}
+        journal_file = lab.local_path(lab.free, journal_path(host.find_vm(SCRATCH)))
+    assert json.loads(journal_file.read_text())["power_state"] == "poweredOn"
+    if stage == "switched":
+        assert flat_sha(env, lab.free, SCRATCH) == restored
+        now = disk_files(lab, lab.free, SCRATCH)
+        assert all("-restored-" in now[k][0] for k in files)
+        originals = [lab.local_path(lab.free, f) for pair in files.values() for f in pair]
+        assert all(p.exists() for p in originals)  # not referenced any more, not deleted yet
+    else:
+        assert disk_files(lab, lab.free, SCRATCH) == files
+        assert flat_sha(env, lab.free, SCRATCH) == content
+        assert lab.local_path(lab.free, vmx_path).read_bytes() == vmx_before
+        assert bool(leftovers(env, SCRATCH)) == (stage == "writing")  # half-written, never used
+
+    # the next restore of the VM says what happened and the way on (here: not confirmed, nothing done)
+    assert env.cli("restore", SCRATCH, "--overwrite") == 2
+    assert "an overwrite that did not finish" in capsys.readouterr().out
+
+    if then == "abort":
+        assert env.cli("restore", SCRATCH, "--abort", "--host", lab.free) == 0, capsys.readouterr()
+        out = capsys.readouterr().out
+        assert "powered on again" in out
+        assert vm_state(lab, lab.free, SCRATCH)["power"] == "poweredOn"  # type: ignore[index]
+        if stage == "switched":  # cannot be undone: stays on the restored disks, the replaced kept
+            assert "had already switched" in out and flat_sha(env, lab.free, SCRATCH) == restored
+            for descriptor, _ in files.values():
+                assert descriptor in out and lab.local_path(lab.free, descriptor).exists()
+            with connect(env.desired.host(lab.free)) as host:  # the admin deletes them
+                for descriptor, _ in files.values():
+                    host.delete_disk(descriptor)
+        else:
+            assert "gave up" in out and flat_sha(env, lab.free, SCRATCH) == content
+            assert disk_files(lab, lab.free, SCRATCH) == files and not leftovers(env, SCRATCH)
+            assert lab.local_path(lab.free, vmx_path).read_bytes() == vmx_before
+    else:
+        assert env.cli("restore", SCRATCH, "--overwrite", "--yes") == 0, capsys.readouterr()
+        out = capsys.readouterr().out
+        assert "did not finish" in out and "left powered off (it was on before" in out
+        assert flat_sha(env, lab.free, SCRATCH) == restored
+        for pair in files.values():  # what the killed run replaced is gone too
+            assert not any(lab.local_path(lab.free, f).exists() for f in pair)
+        assert not leftovers(env, SCRATCH)  # none of the killed run
+        with connect(env.desired.host(lab.free)) as host:
+            host.power_on(host.find_vm(SCRATCH))  # as the fixture made it
+    assert not journal_file.exists()
+    assert env.cli("restore", SCRATCH, "--abort") == 0  # nothing left to abort
+    assert "nothing to abort" in capsys.readouterr().out
+
+
+def test_failed_overwrite_gives_the_vm_its_power_back(ssh_env: Env) -> None:
+    """A failure that is not a kill (here: mid-write) removes what was written and powers the VM on again."""
+    env, lab = ssh_env, ssh_env.lab
+    point = env.backup("free", SCRATCH)
+    content = flat_sha(env, lab.free, SCRATCH)
+
+    def fail(disk: object, offset: int, length: int) -> None:
+        raise RuntimeError("the NAS went away")
+
+    with connect(env.desired.host(lab.free)) as host:
+        with pytest.raises(OverwriteFailed) as failed:
+            restore_overwrite(
+                host, env.repo, point, host.find_vm(SCRATCH), RestoreOptions(on_data=fail, shutdown_timeout=5)
+            )
+        assert failed.value.cause == "the NAS went away"
+        assert (
+            failed.value.vm_state
+            == f"VM {SCRATCH!r} is unchanged, on its original disks, and powered on again"
+        )
+        vm = host.find_vm(SCRATCH)
+        assert vm.power_state == "poweredOn" and not host.file_exists(journal_path(vm))
+    assert flat_sha(env, lab.free, SCRATCH) == content and not leftovers(env, SCRATCH)
+
+
+# -- the same VM name on both hosts ------------------------------------------------------------------
+
+TWIN = "twin web"
+
+
+@pytest.fixture(scope="module")
+def twin_env(lab: LabHandle, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
+    """A VM named ``twin web`` on each host (scratch copies of web01 and app201, so different VMs with
+    different content), each backed up from its own host; removed at the end."""
+    root = tmp_path_factory.mktemp("restore-twin")
+    policies = (
+        policy_yaml("seed", lab.free, ["web01"])
+        + policy_yaml("seed-lic", lab.licensed, ["app201"])
+        + policy_yaml("twin-1", lab.free, [TWIN])
+        + policy_yaml("twin-2", lab.licensed, [TWIN])
+    )
+    cfg = write_lab_config(lab, root, policies)
+    Repository.init(root / "repo", PASSPHRASE, kdf=KdfParams(memory_kib=1024, iterations=1, lanes=1))
+    desired = load_config(cfg)
+    env = Env(lab, cfg, desired, open_repository(desired.repository("r")))
+    made = []
+    try:
+        for policy, host_name, vm in (("seed", lab.free, "web01"), ("seed-lic", lab.licensed, "app201")):
+            point = env.backup(policy, vm)
+            with connect(desired.host(host_name)) as host:
+                restore_new_vm(host, env.repo, point, RestoreOptions(name=TWIN, power_on=True))
+            made.append(host_name)
+        yield env
+    finally:
+        for host_name in made:
+            remove_vm(env, host_name, TWIN)
+
+
+def test_same_vm_name_on_both_hosts_overwrite_uses_that_hosts_point(
+    twin_env: Env, capsys: pytest.CaptureFixture[str]
+) -> None:
+    env, lab = twin_env, twin_env.lab
+    p1 = env.backup("twin-1", TWIN)
+    p2 = env.backup("twin-2", TWIN)  # the newest point of the name: the one the old code took
+    assert (p1.vm.host, p2.vm.host) == (lab.free, lab.licensed) and p1.vm.uuid != p2.vm.uuid
+    own = {d.key: sha(disk_content(env.repo, p1, d.key)) for d in p1.disks}
+    assert own != {d.key: sha(disk_content(env.repo, p2, d.key)) for d in p2.disks}
+    lab.client(lab.free).guest_write(TWIN, 20, seed=971)  # esxi1's VM differs from its point now
+
+    def snapshot() -> dict[str, object]:
+        """Everything an overwrite would change, on both hosts."""
+        out: dict[str, object] = {}
+        for h in (lab.free, lab.licensed):
+            vm = vm_state(lab, h, TWIN)
+            assert vm is not None
+            folder = lab.local_path(h, str(vm["vmx"])).parent
+            out[h] = (
+                flat_sha(env, h, TWIN),
+                disk_files(lab, h, TWIN),
+                vm["power"],
+                lab.local_path(h, str(vm["vmx"])).read_bytes(),
+                sorted(p.name for p in folder.iterdir()),
+            )
+        return out
+
+    before = snapshot()
+    # the name alone is ambiguous: refused, the candidates listed, nothing written
+    assert env.cli("restore", TWIN, "--overwrite", "--yes") == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "2 different VMs named 'twin web'" in err
+    for p in (p1, p2):
+        assert f"{p.vm.host} uuid {p.vm.uuid} newest" in err and p.id in err
+    assert "--from-host" in err
+    assert snapshot() == before
+    # the other host's point named explicitly is not put over esxi1's VM without --to-vm
+    assert env.cli("restore", TWIN, "--point", p2.id, "--overwrite", "--yes", "--host", lab.free) == 2
+    err = capsys.readouterr().err
+    assert f"is of VM 'twin web' from {lab.licensed}" in err and "--to-vm" in err
+    assert snapshot() == before
+    # --host esxi1 with --overwrite: esxi1's VM, from its own newest point
+    with connect(env.desired.host(lab.free)) as host:
+        uuid = host.find_vm(TWIN).uuid
+    assert env.cli("restore", TWIN, "--overwrite", "--yes", "--host", lab.free, "--power-on") == 0, (
+        capsys.readouterr()
+    )
+    out = capsys.readouterr().out
+    assert f"restore point {p1.id} of VM 'twin web' from {lab.free} (uuid {p1.vm.uuid})" in out
+    assert f"overwrote 2 disks of twin web on {lab.free}" in out and "DIFFERENT" not in out
+    assert flat_sha(env, lab.free, TWIN) == own
+    with connect(env.desired.host(lab.free)) as host:
+        vm = host.find_vm(TWIN)
+        assert vm.uuid == uuid and vm.power_state == "poweredOn"
+    assert snapshot()[lab.licensed] == before[lab.licensed]  # the other host's VM untouched

@@ -565,6 +565,48 @@ def test_prune_does_not_need_the_host(tmp_path: Path) -> None:
     assert kinds(result) == ["prune", "gc"]
 
 
+def test_an_interrupted_gc_or_orphaned_indexes_plan_a_gc_with_the_reason(tmp_path: Path) -> None:
+    """After a GC was killed (its marker left), or a backup died after writing a disk index, the space
+    is reclaimed without waiting for the next prune — also with pruning disabled or the host down."""
+    desired = load_desired(
+        tmp_path, policy_doc("web", "esxi1", ["web01"]), repositories=[repo_doc(prune=False)]
+    )
+    points = daily_points("web", "web01", 1)
+    clean = RepositoryObservation("nas", reachable=True, points=tuple(points))
+    hosts = [down("esxi1")]
+    assert "gc" not in kinds(plan(desired, observed(NOW, hosts, repositories={"nas": clean})))
+
+    killed = replace(clean, gc_interrupted=at("2026-11-26 01:30"))
+    result = plan(desired, observed(NOW, hosts, repositories={"nas": killed}))
+    (gc,) = result.actions
+    assert isinstance(gc, CollectGarbage) and gc.repository == "nas"
+    assert gc.reason == "previous GC interrupted at 2026-11-26 01:30 UTC"
+
+    orphans = replace(clean, unreferenced_indexes=2)
+    (gc,) = plan(desired, observed(NOW, hosts, repositories={"nas": orphans})).actions
+    assert gc.reason == (
+        "2 disk indexes no restore point references, left by a failed backup or deleted points"
+    )
+
+
+def test_a_prune_and_an_interrupted_gc_make_one_gc_with_both_reasons(tmp_path: Path) -> None:
+    desired = web_policy(tmp_path, retention="{keep_daily: 7}")
+    points = tuple(daily_points("web", "web01", 8))
+    repo = RepositoryObservation(
+        "nas", reachable=True, points=points, gc_interrupted=at("2026-11-25 04:10"), unreferenced_indexes=1
+    )
+    result = plan(desired, observed(NOW, [host("esxi1", [vm("web01")])], repositories={"nas": repo}))
+    assert kinds(result) == ["prune", "gc"]
+    assert result.actions[-1].reason == (
+        "free the data of 1 pruned point; previous GC interrupted at 2026-11-25 04:10 UTC;"
+        " 1 disk index no restore point references, left by a failed backup or deleted points"
+    )
+    clean = replace(repo, gc_interrupted=None, unreferenced_indexes=0)
+    assert fingerprint(desired, observed(NOW, [], repositories={"nas": repo})) != fingerprint(
+        desired, observed(NOW, [], repositories={"nas": clean})
+    )
+
+
 # -- verify ------------------------------------------------------------------------------------------
 
 

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import errno
 import threading
 from pathlib import Path
 
 import pytest
 
-from reconciler.repository import LocalBackend, MissingObjectError, RepositoryError
+from reconciler.repository import LocalBackend, MissingObjectError, RepositoryError, StorageError
 
 
 @pytest.fixture(params=["syncfs", "fsync"])
@@ -92,13 +93,38 @@ def test_a_failed_flush_poisons_the_backend(backend: LocalBackend, monkeypatch: 
     backend.put_deferred("objs/ab/a", [b"a"])
 
     def broken(self: Path, target: Path) -> Path:
-        raise OSError(28, "No space left on device")
+        raise OSError(5, "Input/output error")
 
     monkeypatch.setattr(Path, "replace", broken)
-    with pytest.raises(OSError, match="No space"):
+    with pytest.raises(OSError, match="Input/output"):
         backend.flush()
     monkeypatch.undo()
-    with pytest.raises(RepositoryError, match=r"could not be made durable .*No space"):
+    with pytest.raises(RepositoryError, match=r"could not be made durable .*Input/output"):
         backend.flush()
     with pytest.raises(RepositoryError, match="reopen the repository"):
         backend.put_deferred("objs/ab/b", [b"b"])
+    assert list((backend.root / "tmp").iterdir()) == []  # the failed batch left no staged file
+
+
+def test_a_full_volume_poisons_the_backend_with_its_one_line_reason(
+    backend: LocalBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The volume refusing a write is said the same way by every later write: repository, cause, fix."""
+    backend.label = "nas"
+    backend.put_deferred("objs/ab/a", [b"a"])
+
+    def full(self: Path, target: Path) -> Path:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Path, "replace", full)
+    with pytest.raises(StorageError) as first:
+        backend.flush()
+    monkeypatch.undo()
+    message = str(first.value)
+    assert message.startswith(f"repository nas ({backend.root}): the volume is full: no space left")
+    assert "free of" in message and "esxi-reconciler repo gc nas" in message and "\n" not in message
+    assert isinstance(first.value.__cause__, OSError) and first.value.errno == errno.ENOSPC
+    with pytest.raises(StorageError) as later:
+        backend.put_deferred("objs/ab/b", [b"b"])
+    assert str(later.value) == message
+    assert list((backend.root / "tmp").iterdir()) == []
