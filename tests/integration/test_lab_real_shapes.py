@@ -81,8 +81,9 @@ def test_vmkfstools_accepts_only_documented_size_suffixes(lab: LabHandle) -> Non
     scratch = "/vmfs/volumes/datastore1/real-shapes"
     lab.run(lab.free, f"mkdir -p {scratch}")
     try:
-        bad = lab.run(lab.free, f"vmkfstools -c 8388608b -d thin {scratch}/b.vmdk")
-        assert bad.exit != 0 and "Invalid size" in bad.text + bad.stderr.decode()
+        for size in ("8388608b", "16384s", "1t", "8388608"):  # named by the guide or by no one
+            bad = lab.run(lab.free, f"vmkfstools -c {size} -d thin {scratch}/b.vmdk")
+            assert bad.exit != 0 and "Invalid size" in bad.text + bad.stderr.decode(), size
         good = lab.run(lab.free, f"vmkfstools -c 8192k -d thin {scratch}/k.vmdk")
         assert good.exit == 0, good
         assert "Create: 100% done." in good.text

@@ -262,7 +262,7 @@ def test_snapshot_description_over_several_lines() -> None:
 
 
 def test_vmkfstools_create_uses_a_documented_suffix_and_exact_sizes() -> None:
-    """``-c`` takes k/m/g in the vSphere 6.7–8.0 guides: sizes are given in KiB, exactly."""
+    """``-c`` sizes are given in KiB (``k``: named by the storage guide and by vmkfstools' usage), exactly."""
     argv = vimcmd.vmkfstools_create("/vmfs/volumes/ds/vm/vm.vmdk", 8 << 20, thin=True)
     assert argv == ["vmkfstools", "-c", "8192k", "-d", "thin", "/vmfs/volumes/ds/vm/vm.vmdk"]
     assert vimcmd.vmkfstools_create("/x.vmdk", 3072, thin=False)[2:5] == ["3k", "-d", "zeroedthick"]
