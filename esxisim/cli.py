@@ -23,7 +23,7 @@ from typing import Any
 
 from esxisim.build import BuildError, ensure_built
 from esxisim.client import ControlError
-from esxisim.lab import LICENSES, Lab, LabError, lab_spec, parse_size
+from esxisim.lab import DEFAULT_ESXI_VERSION, ESXI_VERSIONS, LICENSES, Lab, LabError, lab_spec, parse_size
 from esxisim.sshd import SshError
 
 FAULT_KINDS = (
@@ -31,6 +31,8 @@ FAULT_KINDS = (
     "api-down",
     "api-up",
     "snapshot-fail",
+    "power-on-fail",
+    "vimcmd-exit-zero",
     "cbt-reset",
     "ssh-drop",
     "host-down",
@@ -76,7 +78,8 @@ def summary(info: dict[str, Any]) -> str:
     lines = [f"esxisim lab in {info['state_dir']}  (lab.json: {Path(info['state_dir']) / 'lab.json'})"]
     for h in info.get("hosts", []):
         api, ssh = h["api"], h["ssh"]
-        lines.append(f"  {h['name']}  licence {h['license']}")
+        version = h.get("esxi_version", DEFAULT_ESXI_VERSION)
+        lines.append(f"  {h['name']}  licence {h['license']}  ESXi {version}")
         lines.append(f"    API  {api['url']}  user root  SHA-256 {api['thumbprint_sha256']}")
         lines.append(
             f"    SSH  ssh -p {ssh['port']} -i {ssh['private_key']} "
@@ -101,6 +104,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         image=args.image,
         vm_names=_vm_names(args.vm_name),
         fill=args.fill,
+        esxi_version=args.esxi_version,
     )
     lab = Lab(args.state_dir, spec, ready_timeout=args.timeout)
     info = lab.start()
@@ -170,7 +174,7 @@ def cmd_fault(args: argparse.Namespace) -> int:
     options: dict[str, Any] = {}
     if args.kind == "api-slow":
         options["delay_ms"] = args.delay_ms
-    elif args.kind == "snapshot-fail":
+    elif args.kind in ("snapshot-fail", "power-on-fail", "vimcmd-exit-zero"):
         options["enabled"] = not args.off
     elif args.kind == "cbt-reset":
         if not args.vm:
@@ -230,6 +234,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vm-name", action="append", metavar="HOST:NAME", help="VM names of HOST (repeatable)")
     p.add_argument("--fill", type=float, default=0.25, help="fraction of each disk written at creation")
     p.add_argument("--timeout", type=float, default=90.0, help="seconds to wait for the hosts to be ready")
+    p.add_argument(
+        "--esxi-version",
+        choices=ESXI_VERSIONS,
+        default=DEFAULT_ESXI_VERSION,
+        help=f"the ESXi version every host answers as (default {DEFAULT_ESXI_VERSION}; see docs/lab.md)",
+    )
 
     p = add("down", cmd_down, "stop the lab and remove its files")
     p.add_argument("--keep", action="store_true", help="keep the files (logs) after stopping")
@@ -247,7 +257,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", required=True, help="host name (esxi1, ...)")
     p.add_argument("kind", choices=FAULT_KINDS, help="the fault")
     p.add_argument("--delay-ms", type=int, default=500, help="api-slow: delay of each API call")
-    p.add_argument("--off", action="store_true", help="snapshot-fail: switch it off again")
+    p.add_argument(
+        "--off", action="store_true", help="snapshot-fail, power-on-fail, vimcmd-exit-zero: switch it off"
+    )
     p.add_argument("--vm", help="cbt-reset: the VM")
 
     p = add("vim-cmd", cmd_vimcmd, "run vim-cmd on a host through its control API")

@@ -43,6 +43,9 @@ FIRST_HOST_VM_NAMES = ("web01", "db 01", 'ファイル鯖 "q" $(x)')
 DEFAULT_DISK_SIZES = (64 * MiB, 16 * MiB)
 DEFAULT_CAPACITY = 200 * GiB
 LICENSES = ("free", "licensed")
+ESXI_VERSIONS = ("6.7", "7.0", "8.0")
+"""What a host can be started as; the outputs that differ between them are listed in docs/lab.md."""
+DEFAULT_ESXI_VERSION = "7.0"
 
 
 class LabError(RuntimeError):
@@ -92,6 +95,7 @@ class HostSpec:
     name: str
     license: str = "free"
     vms: tuple[VMSpec, ...] = ()
+    esxi_version: str = DEFAULT_ESXI_VERSION
     datastores: tuple[DatastoreSpec, ...] = field(default_factory=lambda: (DatastoreSpec(),))
 
 
@@ -124,13 +128,17 @@ def lab_spec(
     vm_names: dict[str, Sequence[str]] | None = None,
     fill: float = 0.25,
     power: str = "poweredOn",
+    esxi_version: str = DEFAULT_ESXI_VERSION,
 ) -> tuple[HostSpec, ...]:
     """Describe a lab: ``hosts`` hosts named esxi1.., licences cycling through ``licenses``, ``vms``
     VMs per host (unless ``vm_names`` gives a host's names), each with one disk per ``disk_sizes``
-    entry. ``image`` becomes the first disk of the first VM of the first host.
+    entry. ``image`` becomes the first disk of the first VM of the first host. Every host answers as
+    ESXi ``esxi_version`` (one of :data:`ESXI_VERSIONS`).
     """
     if hosts < 1:
         raise ValueError("a lab needs at least one host")
+    if esxi_version not in ESXI_VERSIONS:
+        raise ValueError(f"esxi_version must be one of {', '.join(ESXI_VERSIONS)}, got {esxi_version!r}")
     if not licenses or any(lic not in LICENSES for lic in licenses):
         raise ValueError(f"licenses must be taken from {LICENSES}, got {list(licenses)}")
     if not disk_sizes:
@@ -156,6 +164,7 @@ def lab_spec(
                 name=name,
                 license=licenses[h % len(licenses)],
                 vms=tuple(vm_specs),
+                esxi_version=esxi_version,
                 datastores=(DatastoreSpec("datastore1", capacity),),
             )
         )
@@ -211,6 +220,7 @@ class SimHost:
         sim = {
             "name": spec.name,
             "license": spec.license,
+            "esxi_version": spec.esxi_version,
             "listen": "127.0.0.1:0",
             "user": "root",
             "password": password,
@@ -376,6 +386,7 @@ class SimHost:
         return {
             "name": sim["name"],
             "license": sim["license"],
+            "esxi_version": sim.get("esxi_version", DEFAULT_ESXI_VERSION),
             "api": {
                 "url": ready.get("api_url") or f"https://127.0.0.1:{api_port}/sdk",
                 "host": "127.0.0.1",

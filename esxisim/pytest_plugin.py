@@ -8,6 +8,10 @@
 * ``lab.api(host)``: a pyvmomi ServiceInstance pinned to the host's SHA-256 thumbprint.
 * ``lab.ssh(host)``: a paramiko SSHClient pinned to the host key (RejectPolicy + the lab's known_hosts).
 * ``lab_faults``: the lab, with every fault cleared (and every host up) after the test.
+* ``lab_of_version(v)`` (session): a lab whose hosts answer as ESXi ``v`` (``6.7``, ``7.0`` or ``8.0``;
+  docs/lab.md says what differs): ``esxi1`` free and ``esxi2`` licensed, one VM each (``web01`` and
+  ``app201``, one 8 MiB disk). Started on first use, kept for the session, stopped at its end like
+  ``lab``.
 
 Tests that need the lab are marked ``@pytest.mark.lab``; they are skipped when not running as root.
 """
@@ -15,12 +19,12 @@ Tests that need the lab are marked ``@pytest.mark.lab``; they are skipped when n
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 
 from esxisim.handle import TEST_DISK_SIZES, LabHandle
-from esxisim.lab import Lab, lab_spec
+from esxisim.lab import ESXI_VERSIONS, Lab, lab_spec
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -36,24 +40,63 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip)
 
 
+def _stop(simlab: Lab, handle: LabHandle | None) -> None:
+    """Stop a lab and fail if anything of it survives."""
+    state_dir = simlab.state_dir
+    if handle is not None:
+        handle.close()
+    simlab.stop()
+    leftovers = simlab.leftovers()
+    assert not leftovers, f"the lab left things behind: {leftovers}"
+    assert not state_dir.exists(), f"the lab's state dir {state_dir} survived"
+
+
 @pytest.fixture(scope="session")
 def lab() -> Iterator[LabHandle]:
     """Two simulated hosts (esxi1 free, esxi2 licensed) for the whole session; always stopped."""
     spec = lab_spec(hosts=2, licenses=("free", "licensed"), vms=3, disk_sizes=TEST_DISK_SIZES)
     simlab = Lab(hosts=spec, die_with_parent=True)
-    state_dir = simlab.state_dir
     handle: LabHandle | None = None
     try:
         simlab.start()
         handle = LabHandle(simlab)
         yield handle
     finally:
-        if handle is not None:
-            handle.close()
-        simlab.stop()
-        leftovers = simlab.leftovers()
-        assert not leftovers, f"the lab left things behind: {leftovers}"
-        assert not state_dir.exists(), f"the lab's state dir {state_dir} survived"
+        _stop(simlab, handle)
+
+
+@pytest.fixture(scope="session")
+def lab_of_version() -> Iterator[Callable[[str], LabHandle]]:
+    """A factory of labs answering as one ESXi version each (started once per version, all stopped at
+    the end of the session)."""
+    started: dict[str, tuple[Lab, LabHandle | None]] = {}
+
+    def get(version: str) -> LabHandle:
+        if version not in ESXI_VERSIONS:
+            raise ValueError(f"the lab simulates ESXi {', '.join(ESXI_VERSIONS)}, not {version!r}")
+        if version not in started:
+            spec = lab_spec(
+                hosts=2, licenses=("free", "licensed"), vms=1, disk_sizes=(8 << 20,), esxi_version=version
+            )
+            simlab = Lab(hosts=spec, die_with_parent=True)
+            started[version] = (simlab, None)
+            simlab.start()
+            started[version] = (simlab, LabHandle(simlab))
+        handle = started[version][1]
+        assert handle is not None
+        return handle
+
+    try:
+        yield get
+    finally:
+        failures: list[AssertionError] = []
+        for simlab, handle in started.values():
+            try:
+                _stop(simlab, handle)
+            except AssertionError as exc:  # stop every lab, then report
+                failures.append(exc)
+        if failures:
+            raise failures[0]
 
 
 @pytest.fixture

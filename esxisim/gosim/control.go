@@ -134,6 +134,16 @@ func (h *Host) ctlFault(w http.ResponseWriter, r *http.Request) {
 		h.mu.Lock()
 		h.snapshotFail = on
 		h.mu.Unlock()
+	case "power-on-fail":
+		on := req.Enabled == nil || *req.Enabled
+		h.mu.Lock()
+		h.powerOnFail = on
+		h.mu.Unlock()
+	case "vimcmd-exit-zero":
+		on := req.Enabled == nil || *req.Enabled
+		h.mu.Lock()
+		h.exitZero = on
+		h.mu.Unlock()
 	case "cbt-reset":
 		vm := h.VMByName(req.VM)
 		if vm == nil {
@@ -145,6 +155,8 @@ func (h *Host) ctlFault(w http.ResponseWriter, r *http.Request) {
 		h.mu.Lock()
 		h.apiDelay = 0
 		h.snapshotFail = false
+		h.powerOnFail = false
+		h.exitZero = false
 		h.mu.Unlock()
 		if err := h.apiUp(h.fe.addr); err != nil {
 			jsonError(w, http.StatusInternalServerError, "api-up: %v", err)
@@ -305,11 +317,13 @@ func (h *Host) State() map[string]interface{} {
 	up := h.fe.srv != nil
 	h.fe.mu.Unlock()
 	h.mu.Lock()
-	faults := map[string]interface{}{"api_delay_ms": h.apiDelay.Milliseconds(), "snapshot_fail": h.snapshotFail, "api_down": !up}
+	faults := map[string]interface{}{"api_delay_ms": h.apiDelay.Milliseconds(), "snapshot_fail": h.snapshotFail,
+		"power_on_fail": h.powerOnFail, "vimcmd_exit_zero": h.exitZero, "api_down": !up}
 	h.mu.Unlock()
 	if vms == nil {
 		vms = []interface{}{}
 	}
-	return map[string]interface{}{"name": h.cfg.Name, "license": h.cfg.License, "api_addr": h.fe.addr,
-		"vms": vms, "datastores": dss, "faults": faults}
+	return map[string]interface{}{"name": h.cfg.Name, "license": h.cfg.License, "esxi_version": esxiVer.Name,
+		"api_addr": h.fe.addr,
+		"vms":      vms, "datastores": dss, "faults": faults}
 }

@@ -266,6 +266,9 @@ func dumpFault(f *OpFault) string {
 	var b strings.Builder
 	fmt.Fprintf(&b, "(%s) {\n", vmodlName(v.Type()))
 	lines := []string{"faultCause = (vmodl.MethodFault) null", "faultMessage = <unset>"}
+	if esxiVer.OldFaultLayout {
+		lines = []string{"dynamicType = <unset>", "faultCause = (vmodl.MethodFault) null"}
+	}
 	for _, fl := range structFields(v) {
 		if fl.name == "faultCause" || fl.name == "faultMessage" {
 			continue
@@ -277,6 +280,14 @@ func dumpFault(f *OpFault) string {
 			dumpValue(&sb, fl.val, 1, fl.val.Type())
 		}
 		lines = append(lines, fl.name+" = "+sb.String())
+	}
+	if esxiVer.OldFaultLayout {
+		// 6.x: every line, msg included, ends with "," (apache/vcl's samples)
+		for _, l := range lines {
+			b.WriteString("   " + l + ",\n")
+		}
+		fmt.Fprintf(&b, "   msg = \"%s\",\n}\n", f.Msg)
+		return b.String()
 	}
 	for i, l := range lines {
 		b.WriteString("   " + l)

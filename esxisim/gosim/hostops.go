@@ -68,6 +68,8 @@ type Host struct {
 	dss    []*DS
 
 	snapshotFail bool
+	powerOnFail  bool // fault "power-on-fail": every power-on fails (API and vim-cmd)
+	exitZero     bool // fault "vimcmd-exit-zero": vim-cmd exits 0 even after a fault
 	apiDelay     time.Duration
 	lastRefresh  time.Time
 
@@ -540,4 +542,12 @@ func fileExists(p string) bool {
 
 func logf(format string, args ...interface{}) {
 	log.Printf(format, args...)
+}
+
+// vimcmdExitZero tells whether vim-cmd must hide its failures from the exit status (fault injection:
+// a product that trusted the exit status would take a failure for a success).
+func (h *Host) vimcmdExitZero() bool {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	return h.exitZero
 }

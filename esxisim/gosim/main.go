@@ -65,15 +65,17 @@ import (
 
 // Config is sim.json.
 type Config struct {
-	Name       string     `json:"name"`
-	License    string     `json:"license"`
-	Listen     string     `json:"listen"`
-	User       string     `json:"user"`
-	Password   string     `json:"password"`
-	StateDir   string     `json:"state_dir"`
-	Helpers    string     `json:"helpers"`
-	Datastores []DSConfig `json:"datastores"`
-	VMs        []VMConfig `json:"vms"`
+	Name    string `json:"name"`
+	License string `json:"license"`
+	// ESXiVersion is "6.7", "7.0" (default) or "8.0": the outputs that differ (versions.go).
+	ESXiVersion string     `json:"esxi_version"`
+	Listen      string     `json:"listen"`
+	User        string     `json:"user"`
+	Password    string     `json:"password"`
+	StateDir    string     `json:"state_dir"`
+	Helpers     string     `json:"helpers"`
+	Datastores  []DSConfig `json:"datastores"`
+	VMs         []VMConfig `json:"vms"`
 }
 
 type DSConfig struct {
@@ -124,6 +126,10 @@ func loadConfig(path string) (*Config, error) {
 	if c.Name == "" {
 		c.Name = "esxi"
 	}
+	if err := setESXiVersion(c.ESXiVersion); err != nil {
+		return nil, fmt.Errorf("%s: %v", path, err)
+	}
+	c.ESXiVersion = esxiVer.Name
 	return &c, nil
 }
 

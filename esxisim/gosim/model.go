@@ -160,11 +160,11 @@ func (h *Host) buildModel() error {
 
 func aboutInfo() types.AboutInfo {
 	a := esx.ServiceContent.About
-	a.FullName = "VMware ESXi 7.0.3 build-20328353"
-	a.Version = "7.0.3"
-	a.Build = "20328353"
-	a.ApiVersion = "7.0.3.0"
-	a.LicenseProductVersion = "7.0"
+	a.FullName = esxiVer.FullName
+	a.Version = esxiVer.Version
+	a.Build = esxiVer.Build
+	a.ApiVersion = esxiVer.APIVersion
+	a.LicenseProductVersion = esxiVer.LicenseVersion
 	return a
 }
 
@@ -176,26 +176,27 @@ func (h *Host) licenseInfo() types.LicenseManagerLicenseInfo {
 		}
 		return out
 	}
+	v := esxiVer
 	if h.free() {
 		return types.LicenseManagerLicenseInfo{
 			LicenseKey: "0J02H-XXXXX-XXXXX-XXXXX-XXXXX",
-			EditionKey: "esx.hypervisor.cpuPackageCoreLimited",
-			Name:       "vSphere 7 Hypervisor",
+			EditionKey: v.FreeKey,
+			Name:       v.FreeName,
 			Total:      0,
 			Used:       2,
-			CostUnit:   "cpuPackage:32core",
-			Properties: props("ProductName", "VMware ESX Server", "ProductVersion", "7.0",
+			CostUnit:   v.CostUnit,
+			Properties: props("ProductName", "VMware ESX Server", "ProductVersion", v.LicenseVersion,
 				"count_disabled", "This license is unlimited", "feature", "maxRAM:0"),
 		}
 	}
 	return types.LicenseManagerLicenseInfo{
 		LicenseKey: "4N4XH-XXXXX-XXXXX-XXXXX-XXXXX",
-		EditionKey: "esx.enterprisePlus.cpuPackageCoreLimited",
-		Name:       "VMware vSphere 7 Enterprise Plus",
+		EditionKey: v.LicensedKey,
+		Name:       v.LicensedName,
 		Total:      0,
 		Used:       2,
-		CostUnit:   "cpuPackage:32core",
-		Properties: props("ProductName", "VMware ESX Server", "ProductVersion", "7.0",
+		CostUnit:   v.CostUnit,
+		Properties: props("ProductName", "VMware ESX Server", "ProductVersion", v.LicenseVersion,
 			"count_disabled", "This license is unlimited", "feature", "vmotion:VMware vMotion"),
 	}
 }

@@ -18,8 +18,11 @@ type vcmd struct {
 	help    string
 	min     int
 	max     int
-	handler func(h *Host, args []string) (string, int)
+	handler func(h *Host, args []string) (string, int) // nil: the command is in vimStderrCommands
 }
+
+// vimStderrCommands print on stderr too (a 6.x power failure prints a bare "Power on failed" there).
+var vimStderrCommands map[string]func(h *Host, args []string) (string, string, int)
 
 var vimCommands map[string]vcmd
 
@@ -27,12 +30,12 @@ func init() {
 	vimCommands = map[string]vcmd{
 		"vmsvc/getallvms":               {"", "Get the list of all virtual machines on the host.", 0, 0, cmdGetAllVMs},
 		"vmsvc/power.getstate":          {"vmid", "Retrieve the power state of a virtual machine.", 1, 1, cmdPowerGetState},
-		"vmsvc/power.on":                {"vmid", "Power on the specified virtual machine.", 1, 1, cmdPower("on")},
-		"vmsvc/power.off":               {"vmid", "Power off the specified virtual machine.", 1, 1, cmdPower("off")},
-		"vmsvc/power.shutdown":          {"vmid", "Perform a guest shutdown.", 1, 1, cmdPower("shutdown")},
-		"vmsvc/power.suspend":           {"vmid", "Suspend the specified virtual machine.", 1, 1, cmdPower("suspend")},
-		"vmsvc/power.reset":             {"vmid", "Reset the specified virtual machine.", 1, 1, cmdPower("reset")},
-		"vmsvc/power.reboot":            {"vmid", "Perform a guest reboot.", 1, 1, cmdPower("reboot")},
+		"vmsvc/power.on":                {"vmid", "Power on the specified virtual machine.", 1, 1, nil},
+		"vmsvc/power.off":               {"vmid", "Power off the specified virtual machine.", 1, 1, nil},
+		"vmsvc/power.shutdown":          {"vmid", "Perform a guest shutdown.", 1, 1, nil},
+		"vmsvc/power.suspend":           {"vmid", "Suspend the specified virtual machine.", 1, 1, nil},
+		"vmsvc/power.reset":             {"vmid", "Reset the specified virtual machine.", 1, 1, nil},
+		"vmsvc/power.reboot":            {"vmid", "Perform a guest reboot.", 1, 1, nil},
 		"vmsvc/get.summary":             {"vmid", "Get the summary of a virtual machine.", 1, 1, cmdGetSummary},
 		"vmsvc/get.config":              {"vmid", "Get the configuration of a virtual machine.", 1, 1, cmdGetConfig},
 		"vmsvc/device.getdevices":       {"vmid", "Get the devices of a virtual machine.", 1, 1, cmdGetDevices},
@@ -52,6 +55,10 @@ func init() {
 		"hostsvc/datastore/listsummary": {"", "List the summaries of all datastores.", 0, 0, cmdDSListSummary},
 		"hostsvc/datastore/info":        {"name", "Get the info of a datastore.", 1, 1, cmdDSInfo},
 		"vimsvc/license":                {"[--show]", "Display or set license information.", 0, 3, cmdLicense},
+	}
+	vimStderrCommands = map[string]func(h *Host, args []string) (string, string, int){}
+	for _, op := range []string{"on", "off", "shutdown", "suspend", "reset", "reboot"} {
+		vimStderrCommands["vmsvc/power."+op] = cmdPower(op)
 	}
 }
 
@@ -101,8 +108,17 @@ func (h *Host) vimcmd(argv []string) (string, string, int) {
 	if len(args) > c.max {
 		return cmdUsage(name, c, "Too many arguments.\n"), "", 1
 	}
-	out, code := c.handler(h, args)
-	return out, "", code
+	var out, errOut string
+	var code int
+	if withStderr, ok := vimStderrCommands[name]; ok {
+		out, errOut, code = withStderr(h, args)
+	} else {
+		out, code = c.handler(h, args)
+	}
+	if code != 0 && h.vimcmdExitZero() {
+		code = 0 // fault "vimcmd-exit-zero": the failure is only in the text
+	}
+	return out, errOut, code
 }
 
 func vimcmdTopUsage() string {
@@ -188,38 +204,45 @@ func cmdPowerGetState(h *Host, args []string) (string, int) {
 	return "Retrieved runtime info\n" + powerWords(p) + "\n", 0
 }
 
-func cmdPower(op string) func(*Host, []string) (string, int) {
-	return func(h *Host, args []string) (string, int) {
+func cmdPower(op string) func(*Host, []string) (string, string, int) {
+	return func(h *Host, args []string) (string, string, int) {
 		vm, f := h.vmArg(args[0])
 		if f != nil {
-			return faultOut("", f)
+			out, code := faultOut("", f)
+			return out, "", code
 		}
-		// ESXi 7-9 print the progress line, then "<Op> failed: (vim.fault.X) {" (tests/fixtures/real).
+		// ESXi 7-9 print the progress line, then "<Op> failed: (vim.fault.X) {" on stdout; 6.x print
+		// the progress line on stdout and a bare "<Op> failed" on stderr (tests/fixtures/real).
 		var prefix, failed string
 		switch op {
 		case "on":
-			prefix, failed = "Powering on VM:\n", "Power on failed: "
+			prefix, failed = "Powering on VM:\n", "Power on failed"
 			f = vm.PowerOn()
 		case "off":
-			prefix, failed = "Powering off VM:\n", "Power off failed: "
+			prefix, failed = "Powering off VM:\n", "Power off failed"
 			f = vm.PowerOff()
 		case "suspend":
-			prefix, failed = "Suspending VM:\n", "Suspend failed: "
+			prefix, failed = "Suspending VM:\n", "Suspend failed"
 			f = vm.Suspend()
 		case "reset":
-			prefix, failed = "Reset VM:\n", "Reset failed: "
+			prefix, failed = "Reset VM:\n", "Reset failed"
 			f = vm.Reset()
 		case "shutdown":
-			failed = "Shutdown guest failed: "
+			failed = "Shutdown guest failed"
 			f = vm.ShutdownGuest()
 		case "reboot":
-			failed = "Reboot guest failed: "
+			failed = "Reboot guest failed"
 			f = vm.RebootGuest()
 		}
 		if f != nil {
-			return faultOut(prefix+failed, f)
+			if esxiVer.BarePowerFailure {
+				logf("power.%s failed: %s", op, f.Msg)
+				return prefix, failed + "\n", 1
+			}
+			out, code := faultOut(prefix+failed+": ", f)
+			return out, "", code
 		}
-		return prefix, 0
+		return prefix, "", 0
 	}
 }
 

@@ -411,6 +411,14 @@ func (vm *VM) PowerOn() *OpFault {
 	if vm.Power == poweredOn {
 		return invalidPowerState(poweredOn, vm.Power)
 	}
+	vm.h.mu.Lock()
+	fail := vm.h.powerOnFail
+	vm.h.mu.Unlock()
+	if fail {
+		// the fault a host gives when the VM's monitor cannot start (vmware/vic#3183)
+		return opFault(&types.GenericVmConfigFault{Reason: "Module 'MonitorLoop' power on failed."},
+			"Module 'MonitorLoop' power on failed.")
+	}
 	if vm.vmxChanged() {
 		if f := vm.reloadLocked(); f != nil {
 			return f

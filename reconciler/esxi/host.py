@@ -863,7 +863,8 @@ class EsxiHost:
     ) -> str:
         """Run one state-changing VM operation: ``api_call(vm_mo)`` (a task or a plain call) on a
         licensed host, else ``argv`` over SSH; returns the SSH output ("" through the API).
-        ``check_output`` judges the SSH output (vim-cmd can report a failure with exit status 0)."""
+        ``check_output`` judges stdout and stderr together (vim-cmd can report a failure with exit status
+        0; ESXi 6.x print a bare ``Power on failed`` on stderr)."""
         if self._use_api_for_changes():
             try:
                 with mapped_faults(what):  # not api.call: retrying a power or register call is unsafe
@@ -876,10 +877,10 @@ class EsxiHost:
                     raise
                 self._api_restricted = True
         try:
-            text = self._ssh().run(argv, timeout=timeout, retry=False).text
+            res = self._ssh().run(argv, timeout=timeout, retry=False)
             if check_output is not None:
-                check_output(text)
-            return text
+                check_output("\n".join(part for part in (res.text, res.error_text) if part))
+            return res.text
         except CommandError as exc:
             raise EsxiError(f"{what} over SSH: {exc}") from exc
 

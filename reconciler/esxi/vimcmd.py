@@ -121,9 +121,10 @@ def license_show() -> list[str]:
 
 
 def vmkfstools_create(path: str, capacity: int, *, thin: bool) -> list[str]:
-    """``vmkfstools -c <size>k -d thin|zeroedthick <path>``. The vSphere 6.7, 7.0 and 8.0 storage guides
-    document the size of ``-c`` with the suffixes k/K, m/M, g/G only, so the exact size is given in KiB;
-    a capacity that is no whole number of KiB cannot be created exactly this way (ValueError)."""
+    """``vmkfstools -c <size>k -d thin|zeroedthick <path>``. ``k`` is a suffix both the vSphere storage
+    guide (``size[bB|sS|kK|mM|gG]``) and vmkfstools' own usage (``#[gGmMkK]``) name (docs/lab.md), so the
+    exact size is given in KiB; a capacity that is no whole number of KiB cannot be created exactly this
+    way (ValueError; :meth:`EsxiHost.create_disk` writes such a descriptor itself)."""
     if capacity <= 0 or capacity % 1024:
         raise ValueError(f"vmkfstools -c takes whole KiB; {capacity} bytes is not one")
     return ["vmkfstools", "-c", f"{capacity // 1024}k", "-d", "thin" if thin else "zeroedthick", path]

@@ -75,11 +75,33 @@ def test_cli_up_status_down(tmp_path: Path) -> None:
             timeout=120,
         )
 
-    up = cli("up", "--state-dir", str(state), "--hosts", "1", "--vms", "1", "--disk-sizes", "8M")
+    wrong = cli("up", "--state-dir", str(state), "--esxi-version", "5.5")
+    assert wrong.returncode == 2 and "--esxi-version: invalid choice: '5.5'" in wrong.stderr
+    up = cli(
+        "up",
+        "--state-dir",
+        str(state),
+        "--hosts",
+        "1",
+        "--vms",
+        "1",
+        "--disk-sizes",
+        "8M",
+        "--esxi-version",
+        "6.7",
+    )
     try:
         assert up.returncode == 0, up.stderr
         assert str(state / "lab.json") in up.stdout
-        assert "web01" in up.stdout
+        assert "web01" in up.stdout and "ESXi 6.7" in up.stdout
+        fault = cli("fault", "--state-dir", str(state), "--host", "esxi1", "vimcmd-exit-zero")
+        assert fault.returncode == 0, fault.stderr
+        refused = cli(
+            "vim-cmd", "--state-dir", str(state), "--host", "esxi1", "--", "vmsvc/power.getstate", "99"
+        )
+        assert "   dynamicType = <unset>," in refused.stdout  # the 6.x fault layout
+        fault = cli("fault", "--state-dir", str(state), "--host", "esxi1", "vimcmd-exit-zero", "--off")
+        assert fault.returncode == 0, fault.stderr
         status = cli("status", "--state-dir", str(state))
         assert status.returncode == 0, status.stdout + status.stderr
         wrote = cli(
