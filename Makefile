@@ -40,6 +40,7 @@ lab-build: apt venv
 lint: venv
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports --no-logo
 
 # The whole suite: lint, type check, unit tests and the lab integration tests.
 test: setup lint
@@ -53,4 +54,4 @@ demo: setup
 
 clean:
 	-$(PY) -m esxisim down --state-dir $(LAB_DIR) 2>/dev/null
-	rm -rf $(LAB_DIR) esxisim/build .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(LAB_DIR) esxisim/build .mypy_cache .ruff_cache .pytest_cache .import_linter_cache .grimp_cache

@@ -14,7 +14,7 @@ shown from WARNING up. Command output proper (``validate``'s verdict, plans) goe
 
 Formats:
 
-* ``console``: ``2025-01-31T02:00:00.123456Z [info     ] backup.done  [reconciler.engine] vm=web01``;
+* ``console``: ``2025-01-31T02:00:00.123456Z [info     ] backup.done  [reconciler.operations] vm=web01``;
   colours only on a terminal and unless ``$NO_COLOR`` is set. Control characters in the message and in
   text values (a VM name holding a line break or an escape sequence) are shown escaped by
   :func:`reconciler.printable.printable`, so a name cannot fake a log line or drive the terminal.

@@ -16,13 +16,14 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from reconciler.cli import add_command, human_size, load_desired, plural, state_dir
+from reconciler.commands.common import add_command, load_desired, plural, state_dir
 from reconciler.printable import printable
+from reconciler.units import human_size
 
 if TYPE_CHECKING:
     from reconciler.config.model import DesiredState
-    from reconciler.engine.actions import Outcome, Plan
-    from reconciler.engine.observed import ObservedState
+    from reconciler.planning.actions import Outcome, Plan
+    from reconciler.planning.observed import ObservedState
 
 log = structlog.get_logger("reconciler.cli")
 
@@ -70,7 +71,7 @@ def _err(message: str) -> None:
 
 
 def _load_plan(path: Path) -> Plan | str:
-    from reconciler.engine.actions import Plan
+    from reconciler.planning.actions import Plan
 
     try:
         text = path.read_text(encoding="utf-8")
@@ -85,9 +86,9 @@ def _load_plan(path: Path) -> Plan | str:
 def staleness(saved: Plan, desired: DesiredState, observed: ObservedState) -> str | None:
     """Why ``saved`` may no longer be applied (None: it is current): the config revision or the
     observed facts it was made from changed. Names the actions a new plan would do differently."""
-    from reconciler.engine.observe import fingerprint
-    from reconciler.engine.plan import plan
-    from reconciler.engine.render import action_line
+    from reconciler.planning.fingerprint import fingerprint
+    from reconciler.planning.plan import plan
+    from reconciler.planning.render import action_line
 
     if saved.revision != desired.revision.id:
         return f"the config changed since it was made (revision {saved.revision} -> {desired.revision.id})"
@@ -146,11 +147,11 @@ def _confirm(count: int) -> bool | None:
 
 def cmd_apply(args: argparse.Namespace) -> int:
     """Execute the (saved or fresh) plan; see the exit status in the epilog."""
-    from reconciler.engine.apply import apply
-    from reconciler.engine.observe import load_history, observe
-    from reconciler.engine.plan import plan
-    from reconciler.engine.render import render_text
     from reconciler.esxi.host import sigterm_raises
+    from reconciler.operations.apply import apply
+    from reconciler.operations.observe import load_history, observe
+    from reconciler.planning.plan import plan
+    from reconciler.planning.render import render_text
 
     saved: Plan | None = None
     if args.planfile is not None:

@@ -7,8 +7,9 @@ import sys
 
 import structlog
 
-from reconciler.cli import add_command, human_size, load_desired
+from reconciler.commands.common import add_command, load_desired
 from reconciler.printable import printable
+from reconciler.units import human_size
 
 log = structlog.get_logger("reconciler.cli")
 
@@ -46,9 +47,9 @@ def cmd_backup(args: argparse.Namespace) -> int:
     """``esxi-reconciler backup POLICY``: 0 when every VM succeeded, 1 when any failed, 2 on bad input."""
     import threading
 
-    from reconciler.engine.backup import BackupError, BackupOptions, VmResult, backup_policy
-    from reconciler.engine.progress import Progress
     from reconciler.esxi.host import sigterm_raises
+    from reconciler.operations.backup import BackupError, BackupOptions, VmResult, backup_policy
+    from reconciler.operations.progress import Progress
 
     desired = load_desired(args)
     if desired is None:

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import structlog
 
-from reconciler.cli import add_command, human_size, load_desired
+from reconciler.commands.common import add_command, load_desired
 from reconciler.printable import printable
+from reconciler.units import human_size
 
 log = structlog.get_logger("reconciler.cli")
 
@@ -58,9 +59,9 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
 def cmd_export(args: argparse.Namespace) -> int:
     """0 exported; 1 failed; 2 bad input."""
     from reconciler.commands.restore import describe_point, find_repository
-    from reconciler.engine.backup import open_repository
-    from reconciler.engine.export import export_point
-    from reconciler.engine.restore import RestoreError, describe_source, find_point
+    from reconciler.operations.backup import open_repository
+    from reconciler.operations.export import export_point
+    from reconciler.operations.restore import RestoreError, describe_source, find_point
 
     desired = load_desired(args)
     if desired is None:

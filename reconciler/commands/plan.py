@@ -14,7 +14,7 @@ from pathlib import Path
 
 import structlog
 
-from reconciler.cli import add_command, load_desired, state_dir
+from reconciler.commands.common import add_command, load_desired, state_dir
 
 log = structlog.get_logger("reconciler.cli")
 
@@ -78,9 +78,9 @@ def _write_atomically(path: Path, text: str) -> None:
 
 def cmd_plan(args: argparse.Namespace) -> int:
     """Print the plan; see the exit status in the epilog."""
-    from reconciler.engine.observe import load_history, observe
-    from reconciler.engine.plan import plan
-    from reconciler.engine.render import render_text
+    from reconciler.operations.observe import load_history, observe
+    from reconciler.planning.plan import plan
+    from reconciler.planning.render import render_text
 
     desired = load_desired(args)
     if desired is None:

@@ -9,8 +9,9 @@ from typing import Any
 
 import structlog
 
-from reconciler.cli import add_command, human_size, load_desired
+from reconciler.commands.common import add_command, load_desired
 from reconciler.printable import printable
+from reconciler.units import human_size
 
 log = structlog.get_logger("reconciler.cli")
 
@@ -38,7 +39,7 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
 
 def cmd_points(args: argparse.Namespace) -> int:
     """``esxi-reconciler points``: 0, or 1 if a repository could not be read."""
-    from reconciler.engine.backup import open_repository
+    from reconciler.operations.backup import open_repository
 
     desired = load_desired(args)
     if desired is None:

@@ -11,7 +11,8 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from reconciler.cli import add_command, human_size, load_desired, plural, repository_config
+from reconciler.commands.common import add_command, load_desired, plural, repository_config
+from reconciler.units import human_size
 
 if TYPE_CHECKING:
     from reconciler.repository.gc import GcReport
@@ -159,7 +160,7 @@ def cmd_repo_key_export(args: argparse.Namespace) -> int:
     import os
 
     from reconciler.config.secrets import SecretError
-    from reconciler.engine.backup import open_repository
+    from reconciler.operations.backup import open_repository
     from reconciler.repository import export_key
     from reconciler.repository.errors import RepositoryError
 
@@ -202,8 +203,8 @@ def cmd_repo_gc(args: argparse.Namespace) -> int:
     import difflib
 
     from reconciler.config.secrets import SecretError
-    from reconciler.engine.backup import open_repository
-    from reconciler.engine.prune import collect
+    from reconciler.operations.backup import open_repository
+    from reconciler.operations.prune import collect
     from reconciler.repository.errors import RepositoryError, StorageError
 
     desired = load_desired(args)

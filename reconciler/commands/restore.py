@@ -16,15 +16,18 @@ from typing import TYPE_CHECKING
 
 import structlog
 
-from reconciler.cli import add_command, human_size, load_desired, plural
+from reconciler.commands.common import add_command, load_desired, plural
 from reconciler.printable import printable
+from reconciler.units import human_size
 
 if TYPE_CHECKING:
     from reconciler.config.model import DesiredState
-    from reconciler.engine.progress import Progress
-    from reconciler.engine.restore import RestoreOptions
-    from reconciler.esxi.host import EsxiHost, VmInfo
-    from reconciler.repository import Repository, RestorePoint
+    from reconciler.esxi.host import EsxiHost
+    from reconciler.facts.inventory import VmInfo
+    from reconciler.facts.points import RestorePoint
+    from reconciler.operations.progress import Progress
+    from reconciler.operations.restore import RestoreOptions
+    from reconciler.repository import Repository
 
 log = structlog.get_logger("reconciler.cli")
 
@@ -112,7 +115,7 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
 def find_repository(args: argparse.Namespace, desired: DesiredState, command: str) -> str | None:
     """The repository named by ``--repository``, else the only one holding points of ``args.vm`` (from
     ``args.from_host`` when given); None after printing why not (exit 2)."""
-    from reconciler.engine.backup import open_repository
+    from reconciler.operations.backup import open_repository
 
     if args.repository:
         if args.repository not in desired.repositories:
@@ -142,7 +145,7 @@ def find_repository(args: argparse.Namespace, desired: DesiredState, command: st
 
 def describe_point(point: RestorePoint) -> str:
     """The line every restore and export prints first: which VM and which point."""
-    from reconciler.engine.restore import describe_source
+    from reconciler.operations.restore import describe_source
 
     return printable(
         f"restore point {point.id} of {describe_source(point)}: {point.snapshot_time:%Y-%m-%d %H:%M} UTC,"
@@ -197,9 +200,11 @@ def _option_error(args: argparse.Namespace) -> str | None:
 
 def cmd_restore(args: argparse.Namespace) -> int:
     """0 restored; 1 the restore failed; 2 bad input or refused."""
-    from reconciler.engine.backup import open_repository
-    from reconciler.engine.progress import Progress
-    from reconciler.engine.restore import (
+    from reconciler.esxi.host import sigterm_raises
+    from reconciler.operations.backup import open_repository
+    from reconciler.operations.hosts import connect
+    from reconciler.operations.progress import Progress
+    from reconciler.operations.restore import (
         AmbiguousVmError,
         OverwriteFailed,
         RestoreError,
@@ -209,7 +214,6 @@ def cmd_restore(args: argparse.Namespace) -> int:
         run_test_restore,
         unfinished_overwrite,
     )
-    from reconciler.esxi.host import EsxiHost, sigterm_raises
 
     error = _option_error(args)
     if error is not None:
@@ -253,7 +257,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
             power_on=args.power_on,
             progress=progress,
         )
-        with EsxiHost.from_config(desired.host(host_name)) as host, sigterm_raises():
+        with connect(desired.host(host_name)) as host, sigterm_raises():
             try:
                 if args.overwrite:
                     return _overwrite(args, host, repo, point, options, progress)
@@ -296,7 +300,7 @@ def _own_point(args: argparse.Namespace, repo: Repository, host: EsxiHost, targe
     """With ``--overwrite --host``: the newest point of the VM being overwritten itself (this host, its
     UUID). None of its own: with ``--to-vm``, the one VM named VM (cross-VM, confirmed by name);
     else refused, listing what the repository has."""
-    from reconciler.engine.restore import RestoreError, backed_up_vms, find_point
+    from reconciler.operations.restore import RestoreError, backed_up_vms, find_point
 
     try:
         return find_point(repo, args.vm, "latest", host=host.name, uuid=target.uuid or "")
@@ -321,7 +325,7 @@ def _overwrite(
     options: RestoreOptions,
     progress: Progress,
 ) -> int:
-    from reconciler.engine.restore import (
+    from reconciler.operations.restore import (
         RestoreError,
         check_overwrite,
         describe_source,
@@ -388,8 +392,9 @@ def _overwrite(
 
 def _abort(args: argparse.Namespace, desired: DesiredState) -> int:
     """``--abort``: find the VM's unfinished overwrite (on ``--host``, else on every host) and give it up."""
-    from reconciler.engine.restore import OverwriteJournal, abort_overwrite, unfinished_overwrite
-    from reconciler.esxi.host import EsxiHost, sigterm_raises
+    from reconciler.esxi.host import sigterm_raises
+    from reconciler.operations.hosts import connect
+    from reconciler.operations.restore import OverwriteJournal, abort_overwrite, unfinished_overwrite
 
     name = args.to_vm or args.vm
     if args.host and args.host not in desired.hosts:
@@ -400,7 +405,7 @@ def _abort(args: argparse.Namespace, desired: DesiredState) -> int:
     found: list[tuple[str, VmInfo, OverwriteJournal]] = []
     for host_name in hosts:
         try:
-            with EsxiHost.from_config(desired.host(host_name)) as host:
+            with connect(desired.host(host_name)) as host:
                 for vm in host.list_vms():
                     if vm.name == name:
                         seen.append(host_name)
@@ -421,7 +426,7 @@ def _abort(args: argparse.Namespace, desired: DesiredState) -> int:
         _err(f"several VMs named {name!r} have an unfinished overwrite: {where}; choose one with --host")
         return 2
     host_name, vm, _ = found[0]
-    with EsxiHost.from_config(desired.host(host_name)) as host, sigterm_raises():
+    with connect(desired.host(host_name)) as host, sigterm_raises():
         try:
             result = abort_overwrite(host, vm)
         except Exception as exc:

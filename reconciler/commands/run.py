@@ -7,7 +7,7 @@ import os
 import sys
 from datetime import timedelta
 
-from reconciler.cli import add_command, config_dir, state_dir
+from reconciler.commands.common import add_command, config_dir, state_dir
 
 _RUN_EXAMPLES = """\
 examples:

@@ -8,7 +8,7 @@ import sys
 from datetime import datetime
 from typing import Any
 
-from reconciler.cli import add_command, plural, state_dir
+from reconciler.commands.common import add_command, plural, state_dir
 from reconciler.printable import printable
 
 _STATUS_EXAMPLES = """\
@@ -59,7 +59,7 @@ def _clip(text: str, width: int) -> str:
 
 def cmd_status(args: argparse.Namespace) -> int:
     from reconciler.daemon.lock import running_daemon
-    from reconciler.status import StatusStore, StatusStoreError, status_path
+    from reconciler.status.store import StatusStore, StatusStoreError, status_path
 
     directory = state_dir(args)
     try:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import structlog
 
-from reconciler.cli import add_command, config_dir, plural
+from reconciler.commands.common import add_command, config_dir, plural
 
 log = structlog.get_logger("reconciler.cli")
 

@@ -9,8 +9,9 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from reconciler.cli import add_command, human_size, load_desired, plural
+from reconciler.commands.common import add_command, load_desired, plural
 from reconciler.printable import printable
+from reconciler.units import human_size
 
 if TYPE_CHECKING:
     from reconciler.repository.verify import VerifyReport
@@ -84,8 +85,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
     import difflib
 
     from reconciler.config.secrets import SecretError
-    from reconciler.engine.backup import open_repository
-    from reconciler.engine.progress import Progress
+    from reconciler.operations.backup import open_repository
+    from reconciler.operations.progress import Progress
     from reconciler.repository.errors import RepositoryError
     from reconciler.repository.verify import verify_repository
 

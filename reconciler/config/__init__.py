@@ -15,10 +15,15 @@ Layout: :mod:`.documents` (safe YAML with positions), :mod:`.schemas` (the JSON 
 :mod:`.validation` (schema checks with located, worded errors; defaults), :mod:`.model` (the frozen types),
 :mod:`.loader` (building and cross-checking), :mod:`.secrets` (secret references), :mod:`.revision` (git
 commit or digest), :mod:`.docgen` (``docs/config.md``).
+
+The loader and the revision (YAML, JSON Schema, git) are imported on first use of their names, so the
+frozen model and its readers (the planner, the status conditions) do not load them.
 """
 
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from reconciler.config.errors import ConfigError, ConfigIssue
-from reconciler.config.loader import default_config_dir, load_config, parse_interval, parse_size
 from reconciler.config.model import (
     ApiEndpoint,
     BackupPolicy,
@@ -32,8 +37,6 @@ from reconciler.config.model import (
     HookFailure,
     Hooks,
     Host,
-    HostLimits,
-    License,
     LocalBackend,
     PowerCycle,
     PruneSettings,
@@ -44,8 +47,27 @@ from reconciler.config.model import (
     VerifyPolicy,
     VmSelector,
 )
-from reconciler.config.revision import config_revision
 from reconciler.config.secrets import Secret, SecretError
+
+if TYPE_CHECKING:
+    from reconciler.config.loader import default_config_dir, load_config, parse_interval, parse_size
+    from reconciler.config.revision import config_revision
+
+_ON_FIRST_USE = {
+    "default_config_dir": "reconciler.config.loader",
+    "load_config": "reconciler.config.loader",
+    "parse_interval": "reconciler.config.loader",
+    "parse_size": "reconciler.config.loader",
+    "config_revision": "reconciler.config.revision",
+}
+
+
+def __getattr__(name: str) -> Any:
+    """``load_config`` and the other names of the loader and the revision, imported on first use."""
+    module = _ON_FIRST_USE.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)
 
 __all__ = [
     "ApiEndpoint",
@@ -62,8 +84,6 @@ __all__ = [
     "HookFailure",
     "Hooks",
     "Host",
-    "HostLimits",
-    "License",
     "LocalBackend",
     "PowerCycle",
     "PruneSettings",

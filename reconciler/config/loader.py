@@ -38,7 +38,8 @@ from reconciler.config.errors import ConfigError, ConfigIssue
 from reconciler.config.revision import config_revision
 from reconciler.config.secrets import Secret, SecretError
 from reconciler.config.validation import apply_defaults, suggest, validate_document
-from reconciler.engine import retention, schedule
+from reconciler.facts.inventory import HostLimits, License
+from reconciler.rules import retention, schedule
 
 DEFAULT_CONFIG_DIR = Path("/etc/esxi-reconciler/config.d")
 CONFIG_ENV = "ESXI_RECONCILER_CONFIG"
@@ -252,7 +253,7 @@ def _build_host(build: _Build, doc: Document, spec: dict[str, Any]) -> model.Hos
     return model.Host(
         name=name,
         address=spec["address"],
-        license=model.License(spec["license"]),
+        license=License(spec["license"]),
         credentials=model.Credentials(
             user=creds["user"],
             password=build.secret(doc, ("spec", "credentials", "password"), creds["password"]),
@@ -270,7 +271,7 @@ def _build_host(build: _Build, doc: Document, spec: dict[str, Any]) -> model.Hos
             private_key=private_key,
             insecure_skip_host_key_check=ssh["insecure_skip_host_key_check"],
         ),
-        limits=model.HostLimits(
+        limits=HostLimits(
             concurrent_backups=limits["concurrent_backups"],
             concurrent_backups_per_datastore=limits["concurrent_backups_per_datastore"],
             min_datastore_free_bytes=parse_size(free["size"]),

@@ -2,8 +2,8 @@
 
 Everything here is a frozen dataclass built by :func:`reconciler.config.load_config` from validated
 documents with every default filled in, so a reader never needs to know the defaults. Schedules and
-retention are the engine's own types (:class:`reconciler.engine.schedule.Schedule`,
-:class:`reconciler.engine.retention.RetentionPolicy`). Secrets are :class:`~reconciler.config.secrets.Secret`
+retention are the engine's own types (:class:`reconciler.rules.schedule.Schedule`,
+:class:`reconciler.rules.retention.RetentionPolicy`). Secrets are :class:`~reconciler.config.secrets.Secret`
 references, resolved only when used.
 """
 
@@ -20,16 +20,9 @@ from typing import TypeVar
 
 from reconciler.config.errors import ConfigIssue
 from reconciler.config.secrets import Secret
-from reconciler.engine.retention import RetentionPolicy
-from reconciler.engine.schedule import After, Schedule, Window
-
-
-class License(str, enum.Enum):
-    """How the host is licensed, as declared (``AUTO`` = detect on connection)."""
-
-    AUTO = "auto"
-    FREE = "free"
-    LICENSED = "licensed"
+from reconciler.facts.inventory import HostLimits, License
+from reconciler.rules.retention import RetentionPolicy
+from reconciler.rules.schedule import After, Schedule, Window
 
 
 class CbtMode(str, enum.Enum):
@@ -95,22 +88,6 @@ class SshEndpoint:
     host_key: str | None
     private_key: Secret | None
     insecure_skip_host_key_check: bool
-
-
-@dataclass(frozen=True)
-class HostLimits:
-    """Concurrency limits and the datastore free-space floor (0 = no check)."""
-
-    concurrent_backups: int
-    concurrent_backups_per_datastore: int
-    min_datastore_free_bytes: int
-    min_datastore_free_percent: float
-
-    def datastore_has_room(self, capacity: int, free: int) -> bool:
-        """Whether a datastore with this capacity and free space (bytes) is above both floors."""
-        if free < self.min_datastore_free_bytes:
-            return False
-        return capacity <= 0 or free * 100 >= capacity * self.min_datastore_free_percent
 
 
 @dataclass(frozen=True)

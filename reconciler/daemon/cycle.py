@@ -17,7 +17,7 @@ from typing import TypeVar
 import structlog
 
 from reconciler.config.model import DesiredState
-from reconciler.engine.actions import Outcome
+from reconciler.planning.actions import Outcome
 from reconciler.status.conditions import Condition, derive_conditions
 from reconciler.status.store import StatusStore
 
@@ -83,9 +83,9 @@ def _guarded(what: str, write: Callable[[], T], default: T) -> T:
 
 def reconcile(ctx: CycleContext) -> CycleResult:
     """The daemon's cycle against real hosts and repositories."""
-    from reconciler.engine.apply import apply
-    from reconciler.engine.observe import observe
-    from reconciler.engine.plan import plan
+    from reconciler.operations.apply import apply
+    from reconciler.operations.observe import observe
+    from reconciler.planning.plan import plan
 
     desired, store = ctx.desired, ctx.store
     revision = desired.revision.id

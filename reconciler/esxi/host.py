@@ -47,7 +47,6 @@ from typing import Any
 
 from pyVmomi import vim, vmodl
 
-from reconciler.config.model import Host, HostLimits, License
 from reconciler.esxi import vimcmd
 from reconciler.esxi.api import ApiSession, license_kind_from_editions, mapped_faults, wait_task
 from reconciler.esxi.errors import (
@@ -74,90 +73,27 @@ from reconciler.esxi.hostdigest import (
     allocation_on_host,
     compare_on_host,
 )
-from reconciler.esxi.shell import ShellSession, SshTarget
-from reconciler.esxi.transport import (
-    DiskReader,
-    HttpsRangeReader,
-    SshDdReader,
-    SshDdWriter,
-    split_ds_path,
-    vmfs_path,
-)
+from reconciler.esxi.shell import ShellSession
+from reconciler.esxi.transport import DiskReader, HttpsRangeReader, SshDdReader, SshDdWriter, vmfs_path
 from reconciler.esxi.vmdk import Descriptor, vmfs_descriptor
 from reconciler.esxi.vmx import VmxFile
+from reconciler.facts.inventory import (
+    SNAPSHOT_PREFIX,
+    DatastoreInfo,
+    DiskInfo,
+    HostLimits,
+    License,
+    SnapshotInfo,
+    VmInfo,
+    split_ds_path,
+)
 
 log = logging.getLogger(__name__)
 
-SNAPSHOT_PREFIX = "esxi-reconciler-"
 _VMFS_UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{12}$")
 
 
-# -- what the engine sees -------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class SnapshotInfo:
-    """One snapshot of a VM (the tree flattened, parents first)."""
-
-    id: str
-    """The snapshot id (``vim-cmd`` SnapshotId = the API tree's ``id``)."""
-    name: str
-    description: str
-    created: datetime | None
-    parent_id: str | None
-    quiesced: bool
-
-
-@dataclass(frozen=True)
-class DiskInfo:
-    """A virtual disk as the VM currently sees it."""
-
-    key: int
-    label: str
-    node: str | None
-    """``scsi0:0`` …"""
-    file: str
-    """Datastore path of the current top of the chain (a delta while snapshots exist)."""
-    chain: tuple[str, ...]
-    """Top first, base last."""
-    capacity: int
-    change_id: str | None
-    uuid: str | None
-    mode: str | None
-    thin: bool | None
-
-    @property
-    def base(self) -> str:
-        return self.chain[-1]
-
-    @property
-    def independent(self) -> bool:
-        return (self.mode or "").startswith("independent")
-
-
-@dataclass(frozen=True)
-class VmInfo:
-    vmid: str
-    """The managed object id = the ``vim-cmd`` Vmid."""
-    name: str
-    uuid: str | None
-    instance_uuid: str | None
-    power_state: str
-    vmx_path: str
-    datastore: str
-    disks: tuple[DiskInfo, ...]
-    snapshots: tuple[SnapshotInfo, ...]
-    cbt_enabled: bool
-    hw_version: str | None
-
-
-@dataclass(frozen=True)
-class DatastoreInfo:
-    name: str
-    capacity: int
-    free: int
-    accessible: bool
-    type: str
+# -- what a backup reads -------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -310,42 +246,6 @@ class EsxiHost:
         self._api_restricted = False
         self._api_user = api_user
         self._api_password = api_password
-
-    @classmethod
-    def from_config(cls, host: Host, *, snapshot_prefix: str = SNAPSHOT_PREFIX) -> EsxiHost:
-        """Build from the loaded configuration (nothing is connected until used)."""
-        password = host.credentials.password.reveal
-        api = ApiSession(
-            host.address,
-            host.api.port,
-            host.credentials.user,
-            password,
-            host.api.thumbprint,
-            insecure=host.api.insecure_skip_tls_verify,
-        )
-        shell = None
-        if host.ssh.enabled:
-            shell = ShellSession(
-                SshTarget(
-                    address=host.address,
-                    port=host.ssh.port,
-                    user=host.ssh.user,
-                    host_key=host.ssh.host_key,
-                    insecure_skip_host_key_check=host.ssh.insecure_skip_host_key_check,
-                    password=password,
-                    private_key=host.ssh.private_key.reveal if host.ssh.private_key else None,
-                )
-            )
-        return cls(
-            api,
-            shell,
-            license=host.license,
-            limits=host.limits,
-            name=host.name,
-            snapshot_prefix=snapshot_prefix,
-            api_user=host.credentials.user,
-            api_password=password,
-        )
 
     @property
     def identity(self) -> str:

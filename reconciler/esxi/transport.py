@@ -38,6 +38,7 @@ import urllib3
 from reconciler.esxi.errors import EsxiError, ShellError
 from reconciler.esxi.shell import ShellConnection
 from reconciler.esxi.vimcmd import command_line
+from reconciler.facts.inventory import split_ds_path
 
 log = logging.getLogger(__name__)
 
@@ -53,15 +54,6 @@ transport thread and waits for the key exchange only that thread can finish). Se
 
 class TransportError(EsxiError):
     """A disk read failed."""
-
-
-def split_ds_path(ds_path: str) -> tuple[str, str]:
-    """``[datastore1] a b/c.vmdk`` → ``("datastore1", "a b/c.vmdk")``. Only the one space after ``]`` is
-    dropped: a folder named after a VM may begin or end with a space or a line break."""
-    if not ds_path.startswith("[") or "]" not in ds_path:
-        raise ValueError(f"not a datastore path: {ds_path!r}")
-    ds, _, rel = ds_path[1:].partition("]")
-    return ds, rel.removeprefix(" ")
 
 
 def vmfs_path(ds_path: str) -> str:

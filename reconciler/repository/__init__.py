@@ -1,7 +1,8 @@
 """The backup repository: fixed 1 MiB content-addressed chunks, zstd, optional AES-256-GCM, restore points.
 
 The on-disk format is specified in ``docs/repository-format.md``. Entry points: :class:`Repository`
-(``init``/``open``), :class:`ChunkWriter`, :class:`RestorePoint`, :func:`collect_garbage`.
+(``init``/``open``), :class:`ChunkWriter`, :func:`collect_garbage`. The restore point records it stores
+are plain values in :mod:`reconciler.facts.points`; :mod:`.manifest` is their JSON codec.
 """
 
 from reconciler.repository.backend import Backend, LocalBackend
@@ -20,14 +21,6 @@ from reconciler.repository.errors import (
 from reconciler.repository.gc import GarbageSigns, GcReport, collect_garbage, garbage_signs
 from reconciler.repository.index import DIGEST_BLOCK_SIZE, DigestMap, DiskIndex
 from reconciler.repository.lock import LockInfo, RepositoryLock, remove_stale_locks, stale_staged_files
-from reconciler.repository.points import (
-    DiskRecord,
-    RestorePoint,
-    StoredFile,
-    VmRef,
-    group_points,
-    new_point_id,
-)
 from reconciler.repository.repo import (
     ChunkWrite,
     ChunkWriter,
@@ -48,7 +41,6 @@ __all__ = [
     "ChunkWriter",
     "DigestMap",
     "DiskIndex",
-    "DiskRecord",
     "EncodedChunk",
     "FormatError",
     "GarbageSigns",
@@ -65,18 +57,13 @@ __all__ = [
     "RepositoryError",
     "RepositoryLock",
     "RepositoryStats",
-    "RestorePoint",
     "StorageError",
-    "StoredFile",
     "VerifyReport",
-    "VmRef",
     "WrongKeyError",
     "collect_garbage",
     "export_key",
     "garbage_signs",
-    "group_points",
     "import_key",
-    "new_point_id",
     "remove_stale_locks",
     "stale_staged_files",
     "verify_repository",

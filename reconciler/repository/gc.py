@@ -21,11 +21,11 @@ from datetime import datetime, timezone
 
 import structlog
 
+from reconciler.facts.points import RestorePoint
 from reconciler.repository.backend import ObjectInfo, fsync_dir
 from reconciler.repository.chunks import chunk_name
 from reconciler.repository.errors import FormatError, MissingObjectError, RepositoryError, StorageError
 from reconciler.repository.lock import RepositoryLock, list_locks, pid_alive, stale_staged_files
-from reconciler.repository.points import RestorePoint
 from reconciler.repository.repo import Repository
 
 log = structlog.get_logger(__name__)

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
+from reconciler.facts.points import POINT_ID_RE, RestorePoint, StoredFile, point_name
 from reconciler.repository.backend import Data, LocalBackend, ObjectInfo, fsync_dir
 from reconciler.repository.chunks import (
     CHUNK_SIZE,
@@ -46,8 +47,7 @@ from reconciler.repository.errors import (
 )
 from reconciler.repository.index import DigestMap, DiskIndex
 from reconciler.repository.lock import RepositoryLock, stale_staged_files
-from reconciler.repository.points import POINT_ID_RE, RestorePoint, StoredFile, point_name
-from reconciler.repository.verify import VerifyReport, verify_repository
+from reconciler.repository.manifest import decode_manifest, encode_manifest
 
 CONFIG_VERSION = 1
 QUARANTINE_DIR = "quarantine"
@@ -424,14 +424,14 @@ class Repository:
         """Flush chunks, then write the manifest (last): from now on the point is listed."""
         self.flush()
         name = point_name(point.id)
-        parts = self.codec.encode(f"point:{point.id}".encode("ascii"), point.to_json(), trailer=True)
+        parts = self.codec.encode(f"point:{point.id}".encode("ascii"), encode_manifest(point), trailer=True)
         if not self.backend.put(name, parts):
             raise RepositoryError(f"{name}: a restore point with this id exists")
 
     def read_point(self, point_id: str) -> RestorePoint:
         name = point_name(point_id)
         payload = self.codec.decode(name, f"point:{point_id}".encode("ascii"), self.backend.get(name))
-        return RestorePoint.from_json(name, payload)
+        return decode_manifest(name, payload)
 
     def point_ids(self) -> list[str]:
         """Ids of all complete restore points, oldest first."""
@@ -454,7 +454,7 @@ class Repository:
     def set_protected(self, point_id: str, protected: bool) -> RestorePoint:
         """Change a point's ``protected`` flag (the manifest is replaced atomically)."""
         point = self.read_point(point_id).with_protected(protected)
-        parts = self.codec.encode(f"point:{point.id}".encode("ascii"), point.to_json(), trailer=True)
+        parts = self.codec.encode(f"point:{point.id}".encode("ascii"), encode_manifest(point), trailer=True)
         self.backend.replace(point.name, parts)
         return point
 
@@ -532,13 +532,6 @@ class Repository:
                         digests.add(f"digests/{dm}")
         chunks.discard(HOLE)
         return chunks, indexes, digests
-
-    def check(self, *, read_data: bool = True) -> VerifyReport:
-        """Every object referenced by a listed point exists and (``read_data``) authenticates.
-
-        Shorthand for :func:`reconciler.repository.verify.verify_repository` (all data or none).
-        """
-        return verify_repository(self, read_data_percent=100.0 if read_data else 0.0)
 
 
 def export_key(path: str | os.PathLike[str], key_id: str | None = None) -> bytes:

@@ -24,12 +24,13 @@ from collections.abc import Container
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import timezone
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import structlog
 import zstandard
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
+from reconciler.facts.points import RestorePoint
 from reconciler.repository.chunks import (
     FLAG_AEAD,
     FLAG_TRAILER,
@@ -45,10 +46,8 @@ from reconciler.repository.chunks import (
 from reconciler.repository.crypto import NONCE_SIZE, TAG_SIZE
 from reconciler.repository.errors import FormatError, MissingObjectError, RepositoryError
 from reconciler.repository.index import DiskIndex, chunk_count
-from reconciler.repository.points import RestorePoint
 
 if TYPE_CHECKING:
-    from reconciler.engine.progress import Progress
     from reconciler.repository.repo import Repository
 
 log = structlog.get_logger(__name__)
@@ -60,6 +59,21 @@ MAX_NAMED = 3
 """Places named per problem message; the rest are counted."""
 INDEX_HEADER_SIZE = len(DiskIndex(0).encode())
 READ_THREADS = min(4, os.cpu_count() or 1)
+
+
+class ProgressItem(Protocol):
+    """One counted piece of work: bytes read so far (and how far in), then done."""
+
+    def advance(self, received: int, position: int | None = None) -> None: ...
+
+    def done(self) -> None: ...
+
+
+class ProgressSink(Protocol):
+    """Where the chunk reads are counted (:class:`reconciler.operations.progress.Progress` is one); the
+    repository only reports, the caller draws or logs."""
+
+    def disk(self, vm: str, disk: str, total: int) -> ProgressItem: ...
 
 
 @dataclass(frozen=True)
@@ -390,7 +404,7 @@ def verify_repository(
     read_data_percent: float = 100.0,
     subset: tuple[int, int] | None = None,
     seed: int | str | None = None,
-    progress: Progress | None = None,
+    progress: ProgressSink | None = None,
     cancel: threading.Event | None = None,
     quarantine: bool = False,
 ) -> VerifyReport:
@@ -447,7 +461,7 @@ def _check_chunks(
     ids: list[bytes],
     to_read: list[bytes],
     report: VerifyReport,
-    progress: Progress | None,
+    progress: ProgressSink | None,
     cancel: threading.Event | None,
 ) -> dict[bytes, tuple[str, str]]:
     """Presence of ``ids``, content of ``to_read``; returns bad chunk id -> (kind, state).

@@ -18,9 +18,9 @@ from typing import Any, Literal
 
 from reconciler.config.errors import ConfigIssue
 from reconciler.config.model import BackupPolicy, DesiredState
-from reconciler.engine import schedule
-from reconciler.engine.actions import Action, Notice, Outcome, Plan
-from reconciler.engine.observed import ObservedState, RunRecord, backup_key, verify_key
+from reconciler.planning.actions import Action, Notice, Outcome, Plan
+from reconciler.planning.observed import ObservedState, RunRecord, backup_key, verify_key
+from reconciler.rules import schedule
 
 ConditionStatus = Literal["Ready", "Reconciling", "Stalled"]
 ObjectKind = Literal["config", "host", "vm", "policy", "repository"]

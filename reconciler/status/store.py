@@ -25,8 +25,8 @@ from typing import Any
 
 import structlog
 
-from reconciler.engine.actions import Outcome, Plan, RunBackup, RunTestRestore, RunVerify
-from reconciler.engine.observed import RunRecord, backup_key, verify_key
+from reconciler.planning.actions import Outcome, Plan, RunBackup, RunTestRestore, RunVerify
+from reconciler.planning.observed import RunRecord, backup_key, verify_key
 from reconciler.status.backoff import retry_delay
 from reconciler.status.conditions import Condition, ConditionStatus, ObjectKind, sort_conditions
 

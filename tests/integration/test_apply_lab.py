@@ -20,7 +20,13 @@ from esxisim.handle import LabHandle, find_vm
 from reconciler import cli
 from reconciler.config import load_config
 from reconciler.config.model import DesiredState
-from reconciler.engine.actions import (
+from reconciler.esxi.host import BackupSnapshot, EsxiHost, FrozenDisk, sigterm_raises
+from reconciler.operations.apply import apply
+from reconciler.operations.backup import BackupOptions, backup_policy, open_repository
+from reconciler.operations.hosts import connect
+from reconciler.operations.restore import disk_content
+from reconciler.operations.retry import RetryPolicy
+from reconciler.planning.actions import (
     Action,
     CbtMethod,
     CollectGarbage,
@@ -30,11 +36,6 @@ from reconciler.engine.actions import (
     RunBackup,
     SetCbt,
 )
-from reconciler.engine.apply import apply
-from reconciler.engine.backup import BackupOptions, backup_policy, open_repository
-from reconciler.engine.restore import disk_content
-from reconciler.engine.retry import RetryPolicy
-from reconciler.esxi.host import BackupSnapshot, EsxiHost, FrozenDisk, sigterm_raises
 from reconciler.repository import KdfParams, Repository
 from tests.integration.labconfig import PASSPHRASE, policy_yaml, write_lab_config
 
@@ -114,7 +115,7 @@ def leave_as_found(lab: LabHandle, host: EsxiHost, vm: str, cbt: bool) -> None:
 
 def test_licensed_running_vm_gets_cbt_by_reconfigure_and_stun(env: Env) -> None:
     lab = env.lab
-    with EsxiHost.from_config(env.desired.host(lab.licensed)) as host:
+    with connect(env.desired.host(lab.licensed)) as host:
         vm = "app201"
         original = host.find_vm(vm).cbt_enabled
         try:
@@ -133,7 +134,7 @@ def test_licensed_running_vm_gets_cbt_by_reconfigure_and_stun(env: Env) -> None:
 
 def test_free_host_vm_off_gets_cbt_by_vmx_edit(env: Env) -> None:
     lab = env.lab
-    with EsxiHost.from_config(env.desired.host(lab.free)) as host:
+    with connect(env.desired.host(lab.free)) as host:
         vm = "db 01"
         info = host.find_vm(vm)
         original = info.cbt_enabled
@@ -157,7 +158,7 @@ def test_free_host_vm_off_gets_cbt_by_vmx_edit(env: Env) -> None:
 
 def test_free_host_running_vm_is_power_cycled_for_cbt(env: Env) -> None:
     lab = env.lab
-    with EsxiHost.from_config(env.desired.host(lab.free)) as host:
+    with connect(env.desired.host(lab.free)) as host:
         vm = "web01"
         info = host.find_vm(vm)
         original = info.cbt_enabled
@@ -242,7 +243,7 @@ def test_backups_then_prune_and_gc_free_chunks(env: Env) -> None:
     assert set(new_ids) <= set(env.repo.point_ids()) and not set(old_ids) & set(env.repo.point_ids())
     for point_id in new_ids:  # what is kept still restores bit for bit
         assert_restores(env, point_id, frozen)
-    with EsxiHost.from_config(env.desired.host(lab.licensed)) as host:
+    with connect(env.desired.host(lab.licensed)) as host:
         assert all(host.find_vm(vm).snapshots == () for vm in LIC_VMS)
 
 
@@ -294,7 +295,7 @@ def test_apply_file_runs_a_current_plan_and_refuses_a_stale_one(
     Repository.init(root / "repo", PASSPHRASE, kdf=KdfParams(memory_kib=1024, iterations=1, lanes=1))
     base = ["--config", str(cfg), "--state-dir", str(root / "state"), "--log-level", "warning"]
     repo = open_repository(load_config(cfg).repository("r"))
-    with EsxiHost.from_config(load_config(cfg).host(lab.licensed)) as host:
+    with connect(load_config(cfg).host(lab.licensed)) as host:
         cbt_before = host.find_vm("app202").cbt_enabled
 
     assert cli.main([*base, "plan", "--out", str(root / "stale.plan")]) == 0
@@ -312,7 +313,7 @@ def test_apply_file_runs_a_current_plan_and_refuses_a_stale_one(
     err = capsys.readouterr().err
     assert "saved plan is stale" in err and "app202" in err
     assert repo.point_ids() == [point_id]  # nothing was done
-    with EsxiHost.from_config(load_config(cfg).host(lab.licensed)) as host:
+    with connect(load_config(cfg).host(lab.licensed)) as host:
         vm = host.find_vm("app202")
         assert vm.snapshots == () and vm.power_state == "poweredOn" and vm.cbt_enabled is cbt_before
 
@@ -353,5 +354,5 @@ def test_sigterm_unwinds_backups_on_both_hosts_and_skips_the_rest(env: Env) -> N
     assert all(o.ok or o in cancelled for o in seen if o.action.kind == "backup"), [o.error for o in seen]
     assert set(env.repo.point_ids()) - before <= {str(o.detail.get("point_id")) for o in seen if o.ok}
     for name in (lab.free, lab.licensed):
-        with EsxiHost.from_config(env.desired.host(name)) as host:
+        with connect(env.desired.host(name)) as host:
             assert all(v.snapshots == () and v.power_state == "poweredOn" for v in host.list_vms())

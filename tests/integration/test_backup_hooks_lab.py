@@ -9,8 +9,8 @@ import pytest
 
 from esxisim.handle import LabHandle
 from reconciler.config import load_config
-from reconciler.engine.backup import BackupOptions, backup_policy, open_repository
 from reconciler.esxi.host import BackupSnapshot, EsxiHost
+from reconciler.operations.backup import BackupOptions, backup_policy, open_repository
 from reconciler.repository import Repository
 
 pytestmark = pytest.mark.lab

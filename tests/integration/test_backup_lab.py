@@ -23,12 +23,14 @@ from esxisim.handle import LabHandle
 from reconciler import cli
 from reconciler.config import load_config
 from reconciler.config.model import DesiredState
-from reconciler.engine.backup import BackupOptions, VmResult, backup_policy, open_repository
-from reconciler.engine.restore import disk_content
-from reconciler.engine.vmlock import vm_lock
 from reconciler.esxi.host import BackupSnapshot, EsxiHost, FrozenDisk, sigterm_raises
 from reconciler.esxi.hostdigest import request
-from reconciler.repository import KdfParams, Repository, RestorePoint
+from reconciler.facts.points import RestorePoint
+from reconciler.operations.backup import BackupOptions, VmResult, backup_policy, open_repository
+from reconciler.operations.hosts import connect
+from reconciler.operations.restore import disk_content
+from reconciler.operations.vmlock import vm_lock
+from reconciler.repository import KdfParams, Repository
 from tests.integration.labconfig import PASSPHRASE, policy_yaml, write_lab_config
 
 pytestmark = [pytest.mark.lab, pytest.mark.usefixtures("restore_logging")]
@@ -198,7 +200,7 @@ def test_free_host_full_then_digest_incrementals_with_guest_writes(env: Env) -> 
 
 def test_licensed_host_full_then_cbt_incremental_and_reset_fallback(env: Env) -> None:
     lab = env.lab
-    with EsxiHost.from_config(env.desired.host(lab.licensed)) as host:
+    with connect(env.desired.host(lab.licensed)) as host:
         host.set_cbt(host.find_vm("app203"), True)
         try:
             cap = Capture(lab, lab.licensed)
@@ -386,7 +388,7 @@ def test_datastore_free_space_floor_refuses_the_vm(env: Env) -> None:
 _KILLED_RUN = """
 import pathlib, sys, time
 from reconciler.config import load_config
-from reconciler.engine.backup import BackupOptions, backup_policy
+from reconciler.operations.backup import BackupOptions, backup_policy
 
 marker = pathlib.Path(sys.argv[2])
 

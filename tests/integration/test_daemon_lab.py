@@ -34,12 +34,15 @@ from esxisim.handle import LabHandle
 from reconciler.config import load_config
 from reconciler.daemon import Daemon
 from reconciler.daemon.notify import Notifier
-from reconciler.engine.backup import open_repository
 from reconciler.esxi.host import EsxiHost
 from reconciler.esxi.vmx import VmxFile
-from reconciler.repository import Repository, RestorePoint
+from reconciler.facts.points import RestorePoint
+from reconciler.operations.backup import open_repository
+from reconciler.operations.hosts import connect
+from reconciler.repository import Repository
 from reconciler.repository.chunks import chunk_name
 from reconciler.repository.errors import LockedError
+from reconciler.repository.verify import verify_repository
 from reconciler.status.conditions import CONFIG_NAME
 from reconciler.status.store import StatusStore, status_path
 
@@ -119,7 +122,7 @@ def lab_hosts(lab: LabHandle, tmp_path: Path) -> Iterator[dict[str, EsxiHost]]:
     snapshot, no .vmx backup copy, no fault."""
     config = demo.write_config(lab.info, lab.lab, tmp_path / "hostcfg")
     desired = load_config(config)
-    hosts = {name: EsxiHost.from_config(desired.host(name)) for name in (lab.free, lab.licensed)}
+    hosts = {name: connect(desired.host(name)) for name in (lab.free, lab.licensed)}
     try:
         yield hosts
     finally:
@@ -272,7 +275,7 @@ def test_the_daemon_keeps_reality_matching_git(
             "their chunks freed",
             lambda: not any((repo.path / chunk_name(c)).exists() for c in freed),
         )
-        assert repo.check().ok
+        assert verify_repository(repo).ok
     finally:
         daemon.request_stop()
         thread.join(timeout=120)

@@ -12,18 +12,11 @@ from typing import Any
 import pytest
 
 from esxisim.handle import LabHandle
-from reconciler.config.model import (
-    ApiEndpoint,
-    Credentials,
-    Host,
-    HostLimits,
-    License,
-    Source,
-    SshEndpoint,
-)
+from reconciler.config.model import ApiEndpoint, Credentials, Host, Source, SshEndpoint
 from reconciler.config.secrets import Secret
 from reconciler.esxi.api import ApiSession
 from reconciler.esxi.errors import (
+    EsxiError,
     ForeignSnapshotError,
     FullBackupNeededError,
     InsufficientSpaceError,
@@ -37,6 +30,8 @@ from reconciler.esxi.hostdigest import BLOCK_SIZE
 from reconciler.esxi.shell import ShellConnection, SshTarget
 from reconciler.esxi.tls import pinned_context
 from reconciler.esxi.transport import HttpsRangeReader, SshDdReader
+from reconciler.facts.inventory import HostLimits, License
+from reconciler.operations.hosts import connect
 
 pytestmark = pytest.mark.lab
 MiB = 1 << 20
@@ -72,13 +67,13 @@ def host_config(lab: LabHandle, name: str, **changes: Any) -> Host:
 
 @pytest.fixture
 def free(lab: LabHandle) -> Iterator[EsxiHost]:
-    with EsxiHost.from_config(host_config(lab, lab.free)) as host:
+    with connect(host_config(lab, lab.free)) as host:
         yield host
 
 
 @pytest.fixture
 def licensed(lab: LabHandle) -> Iterator[EsxiHost]:
-    with EsxiHost.from_config(host_config(lab, lab.licensed)) as host:
+    with connect(host_config(lab, lab.licensed)) as host:
         yield host
 
 
@@ -129,7 +124,7 @@ def test_inventory_of_both_hosts(lab: LabHandle, free: EsxiHost, licensed: EsxiH
     assert vmx.get("displayName") == 'ファイル鯖 "q" $(x)'
     assert [d.file_name for d in vmx.disks()] == ['ファイル鯖 "q" $(x).vmdk', 'ファイル鯖 "q" $(x)_1.vmdk']
     # the configured licence wins over detection
-    with EsxiHost.from_config(host_config(lab, lab.free, license=License.LICENSED)) as forced:
+    with connect(host_config(lab, lab.free, license=License.LICENSED)) as forced:
         assert forced.license == "licensed"
 
 
@@ -259,7 +254,7 @@ def test_exceptions_inside_still_remove_the_snapshot(free: EsxiHost, licensed: E
 
 def test_free_space_floor_refuses_the_snapshot(lab: LabHandle) -> None:
     cfg = host_config(lab, lab.free, limits=HostLimits(2, 1, 0, 100.0))
-    with EsxiHost.from_config(cfg) as host:
+    with connect(cfg) as host:
         with pytest.raises(InsufficientSpaceError), host.backup_snapshot(host.find_vm("web01")):
             pass
         assert host.find_vm("web01").snapshots == ()
@@ -354,7 +349,7 @@ def test_cbt_inactive_means_full(licensed: EsxiHost) -> None:
 
 def test_free_host_cbt_switch_edits_the_vmx_with_the_vm_off(lab: LabHandle, free: EsxiHost) -> None:
     vm = free.find_vm("db 01")
-    with pytest.raises(Exception, match="powered off"):
+    with pytest.raises(EsxiError, match="must be powered off to switch CBT"):
         free.set_cbt(vm, True)
     assert lab.vimcmd(lab.free, "vmsvc/power.off", vm.vmid).exit == 0
     try:
@@ -413,7 +408,7 @@ def test_digest_map_finds_exactly_the_written_blocks(lab: LabHandle, free: EsxiH
 
 
 def test_https_reader_uses_the_api_session_cookie_and_is_pinned(lab: LabHandle) -> None:
-    with EsxiHost.from_config(host_config(lab, lab.free)) as host:
+    with connect(host_config(lab, lab.free)) as host:
         cookie = host.api.cookie
         assert cookie is not None and cookie.startswith("vmware_soap_session=") and ";" not in cookie
         reader = host.disk_reader("https")
@@ -436,7 +431,7 @@ def test_https_reader_uses_the_api_session_cookie_and_is_pinned(lab: LabHandle) 
 
 
 def test_reader_choice(lab: LabHandle) -> None:
-    with EsxiHost.from_config(host_config(lab, lab.free)) as host:
+    with connect(host_config(lab, lab.free)) as host:
         auto = host.disk_reader()
         ssh = host.disk_reader("ssh")
         try:
@@ -465,7 +460,7 @@ def test_failed_create_leaves_nothing(lab_faults: LabHandle, free: EsxiHost, lic
 
 
 def test_licensed_config_on_a_free_host_falls_back_to_ssh(lab: LabHandle) -> None:
-    with EsxiHost.from_config(host_config(lab, lab.free, license=License.LICENSED)) as host:
+    with connect(host_config(lab, lab.free, license=License.LICENSED)) as host:
         with host.backup_snapshot(host.find_vm("db 01")) as bs:
             assert host._api_restricted  # the API refused: vim-cmd did it
             assert [s.id for s in host.find_vm("db 01").snapshots] == [bs.snapshot.id]
@@ -512,7 +507,7 @@ def test_sigterm_during_the_backup_removes_the_snapshot(lab: LabHandle, which: s
         assert child.stdout is not None
         snap_id = child.stdout.readline().strip()
         assert snap_id.isdigit(), child.stderr.read() if child.stderr else ""
-        with EsxiHost.from_config(host_config(lab, host_name)) as host:
+        with connect(host_config(lab, host_name)) as host:
             assert [s.id for s in host.find_vm(vm).snapshots] == [snap_id]
             child.send_signal(signal.SIGTERM)
             assert child.wait(timeout=60) == 128 + signal.SIGTERM
@@ -521,7 +516,7 @@ def test_sigterm_during_the_backup_removes_the_snapshot(lab: LabHandle, which: s
         if child.poll() is None:
             child.kill()
             child.wait()
-        with EsxiHost.from_config(host_config(lab, host_name)) as host:
+        with connect(host_config(lab, host_name)) as host:
             host.remove_orphaned_snapshots()  # keep the shared lab clean if the test failed
 
 
@@ -552,7 +547,7 @@ def test_api_call_survives_a_connection_the_host_closed_while_idle(lab: LabHandl
 def test_power_cycle(lab: LabHandle, which: str) -> None:
     name = lab.free if which == "free" else lab.licensed
     vm_name = "db 01" if which == "free" else "app202"
-    with EsxiHost.from_config(host_config(lab, name)) as host:
+    with connect(host_config(lab, name)) as host:
         vm = host.find_vm(vm_name)
         assert vm.power_state == "poweredOn"
         assert host.guest_heartbeat(vm) == "green"

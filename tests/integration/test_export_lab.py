@@ -12,11 +12,11 @@ import pytest
 from esxisim.handle import LabHandle
 from reconciler import cli
 from reconciler.config import load_config
-from reconciler.engine import vmdkstream
-from reconciler.engine.backup import BackupOptions, backup_policy, open_repository
 from reconciler.esxi.host import BackupSnapshot, EsxiHost
 from reconciler.esxi.vmdk import Descriptor
 from reconciler.esxi.vmx import VmxFile
+from reconciler.operations import vmdkstream
+from reconciler.operations.backup import BackupOptions, backup_policy, open_repository
 from reconciler.repository import KdfParams, Repository
 from tests.integration.labconfig import PASSPHRASE, policy_yaml, write_lab_config
 

@@ -18,8 +18,8 @@ from reconciler import cli
 from reconciler.config import load_config
 from reconciler.config.model import DesiredState
 from reconciler.esxi import vimcmd
-from reconciler.esxi.host import EsxiHost
 from reconciler.esxi.vmx import VmxFile
+from reconciler.operations.hosts import connect
 from reconciler.printable import printable
 from reconciler.repository import KdfParams, Repository
 from tests.integration.labconfig import PASSPHRASE, policy_yaml, write_lab_config
@@ -98,7 +98,7 @@ def test_the_remote_shell_gets_the_exact_argv_also_through_busybox_ash(lab: LabH
     that was quoted, whether the login shell (the lab's) or BusyBox ash (a real ESXi's) reads the line."""
     from tests.integration.test_esxi_host import host_config
 
-    with EsxiHost.from_config(host_config(lab, lab.free if which == "free" else lab.licensed)) as host:
+    with connect(host_config(lab, lab.free if which == "free" else lab.licensed)) as host:
         shell = host.shell
         assert shell is not None
         argv = ["python", "-c", ARGV_PROGRAM, *ARGS]
@@ -117,7 +117,7 @@ def test_files_whose_paths_hold_line_breaks(env: Env, api_only: bool) -> None:
     lab = env.lab
     host_name = lab.licensed if api_only else lab.free
     folder = "[datastore1] names\ntest\t1"
-    with EsxiHost.from_config(env.desired.host(host_name)) as host:
+    with connect(env.desired.host(host_name)) as host:
         assert (host.shell is None) is api_only
         host.delete_path(folder)
         try:
@@ -145,7 +145,7 @@ def test_files_whose_paths_hold_line_breaks(env: Env, api_only: bool) -> None:
 
 def test_getallvms_lists_the_name_with_its_line_break(env: Env) -> None:
     """The free host's ``vim-cmd vmsvc/getallvms`` prints the name over two lines; the row is whole."""
-    with EsxiHost.from_config(env.desired.host(env.lab.free)) as host:
+    with connect(env.desired.host(env.lab.free)) as host:
         shell = host.shell
         assert shell is not None
         rows = vimcmd.parse_getallvms(shell.run(vimcmd.getallvms()).text)
@@ -210,7 +210,7 @@ def test_plan_backup_points_status_restore(env: Env, capsys: pytest.CaptureFixtu
         assert m is not None, captured.out
         assert m.group(1).startswith(shown + "-restored-")
         assert "\r" not in captured.out and name not in captured.out + captured.err
-        with EsxiHost.from_config(env.desired.host(host_name)) as host:
+        with connect(env.desired.host(host_name)) as host:
             copy = host.vm(m.group(2))
             assert copy.name.startswith(name + "-restored-") and copy.vmx_path == m.group(3)
             assert re.fullmatch(r"\[datastore1\] [^\x00-\x1f/]+/[^\x00-\x1f/]+\.vmx", copy.vmx_path)

@@ -13,9 +13,9 @@ import pytest
 from esxisim.handle import LabHandle
 from reconciler import cli
 from reconciler.config import load_config
-from reconciler.engine.actions import Plan, RunBackup, SetCbt
-from reconciler.engine.observe import observe
-from reconciler.engine.plan import plan
+from reconciler.operations.observe import observe
+from reconciler.planning.actions import Plan, RunBackup, SetCbt
+from reconciler.planning.plan import plan
 from reconciler.repository import KdfParams, Repository
 from tests.integration.labconfig import PASSPHRASE, policy_yaml, write_lab_config
 

@@ -23,8 +23,12 @@ from esxisim.handle import LabHandle
 from reconciler import cli
 from reconciler.config import load_config
 from reconciler.config.model import DesiredState
-from reconciler.engine.backup import BackupOptions, backup_policy, open_repository
-from reconciler.engine.restore import (
+from reconciler.esxi.host import BackupSnapshot, EsxiHost
+from reconciler.esxi.vmx import VmxFile
+from reconciler.facts.points import RestorePoint
+from reconciler.operations.backup import BackupOptions, backup_policy, open_repository
+from reconciler.operations.hosts import connect
+from reconciler.operations.restore import (
     OverwriteFailed,
     RestoreOptions,
     disk_content,
@@ -33,9 +37,7 @@ from reconciler.engine.restore import (
     restore_overwrite,
     test_restore,
 )
-from reconciler.esxi.host import BackupSnapshot, EsxiHost
-from reconciler.esxi.vmx import VmxFile
-from reconciler.repository import KdfParams, Repository, RestorePoint
+from reconciler.repository import KdfParams, Repository
 from tests.integration.labconfig import PASSPHRASE, policy_yaml, write_lab_config
 
 pytestmark = [pytest.mark.lab, pytest.mark.usefixtures("restore_logging")]
@@ -97,7 +99,7 @@ def vm_state(lab: LabHandle, host: str, name: str) -> dict[str, object] | None:
 
 def remove_vm(env: Env, host_name: str, name: str) -> None:
     """Unregister a restored VM and delete its folder (lab cleanup)."""
-    with EsxiHost.from_config(env.desired.host(host_name)) as host:
+    with connect(env.desired.host(host_name)) as host:
         vm = host.find_vm(name)
         if vm.power_state != "poweredOff":
             host.power_off(vm)
@@ -108,7 +110,7 @@ def remove_vm(env: Env, host_name: str, name: str) -> None:
 def check_new_vm(env: Env, host_name: str, name: str, point: RestorePoint) -> None:
     """The restored VM: registered, its disks equal to the frozen content, a new identity."""
     lab = env.lab
-    with EsxiHost.from_config(env.desired.host(host_name)) as host:
+    with connect(env.desired.host(host_name)) as host:
         vm = host.find_vm(name)
         assert vm.vmx_path.startswith("[datastore1] ")
         assert len(vm.disks) == len(point.disks)
@@ -165,7 +167,7 @@ def test_hostile_name_default_new_name(env: Env, capsys: pytest.CaptureFixture[s
         assert copy in out
         check_new_vm(env, lab.free, copy, point)
         # overwrite that copy from the same point (hostile names all the way through the swap)
-        with EsxiHost.from_config(env.desired.host(lab.free)) as host:
+        with connect(env.desired.host(lab.free)) as host:
             host.power_on(host.find_vm(copy))
         lab.client(lab.free).guest_write(copy, 10, seed=903)
         assert env.cli("restore", HOSTILE, "--overwrite", "--yes", "--to-vm", copy) == 0, capsys.readouterr()
@@ -190,7 +192,7 @@ def test_licensed_host_without_ssh_new_vm(env: Env, capsys: pytest.CaptureFixtur
 
 def test_licensed_host_without_ssh_overwrite(env: Env, capsys: pytest.CaptureFixture[str]) -> None:
     lab = env.lab
-    with EsxiHost.from_config(env.desired.host(lab.licensed)) as host:
+    with connect(env.desired.host(lab.licensed)) as host:
         seed = env.backup("lic", "app201")
         restore_new_vm(host, env.repo, seed, RestoreOptions(name=SCRATCH_API, power_on=True))
         try:
@@ -261,7 +263,7 @@ def ssh_env(lab: LabHandle, tmp_path_factory: pytest.TempPathFactory) -> Iterato
             ("seed-lic", lab.licensed, "app202", SCRATCH_LIC),
         ):
             point = env.backup(policy, vm)
-            with EsxiHost.from_config(desired.host(host_name)) as host:
+            with connect(desired.host(host_name)) as host:
                 restore_new_vm(host, env.repo, point, RestoreOptions(name=scratch, power_on=True))
             made.append((host_name, scratch))
         yield env
@@ -284,7 +286,7 @@ def disk_files(lab: LabHandle, host: str, name: str) -> dict[int, tuple[str, str
 def flat_sha(env: Env, host_name: str, vm_name: str) -> dict[int, str]:
     """SHA-256 of each current (base) disk of a VM, read from the lab's files."""
     out = {}
-    with EsxiHost.from_config(env.desired.host(host_name)) as host:
+    with connect(env.desired.host(host_name)) as host:
         for disk in host.find_vm(vm_name).disks:
             desc = host.read_descriptor(disk.file)
             assert desc.flat_extent is not None and desc.flat_extent.file_name
@@ -320,7 +322,7 @@ def test_free_overwrite_then_the_next_backup_is_correct(
     lab.client(lab.free).guest_write(SCRATCH, 20, seed=911)
     env.backup("free", SCRATCH)  # a newer point with other content
     lab.client(lab.free).guest_write(SCRATCH, 5, seed=912)
-    with EsxiHost.from_config(env.desired.host(lab.free)) as host:  # someone changes the VM's settings
+    with connect(env.desired.host(lab.free)) as host:  # someone changes the VM's settings
         vm = host.power_off(host.find_vm(SCRATCH))
         backed_up = host.read_vmx(vm)
         changed = host.read_vmx(vm)
@@ -337,7 +339,7 @@ def test_free_overwrite_then_the_next_backup_is_correct(
     assert "overwrote 2 disks of web01 scratch" in capsys.readouterr().out
     assert flat_sha(env, lab.free, SCRATCH) == expected
     # the whole VM is back as backed up: its configuration (memory) and its .nvram, under its name
-    with EsxiHost.from_config(env.desired.host(lab.free)) as host:
+    with connect(env.desired.host(lab.free)) as host:
         restored_vmx = host.read_vmx(host.find_vm(SCRATCH))
     assert restored_vmx.get("memSize") == backed_up.get("memSize")
     assert restored_vmx.get("displayName") == SCRATCH
@@ -359,7 +361,7 @@ def test_free_overwrite_then_the_next_backup_is_correct(
 
 def test_licensed_cbt_overwrite_makes_the_next_backup_full(ssh_env: Env) -> None:
     env, lab = ssh_env, ssh_env.lab
-    with EsxiHost.from_config(env.desired.host(lab.licensed)) as host:
+    with connect(env.desired.host(lab.licensed)) as host:
         host.set_cbt(host.find_vm(SCRATCH_LIC), True)
         try:
             p1 = env.backup("lic-cbt", SCRATCH_LIC)
@@ -400,9 +402,9 @@ def test_single_disk_overwrite(ssh_env: Env, capsys: pytest.CaptureFixture[str])
 _KILLED_RESTORE = """
 import pathlib, sys, time
 from reconciler.config import load_config
-from reconciler.engine.backup import open_repository
-from reconciler.engine.restore import RestoreOptions, find_point, restore_overwrite
-from reconciler.esxi.host import EsxiHost
+from reconciler.operations.backup import open_repository
+from reconciler.operations.restore import RestoreOptions, find_point, restore_overwrite
+from reconciler.operations.hosts import connect
 
 config, marker, vm, stage = sys.argv[1], pathlib.Path(sys.argv[2]), sys.argv[3], sys.argv[4]
 
@@ -418,7 +420,7 @@ desired = load_config(config)
 repo = open_repository(desired.repository("r"))
 point = find_point(repo, vm, None)
 options = RestoreOptions(on_data=hang if stage == "writing" else None, on_stage=on_stage, shutdown_timeout=5)
-with EsxiHost.from_config(desired.host("esxi1")) as host:
+with connect(desired.host("esxi1")) as host:
     restore_overwrite(host, repo, point, host.find_vm(vm), options)
 """
 
@@ -484,7 +486,7 @@ def test_killed_overwrite_leaves_the_vm_powered_off_and_the_next_command_gives_i
 
     # what the kill leaves: the VM powered off, the journal beside its .vmx
     assert vm_state(lab, lab.free, SCRATCH)["power"] == "poweredOff"  # type: ignore[index]
-    with EsxiHost.from_config(env.desired.host(lab.free)) as host:
+    with connect(env.desired.host(lab.free)) as host:
         journal_file = lab.local_path(lab.free, journal_path(host.find_vm(SCRATCH)))
     assert json.loads(journal_file.read_text())["power_state"] == "poweredOn"
     if stage == "switched":
@@ -512,7 +514,7 @@ def test_killed_overwrite_leaves_the_vm_powered_off_and_the_next_command_gives_i
             assert "had already switched" in out and flat_sha(env, lab.free, SCRATCH) == restored
             for descriptor, _ in files.values():
                 assert descriptor in out and lab.local_path(lab.free, descriptor).exists()
-            with EsxiHost.from_config(env.desired.host(lab.free)) as host:  # the admin deletes them
+            with connect(env.desired.host(lab.free)) as host:  # the admin deletes them
                 for descriptor, _ in files.values():
                     host.delete_disk(descriptor)
         else:
@@ -527,7 +529,7 @@ def test_killed_overwrite_leaves_the_vm_powered_off_and_the_next_command_gives_i
         for pair in files.values():  # what the killed run replaced is gone too
             assert not any(lab.local_path(lab.free, f).exists() for f in pair)
         assert not leftovers(env, SCRATCH)  # none of the killed run
-        with EsxiHost.from_config(env.desired.host(lab.free)) as host:
+        with connect(env.desired.host(lab.free)) as host:
             host.power_on(host.find_vm(SCRATCH))  # as the fixture made it
     assert not journal_file.exists()
     assert env.cli("restore", SCRATCH, "--abort") == 0  # nothing left to abort
@@ -543,7 +545,7 @@ def test_failed_overwrite_gives_the_vm_its_power_back(ssh_env: Env) -> None:
     def fail(disk: object, offset: int, length: int) -> None:
         raise RuntimeError("the NAS went away")
 
-    with EsxiHost.from_config(env.desired.host(lab.free)) as host:
+    with connect(env.desired.host(lab.free)) as host:
         with pytest.raises(OverwriteFailed) as failed:
             restore_overwrite(
                 host, env.repo, point, host.find_vm(SCRATCH), RestoreOptions(on_data=fail, shutdown_timeout=5)
@@ -582,7 +584,7 @@ def twin_env(lab: LabHandle, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     try:
         for policy, host_name, vm in (("seed", lab.free, "web01"), ("seed-lic", lab.licensed, "app201")):
             point = env.backup(policy, vm)
-            with EsxiHost.from_config(desired.host(host_name)) as host:
+            with connect(desired.host(host_name)) as host:
                 restore_new_vm(host, env.repo, point, RestoreOptions(name=TWIN, power_on=True))
             made.append(host_name)
         yield env
@@ -633,7 +635,7 @@ def test_same_vm_name_on_both_hosts_overwrite_uses_that_hosts_point(
     assert f"is of VM 'twin web' from {lab.licensed}" in err and "--to-vm" in err
     assert snapshot() == before
     # --host esxi1 with --overwrite: esxi1's VM, from its own newest point
-    with EsxiHost.from_config(env.desired.host(lab.free)) as host:
+    with connect(env.desired.host(lab.free)) as host:
         uuid = host.find_vm(TWIN).uuid
     assert env.cli("restore", TWIN, "--overwrite", "--yes", "--host", lab.free, "--power-on") == 0, (
         capsys.readouterr()
@@ -642,7 +644,7 @@ def test_same_vm_name_on_both_hosts_overwrite_uses_that_hosts_point(
     assert f"restore point {p1.id} of VM 'twin web' from {lab.free} (uuid {p1.vm.uuid})" in out
     assert f"overwrote 2 disks of twin web on {lab.free}" in out and "DIFFERENT" not in out
     assert flat_sha(env, lab.free, TWIN) == own
-    with EsxiHost.from_config(env.desired.host(lab.free)) as host:
+    with connect(env.desired.host(lab.free)) as host:
         vm = host.find_vm(TWIN)
         assert vm.uuid == uuid and vm.power_state == "poweredOn"
     assert snapshot()[lab.licensed] == before[lab.licensed]  # the other host's VM untouched

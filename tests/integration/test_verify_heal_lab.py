@@ -10,8 +10,8 @@ import pytest
 
 from esxisim.handle import LabHandle
 from reconciler.config import load_config
-from reconciler.engine.backup import backup_policy, open_repository
-from reconciler.engine.restore import disk_content
+from reconciler.operations.backup import backup_policy, open_repository
+from reconciler.operations.restore import disk_content
 from reconciler.repository import KdfParams, Repository, verify_repository
 from reconciler.repository.chunks import HOLE, chunk_name
 from tests.integration.labconfig import PASSPHRASE, policy_yaml, write_lab_config

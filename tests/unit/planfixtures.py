@@ -15,9 +15,9 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 from reconciler.config import DesiredState, load_config
-from reconciler.engine.observed import HostObservation, ObservedState, RepositoryObservation, RunRecord
-from reconciler.esxi.host import SNAPSHOT_PREFIX, DatastoreInfo, DiskInfo, SnapshotInfo, VmInfo
-from reconciler.repository.points import RestorePoint, VmRef
+from reconciler.facts.inventory import SNAPSHOT_PREFIX, DatastoreInfo, DiskInfo, SnapshotInfo, VmInfo
+from reconciler.facts.points import RestorePoint, VmRef
+from reconciler.planning.observed import HostObservation, ObservedState, RepositoryObservation, RunRecord
 
 UTC = timezone.utc
 GiB = 2**30

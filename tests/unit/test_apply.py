@@ -15,7 +15,15 @@ import pytest
 
 from reconciler.config import load_config
 from reconciler.config.model import DesiredState, Host
-from reconciler.engine.actions import (
+from reconciler.esxi.errors import CommandError, EsxiError, PowerStateTimeoutError
+from reconciler.esxi.host import EsxiHost
+from reconciler.facts.inventory import SNAPSHOT_PREFIX, SnapshotInfo, VmInfo
+from reconciler.facts.points import DiskRecord, RestorePoint, VmRef, new_point_id
+from reconciler.operations.apply import apply
+from reconciler.operations.backup import BackupOptions
+from reconciler.operations.retry import RetryPolicy
+from reconciler.operations.vmlock import vm_lock
+from reconciler.planning.actions import (
     Action,
     CollectGarbage,
     Outcome,
@@ -25,13 +33,7 @@ from reconciler.engine.actions import (
     RunVerify,
     SetCbt,
 )
-from reconciler.engine.apply import apply
-from reconciler.engine.backup import BackupOptions
-from reconciler.engine.retry import RetryPolicy
-from reconciler.engine.vmlock import vm_lock
-from reconciler.esxi.errors import CommandError, EsxiError, PowerStateTimeoutError
-from reconciler.esxi.host import SNAPSHOT_PREFIX, EsxiHost, SnapshotInfo, VmInfo
-from reconciler.repository import CHUNK_SIZE, DiskRecord, Repository, RestorePoint, VmRef, new_point_id
+from reconciler.repository import CHUNK_SIZE, Repository
 
 NOW = datetime(2026, 11, 26, 3, 0, tzinfo=timezone.utc)
 CONFIG = """\
@@ -403,8 +405,8 @@ def test_pruning_is_opt_in_per_repository(env: Env) -> None:
 
 def test_a_saved_plan_of_another_config_revision_is_stale(env: Env) -> None:
     from reconciler.commands.apply import staleness
-    from reconciler.engine.observe import fingerprint
-    from reconciler.engine.observed import ObservedState
+    from reconciler.planning.fingerprint import fingerprint
+    from reconciler.planning.observed import ObservedState
 
     observed = ObservedState(time=NOW)
     current = Plan(NOW, env.desired.revision.id, fingerprint(env.desired, observed))
@@ -416,9 +418,9 @@ def test_a_saved_plan_of_another_config_revision_is_stale(env: Env) -> None:
 
 
 def test_backups_failing_transiently_are_retried_alone(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
-    from reconciler.engine.actions import RunBackup
-    from reconciler.engine.backup import VmResult
     from reconciler.esxi.errors import ForeignSnapshotError
+    from reconciler.operations.backup import VmResult
+    from reconciler.planning.actions import RunBackup
 
     calls: list[list[str]] = []
 
@@ -443,7 +445,7 @@ def test_backups_failing_transiently_are_retried_alone(env: Env, monkeypatch: py
             results.append(res)
         return results
 
-    monkeypatch.setattr("reconciler.engine.apply.backup_policy", fake_backup_policy)
+    monkeypatch.setattr("reconciler.operations.apply.backup_policy", fake_backup_policy)
     out = env.run(
         *(RunBackup("due", "p", "esxi1", vm, "", "nas") for vm in ("web01", "db 01", "odd", "gone"))
     )

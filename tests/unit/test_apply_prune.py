@@ -8,16 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from reconciler.engine.prune import collect, prune
-from reconciler.repository import (
-    CHUNK_SIZE,
-    DiskRecord,
-    KdfParams,
-    Repository,
-    RestorePoint,
-    VmRef,
-    new_point_id,
-)
+from reconciler.facts.points import DiskRecord, RestorePoint, VmRef, new_point_id
+from reconciler.operations.prune import collect, prune
+from reconciler.repository import CHUNK_SIZE, KdfParams, Repository
 
 T0 = datetime(2026, 11, 1, 2, 0, tzinfo=timezone.utc)
 

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from reconciler.engine.backup import BackupError, Cancelled, ChunkAssembler, _gaps, _Limits, coalesce
-from reconciler.engine.progress import Progress
+from reconciler.operations.backup import BackupError, Cancelled, ChunkAssembler, _gaps, _Limits, coalesce
+from reconciler.operations.progress import Progress
 from reconciler.repository import CHUNK_SIZE, HOLE, DiskIndex, Repository
 
 MiB = 1 << 20

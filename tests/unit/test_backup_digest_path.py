@@ -13,11 +13,12 @@ from typing import Any, cast
 
 import pytest
 
-from reconciler.engine.backup import BackupOptions, _DiskJob, _Previous
 from reconciler.esxi.host import BackupSnapshot, EsxiHost, FrozenDisk
 from reconciler.esxi.hostdigest import BLOCK_SIZE, DIGEST_SIZE, DigestResult, block_digest
 from reconciler.esxi.transport import TransportError
-from reconciler.repository import DiskRecord, Repository, RestorePoint, VmRef, new_point_id
+from reconciler.facts.points import DiskRecord, RestorePoint, VmRef, new_point_id
+from reconciler.operations.backup import BackupOptions, _DiskJob, _Previous
+from reconciler.repository import Repository
 
 MiB = 1 << 20
 CAPACITY = 3 * MiB + 5 * BLOCK_SIZE + 100

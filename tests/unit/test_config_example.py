@@ -12,7 +12,7 @@ from jsonschema import Draft202012Validator
 
 from reconciler.config import load_config, schemas
 from reconciler.config.docgen import render
-from reconciler.engine import schedule
+from reconciler.rules import schedule
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLE = REPO / "config.example"

@@ -16,13 +16,13 @@ from reconciler.config import (
     DesiredState,
     DiskSelector,
     HookFailure,
-    License,
     VmSelector,
     load_config,
     parse_interval,
     parse_size,
 )
-from reconciler.engine import retention, schedule
+from reconciler.facts.inventory import License
+from reconciler.rules import retention, schedule
 
 THUMB256 = ":".join(["AB"] * 32)
 HOST_KEY = "SHA256:glTDKakoUPbVOd03b0gW7idkUX2l4CNVFK9DMWRIDXo"

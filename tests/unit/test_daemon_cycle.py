@@ -13,12 +13,12 @@ import pytest
 
 from reconciler.config import DesiredState
 from reconciler.daemon import CycleContext, reconcile
-from reconciler.engine import apply as apply_module
-from reconciler.engine import observe as observe_module
-from reconciler.engine import plan as plan_module
-from reconciler.engine.actions import Outcome, Plan, RunBackup
-from reconciler.engine.observed import ObservedState, RunRecord, backup_key
-from reconciler.status import StatusStore, status_path
+from reconciler.operations import apply as apply_module
+from reconciler.operations import observe as observe_module
+from reconciler.planning import plan as plan_module
+from reconciler.planning.actions import Outcome, Plan, RunBackup
+from reconciler.planning.observed import ObservedState, RunRecord, backup_key
+from reconciler.status.store import StatusStore, status_path
 from tests.unit.planfixtures import at, host, load_desired, observed, policy_doc, vm
 
 NOW = at("2026-11-26 03:00")

@@ -23,7 +23,7 @@ import pytest
 
 from reconciler.config import DesiredState, load_config
 from reconciler.daemon import CycleContext, CycleResult, Daemon, Notifier
-from reconciler.status import StatusStore, status_path
+from reconciler.status.store import StatusStore, status_path
 
 WAIT = 20.0
 

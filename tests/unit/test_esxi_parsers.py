@@ -344,7 +344,8 @@ def test_commands_are_quoted_for_sh() -> None:
 
 def test_datastore_paths() -> None:
     from reconciler.esxi.host import _ds_join, _same_file
-    from reconciler.esxi.transport import dd_block, pieces, split_ds_path, vmfs_path
+    from reconciler.esxi.transport import dd_block, pieces, vmfs_path
+    from reconciler.facts.inventory import split_ds_path
 
     assert split_ds_path("[ds 1] a b/c.vmdk") == ("ds 1", "a b/c.vmdk")
     assert split_ds_path("[ds]  lead\n/\nx.vmx") == ("ds", " lead\n/\nx.vmx")

@@ -14,12 +14,13 @@ from pathlib import Path
 
 import pytest
 
-from reconciler.engine import vmdkstream
-from reconciler.engine.export import export_point
-from reconciler.engine.restore import RestoreError, disk_content, disk_sha256, find_point
 from reconciler.esxi.vmdk import Descriptor, flat_descriptor
 from reconciler.esxi.vmx import VmxFile
-from reconciler.repository import CHUNK_SIZE, DiskRecord, Repository, RestorePoint, VmRef, new_point_id
+from reconciler.facts.points import DiskRecord, RestorePoint, VmRef, new_point_id
+from reconciler.operations import vmdkstream
+from reconciler.operations.export import export_point
+from reconciler.operations.restore import RestoreError, disk_content, disk_sha256, find_point
+from reconciler.repository import CHUNK_SIZE, Repository
 
 MiB = CHUNK_SIZE
 NAME = 'ファイル鯖 "q" $(x)'

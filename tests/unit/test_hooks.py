@@ -1,4 +1,4 @@
-"""Pre/post hooks of a backup policy (:mod:`reconciler.engine.hooks`): order, environment, failures,
+"""Pre/post hooks of a backup policy (:mod:`reconciler.operations.hooks`): order, environment, failures,
 timeouts, logging — with a fake runner and with tiny real programs."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import pytest
 import structlog
 
 from reconciler.config.model import Hook, HookFailure, Hooks
-from reconciler.engine.hooks import HookFailedError, HookOutcome, VmHooks, run_command
+from reconciler.operations.hooks import HookFailedError, HookOutcome, VmHooks, run_command
 
 PY = sys.executable
 

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from reconciler.engine.backup import DIGEST_RANGE_MIN, _digest_ranges
 from reconciler.esxi import hostdigest
+from reconciler.operations.backup import DIGEST_RANGE_MIN, _digest_ranges
 
 B = hostdigest.BLOCK_SIZE
 

@@ -17,13 +17,14 @@ from typing import Any, cast
 
 import pytest
 
-from reconciler.engine.backup import BackupOptions, _DiskJob, _Previous
 from reconciler.esxi import hostdigest
 from reconciler.esxi.errors import ProtocolError
 from reconciler.esxi.host import BackupSnapshot, EsxiHost, FrozenDisk
 from reconciler.esxi.hostdigest import BLOCK_SIZE, DigestResult
 from reconciler.esxi.transport import TransportError, ordered_parallel, pieces
-from reconciler.repository import DiskRecord, Repository, RestorePoint, VmRef, new_point_id
+from reconciler.facts.points import DiskRecord, RestorePoint, VmRef, new_point_id
+from reconciler.operations.backup import BackupOptions, _DiskJob, _Previous
+from reconciler.repository import Repository
 
 B = BLOCK_SIZE
 MiB = 1 << 20

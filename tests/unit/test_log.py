@@ -89,8 +89,8 @@ def test_json_lines(monkeypatch: pytest.MonkeyPatch) -> None:
     stream = io.StringIO()
     assert configure_logging("auto", "info", stream=stream) == "json"
     before = datetime.now().astimezone()
-    structlog.get_logger("reconciler.engine").info("backup.done", vm="db 01", seconds=412)
-    structlog.get_logger("reconciler.engine").debug("hidden at info")
+    structlog.get_logger("reconciler.operations").info("backup.done", vm="db 01", seconds=412)
+    structlog.get_logger("reconciler.operations").debug("hidden at info")
     (record,) = records(stream)
     timestamp = record.pop("timestamp")
     assert record == {
@@ -98,7 +98,7 @@ def test_json_lines(monkeypatch: pytest.MonkeyPatch) -> None:
         "vm": "db 01",
         "seconds": 412,
         "level": "info",
-        "logger": "reconciler.engine",
+        "logger": "reconciler.operations",
     }
     assert timestamp.endswith("Z")
     parsed = datetime.fromisoformat(timestamp.replace("Z", "+00:00"))
@@ -109,10 +109,10 @@ def test_json_lines(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_console_lines() -> None:
     stream = io.StringIO()
     assert configure_logging("console", "debug", stream=stream) == "console"
-    structlog.get_logger("reconciler.engine").debug("plan.ready", actions=3)
+    structlog.get_logger("reconciler.operations").debug("plan.ready", actions=3)
     (line,) = lines(stream)
     assert "\x1b[" not in line  # no colours off a terminal
-    assert "[debug" in line and "plan.ready" in line and "[reconciler.engine]" in line
+    assert "[debug" in line and "plan.ready" in line and "[reconciler.operations]" in line
     assert "actions=3" in line
     assert line[:4].isdigit() and line.split()[0].endswith("Z")
 
@@ -125,7 +125,7 @@ def test_console_lines_escape_names_json_keeps_them() -> None:
     JSON lines keep the exact name (JSON escapes it itself)."""
     stream = io.StringIO()
     configure_logging("console", "info", stream=stream)
-    log = structlog.get_logger("reconciler.engine")
+    log = structlog.get_logger("reconciler.operations")
     log.info("backup.vm_start", vm=HOSTILE_NAME, disk="a\x1b[2Jb\u2028c", host="esxi1")
     log.warning(f"event naming {HOSTILE_NAME}")
     logging.getLogger("reconciler.esxi.host").warning("removing snapshot of VM %s", HOSTILE_NAME)
@@ -138,7 +138,7 @@ def test_console_lines_escape_names_json_keeps_them() -> None:
 
     stream = io.StringIO()
     configure_logging("json", "info", stream=stream)
-    structlog.get_logger("reconciler.engine").info("backup.vm_start", vm=HOSTILE_NAME)
+    structlog.get_logger("reconciler.operations").info("backup.vm_start", vm=HOSTILE_NAME)
     (record,) = records(stream)
     assert record["vm"] == HOSTILE_NAME
 
@@ -187,7 +187,7 @@ def test_levels() -> None:
         parse_level("loud")
     stream = io.StringIO()
     configure_logging("json", "warning", stream=stream)
-    log = structlog.get_logger("reconciler.engine")
+    log = structlog.get_logger("reconciler.operations")
     log.info("not shown")
     log.warning("shown")
     assert [r["event"] for r in records(stream)] == ["shown"]

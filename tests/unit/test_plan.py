@@ -10,7 +10,9 @@ from pathlib import Path
 import pytest
 
 from reconciler.config import DesiredState
-from reconciler.engine.actions import (
+from reconciler.facts.inventory import VmInfo
+from reconciler.facts.points import RestorePoint
+from reconciler.planning.actions import (
     CollectGarbage,
     Notice,
     Plan,
@@ -21,12 +23,10 @@ from reconciler.engine.actions import (
     RunVerify,
     SetCbt,
 )
-from reconciler.engine.observe import fingerprint
-from reconciler.engine.observed import RepositoryObservation, RunRecord, backup_key, verify_key
-from reconciler.engine.plan import plan
-from reconciler.engine.schedule import jitter_offset
-from reconciler.esxi.host import VmInfo
-from reconciler.repository.points import RestorePoint
+from reconciler.planning.fingerprint import fingerprint
+from reconciler.planning.observed import RepositoryObservation, RunRecord, backup_key, verify_key
+from reconciler.planning.plan import plan
+from reconciler.rules.schedule import jitter_offset
 from tests.unit.planfixtures import (
     GiB,
     at,
@@ -762,5 +762,5 @@ def test_the_plan_does_not_depend_on_the_clock(tmp_path: Path, monkeypatch: pyte
         def now(cls, tz: object = None) -> Frozen:
             raise AssertionError("the planner read the clock")
 
-    monkeypatch.setattr("reconciler.engine.plan.datetime", Frozen, raising=False)
+    monkeypatch.setattr("reconciler.planning.plan.datetime", Frozen, raising=False)
     assert plan(desired, scene) == first

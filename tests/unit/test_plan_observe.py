@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 
 from reconciler.config.model import Host
-from reconciler.engine.observe import HostReader, load_history, observe
-from reconciler.engine.observed import RunRecord
 from reconciler.esxi.errors import EsxiError
-from reconciler.esxi.host import DatastoreInfo, VmInfo
+from reconciler.facts.inventory import DatastoreInfo, VmInfo
+from reconciler.operations.observe import HostReader, load_history, observe
+from reconciler.planning.observed import RunRecord
 from reconciler.repository import Repository
 from tests.unit.planfixtures import NOW_TEXT, at, load_desired, point, repo_doc, vm
 
@@ -120,7 +120,7 @@ def test_history_is_empty_without_a_status_store(tmp_path: Path) -> None:
 
 def test_history_from_the_status_store(tmp_path: Path) -> None:
     store_module = pytest.importorskip("reconciler.status.store")
-    from reconciler.engine.actions import Outcome, RunBackup
+    from reconciler.planning.actions import Outcome, RunBackup
 
     action = RunBackup(reason="r", policy="web", host_name="esxi1", vm="web01", vmid="1", repository="nas")
     started = datetime(2026, 11, 26, 2, 0, tzinfo=timezone.utc)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from reconciler.engine.actions import (
+from reconciler.planning.actions import (
     Action,
     CollectGarbage,
     Notice,
@@ -15,7 +15,7 @@ from reconciler.engine.actions import (
     RunVerify,
     SetCbt,
 )
-from reconciler.engine.render import render_text, summary
+from reconciler.planning.render import render_text, summary
 from tests.unit.planfixtures import at
 
 NOW = at("2026-11-26 03:00")

@@ -19,14 +19,16 @@ import pytest
 
 from reconciler.cli import main
 from reconciler.config import DesiredState
-from reconciler.engine.actions import CollectGarbage
-from reconciler.engine.apply import apply
-from reconciler.engine.observe import observe
-from reconciler.engine.plan import plan
-from reconciler.esxi.host import DatastoreInfo, VmInfo
-from reconciler.repository import CHUNK_SIZE, DiskRecord, Repository, RestorePoint, VmRef, new_point_id
+from reconciler.facts.inventory import DatastoreInfo, VmInfo
+from reconciler.facts.points import DiskRecord, RestorePoint, VmRef, new_point_id
+from reconciler.operations.apply import apply
+from reconciler.operations.observe import observe
+from reconciler.planning.actions import CollectGarbage
+from reconciler.planning.plan import plan
+from reconciler.repository import CHUNK_SIZE, Repository
 from reconciler.repository.chunks import chunk_name
 from reconciler.repository.gc import GC_MARKER, GcMarker, read_gc_marker
+from reconciler.repository.verify import verify_repository
 from tests.unit.planfixtures import load_desired, repo_doc
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -154,7 +156,7 @@ def test_a_gc_killed_mid_sweep_is_planned_again_and_repo_gc_reclaims_the_space(
     assert report["interrupted_at"] == marker.started.isoformat()
     assert not (repo.path / GC_MARKER).exists()
     assert repo.stats().chunks == 3 and [p.id for p in repo.list_points()] == [kept.id]
-    assert repo.check().ok
+    assert verify_repository(repo).ok
     assert gc_actions(desired) == []  # nothing left to collect: the plan says no changes
 
     capsys.readouterr()

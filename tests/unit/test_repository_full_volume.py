@@ -16,15 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from reconciler.repository import (
-    CHUNK_SIZE,
-    DiskRecord,
-    Repository,
-    RestorePoint,
-    StorageError,
-    VmRef,
-    new_point_id,
-)
+from reconciler.facts.points import DiskRecord, RestorePoint, VmRef, new_point_id
+from reconciler.repository import CHUNK_SIZE, Repository, StorageError
+from reconciler.repository.verify import verify_repository
 from tests.smallvolume import fill, free_bytes, small_volume
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -119,7 +113,7 @@ def test_a_killed_run_that_filled_the_volume_is_cleaned_up_by_the_next(volume: P
     later = backup(repo, os.urandom(2 * CHUNK_SIZE))
     assert staged(repo) == []
     assert [p.id for p in repo.list_points()] == [earlier.id, later.id]
-    assert repo.check().ok
+    assert verify_repository(repo).ok
 
 
 def test_a_run_that_fills_the_volume_leaves_nothing_and_the_next_one_succeeds(volume: Path) -> None:
@@ -139,7 +133,7 @@ def test_a_run_that_fills_the_volume_leaves_nothing_and_the_next_one_succeeds(vo
         later = backup(repo, os.urandom(4 * CHUNK_SIZE))
     assert staged(repo) == []
     assert [p.id for p in repo.list_points()] == [earlier.id, later.id]
-    assert repo.check().ok
+    assert verify_repository(repo).ok
 
 
 def test_no_room_for_the_manifest_lists_no_partial_point(volume: Path) -> None:
@@ -156,7 +150,7 @@ def test_no_room_for_the_manifest_lists_no_partial_point(volume: Path) -> None:
     assert [p.id for p in repo.list_points()] == [earlier.id]
     assert staged(repo) == []
     filler.unlink()
-    assert repo.check().ok
+    assert verify_repository(repo).ok
 
 
 def test_a_read_only_volume_says_so_and_how_to_fix_it(volume: Path) -> None:

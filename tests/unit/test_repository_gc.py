@@ -13,23 +13,22 @@ from pathlib import Path
 
 import pytest
 
+from reconciler.facts.points import DiskRecord, RestorePoint, VmRef, new_point_id
 from reconciler.repository import (
     CHUNK_SIZE,
     DigestMap,
-    DiskRecord,
     GarbageSigns,
     KdfParams,
     LockedError,
     Repository,
-    RestorePoint,
-    VmRef,
     collect_garbage,
     garbage_signs,
-    new_point_id,
 )
 from reconciler.repository.backend import host_tag
 from reconciler.repository.chunks import chunk_name
+from reconciler.repository.errors import IntegrityError
 from reconciler.repository.gc import GC_MARKER, GcMarker, read_gc_marker
+from reconciler.repository.verify import verify_repository
 
 MiB = CHUNK_SIZE
 
@@ -88,7 +87,7 @@ def test_gc_removes_exactly_the_unreferenced_chunks(repo: Repository) -> None:
     assert report.unreferenced_chunks == 1 and report.unreferenced_indexes == 1
     assert set(repo.iter_chunk_ids()) == before - {repo.chunk_id(chunk("orphan"))}
     assert not (repo.path / "indexes" / orphan_index).exists()
-    assert repo.check().ok
+    assert verify_repository(repo).ok
 
     repo.delete_point(a.id)
     report = collect_garbage(repo)
@@ -96,7 +95,7 @@ def test_gc_removes_exactly_the_unreferenced_chunks(repo: Repository) -> None:
     assert report.unreferenced_indexes == 1 and report.unreferenced_digest_maps == 1
     remaining = set(repo.iter_chunk_ids())
     assert remaining == {repo.chunk_id(c) for c in (shared, only_b, b"vmx-b")}
-    assert repo.check().ok and repo.list_points() == [b]
+    assert verify_repository(repo).ok and repo.list_points() == [b]
 
 
 def test_dry_run_counts_without_deleting(repo: Repository) -> None:
@@ -155,7 +154,7 @@ def test_unreadable_manifest_stops_gc_before_any_delete(repo: Repository) -> Non
     path = repo.path / point.name
     path.write_bytes(path.read_bytes()[:-3])
     count = len(list(repo.iter_chunk_ids()))
-    with pytest.raises(Exception, match=point.name):
+    with pytest.raises(IntegrityError, match=point.name):
         collect_garbage(repo)
     assert len(list(repo.iter_chunk_ids())) == count
     assert read_gc_marker(repo) is not None  # not completed: the planner will run it again

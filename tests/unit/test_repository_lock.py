@@ -102,8 +102,13 @@ class TestStale:
         assert [i.id for i in list_locks(backend)] == [taker.info.id if taker.info else ""]
 
     def test_lock_of_a_dead_process_on_this_host_is_stale(self, backend: LocalBackend) -> None:
-        lock(backend, True, pid=4242).acquire()  # 4242 is not alive
-        lock(backend, True, pid=100).acquire()
+        """A fresh lock of a process of this host that is gone is taken over at once (no 30 minutes)."""
+        dead = lock(backend, True, pid=4242)  # 4242 is not alive
+        dead.acquire()
+        taker = lock(backend, True, pid=100)
+        taker.acquire()
+        assert dead.info is not None and taker.info is not None
+        assert [(i.id, i.pid) for i in list_locks(backend)] == [(taker.info.id, 100)]
 
     def test_dead_pid_on_another_host_is_not_stale(self, backend: LocalBackend) -> None:
         lock(backend, True, host="other", pid=4242).acquire()

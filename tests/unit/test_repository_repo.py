@@ -14,11 +14,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from reconciler.facts.points import DiskRecord, RestorePoint, VmRef, new_point_id
 from reconciler.repository import (
     CHUNK_SIZE,
     HOLE,
     DigestMap,
-    DiskRecord,
     FormatError,
     IntegrityError,
     KdfParams,
@@ -26,14 +26,12 @@ from reconciler.repository import (
     ProtectedPointError,
     Repository,
     RepositoryError,
-    RestorePoint,
-    VmRef,
     WrongKeyError,
     export_key,
     import_key,
-    new_point_id,
 )
 from reconciler.repository.chunks import chunk_name
+from reconciler.repository.verify import verify_repository
 
 FAST_KDF = KdfParams(memory_kib=64, iterations=1, lanes=1)
 PASSPHRASE = "correct horse battery staple"
@@ -360,7 +358,7 @@ class TestPoints:
         backup(repo, disk_image(10, 2))  # chunks + index, no manifest
         (repo.path / "tmp" / "deadbeef").write_bytes(b"partial manifest")
         assert repo.list_points() == []
-        assert repo.check().ok
+        assert verify_repository(repo).ok
 
     def test_delete_point_and_protection(self, repo: Repository) -> None:
         index_id = backup(repo, disk_image(11, 1))
@@ -387,7 +385,7 @@ class TestCheck:
     def test_every_chunk_of_every_listed_point_exists_and_authenticates(self, repo: Repository) -> None:
         index_id = backup(repo, disk_image(13, 6))
         make_point(repo, index_id)
-        report = repo.check()
+        report = verify_repository(repo)
         assert report.ok, report.problems
         assert report.points == 1 and report.chunks == 5  # 4 disk chunks + the .vmx
 
@@ -399,11 +397,11 @@ class TestCheck:
         path = repo.path / chunk_name(damaged)
         path.write_bytes(path.read_bytes()[:-1] + b"\x00")
         (repo.path / chunk_name(missing)).unlink()
-        report = repo.check()
+        report = verify_repository(repo)
         assert not report.ok
         assert any(p.object == chunk_name(damaged) for p in report.problems)
         assert any(p.object == chunk_name(missing) for p in report.problems)
-        quick = repo.check(read_data=False)
+        quick = verify_repository(repo, read_data_percent=0)
         assert [p for p in quick.problems if p.object == chunk_name(missing)]
         assert not [p for p in quick.problems if p.object == chunk_name(damaged)]
 
@@ -411,7 +409,7 @@ class TestCheck:
         index_id = backup(repo, disk_image(15, 1))
         make_point(repo, index_id)
         (repo.path / "indexes" / index_id).unlink()
-        report = repo.check()
+        report = verify_repository(repo)
         assert any(p.object == f"indexes/{index_id}" for p in report.problems)
 
 
@@ -450,7 +448,7 @@ def test_random_incremental_writes_restore_exactly(
             writer.write(slot * MiB, data)
         second = writer.finish()
         assert restore(repo, second) == image
-        assert repo.check().ok
+        assert verify_repository(repo).ok
 
 
 def test_stats(tmp_path: Path) -> None:

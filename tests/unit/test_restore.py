@@ -8,7 +8,11 @@ import hashlib
 
 import pytest
 
-from reconciler.engine.restore import (
+from reconciler.esxi.host import _with_zeros
+from reconciler.esxi.vmdk import Descriptor, vmfs_descriptor
+from reconciler.esxi.vmx import VmxFile, prepare_restored_vmx
+from reconciler.facts.points import DiskRecord, RestorePoint, VmRef
+from reconciler.operations.restore import (
     ContentHash,
     RestoreError,
     _base_stem,
@@ -16,10 +20,6 @@ from reconciler.engine.restore import (
     safe_file_name,
     select_disk,
 )
-from reconciler.esxi.host import _with_zeros
-from reconciler.esxi.vmdk import Descriptor, vmfs_descriptor
-from reconciler.esxi.vmx import VmxFile, prepare_restored_vmx
-from reconciler.repository import DiskRecord, RestorePoint, VmRef
 
 VMX = """\
 .encoding = "UTF-8"

@@ -14,7 +14,10 @@ from pathlib import Path
 import pytest
 
 from reconciler import cli
-from reconciler.engine.restore import (
+from reconciler.esxi.vmx import VmxFile
+from reconciler.facts.inventory import VmInfo
+from reconciler.facts.points import DiskRecord, RestorePoint, VmRef, new_point_id
+from reconciler.operations.restore import (
     AmbiguousVmError,
     OverwriteJournal,
     RestoreError,
@@ -23,9 +26,7 @@ from reconciler.engine.restore import (
     find_point,
     same_vm,
 )
-from reconciler.esxi.host import VmInfo
-from reconciler.esxi.vmx import VmxFile
-from reconciler.repository import CHUNK_SIZE, DiskRecord, Repository, RestorePoint, VmRef, new_point_id
+from reconciler.repository import CHUNK_SIZE, Repository
 
 UUID1 = "564d0011-2233-4455-6677-8899aabbcc01"
 UUID2 = "564d0011-2233-4455-6677-8899aabbcc02"

@@ -10,7 +10,7 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from reconciler.engine.retention import (
+from reconciler.rules.retention import (
     CalendarDuration,
     Decision,
     RestorePointInfo,
@@ -28,7 +28,7 @@ def at(text: str) -> datetime:
 
 
 def point(text: str, status: str = "success", protected: bool = False) -> RestorePointInfo:
-    return RestorePointInfo(text, at(text), status, protected)  # type: ignore[arg-type]
+    return RestorePointInfo(text, at(text), status, protected)
 
 
 def kept(decisions: list[Decision[RestorePointInfo]]) -> list[str]:

@@ -19,7 +19,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from reconciler.engine.retention import (
+from reconciler.rules.retention import (
     RULE_ORDER,
     CalendarDuration,
     Decision,

@@ -11,7 +11,6 @@ import pytest
 
 from reconciler.config.errors import ConfigError
 from reconciler.config.secrets import SecretError
-from reconciler.engine.retry import RetryPolicy, classify
 from reconciler.esxi.errors import (
     ApiError,
     CommandError,
@@ -24,6 +23,7 @@ from reconciler.esxi.errors import (
     ShellError,
     TaskTimeoutError,
 )
+from reconciler.operations.retry import RetryPolicy, classify
 from reconciler.repository.errors import LockedError, WrongKeyError
 
 

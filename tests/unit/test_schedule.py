@@ -9,7 +9,7 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from reconciler.engine.schedule import (
+from reconciler.rules.schedule import (
     LAST,
     After,
     Cron,
@@ -180,8 +180,25 @@ class TestParseCron:
         assert Cron("0 2 * * *").parsed.hours == {2}
 
     def test_feb_29_is_possible_when_dow_is_restricted_too(self) -> None:
-        # Both restricted -> OR: Mondays keep it alive even though 31 Feb never exists.
-        parse_cron("0 0 31 2 mon")
+        # Both day fields restricted -> OR (Vixie): "29 February or any Monday in February". It is
+        # accepted and fires on the Mondays every year, and on 29 February in leap years.
+        s = Schedule(Cron("0 0 29 2 mon"))
+        assert fires(s, utc("2027-01-01 00:00"), 5) == [
+            utc("2027-02-01 00:00"),
+            utc("2027-02-08 00:00"),
+            utc("2027-02-15 00:00"),
+            utc("2027-02-22 00:00"),
+            utc("2028-02-07 00:00"),  # 2027 has no 29 February
+        ]
+        assert fires(s, utc("2028-02-27 00:00"), 3) == [
+            utc("2028-02-28 00:00"),  # a Monday
+            utc("2028-02-29 00:00"),  # a Tuesday: the day of month
+            utc("2029-02-05 00:00"),
+        ]
+        # Even a day that never exists is accepted when the Mondays keep the expression alive.
+        assert parse_cron("0 0 31 2 mon").days_of_month == {31}
+        with pytest.raises(ScheduleError, match="never occurs"):
+            parse_cron("0 0 31 2 *")
 
 
 # ------------------------------------------------------------------------------------------------

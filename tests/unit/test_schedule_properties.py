@@ -23,7 +23,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from reconciler.engine.schedule import (
+from reconciler.rules.schedule import (
     LAST,
     After,
     Cron,

@@ -10,8 +10,9 @@ import pytest
 
 from reconciler import cli
 from reconciler.daemon.lock import InstanceLock
-from reconciler.engine.actions import Outcome, Plan, RunBackup
-from reconciler.status import Condition, StatusStore, status_path
+from reconciler.planning.actions import Outcome, Plan, RunBackup
+from reconciler.status.conditions import Condition
+from reconciler.status.store import StatusStore, status_path
 
 pytestmark = pytest.mark.usefixtures("restore_logging")
 

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 
 from reconciler.config import ConfigError, DesiredState, load_config
-from reconciler.engine.actions import Notice, Outcome, Plan, RunBackup
-from reconciler.engine.observed import RepositoryObservation, RunRecord, backup_key
-from reconciler.status import Condition, config_condition, derive_conditions
+from reconciler.planning.actions import Notice, Outcome, Plan, RunBackup
+from reconciler.planning.observed import RepositoryObservation, RunRecord, backup_key
+from reconciler.status.conditions import Condition, config_condition, derive_conditions
 from tests.unit.planfixtures import at, down, host, load_desired, observed, point, policy_doc, vm
 
 NOW = at("2026-11-26 03:00")

@@ -13,10 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from reconciler.engine.actions import Outcome, Plan, PrunePoint, RunBackup, RunVerify
-from reconciler.engine.observed import backup_key, verify_key
-from reconciler.status import Condition, StatusStore, StatusStoreError, read_history, status_path
+from reconciler.planning.actions import Outcome, Plan, PrunePoint, RunBackup, RunVerify
+from reconciler.planning.observed import backup_key, verify_key
 from reconciler.status.backoff import BASE, MAXIMUM, retry_delay
+from reconciler.status.conditions import Condition
+from reconciler.status.store import StatusStore, StatusStoreError, read_history, status_path
 
 UTC = timezone.utc
 T0 = datetime(2026, 11, 26, 2, 0, tzinfo=UTC)

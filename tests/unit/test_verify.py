@@ -12,18 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from reconciler.engine.progress import DiskProgress, Progress
-from reconciler.repository import (
-    CHUNK_SIZE,
-    DigestMap,
-    DiskRecord,
-    KdfParams,
-    LockedError,
-    Repository,
-    RestorePoint,
-    StoredFile,
-    VmRef,
-)
+from reconciler.facts.points import DiskRecord, RestorePoint, StoredFile, VmRef
+from reconciler.operations.progress import DiskProgress, Progress
+from reconciler.repository import CHUNK_SIZE, DigestMap, KdfParams, LockedError, Repository
 from reconciler.repository.chunks import chunk_name
 from reconciler.repository.verify import in_subset, parse_subset, point_label, verify_repository
 
@@ -410,5 +401,5 @@ def test_repository_check_is_verify(repo: Repository) -> None:
     write_point(repo, "web01", 0, [("Hard disk 1", write_disk(repo, [data]))])
     path = repo.path / chunk_name(repo.chunk_id(data))
     path.write_bytes(path.read_bytes()[:-1])
-    assert repo.check(read_data=False).ok
-    assert [p.kind for p in repo.check().problems] == ["chunk-damaged"]
+    assert verify_repository(repo, read_data_percent=0).ok
+    assert [p.kind for p in verify_repository(repo).problems] == ["chunk-damaged"]

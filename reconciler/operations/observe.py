@@ -5,28 +5,27 @@ time, and a host that fails or hangs becomes ``HostObservation(reachable=False, 
 an exception: one host down must not stop the plan for the others. Repositories are read under a
 *shared* lock (a backup may write at the same time; a garbage collection may not delete underneath us).
 
-:func:`fingerprint` digests the observed facts a plan depends on, so ``apply FILE`` can tell whether a
-saved plan still describes reality. :func:`load_history` reads the run history from the status store.
+:func:`load_history` reads the run history from the status store. (The fingerprint of the observed
+facts a saved plan depends on is pure: :mod:`reconciler.planning.fingerprint`.)
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 import structlog
 
 from reconciler.config.model import DesiredState, Host
 from reconciler.config.model import Repository as RepositoryConfig
-from reconciler.engine.backup import open_repository
-from reconciler.engine.observed import HostObservation, ObservedState, RepositoryObservation, RunRecord
-from reconciler.esxi.host import DatastoreInfo, EsxiHost, VmInfo
+from reconciler.facts.inventory import DatastoreInfo, VmInfo
+from reconciler.operations.backup import open_repository
+from reconciler.operations.hosts import HostFactory, connect
+from reconciler.planning.observed import HostObservation, ObservedState, RepositoryObservation, RunRecord
 from reconciler.repository import Repository, garbage_signs
 
 log = structlog.get_logger(__name__)
@@ -52,7 +51,6 @@ class HostReader(Protocol):
     def close(self) -> None: ...
 
 
-HostFactory = Callable[[Host], HostReader]
 RepoOpener = Callable[[RepositoryConfig], Repository]
 
 
@@ -64,7 +62,7 @@ def _error_text(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
-def _observe_host(config: Host, factory: HostFactory) -> HostObservation:
+def _observe_host(config: Host, factory: HostFactory[HostReader]) -> HostObservation:
     host = factory(config)
     try:
         license = host.license
@@ -83,7 +81,9 @@ def _observe_host(config: Host, factory: HostFactory) -> HostObservation:
         host.close()
 
 
-def _observe_hosts(hosts: Sequence[Host], factory: HostFactory, timeout: float) -> dict[str, HostObservation]:
+def _observe_hosts(
+    hosts: Sequence[Host], factory: HostFactory[HostReader], timeout: float
+) -> dict[str, HostObservation]:
     results: dict[str, HostObservation] = {}
     lock = threading.Lock()
 
@@ -157,7 +157,7 @@ def observe(
     *,
     now: datetime,
     history: Mapping[str, RunRecord],
-    host_factory: HostFactory = EsxiHost.from_config,
+    host_factory: HostFactory[HostReader] = connect,
     repo_opener: RepoOpener = open_repository,
     host_timeout: float = HOST_TIMEOUT,
 ) -> ObservedState:
@@ -181,66 +181,6 @@ def observe(
         repositories=repositories,
         history=history,
     )
-
-
-# -- fingerprint ----------------------------------------------------------------------------------
-
-
-def _iso(value: datetime | None) -> str | None:
-    return value.isoformat() if value is not None else None
-
-
-def _vm_facts(vm: VmInfo) -> dict[str, Any]:
-    return {
-        "name": vm.name,
-        "vmid": vm.vmid,
-        "power": vm.power_state,
-        "cbt": vm.cbt_enabled,
-        "snapshots": sorted([s.id, s.name] for s in vm.snapshots),
-        "disks": sorted([d.key, d.capacity] for d in vm.disks),
-    }
-
-
-def _repository_facts(repo: RepositoryObservation) -> dict[str, Any]:
-    facts: dict[str, Any] = {
-        "reachable": repo.reachable,
-        "points": sorted(f"{p.id} {p.status}{' protected' if p.protected else ''}" for p in repo.points),
-    }
-    # only when present: a repository without garbage keeps the fingerprint it always had
-    if repo.gc_interrupted is not None:
-        facts["gc_interrupted"] = repo.gc_interrupted.isoformat()
-    if repo.unreferenced_indexes:
-        facts["unreferenced_indexes"] = repo.unreferenced_indexes
-    return facts
-
-
-def fingerprint(desired: DesiredState, observed: ObservedState) -> str:
-    """SHA-256 (hex) over the observed facts a plan depends on.
-
-    Left out on purpose: the time, error texts, and datastore free space (it moves with every guest
-    write, so a saved plan would always look stale). Schedules depend on the time, but a saved plan's
-    actions stay valid when applied a little later.
-    """
-    doc: dict[str, Any] = {
-        "revision": desired.revision.id,
-        "hosts": {
-            name: {
-                "reachable": host.reachable,
-                "license": host.license,
-                "vms": sorted((_vm_facts(vm) for vm in host.vms), key=lambda v: (v["vmid"], v["name"])),
-            }
-            for name, host in sorted(observed.hosts.items())
-        },
-        "repositories": {
-            name: _repository_facts(repo) for name, repo in sorted(observed.repositories.items())
-        },
-        "history": {
-            key: [_iso(record.retry_after), _iso(record.last_started)]
-            for key, record in sorted(observed.history.items())
-        },
-    }
-    text = json.dumps(doc, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 # -- history --------------------------------------------------------------------------------------

@@ -25,10 +25,10 @@ from typing import Literal
 
 import structlog
 
+from reconciler.facts.points import RestorePoint, group_points
 from reconciler.repository.errors import LockedError, MissingObjectError
 from reconciler.repository.gc import GcReport, Progress, collect_garbage
 from reconciler.repository.lock import list_locks
-from reconciler.repository.points import RestorePoint, group_points
 from reconciler.repository.repo import Repository
 
 log = structlog.get_logger(__name__)

@@ -59,31 +59,27 @@ from pathlib import Path
 import structlog
 import urllib3
 
-from reconciler.config.model import BackupPolicy, DesiredState, Host
+from reconciler.config.model import BackupPolicy, DesiredState
 from reconciler.config.model import Repository as RepositoryConfig
-from reconciler.engine.hooks import HookFailedError, VmHooks
-from reconciler.engine.progress import DiskProgress, Progress
-from reconciler.engine.vmlock import VmBusyError, vm_lock
 from reconciler.esxi.errors import EsxiError, FullBackupNeededError
-from reconciler.esxi.host import BackupSnapshot, EsxiHost, FrozenDisk, VmInfo
+from reconciler.esxi.host import BackupSnapshot, EsxiHost, FrozenDisk
 from reconciler.esxi.hostdigest import BLOCK_SIZE, DIGEST_SIZE, ZERO_DIGEST, DigestResult, local_digests
-from reconciler.esxi.transport import split_ds_path
+from reconciler.facts.inventory import VmInfo, split_ds_path
+from reconciler.facts.points import BackupMode, DiskRecord, RestorePoint, StoredFile, VmRef, new_point_id
+from reconciler.operations.hooks import HookFailedError, VmHooks
+from reconciler.operations.hosts import HostFactory, connect
+from reconciler.operations.progress import DiskProgress, Progress
+from reconciler.operations.vmlock import VmBusyError, vm_lock
 from reconciler.repository import (
     HOLE,
     ChunkWrite,
     ChunkWriter,
     DigestMap,
     DiskIndex,
-    DiskRecord,
     Repository,
     RepositoryLock,
-    RestorePoint,
     StorageError,
-    StoredFile,
-    VmRef,
-    new_point_id,
 )
-from reconciler.repository.points import BackupMode
 
 log = structlog.get_logger(__name__)
 
@@ -122,7 +118,7 @@ class BackupOptions:
     on_data: OnData | None = None
     """Called for every piece of disk data received: (disk, offset, length)."""
     lock_dir: Path | None = None
-    """Where the per-VM locks live (default: :func:`reconciler.engine.vmlock.default_lock_dir`)."""
+    """Where the per-VM locks live (default: :func:`reconciler.operations.vmlock.default_lock_dir`)."""
 
 
 @dataclass
@@ -971,7 +967,7 @@ def backup_policy(
     vms: Collection[str] | None = None,
     options: BackupOptions | None = None,
     cancel: threading.Event | None = None,
-    host_factory: Callable[[Host], EsxiHost] = EsxiHost.from_config,
+    host_factory: HostFactory[EsxiHost] = connect,
     on_result: Callable[[VmResult], None] | None = None,
 ) -> list[VmResult]:
     """Back up the VMs of a policy (or only ``vm``, or only those of ``vms`` the policy selects and the

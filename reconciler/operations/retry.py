@@ -8,7 +8,7 @@ credentials, a broken secret) — and retrying it would only hammer the host. Un
 terminal too: a bug does not get better by repetition.
 
 Backoff between daemon loops is not done here: the status store holds a failed job back
-(``RunRecord.retry_after``) using :attr:`reconciler.engine.actions.Outcome.transient`.
+(``RunRecord.retry_after``) using :attr:`reconciler.planning.actions.Outcome.transient`.
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ import structlog
 
 from reconciler.config.errors import ConfigError
 from reconciler.config.secrets import SecretError
-from reconciler.engine.vmlock import VmBusyError
 from reconciler.esxi.errors import (
     ApiError,
     CommandError,
@@ -39,6 +38,7 @@ from reconciler.esxi.errors import (
     SnapshotTimeoutError,
     TaskTimeoutError,
 )
+from reconciler.operations.vmlock import VmBusyError
 from reconciler.repository.errors import LockedError, WrongKeyError
 
 log = structlog.get_logger(__name__)

@@ -25,6 +25,8 @@ from datetime import date, datetime, time, timedelta, timezone
 from typing import Final, Literal, TypeAlias
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+from reconciler.rules.durations import format_duration
+
 __all__ = [
     "LAST",
     "After",
@@ -737,7 +739,7 @@ def due(
             "schedule has jitter: pass jitter_key (e.g. '<policy>/<vm>') so the offset is stable"
         )
     offset = jitter_offset(schedule, jitter_key or "") if not isinstance(spec, Every) else timedelta(0)
-    jitter_note = f", jitter +{_fmt_delta(offset)}" if offset else ""
+    jitter_note = f", jitter +{format_duration(offset)}" if offset else ""
     what = _spec_text(spec, schedule.timezone)
 
     if isinstance(spec, Manual):
@@ -870,16 +872,6 @@ def _fmt(instant: datetime, schedule: Schedule) -> str:
     return f"{text} {schedule.timezone}"
 
 
-def _fmt_delta(delta: timedelta) -> str:
-    seconds = int(delta.total_seconds())
-    parts = []
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
-        if seconds >= size:
-            parts.append(f"{seconds // size}{unit}")
-            seconds %= size
-    return "".join(parts) or "0s"
-
-
 def _fmt_days(days: frozenset[int]) -> str:
     ordered = sorted(days)
     if len(ordered) >= 3 and ordered == list(range(ordered[0], ordered[-1] + 1)):
@@ -901,7 +893,7 @@ def _spec_text(spec: ScheduleSpec, tz: str) -> str:
         local = spec.at.astimezone(_load_zone(tz))
         return f"once at {local.strftime('%Y-%m-%d %H:%M')}"
     if isinstance(spec, Every):
-        return f"every {_fmt_delta(spec.interval)}"
+        return f"every {format_duration(spec.interval)}"
     if isinstance(spec, Daily):
         return f"daily at {_fmt_time(spec.at)}"
     if isinstance(spec, Weekly):
@@ -931,5 +923,5 @@ def describe(schedule: Schedule) -> str:
         if not isinstance(spec, Once | Daily | Weekly | Monthly | Cron):
             text += f" {schedule.timezone}"
     if schedule.jitter > timedelta(0) and not isinstance(spec, Every | Manual):
-        text += f", jitter up to {_fmt_delta(schedule.jitter)}"
+        text += f", jitter up to {format_duration(schedule.jitter)}"
     return text

@@ -2,7 +2,7 @@
 
 * **pre** hooks run in order inside the VM's lock, before the snapshot is taken. One that fails
   (non-zero exit, killed by its timeout, or not startable) with ``on_failure: fail`` stops the VM's
-  backup before any snapshot exists: :class:`HookFailedError` (a :class:`~reconciler.engine.backup`
+  backup before any snapshot exists: :class:`HookFailedError` (a :class:`~reconciler.operations.backup`
   VM failure); the remaining pre hooks are not run. ``on_failure: ignore`` logs and goes on.
 * **post** hooks run in order once the VM's backup is over and its snapshot removed, whatever the
   outcome: also after a failed or cancelled backup and after a failed pre hook (so a post hook can undo

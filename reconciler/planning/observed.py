@@ -1,7 +1,7 @@
 """What the reconciler saw: hosts, repositories and its own run history, at one instant.
 
-These are plain frozen values, the input of the pure planner (:func:`reconciler.engine.plan.plan`)
-next to the desired state. :mod:`reconciler.engine.observe` builds them (I/O); tests build them by hand.
+These are plain frozen values, the input of the pure planner (:func:`reconciler.planning.plan.plan`)
+next to the desired state. :mod:`reconciler.operations.observe` builds them (I/O); tests build them by hand.
 
 An unreachable host or repository is an *observation* (``reachable=False`` with the error), never an
 exception: the planner turns it into notices for that object's VMs and plans everything else.
@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from types import MappingProxyType
 
-from reconciler.esxi.host import SNAPSHOT_PREFIX, DatastoreInfo, SnapshotInfo, VmInfo
-from reconciler.repository.points import RestorePoint
+from reconciler.facts.inventory import SNAPSHOT_PREFIX, DatastoreInfo, SnapshotInfo, VmInfo
+from reconciler.facts.points import RestorePoint
 
 
 @dataclass(frozen=True)

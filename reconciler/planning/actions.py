@@ -1,7 +1,7 @@
 """What a plan is made of: actions to execute, notices to show, and the plan itself.
 
-The planner (:mod:`reconciler.engine.plan`, pure) produces a :class:`Plan`; ``plan`` prints it,
-``plan --out FILE`` saves it as JSON, ``apply`` (:mod:`reconciler.engine.apply`) executes it. Every
+The planner (:mod:`reconciler.planning.plan`, pure) produces a :class:`Plan`; ``plan`` prints it,
+``plan --out FILE`` saves it as JSON, ``apply`` (:mod:`reconciler.operations.apply`) executes it. Every
 action says *why* (``reason``), so the printed plan reads like a review comment, and carries what its
 executor needs without looking anything up again except the config (secrets are never in a plan).
 
@@ -236,7 +236,7 @@ class Plan:
     """An ordered list of actions with notices, tied to what was observed.
 
     ``observed_fingerprint`` is a digest of the observed facts the plan depends on
-    (:func:`reconciler.engine.observe.fingerprint`); ``apply FILE`` refuses a saved plan whose
+    (:func:`reconciler.planning.fingerprint.fingerprint`); ``apply FILE`` refuses a saved plan whose
     fingerprint or config revision no longer matches ("saved plan is stale").
     """
 

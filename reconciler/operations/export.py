@@ -17,8 +17,11 @@ from pathlib import Path
 
 import structlog
 
-from reconciler.engine import vmdkstream
-from reconciler.engine.restore import (
+from reconciler.esxi.vmdk import SECTOR, Descriptor, Extent, flat_descriptor
+from reconciler.facts.inventory import split_ds_path
+from reconciler.facts.points import DiskRecord, RestorePoint
+from reconciler.operations import vmdkstream
+from reconciler.operations.restore import (
     ContentHash,
     RestoreError,
     disk_nodes,
@@ -28,9 +31,7 @@ from reconciler.engine.restore import (
     point_vmx,
     safe_file_name,
 )
-from reconciler.esxi.transport import split_ds_path
-from reconciler.esxi.vmdk import SECTOR, Descriptor, Extent, flat_descriptor
-from reconciler.repository import DiskRecord, Repository, RestorePoint
+from reconciler.repository import Repository
 
 log = structlog.get_logger(__name__)
 

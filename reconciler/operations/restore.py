@@ -48,14 +48,16 @@ from datetime import datetime, timezone
 import structlog
 
 from reconciler.config.model import DesiredState
-from reconciler.engine.progress import Progress
-from reconciler.engine.vmlock import vm_lock
 from reconciler.esxi.errors import EsxiError, InsufficientSpaceError
-from reconciler.esxi.host import DiskInfo, EsxiHost, VmInfo
-from reconciler.esxi.transport import ordered_parallel, split_ds_path
+from reconciler.esxi.host import EsxiHost
+from reconciler.esxi.transport import ordered_parallel
 from reconciler.esxi.vmdk import Descriptor
 from reconciler.esxi.vmx import VmxFile, prepare_restored_vmx
-from reconciler.repository import HOLE, DiskRecord, Repository, RestorePoint, StoredFile
+from reconciler.facts.inventory import DiskInfo, VmInfo, split_ds_path
+from reconciler.facts.points import DiskRecord, RestorePoint, StoredFile
+from reconciler.operations.progress import Progress
+from reconciler.operations.vmlock import vm_lock
+from reconciler.repository import HOLE, Repository
 
 log = structlog.get_logger(__name__)
 
@@ -1088,12 +1090,13 @@ def test_restore(
 ) -> TestRestoreResult:
     """For the apply executor (a ``RunTestRestore`` action): open the configured repository and host,
     test-restore ``vm``'s point (``None``/``latest``: the newest successful one)."""
-    from reconciler.engine.backup import open_repository
+    from reconciler.operations.backup import open_repository
+    from reconciler.operations.hosts import connect
 
     repo = open_repository(desired.repositories[repository])
     with repo.lock(purpose=f"test restore of {vm}"):
         point = find_point(repo, vm, point_id)
-        with EsxiHost.from_config(desired.host(host)) as esxi:
+        with connect(desired.host(host)) as esxi:
             return run_test_restore(esxi, repo, point, datastore=datastore)
 
 

@@ -27,7 +27,7 @@ CBT (per VM selected by an active policy whose ``cbt`` is not ``unmanaged``)
     because the licence refuses the changed-block API.
 
 Backups (per active policy, per selected VM present on the host)
-  * Due by :func:`reconciler.engine.schedule.due` with ``last_started`` = the later of the run history
+  * Due by :func:`reconciler.rules.schedule.due` with ``last_started`` = the later of the run history
     and the newest restore point of (policy, VM) on that host; missed runs collapse into one; windows and
     jitter (key ``<policy>/<vm>``) are honoured; ``after`` chains use the upstream policy's newest
     successful point (or its recorded success).
@@ -71,7 +71,9 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
 from reconciler.config.model import BackupPolicy, CbtMode, DesiredState, VerifyPolicy, after_policy
-from reconciler.engine.actions import (
+from reconciler.facts.inventory import VmInfo, split_ds_path
+from reconciler.facts.points import RestorePoint
+from reconciler.planning.actions import (
     Action,
     CbtMethod,
     CollectGarbage,
@@ -85,8 +87,8 @@ from reconciler.engine.actions import (
     RunVerify,
     SetCbt,
 )
-from reconciler.engine.observe import fingerprint
-from reconciler.engine.observed import (
+from reconciler.planning.fingerprint import fingerprint
+from reconciler.planning.observed import (
     HostObservation,
     ObservedState,
     RepositoryObservation,
@@ -94,8 +96,8 @@ from reconciler.engine.observed import (
     backup_key,
     verify_key,
 )
-from reconciler.engine.retention import evaluate
-from reconciler.engine.schedule import (
+from reconciler.rules.retention import evaluate
+from reconciler.rules.schedule import (
     DAY_NAMES,
     Due,
     Manual,
@@ -105,9 +107,6 @@ from reconciler.engine.schedule import (
     in_window,
     next_window_open,
 )
-from reconciler.esxi.host import VmInfo
-from reconciler.esxi.transport import split_ds_path
-from reconciler.repository.points import RestorePoint
 
 UTC = timezone.utc
 _KIND_ORDER = ("remove-snapshot", "cbt", "backup", "prune", "gc", "verify", "test-restore")

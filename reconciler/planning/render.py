@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from datetime import timezone
 
-from reconciler.engine.actions import (
+from reconciler.planning.actions import (
     Action,
     Change,
     CollectGarbage,

@@ -27,14 +27,15 @@ import re
 from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
-from typing import Final, Generic, Literal, Protocol, TypeVar
+from typing import Final, Generic, Protocol, TypeVar
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from reconciler.rules.durations import format_duration
 
 __all__ = [
     "RULE_ORDER",
     "CalendarDuration",
     "Decision",
-    "PointStatus",
     "RestorePointInfo",
     "RestorePointLike",
     "RetentionError",
@@ -150,16 +151,6 @@ def parse_duration(text: str) -> CalendarDuration:
     return CalendarDuration(**parts)
 
 
-def _fmt_timedelta(delta: timedelta) -> str:
-    seconds = int(delta.total_seconds())
-    out = []
-    for unit, size in (("d", 86400), ("h", 3600), ("min", 60), ("s", 1)):
-        if seconds >= size:
-            out.append(f"{seconds // size}{unit}")
-            seconds %= size
-    return "".join(out) or "0s"
-
-
 # --------------------------------------------------------------------------------------------------
 # Policy and points
 # --------------------------------------------------------------------------------------------------
@@ -232,7 +223,7 @@ class RetentionPolicy:
         within = self.keep_within
         if within is None:
             return ""
-        return str(within) if isinstance(within, CalendarDuration) else _fmt_timedelta(within)
+        return str(within) if isinstance(within, CalendarDuration) else format_duration(within, minute="min")
 
     def describe(self) -> str:
         """E.g. ``keep-last 3, keep-daily 7, keep-within 30d (Europe/Berlin)``."""
@@ -251,9 +242,6 @@ def _load_zone(name: str) -> ZoneInfo:
         raise RetentionError(
             f"unknown time zone {name!r}: expected an IANA name such as 'Europe/Berlin' or 'UTC'"
         ) from None
-
-
-PointStatus = Literal["success", "failed", "partial"]
 
 
 class RestorePointLike(Protocol):
@@ -282,7 +270,8 @@ class RestorePointInfo:
 
     id: str
     time: datetime
-    status: PointStatus = "success"
+    status: str = "success"
+    """``"success"`` or anything else (incomplete), as :class:`RestorePointLike` says."""
     protected: bool = False
 
 

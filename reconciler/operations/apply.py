@@ -2,12 +2,12 @@
 
 Phases follow the plan (the planner emits them in this order): orphaned snapshots removed, CBT switched,
 backups, points pruned, garbage collected, repositories verified, test restores. Consecutive backups
-run together: per host in parallel, per policy through :func:`~reconciler.engine.backup.backup_policy`
+run together: per host in parallel, per policy through :func:`~reconciler.operations.backup.backup_policy`
 (which keeps the host's ``concurrent_backups`` and per-datastore limits and the shared repository lock).
-Consecutive prunes of one repository are one :func:`~reconciler.engine.prune.prune` call, so its
+Consecutive prunes of one repository are one :func:`~reconciler.operations.prune.prune` call, so its
 ``max_deletions_per_run`` guard covers the whole run.
 
-Failure handling: transient failures are retried within the apply (:mod:`reconciler.engine.retry`),
+Failure handling: transient failures are retried within the apply (:mod:`reconciler.operations.retry`),
 terminal ones are not. One failing action never stops unrelated ones, but a host that failed with a
 transient error (unreachable, connection lost) after its retries is not asked again in this apply: its
 remaining actions are skipped with the reason. A set ``cancel`` event (SIGTERM) makes running backups
@@ -31,8 +31,16 @@ from typing import Any
 
 import structlog
 
-from reconciler.config.model import DesiredState, Host
-from reconciler.engine.actions import (
+from reconciler.config.model import DesiredState
+from reconciler.esxi.errors import EsxiError, PowerStateTimeoutError
+from reconciler.esxi.host import EsxiHost
+from reconciler.facts.inventory import VmInfo
+from reconciler.operations.backup import BackupOptions, Cancelled, VmResult, backup_policy, open_repository
+from reconciler.operations.hosts import HostFactory, connect
+from reconciler.operations.prune import PruneResult, collect, prune
+from reconciler.operations.retry import Attempted, RetryPolicy, classify
+from reconciler.operations.vmlock import VmBusyError, vm_lock
+from reconciler.planning.actions import (
     Action,
     CollectGarbage,
     Outcome,
@@ -45,19 +53,12 @@ from reconciler.engine.actions import (
     RunVerify,
     SetCbt,
 )
-from reconciler.engine.backup import BackupOptions, Cancelled, VmResult, backup_policy, open_repository
-from reconciler.engine.prune import PruneResult, collect, prune
-from reconciler.engine.retry import Attempted, RetryPolicy, classify
-from reconciler.engine.schedule import Manual, Schedule, in_window
-from reconciler.engine.vmlock import VmBusyError, vm_lock
-from reconciler.esxi.errors import EsxiError, PowerStateTimeoutError
-from reconciler.esxi.host import EsxiHost, VmInfo
 from reconciler.repository.errors import LockedError
 from reconciler.repository.repo import Repository
+from reconciler.rules.schedule import Manual, Schedule, in_window
 
 log = structlog.get_logger(__name__)
 
-HostFactory = Callable[[Host], EsxiHost]
 OnOutcome = Callable[[Outcome], None]
 
 EXPECTED_POWER = {
@@ -90,7 +91,7 @@ class _Run:
         desired: DesiredState,
         cancel: threading.Event,
         on_outcome: OnOutcome | None,
-        host_factory: HostFactory,
+        host_factory: HostFactory[EsxiHost],
         retry: RetryPolicy,
         backup_options: BackupOptions,
         gc_wait_seconds: float,
@@ -579,7 +580,7 @@ def _verify(run: _Run, a: RunVerify) -> dict[str, Any]:
 
 def _test_restore(run: _Run, a: RunTestRestore) -> dict[str, Any]:
     try:
-        from reconciler.engine.restore import test_restore
+        from reconciler.operations.restore import test_restore
     except ImportError:  # pragma: no cover - a build without the restore module
         raise Skip("test restore is not available in this version") from None
     result = test_restore(run.desired, a.repository, a.vm, a.point_id, a.host_name, a.datastore)
@@ -614,7 +615,7 @@ def apply(
     *,
     cancel: threading.Event,
     on_outcome: OnOutcome | None = None,
-    host_factory: HostFactory = EsxiHost.from_config,
+    host_factory: HostFactory[EsxiHost] = connect,
     retry: RetryPolicy | None = None,
     backup_options: BackupOptions | None = None,
     gc_wait_seconds: float = 300.0,
