@@ -17,6 +17,7 @@ from typing import TypeVar
 import structlog
 
 from reconciler.config.model import DesiredState
+from reconciler.killpoint import kill_point
 from reconciler.planning.actions import Outcome
 from reconciler.status.conditions import Condition, derive_conditions
 from reconciler.status.store import StatusStore
@@ -91,6 +92,7 @@ def reconcile(ctx: CycleContext) -> CycleResult:
     revision = desired.revision.id
     observed = observe(desired, now=ctx.now, history=store.history(revision))
     the_plan = plan(desired, observed)
+    kill_point("cycle.planned")
     log.info(
         "cycle.planned",
         revision=revision,
@@ -106,6 +108,7 @@ def reconcile(ctx: CycleContext) -> CycleResult:
 
     def record(outcome: Outcome) -> None:
         _guarded("outcome", lambda: store.record_outcome(outcome, revision), None)
+        kill_point("cycle.outcome-recorded")
 
     outcomes = apply(the_plan, desired, cancel=ctx.cancel, on_outcome=record, clock=ctx.clock)
 
@@ -117,6 +120,7 @@ def reconcile(ctx: CycleContext) -> CycleResult:
         return after
 
     after = _guarded("conditions", conclude, none)
+    kill_point("cycle.concluded")
     _log_changes(before, after)
     failed = sum(o.status == "failed" for o in outcomes)
     done = sum(o.ok for o in outcomes)

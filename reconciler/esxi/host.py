@@ -87,6 +87,7 @@ from reconciler.facts.inventory import (
     VmInfo,
     split_ds_path,
 )
+from reconciler.killpoint import kill_point
 
 log = logging.getLogger(__name__)
 
@@ -542,6 +543,7 @@ class EsxiHost:
             try:
                 mo = self._snapshot_mo(vmid, snapshot_id)
                 task = self.api.call("remove snapshot", lambda: mo.RemoveSnapshot_Task(removeChildren=False))
+                kill_point("snapshot.remove-started")
                 wait_task(task, timeout, f"remove snapshot {snapshot_id} of VM {vmid}")
             except RestrictedByLicenseError:
                 if self.shell is None:

@@ -66,6 +66,7 @@ from reconciler.esxi.host import BackupSnapshot, EsxiHost, FrozenDisk
 from reconciler.esxi.hostdigest import BLOCK_SIZE, DIGEST_SIZE, ZERO_DIGEST, DigestResult, local_digests
 from reconciler.facts.inventory import VmInfo, split_ds_path
 from reconciler.facts.points import BackupMode, DiskRecord, RestorePoint, StoredFile, VmRef, new_point_id
+from reconciler.killpoint import kill_point
 from reconciler.operations.hooks import HookFailedError, VmHooks
 from reconciler.operations.hosts import HostFactory, connect
 from reconciler.operations.progress import DiskProgress, Progress
@@ -277,6 +278,7 @@ class ChunkAssembler:
         self._slots.release()
         if not fut.cancelled() and fut.exception() is not None and self._error is None:
             self._error = fut.exception()
+        kill_point("backup.chunk-written")
 
     def finish(self) -> None:
         """Store the last chunk and wait until every chunk is stored (raises the first failure)."""
@@ -494,6 +496,7 @@ class _DiskJob:
             if progress is not None:
                 progress.done()
         index_id = writer.finish(digest_map)
+        kill_point("backup.index-written")
         seconds = time.monotonic() - started
         record = DiskRecord(
             key=disk.key,
@@ -858,6 +861,7 @@ def _backup_locked(
         vlog.info("backup.snapshot", snapshot=bs.snapshot.name, snapshot_id=bs.snapshot.id, point=point_id)
         if options.on_snapshot is not None:
             options.on_snapshot(host, bs)
+        kill_point("backup.snapshot-created")
         stored = [repo.write_file(name, data) for name, data in files]
         for disk in bs.disks:
             if not _disk_selected(policy, disk):
@@ -875,6 +879,8 @@ def _backup_locked(
             result.disks.append(disk_result)
             if cancel.is_set():
                 raise Cancelled("backup cancelled")
+        kill_point("backup.disks-read")  # the snapshot is removed next
+    kill_point("backup.snapshot-removed")
     # the snapshot is gone and the chain verified: only now does the point become visible
     modes = {d.mode for d in result.disks}
     mode: BackupMode = "full" if "full" in modes or not modes else ("cbt" if "cbt" in modes else "digest")
@@ -896,6 +902,7 @@ def _backup_locked(
     if repo_lock is not None:
         repo_lock.check()  # a lost lock (e.g. removed as stale) means: write nothing more
     repo.write_point(point)
+    kill_point("backup.point-written")
     vlog.info(
         "backup.vm_done",
         point=point.id,

@@ -26,6 +26,7 @@ from typing import Literal
 import structlog
 
 from reconciler.facts.points import RestorePoint, group_points
+from reconciler.killpoint import kill_point
 from reconciler.repository.errors import LockedError, MissingObjectError
 from reconciler.repository.gc import GcReport, Progress, collect_garbage
 from reconciler.repository.lock import list_locks
@@ -92,6 +93,7 @@ def prune(repo: Repository, point_ids: Sequence[str], *, max_deletions: int) -> 
             except MissingObjectError:
                 results.append(PruneResult(point_id, "gone", "restore point no longer exists"))
                 continue
+            kill_point("prune.point-deleted")
             deleted += 1
             current.pop(point_id)
             log.info("prune.deleted", point=point_id, policy=point.policy, vm=point.vm.name)

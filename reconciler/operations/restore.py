@@ -55,6 +55,7 @@ from reconciler.esxi.vmdk import Descriptor
 from reconciler.esxi.vmx import VmxFile, prepare_restored_vmx
 from reconciler.facts.inventory import DiskInfo, VmInfo, split_ds_path
 from reconciler.facts.points import DiskRecord, RestorePoint, StoredFile
+from reconciler.killpoint import kill_point
 from reconciler.operations.progress import Progress
 from reconciler.operations.vmlock import vm_lock
 from reconciler.repository import HOLE, Repository
@@ -423,6 +424,7 @@ def restore_new_vm(
         raise RestoreError(f"folder {folder} already exists; choose another --name")
     rlog.info("restore.start", folder=folder, disks=len(point.disks), need=need)
     host.make_directory(folder)
+    kill_point("restore.folder-created")
     result = RestoreResult(point.id, host.name, name, None, f"{folder}/{stem}.vmx")
     registered: VmInfo | None = None
     try:
@@ -434,6 +436,7 @@ def restore_new_vm(
                 host, repo, disk, node, f"{folder}/{file_name}", options, name, _adapter(repo, point, disk)
             )
             result.disks.append(restored)
+            kill_point("restore.disk-written")
             files[node] = file_name
         nvram_name = None
         nvram_src = vmx.get("nvram")
@@ -447,7 +450,9 @@ def restore_new_vm(
         if dropped:
             rlog.warning("restore.disks_not_in_point", nodes=dropped)
         host.write_file(result.vmx_path, vmx.dumps().encode("utf-8", "surrogateescape"))
+        kill_point("restore.vmx-written")
         registered = host.register_vm(result.vmx_path)
+        kill_point("restore.registered")
         result.vmid = registered.vmid
     except BaseException:
         rlog.warning("restore.cleanup", folder=folder)
@@ -848,6 +853,7 @@ def _after_failure(host: EsxiHost, vm: VmInfo, journal: OverwriteJournal) -> str
 
 
 def _stage(options: RestoreOptions, name: str) -> None:
+    kill_point(f"restore.overwrite-{name}")
     if options.on_stage is not None:
         options.on_stage(name)
 
@@ -1045,6 +1051,7 @@ def run_test_restore(
         result = restore_new_vm(host, repo, point, options)
         assert result.vmid is not None
         state = host.power_on(result.vmid, timeout=boot_timeout).power_state
+        kill_point("restore.test-powered-on")
         deadline = time.monotonic() + heartbeat_timeout
         while True:
             beat = host.guest_heartbeat(result.vmid)

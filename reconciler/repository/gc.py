@@ -22,6 +22,7 @@ from datetime import datetime, timezone
 import structlog
 
 from reconciler.facts.points import RestorePoint
+from reconciler.killpoint import kill_point
 from reconciler.repository.backend import ObjectInfo, fsync_dir
 from reconciler.repository.chunks import chunk_name
 from reconciler.repository.errors import FormatError, MissingObjectError, RepositoryError, StorageError
@@ -172,6 +173,7 @@ def _collect(
     report.interrupted_at = marker.started if marker is not None else None
     if not dry_run:
         _write_marker(repo, lock)
+        kill_point("gc.marker-written")
     points = repo.list_points()
     report.points = len(points)
     chunks, indexes, digests = repo.referenced(points)  # mark
@@ -206,10 +208,12 @@ def _collect(
     lock.check()  # a lost lock (removed as stale) means a backup may be writing: sweep nothing
     for done, name in enumerate(doomed, 1):  # sweep
         repo.backend.delete(name)
+        kill_point("gc.object-deleted")
         if progress is not None:
             progress(done, len(doomed))
         if done % 1024 == 0:
             lock.check()
+    kill_point("gc.swept")
     repo.backend.delete(GC_MARKER)  # completed: the marker goes last
     fsync_dir(repo.path)
     return report

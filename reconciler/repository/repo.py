@@ -26,6 +26,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from reconciler.facts.points import POINT_ID_RE, RestorePoint, StoredFile, point_name
+from reconciler.killpoint import kill_point
 from reconciler.repository.backend import Data, LocalBackend, ObjectInfo, fsync_dir
 from reconciler.repository.chunks import (
     CHUNK_SIZE,
@@ -312,6 +313,7 @@ class Repository:
             blob = b""
         (self.path / QUARANTINE_DIR).mkdir(exist_ok=True)
         self.backend.put(f"{QUARANTINE_DIR}/{chunk_id.hex()}", [blob])
+        kill_point("verify.quarantine-copied")
         self.backend.delete(name)
 
     def quarantined(self) -> set[bytes]:

@@ -31,6 +31,7 @@ import zstandard
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from reconciler.facts.points import RestorePoint
+from reconciler.killpoint import kill_point
 from reconciler.repository.chunks import (
     FLAG_AEAD,
     FLAG_TRAILER,
@@ -438,6 +439,7 @@ def verify_repository(
             _locate(repo, walk, bad)
             for cid in bad if quarantine else ():
                 repo.quarantine_chunk(cid)
+                kill_point("verify.chunk-quarantined")
                 report.quarantined += 1
                 log.warning("verify.quarantined", repository=str(repo.path), chunk=cid.hex())
     for found in walk.findings.values():

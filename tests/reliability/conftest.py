@@ -1,4 +1,5 @@
-"""The reliability suite's fixtures: ``ledger`` (what a case injected and checked, see ledger.py)."""
+"""The reliability suite's fixtures: ``ledger`` (what a case injected and checked, see ledger.py);
+``rlab``, ``rlab_faults`` (the suite's own lab, see site.py)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from collections.abc import Generator
 import pytest
 
 from tests.reliability.ledger import Ledger, ledger_path, record_outcome, reset
+from tests.reliability.site import rlab, rlab_faults  # noqa: F401  (fixtures of the suite's own lab)
 
 
 def pytest_configure(config: pytest.Config) -> None:
