@@ -28,7 +28,9 @@ from reconciler.repository import Repository
 from reconciler.repository.verify import verify_repository
 from tests.reliability.ledger import Ledger
 
-LEFTOVER_FILE = re.compile(r"-restored-|testrestore|\.esxi-reconciler-overwrite\.json$|-\d{6}(-sesparse|-delta)?\.vmdk$")
+LEFTOVER_FILE = re.compile(
+    r"-restored-|testrestore|\.esxi-reconciler-overwrite\.json$|-\d{6}(-sesparse|-delta)?\.vmdk$"
+)
 """Files a killed or failed run may leave inside a VM's folder: restored disks not switched to, the
 overwrite journal, snapshot deltas."""
 
@@ -148,7 +150,9 @@ def check_hosts(ledger: Ledger, before: Baseline) -> HostFindings:
         if new_files:
             extra_files[name] = new_files
     ledger.count("snapshots_left", sum(len(s) for per_vm in snapshots.values() for s in per_vm.values()))
-    ledger.count("temporary_vms_left", sum(map(len, extra_vms.values())) + sum(map(len, extra_files.values())))
+    ledger.count(
+        "temporary_vms_left", sum(map(len, extra_vms.values())) + sum(map(len, extra_files.values()))
+    )
     return HostFindings(snapshots, extra_vms, extra_files)
 
 

@@ -32,6 +32,7 @@ from tests.integration.labconfig import PASSPHRASE, write_lab_config
 
 ROOT = Path(__file__).resolve().parents[2]
 DISK_SIZES = (4 * MiB, 2 * MiB)
+FAST_KDF = KdfParams(memory_kib=1024, iterations=1, lanes=1)
 KILLED = -9
 """A child's return code after SIGKILL (subprocess)."""
 
@@ -90,7 +91,9 @@ class Site:
     @classmethod
     def create(cls, lab: LabHandle, root: Path, policies: str, *, repository_extra: str = "") -> Site:
         config = write_lab_config(lab, root, policies, repository_extra=repository_extra)
-        repo = Repository.init(root / "repo", PASSPHRASE, kdf=KdfParams(memory_kib=1024, iterations=1, lanes=1))
+        repo = Repository.init(
+            root / "repo", PASSPHRASE, kdf=KdfParams(memory_kib=1024, iterations=1, lanes=1)
+        )
         return cls(lab, root, config, root / "state", repo)
 
     def argv(self, args: Sequence[str]) -> list[str]:

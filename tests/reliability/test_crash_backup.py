@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from itertools import count
-from pathlib import Path
 
 import pytest
 
@@ -49,7 +48,9 @@ def site(rlab: LabHandle, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
     yield site
 
 
-@pytest.mark.parametrize(("policy", "step", "full"), CASES, ids=[f"{p}-{s}{'-full' if f else ''}" for p, s, f in CASES])
+@pytest.mark.parametrize(
+    ("policy", "step", "full"), CASES, ids=[f"{p}-{s}{'-full' if f else ''}" for p, s, f in CASES]
+)
 def test_a_backup_killed_at_a_step_loses_nothing(
     site: Site, ledger: Ledger, capsys: pytest.CaptureFixture[str], policy: str, step: str, full: bool
 ) -> None:
