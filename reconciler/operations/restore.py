@@ -36,10 +36,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import posixpath
 import re
 import secrets
 import shlex
+import socket
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
@@ -59,6 +61,7 @@ from reconciler.killpoint import kill_point
 from reconciler.operations.progress import Progress
 from reconciler.operations.vmlock import vm_lock
 from reconciler.repository import HOLE, Repository
+from reconciler.repository.lock import pid_alive
 
 log = structlog.get_logger(__name__)
 
@@ -395,10 +398,82 @@ def _check_space(host: EsxiHost, datastore: str, need: int) -> None:
 # -- as a new VM -----------------------------------------------------------------------------------
 
 
+RESTORE_MARKER = "esxi-reconciler-restore.json"
+"""Written into a new VM's folder right after the folder is made and removed once the VM is registered:
+a folder holding it is what a killed restore left, which the next restore to that name removes."""
+
+
+@dataclass(frozen=True)
+class RestoreMarker:
+    """Who is restoring into a new folder (:data:`RESTORE_MARKER`)."""
+
+    point: str
+    name: str
+    started: datetime
+    machine: str
+    pid: int
+    test: bool = False
+    """A test restore's temporary VM: removed even when it was left powered on."""
+
+    def to_json(self) -> bytes:
+        doc = {
+            "written_by": "esxi-reconciler restore",
+            "point": self.point,
+            "name": self.name,
+            "started": self.started.isoformat(timespec="seconds"),
+            "machine": self.machine,
+            "pid": self.pid,
+            "test": self.test,
+        }
+        return json.dumps(doc, ensure_ascii=False, indent=1).encode("utf-8")
+
+    @classmethod
+    def from_json(cls, data: bytes) -> RestoreMarker:
+        try:
+            doc = json.loads(data)
+            started = datetime.fromisoformat(str(doc["started"]))
+            return cls(
+                str(doc["point"]), str(doc["name"]),
+                started if started.tzinfo else started.replace(tzinfo=timezone.utc),
+                str(doc.get("machine") or ""), int(doc.get("pid") or 0), bool(doc.get("test")),
+            )  # fmt: skip
+        except (ValueError, KeyError, TypeError, AttributeError):
+            return cls("?", "?", datetime.fromtimestamp(0, timezone.utc), "", 0)
+
+
+def _remove_unfinished_restore(host: EsxiHost, folder: str, stem: str, name: str) -> None:
+    """Remove what a restore into ``folder`` that did not finish (killed) left: the VM registered from
+    it, if any, and the folder. Refused while that restore's process still runs on this machine, and
+    for a VM it left powered on (someone may be using it), unless that was a test restore's."""
+    path = f"{folder}/{RESTORE_MARKER}"
+    if not host.file_exists(path):
+        return
+    marker = RestoreMarker.from_json(host.read_file(path))
+    since = f"{marker.started.astimezone(timezone.utc):%Y-%m-%d %H:%M} UTC"
+    if marker.machine == socket.gethostname() and marker.pid != os.getpid() and pid_alive(marker.pid):
+        raise RestoreError(f"a restore into {folder} is running (pid {marker.pid}, since {since})")
+    vmx = f"{folder}/{stem}.vmx"
+    for vm in host.list_vms():
+        if vm.vmx_path != vmx:
+            continue
+        if vm.power_state != "poweredOff":
+            if not marker.test:
+                raise RestoreError(
+                    f"VM {vm.name!r} on {host.name} was restored by a run that did not finish (started"
+                    f" {since}) and is {vm.power_state}: check it, then remove it or choose another --name"
+                )
+            host.power_off(vm)
+        host.unregister_vm(vm)
+    host.delete_path(folder)
+    log.warning("restore.unfinished_removed", folder=folder, vm=name, point=marker.point, started=since)
+
+
 def restore_new_vm(
-    host: EsxiHost, repo: Repository, point: RestorePoint, options: RestoreOptions
+    host: EsxiHost, repo: Repository, point: RestorePoint, options: RestoreOptions, *, test: bool = False
 ) -> RestoreResult:
-    """Restore ``point`` as a new VM on ``host`` (see the module doc); returns it registered."""
+    """Restore ``point`` as a new VM on ``host`` (see the module doc); returns it registered. A folder
+    of the same name left by a killed restore is removed first (:data:`RESTORE_MARKER`); ``test``: the
+    VM is a test restore's temporary one."""
     name = options.name or default_name(point.vm.name)
     rlog = log.bind(point=point.id, vm=point.vm.name, new_name=name, host=host.name)
     _, vmx = point_vmx(repo, point)
@@ -410,6 +485,9 @@ def restore_new_vm(
         raise RestoreError(
             f"choose a datastore of host {host.name} with --datastore ({', '.join(sorted(stores))})"
         )
+    stem = safe_file_name(name)
+    folder = f"[{datastore}] {stem}"
+    _remove_unfinished_restore(host, folder, stem, name)  # what a killed restore to this name left
     if any(v.name == name for v in host.list_vms()):
         raise RestoreError(
             f"host {host.name} already has a VM named {name!r}; choose another --name, or replace that VM's"
@@ -418,12 +496,15 @@ def restore_new_vm(
     sparse = options.thin and host.shell is not None  # an HTTPS upload writes the holes too
     need = sum(stored_bytes(repo, d) if sparse else d.capacity for d in point.disks)
     _check_space(host, datastore, need + sum(f.size for f in point.files))
-    stem = safe_file_name(name)
-    folder = f"[{datastore}] {stem}"
-    if host.folder_exists(folder):
+    exists = host.folder_exists(folder)
+    if exists and host.list_folder(folder):
         raise RestoreError(f"folder {folder} already exists; choose another --name")
     rlog.info("restore.start", folder=folder, disks=len(point.disks), need=need)
-    host.make_directory(folder)
+    if not exists:  # an empty one is what a kill between its creation and the marker leaves: reused
+        host.make_directory(folder)
+    started = datetime.now(timezone.utc)
+    marker = RestoreMarker(point.id, name, started, socket.gethostname(), os.getpid(), test)
+    host.write_file(f"{folder}/{RESTORE_MARKER}", marker.to_json())
     kill_point("restore.folder-created")
     result = RestoreResult(point.id, host.name, name, None, f"{folder}/{stem}.vmx")
     registered: VmInfo | None = None
@@ -454,6 +535,7 @@ def restore_new_vm(
         registered = host.register_vm(result.vmx_path)
         kill_point("restore.registered")
         result.vmid = registered.vmid
+        host.delete_path(f"{folder}/{RESTORE_MARKER}")  # complete: no longer a leftover
     except BaseException:
         rlog.warning("restore.cleanup", folder=folder)
         try:
@@ -1041,14 +1123,14 @@ def run_test_restore(
     heartbeat (where the host reports one: ``gray`` means no Tools, which is not a failure), then
     power it off, unregister it and delete its files, whatever happened."""
     started = time.monotonic()
-    name = f"{point.vm.name}-testrestore-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
+    name = f"{point.vm.name}-testrestore"  # one name per VM: a killed test restore's VM is found again
     options = RestoreOptions(name=name, datastore=datastore, progress=progress)
     result: RestoreResult | None = None
     state: str | None = None
     beat: str | None = None
     error: str | None = None
     try:
-        result = restore_new_vm(host, repo, point, options)
+        result = restore_new_vm(host, repo, point, options, test=True)
         assert result.vmid is not None
         state = host.power_on(result.vmid, timeout=boot_timeout).power_state
         kill_point("restore.test-powered-on")

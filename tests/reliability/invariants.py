@@ -45,22 +45,40 @@ class HostState:
     """VM name -> names of its snapshots"""
     files: frozenset[str]
     """``<datastore>/<relative path>`` of every file and folder on the host's datastores"""
+    in_use: frozenset[str] = frozenset()
+    """Of those, the files registered VMs use (disk chains, files their .vmx names)"""
 
     @property
     def folders(self) -> frozenset[str]:
         return frozenset(f for f in self.files if f.count("/") == 1)
 
 
+def _ds_rel(ds_path: str) -> str:
+    """``[ds] dir/file`` -> ``ds/dir/file``."""
+    ds, _, rel = ds_path[1:].partition("]")
+    return f"{ds}/{rel.strip()}"
+
+
 def host_state(lab: LabHandle, host: str) -> HostState:
     state = lab.client(host).state()
     vms = {vm["vmid"]: vm["name"] for vm in state["vms"]}
     snapshots = {vm["name"]: [s["name"] for s in vm.get("snapshots") or []] for vm in state["vms"]}
+    in_use: set[str] = set()
+    for vm in state["vms"]:  # files a registered VM uses: its disk chains, what its .vmx names
+        for disk in vm["disks"]:
+            for f in disk["chain"]:
+                in_use.update(_ds_rel(f[k]) for k in ("descriptor", "extent", "ctk") if f.get(k))
+        folder = _ds_rel(vm["vmx"]).rsplit("/", 1)[0]
+        vmx = Path(vm["vmx_path"])
+        if vmx.exists():
+            text = vmx.read_text(errors="replace")
+            in_use.update(f"{folder}/{p.name}" for p in vmx.parent.iterdir() if f'"{p.name}"' in text)
     files: set[str] = set()
     for ds in lab.host(host)["datastores"]:
         root = Path(ds["path"])
         for path in root.rglob("*"):
             files.add(f"{ds['name']}/{path.relative_to(root)}")
-    return HostState(vms, snapshots, frozenset(files))
+    return HostState(vms, snapshots, frozenset(files), frozenset(in_use))
 
 
 @dataclass
@@ -144,7 +162,7 @@ def check_hosts(ledger: Ledger, before: Baseline) -> HostFindings:
             extra_vms[name] = new_vms
         new_files = sorted(
             f
-            for f in now.files - earlier.files
+            for f in now.files - earlier.files - now.in_use
             if f in now.folders or LEFTOVER_FILE.search(f.rsplit("/", 1)[-1])
         )
         if new_files:
