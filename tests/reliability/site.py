@@ -78,6 +78,11 @@ class Run:
         return self.code == KILLED
 
 
+def assert_killed(run: Run, step: str) -> None:
+    """The run ended by SIGKILL at ``step`` (not earlier, not by finishing: the step was reached)."""
+    assert run.killed, f"the run did not reach {step}: exit {run.code}\n{run.out[-2000:]}{run.err[-3000:]}"
+
+
 @dataclass
 class Site:
     """A config pointed at a lab, its state directory and its repository ``r``."""

@@ -16,7 +16,7 @@ from reconciler.facts.inventory import SNAPSHOT_PREFIX
 from tests.integration.labconfig import policy_yaml
 from tests.reliability.invariants import assert_nothing_lost, baseline, check_repositories, host_state
 from tests.reliability.ledger import Ledger
-from tests.reliability.site import Site
+from tests.reliability.site import Site, assert_killed
 
 pytestmark = [pytest.mark.lab, pytest.mark.usefixtures("restore_logging")]
 
@@ -61,7 +61,7 @@ def test_a_backup_killed_at_a_step_loses_nothing(
     args = ["backup", policy, *(["--full"] if full else [])]
 
     killed = site.run(*args, kill_at=step)
-    assert killed.killed, f"the run did not reach {step}: exit {killed.code}\n{killed.err[-3000:]}"
+    assert_killed(killed, step)
     ledger.count("kill_points")
 
     # right after the kill: earlier points verify; a point is listed only once it was written whole

@@ -17,7 +17,7 @@ from reconciler.operations.restore import disk_sha256
 from tests.integration.labconfig import policy_yaml
 from tests.reliability.invariants import assert_nothing_lost, baseline, check_repositories
 from tests.reliability.ledger import Ledger
-from tests.reliability.site import Site
+from tests.reliability.site import Site, assert_killed
 
 pytestmark = [pytest.mark.lab, pytest.mark.usefixtures("restore_logging")]
 
@@ -56,7 +56,7 @@ def test_a_restore_as_a_new_vm_killed_at_a_step_is_done_again(
     before = baseline(lab, {"r": site.repo})
     args = ("restore", "web01", "--name", "web01-copy")
     killed = site.run(*args, kill_at=step)
-    assert killed.killed, f"the run did not reach {step}: exit {killed.code}\n{killed.err[-3000:]}"
+    assert_killed(killed, step)
     ledger.count("kill_points")
     found = check_repositories(ledger, before)
     assert not found.lost and not found.problems, found
@@ -78,7 +78,7 @@ def test_an_overwrite_killed_at_a_step_is_finished_by_the_next_run(
     before = baseline(lab, {"r": site.repo})
     args = ("restore", "app202", "--overwrite", "--yes", "--power-on")
     killed = site.run(*args, kill_at=step)
-    assert killed.killed, f"the run did not reach {step}: exit {killed.code}\n{killed.err[-3000:]}"
+    assert_killed(killed, step)
     ledger.count("kill_points")
     found = check_repositories(ledger, before)
     assert not found.lost and not found.problems, found
