@@ -32,6 +32,12 @@ def new_point_id(when: datetime | None = None) -> str:
     return f"{moment:%Y%m%dT%H%M%S%f}Z-{secrets.token_hex(4)}"
 
 
+def temporary_vm_name(vm: str) -> str:
+    """The name of a test restore's temporary VM of ``vm``: always the same, so a test restore that was
+    killed is recognised (and its VM removed) by the next one."""
+    return f"{vm}-testrestore"
+
+
 def point_name(point_id: str) -> str:
     if not POINT_ID_RE.match(point_id):
         raise ValueError(f"invalid restore point id {point_id!r}")

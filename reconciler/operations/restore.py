@@ -56,7 +56,7 @@ from reconciler.esxi.transport import ordered_parallel
 from reconciler.esxi.vmdk import Descriptor
 from reconciler.esxi.vmx import VmxFile, prepare_restored_vmx
 from reconciler.facts.inventory import DiskInfo, VmInfo, split_ds_path
-from reconciler.facts.points import DiskRecord, RestorePoint, StoredFile
+from reconciler.facts.points import DiskRecord, RestorePoint, StoredFile, temporary_vm_name
 from reconciler.killpoint import kill_point
 from reconciler.operations.progress import Progress
 from reconciler.operations.vmlock import vm_lock
@@ -399,8 +399,9 @@ def _check_space(host: EsxiHost, datastore: str, need: int) -> None:
 
 
 RESTORE_MARKER = "esxi-reconciler-restore.json"
-"""Written into a new VM's folder right after the folder is made and removed once the VM is registered:
-a folder holding it is what a killed restore left, which the next restore to that name removes."""
+"""Written into a new VM's folder right after the folder is made and removed once the VM is registered
+(a test restore's stays until its temporary VM is removed): a folder holding it is what a killed
+restore left, which the next restore to that name removes."""
 
 
 @dataclass(frozen=True)
@@ -535,7 +536,8 @@ def restore_new_vm(
         registered = host.register_vm(result.vmx_path)
         kill_point("restore.registered")
         result.vmid = registered.vmid
-        host.delete_path(f"{folder}/{RESTORE_MARKER}")  # complete: no longer a leftover
+        if not test:  # complete: no longer a leftover (a test VM is one until it is removed)
+            host.delete_path(f"{folder}/{RESTORE_MARKER}")
     except BaseException:
         rlog.warning("restore.cleanup", folder=folder)
         try:
@@ -1123,7 +1125,7 @@ def run_test_restore(
     heartbeat (where the host reports one: ``gray`` means no Tools, which is not a failure), then
     power it off, unregister it and delete its files, whatever happened."""
     started = time.monotonic()
-    name = f"{point.vm.name}-testrestore"  # one name per VM: a killed test restore's VM is found again
+    name = temporary_vm_name(point.vm.name)  # one name per VM: a killed test restore's VM is found again
     options = RestoreOptions(name=name, datastore=datastore, progress=progress)
     result: RestoreResult | None = None
     state: str | None = None

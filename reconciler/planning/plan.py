@@ -56,7 +56,9 @@ Verify (per active verify policy of a reachable repository): due like a backup, 
 ``verify/<name>``; ``after`` chains use the upstream backup policy's last success -> ``RunVerify``.
 With a ``test_restore`` block, also one ``RunTestRestore`` per VM it names (every VM with points when it
 names none) of that VM's newest successful point in the repository, on the block's host (unreachable:
-a warning; no successful point: a warning).
+a warning; no successful point: a warning). A job not due still gets a ``RunTestRestore`` for each VM
+whose temporary VM (``<vm>-testrestore``) is registered on that host: a killed test restore left it, and
+the test restore run again removes it first (not while the job's backoff holds it back).
 
 ``next_due``: the earliest time a job becomes due again — a job due now counts from this run — or a
 power-cycle window opens.
@@ -72,7 +74,7 @@ from datetime import datetime, timezone
 
 from reconciler.config.model import BackupPolicy, CbtMode, DesiredState, VerifyPolicy, after_policy
 from reconciler.facts.inventory import VmInfo, split_ds_path
-from reconciler.facts.points import RestorePoint
+from reconciler.facts.points import RestorePoint, temporary_vm_name
 from reconciler.planning.actions import (
     Action,
     CbtMethod,
@@ -595,6 +597,8 @@ def _plan_verify(
     upstream = _upstream(policy.schedule, successes)
     result = _schedule_job(b, policy.schedule, record, record.last_started, upstream, policy.name, subject)
     if result is None:
+        if policy.test_restore is not None and (record.retry_after is None or record.retry_after <= b.now):
+            _plan_unfinished_test_restores(b, observed, policy, repo.points)
         return
     b.actions.append(
         RunVerify(
@@ -608,11 +612,47 @@ def _plan_verify(
         _plan_test_restores(b, observed, policy, repo.points, result.reason)
 
 
-def _plan_test_restores(
-    b: _Builder, observed: ObservedState, policy: VerifyPolicy, points: Iterable[RestorePoint], reason: str
+def _newest_points(points: Iterable[RestorePoint]) -> dict[str, RestorePoint]:
+    """The newest successful point of each VM name."""
+    newest: dict[str, RestorePoint] = {}
+    for point in points:
+        if point.status == "success" and (
+            point.vm.name not in newest or point.time > newest[point.vm.name].time
+        ):
+            newest[point.vm.name] = point
+    return newest
+
+
+def _plan_unfinished_test_restores(
+    b: _Builder, observed: ObservedState, policy: VerifyPolicy, points: Iterable[RestorePoint]
 ) -> None:
-    """One ``RunTestRestore`` per VM of the test-restore block (all VMs with points when it names none),
-    of the VM's newest successful point in the repository, whatever policy made it."""
+    """A test restore again for each VM whose temporary VM a killed test restore left on the host."""
+    test = policy.test_restore
+    assert test is not None
+    host = observed.hosts.get(test.host)
+    if host is None or not host.reachable:
+        return
+    registered = {vm.name for vm in host.vms}
+    newest = _newest_points(points)
+    left = [vm for vm in test.vms or tuple(sorted(newest)) if temporary_vm_name(vm) in registered]
+    for vm in left:
+        reason = (
+            f"the last test restore of {vm} did not finish: its temporary VM {temporary_vm_name(vm)!r} is"
+            f" still on {test.host}"
+        )
+        _plan_test_restores(b, observed, policy, points, reason, only=(vm,))
+
+
+def _plan_test_restores(
+    b: _Builder,
+    observed: ObservedState,
+    policy: VerifyPolicy,
+    points: Iterable[RestorePoint],
+    reason: str,
+    only: tuple[str, ...] | None = None,
+) -> None:
+    """One ``RunTestRestore`` per VM of the test-restore block (all VMs with points when it names none;
+    ``only``: these), of the VM's newest successful point in the repository, whatever policy made it."""
     test = policy.test_restore
     assert test is not None
     subject = f"test-restore {policy.name}"
@@ -621,13 +661,8 @@ def _plan_test_restores(
         error = host.error if host is not None and host.error else "not observed"
         b.notice("warning", subject, f"host {test.host} is unreachable ({error}): no test restore")
         return
-    newest: dict[str, RestorePoint] = {}
-    for point in points:
-        if point.status == "success" and (
-            point.vm.name not in newest or point.time > newest[point.vm.name].time
-        ):
-            newest[point.vm.name] = point
-    for vm in test.vms or tuple(sorted(newest)):
+    newest = _newest_points(points)
+    for vm in only or test.vms or tuple(sorted(newest)):
         found = newest.get(vm)
         if found is None:
             b.notice("warning", subject, f"VM {vm!r} has no successful restore point in {policy.repository}")

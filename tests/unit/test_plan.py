@@ -764,3 +764,28 @@ def test_the_plan_does_not_depend_on_the_clock(tmp_path: Path, monkeypatch: pyte
 
     monkeypatch.setattr("reconciler.planning.plan.datetime", Frozen, raising=False)
     assert plan(desired, scene) == first
+
+
+def test_a_temporary_vm_left_by_a_killed_test_restore_is_tested_again_at_once(tmp_path: Path) -> None:
+    """The daemon was killed during a test restore: its temporary VM is still registered. The job is not
+    due (the verification itself finished), yet that VM's test restore runs again, which removes it."""
+    desired = load_desired(
+        tmp_path,
+        policy_doc("web", "esxi1", ["web01", "db 01"]),
+        verify_doc("check", test_restore="{host: esxi1, vms: [web01, db 01]}"),
+    )
+    points = [point("web", "web01", at("2026-11-26 02:00")), point("web", "db 01", at("2026-11-26 02:00"))]
+    history = {verify_key("check"): RunRecord(last_started=at("2026-11-26 05:00"))}
+    clean = [host("esxi1", [vm("web01"), vm("db 01")])]
+    assert plan(desired, observed(at("2026-11-26 05:30"), clean, points, history=history)).actions == ()
+    left = [host("esxi1", [vm("web01"), vm("db 01"), vm("web01-testrestore")])]
+    result = plan(desired, observed(at("2026-11-26 05:30"), left, points, history=history))
+    (again,) = result.actions
+    assert isinstance(again, RunTestRestore) and (again.vm, again.point_id) == ("web01", points[0].id)
+    assert "did not finish: its temporary VM 'web01-testrestore' is still on esxi1" in again.reason
+    backing_off = {
+        verify_key("check"): RunRecord(
+            last_started=at("2026-11-26 05:00"), consecutive_failures=1, retry_after=at("2026-11-26 06:00")
+        )
+    }
+    assert plan(desired, observed(at("2026-11-26 05:30"), left, points, history=backing_off)).actions == ()
