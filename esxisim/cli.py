@@ -5,7 +5,9 @@ python -m esxisim up --state-dir DIR [--hosts 2] [--license free,licensed] [--vm
                      [--vm-name HOST:NAME ...] [--fill 0.25]
 python -m esxisim status --state-dir DIR [--json]
 python -m esxisim guest-write --state-dir DIR [--host H] --vm NAME --percent P --seed S
-python -m esxisim fault --state-dir DIR --host H KIND [--delay-ms N] [--off] [--vm NAME]
+python -m esxisim fault --state-dir DIR --host H KIND [--delay-ms N] [--off] [--vm NAME] [--count N]
+                        [--status CODE]
+python -m esxisim concurrency --state-dir DIR [--host H] [--reset]
 python -m esxisim vim-cmd --state-dir DIR --host H -- ARGS...
 python -m esxisim down --state-dir DIR [--keep]
 python -m esxisim build [--force]
@@ -31,10 +33,15 @@ FAULT_KINDS = (
     "api-down",
     "api-up",
     "snapshot-fail",
+    "snapshot-remove-fail",
+    "snapshot-slow",
     "power-on-fail",
     "vimcmd-exit-zero",
     "cbt-reset",
     "ssh-drop",
+    "ssh-hostkey-rotate",
+    "api-error",
+    "tls-rotate",
     "host-down",
     "host-up",
     "clear",
@@ -172,15 +179,30 @@ def cmd_guest_write(args: argparse.Namespace) -> int:
 def cmd_fault(args: argparse.Namespace) -> int:
     lab = Lab.attach(args.state_dir)
     options: dict[str, Any] = {}
-    if args.kind == "api-slow":
-        options["delay_ms"] = args.delay_ms
+    if args.kind in ("api-slow", "snapshot-slow"):
+        options["delay_ms"] = 0 if args.off else args.delay_ms
     elif args.kind in ("snapshot-fail", "power-on-fail", "vimcmd-exit-zero"):
         options["enabled"] = not args.off
+    elif args.kind == "snapshot-remove-fail":
+        options.update(enabled=not args.off, count=args.count)
+    elif args.kind == "api-error":
+        options.update(status=args.status, count=args.count)
     elif args.kind == "cbt-reset":
         if not args.vm:
             raise LabError("cbt-reset needs --vm NAME")
         options["vm"] = args.vm
     _print_json(lab.fault(args.host, args.kind, **options))
+    return 0
+
+
+def cmd_concurrency(args: argparse.Namespace) -> int:
+    lab = Lab.attach(args.state_dir)
+    names = [args.host] if args.host else list(lab.hosts)
+    report = {}
+    for name in names:
+        client = lab.client(name, timeout=30)
+        report[name] = client.reset_concurrency() if args.reset else client.concurrency()
+    _print_json(report)
     return 0
 
 
@@ -256,11 +278,23 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("fault", cmd_fault, "inject or clear a fault on one host")
     p.add_argument("--host", required=True, help="host name (esxi1, ...)")
     p.add_argument("kind", choices=FAULT_KINDS, help="the fault")
-    p.add_argument("--delay-ms", type=int, default=500, help="api-slow: delay of each API call")
     p.add_argument(
-        "--off", action="store_true", help="snapshot-fail, power-on-fail, vimcmd-exit-zero: switch it off"
+        "--delay-ms", type=int, default=500, help="api-slow: of each API call; snapshot-slow: of each create"
+    )
+    p.add_argument(
+        "--off",
+        action="store_true",
+        help="snapshot-fail, snapshot-remove-fail, snapshot-slow, power-on-fail, vimcmd-exit-zero: off",
     )
     p.add_argument("--vm", help="cbt-reset: the VM")
+    p.add_argument(
+        "--count", type=int, default=0, help="snapshot-remove-fail, api-error: this many times (0: always)"
+    )
+    p.add_argument("--status", type=int, default=503, help="api-error: the HTTP status (default 503)")
+
+    p = add("concurrency", cmd_concurrency, "what each host saw at once (VMs with a snapshot, /folder reads)")
+    p.add_argument("--host", help="only this host")
+    p.add_argument("--reset", action="store_true", help="start the peaks again from now")
 
     p = add("vim-cmd", cmd_vimcmd, "run vim-cmd on a host through its control API")
     p.add_argument("--host", required=True, help="host name")

@@ -103,6 +103,22 @@ class ControlClient:
             raise ControlError(f"/state: unexpected answer {ans!r}")
         return ans
 
+    def concurrency(self) -> dict[str, Any]:
+        """What the host saw at once since the last reset: ``snapshotted_vms`` (``now``, ``peak``,
+        ``now_per_datastore``, ``peak_per_datastore``: VMs holding a snapshot, i.e. backups running)
+        and ``folder_readers`` (``now``, ``peak``: /folder downloads in flight)."""
+        ans = self.request("GET", "/concurrency")
+        if not isinstance(ans, dict):
+            raise ControlError(f"/concurrency: unexpected answer {ans!r}")
+        return ans
+
+    def reset_concurrency(self) -> dict[str, Any]:
+        """Start the peaks again from what is happening now; returns the figures after the reset."""
+        ans = self.request("POST", "/concurrency/reset", {})
+        if not isinstance(ans, dict):
+            raise ControlError(f"/concurrency/reset: unexpected answer {ans!r}")
+        return ans
+
     def shutdown(self, timeout: float = 10.0) -> None:
         """Ask the process to stop cleanly."""
         self.request("POST", "/shutdown", {}, timeout=timeout)

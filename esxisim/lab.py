@@ -34,7 +34,17 @@ from typing import Any
 from esxisim import PACKAGE_DIR, GiB, MiB, procs
 from esxisim.build import ensure_built
 from esxisim.client import ControlClient, ControlError
-from esxisim.sshd import HOST_KEY_TYPE, Sshd, SshError, SshPaths, fingerprint, free_port, public_key, set_port
+from esxisim.sshd import (
+    HOST_KEY_TYPE,
+    Sshd,
+    SshError,
+    SshPaths,
+    fingerprint,
+    free_port,
+    keygen,
+    public_key,
+    set_port,
+)
 from esxisim.sshd import prepare as prepare_ssh
 
 FIRST_HOST_VM_NAMES = ("web01", "db 01", 'ファイル鯖 "q" $(x)')
@@ -627,10 +637,50 @@ class Lab:
             host.sshd.start(host.ssh_port())
         host.client(timeout=30).fault("api-up")
 
+    def rotate_host_key(self, name: str) -> None:
+        """The host's SSH host keys are replaced by new ones (the old ones kept as ``*.orig``) and sshd is
+        restarted; known_hosts in lab.json still names the old key, as a client's pin would."""
+        host = self.host(name)
+        paths = host.sshd.paths
+        keys = [(paths.ecdsa_key, "ecdsa", 256), (paths.rsa_key, "rsa", 2048)]
+        host.sshd.stop()
+        for key, kind, bits in keys:
+            for path in (key, key.with_name(key.name + ".pub")):
+                orig = path.with_name(path.name + ".orig")
+                if not orig.exists():
+                    path.replace(orig)
+                else:
+                    path.unlink(missing_ok=True)
+            keygen(key, kind, bits, "root@esxisim-rotated")
+        host.sshd.start(host.ssh_port())
+
+    def restore_host_key(self, name: str) -> bool:
+        """Put the host keys from before :meth:`rotate_host_key` back (restarting sshd); False if there
+        was nothing to put back."""
+        host = self.host(name)
+        paths = host.sshd.paths
+        originals = [
+            path.with_name(path.name + ".orig")
+            for key in (paths.ecdsa_key, paths.rsa_key)
+            for path in (key, key.with_name(key.name + ".pub"))
+        ]
+        if not any(orig.exists() for orig in originals):
+            return False
+        host.sshd.stop()
+        for orig in originals:
+            if orig.exists():
+                orig.replace(orig.with_name(orig.name.removesuffix(".orig")))
+        host.sshd.start(host.ssh_port())
+        return True
+
     def fault(self, name: str, kind: str, **options: Any) -> dict[str, Any]:
-        """Inject a fault (docs/lab.md): ssh-drop, host-down and host-up here, the rest in the host."""
+        """Inject a fault (docs/lab.md): ssh-drop, ssh-hostkey-rotate, host-down and host-up here, the
+        rest in the host."""
         if kind == "ssh-drop":
             return {"ok": True, "killed": self.ssh_drop(name)}
+        if kind == "ssh-hostkey-rotate":
+            self.rotate_host_key(name)
+            return {"ok": True}
         if kind == "host-down":
             self.host_down(name)
             return {"ok": True}
@@ -640,6 +690,6 @@ class Lab:
         answer = self.client(name, timeout=30).fault(kind, **options)
         if kind == "clear":
             host = self.host(name)
-            if not host.sshd.listener_alive():
+            if not self.restore_host_key(name) and not host.sshd.listener_alive():
                 host.sshd.start(host.ssh_port())
         return answer

@@ -33,6 +33,8 @@ func (h *Host) startControl() error {
 	mux.HandleFunc("/fault", h.ctlFault)
 	mux.HandleFunc("/create-vm", h.ctlCreateVM)
 	mux.HandleFunc("/state", h.ctlState)
+	mux.HandleFunc("/concurrency", h.ctlConcurrency)
+	mux.HandleFunc("/concurrency/reset", h.ctlConcurrencyReset)
 	mux.HandleFunc("/shutdown", h.ctlShutdown)
 	h.fe.control = &http.Server{Handler: mux}
 	go func() { _ = h.fe.control.Serve(ln) }()
@@ -113,6 +115,8 @@ func (h *Host) ctlFault(w http.ResponseWriter, r *http.Request) {
 		DelayMS int64  `json:"delay_ms"`
 		Enabled *bool  `json:"enabled"`
 		VM      string `json:"vm"`
+		Count   int    `json:"count"`
+		Status  int    `json:"status"`
 	}
 	if !readJSON(w, r, &req) {
 		return
@@ -144,6 +148,41 @@ func (h *Host) ctlFault(w http.ResponseWriter, r *http.Request) {
 		h.mu.Lock()
 		h.exitZero = on
 		h.mu.Unlock()
+	case "snapshot-remove-fail":
+		n := req.Count
+		if n == 0 {
+			n = -1
+		}
+		if req.Enabled != nil && !*req.Enabled {
+			n = 0
+		}
+		h.mu.Lock()
+		h.removeFail = n
+		h.mu.Unlock()
+	case "snapshot-slow":
+		h.mu.Lock()
+		h.snapshotDelay = time.Duration(req.DelayMS) * time.Millisecond
+		h.mu.Unlock()
+	case "api-error":
+		status, n := req.Status, req.Count
+		if status == 0 {
+			status = http.StatusServiceUnavailable
+		}
+		if n == 0 {
+			n = -1
+		}
+		if status < 400 || status > 599 {
+			jsonError(w, http.StatusBadRequest, "api-error: status must be 4xx or 5xx, got %d", status)
+			return
+		}
+		h.mu.Lock()
+		h.apiErrorStatus, h.apiErrorCount = status, n
+		h.mu.Unlock()
+	case "tls-rotate":
+		if err := h.rotateCert(); err != nil {
+			jsonError(w, http.StatusInternalServerError, "tls-rotate: %v", err)
+			return
+		}
 	case "cbt-reset":
 		vm := h.VMByName(req.VM)
 		if vm == nil {
@@ -157,7 +196,14 @@ func (h *Host) ctlFault(w http.ResponseWriter, r *http.Request) {
 		h.snapshotFail = false
 		h.powerOnFail = false
 		h.exitZero = false
+		h.removeFail = 0
+		h.snapshotDelay = 0
+		h.apiErrorStatus, h.apiErrorCount = 0, 0
 		h.mu.Unlock()
+		if err := h.restoreCert(); err != nil {
+			jsonError(w, http.StatusInternalServerError, "clear: %v", err)
+			return
+		}
 		if err := h.apiUp(h.fe.addr); err != nil {
 			jsonError(w, http.StatusInternalServerError, "api-up: %v", err)
 			return
@@ -315,10 +361,13 @@ func (h *Host) State() map[string]interface{} {
 	}
 	h.fe.mu.Lock()
 	up := h.fe.srv != nil
+	rotated := h.origCert != nil
 	h.fe.mu.Unlock()
 	h.mu.Lock()
 	faults := map[string]interface{}{"api_delay_ms": h.apiDelay.Milliseconds(), "snapshot_fail": h.snapshotFail,
-		"power_on_fail": h.powerOnFail, "vimcmd_exit_zero": h.exitZero, "api_down": !up}
+		"power_on_fail": h.powerOnFail, "vimcmd_exit_zero": h.exitZero, "api_down": !up,
+		"snapshot_remove_fail": h.removeFail, "snapshot_delay_ms": h.snapshotDelay.Milliseconds(),
+		"api_error_status": h.apiErrorStatus, "api_error_count": h.apiErrorCount, "tls_rotated": rotated}
 	h.mu.Unlock()
 	if vms == nil {
 		vms = []interface{}{}

@@ -71,7 +71,18 @@ type Host struct {
 	powerOnFail  bool // fault "power-on-fail": every power-on fails (API and vim-cmd)
 	exitZero     bool // fault "vimcmd-exit-zero": vim-cmd exits 0 even after a fault
 	apiDelay     time.Duration
-	lastRefresh  time.Time
+	// fault "snapshot-remove-fail": the next removeFail snapshot removals fail (-1: all of them)
+	removeFail int
+	// fault "snapshot-slow": every snapshot create takes this long (holding the VM)
+	snapshotDelay time.Duration
+	// fault "api-error": the next apiErrorCount SOAP requests get HTTP apiErrorStatus (-1: all)
+	apiErrorStatus int
+	apiErrorCount  int
+	// fault "tls-rotate": the certificate the host started with, while it shows another one
+	origCert *tlsMaterial
+
+	conc        concurrency
+	lastRefresh time.Time
 
 	quit chan struct{}
 	fe   frontEnd

@@ -140,11 +140,18 @@ func (h *Host) apiHandler() http.Handler {
 				http.Error(w, "Unauthorized", http.StatusUnauthorized)
 				return
 			}
+			if r.Method == http.MethodGet {
+				h.noteReader(1)
+				defer h.noteReader(-1)
+			}
 			mux.ServeHTTP(w, r)
 			return
 		}
 		if r.Method != http.MethodPost || !strings.HasPrefix(r.URL.Path, "/sdk") {
 			mux.ServeHTTP(w, r)
+			return
+		}
+		if h.injectedAPIError(w) {
 			return
 		}
 		body, err := io.ReadAll(r.Body)

@@ -137,7 +137,11 @@ func (vm *VM) CreateSnapshot(name, desc string, memory, quiesce bool) (*Snap, *O
 	h := vm.h
 	h.mu.Lock()
 	fail := h.snapshotFail
+	slow := h.snapshotDelay
 	h.mu.Unlock()
+	if slow > 0 {
+		time.Sleep(slow)
+	}
 	if fail {
 		return nil, opFault(&types.GenericVmConfigFault{Reason: "An error occurred while saving the snapshot: Injected failure."},
 			"An error occurred while saving the snapshot: Injected failure.")
@@ -187,6 +191,7 @@ func (vm *VM) CreateSnapshot(name, desc string, memory, quiesce bool) (*Snap, *O
 	vm.Current = s
 	vm.LastUID = uid
 	vm.commit()
+	h.noteSnapshots(vm, true)
 	logf("vm %s (%s): snapshot %d %q created", vm.ID, vm.Name, uid, name)
 	return s, nil
 }
@@ -265,6 +270,9 @@ func (vm *VM) RemoveSnapshot(s *Snap, removeChildren bool) *OpFault {
 	if vm.snapByUID(s.UID) != s {
 		return opFault(&types.NotFound{}, "The object or item referred to could not be found.")
 	}
+	if f := vm.h.injectedRemoveFailure(vm, s); f != nil {
+		return f
+	}
 	var targets []*Snap
 	var post func(*Snap)
 	post = func(x *Snap) {
@@ -288,6 +296,7 @@ func (vm *VM) RemoveSnapshot(s *Snap, removeChildren bool) *OpFault {
 		vm.activateCBT()
 	}
 	vm.commit()
+	vm.h.noteSnapshots(vm, len(vm.allSnaps()) > 0)
 	logf("vm %s (%s): snapshot %d removed (children=%v)", vm.ID, vm.Name, s.UID, removeChildren)
 	return fault
 }
@@ -339,6 +348,7 @@ func (vm *VM) RemoveAllSnapshots() *OpFault {
 		vm.activateCBT()
 	}
 	vm.commit()
+	vm.h.noteSnapshots(vm, false)
 	logf("vm %s (%s): all snapshots removed", vm.ID, vm.Name)
 	return nil
 }
@@ -620,6 +630,7 @@ func (vm *VM) Unregister() *OpFault {
 func (vm *VM) unregisterLocked() {
 	h := vm.h
 	h.unregisterObject(vm)
+	h.noteSnapshots(vm, false)
 	vm.removed = true
 	h.mu.Lock()
 	delete(h.vms, vm.ID)

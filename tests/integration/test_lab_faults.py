@@ -1,4 +1,5 @@
-"""Fault injection in the lab: dropped SSH sessions, slow/down API, failing snapshots, a host going down."""
+"""Fault injection in the lab: dropped SSH sessions, slow/down/erroring API, failing or slow snapshots, a
+host going down, a changed certificate or host key; and what the host saw at once (concurrency)."""
 
 from __future__ import annotations
 
@@ -9,8 +10,9 @@ import time
 import paramiko
 import pytest
 from pyVmomi import vim
+from pyVmomi.Security import ThumbprintMismatchException
 
-from esxisim.handle import LabHandle, find_vm, vmfs_path, wait_task
+from esxisim.handle import LabHandle, find_vm, snapshot_ids, vmfs_path, wait_task
 
 pytestmark = pytest.mark.lab
 
@@ -118,3 +120,77 @@ def test_host_down_and_up(lab_faults: LabHandle) -> None:
         assert find_vm(si, "app201").runtime.powerState == "poweredOn"
     finally:
         lab.disconnect(si)
+
+
+def test_snapshot_remove_fail_fails_the_next_removals_then_they_work(lab_faults: LabHandle) -> None:
+    lab = lab_faults
+    vmid = lab.vm(lab.free, "db 01")["vmid"]
+    assert lab.vimcmd(lab.free, "vmsvc/snapshot.create", vmid, "kept", "", "0", "0").exit == 0
+    snap = snapshot_ids(lab.vimcmd(lab.free, "vmsvc/snapshot.get", vmid).text)["kept"]
+    lab.fault(lab.free, "snapshot-remove-fail", count=1)
+    refused = lab.vimcmd(lab.free, "vmsvc/snapshot.remove", vmid, snap)
+    assert refused.exit != 0 and "(vim.fault.FileLocked)" in refused.text and "is locked" in refused.text
+    assert "kept" in lab.vimcmd(lab.free, "vmsvc/snapshot.get", vmid).text
+    assert lab.vimcmd(lab.free, "vmsvc/snapshot.remove", vmid, snap).exit == 0  # only the first failed
+    assert lab.client(lab.free).state()["faults"]["snapshot_remove_fail"] == 0
+
+
+def test_snapshot_slow_delays_every_create(lab_faults: LabHandle) -> None:
+    lab = lab_faults
+    vmid = lab.vm(lab.free, "db 01")["vmid"]
+    lab.fault(lab.free, "snapshot-slow", delay_ms=1500)
+    t0 = time.monotonic()
+    assert lab.vimcmd(lab.free, "vmsvc/snapshot.create", vmid, "slow", "", "0", "0").exit == 0
+    assert time.monotonic() - t0 >= 1.5
+    lab.fault(lab.free, "clear")
+    assert lab.vimcmd(lab.free, "vmsvc/snapshot.removeall", vmid).exit == 0
+
+
+def test_api_error_answers_soap_requests_with_an_http_status(lab_faults: LabHandle) -> None:
+    lab = lab_faults
+    si = lab.api(lab.licensed)
+    lab.fault(lab.licensed, "api-error", status=503, count=1)
+    with pytest.raises(Exception, match="503"):
+        si.CurrentTime()
+    si.CurrentTime()  # the next one is answered
+    lab.fault(lab.licensed, "api-error", status=500)  # count 0: until cleared
+    for _ in range(2):  # a 500 whose body is no SOAP fault: pyvmomi cannot parse it
+        with pytest.raises(Exception, match="500|syntax error"):
+            si.CurrentTime()
+    lab.fault(lab.licensed, "clear")
+    si.CurrentTime()
+
+
+def test_tls_rotate_shows_another_certificate_until_cleared(lab_faults: LabHandle) -> None:
+    lab = lab_faults
+    api = lab.host(lab.licensed)["api"]
+    lab.fault(lab.licensed, "tls-rotate")
+    with pytest.raises(ThumbprintMismatchException):
+        lab.connect_api(lab.licensed)  # pinned to the thumbprint in lab.json
+    assert lab.client(lab.licensed).state()["faults"]["tls_rotated"] is True
+    lab.fault(lab.licensed, "clear")
+    lab.disconnect(lab.connect_api(lab.licensed))
+    assert lab.host(lab.licensed)["api"] == api
+
+
+def test_ssh_hostkey_rotate_changes_the_host_key_until_cleared(lab_faults: LabHandle) -> None:
+    lab = lab_faults
+    lab.fault(lab.free, "ssh-hostkey-rotate")
+    with pytest.raises(paramiko.SSHException, match="does not match"):
+        lab.connect_ssh(lab.free).close()  # pinned to the key in lab.json
+    lab.fault(lab.free, "clear")
+    assert lab.run(lab.free, "echo back").text == "back\n"
+
+
+def test_concurrency_counts_the_vms_holding_a_snapshot(lab_faults: LabHandle) -> None:
+    lab = lab_faults
+    client = lab.client(lab.free)
+    assert client.reset_concurrency()["snapshotted_vms"]["now"] == 0
+    ids = [lab.vm(lab.free, name)["vmid"] for name in ("web01", "db 01")]
+    for vmid in ids:
+        assert lab.vimcmd(lab.free, "vmsvc/snapshot.create", vmid, "c", "", "0", "0").exit == 0
+    for vmid in ids:
+        assert lab.vimcmd(lab.free, "vmsvc/snapshot.removeall", vmid).exit == 0
+    seen = client.concurrency()["snapshotted_vms"]
+    assert (seen["now"], seen["peak"], seen["peak_per_datastore"]) == (0, 2, {"datastore1": 2})
+    assert client.reset_concurrency()["snapshotted_vms"]["peak"] == 0
