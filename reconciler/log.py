@@ -222,6 +222,15 @@ class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
         super().emit(record)
 
 
+class _TransportErrors(logging.Filter):
+    """Drops paramiko's transport-thread errors: a failed handshake (e.g. no host key of the pinned type)
+    is logged there line by line with its traceback, and raised to the caller, which reports it in one
+    line. Its warnings (an authentication method refused, ...) still pass."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno < logging.ERROR
+
+
 def configure_logging(
     fmt: LogFormat = "auto", level: str | int = "info", *, stream: TextIO | None = None
 ) -> Literal["json", "console"]:
@@ -271,6 +280,9 @@ def configure_logging(
     root.addHandler(handler)
     root.setLevel(max(levelno, THIRD_PARTY_LEVEL))
     logging.getLogger("reconciler").setLevel(levelno)
+    transport = logging.getLogger("paramiko.transport")
+    if not any(isinstance(f, _TransportErrors) for f in transport.filters):
+        transport.addFilter(_TransportErrors())
     logging.captureWarnings(True)
 
     structlog.configure(

@@ -245,6 +245,12 @@ func (h *Host) authenticated(r *http.Request) bool {
 
 // runTask creates a vcsim Task for entity and runs fn synchronously in it.
 func (h *Host) runTask(entity types.ManagedObjectReference, entityName, name string, fn func() (types.AnyType, *OpFault)) types.ManagedObjectReference {
+	return h.startTask(entity, entityName, name, fn, false)
+}
+
+// startTask creates a vcsim Task for entity and runs fn in it: synchronously, or (async) in the
+// background while the caller gets the task back at once, still running, as ESXi answers.
+func (h *Host) startTask(entity types.ManagedObjectReference, entityName, name string, fn func() (types.AnyType, *OpFault), async bool) types.ManagedObjectReference {
 	var fault *OpFault
 	task := simulator.CreateTask(entity, name, func(*simulator.Task) (types.AnyType, types.BaseMethodFault) {
 		res, f := fn()
@@ -255,14 +261,21 @@ func (h *Host) runTask(entity types.ManagedObjectReference, entityName, name str
 		return res, nil
 	})
 	task.Info.EntityName = entityName
-	ref := task.Run()
-	if fault != nil {
-		simulator.Map.WithLock(task, func() {
-			simulator.Map.Update(task, []types.PropertyChange{{Name: "info.error",
-				Val: &types.LocalizedMethodFault{Fault: fault.Fault, LocalizedMessage: fault.Msg}}})
-		})
+	run := func() {
+		task.Run()
+		if fault != nil {
+			simulator.Map.WithLock(task, func() {
+				simulator.Map.Update(task, []types.PropertyChange{{Name: "info.error",
+					Val: &types.LocalizedMethodFault{Fault: fault.Fault, LocalizedMessage: fault.Msg}}})
+			})
+		}
 	}
-	return ref
+	if async {
+		go run()
+	} else {
+		run()
+	}
+	return task.Self
 }
 
 func moNotFound(ref types.ManagedObjectReference) *OpFault {
@@ -367,13 +380,16 @@ func (h *Host) handleOwn(w http.ResponseWriter, r *http.Request, method string, 
 
 	switch req := m.Body.(type) {
 	case *types.CreateSnapshot_Task:
-		ref := task("createSnapshot", func() (types.AnyType, *OpFault) {
+		h.mu.Lock()
+		slow := h.snapshotDelay > 0 // "snapshot-slow": the task runs on while the client waits for it
+		h.mu.Unlock()
+		ref := h.startTask(self, vm.Name, "createSnapshot", func() (types.AnyType, *OpFault) {
 			s, f := vm.CreateSnapshot(req.Name, req.Description, req.Memory, req.Quiesce)
 			if f != nil {
 				return nil, f
 			}
 			return s.Ref, nil
-		})
+		}, slow)
 		writeResult(w, &methods.CreateSnapshot_TaskBody{Res: &types.CreateSnapshot_TaskResponse{Returnval: ref}})
 	case *types.RemoveAllSnapshots_Task:
 		ref := task("removeAllSnapshots", noRes(vm.RemoveAllSnapshots))

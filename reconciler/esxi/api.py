@@ -31,6 +31,8 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 FREE_EDITION_PREFIXES = ("esx.hypervisor", "esx.free", "esxbasic")
+LOGIN_ATTEMPTS = 3
+"""Logins answered with an HTTP error status (HostConnectFault) are tried this often, 1 s and 2 s apart."""
 
 
 def license_kind_from_editions(editions: list[str]) -> str:
@@ -104,17 +106,30 @@ class ApiSession:
         self.ssl_context: Any = None
 
     def _connect(self) -> Any:
-        ctx = pinned_context(self.address, self.port, self.thumbprint, insecure=self.insecure)
-        with mapped_faults(f"login to {self.address}:{self.port}"):
-            si = SmartConnect(  # type: ignore[no-untyped-call]
-                host=self.address,
-                port=self.port,
-                user=self.user,
-                pwd=self._password(),
-                sslContext=ctx,
-                disableSslCertValidation=False,
-                httpConnectionTimeout=self.timeout,
-            )
+        where = f"{self.address}:{self.port}"
+        try:
+            ctx = pinned_context(self.address, self.port, self.thumbprint, insecure=self.insecure)
+        except OSError as exc:  # nothing answers (host down, wrong port) or the connection broke
+            raise ApiError(f"cannot reach the API of {where}: {exc.strerror or exc}") from exc
+        for attempt in range(1, LOGIN_ATTEMPTS + 1):
+            try:
+                with mapped_faults(f"login to {where}"):
+                    si = SmartConnect(  # type: ignore[no-untyped-call]
+                        host=self.address,
+                        port=self.port,
+                        user=self.user,
+                        pwd=self._password(),
+                        sslContext=ctx,
+                        disableSslCertValidation=False,
+                        httpConnectionTimeout=self.timeout,
+                    )
+                break
+            except ApiError as exc:
+                # an HTTP 5xx answer (hostd restarting behind the proxy) comes as HostConnectFault
+                if not isinstance(exc.__cause__, vim.fault.HostConnectFault) or attempt == LOGIN_ATTEMPTS:
+                    raise
+                log.info("login to %s refused (%s); trying again", where, exc)
+                time.sleep(attempt)
         self.ssl_context = ctx
         return si
 

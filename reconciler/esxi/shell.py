@@ -160,7 +160,8 @@ def _connect_transport(target: SshTarget, window_size: int | None) -> paramiko.T
             raise
     raise PinMismatchError(
         f"{target.address}:{target.port} has no SSH host key with the pinned fingerprint {target.host_key};"
-        " refusing to connect"
+        " refusing to connect (possible man in the middle): if the host was reinstalled or its keys"
+        " regenerated, check its key on the host and pin it in ssh.host_key"
     )
 
 
@@ -186,10 +187,12 @@ def _authenticate(transport: paramiko.Transport, target: SshTarget) -> None:
 class RemoteStream:
     """stdout of a running remote command, read in pieces; :meth:`close` checks the exit status."""
 
-    def __init__(self, channel: paramiko.Channel, command: str, timeout: float) -> None:
+    def __init__(self, channel: paramiko.Channel, command: str, timeout: float, where: str = "") -> None:
         self.channel = channel
         self.command = command
         self.timeout = timeout
+        self.where = where
+        """``address:port`` of the host, named in errors."""
         channel.settimeout(timeout)
 
     def read(self, size: int) -> bytes:
@@ -210,7 +213,11 @@ class RemoteStream:
         while left:
             chunk = self.read(min(left, 1 << 20))
             if not chunk:
-                raise ShellError(f"{self.command[:120]}: stream ended {left} bytes early")
+                # the remote side closed: the SSH connection was lost or the command was killed
+                raise ShellError(
+                    f"SSH to {self.where or 'the host'}: the connection was lost or the remote command ended"
+                    f" {left} bytes early ({self.command[:60]})"
+                )
             parts.append(chunk)
             left -= len(chunk)
         return b"".join(parts)
@@ -326,7 +333,8 @@ class ShellConnection:
         """Start a command and yield its stdout as a :class:`RemoteStream`; the exit status is checked
         when the block ends normally."""
         line = to_line(command)
-        stream = RemoteStream(self._open(line, timeout), line, timeout)
+        where = f"{self.target.address}:{self.target.port}"
+        stream = RemoteStream(self._open(line, timeout), line, timeout, where)
         try:
             yield stream
         except BaseException:

@@ -97,7 +97,11 @@ def classify(exc: BaseException) -> Kind:
             return "terminal"
         if isinstance(cause, OSError | http.client.HTTPException | TimeoutError):
             return classify(cause) if isinstance(cause, OSError) else "transient"
-        if cause is not None and type(cause).__name__ in {"HostCommunication", "HostNotConnected"}:
+        if cause is not None and type(cause).__name__ in {
+            "HostCommunication",
+            "HostNotConnected",
+            "HostConnectFault",  # an HTTP 5xx at login: hostd restarting behind the proxy
+        }:
             return "transient"
         return "terminal"
     if isinstance(exc, ConnectionError | http.client.HTTPException):

@@ -321,3 +321,16 @@ def test_no_secret_value_reaches_the_output(fmt: Any, monkeypatch: pytest.Monkey
     assert "Secret(env:ESXI1_PASSWORD)" in output
     assert "authentication failed" in output  # the traceback is there, without local variables
     assert output.count("***") == 3
+
+
+def test_paramiko_transport_errors_are_left_to_the_caller() -> None:
+    """A failed SSH handshake is raised to the caller (one line); paramiko's thread also logs it at
+    ERROR with a traceback, line by line: those records are dropped, its warnings are not."""
+    stream = io.StringIO()
+    configure_logging("json", "info", stream=stream)
+    logging.getLogger("paramiko.transport").error("Exception (client): Incompatible ssh peer")
+    logging.getLogger("paramiko.transport").error("Traceback (most recent call last):")
+    logging.getLogger("paramiko.transport").warning("Authentication (%s) failed.", "password")
+    out = stream.getvalue()
+    assert "Traceback" not in out and "Incompatible" not in out
+    assert "Authentication (password) failed." in out

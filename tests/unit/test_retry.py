@@ -36,6 +36,10 @@ class InvalidLogin(Exception):
     """Named like the vim fault: an authentication failure behind an ApiError."""
 
 
+class HostConnectFault(Exception):
+    """Named like the vim fault pyvmomi raises for an HTTP 5xx answer to the login."""
+
+
 TRANSIENT = [
     ConnectionRefusedError(errno.ECONNREFUSED, "refused"),
     ConnectionResetError(errno.ECONNRESET, "reset"),
@@ -48,6 +52,10 @@ TRANSIENT = [
     TaskTimeoutError("snapshot: task still running after 600 s"),
     LockedError("repository is locked exclusively by pid 1 on nas since ... (gc)"),
     wrapped(EsxiError("power on VM 'x' over SSH: lost"), ShellError("connection lost")),
+    wrapped(ApiError("login to 10.0.0.1:443: 503 Service Unavailable"), HostConnectFault()),
+    wrapped(
+        ApiError("cannot reach the API of 10.0.0.1:443: Connection refused"), ConnectionRefusedError(111, "x")
+    ),
 ]
 
 TERMINAL = [
