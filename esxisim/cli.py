@@ -6,7 +6,7 @@ python -m esxisim up --state-dir DIR [--hosts 2] [--license free,licensed] [--vm
 python -m esxisim status --state-dir DIR [--json]
 python -m esxisim guest-write --state-dir DIR [--host H] --vm NAME --percent P --seed S
 python -m esxisim fault --state-dir DIR --host H KIND [--delay-ms N] [--off] [--vm NAME] [--count N]
-                        [--status CODE]
+                        [--status CODE] [--datastore DS --free-bytes SIZE]
 python -m esxisim concurrency --state-dir DIR [--host H] [--reset]
 python -m esxisim vim-cmd --state-dir DIR --host H -- ARGS...
 python -m esxisim down --state-dir DIR [--keep]
@@ -42,6 +42,7 @@ FAULT_KINDS = (
     "ssh-hostkey-rotate",
     "api-error",
     "tls-rotate",
+    "datastore-full",
     "host-down",
     "host-up",
     "clear",
@@ -187,6 +188,8 @@ def cmd_fault(args: argparse.Namespace) -> int:
         options.update(enabled=not args.off, count=args.count)
     elif args.kind == "api-error":
         options.update(status=args.status, count=args.count)
+    elif args.kind == "datastore-full":
+        options.update(datastore=args.datastore, free_bytes=args.free_bytes)
     elif args.kind == "cbt-reset":
         if not args.vm:
             raise LabError("cbt-reset needs --vm NAME")
@@ -291,6 +294,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--count", type=int, default=0, help="snapshot-remove-fail, api-error: this many times (0: always)"
     )
     p.add_argument("--status", type=int, default=503, help="api-error: the HTTP status (default 503)")
+    p.add_argument("--datastore", default="datastore1", help="datastore-full: which one (datastore1)")
+    p.add_argument(
+        "--free-bytes", type=parse_size, default=256 << 20, help="datastore-full: the free space shown (256M)"
+    )
 
     p = add("concurrency", cmd_concurrency, "what each host saw at once (VMs with a snapshot, /folder reads)")
     p.add_argument("--host", help="only this host")

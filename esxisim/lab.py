@@ -306,7 +306,7 @@ class SimHost:
                 cwd=self.dir,
                 env=env,
                 start_new_session=True,
-                preexec_fn=procs.die_with_parent if self.die_with_parent else None,
+                preexec_fn=procs.death_signal() if self.die_with_parent else None,
             )
         self.go_pid_file.write_text(f"{self._go.pid}\n")
 

@@ -6,8 +6,9 @@ import contextlib
 import ctypes
 import os
 import signal
+import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 PROC = Path("/proc")
@@ -101,10 +102,19 @@ def lab_pids(state_dir: str) -> list[int]:
 PR_SET_PDEATHSIG = 1
 
 
+def death_signal() -> Callable[[], None] | None:
+    """The ``preexec_fn`` for a child that must die with this process: :func:`die_with_parent`, but
+    only when called from the main thread. The kernel sends the signal when the *thread* that forked
+    the child ends, so an sshd brought back (``host-up``) from a helper thread would die with it; such a
+    child is left to the lab's stop instead."""
+    return die_with_parent if threading.current_thread() is threading.main_thread() else None
+
+
 def die_with_parent() -> None:
     """``preexec_fn``: the child gets SIGTERM when the process that started it dies (even by SIGKILL).
 
-    Used for labs owned by a test session, so that a killed pytest does not leave hosts running.
+    Used for labs owned by a test session, so that a killed pytest does not leave hosts running. Use
+    it through :func:`death_signal` (threads).
     """
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)

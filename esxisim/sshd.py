@@ -271,7 +271,7 @@ class Sshd:
                 env=env,
                 cwd="/",
                 start_new_session=True,
-                preexec_fn=procs.die_with_parent if self.die_with_parent else None,
+                preexec_fn=procs.death_signal() if self.die_with_parent else None,
             )
         pid = self._proc.pid
         self.pid_file.write_text(f"{pid}\n")

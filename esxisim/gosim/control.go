@@ -111,12 +111,14 @@ func (h *Host) ctlGuestWrite(w http.ResponseWriter, r *http.Request) {
 
 func (h *Host) ctlFault(w http.ResponseWriter, r *http.Request) {
 	var req struct {
-		Kind    string `json:"kind"`
-		DelayMS int64  `json:"delay_ms"`
-		Enabled *bool  `json:"enabled"`
-		VM      string `json:"vm"`
-		Count   int    `json:"count"`
-		Status  int    `json:"status"`
+		Kind      string `json:"kind"`
+		DelayMS   int64  `json:"delay_ms"`
+		Enabled   *bool  `json:"enabled"`
+		VM        string `json:"vm"`
+		Count     int    `json:"count"`
+		Status    int    `json:"status"`
+		Datastore string `json:"datastore"`
+		FreeBytes *int64 `json:"free_bytes"`
 	}
 	if !readJSON(w, r, &req) {
 		return
@@ -178,6 +180,23 @@ func (h *Host) ctlFault(w http.ResponseWriter, r *http.Request) {
 		h.mu.Lock()
 		h.apiErrorStatus, h.apiErrorCount = status, n
 		h.mu.Unlock()
+	case "datastore-full":
+		ds := h.dsByName(req.Datastore)
+		if ds == nil {
+			jsonError(w, http.StatusNotFound, "no datastore %q", req.Datastore)
+			return
+		}
+		free := int64(256 * mib)
+		if req.FreeBytes != nil {
+			free = *req.FreeBytes
+		}
+		h.mu.Lock()
+		if h.dsFreeOverride == nil {
+			h.dsFreeOverride = map[string]int64{}
+		}
+		h.dsFreeOverride[ds.Name] = free
+		h.mu.Unlock()
+		h.refreshDatastore(ds)
 	case "tls-rotate":
 		if err := h.rotateCert(); err != nil {
 			jsonError(w, http.StatusInternalServerError, "tls-rotate: %v", err)
@@ -199,7 +218,9 @@ func (h *Host) ctlFault(w http.ResponseWriter, r *http.Request) {
 		h.removeFail = 0
 		h.snapshotDelay = 0
 		h.apiErrorStatus, h.apiErrorCount = 0, 0
+		h.dsFreeOverride = nil
 		h.mu.Unlock()
+		h.refreshDatastores()
 		if err := h.restoreCert(); err != nil {
 			jsonError(w, http.StatusInternalServerError, "clear: %v", err)
 			return
@@ -367,7 +388,8 @@ func (h *Host) State() map[string]interface{} {
 	faults := map[string]interface{}{"api_delay_ms": h.apiDelay.Milliseconds(), "snapshot_fail": h.snapshotFail,
 		"power_on_fail": h.powerOnFail, "vimcmd_exit_zero": h.exitZero, "api_down": !up,
 		"snapshot_remove_fail": h.removeFail, "snapshot_delay_ms": h.snapshotDelay.Milliseconds(),
-		"api_error_status": h.apiErrorStatus, "api_error_count": h.apiErrorCount, "tls_rotated": rotated}
+		"api_error_status": h.apiErrorStatus, "api_error_count": h.apiErrorCount, "tls_rotated": rotated,
+		"datastore_full": copyFree(h.dsFreeOverride)}
 	h.mu.Unlock()
 	if vms == nil {
 		vms = []interface{}{}
@@ -375,4 +397,12 @@ func (h *Host) State() map[string]interface{} {
 	return map[string]interface{}{"name": h.cfg.Name, "license": h.cfg.License, "esxi_version": esxiVer.Name,
 		"api_addr": h.fe.addr,
 		"vms":      vms, "datastores": dss, "faults": faults}
+}
+
+func copyFree(m map[string]int64) map[string]int64 {
+	out := map[string]int64{}
+	for k, v := range m {
+		out[k] = v
+	}
+	return out
 }

@@ -80,6 +80,8 @@ type Host struct {
 	apiErrorCount  int
 	// fault "tls-rotate": the certificate the host started with, while it shows another one
 	origCert *tlsMaterial
+	// fault "datastore-full": the free space these datastores report (and snapshots see), by name
+	dsFreeOverride map[string]int64
 
 	conc        concurrency
 	lastRefresh time.Time
@@ -416,6 +418,12 @@ func (h *Host) refreshDatastores() {
 }
 
 func (h *Host) dsFree(ds *DS) int64 {
+	h.mu.Lock()
+	override, full := h.dsFreeOverride[ds.Name]
+	h.mu.Unlock()
+	if full {
+		return override
+	}
 	free := ds.Capacity - allocatedBytes(ds.Path)
 	if free < 0 {
 		free = 0

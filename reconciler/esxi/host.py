@@ -91,6 +91,10 @@ from reconciler.killpoint import kill_point
 
 log = logging.getLogger(__name__)
 
+REMOVE_ATTEMPTS = 3
+REMOVE_RETRY_SECONDS = 2.0
+"""Our backup snapshot's removal is tried this often, 2 s then 4 s apart."""
+
 _VMFS_UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{12}$")
 
 
@@ -699,8 +703,40 @@ class EsxiHost:
             yield BackupSnapshot(vm=info, snapshot=snap, disks=disks, deltas=deltas)
         finally:
             with _deferred_signals():
-                self.remove_snapshot(info.vmid, snap.id, timeout=remove_timeout)
+                self._remove_backup_snapshot(info, snap, remove_timeout)
                 self.verify_chain(info, deltas)
+
+    def _still_registered(self, vmid: str) -> bool:
+        """Whether the host still lists ``vmid`` (True when it cannot tell)."""
+        try:
+            return vmid in {v.vmid for v in self.list_vms()}
+        except EsxiError:
+            return True
+
+    def _remove_backup_snapshot(self, vm: VmInfo, snap: SnapshotInfo, timeout: float) -> None:
+        """Remove our backup snapshot, trying again a few times: a removal refused once (a delta briefly
+        locked, a busy host) usually works a moment later. One that keeps failing is reported naming the
+        snapshot, which stays for the next run (it removes snapshots of ours left behind first)."""
+        for attempt in range(1, REMOVE_ATTEMPTS + 1):
+            try:
+                self.remove_snapshot(vm.vmid, snap.id, timeout=timeout)
+                return
+            except EsxiError as exc:
+                if not self._still_registered(vm.vmid):
+                    raise SnapshotError(
+                        f"VM {vm.name!r} (vmid {vm.vmid}) is no longer registered on {self.name}: it was"
+                        " deleted, unregistered or registered again during the backup; no restore point (a"
+                        " snapshot of ours that stayed with its files is removed by the next run)"
+                    ) from exc
+                if attempt == REMOVE_ATTEMPTS:
+                    raise SnapshotError(
+                        f"VM {vm.name!r}: our snapshot {snap.name!r} could not be removed ({attempt}"
+                        f" attempts, last: {exc}); it stays on the host until the next run removes it"
+                    ) from exc
+                log.warning(
+                    "removing snapshot %r of VM %r failed (%s); trying again", snap.name, vm.name, exc
+                )
+                time.sleep(REMOVE_RETRY_SECONDS * attempt)
 
     def _cleanup_by_name(self, vmid: str, name: str, timeout: float, grace: float = 0.0) -> None:
         """After a failed or interrupted create: remove the snapshot called ``name`` if it exists, watching
