@@ -39,7 +39,7 @@ from reconciler.esxi.errors import (
     TaskTimeoutError,
 )
 from reconciler.operations.vmlock import VmBusyError
-from reconciler.repository.errors import LockedError, WrongKeyError
+from reconciler.repository.errors import LockedError, StorageError, WrongKeyError
 
 log = structlog.get_logger(__name__)
 
@@ -104,6 +104,10 @@ def classify(exc: BaseException) -> Kind:
         }:
             return "transient"
         return "terminal"
+    if isinstance(exc, StorageError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        # a full volume is fixed by freeing space (the admin, a GC): the daemon tries again within
+        # minutes rather than after the 6 hours of a terminal failure
+        return "transient"
     if isinstance(exc, ConnectionError | http.client.HTTPException):
         return "transient"
     if isinstance(exc, OSError):

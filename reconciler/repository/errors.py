@@ -56,7 +56,8 @@ class StorageError(RepositoryError):
 
     An expected failure, not a bug: the message is one line naming the repository (its configured name
     and path), the cause, the space needed and free where known, and the fix. ``errno`` is the
-    operating system's code; the ``OSError`` is the ``__cause__`` (so retry logic sees it as terminal).
+    operating system's code; the ``OSError`` is the ``__cause__``. Retry logic sees a full volume
+    (``ENOSPC``, ``EDQUOT``) as transient (freeing space fixes it) and the others as terminal.
     """
 
     def __init__(self, message: str, errno: int) -> None:

@@ -24,7 +24,7 @@ from reconciler.esxi.errors import (
     TaskTimeoutError,
 )
 from reconciler.operations.retry import RetryPolicy, classify
-from reconciler.repository.errors import LockedError, WrongKeyError
+from reconciler.repository.errors import LockedError, StorageError, WrongKeyError
 
 
 def wrapped(outer: Exception, cause: BaseException) -> Exception:
@@ -53,6 +53,8 @@ TRANSIENT = [
     LockedError("repository is locked exclusively by pid 1 on nas since ... (gc)"),
     wrapped(EsxiError("power on VM 'x' over SSH: lost"), ShellError("connection lost")),
     wrapped(ApiError("login to 10.0.0.1:443: 503 Service Unavailable"), HostConnectFault()),
+    StorageError("repository r (/nas/repo): the volume is full: ...", errno.ENOSPC),
+    StorageError("repository r (/nas/repo): the quota is exhausted: ...", errno.EDQUOT),
     wrapped(
         ApiError("cannot reach the API of 10.0.0.1:443: Connection refused"), ConnectionRefusedError(111, "x")
     ),
@@ -72,6 +74,8 @@ TERMINAL = [
     ApiError("reconfigure: InvalidState: the VM is busy"),
     wrapped(EsxiError("power on VM 'x' over SSH: exit 1"), CommandError("vim-cmd", 1, "", "no")),
     OSError(errno.ENOSPC, "No space left on device"),
+    StorageError("repository r (/nas/repo): the volume is read-only: ...", errno.EROFS),
+    StorageError("repository r (/nas/repo): permission denied: ...", errno.EACCES),
     ValueError("a bug"),
     EsxiError("VM 'x' still poweredOn after 30s, not poweredOff"),
 ]
