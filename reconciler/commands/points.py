@@ -39,7 +39,7 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
 
 def cmd_points(args: argparse.Namespace) -> int:
     """``esxi-reconciler points``: 0, or 1 if a repository could not be read."""
-    from reconciler.operations.backup import open_repository
+    from reconciler.operations.repositories import open_repository
 
     desired = load_desired(args)
     if desired is None:

@@ -26,8 +26,9 @@ from reconciler.config.model import DesiredState
 from reconciler.esxi.host import BackupSnapshot, EsxiHost, FrozenDisk, sigterm_raises
 from reconciler.esxi.hostdigest import request
 from reconciler.facts.points import RestorePoint
-from reconciler.operations.backup import BackupOptions, VmResult, backup_policy, open_repository
+from reconciler.operations.backup import BackupOptions, VmResult, backup_policy
 from reconciler.operations.hosts import connect
+from reconciler.operations.repositories import open_repository
 from reconciler.operations.restore import disk_content
 from reconciler.operations.vmlock import vm_lock
 from reconciler.repository import KdfParams, Repository
