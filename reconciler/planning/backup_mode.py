@@ -224,7 +224,7 @@ def _full_read(facts: DiskFacts) -> ReadMethod:
 
 
 _CBT_REFUSALS = {
-    "change-id-rejected": "CBT was reset since the previous point (the host rejected its changeId)",
+    "change-id-rejected": "CBT was reset since the previous point",
     "cbt-inactive": "CBT is not active for the disk on the host",
     "restricted": "the host's licence refuses QueryChangedDiskAreas",
     "no-change-id": "there is no CBT changeId to compare with",
