@@ -11,7 +11,7 @@ import structlog
 
 from reconciler.commands.common import add_command, load_desired
 from reconciler.facts.points import RestorePoint
-from reconciler.planning.backup_mode import describe
+from reconciler.planning.backup_mode import describe, per_disks
 from reconciler.printable import printable
 from reconciler.units import human_size
 
@@ -115,14 +115,14 @@ def cmd_points(args: argparse.Namespace) -> int:
 
 
 def _why(point: RestorePoint) -> list[str]:
-    """The lines shown under a point: each disk read in full, or incremental with a faster mode passed
-    over (more than the one plain reason), with its reasons; for a point written before disks recorded
-    them, its fallback reason."""
-    lines = [
-        f"{d.label}: {describe(d.mode, d.reasons)}"
+    """The lines shown under a point: the disks read in full, or incremental with a faster mode passed
+    over (more than the one plain reason), with their reasons (disks with the same ones on one line);
+    for a point written before disks recorded them, its fallback reason."""
+    lines = per_disks(
+        (d.label, describe(d.mode, d.reasons))
         for d in point.disks
         if d.mode is not None and (d.mode == "full" or len(d.reasons) > 1)
-    ]
+    )
     if not lines and point.fallback_reason and all(d.mode is None for d in point.disks):
         lines.append(f"full: {point.fallback_reason}")
     return lines

@@ -147,6 +147,15 @@ def describe(mode: str | None, reasons: Iterable[str]) -> str:
     return f"{mode}: {text}" if text else mode
 
 
+def per_disks(texts: Iterable[tuple[str, str]]) -> list[str]:
+    """``(disk label, text)`` pairs as lines, disks with the same text on one (``"Hard disk 1, Hard disk
+    2: …"``), in the disks' order: a VM's disks usually share their reasons."""
+    labels: dict[str, list[str]] = {}
+    for label, text in texts:
+        labels.setdefault(text, []).append(label)
+    return [f"{', '.join(names)}: {text}" for text, names in labels.items()]
+
+
 FULL_REQUESTED = "a full backup was asked for"
 FIRST_BACKUP = "no earlier restore point of this VM"
 CBT_SINCE_PREVIOUS = "only the areas CBT reports changed since the previous restore point"

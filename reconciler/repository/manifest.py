@@ -160,5 +160,3 @@ def _reasons(value: Any) -> tuple[str, ...]:
 
 def _opt_str(value: Any) -> str | None:
     return None if value is None else str(value)
-
-

@@ -248,9 +248,9 @@ def test_licensed_host_full_then_cbt_incremental_and_reset_fallback(
             assert cli.main(points) == 0
             table = capsys.readouterr().out.splitlines()
             under = table[next(i for i, line in enumerate(table) if line.startswith(p4.id)) + 1]
-            assert under.startswith(f"    {p4.disks[0].label}: full: {reset}"), table
+            assert under.startswith(f"    {', '.join(d.label for d in p4.disks)}: full: {reset}"), table
             under = table[next(i for i, line in enumerate(table) if line.startswith(p1.id)) + 1]
-            assert under == f"    {p1.disks[0].label}: full: {FIRST_BACKUP}", table
+            assert under == f"    {', '.join(d.label for d in p1.disks)}: full: {FIRST_BACKUP}", table
             no_snapshots(lab, lab.licensed)
         finally:
             host.set_cbt(host.find_vm("app203"), False)

@@ -20,6 +20,7 @@ from reconciler.planning.backup_mode import (
     PreviousMap,
     choose_disk_mode,
     describe,
+    per_disks,
     point_mode,
 )
 
@@ -244,3 +245,11 @@ def test_point_mode_and_describe() -> None:
     assert describe(None, ["old reason"]) == "old reason"
     assert describe("cbt", []) == "cbt"
     assert describe("full", ["a", "b"]) == "full: a; b"
+
+
+def test_disks_with_the_same_text_share_a_line() -> None:
+    assert per_disks([]) == []
+    assert per_disks([("Hard disk 1", "a"), ("Hard disk 2", "b"), ("Hard disk 3", "a")]) == [
+        "Hard disk 1, Hard disk 3: a",
+        "Hard disk 2: b",
+    ]

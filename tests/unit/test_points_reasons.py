@@ -99,9 +99,8 @@ def test_points_shows_why_under_each_point_read_in_full(
     rows = [i for i, line in enumerate(lines) if not line.startswith(" ")]
     assert len(rows) == 6  # the header and five points
     assert lines[rows[1] + 1] == "    full: Hard disk 1: no previous restore point"  # written before reasons
-    assert lines[rows[2] + 1 : rows[3]] == [
-        "    Hard disk 1: full: no earlier restore point of this VM",
-        "    Hard disk 2: full: no earlier restore point of this VM",
+    assert lines[rows[2] + 1 : rows[3]] == [  # disks with the same reasons share a line
+        "    Hard disk 1, Hard disk 2: full: no earlier restore point of this VM"
     ]
     assert lines[rows[3] + 1 : rows[4]] == []  # a plain incremental: nothing to explain
     assert lines[rows[4] + 1 : rows[5]] == [

@@ -29,7 +29,7 @@ from reconciler.operations.backup.context import BackupContext, BackupError, Can
 from reconciler.operations.backup.disk import DiskJob
 from reconciler.operations.hooks import HookFailedError, VmHooks
 from reconciler.operations.vmlock import VmBusyError, vm_lock
-from reconciler.planning.backup_mode import point_mode
+from reconciler.planning.backup_mode import per_disks, point_mode
 from reconciler.repository import Repository, StorageError
 
 
@@ -133,7 +133,7 @@ def _backup_locked(ctx: BackupContext, vm: VmInfo, result: VmResult) -> RestoreP
             ctx.check_cancel()
     # the snapshot is gone and the chain verified: only now does the point become visible
     mode = point_mode(d.mode for d in result.disks)
-    reasons = [f"{d.label}: {d.fallback_reason}" for d in result.disks if d.fallback_reason]
+    reasons = per_disks((d.label, d.fallback_reason) for d in result.disks if d.fallback_reason)
     point = RestorePoint(
         id=point_id,
         policy=policy.name,
