@@ -166,7 +166,7 @@ def test_cbt_reset_between_runs_reads_in_full_and_records_why(
     assert done.code == 0, done.out + done.err[-3000:]
     point = site.repo.read_point(site.repo.point_ids()[-1])
     assert point.vm.name == "app202" and point.mode == "full"
-    assert point.fallback_reason and "cbt:" in point.fallback_reason, point.fallback_reason
+    assert point.fallback_reason and "CBT was reset" in point.fallback_reason, point.fallback_reason
     assert "fallback:" in done.out  # the user sees it too
     again = site.cli(capsys, "backup", "lic")  # and CBT works again from this point on
     assert again.code == 0 and "app202: ok cbt " in again.out, again.out
@@ -273,7 +273,8 @@ def test_disks_resized_added_and_removed_between_runs(
     site: Site, faults: LabHandle, ledger: Ledger, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """Each change of the VM's disks is followed by a backup that reads what changed in full with the
-    reason (capacity changed; a disk with no earlier point), and every point before it still restores."""
+    reason (the disk resized; a disk the previous point has no record of), and every point before it
+    still restores."""
     with (
         scratch_vm(faults, faults.free, "disk-vm", power="poweredOff"),
         policies(site, policy_yaml("s", faults.free, ["disk-vm"])),
@@ -290,7 +291,7 @@ def test_disks_resized_added_and_removed_between_runs(
         ledger.count("faults_injected")
         resized = site.cli(capsys, "backup", "s")
         assert resized.code == 0, resized.out + resized.err[-2000:]
-        assert "capacity changed from 2097152 to 6291456 bytes" in resized.out, resized.out
+        assert "Hard disk 2: the disk was resized from 2.0 MiB to 6.0 MiB" in resized.out, resized.out
 
         assert (
             faults.run(
@@ -306,7 +307,8 @@ def test_disks_resized_added_and_removed_between_runs(
         ledger.count("faults_injected")
         added = site.cli(capsys, "backup", "s")
         assert added.code == 0, added.out + added.err[-2000:]
-        assert "Hard disk 3: no previous restore point of this disk" in added.out, added.out
+        assert "Hard disk 3: the previous restore point" in added.out, added.out
+        assert "has no record of this disk" in added.out
         assert len(site.repo.read_point(site.repo.point_ids()[-1]).disks) == 3
 
         edit_vmx(faults, faults.free, "disk-vm", lambda t: re.sub(r"^scsi0:1\..*\n", "", t, flags=re.M))
