@@ -214,6 +214,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
         run_test_restore,
         unfinished_overwrite,
     )
+    from reconciler.repository.errors import RepositoryError
 
     error = _option_error(args)
     if error is not None:
@@ -289,6 +290,14 @@ def cmd_restore(args: argparse.Namespace) -> int:
                 return 1
             except RestoreError as exc:
                 _err(str(exc))
+                return 1
+            except RepositoryError as exc:  # a damaged or missing object of the point: expected, named
+                which = f"restore point {point.id} of {point.vm.name}" if point is not None else "the restore"
+                log.error("restore.failed", error=str(exc), error_type=exc.__class__.__name__)
+                _err(
+                    f"FAILED: {printable(which)}: {exc}; 'esxi-reconciler verify {repo_name}' names every"
+                    " damaged point (an older point may be whole)"
+                )
                 return 1
             except Exception as exc:
                 log.error("restore.failed", error=str(exc), error_type=exc.__class__.__name__, exc_info=True)
