@@ -147,7 +147,8 @@ def test_a_nas_that_is_not_mounted_gets_nothing_written_in_its_place(
         assert site.cli(capsys, "backup", "free").code == 0  # works while mounted
         umount(mount)
         ledger.count("faults_injected")
-        for args in (("backup", "free"), ("apply", "--yes"), ("verify", "r")):
+        commands: list[tuple[str, ...]] = [("backup", "free"), ("apply", "--yes"), ("verify", "r")]
+        for args in commands:
             failed = site.cli(capsys, *args)
             text = failed.out + failed.err
             if args[0] == "apply":  # the plan's warning; apply does nothing (and exits 0: issue 11's call)
