@@ -7,6 +7,7 @@ under ``root/repo`` and the policy documents the test passes; :func:`policy_yaml
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 from esxisim.handle import LabHandle
@@ -45,16 +46,25 @@ spec:
 {extra}"""
 
 
-def write_lab_config(lab: LabHandle, root: Path, policies: str, *, repository_extra: str = "") -> Path:
+def write_lab_config(
+    lab: LabHandle,
+    root: Path,
+    policies: str,
+    *,
+    repository_extra: str = "",
+    hosts: Sequence[str] | None = None,
+    limits: str = "{concurrent_backups: 2, concurrent_backups_per_datastore: 2}",
+) -> Path:
     """Write ``root/config`` (hosts, repository ``r`` at ``root/repo``, ``policies/p.yaml`` =
     ``policies``) with secrets in ``root/secrets``; returns the config directory. ``repository_extra``:
-    more ``spec`` lines of the repository (e.g. ``"  prune: {enabled: true}\\n"``)."""
+    more ``spec`` lines of the repository (e.g. ``"  prune: {enabled: true}\\n"``); ``hosts``: which
+    hosts of the lab (default the free and the licensed one), each with ``limits``."""
     cfg = root / "config"
     for sub in ("hosts", "repositories", "policies"):
         (cfg / sub).mkdir(parents=True)
     secrets = root / "secrets"
     secrets.mkdir(mode=0o700)
-    for name in (lab.free, lab.licensed):
+    for name in hosts or (lab.free, lab.licensed):
         info = lab.host(name)
         pw = private_file(secrets / f"{name}.pw", lab.password(name))
         (cfg / "hosts" / f"{name}.yaml").write_text(
@@ -66,7 +76,7 @@ spec:
   credentials: {{user: root, password: {{file: {pw}}}}}
   api: {{port: {info["api"]["port"]}, thumbprint: "{info["api"]["thumbprint_sha256"]}"}}
   ssh: {{port: {info["ssh"]["port"]}, host_key: "{info["ssh"]["host_key_fingerprint"]}"}}
-  limits: {{concurrent_backups: 2, concurrent_backups_per_datastore: 2}}
+  limits: {limits}
 """
         )
     key = private_file(secrets / "repo.key", PASSPHRASE)

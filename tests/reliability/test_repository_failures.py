@@ -112,7 +112,8 @@ def bind_mounted(source: Path, target: Path) -> Iterator[Path]:
     try:
         yield target
     finally:
-        if os.path.ismount(target):
+        # os.path.ismount cannot see a bind mount of the same file system: ask the mount table
+        if subprocess.run(["mountpoint", "-q", str(target)], check=False).returncode == 0:
             subprocess.run(["umount", str(target)], check=True)
 
 
