@@ -141,3 +141,17 @@ def test_overwrite_names_do_not_grow() -> None:
     assert _base_stem("vm/web01_1-restored-20260101020304-3fa2.vmdk") == "web01_1"
     assert _base_stem("vm/a-restored-20260101020304-3fa2-restored-20260101020305-0000.vmdk") == "a"
     assert _base_stem("vm/a-restored-x.vmdk") == "a-restored-x"
+
+
+def test_the_restore_marker_survives_a_round_trip_and_garbage() -> None:
+    """The marker a new VM's folder holds while it is restored: who, what, since when; one that cannot
+    be read still marks the folder as an unfinished restore's."""
+    from datetime import datetime, timezone
+
+    from reconciler.operations.restore import RestoreMarker
+
+    marker = RestoreMarker("20261207T030000Z-abcd", 'web "01"', datetime(2026, 12, 7, 3, tzinfo=timezone.utc),
+                           "backup-box", 4242, test=True)  # fmt: skip
+    assert RestoreMarker.from_json(marker.to_json()) == marker
+    unknown = RestoreMarker.from_json(b"{not json")
+    assert (unknown.point, unknown.pid, unknown.test) == ("?", 0, False)
