@@ -184,6 +184,10 @@ def _authenticate(transport: paramiko.Transport, target: SshTarget) -> None:
     raise ShellAuthError(f"SSH login as {target.user} on {target.address} failed: " + "; ".join(errors))
 
 
+NO_EXIT_STATUS = -1
+"""What paramiko reports when a session closed without an exit status (connection lost, command killed)."""
+
+
 class RemoteStream:
     """stdout of a running remote command, read in pieces; :meth:`close` checks the exit status."""
 
@@ -247,6 +251,11 @@ class RemoteStream:
         while self.channel.recv_stderr_ready():
             stderr += self.channel.recv_stderr(1 << 16)
         self.channel.close()
+        if status == NO_EXIT_STATUS:
+            raise ShellError(
+                f"SSH to {self.where or 'the host'}: the connection was lost or the remote command was killed"
+                f" (no exit status) ({self.command[:60]})"
+            )
         if check and status != 0:
             raise CommandError(self.command, status, "", stderr.decode("utf-8", "replace"))
         return status
@@ -320,6 +329,11 @@ class ShellConnection:
             raise ShellError(f"{line[:120]}: SSH failed: {exc}") from exc
         finally:
             channel.close()
+        if status == NO_EXIT_STATUS:  # the session ended without one: not the command's answer
+            raise ShellError(
+                f"SSH to {self.target.address}:{self.target.port}: the connection was lost or the remote"
+                f" command was killed (no exit status) ({line[:60]})"
+            )
         result = ShellResult(line, status, bytes(out), bytes(err))
         if check:
             fault = find_fault(result.text)

@@ -25,6 +25,7 @@ import pytest
 from esxisim.handle import LabHandle
 from reconciler.daemon import Daemon
 from reconciler.daemon.notify import Notifier
+from reconciler.operations.vmlock import VmBusyError, vm_lock
 from reconciler.repository import CHUNK_SIZE, Repository
 from reconciler.repository.chunks import chunk_name
 from reconciler.repository.lock import LockInfo, list_locks
@@ -275,8 +276,17 @@ def test_two_runs_at_once(site: Site, ledger: Ledger, capsys: pytest.CaptureFixt
             stderr=subprocess.PIPE,
             text=True,
         )
-        wait_for("the first run's repository lock", lambda: list_locks(site.repo.backend), timeout=60)
-        time.sleep(1.0)  # it holds the VM while its snapshot is being made
+        api = lab.host(lab.licensed)["api"]
+        vmid = lab.vm(lab.licensed, "app203")["vmid"]
+
+        def held() -> bool:
+            try:
+                with vm_lock(f"{api['host']}:{api['port']}", vmid):
+                    return False
+            except VmBusyError:
+                return True
+
+        wait_for("the first run to hold app203", held, timeout=60)  # its snapshot takes 3 s
         second = site.run("backup", "lic")
         out, err = first.communicate(timeout=120)
     finally:
