@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from esxisim import MiB
 from esxisim.handle import LabHandle
 from reconciler.config import load_config
 from reconciler.daemon import Daemon
@@ -38,18 +39,33 @@ pytestmark = [pytest.mark.lab, pytest.mark.usefixtures("restore_logging")]
 _seeds = count(6100)
 
 
+BIG = "wire-big"
+"""A scratch VM on the free host with 32 MiB of data: more than the SSH windows and socket buffers hold,
+so a connection cut during its transfer really cuts the transfer."""
+
+
 @pytest.fixture(scope="module")
 def site(rlab: LabHandle, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
-    """Policies ``free`` (web01) and ``lic`` (app201, app202, app203: more VMs than the host's limit of
-    2 at once), each with a first point."""
-    policies = policy_yaml("free", rlab.free, ["web01"]) + policy_yaml(
-        "lic", rlab.licensed, ["app201", "app202", "app203"]
+    """Policies ``free`` (web01), ``big`` (BIG) and ``lic`` (app201, app202, app203: more VMs than the
+    host's limit of 2 at once), each with a first point."""
+    rlab.client(rlab.free).create_vm(
+        {"name": BIG, "power": "poweredOn", "disks": [{"size": 64 * MiB, "fill": 0.5, "seed": 61}]}
+    )
+    policies = (
+        policy_yaml("free", rlab.free, ["web01"])
+        + policy_yaml("big", rlab.free, [BIG])
+        + policy_yaml("lic", rlab.licensed, ["app201", "app202", "app203"])
     )
     site = Site.create(rlab, tmp_path_factory.mktemp("wire"), policies)
-    for name in ("free", "lic"):
-        first = site.run("backup", name)
-        assert first.code == 0, first.err[-3000:]
-    yield site
+    try:
+        for name in ("free", "big", "lic"):
+            first = site.run("backup", name)
+            assert first.code == 0, first.err[-3000:]
+        yield site
+    finally:
+        (vm,) = [v for v in rlab.client(rlab.free).state()["vms"] if v["name"] == BIG]
+        rlab.vimcmd(rlab.free, "vmsvc/power.off", vm["vmid"])
+        assert rlab.vimcmd(rlab.free, "vmsvc/destroy", vm["vmid"]).exit == 0
 
 
 @pytest.fixture
@@ -70,9 +86,9 @@ def ok_again(site: Site, capsys: pytest.CaptureFixture[str], policy: str) -> Non
 def test_ssh_dropped_in_the_middle_of_a_read(
     site: Site, faults: LabHandle, ledger: Ledger, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """The digest program's stream (free host incremental) is cut: the VM fails naming the lost
-    connection, the snapshot is removed over a new connection, no point is written."""
-    faults.client(faults.free).guest_write("web01", 5, seed=next(_seeds))
+    """A full read over SSH (the digest program's stream) of 32 MiB is cut after its first block: the
+    VM fails naming the lost connection, the snapshot is removed over a new connection, no point is
+    written; the next run succeeds."""
     before = baseline(faults, {"r": site.repo})
     dropped: list[int] = []
 
@@ -81,13 +97,14 @@ def test_ssh_dropped_in_the_middle_of_a_read(
             dropped.append(faults.fault(faults.free, "ssh-drop")["killed"])
 
     desired = load_config(site.config)
-    (result,) = backup_policy(desired, "free", options=BackupOptions(on_data=drop, transport="ssh"))
+    options = BackupOptions(on_data=drop, transport="ssh", full=True)
+    (result,) = backup_policy(desired, "big", options=options)
     ledger.count("faults_injected")
     assert dropped and dropped[0] >= 1
     assert not result.ok and result.point_id is None
     assert "connection" in (result.error or "").lower() or "ssh" in (result.error or "").lower(), result.error
     assert set(site.repo.point_ids()) == before.points["r"]
-    ok_again(site, capsys, "free")
+    ok_again(site, capsys, "big")
     assert_nothing_lost(ledger, before)
 
 
@@ -97,7 +114,7 @@ def test_ssh_dropped_in_the_middle_of_a_restore_write(
     """The ``dd`` writing a restored disk is cut: the restore fails naming the cause and removes the
     folder it made; the same restore then succeeds."""
     before = baseline(faults, {"r": site.repo})
-    point = next(p for p in reversed(site.repo.list_points()) if p.vm.name == "web01")
+    point = next(p for p in reversed(site.repo.list_points()) if p.vm.name == BIG)
     dropped: list[int] = []
 
     def drop(disk: DiskRecord, offset: int, length: int) -> None:
@@ -106,18 +123,18 @@ def test_ssh_dropped_in_the_middle_of_a_restore_write(
 
     desired = load_config(site.config)
     with connect(desired.host(faults.free)) as host, pytest.raises(Exception) as failed:
-        restore_new_vm(host, site.repo, point, RestoreOptions(name="web01-wire", on_data=drop))
+        restore_new_vm(host, site.repo, point, RestoreOptions(name="big-copy", on_data=drop))
     ledger.count("faults_injected")
     assert dropped and dropped[0] >= 1
     message = str(failed.value).lower()
     assert "connection" in message or "ssh" in message or "dd" in message, failed.value
     assert_nothing_lost(ledger, before)  # the half-written folder went with the failure
 
-    again = site.cli(capsys, "restore", "web01", "--name", "web01-wire")
+    again = site.cli(capsys, "restore", BIG, "--name", "big-copy")
     assert again.code == 0, again.out + again.err[-3000:]
-    (vm,) = [v for v in faults.client(faults.free).state()["vms"] if v["name"] == "web01-wire"]
+    (vm,) = [v for v in faults.client(faults.free).state()["vms"] if v["name"] == "big-copy"]
     assert faults.vimcmd(faults.free, "vmsvc/unregister", vm["vmid"]).exit == 0
-    assert faults.run(faults.free, "rm -rf /vmfs/volumes/datastore1/web01-wire").exit == 0
+    assert faults.run(faults.free, "rm -rf /vmfs/volumes/datastore1/big-copy").exit == 0
     assert_nothing_lost(ledger, before)
 
 
