@@ -14,7 +14,8 @@ from pathlib import Path
 
 import structlog
 
-from reconciler.commands.common import add_command, load_desired, state_dir
+from reconciler.commands.common import add_command, config_dir, load_desired, state_dir
+from reconciler.printable import printable
 
 log = structlog.get_logger("reconciler.cli")
 
@@ -25,6 +26,12 @@ examples:
   esxi-reconciler plan --format json | jq '.actions[] | .kind + " " + .vm'
   esxi-reconciler plan --out tonight.plan       save it; `apply tonight.plan` runs exactly this plan,
                                                 or refuses if reality changed in between
+  esxi-reconciler plan --revision origin/feature --against origin/main --format markdown
+                                                review a branch of the config repository: its plan
+                                                against reality, what it changes, whether it needs
+                                                approval (a pull-request comment)
+  esxi-reconciler plan --source /etc/esxi-reconciler/source.yaml
+                                                the daemon's fetched head against its applied revision
 
 symbols: + create (backup, verification)  ~ change in place (CBT)  - delete (restore point,
 orphaned snapshot, unreferenced data); notices: ! warning  … pending  i info
@@ -51,7 +58,29 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         help="exit 0 when there is nothing to do, 2 when there are changes, 1 on error",
     )
     parser.add_argument(
-        "--format", choices=("text", "json"), default="text", help="output format (default: text)"
+        "--format",
+        choices=("text", "json", "markdown"),
+        default="text",
+        help="output format (default: text); markdown: a summary for a pull-request comment",
+    )
+    parser.add_argument(
+        "--revision",
+        metavar="REF",
+        help="plan the config of this commit, branch or tag (of the git repository holding --config, or of"
+        " the daemon's clone with --source) against reality now; no work tree is touched",
+    )
+    parser.add_argument(
+        "--against",
+        metavar="BASE",
+        help="compare with the config of BASE: the objects the change adds, removes or changes, and whether"
+        " its destructive changes need approval before the daemon applies it",
+    )
+    parser.add_argument(
+        "--source",
+        metavar="FILE",
+        type=Path,
+        help="read revisions from the daemon's clone of this GitSource file (--revision defaults to the"
+        " fetched head, --against to the applied revision)",
     )
     parser.add_argument(
         "--out", metavar="FILE", type=Path, help="also save the plan as JSON, for `apply FILE`"
@@ -82,6 +111,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from reconciler.planning.plan import plan
     from reconciler.planning.render import render_text
 
+    if args.revision is not None or args.against is not None or args.source is not None:
+        return _plan_revision(args)
     desired = load_desired(args)
     if desired is None:
         print("esxi-reconciler plan: the config is invalid; nothing was planned", file=sys.stderr)
@@ -110,11 +141,101 @@ def cmd_plan(args: argparse.Namespace) -> int:
             return 1
     if args.format == "json":
         sys.stdout.write(result.to_json())
+    elif args.format == "markdown":
+        from reconciler.planning.review import plan_markdown
+
+        sys.stdout.write(plan_markdown(result, revision=result.revision))
     else:
         sys.stdout.write(render_text(result, color=_color()))
         if args.out is not None:
             print(f"\nSaved the plan to {args.out}. Apply exactly this plan with:")
             print(f"  esxi-reconciler apply {args.out}")
+    if args.detailed_exitcode and result.has_changes:
+        return 2
+    return 0
+
+
+def _fail(message: str) -> int:
+    print(f"esxi-reconciler plan: {message}", file=sys.stderr)
+    return 1
+
+
+def _plan_revision(args: argparse.Namespace) -> int:
+    """``plan --revision REF [--against BASE]`` / ``plan --source FILE``: another revision's config,
+    planned against reality observed now, with the review of the change when there is a base."""
+    import json
+
+    from reconciler.config import ConfigError
+    from reconciler.config.source import load_source
+    from reconciler.gitsource.approve import RepositoryReader
+    from reconciler.gitsource.git import GitError
+    from reconciler.gitsource.preview import Revision, Revisions
+    from reconciler.gitsource.trust import TrustError
+    from reconciler.operations.observe import load_history, observe
+    from reconciler.planning.plan import plan
+    from reconciler.planning.render import render_text
+    from reconciler.planning.review import plan_markdown, review_text
+
+    if args.out is not None:
+        return _fail(
+            "--out saves a plan of the config in force (for apply FILE);"
+            " not with --revision, --against or --source"
+        )
+    try:
+        if args.source is not None:
+            revisions = Revisions.of_source(load_source(args.source), state_dir(args))
+        else:
+            revisions = Revisions.around(config_dir(args))
+    except ConfigError as error:
+        for issue in error.issues:
+            print(issue, file=sys.stderr)
+        return _fail("the --source file is invalid")
+    except (GitError, TrustError) as exc:
+        return _fail(str(exc))
+    with revisions:
+        ref = args.revision or revisions.default_revision
+        if ref is None:
+            return _fail("--against needs the revision to review: --revision REF (e.g. --revision HEAD)")
+        base_ref = args.against or revisions.default_base
+        loaded: list[Revision] = []
+        for which, name in (("revision", ref), ("base", base_ref)):
+            if name is None:
+                continue
+            try:
+                loaded.append(revisions.load(name))
+            except GitError as exc:
+                return _fail(str(exc))
+            except ConfigError as error:
+                for issue in error.issues:
+                    print(issue, file=sys.stderr)
+                return _fail(f"the config of the {which} {name} is invalid; nothing was planned")
+        proposed, base = loaded[0], (loaded[1] if len(loaded) > 1 else None)
+        try:
+            history = load_history(state_dir(args), proposed.desired.revision.id)
+        except Exception as exc:  # a broken store must not be mistaken for "never ran"
+            return _fail(f"cannot read the run history: {exc}")
+        log.info("plan.observe", revision=proposed.label, hosts=len(proposed.desired.hosts))
+        observed = observe(proposed.desired, now=datetime.now(timezone.utc), history=history)
+        result = plan(proposed.desired, observed)
+        review = None
+        if base is not None:
+            reader = RepositoryReader()
+            reader.seed(proposed.desired, observed.repositories)
+            try:
+                review = revisions.review(base, proposed, reader)
+            except GitError as exc:
+                return _fail(str(exc))
+    if args.format == "json":
+        doc = {**result.to_dict(), "planned_revision": proposed.label}
+        doc["review"] = review.to_dict() if review is not None else None
+        print(json.dumps(doc, indent=2, ensure_ascii=False))
+    elif args.format == "markdown":
+        sys.stdout.write(plan_markdown(result, revision=proposed.label, review=review))
+    else:
+        print(f"Planning {printable(proposed.label)} against reality observed now.\n")
+        sys.stdout.write(render_text(result, color=_color()))
+        if review is not None:
+            sys.stdout.write("\n" + review_text(review))
     if args.detailed_exitcode and result.has_changes:
         return 2
     return 0

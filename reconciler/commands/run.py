@@ -6,23 +6,32 @@ import argparse
 import os
 import sys
 from datetime import timedelta
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from reconciler.commands.common import add_command, config_dir, state_dir
+
+if TYPE_CHECKING:
+    from reconciler.daemon.source import SourceTracker
 
 _RUN_EXAMPLES = """\
 examples:
   esxi-reconciler run                       reconcile until stopped (what the systemd unit runs)
   esxi-reconciler run --once                one cycle (observe, plan, apply), then exit
   esxi-reconciler run --resync 15m --stop-timeout 5m
+  esxi-reconciler run --source /etc/esxi-reconciler/source.yaml
+                                            fetch the config from git (GitSource file): trusted
+                                            commits only, the last good revision kept
 
-signals: SIGHUP re-reads the config now; SIGTERM or SIGINT cancels running
+signals: SIGHUP re-reads the config now (with --source: fetches now); SIGTERM or SIGINT cancels running
 backups (their snapshots are removed), waits at most --stop-timeout and exits 0;
 a second SIGTERM exits at once. Under systemd (Type=notify) it reports READY,
 STATUS and WATCHDOG pings. One daemon per state directory (daemon.lock).
 
 exit codes: 0 stopped by a signal (or --once and nothing failed), 1 another
 daemon holds the state directory (or --once and an action failed), 2 --once
-with an invalid config.
+with an invalid config (or no trusted revision), an invalid --source file, or
+a source that cannot be followed (git missing, a malformed signer key).
 """
 
 
@@ -51,6 +60,13 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     )
     parser.add_argument("--once", action="store_true", help="run one cycle, then exit")
     parser.add_argument(
+        "--source",
+        metavar="FILE",
+        type=Path,
+        help="follow a git remote instead of --config: the GitSource bootstrap file (URL, branch or tag,"
+        " deploy key, pinned host keys, trusted signers); see README 'GitOps'",
+    )
+    parser.add_argument(
         "--resync",
         metavar="DURATION",
         type=_duration,
@@ -74,12 +90,32 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     )
 
 
+def _source(args: argparse.Namespace) -> SourceTracker | None:
+    """The git source of ``--source FILE``; raises ``SystemExit(2)`` after printing why it is unusable."""
+    from reconciler.config import ConfigError
+    from reconciler.config.source import load_source
+    from reconciler.daemon.source import SourceTracker
+
+    if args.config is not None:
+        print("esxi-reconciler run: give either --config DIR or --source FILE, not both", file=sys.stderr)
+        raise SystemExit(2)
+    try:
+        spec = load_source(args.source)
+    except ConfigError as error:
+        for issue in error.issues:
+            print(issue, file=sys.stderr)
+        raise SystemExit(2) from None
+    return SourceTracker(spec, state_dir(args))
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from reconciler.daemon import Daemon
 
+    source = _source(args) if args.source is not None else None
     daemon = Daemon(
-        config_dir(args),
+        source.config_dir if source is not None else config_dir(args),
         state_dir(args),
+        source=source,
         resync=args.resync.total_seconds(),
         debounce=args.debounce.total_seconds(),
         stop_timeout=args.stop_timeout.total_seconds(),

@@ -6,10 +6,13 @@ import argparse
 import json
 import sys
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from reconciler.commands.common import add_command, plural, state_dir
 from reconciler.printable import printable
+
+if TYPE_CHECKING:
+    from reconciler.status.source import SourceStatus
 
 _STATUS_EXAMPLES = """\
 examples:
@@ -57,6 +60,30 @@ def _clip(text: str, width: int) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
+def source_lines(source: SourceStatus) -> list[str]:
+    """The git source block: what was fetched, what is applied, what was refused and why."""
+    from reconciler.status.source import short
+
+    where = f" (path {printable(source.path)})" if source.path else ""
+    signed = ", signed commits only" if source.verify else ""
+    lines = [f"source: {printable(source.url)} {printable(source.ref)}{where}{signed}"]
+    lines.append(f"  fetched  {short(source.fetched)}  {_when(source.fetched_at)}")
+    if source.fetch_error is not None:
+        lines.append(
+            f"  fetch    FAILING since {_when(source.fetch_failing_since)}: {_clip(source.fetch_error, 200)}"
+        )
+    by = f"  signed by {printable(source.applied_signer)}" if source.applied_signer else ""
+    lines.append(f"  applied  {short(source.applied)}  {_when(source.applied_at)}{by}")
+    if source.failed is not None:
+        lines.append(
+            f"  failed   {short(source.failed)}  {_when(source.failed_at)}  {source.failed_reason}:"
+            f" {_clip(source.failed_message or '', 300)}"
+        )
+    if source.warning is not None:
+        lines.append(f"  warning  {_when(source.warning_at)}  {_clip(source.warning, 300)}")
+    return lines
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     from reconciler.daemon.lock import running_daemon
     from reconciler.status.store import StatusStore, StatusStoreError, status_path
@@ -71,6 +98,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         )
         return 1
     with store:
+        source = store.source_status()
         conditions = store.conditions()
         last_plan = store.last_plan()
         failures = store.actions(limit=RECENT_FAILURES, status="failed")
@@ -84,6 +112,7 @@ def cmd_status(args: argparse.Namespace) -> int:
             "last_plan": None,
             "recent_failures": [f.to_dict() for f in failures],
             "stalled": stalled,
+            "source": source.to_dict() if source is not None else None,
         }
         if last_plan is not None:
             doc["last_plan"] = {
@@ -97,6 +126,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         return 1 if stalled else 0
 
     print(f"daemon: {'running' + (f' (PID {pid})' if pid else '') if running else 'not running'}")
+    if source is not None:
+        print("\n".join(source_lines(source)) + "\n")
     header = ("KIND", "NAME", "STATUS", "REASON", "MESSAGE", "LAST-SUCCESS", "NEXT-DUE", "REVISION")
     table: list[tuple[str, ...]] = [header]
     for c in conditions:

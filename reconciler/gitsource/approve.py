@@ -13,7 +13,7 @@ config at the approving commit compared with the proposed one) needs an approval
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from reconciler.config.model import DesiredState
@@ -45,6 +45,12 @@ class RepositoryReader:
     def __init__(self, opener: RepoOpener = open_repository) -> None:
         self._opener = opener
         self._seen: dict[str, tuple[RepositoryConfig, RepositoryObservation]] = {}
+
+    def seed(self, desired: DesiredState, observations: Mapping[str, RepositoryObservation]) -> None:
+        """Reuse what a full observation of ``desired`` already read."""
+        for name, observation in observations.items():
+            if name in desired.repositories:
+                self._seen[name] = (desired.repositories[name], observation)
 
     def points(self, desired: DesiredState) -> dict[str, RepositoryObservation]:
         """An observation of every repository of ``desired``."""

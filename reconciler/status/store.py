@@ -393,7 +393,6 @@ class StatusStore:
             )
         return sort_conditions(out)
 
-
     # -- the git source -------------------------------------------------------------------------------
 
     def record_source(self, status: SourceStatus, now: datetime) -> None:
