@@ -97,13 +97,25 @@ def ssh_command(*, key_file: Path, known_hosts: Path, connect_timeout: int) -> s
     return " ".join(shlex.quote(part) for part in [SSH, *options])
 
 
+_BOILERPLATE = ("hint:", "Please make sure you have the correct access rights", "and the repository exists.")
+_HINTS = (
+    ("Host key verification failed", "the server did not present a pinned host key (spec.ssh.host_keys)"),
+    ("Permission denied (publickey", "the deploy key was refused (is it a deploy key of this repository?)"),
+    ("couldn't find remote ref", "no such branch or tag on the remote"),
+)
+
+
 def last_words(stderr: bytes) -> str:
-    """The lines of git's (and ssh's) stderr worth showing, on one line."""
+    """The lines of git's (and ssh's) stderr worth showing, on one line, with a hint for the usual
+    causes."""
     lines = [printable(line.strip()) for line in stderr.decode("utf-8", "replace").splitlines()]
-    lines = [line for line in lines if line and not line.startswith("hint:")]
+    lines = [line for line in lines if line and not line.startswith(_BOILERPLATE)]
     if not lines:
         return ""
     text = "; ".join(lines[-3:])
+    hints = [hint for marker, hint in _HINTS if marker in text]
+    if hints:
+        text += f" ({'; '.join(hints)})"
     return text if len(text) <= _STDERR_MAX else text[: _STDERR_MAX - 1] + "…"
 
 

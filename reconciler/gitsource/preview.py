@@ -61,6 +61,8 @@ class Revisions:
         self.default_revision = default_revision
         self.default_base = default_base
         self.trust = trust
+        self.names: dict[str, str] = {}
+        """How people call some refs (``refs/reconciler/applied`` → ``the applied revision``)."""
         self._tmp = Path(tempfile.mkdtemp(prefix="esxi-reconciler-plan-"))
         self._count = 0
 
@@ -92,6 +94,7 @@ class Revisions:
         if not (clone.git_dir / "HEAD").exists():
             raise GitError(f"{clone.root}: no clone yet (has the daemon run with --source?)")
         revisions = cls(clone, default_revision=spec.ref)
+        revisions.names = {spec.ref: f"the fetched {spec.ref_name}", APPLIED_REF: "the applied revision"}
         if clone.applied() is not None:
             revisions.default_base = APPLIED_REF
         if spec.verify:
@@ -137,7 +140,7 @@ class Revisions:
             desired = load_config(directory, commit=commit)
         except ConfigError as error:
             raise ConfigError(in_repository(issue, path) for issue in error.issues) from None
-        return Revision(ref, commit, desired)
+        return Revision(self.names.get(ref, ref), commit, desired)
 
     def approvals(self, base: str, head: str) -> list[Approval]:
         """Approving commits in ``base..head``, newest first (only signed ones when signers are known)."""
