@@ -215,6 +215,27 @@ DEFS: dict[str, Schema] = {
             {"credential": "esxi1-password"},
         ],
     },
+    "signer": _obj(
+        "A key whose signatures on commits are trusted (GitSource verify.signers): exactly one of ssh or"
+        " openpgp.",
+        {
+            "name": _str(
+                "Who this is, for messages and status. Default: signer-N (its place in the list).",
+                minLength=1,
+                examples=["alice"],
+            ),
+            "ssh": _str(
+                "An SSH public key: the .pub of the signer's user.signingkey (git config gpg.format ssh).",
+                SSH_PUBLIC_KEY_PATTERN,
+            ),
+            "openpgp": _str(
+                "An OpenPGP public key, ASCII-armoured (gpg --armor --export KEYID); its primary key or"
+                " a subkey must have made the signature.",
+                OPENPGP_KEY_PATTERN,
+            ),
+        },
+        oneOf=_one_key_of(("ssh", "openpgp")),
+    ),
     "window": _obj(
         "A time window, in the schedule's time zone. It may cross midnight (start 22:00, end 06:00)."
         " Nothing starts outside it.",
@@ -811,23 +832,7 @@ GIT_SOURCE_SPEC = _obj(
                     "type": "array",
                     "description": "The trusted keys: SSH keys (git's gpg.format ssh) and/or OpenPGP keys.",
                     "minItems": 1,
-                    "items": _obj(
-                        "One trusted signing key: exactly one of ssh or openpgp.",
-                        {
-                            "name": _str(
-                                "Who this is, for messages and status. Default: signer-N (its place in"
-                                " this list).",
-                                minLength=1,
-                                examples=["alice"],
-                            ),
-                            "ssh": _str(
-                                "An SSH public key (the .pub of the signer's user.signingkey).",
-                                SSH_PUBLIC_KEY_PATTERN,
-                            ),
-                            "openpgp": _str("An OpenPGP public key, ASCII-armoured.", OPENPGP_KEY_PATTERN),
-                        },
-                        oneOf=_one_key_of(("ssh", "openpgp")),
-                    ),
+                    "items": _ref("signer", "A trusted key."),
                 },
             },
             required=("signers",),
