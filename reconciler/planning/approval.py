@@ -11,11 +11,13 @@ A change is **destructive** (rule names in brackets) when:
   become orphaned (kept for ever, never pruned);
 * a BackupPolicy writes to another repository [``policy-moved``]: its points in the old one become
   orphaned;
-* what a repository's retention expires grows beyond the per-run guard of the applied config
-  (``max_deletions_per_run``) [``mass-prune``]: counted with the planner's own rule
-  (:func:`reconciler.planning.plan.expired_points`), only where the commit changes something pruning
-  depends on (the repository's prune settings, the retention, suspension or set of the policies writing
-  to it), and only when the proposed config expires more points there than the applied one;
+* the proposed config's plan would prune more restore points of a repository in one run than the
+  per-run guard of the applied config allows (``max_deletions_per_run``) [``mass-prune``]: typically a
+  shorter retention together with a raised guard, or a raised guard letting a held-back mass deletion
+  through. Counted with the planner's own rule (:func:`reconciler.planning.plan.expired_points`; over
+  the proposed config's own guard the planner prunes nothing, so that is not destructive), only where
+  the commit changes something pruning depends on (the repository, its prune settings, the retention,
+  suspension or set of the policies writing to it);
 * such a repository cannot be read now, so the count is unknown [``prune-unknown``]: held until it
   can be counted (the next fetch checks again).
 """
@@ -142,20 +144,20 @@ def destructive_changes(
             )
             continue
         expired, _ = expired_points(proposed, observation)
-        before: list[object] = []
-        base_observation = base_repositories.get(name)
-        if name in base.repositories and base_observation is not None and base_observation.reachable:
-            before = list(expired_points(base, base_observation)[0])
+        # What the proposed config's plan prunes in one run: nothing when over its own guard (the
+        # planner then prunes none and warns).
+        prunes = len(expired) if len(expired) <= config.prune.max_deletions_per_run else 0
         base_config = base.repositories.get(name)
         guard = (base_config or config).prune.max_deletions_per_run
-        if len(expired) > guard and len(expired) > len(before):
+        if prunes > guard:
+            raised = f" (raised to {config.prune.max_deletions_per_run})" if base_config is not None else ""
             out.append(
                 DestructiveChange(
                     "mass-prune",
                     name,
-                    f"repository {name!r}: {_count(len(expired), 'restore point', 'restore points')} would"
-                    f" be pruned (now {len(before)}), more than max_deletions_per_run {guard}"
-                    + (" of the applied config" if base_config is not None else ""),
+                    f"repository {name!r}: {_count(prunes, 'restore point', 'restore points')} would be"
+                    f" pruned in one run, more than max_deletions_per_run {guard} of the applied"
+                    f" config{raised}",
                 )
             )
     return tuple(out)

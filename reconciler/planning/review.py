@@ -17,7 +17,7 @@ from reconciler.planning.approval import APPROVAL_TRAILER, Review
 from reconciler.planning.render import action_line, notice_line, summary
 from reconciler.printable import printable
 
-_MARKDOWN_SPECIAL = frozenset("\\`*_[]<>|~&#")
+_MARKDOWN_SPECIAL = frozenset("\\`*_[]<|~&#")
 _SECTIONS: tuple[tuple[Change, str, str], ...] = (
     (Change.CREATE, "Add", "backups, verifications, test restores"),
     (Change.UPDATE, "Change", "CBT switched"),
@@ -43,11 +43,11 @@ def _code(text: str) -> str:
     return f"{fence}{pad}{shown}{pad}{fence}"
 
 
-def approval_hint() -> str:
+def approval_hint(trailer: str = f"'{APPROVAL_TRAILER}: <why>'") -> str:
     """How to approve, in one sentence (text and Markdown share it)."""
     return (
-        f"approve with a commit whose message ends with the trailer '{APPROVAL_TRAILER}: <why>' (signed by a"
-        " trusted key when signatures are required), on top of this one"
+        f"a commit on top of it whose message ends with the trailer {trailer} (signed by a trusted key"
+        " when signatures are required)"
     )
 
 
@@ -64,7 +64,7 @@ def review_text(review: Review) -> str:
             lines.append(f"Destructive changes, approved by {printable(review.approved_by)}:")
         else:
             lines.append(
-                f"NEEDS APPROVAL: the daemon holds this revision until it is approved ({approval_hint()}):"
+                f"NEEDS APPROVAL: the daemon holds this revision until {approval_hint()} approves it:"
             )
         lines.extend(f"  ! {printable(d.message)}" for d in review.destructive)
     return "\n".join(lines) + "\n"
@@ -80,9 +80,10 @@ def plan_markdown(plan: Plan, *, revision: str, review: Review | None = None) ->
     out = [f"### esxi-reconciler plan for {_code(revision)}", ""]
     if review is not None:
         if review.needs_approval:
+            trailer = _code(f"{APPROVAL_TRAILER}: <why>")
             out.append(
-                "**⛔ Needs approval.** The daemon holds this revision until a commit approves it:"
-                f" {markdown_escape(approval_hint())}."
+                "**⛔ Needs approval.** The daemon holds this revision until"
+                f" {approval_hint(trailer)} approves it:"
             )
         elif review.destructive:
             out.append(f"**✅ Destructive changes approved** by {markdown_escape(review.approved_by or '')}.")
