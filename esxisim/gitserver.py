@@ -94,7 +94,9 @@ class GitServer:
         self.port = free_port()
         config = self.ssh_dir / "sshd_config"
         config.write_text(_config(self.directory, self.port))
-        script = f"mount -t tmpfs -o mode=755 tmpfs /run && mkdir /run/sshd && exec {SSHD} -D -e -f '{config}'"
+        script = (
+            f"mount -t tmpfs -o mode=755 tmpfs /run && mkdir /run/sshd && exec {SSHD} -D -e -f '{config}'"
+        )
         with self.log.open("ab") as log:
             self._proc = subprocess.Popen(
                 ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c", script],

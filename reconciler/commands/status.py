@@ -67,20 +67,19 @@ def source_lines(source: SourceStatus) -> list[str]:
     where = f" (path {printable(source.path)})" if source.path else ""
     signed = ", signed commits only" if source.verify else ""
     lines = [f"source: {printable(source.url)} {printable(source.ref)}{where}{signed}"]
-    lines.append(f"  fetched  {short(source.fetched)}  {_when(source.fetched_at)}")
+    lines.append(f"  fetched      {short(source.fetched)}  {_when(source.fetched_at)}")
     if source.fetch_error is not None:
-        lines.append(
-            f"  fetch    FAILING since {_when(source.fetch_failing_since)}: {_clip(source.fetch_error, 200)}"
-        )
+        since = _when(source.fetch_failing_since)
+        lines.append(f"  fetch        FAILING since {since}: {_clip(source.fetch_error, 200)}")
     by = f"  signed by {printable(source.applied_signer)}" if source.applied_signer else ""
-    lines.append(f"  applied  {short(source.applied)}  {_when(source.applied_at)}{by}")
+    lines.append(f"  applied      {short(source.applied)}  {_when(source.applied_at)}{by}")
     if source.failed is not None:
         lines.append(
-            f"  failed   {short(source.failed)}  {_when(source.failed_at)}  {source.failed_reason}:"
+            f"  last failed  {short(source.failed)}  {_when(source.failed_at)}  {source.failed_reason}:"
             f" {_clip(source.failed_message or '', 300)}"
         )
     if source.warning is not None:
-        lines.append(f"  warning  {_when(source.warning_at)}  {_clip(source.warning, 300)}")
+        lines.append(f"  warning      {_when(source.warning_at)}  {_clip(source.warning, 300)}")
     return lines
 
 

@@ -181,12 +181,12 @@ class Syncer:
                     f"history rewritten: {head[:12]} does not contain the applied {applied.commit[:12]}"
                     " (a force-push)"
                 )
-        signer = None
+        signer = signed = None
         if self.spec.verify:
             check = self.clone.trust.check(self.clone.local, head)
             if not check.trusted:
                 return PollResult("SignatureRefused", check.detail, head=head, rewritten=rewritten)
-            signer = check.signer
+            signer, signed = check.signer, check.detail
         desired, issues = self._load(head)
         if desired is None:
             more = f" (and {len(issues) - 1} more)" if len(issues) > 1 else ""
@@ -214,7 +214,7 @@ class Syncer:
                     rewritten=rewritten,
                 )
         accepted = AppliedRevision(head, desired, self.clone.config_dir(head), signer)
-        signed = f", signed by {signer}" if signer else ""
+        signed = f", {signed}" if signed else ""
         approved = (
             f"; destructive changes approved by {review.approved_by}" if review and review.approved_by else ""
         )

@@ -12,14 +12,13 @@ A change is **destructive** (rule names in brackets) when:
 * a BackupPolicy writes to another repository [``policy-moved``]: its points in the old one become
   orphaned;
 * the proposed config's plan would prune more restore points of a repository in one run than the
-  per-run guard of the applied config allows (``max_deletions_per_run``) [``mass-prune``]: typically a
-  shorter retention together with a raised guard, or a raised guard letting a held-back mass deletion
-  through. Counted with the planner's own rule (:func:`reconciler.planning.plan.expired_points`; over
-  the proposed config's own guard the planner prunes nothing, so that is not destructive), only where
-  the commit changes something pruning depends on (the repository, its prune settings, the retention,
-  suspension or set of the policies writing to it);
-* such a repository cannot be read now, so the count is unknown [``prune-unknown``]: held until it
-  can be counted (the next fetch checks again).
+  per-run guard of the applied config allows (``max_deletions_per_run``) [``mass-prune``]. The planner
+  never prunes more than the guard of the config it plans with, so this needs the guard raised:
+  typically a shorter retention together with a raised guard, or a raised guard letting a held-back
+  mass deletion through. Counted with the planner's own rule
+  (:func:`reconciler.planning.plan.expired_points`);
+* the guard is raised for a repository that cannot be read now, so the count is unknown
+  [``prune-unknown``]: held until it can be counted (the next fetch checks again).
 """
 
 from __future__ import annotations
@@ -85,17 +84,6 @@ def _points_of(policy: str, observation: RepositoryObservation | None) -> str:
     return f"its {_count(count, 'restore point', 'restore points')}"
 
 
-def _prune_inputs(desired: DesiredState, repository: str) -> tuple[Any, ...] | None:
-    """Everything what the retention prunes in ``repository`` depends on (None: no such repository)."""
-    config = desired.repositories.get(repository)
-    if config is None:
-        return None
-    policies = sorted(
-        (p.name, p.retention, p.suspend) for p in desired.policies.values() if p.repository == repository
-    )
-    return (config.backend, config.prune, tuple(policies))
-
-
 def destructive_changes(
     base: DesiredState,
     base_repositories: Mapping[str, RepositoryObservation],
@@ -129,8 +117,12 @@ def destructive_changes(
                 )
             )
     for name, config in proposed.repositories.items():
-        if not config.prune.enabled or _prune_inputs(base, name) == _prune_inputs(proposed, name):
+        base_config = base.repositories.get(name)
+        if base_config is None or not config.prune.enabled:
             continue
+        guard = base_config.prune.max_deletions_per_run
+        if config.prune.max_deletions_per_run <= guard:
+            continue  # the planner never prunes more than the proposed guard in one run
         observation = proposed_repositories.get(name)
         if observation is None or not observation.reachable:
             error = observation.error if observation is not None and observation.error else "not observed"
@@ -138,8 +130,9 @@ def destructive_changes(
                 DestructiveChange(
                     "prune-unknown",
                     name,
-                    f"repository {name!r}: the change affects what is pruned there, but its restore points"
-                    f" cannot be counted now ({error}); checked again at the next fetch",
+                    f"repository {name!r}: max_deletions_per_run is raised from {guard} to"
+                    f" {config.prune.max_deletions_per_run}, but its restore points cannot be counted now"
+                    f" ({error}); checked again at the next fetch",
                 )
             )
             continue
@@ -147,17 +140,14 @@ def destructive_changes(
         # What the proposed config's plan prunes in one run: nothing when over its own guard (the
         # planner then prunes none and warns).
         prunes = len(expired) if len(expired) <= config.prune.max_deletions_per_run else 0
-        base_config = base.repositories.get(name)
-        guard = (base_config or config).prune.max_deletions_per_run
         if prunes > guard:
-            raised = f" (raised to {config.prune.max_deletions_per_run})" if base_config is not None else ""
             out.append(
                 DestructiveChange(
                     "mass-prune",
                     name,
                     f"repository {name!r}: {_count(prunes, 'restore point', 'restore points')} would be"
                     f" pruned in one run, more than max_deletions_per_run {guard} of the applied"
-                    f" config{raised}",
+                    f" config (raised to {config.prune.max_deletions_per_run})",
                 )
             )
     return tuple(out)

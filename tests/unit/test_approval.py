@@ -5,11 +5,10 @@ from __future__ import annotations
 from datetime import timedelta
 from pathlib import Path
 
-from planfixtures import at, load_desired, point, policy_doc, repo_doc
-
 from reconciler.config import DesiredState
 from reconciler.planning.approval import Review, config_changes, destructive_changes
 from reconciler.planning.observed import RepositoryObservation
+from tests.unit.planfixtures import at, load_desired, point, policy_doc, repo_doc
 
 NOW = at("2026-11-26 03:00")
 
@@ -113,20 +112,24 @@ def test_raising_the_guard_to_let_a_mass_deletion_through_needs_approval(tmp_pat
     ]
 
 
-def test_a_repository_that_cannot_be_read_holds_a_change_to_its_pruning(tmp_path: Path) -> None:
+def test_a_raised_guard_on_a_repository_that_cannot_be_read_is_held(tmp_path: Path) -> None:
     base = config(tmp_path, "a", policy_doc("web", "esxi1", ["web01"], retention="{keep_last: 10}"))
-    proposed = config(tmp_path, "b", policy_doc("web", "esxi1", ["web01"], retention="{keep_last: 2}"))
+    shorter = config(tmp_path, "b", policy_doc("web", "esxi1", ["web01"], retention="{keep_last: 2}"))
     down = {"nas": RepositoryObservation("nas", reachable=False, error="OSError: mount gone")}
-    (change,) = destructive_changes(base, down, proposed, down)
-    assert change.rule == "prune-unknown"
-    assert "cannot be counted now (OSError: mount gone); checked again at the next fetch" in change.message
-    # A change that does not touch pruning is not held by the unreadable repository.
-    other = config(
+    # A shorter retention under the same guard cannot prune more than the guard: not held.
+    assert destructive_changes(base, down, shorter, down) == ()
+    raised = config(
         tmp_path,
         "c",
-        policy_doc("web", "esxi1", ["web01"], retention="{keep_last: 10}", schedule='{daily: {at: "04:00"}}'),
+        policy_doc("web", "esxi1", ["web01"], retention="{keep_last: 2}"),
+        repositories=[repo_doc(max_deletions=1000)],
     )
-    assert destructive_changes(base, down, other, down) == ()
+    (change,) = destructive_changes(base, down, raised, down)
+    assert change.rule == "prune-unknown"
+    assert change.message == (
+        "repository 'nas': max_deletions_per_run is raised from 100 to 1000, but its restore points cannot be"
+        " counted now (OSError: mount gone); checked again at the next fetch"
+    )
 
 
 def test_pruning_disabled_is_never_a_mass_deletion(tmp_path: Path) -> None:

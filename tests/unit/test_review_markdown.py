@@ -6,11 +6,10 @@ import dataclasses
 from datetime import timedelta
 from pathlib import Path
 
-from planfixtures import at, host, load_desired, observed, point, policy_doc, snapshot, vm
-
 from reconciler.planning.approval import ConfigChange, DestructiveChange, Review
 from reconciler.planning.plan import plan
 from reconciler.planning.review import markdown_escape, plan_markdown, review_text
+from tests.unit.planfixtures import at, host, load_desired, observed, point, policy_doc, snapshot, vm
 
 NOW = at("2026-11-26 03:00")
 EVIL = "web*01|<b>x</b>\n+ backup `evil`"
@@ -46,8 +45,8 @@ the trailer `Approve-Destructive: <why>` (signed by a trusted key when signature
 **3 to add, 1 to change, 3 to destroy.**
 
 #### Add (3): backups, verifications, test restores
-- backup esxi1/web\\*01\\|\\<b>x\\</b>\\\\n+ backup \\`evil\\` -> nas (first run; due since 2026-11-26 02:00 UTC \
-(daily at 02:00))
+- backup esxi1/web\\*01\\|\\<b>x\\</b>\\\\n+ backup \\`evil\\` -> nas (first run; due since \
+2026-11-26 02:00 UTC (daily at 02:00))
 - backup esxi1/web01 -> nas (due since 2026-11-26 02:00 UTC (daily at 02:00))
 - backup esxi2/app201 -> nas (first run; due since 2026-11-26 02:00 UTC (daily at 02:00))
 
@@ -111,9 +110,9 @@ def test_the_text_review_lists_changes_and_what_needs_approval() -> None:
         "  BackupPolicy 'old' removed\n"
         "  BackupPolicy 'web' changed (retention)\n"
         "\n"
-        "NEEDS APPROVAL: the daemon holds this revision until a commit on top of it whose message ends with the"
-        " trailer 'Approve-Destructive: <why>' (signed by a trusted key when signatures are required) approves"
-        " it:\n"
+        "NEEDS APPROVAL: the daemon holds this revision until a commit on top of it whose message ends with"
+        " the trailer 'Approve-Destructive: <why>' (signed by a trusted key when signatures are required)"
+        " approves it:\n"
         f"  ! {REMOVED.message}\n"
     )
     assert review_text(Review("main")) == "Compared with main:\n  no object changed\n"

@@ -83,10 +83,14 @@ spec:
 """
     found = issues(tmp_path, text)
     path = str(tmp_path / "source.yaml")
-    assert any(f"{path}:5:3 spec.url: 'https://example.com/x.git' is not a git URL over SSH" in i for i in found)
-    assert any("spec: takes exactly one of branch, tag; found branch and tag" in i for i in found)
-    assert any("8:3 spec.intervall: unknown field 'intervall'; did you mean 'interval'?" in i for i in found)
-    assert any("spec.verify.signers[0].ssh: 'not a key' is not an OpenSSH public key line" in i for i in found)
+    expected = [
+        f"{path}:5:3 spec.url: 'https://example.com/x.git' is not a git URL over SSH",
+        "spec: takes exactly one of branch, tag; found branch and tag",
+        "8:3 spec.intervall: unknown field 'intervall'; did you mean 'interval'?",
+        "spec.verify.signers[0].ssh: 'not a key' is not an OpenSSH public key line",
+    ]
+    for text in expected:
+        assert any(text in i for i in found), text
 
 
 def test_an_ssh_url_without_deploy_key_and_host_keys_is_refused(tmp_path: Path) -> None:
@@ -113,7 +117,8 @@ def test_bad_branch_names_and_two_documents_are_refused(tmp_path: Path) -> None:
     assert issues(tmp_path, SOURCE + "---\n" + SOURCE) == [
         f"{tmp_path / 'source.yaml'} expected exactly one GitSource document, found 2 documents"
     ]
-    assert "source file does not exist" in str(pytest.raises(ConfigError, load_source, tmp_path / "nope"))
+    with pytest.raises(ConfigError, match="source file does not exist"):
+        load_source(tmp_path / "nope")
 
 
 def test_a_config_directory_cannot_say_where_it_comes_from(tmp_path: Path) -> None:
@@ -132,4 +137,5 @@ def test_a_config_directory_cannot_say_where_it_comes_from(tmp_path: Path) -> No
 
 def test_a_kind_of_the_config_directory_is_not_a_source(tmp_path: Path) -> None:
     text = SOURCE.replace("kind: GitSource", "kind: Repository")
-    assert any("kind: unknown kind 'Repository'; expected one of GitSource" in i for i in issues(tmp_path, text))
+    found = issues(tmp_path, text)
+    assert any("kind: unknown kind 'Repository'; expected one of GitSource" in i for i in found)
