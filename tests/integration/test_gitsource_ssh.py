@@ -178,7 +178,9 @@ def test_the_daemon_follows_a_repository_over_ssh(server: GitServer, keys: Keys,
         work.push(force=True)
         wait_for("the force-push refused", lambda: status().failed == second)
         assert status().failed_reason == "Rollback"
-        assert (status().failed_message or "").startswith(f"{second[:12]} is older than the applied {signed[:12]}")
+        assert (status().failed_message or "").startswith(
+            f"{second[:12]} is older than the applied {signed[:12]}"
+        )
         assert running(signed)
         work.reset(signed)
         work.push(force=True)
