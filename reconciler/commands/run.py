@@ -91,27 +91,31 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
 
 
 def _source(args: argparse.Namespace) -> SourceTracker | None:
-    """The git source of ``--source FILE``; raises ``SystemExit(2)`` after printing why it is unusable."""
+    """The git source of ``--source FILE``, or None after printing why it is unusable (exit 2)."""
     from reconciler.config import ConfigError
     from reconciler.config.source import load_source
     from reconciler.daemon.source import SourceTracker
 
     if args.config is not None:
         print("esxi-reconciler run: give either --config DIR or --source FILE, not both", file=sys.stderr)
-        raise SystemExit(2)
+        return None
     try:
         spec = load_source(args.source)
     except ConfigError as error:
         for issue in error.issues:
             print(issue, file=sys.stderr)
-        raise SystemExit(2) from None
+        return None
     return SourceTracker(spec, state_dir(args))
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     from reconciler.daemon import Daemon
 
-    source = _source(args) if args.source is not None else None
+    source = None
+    if args.source is not None:
+        source = _source(args)
+        if source is None:
+            return 2
     daemon = Daemon(
         source.config_dir if source is not None else config_dir(args),
         state_dir(args),

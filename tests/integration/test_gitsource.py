@@ -196,6 +196,28 @@ def test_the_daemon_applies_pushed_commits_and_keeps_the_last_good_one(world: Wo
     assert not thread.is_alive()
 
 
+@pytest.mark.usefixtures("restore_logging")
+def test_run_once_with_a_source_applies_the_head_and_runs_one_cycle(world: World) -> None:
+    world.config(policy_doc("web"))
+    head = world.push("first")
+    state = ["--state-dir", str(world.state), "--log-level", "error"]
+    assert cli.main([*state, "run", "--once", "--source", str(world.source())]) == 0
+    with StatusStore.open(status_path(world.state), readonly=True) as store:
+        last = store.last_plan()
+    assert last is not None and last.revision == f"git:{head}"
+    assert (world.state / "source" / "applied").resolve() == world.state / "source" / "trees" / head / "esxi"
+
+    # Nothing trusted (an unsigned head while signatures are required): nothing to run, exit 2.
+    other = world.root / "other-state"
+    signed_only = world.source(signers=[("alice", "ssh", world.keys.ssh_public("alice"))])
+    assert (
+        cli.main(
+            ["--state-dir", str(other), "--log-level", "error", "run", "--once", "--source", str(signed_only)]
+        )
+        == 2
+    )
+
+
 def test_status_shows_the_revisions(world: World, capsys: pytest.CaptureFixture[str]) -> None:
     world.config(policy_doc("web"))
     good = world.push("good")

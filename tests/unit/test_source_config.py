@@ -139,3 +139,19 @@ def test_a_kind_of_the_config_directory_is_not_a_source(tmp_path: Path) -> None:
     text = SOURCE.replace("kind: GitSource", "kind: Repository")
     found = issues(tmp_path, text)
     assert any("kind: unknown kind 'Repository'; expected one of GitSource" in i for i in found)
+
+
+@pytest.mark.usefixtures("restore_logging")
+def test_run_refuses_a_bad_source_file_and_a_second_config(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from reconciler import cli
+
+    bad = write(tmp_path, SOURCE.replace("interval: 30s", "interval: soon"))
+    state = ["--state-dir", str(tmp_path / "state")]
+    assert cli.main(["run", "--once", "--source", str(bad), *state]) == 2
+    assert "spec.interval: 'soon' is not a duration such as 30s" in capsys.readouterr().err
+    good = write(tmp_path, SOURCE)
+    assert cli.main(["--config", str(tmp_path), "run", "--source", str(good), *state]) == 2
+    assert "give either --config DIR or --source FILE, not both" in capsys.readouterr().err
+    assert not (tmp_path / "state").exists()
