@@ -155,3 +155,25 @@ def test_run_refuses_a_bad_source_file_and_a_second_config(
     assert cli.main(["--config", str(tmp_path), "run", "--source", str(good), *state]) == 2
     assert "give either --config DIR or --source FILE, not both" in capsys.readouterr().err
     assert not (tmp_path / "state").exists()
+
+
+README = Path(__file__).resolve().parents[2] / "README.md"
+
+
+def test_the_readme_source_example_loads(tmp_path: Path) -> None:
+    text = README.read_text()
+    block = text.split("# /etc/esxi-reconciler/source.yaml\n", 1)[1].split("```", 1)[0]
+    spec = load_source(write(tmp_path, block))
+    assert spec.ssh is not None and spec.verify and spec.path == "esxi"
+    assert [s.kind for s in spec.signers] == ["ssh", "openpgp"]
+
+
+def test_the_readme_ci_step_is_valid_shell(tmp_path: Path) -> None:
+    import subprocess
+
+    text = README.read_text()
+    step = text.split('# CI step "esxi-reconciler plan"', 1)[1].split("```", 1)[0]
+    script = tmp_path / "step.sh"
+    script.write_text("#!/bin/sh\n" + step)
+    assert subprocess.run(["sh", "-n", str(script)], capture_output=True, check=False).returncode == 0
+    assert "plan --revision HEAD --against" in step and "--format markdown" in step
