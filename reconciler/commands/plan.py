@@ -236,6 +236,22 @@ def _plan_revision(args: argparse.Namespace) -> int:
         sys.stdout.write(render_text(result, color=_color()))
         if review is not None:
             sys.stdout.write("\n" + review_text(review))
+        if args.source is not None:
+            _print_daemon_verdict(state_dir(args), proposed.commit)
     if args.detailed_exitcode and result.has_changes:
         return 2
     return 0
+
+
+def _print_daemon_verdict(directory: Path, commit: str) -> None:
+    """With ``--source``: what the daemon last concluded about this commit, if it refused it."""
+    from reconciler.status.store import StatusStore, StatusStoreError, status_path
+
+    try:
+        with StatusStore.open(status_path(directory), readonly=True) as store:
+            source = store.source_status()
+    except StatusStoreError:
+        return
+    if source is not None and source.failed == commit:
+        why = printable(source.failed_message or "")
+        print(f"\nThe daemon refused this revision: {source.failed_reason}: {why}")

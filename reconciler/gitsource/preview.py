@@ -93,18 +93,20 @@ class Revisions:
         clone = SourceClone(spec, state_dir)
         if not (clone.git_dir / "HEAD").exists():
             raise GitError(f"{clone.root}: no clone yet (has the daemon run with --source?)")
-        revisions = cls(clone, default_revision=spec.ref)
+        # Read as another user than the daemon's (root at a terminal): git's ownership check would refuse.
+        settings: tuple[str, ...] = (f"safe.directory={clone.git_dir}",)
+        env = dict(clone.local.env)
+        trust = None
+        if spec.verify:
+            trust = Trust(spec.signers, Path(tempfile.mkdtemp(prefix="esxi-reconciler-trust-")))
+            trust.prepare()
+            settings += trust.git_config
+            env.update(trust.env)
+        clone.local = replace(clone.local, env=env, config=settings)
+        revisions = cls(clone, default_revision=spec.ref, trust=trust)
         revisions.names = {spec.ref: f"the fetched {spec.ref_name}", APPLIED_REF: "the applied revision"}
         if clone.applied() is not None:
             revisions.default_base = APPLIED_REF
-        if spec.verify:
-            trust = Trust(spec.signers, revisions._tmp / "trust")
-            trust.prepare()
-            revisions.trust = trust
-            env = {**clone.local.env, **trust.env}
-            revisions.repository = GitRepository(
-                replace(clone.local, env=env, config=trust.git_config), spec.path
-            )
         return revisions
 
     def __enter__(self) -> Revisions:
@@ -114,6 +116,8 @@ class Revisions:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         shutil.rmtree(self._tmp, ignore_errors=True)
+        if self.trust is not None:
+            shutil.rmtree(self.trust.directory, ignore_errors=True)
 
     def load(self, ref: str) -> Revision:
         """The config of ``ref``. Raises :class:`GitError` (no such revision) or :class:`ConfigError`
