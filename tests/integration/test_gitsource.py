@@ -461,3 +461,25 @@ def test_plan_of_a_branch_against_reality_and_as_a_review(
     assert cli.main([*base, "--revision", "nope"]) == 1
     assert "no commit named 'nope'" in capsys.readouterr().err
     assert point_count(world.backups) == 6  # planning changes nothing
+
+
+@pytest.mark.usefixtures("restore_logging")
+def test_plan_source_reviews_the_fetched_head_against_the_applied_revision(
+    world: World, keys: Keys, capsys: pytest.CaptureFixture[str]
+) -> None:
+    make_points(world.backups, "db", 3)
+    world.config(policy_doc("web"), policy_doc("db"))
+    applied = world.push("two policies", sign="alice")
+    source = world.source(signers=[("alice", "ssh", keys.ssh_public("alice"))])
+    common = ["--state-dir", str(world.state), "--log-level", "error"]
+    assert cli.main([*common, "run", "--once", "--source", str(source)]) == 0
+    world.config(policy_doc("web"))
+    held = world.push("drop db", sign="alice")
+    assert cli.main([*common, "run", "--once", "--source", str(source)]) == 0  # the applied one runs
+
+    assert cli.main([*common, "plan", "--source", str(source)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"Planning the fetched branch main (git:{held[:12]}) against reality observed now.")
+    assert f"Compared with the applied revision (git:{applied[:12]}):\n  BackupPolicy 'db' removed\n" in out
+    assert "NEEDS APPROVAL" in out and "its 3 restore points in repository 'nas' become orphaned" in out
+    assert "The daemon refused this revision: NeedsApproval: BackupPolicy 'db' is removed" in out
