@@ -18,8 +18,8 @@ from dataclasses import dataclass
 
 from reconciler.config.model import DesiredState
 from reconciler.config.model import Repository as RepositoryConfig
-from reconciler.operations.backup import open_repository
 from reconciler.operations.observe import RepoOpener, observe_repositories
+from reconciler.operations.repositories import open_repository
 from reconciler.planning.approval import APPROVAL_TRAILER, Review, config_changes, destructive_changes
 from reconciler.planning.observed import RepositoryObservation
 

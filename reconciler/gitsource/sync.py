@@ -34,8 +34,8 @@ from reconciler.config.source import GitSourceSpec
 from reconciler.gitsource.approve import Approval, RepositoryReader, judge
 from reconciler.gitsource.clone import SourceClone
 from reconciler.gitsource.git import GitError
-from reconciler.operations.backup import open_repository
 from reconciler.operations.observe import RepoOpener
+from reconciler.operations.repositories import open_repository
 from reconciler.planning.approval import APPROVAL_TRAILER, Review
 
 log = structlog.get_logger(__name__)
