@@ -126,7 +126,7 @@ class Revisions:
         path = self.repository.path
         if not self.repository.has_config_dir(commit):
             raise ConfigError(
-                [ConfigIssue(path or ".", 0, 0, "", f"no such directory in {ref} ({commit[:12]})")]
+                [ConfigIssue(path or ".", 0, 0, "", f"is not a directory in {ref} ({commit[:12]})")]
             )
         links = self.repository.symlinks(commit)
         if links:

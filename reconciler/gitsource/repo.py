@@ -85,8 +85,10 @@ class GitRepository:
         return links
 
     def has_config_dir(self, commit: str) -> bool:
-        """Whether ``commit`` has the config sub-directory at all."""
-        return self.local.run("cat-file", "-e", self._treeish(commit), what="", check=False).returncode == 0
+        """Whether ``commit`` has the config sub-directory as a directory (a symbolic link in its place,
+        which could point anywhere on the machine, does not count)."""
+        result = self.local.run("cat-file", "-t", self._treeish(commit), what="", check=False)
+        return result.returncode == 0 and result.text == "tree"
 
     def export(self, commit: str, directory: Path) -> Path:
         """Write the config files of ``commit`` into ``directory`` (which must not exist) and return it.

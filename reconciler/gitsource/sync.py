@@ -124,7 +124,15 @@ class Syncer:
         """The config of ``commit`` from its work tree, or its issues (files named from the top)."""
         path = self.spec.path
         if not self.clone.has_config_dir(commit):
-            return None, (ConfigIssue(path or ".", 0, 0, "", f"no such directory in commit {commit[:12]}"),)
+            return None, (
+                ConfigIssue(
+                    path or ".",
+                    0,
+                    0,
+                    "",
+                    f"is not a directory in commit {commit[:12]} (the source's spec.path)",
+                ),
+            )
         links = self.clone.symlinks(commit)
         if links:
             message = (

@@ -351,7 +351,7 @@ def test_symbolic_links_and_a_missing_directory_are_refused(world: World) -> Non
     result = moved.poll(None)
     assert (
         result.reason == "InvalidConfig"
-        and result.message == f"elsewhere no such directory in commit {head[:12]}"
+        and result.message == f"elsewhere is not a directory in commit {head[:12]} (the source's spec.path)"
     )
 
 
@@ -483,3 +483,28 @@ def test_plan_source_reviews_the_fetched_head_against_the_applied_revision(
     assert f"Compared with the applied revision (git:{applied[:12]}):\n  BackupPolicy 'db' removed\n" in out
     assert "NEEDS APPROVAL" in out and "its 3 restore points in repository 'nas' become orphaned" in out
     assert "The daemon refused this revision: NeedsApproval: BackupPolicy 'db' is removed" in out
+
+
+def test_a_tag_is_followed_and_a_linked_config_directory_refused(world: World) -> None:
+    world.config(policy_doc("web"))
+    first = world.work.commit("first")
+    world.work.git("tag", "production")
+    world.work.push(ref="refs/tags/production")
+    source = world.root / "tag.yaml"
+    source.write_text(source_doc(world.url).replace("branch: main", "tag: production"))
+    syncer = Syncer(load_source(source), world.state)
+    syncer.open()
+    result, applied = accept(syncer, None)
+    assert result.reason == "Accepted" and commit_of(applied) == first
+
+    (world.work.directory / "linked").symlink_to("/etc")
+    second = world.work.commit("a link as the config directory")
+    world.work.git("tag", "-f", "production")
+    world.work.push(ref="refs/tags/production", force=True)
+    linked = world.root / "linked.yaml"
+    linked.write_text(source_doc(world.url, path="linked").replace("branch: main", "tag: production"))
+    other = Syncer(load_source(linked), world.root / "other-state")
+    other.open()
+    result = other.poll(None)
+    assert (result.reason, result.head) == ("InvalidConfig", second)
+    assert result.message == f"linked is not a directory in commit {second[:12]} (the source's spec.path)"
