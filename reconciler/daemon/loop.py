@@ -294,7 +294,10 @@ class Daemon:
             log.error("source.unusable", url=self.source.spec.display_url, error=str(exc))
             return False
         if self.once:
-            self.source.poll_once()
+            try:
+                self.source.poll_once()
+            except Exception:  # a bug must not hide the applied revision, which still runs
+                log.exception("source.poll_failed")
         else:
             self.source.start(self.source_applied)
         return True

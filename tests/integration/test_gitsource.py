@@ -23,6 +23,7 @@ from reconciler.config.source import load_source
 from reconciler.daemon import CycleContext, CycleResult, Daemon, Notifier
 from reconciler.daemon.source import SourceTracker
 from reconciler.gitsource.sync import AppliedRevision, PollResult, Syncer
+from reconciler.gitsource.trust import TrustError
 from reconciler.status.store import StatusStore, status_path
 from tests.integration.gitremote import (
     HOST_DOC,
@@ -508,3 +509,18 @@ def test_a_tag_is_followed_and_a_linked_config_directory_refused(world: World) -
     result = other.poll(None)
     assert (result.reason, result.head) == ("InvalidConfig", second)
     assert result.message == f"linked is not a directory in commit {second[:12]} (the source's spec.path)"
+
+
+@pytest.mark.usefixtures("restore_logging")
+def test_a_signer_key_gpg_cannot_read_stops_the_daemon_at_start(world: World) -> None:
+    world.config(policy_doc("web"))
+    world.push("first")
+    broken = "-----BEGIN PGP PUBLIC KEY BLOCK-----\n\nbm90IGEga2V5\n-----END PGP PUBLIC KEY BLOCK-----"
+    source = world.source(signers=[("carol", "openpgp", broken)])
+    syncer = Syncer(load_source(source), world.state)
+    with pytest.raises(TrustError, match="signer 'carol': not a usable OpenPGP public key"):
+        syncer.open()
+    assert (
+        cli.main(["--state-dir", str(world.state), "--log-level", "critical", "run", "--source", str(source)])
+        == 2
+    )
