@@ -34,7 +34,6 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         handler=cmd_points,
     )
     parser.add_argument("--vm", metavar="NAME", help="only points of this VM (display name)")
-    parser.add_argument("--json", action="store_true", help="JSON output")
 
 
 def cmd_points(args: argparse.Namespace) -> int:

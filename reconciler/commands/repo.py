@@ -107,7 +107,6 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         default=0.0,
         help="wait up to this long for a running backup to release the repository (default: 0)",
     )
-    gc.add_argument("--json", action="store_true", help="JSON output")
 
 
 def _repo_usage(args: argparse.Namespace) -> int:

@@ -36,7 +36,6 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         epilog=_STATUS_EXAMPLES,
         handler=cmd_status,
     )
-    parser.add_argument("--json", action="store_true", help="JSON output")
 
 
 def _when(value: datetime | None) -> str:

@@ -77,7 +77,6 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         help="set bad chunks aside (quarantine/) so that the next backup of each affected VM reads in full"
         " and stores that data again (what the daemon's scheduled verifications do)",
     )
-    parser.add_argument("--json", action="store_true", help="JSON output")
 
 
 def cmd_verify(args: argparse.Namespace) -> int:

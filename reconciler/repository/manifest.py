@@ -147,5 +147,3 @@ def _time(value: Any) -> datetime:
 
 def _opt_str(value: Any) -> str | None:
     return None if value is None else str(value)
-
-

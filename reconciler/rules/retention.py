@@ -77,8 +77,10 @@ class CalendarDuration:
     def __post_init__(self) -> None:
         values = (self.years, self.months, self.weeks, self.days, self.hours)
         if any(isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in values):
-            raise RetentionError("duration parts must be non-negative whole numbers, got"
-                f" {self.years}y{self.months}m{self.weeks}w{self.days}d{self.hours}h")
+            raise RetentionError(
+                "duration parts must be non-negative whole numbers, got"
+                f" {self.years}y{self.months}m{self.weeks}w{self.days}d{self.hours}h"
+            )
         if not any(values):
             raise RetentionError("duration must be longer than zero")
 
