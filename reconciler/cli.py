@@ -28,6 +28,7 @@ from reconciler.commands.common import (
     Handler,
     UsageParser,
     global_options_parent,
+    json_mode,
     report_failure,
 )
 from reconciler.config.loader import CONFIG_ENV, DEFAULT_CONFIG_DIR
@@ -127,13 +128,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if handler is None:
         parser.print_help(sys.stderr)
         return int(ExitCode.USAGE)
-    try:
-        return int(handler(args))
-    except KeyboardInterrupt:
-        print(f"esxi-reconciler {args.command}: interrupted", file=sys.stderr)
-        return int(ExitCode.INTERRUPTED)
-    except Exception as exc:
-        return report_failure(args, exc)
+    with json_mode(args.json):
+        try:
+            return int(handler(args))
+        except KeyboardInterrupt:
+            print(f"esxi-reconciler {args.command}: interrupted", file=sys.stderr)
+            return int(ExitCode.INTERRUPTED)
+        except Exception as exc:
+            return report_failure(args, exc)
 
 
 if __name__ == "__main__":

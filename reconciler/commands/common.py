@@ -11,14 +11,15 @@ of the command line, never :mod:`reconciler.cli`.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import enum
 import json
 import os
 import sys
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn, TextIO
 
 from reconciler.config import default_config_dir
 from reconciler.config.loader import CONFIG_ENV, DEFAULT_CONFIG_DIR
@@ -99,9 +100,29 @@ def error_document(command: str, code: str, message: str, exit_code: int, **deta
     return doc
 
 
+_json_stream: list[TextIO] = []
+"""Where :func:`emit_json` writes: the real stdout while :func:`json_mode` sends the rest to stderr."""
+
+
+@contextlib.contextmanager
+def json_mode(enabled: bool) -> Iterator[None]:
+    """With ``--json``, stdout holds only the JSON document: whatever else a verb prints for people
+    (progress, per-VM lines) goes to stderr while it runs."""
+    if not enabled:
+        yield
+        return
+    _json_stream.append(sys.stdout)
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+    finally:
+        _json_stream.pop()
+
+
 def emit_json(doc: Any) -> None:
     """Print one JSON document on stdout (the only thing a verb prints there with ``--json``)."""
-    print(json.dumps(doc, indent=2, ensure_ascii=False, default=str), flush=True)
+    stream = _json_stream[-1] if _json_stream else sys.stdout
+    print(json.dumps(doc, indent=2, ensure_ascii=False, default=str), file=stream, flush=True)
 
 
 def command_name(args: argparse.Namespace) -> str:
@@ -114,9 +135,8 @@ def report_failure(args: argparse.Namespace, exc: BaseException) -> int:
     """Report an exception that ended a verb and return its exit code: an expected failure in one line
     on stderr (and, with ``--json``, as the error object on stdout); anything else as a bug, whose
     traceback ``-v`` shows."""
-    from reconciler.printable import printable
-
     from reconciler.operations.failures import explain
+    from reconciler.printable import printable
 
     command = command_name(args)
     explained = explain(exc)

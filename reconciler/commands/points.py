@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from typing import Any
 
 import structlog
 
-from reconciler.commands.common import add_command, load_desired
+from reconciler.commands.common import ExitCode, add_command, emit_json, error_document, load_desired
 from reconciler.printable import printable
 from reconciler.units import human_size
 
@@ -20,6 +19,9 @@ _POINTS_EXAMPLES = """\
 examples:
   esxi-reconciler points                    every restore point of every repository
   esxi-reconciler points --vm web01 --json  one VM's points as JSON
+
+A repository that cannot be read (not mounted, wrong passphrase, locked) is an error (exit 1),
+never "no restore points"; the points of the others are still listed.
 """
 
 
@@ -39,20 +41,23 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
 def cmd_points(args: argparse.Namespace) -> int:
     """``esxi-reconciler points``: 0, or 1 if a repository could not be read."""
     from reconciler.operations.backup import open_repository
+    from reconciler.operations.failures import explain
 
     desired = load_desired(args)
-    if desired is None:
-        return 2
     rows: list[dict[str, Any]] = []
-    status = 0
+    unreadable: list[tuple[str, str, str]] = []
     for name, repo_cfg in desired.repositories.items():
         try:
             repo = open_repository(repo_cfg)
             with repo.lock(purpose="list points"):
                 points = repo.list_points(vm=args.vm)
         except Exception as error:
-            print(f"esxi-reconciler points: repository {name}: {printable(str(error))}", file=sys.stderr)
-            status = 1
+            explained = explain(error)
+            if explained is None:
+                raise
+            message = explained.message if name in explained.message else f"repository {name}: {explained}"
+            print(f"esxi-reconciler points: {printable(message)}", file=sys.stderr)
+            unreadable.append((name, explained.code, message))
             continue
         for p in points:
             rows.append(
@@ -75,8 +80,23 @@ def cmd_points(args: argparse.Namespace) -> int:
                     "stored": sum(d.bytes_stored for d in p.disks),
                 }
             )
+    status = ExitCode.FAILED if unreadable else ExitCode.OK
     if args.json:
-        print(json.dumps(rows, indent=2, ensure_ascii=False))
+        if unreadable:
+            code = unreadable[0][1] if len(unreadable) == 1 else "repositories-unreadable"
+            message = "; ".join(m for _, _, m in unreadable)
+            emit_json(
+                error_document(
+                    "points",
+                    code,
+                    message,
+                    status,
+                    points=rows,
+                    unreadable=[{"repository": n, "code": c, "message": m} for n, c, m in unreadable],
+                )
+            )
+        else:
+            emit_json(rows)
         return status
     if rows:
         # a name backed up as several VMs (two hosts, a re-created VM): show the UUIDs that tell them apart
@@ -95,6 +115,10 @@ def cmd_points(args: argparse.Namespace) -> int:
         widths = [max(len(str(row[i])) for row in table) for i in range(len(header))]
         for row in table:
             print("  ".join(str(cell).ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+    elif unreadable:
+        print(
+            f"no restore points in the readable repositories; {len(unreadable)} could not be read (see above)"
+        )
     else:
         print("no restore points")
     return status

@@ -43,8 +43,9 @@ class CycleContext:
 
 @dataclass(frozen=True)
 class CycleResult:
-    """``ok``: nothing failed. ``summary``: one line for ``systemctl status``. ``next_due``: when the
-    earliest scheduled job becomes due (the loop wakes then, not only at the resync)."""
+    """``ok``: nothing failed and nothing is Stalled (``run --once`` exits 1 otherwise). ``summary``: one
+    line for ``systemctl status``. ``next_due``: when the earliest scheduled job becomes due (the loop
+    wakes then, not only at the resync)."""
 
     ok: bool
     summary: str
@@ -124,4 +125,4 @@ def reconcile(ctx: CycleContext) -> CycleResult:
     summary = (
         f"{done} done, {failed} failed, {len(the_plan.actions) - done - failed} not run; {stalled} stalled"
     )
-    return CycleResult(ok=failed == 0, summary=summary, next_due=the_plan.next_due)
+    return CycleResult(ok=failed == 0 and stalled == 0, summary=summary, next_due=the_plan.next_due)
