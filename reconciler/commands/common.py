@@ -76,7 +76,8 @@ class UsageParser(argparse.ArgumentParser):
 
 
 def _kind_code(kind: str) -> ExitCode:
-    return {"config": ExitCode.CONFIG, "usage": ExitCode.USAGE}.get(kind, ExitCode.FAILED)
+    codes = {"config": ExitCode.CONFIG, "usage": ExitCode.USAGE, "incomplete": ExitCode.INCOMPLETE}
+    return codes.get(kind, ExitCode.FAILED)
 
 
 def fail(message: str, code: str = "failed", kind: str = "failed") -> NoReturn:

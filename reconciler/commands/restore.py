@@ -163,7 +163,9 @@ def find_repository(args: argparse.Namespace, desired: DesiredState, command: st
             f"{readable} has restore points of VM {what}, and {'; '.join(unreadable)}",
             "repository-unreadable",
         )
-    raise Failure(f"no repository has restore points of VM {what} (`esxi-reconciler points` lists them)", "no-points")
+    raise Failure(
+        f"no repository has restore points of VM {what} (`esxi-reconciler points` lists them)", "no-points"
+    )
 
 
 def describe_point(point: RestorePoint) -> str:

@@ -36,9 +36,10 @@ from reconciler.repository.errors import (
 )
 from reconciler.status.store import StatusStoreError
 
-FailureKind = Literal["failed", "config", "usage"]
+FailureKind = Literal["failed", "config", "usage", "incomplete"]
 """What kind of failure it is, which decides the exit code: ``failed`` (the operation could not be done),
-``config`` (the configuration is wrong: fix a file, not the world), ``usage`` (the command line is wrong)."""
+``config`` (the configuration is wrong: fix a file, not the world), ``usage`` (the command line is wrong),
+``incomplete`` (there was nothing to look at: ``status`` without status data)."""
 
 _UNREACHABLE = {
     errno.ECONNREFUSED: "connection refused",
