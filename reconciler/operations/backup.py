@@ -444,7 +444,8 @@ class _DiskJob:
     def _full_plan(self, reason: str | None) -> _Plan:
         """A full read; ``reason`` is the fallback reason (None when a full read is simply due)."""
         if reason:
-            self.log.warning("backup.fallback_full", reason=reason)
+            # expected (first backup, CBT reset, capacity change): info, not a warning to alert on
+            self.log.info("backup.fallback_full", reason=reason)
         disk = self.disk
         if self.host.license == "licensed" and disk.change_id:
             try:
@@ -769,7 +770,11 @@ def backup_vm(
         expected = isinstance(exc, EsxiError | BackupError | Cancelled | StorageError)
         result.error = str(exc) if expected else f"{type(exc).__name__}: {exc}"
         result.exception = exc
-        vlog.error("backup.vm_failed", error=result.error, exc_info=not expected)
+        if isinstance(exc, Cancelled) or cancel.is_set():
+            # a clean stop (SIGTERM) is not an error: log-based alerts must not fire on it
+            vlog.info("backup.vm_cancelled", reason=result.error)
+        else:
+            vlog.error("backup.vm_failed", error=result.error, exc_info=not expected)
     else:
         result.ok = result.error is None  # a failing post hook (on_failure: fail) fails the run
         result.point_id = point.id
@@ -1018,7 +1023,10 @@ def backup_policy(
         except Cancelled as exc:
             return VmResult(info.name, host_cfg.name, policy.name, False, error=str(exc), exception=exc)
         except Exception as exc:  # e.g. login failed
-            log.error("backup.vm_failed", vm=info.name, error=str(exc))
+            if cancel.is_set():
+                log.info("backup.vm_cancelled", vm=info.name, reason=str(exc))
+            else:
+                log.error("backup.vm_failed", vm=info.name, error=str(exc))
             return VmResult(info.name, host_cfg.name, policy.name, False, error=str(exc), exception=exc)
 
     # what killed runs left in tmp/ goes first: on a full volume it is what makes room for the lock file
