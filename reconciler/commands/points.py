@@ -116,9 +116,7 @@ def cmd_points(args: argparse.Namespace) -> int:
         for row in table:
             print("  ".join(str(cell).ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
     elif unreadable:
-        print(
-            f"no restore points in the readable repositories; {len(unreadable)} could not be read (see above)"
-        )
+        pass  # not "no restore points": the repositories that hold them could not be read (stderr says why)
     else:
         print("no restore points")
     return status

@@ -8,7 +8,15 @@ import sys
 from datetime import timedelta
 from pathlib import Path
 
-from reconciler.commands.common import ExitCode, add_command, config_dir, emit_json, fail, state_dir
+from reconciler.commands.common import (
+    ExitCode,
+    add_command,
+    config_dir,
+    emit_json,
+    fail,
+    load_desired,
+    state_dir,
+)
 
 _RUN_EXAMPLES = """\
 examples:
@@ -129,6 +137,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.json and not args.once:
         fail("--json needs --once (the daemon reports through its log and `status --json`)", "usage", "usage")
     _check_state_dir(directory)
+    if args.once:
+        load_desired(args)  # an invalid config: every error and exit 78 now, as every verb
     daemon = Daemon(
         config_dir(args),
         directory,
