@@ -20,7 +20,7 @@ import pytest
 
 from reconciler import cli
 from reconciler.commands.status import daemon_problems, rpo_problems
-from reconciler.daemon.heartbeat import Heartbeat, write_heartbeat
+from reconciler.daemon.heartbeat import Heartbeat
 from reconciler.daemon.lock import InstanceLock
 from reconciler.operations.failures import explain
 from reconciler.planning.observed import RunRecord
@@ -48,7 +48,7 @@ VERBS = (
 
 
 def schema(name: str) -> dict[str, Any]:
-    text = resources.files("reconciler.commands").joinpath("json_schemas", f"{name}.schema.json").read_text()
+    text = resources.files("reconciler.commands").joinpath(f"json_schemas/{name}.schema.json").read_text()
     doc: dict[str, Any] = json.loads(text)
     jsonschema.Draft202012Validator.check_schema(doc)
     return doc
