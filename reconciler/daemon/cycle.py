@@ -92,7 +92,8 @@ def reconcile(ctx: CycleContext) -> CycleResult:
     revision = desired.revision.id
     observed = observe(desired, now=ctx.now, history=store.history(revision))
     the_plan = plan(desired, observed)
-    log.info(
+    # a plan with nothing to do is routine: cycle.done says the cycle ran (keep the journal quiet)
+    (log.info if the_plan.actions else log.debug)(
         "cycle.planned",
         revision=revision,
         actions=len(the_plan.actions),

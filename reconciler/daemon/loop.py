@@ -249,7 +249,7 @@ class Daemon:
             self.desired, self.config_issues = desired, ()
             for warning in desired.warnings:
                 log.warning("config.warning", issue=str(warning))
-            log.info(
+            (log.info if changed else log.debug)(  # a resync re-reads an unchanged config: routine
                 "config.loaded" if changed else "config.unchanged",
                 revision=desired.revision.id,
                 hosts=len(desired.hosts),
@@ -301,7 +301,7 @@ class Daemon:
             clock=self.clock,
         )
         self._beat(cycle_started=ctx.now)
-        log.info("cycle.start", cycle=self.cycles, revision=self.desired.revision.id)
+        log.debug("cycle.start", cycle=self.cycles, revision=self.desired.revision.id)  # cycle.done says it
         self.notifier.status(f"cycle {self.cycles} running (revision {self.desired.revision.id})")
         self._result = None
         self._worker = threading.Thread(target=self._run_cycle, args=(ctx,), name="reconcile", daemon=True)

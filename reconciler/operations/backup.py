@@ -476,7 +476,7 @@ class _DiskJob:
         progress = (
             self.options.progress.disk(self.vm_name, disk.label, total) if self.options.progress else None
         )
-        self.log.info("backup.disk_start", mode=plan.mode, bytes_to_walk=total)
+        self.log.debug("backup.disk_start", mode=plan.mode, bytes_to_walk=total)  # disk_done says it
         digest_map = None
         try:
             https = self._https_full(asm, writer, progress) if plan.https_first else None
@@ -603,7 +603,7 @@ class _DiskJob:
             asm.finish()
         finally:
             reader.close()
-        self.log.info("backup.https_full", areas=len(areas), bytes_read=received)
+        self.log.debug("backup.https_full", areas=len(areas), bytes_read=received)
         dm = DigestMap(DIGEST_ALGORITHM, BLOCK_SIZE, disk.capacity, DIGEST_SIZE, bytes(digests))
         return received, received + sent, dm
 
@@ -851,7 +851,7 @@ def _backup_locked(
     started = datetime.now(timezone.utc)
     point_id = new_point_id(started)
     prev = previous_point(repo, policy.name, vm, host.name)
-    vlog.info("backup.vm_start", point=point_id, previous=prev.id if prev else None, full=options.full)
+    vlog.debug("backup.vm_start", point=point_id, previous=prev.id if prev else None, full=options.full)
     files = _config_files(host, vm)
     if cancel.is_set():
         raise Cancelled("backup cancelled")
@@ -860,7 +860,7 @@ def _backup_locked(
         vm, quiesce=policy.quiesce, timeout=policy.snapshot_timeout.total_seconds()
     ) as bs:
         snapshot_time = bs.snapshot.created or datetime.now(timezone.utc)
-        vlog.info("backup.snapshot", snapshot=bs.snapshot.name, snapshot_id=bs.snapshot.id, point=point_id)
+        vlog.debug("backup.snapshot", snapshot=bs.snapshot.name, snapshot_id=bs.snapshot.id, point=point_id)
         if options.on_snapshot is not None:
             options.on_snapshot(host, bs)
         stored = [repo.write_file(name, data) for name, data in files]
@@ -1010,7 +1010,7 @@ def backup_policy(
         return []
     limits = _Limits(host_cfg.limits.concurrent_backups_per_datastore)
     results: list[VmResult] = []
-    log.info("backup.policy_start", policy=policy_name, vms=[v.name for v in selected])
+    log.debug("backup.policy_start", policy=policy_name, vms=[v.name for v in selected])
 
     def one(info: VmInfo) -> VmResult:
         datastores = {info.datastore} | {split_ds_path(d.file)[0] for d in info.disks}
