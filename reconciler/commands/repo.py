@@ -169,7 +169,7 @@ def cmd_repo_key_export(args: argparse.Namespace) -> int:
     """``esxi-reconciler repo key-export REPOSITORY --out FILE``: 0 written, 1 failed, 64 bad input."""
     import os
 
-    from reconciler.operations.backup import open_repository
+    from reconciler.operations.repositories import open_repository
     from reconciler.repository import export_key
 
     cfg = repository_config(args, "repo key-export")
@@ -201,8 +201,8 @@ def cmd_repo_key_export(args: argparse.Namespace) -> int:
 def cmd_repo_gc(args: argparse.Namespace) -> int:
     """``esxi-reconciler repo gc [REPOSITORY...] [--dry-run]``: 0 done, 1 failed or deferred, 64 bad input."""
     from reconciler.config.secrets import SecretError
-    from reconciler.operations.backup import open_repository
     from reconciler.operations.prune import collect
+    from reconciler.operations.repositories import open_repository
     from reconciler.repository.errors import RepositoryError, StorageError
 
     desired = load_desired(args)

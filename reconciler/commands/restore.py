@@ -120,8 +120,8 @@ def find_repository(args: argparse.Namespace, desired: DesiredState, command: st
     """The repository named by ``--repository``, else the only one holding points of ``args.vm`` (from
     ``args.from_host`` when given). Stops the verb when there is none, naming the repositories that could
     not be read and why (a wrong passphrase or an unmounted volume is the cause, not "no points")."""
-    from reconciler.operations.backup import open_repository
     from reconciler.operations.failures import Failure, explain
+    from reconciler.operations.repositories import open_repository
 
     if args.repository:
         if args.repository not in desired.repositories:
@@ -256,9 +256,9 @@ def _option_error(args: argparse.Namespace) -> str | None:
 def cmd_restore(args: argparse.Namespace) -> int:
     """0 restored; 1 the restore failed or was declined; 64 bad input."""
     from reconciler.esxi.host import sigterm_raises
-    from reconciler.operations.backup import open_repository
     from reconciler.operations.hosts import connect
     from reconciler.operations.progress import Progress
+    from reconciler.operations.repositories import open_repository
     from reconciler.operations.restore import (
         AmbiguousVmError,
         OverwriteFailed,

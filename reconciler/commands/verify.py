@@ -89,8 +89,8 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
 def cmd_verify(args: argparse.Namespace) -> int:
     """``esxi-reconciler verify``: 0 healthy, 1 damage or not verifiable, 64 bad input."""
     from reconciler.config.secrets import SecretError
-    from reconciler.operations.backup import open_repository
     from reconciler.operations.progress import Progress
+    from reconciler.operations.repositories import open_repository
     from reconciler.repository.errors import RepositoryError
     from reconciler.repository.verify import verify_repository
 
