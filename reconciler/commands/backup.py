@@ -68,6 +68,7 @@ def result_dict(res: VmResult) -> dict[str, Any]:
                 "label": d.label,
                 "mode": d.mode,
                 "fallback_reason": d.fallback_reason,
+                "reasons": list(d.reasons),
                 "capacity": d.capacity,
                 "bytes_read": d.bytes_read,
                 "bytes_sent": d.bytes_sent,
