@@ -142,7 +142,7 @@ def find_repository(args: argparse.Namespace, desired: DesiredState, command: st
             explained = explain(exc)
             if explained is None:
                 raise
-            log.warning("restore.repository_unreadable", repository=name, error=explained.message)
+            log.debug("restore.repository_unreadable", repository=name, error=explained.message)
             unreadable.append(
                 explained.message if name in explained.message else f"repository {name}: {explained}"
             )
@@ -156,13 +156,11 @@ def find_repository(args: argparse.Namespace, desired: DesiredState, command: st
             "usage",
         )
     if unreadable:
-        readable = (
-            "no readable repository" if len(unreadable) < len(desired.repositories) else "no repository"
-        )
-        fail(
-            f"{readable} has restore points of VM {what}, and {'; '.join(unreadable)}",
-            "repository-unreadable",
-        )
+        if len(unreadable) == len(desired.repositories):
+            head = f"cannot look for restore points of VM {what}: "
+        else:
+            head = f"no readable repository has restore points of VM {what}; "
+        fail(head + "; ".join(unreadable), "repository-unreadable")
     raise Failure(
         f"no repository has restore points of VM {what} (`esxi-reconciler points` lists them)", "no-points"
     )
