@@ -120,4 +120,4 @@ def test_plan_cli_broken_config_exits_78(tmp_path: Path, capsys: pytest.CaptureF
     )
     assert cli.main(["--config", str(cfg), "--state-dir", str(tmp_path), "plan", "--detailed-exitcode"]) == 78
     err = capsys.readouterr().err
-    assert "p.yaml" in err and "the config is invalid; nothing was planned" in err
+    assert "esxi-reconciler plan: the configuration is invalid: p.yaml:4:1" in err and "Traceback" not in err
