@@ -10,6 +10,7 @@ special characters are backslash-escaped, so a VM name cannot add a line, a link
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import timezone
 
 from reconciler.planning.actions import Action, Change, Plan
@@ -74,9 +75,12 @@ def _action_item(action: Action) -> str:
     return f"- {markdown_escape(action_line(action))}"
 
 
-def plan_markdown(plan: Plan, *, revision: str, review: Review | None = None) -> str:
+def plan_markdown(
+    plan: Plan, *, revision: str, review: Review | None = None, unobserved: Sequence[str] = ()
+) -> str:
     """The plan as Markdown for a pull-request comment; ``revision`` names what was planned (e.g.
-    ``feature/x (git:3f2a1b2c4d5e)``). Ends with a newline."""
+    ``feature/x (git:3f2a1b2c4d5e)``); ``unobserved``: what could not be looked at (the plan is then
+    incomplete). Ends with a newline."""
     out = [f"### esxi-reconciler plan for {_code(revision)}", ""]
     if review is not None:
         if review.needs_approval:
@@ -114,7 +118,11 @@ def plan_markdown(plan: Plan, *, revision: str, review: Review | None = None) ->
             f"- {_NOTICE_MARK.get(n.level, '•')} {markdown_escape(notice_line(n))}" for n in plan.notices
         )
         out.append("")
-    out.append(markdown_escape(summary(plan)))
+    if unobserved:
+        out.append(f"#### Not observed ({len(unobserved)}): the plan is incomplete")
+        out.extend(f"- {markdown_escape(line)}" for line in unobserved)
+        out.append("")
+    out.append(markdown_escape(summary(plan, unobserved)))
     if plan.next_due is not None:
         when = plan.next_due.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
         out.append(f"Next scheduled job: {when}.")

@@ -40,6 +40,16 @@ from tests.integration.gitremote import (
 WAIT = 60.0
 
 
+def valid_json(name: str, doc: object) -> None:
+    """``doc`` validates against the shipped ``--json`` schema ``name`` (docs/cli-json.md)."""
+    from importlib import resources
+
+    import jsonschema
+
+    text = resources.files("reconciler.commands").joinpath(f"json_schemas/{name}.schema.json").read_text()
+    jsonschema.Draft202012Validator(json.loads(text)).validate(doc)
+
+
 def wait_for(what: str, check: Callable[[], Any]) -> Any:
     deadline = time.monotonic() + WAIT
     while True:
@@ -202,20 +212,21 @@ def test_run_once_with_a_source_applies_the_head_and_runs_one_cycle(world: World
     world.config(policy_doc("web"))
     head = world.push("first")
     state = ["--state-dir", str(world.state), "--log-level", "error"]
-    assert cli.main([*state, "run", "--once", "--source", str(world.source())]) == 0
+    # Exit 1: the config's host answers nowhere, so the cycle leaves it Stalled (`status` says so).
+    assert cli.main([*state, "run", "--once", "--source", str(world.source())]) == 1
     with StatusStore.open(status_path(world.state), readonly=True) as store:
         last = store.last_plan()
     assert last is not None and last.revision == f"git:{head}"
     assert (world.state / "source" / "applied").resolve() == world.state / "source" / "trees" / head / "esxi"
 
-    # Nothing trusted (an unsigned head while signatures are required): nothing to run, exit 2.
+    # Nothing trusted (an unsigned head while signatures are required): nothing to run, exit 78.
     other = world.root / "other-state"
     signed_only = world.source(signers=[("alice", "ssh", world.keys.ssh_public("alice"))])
     assert (
         cli.main(
             ["--state-dir", str(other), "--log-level", "error", "run", "--once", "--source", str(signed_only)]
         )
-        == 2
+        == 78
     )
 
 
@@ -238,6 +249,7 @@ def test_status_shows_the_revisions(world: World, capsys: pytest.CaptureFixture[
     assert good[:12] not in out
     assert cli.main(["status", "--state-dir", str(world.state), "--json"]) == 1
     doc = json.loads(capsys.readouterr().out)
+    valid_json("status", doc)
     assert doc["source"]["failed_reason"] == "InvalidConfig" and doc["source"]["applied"] is None
 
 
@@ -433,8 +445,11 @@ def test_plan_of_a_branch_against_reality_and_as_a_review(
     config = str(world.work.directory / "esxi")
     base = ["--log-level", "error", "--config", config, "--state-dir", str(world.state), "plan"]
 
-    assert cli.main([*base, "--revision", "shorter"]) == 0
-    out = capsys.readouterr().out
+    # Exit 1: the config's host answers nowhere, so the plan is incomplete (the repository's part is whole).
+    assert cli.main([*base, "--revision", "shorter"]) == 1
+    captured = capsys.readouterr()
+    out = captured.out
+    assert "esxi-reconciler plan: incomplete: host esxi1:" in captured.err
     assert out.startswith(f"Planning shorter (git:{branch[:12]}) against reality observed now.\n")
     assert (
         len(re.findall(r"^  - point web01@\S+ of web in nas \(retention: beyond keep-last 4\)$", out, re.M))
@@ -443,7 +458,7 @@ def test_plan_of_a_branch_against_reality_and_as_a_review(
     assert "  - unreferenced data in nas (free the data of 2 pruned points)" in out
     assert "Compared with" not in out
 
-    assert cli.main([*base, "--revision", "shorter", "--against", "main", "--format", "markdown"]) == 0
+    assert cli.main([*base, "--revision", "shorter", "--against", "main", "--format", "markdown"]) == 1
     markdown = capsys.readouterr().out
     assert markdown.startswith(f"### esxi-reconciler plan for `shorter (git:{branch[:12]})`\n")
     assert (
@@ -453,13 +468,21 @@ def test_plan_of_a_branch_against_reality_and_as_a_review(
     assert "**0 to add, 0 to change, 3 to destroy.**" in markdown
     assert "#### Destroy (3): restore points pruned" in markdown
     assert "Needs approval" not in markdown
+    assert "#### Not observed (1): the plan is incomplete\n- host esxi1:" in markdown
 
-    assert cli.main([*base, "--revision", "shorter", "--against", "main", "--format", "json"]) == 0
+    assert (
+        cli.main(
+            [*base, "--revision", "shorter", "--against", "main", "--format", "json", "--detailed-exitcode"]
+        )
+        == 3
+    )
     doc = json.loads(capsys.readouterr().out)
+    valid_json("plan", doc)
+    assert doc["complete"] is False
     assert doc["revision"] == f"git:{branch}" and doc["review"]["needs_approval"] is False
     assert [a["kind"] for a in doc["actions"]] == ["prune", "prune", "gc"]
 
-    assert cli.main([*base, "--revision", "nope"]) == 1
+    assert cli.main([*base, "--revision", "nope"]) == 64
     assert "no commit named 'nope'" in capsys.readouterr().err
     assert point_count(world.backups) == 6  # planning changes nothing
 
@@ -473,12 +496,12 @@ def test_plan_source_reviews_the_fetched_head_against_the_applied_revision(
     applied = world.push("two policies", sign="alice")
     source = world.source(signers=[("alice", "ssh", keys.ssh_public("alice"))])
     common = ["--state-dir", str(world.state), "--log-level", "error"]
-    assert cli.main([*common, "run", "--once", "--source", str(source)]) == 0
+    assert cli.main([*common, "run", "--once", "--source", str(source)]) == 1  # the host is Stalled
     world.config(policy_doc("web"))
     held = world.push("drop db", sign="alice")
-    assert cli.main([*common, "run", "--once", "--source", str(source)]) == 0  # the applied one runs
+    assert cli.main([*common, "run", "--once", "--source", str(source)]) == 1  # the applied one runs
 
-    assert cli.main([*common, "plan", "--source", str(source)]) == 0
+    assert cli.main([*common, "plan", "--source", str(source)]) == 1  # incomplete: the host is unreachable
     out = capsys.readouterr().out
     assert out.startswith(f"Planning the fetched branch main (git:{held[:12]}) against reality observed now.")
     assert f"Compared with the applied revision (git:{applied[:12]}):\n  BackupPolicy 'db' removed\n" in out
@@ -522,5 +545,5 @@ def test_a_signer_key_gpg_cannot_read_stops_the_daemon_at_start(world: World) ->
         syncer.open()
     assert (
         cli.main(["--state-dir", str(world.state), "--log-level", "critical", "run", "--source", str(source)])
-        == 2
+        == 78
     )

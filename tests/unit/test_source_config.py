@@ -149,10 +149,10 @@ def test_run_refuses_a_bad_source_file_and_a_second_config(
 
     bad = write(tmp_path, SOURCE.replace("interval: 30s", "interval: soon"))
     state = ["--state-dir", str(tmp_path / "state")]
-    assert cli.main(["run", "--once", "--source", str(bad), *state]) == 2
+    assert cli.main(["run", "--once", "--source", str(bad), *state]) == 78
     assert "spec.interval: 'soon' is not a duration such as 30s" in capsys.readouterr().err
     good = write(tmp_path, SOURCE)
-    assert cli.main(["--config", str(tmp_path), "run", "--source", str(good), *state]) == 2
+    assert cli.main(["--config", str(tmp_path), "run", "--source", str(good), *state]) == 64
     assert "give either --config DIR or --source FILE, not both" in capsys.readouterr().err
     assert not (tmp_path / "state").exists()
 
