@@ -19,7 +19,7 @@ import structlog
 from reconciler.config.model import DesiredState
 from reconciler.killpoint import kill_point
 from reconciler.planning.actions import Outcome
-from reconciler.status.conditions import Condition, derive_conditions
+from reconciler.status.conditions import DAEMON_KINDS, Condition, derive_conditions
 from reconciler.status.store import StatusStore
 
 log = structlog.get_logger(__name__)
@@ -44,8 +44,9 @@ class CycleContext:
 
 @dataclass(frozen=True)
 class CycleResult:
-    """``ok``: nothing failed. ``summary``: one line for ``systemctl status``. ``next_due``: when the
-    earliest scheduled job becomes due (the loop wakes then, not only at the resync)."""
+    """``ok``: nothing failed and nothing is Stalled (``run --once`` exits 1 otherwise). ``summary``: one
+    line for ``systemctl status``. ``next_due``: when the earliest scheduled job becomes due (the loop
+    wakes then, not only at the resync)."""
 
     ok: bool
     summary: str
@@ -93,7 +94,8 @@ def reconcile(ctx: CycleContext) -> CycleResult:
     observed = observe(desired, now=ctx.now, history=store.history(revision))
     the_plan = plan(desired, observed)
     kill_point("cycle.planned")
-    log.info(
+    # a plan with nothing to do is routine: cycle.done says the cycle ran (keep the journal quiet)
+    (log.info if the_plan.actions else log.debug)(
         "cycle.planned",
         revision=revision,
         actions=len(the_plan.actions),
@@ -104,7 +106,7 @@ def reconcile(ctx: CycleContext) -> CycleResult:
     none: list[Condition] = []
     before = _guarded("conditions", store.conditions, none)
     due = _guarded("conditions", lambda: derive_conditions(desired, observed, plan=the_plan), none)
-    _guarded("conditions", lambda: store.replace_conditions(due, keep_kinds=("config",)), None)
+    _guarded("conditions", lambda: store.replace_conditions(due, keep_kinds=DAEMON_KINDS), None)
 
     def record(outcome: Outcome) -> None:
         _guarded("outcome", lambda: store.record_outcome(outcome, revision), None)
@@ -116,7 +118,7 @@ def reconcile(ctx: CycleContext) -> CycleResult:
         after = derive_conditions(
             desired, observed, plan=the_plan, outcomes=outcomes, history=store.history(revision)
         )
-        store.replace_conditions(after, keep_kinds=("config",))
+        store.replace_conditions(after, keep_kinds=DAEMON_KINDS)
         return after
 
     after = _guarded("conditions", conclude, none)
@@ -128,4 +130,4 @@ def reconcile(ctx: CycleContext) -> CycleResult:
     summary = (
         f"{done} done, {failed} failed, {len(the_plan.actions) - done - failed} not run; {stalled} stalled"
     )
-    return CycleResult(ok=failed == 0, summary=summary, next_due=the_plan.next_due)
+    return CycleResult(ok=failed == 0 and stalled == 0, summary=summary, next_due=the_plan.next_due)

@@ -160,8 +160,7 @@ def _connect_transport(target: SshTarget, window_size: int | None) -> paramiko.T
             raise
     raise PinMismatchError(
         f"{target.address}:{target.port} has no SSH host key with the pinned fingerprint {target.host_key};"
-        " refusing to connect (possible man in the middle): if the host was reinstalled or its keys"
-        " regenerated, check its key on the host and pin it in ssh.host_key"
+        " refusing to connect (possible man in the middle)"
     )
 
 

@@ -59,8 +59,7 @@ def check_pin(pem: str, pin: str, where: str = "") -> None:
         raise PinMismatchError(
             f"{where or 'host'} presented a TLS certificate with {algorithm.upper()} thumbprint"
             f" {format_thumbprint(got)}, not the pinned {format_thumbprint(want)}; refusing to connect"
-            " (possible man in the middle): if the host's certificate was renewed on purpose, check the new"
-            " thumbprint on the host and pin it in api.thumbprint"
+            " (possible man in the middle)"
         )
 
 

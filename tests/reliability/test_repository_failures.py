@@ -166,27 +166,33 @@ def test_a_nas_that_is_not_mounted_gets_nothing_written_in_its_place(
     assert_nothing_lost(ledger, before)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="expects the repository identity check (issue 11): a different repository found at the"
-    " configured path (one initialised on the empty mount point while the NAS was away) is refused",
-)
 def test_another_repository_at_the_path_of_an_unmounted_nas_is_refused(
     site: Site, tmp_path: Path, ledger: Ledger, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    """While the NAS is away someone initialises a repository on the empty mount point (the error said
+    "not a repository"). With the Repository's ``id`` pinned, as ``repo init`` prints it, the backup
+    refuses the stranger and writes nothing into it; with the NAS back, it goes on."""
+    before = baseline(site.lab, {"r": site.repo})
+    repo_yaml = site.config / "repositories" / "r.yaml"
     with bind_mounted(site.repo.path, tmp_path / "mnt" / "nas") as mount, repository_at(site, mount):
-        assert site.cli(capsys, "backup", "free").code == 0  # the reconciler has seen the real one
+        pinned = repo_yaml.read_text()
+        repo_yaml.write_text(pinned.replace("spec:\n", f"spec:\n  id: {site.repo.id}\n", 1))
+        assert site.cli(capsys, "backup", "free").code == 0
         umount(mount)
-        Repository.init(mount, PASSPHRASE, kdf=FAST_KDF)  # someone "fixed" the error message
+        stranger = Repository.init(mount, PASSPHRASE, kdf=FAST_KDF)
         ledger.count("faults_injected")
-        try:
-            refused = site.cli(capsys, "backup", "free")
-            assert refused.code != 0
-            assert "mounted" in refused.out + refused.err
-            assert Repository.open(mount, PASSPHRASE).point_ids() == []
-        finally:
-            shutil.rmtree(mount)
-            mount.mkdir()
+        refused = site.cli(capsys, "backup", "free")
+        text = refused.out + refused.err
+        assert refused.code != 0
+        assert f"holds repository {stranger.id}, but the configuration pins id {site.repo.id}" in text, text
+        assert "mount the right volume" in text and "Traceback" not in text
+        assert stranger.point_ids() == [] and list((mount / "tmp").iterdir()) == []
+        shutil.rmtree(mount)
+        mount.mkdir()
+        remount(site.repo.path, mount)
+        again = site.cli(capsys, "backup", "free")
+        assert again.code == 0, again.out + again.err[-3000:]
+    assert_nothing_lost(ledger, before)
 
 
 def test_a_corrupted_chunk_is_found_by_verify_and_by_restore_naming_the_points(
