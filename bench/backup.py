@@ -4,12 +4,12 @@ and borg backing up the same disk image. Run as root (the lab needs it):
 
     .venv/bin/python -m bench.backup [--size 4G] [--seed 1] [--borg-compression lz4] [--rss-sweep]
 
-The disk is a seeded generated raw image (cached under ``--cache``): 35 % never written (holes), the
-rest split between compressible (hex text, zstd ~2x, no duplicates) and incompressible (random)
-extents of 64 KiB–64 MiB at 64 KiB alignment. Both simulated hosts get that image as their VM's disk;
-the guest writes use the same seed on both hosts, so both see the same changed bytes. restic and
-borg back up a copy of the free host's flat file taken before and after the writes (same file name,
-so their second run is their incremental).
+The disk is a seeded generated raw image (cached under ``--cache``): extents of 64 KiB–64 MiB at
+64 KiB alignment, 35 % never written (holes), 25 % text-like (hex text, zstd ~2x, no duplicates), 25 %
+binary-like (:data:`BINARY_TABLE`, zstd ~1.4x) and 15 % random. Both simulated hosts get that image
+as their VM's disk; the guest writes use the same seed on both hosts, so both see the same changed
+bytes. restic and borg back up a copy of the free host's flat file taken before and after the writes
+(same file name, so their second run is their incremental).
 
 Every backup (product, restic, borg) is a child process; its wall time is the process's, its peak RSS
 is the child's VmHWM (sampled from /proc). Bytes read on the host and bytes over the network come
@@ -55,25 +55,45 @@ PROFILE_DIR = os.environ.get("BENCH_PYSPY_DIR")
 # -- the disk image -----------------------------------------------------------------------------------
 
 
+BINARY_TABLE = bytes(0 if b < 96 else b for b in range(256))
+"""Bytes of "binary-like" extents: uniform random bytes with the lowest 96 values mapped to zero, so
+37.5 % zeros scattered singly and the rest uniform (5.5 bits of entropy a byte): few long matches,
+compressible only by entropy coding, like executables, database pages or VM memory (zstd level 1:
+about 1.4x). The hardest mix for a compressor's speed."""
+
+KINDS = (("hole", 0.35), ("text", 0.25), ("binary", 0.25), ("random", 0.15))
+"""The benchmark disk: 35 % never written, 25 % text-like (hex), 25 % binary-like, 15 % random."""
+
+
+def pick_kind(x: float) -> str:
+    """The extent kind for a uniform ``x`` in [0, 1), by the shares of :data:`KINDS`."""
+    for name, share in KINDS:
+        if x < share:
+            return name
+        x -= share
+    return KINDS[-1][0]
+
+
 def make_image(path: Path, size: int, seed: int) -> dict[str, int]:
     """Write the seeded image (sparse: holes are never written); return bytes per extent kind."""
     rnd = random.Random(seed)
-    kinds = {"hole": 0, "compressible": 0, "incompressible": 0}
+    kinds = {name: 0 for name, _ in KINDS}
     tmp = path.with_suffix(".tmp")
     with open(tmp, "wb") as f:
         f.truncate(size)
         pos = 0
         while pos < size:
             n = min(size - pos, rnd.randrange(1, 1025) * ALIGN)  # 64 KiB .. 64 MiB
-            x = rnd.random()
-            kind = "hole" if x < 0.35 else ("compressible" if x < 0.70 else "incompressible")
+            kind = pick_kind(rnd.random())
             if kind != "hole":
                 f.seek(pos)
                 done = 0
                 while done < n:
                     m = min(16 * MiB, n - done)
-                    if kind == "incompressible":
+                    if kind == "random":
                         f.write(rnd.randbytes(m))
+                    elif kind == "binary":
+                        f.write(rnd.randbytes(m).translate(BINARY_TABLE))
                     else:
                         f.write(rnd.randbytes(m // 2).hex().encode())
                     done += m
@@ -85,7 +105,7 @@ def make_image(path: Path, size: int, seed: int) -> dict[str, int]:
 
 def image_for(cache: Path, size: int, seed: int) -> tuple[Path, dict[str, int]]:
     cache.mkdir(parents=True, exist_ok=True)
-    path = cache / f"disk-{size // MiB}M-seed{seed}.raw"
+    path = cache / f"disk-{size // MiB}M-seed{seed}-mix2.raw"
     meta = path.with_suffix(".json")
     if path.exists() and meta.exists():
         return path, json.loads(meta.read_text())
@@ -109,13 +129,17 @@ class Run:
     """user + system seconds of the child"""
 
 
-def run_child(argv: list[str], env: dict[str, str] | None = None) -> Run:
+def run_child(argv: list[str], env: dict[str, str] | None = None, cwd: Path | None = None) -> Run:
     """Run ``argv`` after a ``sync``; peak RSS is the child's VmHWM sampled from /proc every 10 ms
     (``ru_maxrss`` would include the pre-exec copy of this big parent process)."""
     os.sync()  # the previous step's dirty pages are not this run's writeback to wait for
     t0 = time.perf_counter()
     proc = subprocess.Popen(
-        argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
+        argv,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, **(env or {})},
+        cwd=cwd,
     )
     hwm = [0]
     done = threading.Event()
@@ -154,7 +178,9 @@ def tree_size(path: Path) -> int:
 # -- the product ------------------------------------------------------------------------------------
 
 
-def write_config(handle: LabHandle, root: Path) -> Path:
+def write_config(handle: LabHandle, root: Path, *, licensed_ssh: bool = True) -> Path:
+    """The product's config for the lab: one repository and policy per host. ``licensed_ssh=False``:
+    the licensed host without SSH (everything over the API and HTTPS, as a host with SSH off)."""
     from reconciler.repository import Repository
 
     cfg = root / "config"
@@ -168,6 +194,7 @@ def write_config(handle: LabHandle, root: Path) -> Path:
     policies = []
     for name in (FREE, LICENSED):
         info = handle.host(name)
+        ssh_off = ", enabled: false" if name == LICENSED and not licensed_ssh else ""
         pw = secrets / f"{name}.pw"
         pw.write_text(handle.password(name))
         pw.chmod(0o600)
@@ -179,7 +206,7 @@ spec:
   address: {info["api"]["host"]}
   credentials: {{user: root, password: {{file: {pw}}}}}
   api: {{port: {info["api"]["port"]}, thumbprint: "{info["api"]["thumbprint_sha256"]}"}}
-  ssh: {{port: {info["ssh"]["port"]}, host_key: "{info["ssh"]["host_key_fingerprint"]}"}}
+  ssh: {{port: {info["ssh"]["port"]}, host_key: "{info["ssh"]["host_key_fingerprint"]}"{ssh_off}}}
 """
         )
         repo = root / f"repo-{name}"
