@@ -528,6 +528,7 @@ def _days(start: date, step: int) -> Iterator[date]:
             return
 
 
+@functools.lru_cache(maxsize=4096)
 def _next_calendar(spec: _Calendar, zone: ZoneInfo, after: datetime) -> datetime | None:
     best: datetime | None = None
     lookahead = 0
@@ -543,6 +544,7 @@ def _next_calendar(spec: _Calendar, zone: ZoneInfo, after: datetime) -> datetime
     return best
 
 
+@functools.lru_cache(maxsize=4096)
 def _previous_calendar(spec: _Calendar, zone: ZoneInfo, now: datetime) -> datetime | None:
     best: datetime | None = None
     lookbehind = 0
