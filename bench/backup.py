@@ -295,6 +295,53 @@ def product_backup(cfg: Path, root: Path, host: str, kind: str, capacity: int) -
     )
 
 
+_DAEMON_CHILD = """
+import json, sys, time
+from reconciler.config import load_config
+from reconciler.log import configure_logging
+from reconciler.operations.backup import backup_policy
+
+configure_logging("json", "warning")
+desired = load_config(sys.argv[1])
+for line in sys.stdin:
+    t0 = time.perf_counter()
+    results = backup_policy(desired, sys.argv[2])
+    seconds = time.perf_counter() - t0
+    print(json.dumps({"seconds": seconds, "ok": all(r.ok for r in results),
+                      "modes": [r.mode for r in results]}), flush=True)
+"""
+
+
+def daemon_incremental(handle: LabHandle, cfg: Path, host: str, percent: float, seed: int) -> float:
+    """The daemon's cost of one VM's incremental: one process (imports, config) runs the policy as the
+    daemon's apply does (``backup_policy``), once to warm up (key derivation, imports, first
+    connections; nothing changed), then after a guest write of ``percent`` again: that second call's
+    wall time is the figure."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _DAEMON_CHILD, str(cfg), f"p-{host}"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdin is not None and proc.stdout is not None
+    try:
+        answers = []
+        for step in range(2):
+            if step == 1:
+                handle.client(host).guest_write(VM[host], percent, seed)
+            os.sync()
+            proc.stdin.write("backup\n")
+            proc.stdin.flush()
+            answer = json.loads(proc.stdout.readline())
+            if not answer["ok"]:
+                raise RuntimeError(f"daemon-style backup of {host} failed: {answer}")
+            answers.append(answer)
+    finally:
+        proc.stdin.close()
+        proc.wait()
+    return float(answers[1]["seconds"])
+
+
 # -- restic and borg -------------------------------------------------------------------------------
 
 
@@ -424,6 +471,7 @@ def main_run(args: argparse.Namespace) -> dict[str, Any]:
     lab, handle = start_lab(image, size)
     root = Path(tempfile.mkdtemp(prefix="bench-backup-", dir=args.work))
     rows: list[Row] = []
+    daemon: dict[str, float] = {}
     try:
         cfg = write_config(handle, root)
         src = root / "disk-flat.vmdk"
@@ -451,12 +499,22 @@ def main_run(args: argparse.Namespace) -> dict[str, Any]:
             print(table(rows[-1:]).splitlines()[-1], flush=True)
             rows.append(borg(root, src, "incremental", args.borg_compression))
             print(table(rows[-1:]).splitlines()[-1], flush=True)
+        for host in (LICENSED, FREE):  # after restic and borg: these writes are not in their copy
+            daemon[host] = daemon_incremental(handle, cfg, host, args.percent, args.seed + 200)
+            print(f"daemon per-VM incremental {host}: {daemon[host]:.2f}s", flush=True)
     finally:
         handle.close()
         lab.stop()
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)
-    return {"size": size, "kinds": kinds, "changed": changed[FREE], "write_runs": runs, "rows": rows}
+    return {
+        "size": size,
+        "kinds": kinds,
+        "changed": changed[FREE],
+        "write_runs": runs,
+        "rows": rows,
+        "daemon": daemon,
+    }
 
 
 def ratios(res: dict[str, Any]) -> list[tuple[str, float, str, bool]]:
@@ -473,15 +531,20 @@ def ratios(res: dict[str, Any]) -> list[tuple[str, float, str, bool]]:
     for path in ("cbt", "digest"):
         f, i = get[(f"esxi-reconciler {path}", "full")], get[(f"esxi-reconciler {path}", "incremental")]
         out.append((f"{path}: full throughput / restic's", f.mbps / rf.mbps, ">= 2", f.mbps / rf.mbps >= 2))
-        want = 5 if path == "cbt" else 2
+        want = 8 if path == "cbt" else 3
         out.append(
             (
-                f"{path}: restic incremental time / ours",
+                f"{path}: restic incremental time / ours (one CLI run)",
                 ri.seconds / i.seconds,
                 f">= {want}",
                 ri.seconds / i.seconds >= want,
             )
         )
+        host = LICENSED if path == "cbt" else FREE
+        if host in res.get("daemon", {}):
+            d = res["daemon"][host]
+            out.append((f"{path}: daemon's per-VM incremental (seconds)", d, "report", True))
+            out.append((f"{path}: restic incremental time / daemon's per-VM", ri.seconds / d, "report", True))
         net = (i.network or 0) / res["changed"]
         out.append((f"{path}: incremental bytes over network / guest-changed bytes", net, "<= 2", net <= 2))
         g = i.repo_growth / ri.repo_growth
