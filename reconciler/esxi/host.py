@@ -1245,6 +1245,27 @@ class EsxiHost:
         :mod:`.hostwrite` receiver on ``streams`` connections, hashing on the host as the data arrives
         (True; holes skipped), or ``dd`` where the host has no Python (False; holes skipped). Else one
         HTTPS PUT of the whole file (False; holes sent as zeros: ``/folder`` has no ranged PUT)."""
+        try:
+            return self._write_disk(data_file, capacity, pieces, on_written, streams)
+        finally:
+            self._refresh_api()
+
+    def _refresh_api(self) -> None:
+        """After a long transfer: the host may have closed the idle API connection meanwhile (ESXi and
+        the lab do, after ~30 s), and the calls that follow (file tasks, registration) are not all
+        retried. One idempotent round trip drops a dead connection from the pool; a session that is
+        really gone is logged in again."""
+        if not self.api.alive() and not self.api.alive():
+            self.api.reconnect()
+
+    def _write_disk(
+        self,
+        data_file: str,
+        capacity: int,
+        pieces: Iterable[tuple[int, bytes]],
+        on_written: Callable[[int, int], None] | None,
+        streams: int,
+    ) -> bool:
         if self.shell is not None:
             if self._receiver is None:
                 self._receiver = ParallelSshWriter.available(self._ssh().connection())
@@ -1288,6 +1309,7 @@ class EsxiHost:
             return h.hexdigest()
         finally:
             reader.close()
+            self._refresh_api()
 
     def reload_vm(self, vm: VmInfo | str, *, timeout: float = 300.0) -> VmInfo:
         """Make the host re-read the VM's .vmx after an edit (VM powered off) and return the VM:
