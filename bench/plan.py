@@ -145,7 +145,7 @@ def observed_state(hosts: int, vms: int, points: int) -> ObservedState:
                     RestorePoint(
                         id=f"{when:%Y%m%dT%H%M%S%f}Z-{serial:08x}",
                         policy=f"p-{name}",
-                        vm=VmRef(info.name, info.uuid, name, info.vmid),
+                        vm=VmRef(info.name, info.uuid or "", name, info.vmid),
                         started=when,
                         snapshot_time=when,
                         finished=when + timedelta(minutes=10),
