@@ -47,7 +47,7 @@ def cmd_backup(args: argparse.Namespace) -> int:
     """``esxi-reconciler backup POLICY``: 0 when every VM succeeded, 1 when any failed, 2 on bad input."""
     import threading
 
-    from reconciler.esxi.host import sigterm_raises
+    from reconciler.esxi.signals import sigterm_raises
     from reconciler.operations.backup import BackupError, BackupOptions, VmResult, backup_policy
     from reconciler.operations.progress import Progress
 

@@ -73,10 +73,6 @@ def getallvms() -> list[str]:
     return [VIM_CMD, "vmsvc/getallvms"]
 
 
-def power_getstate(vmid: str) -> list[str]:
-    return [VIM_CMD, "vmsvc/power.getstate", vmid]
-
-
 def snapshot_get(vmid: str) -> list[str]:
     return [VIM_CMD, "vmsvc/snapshot.get", vmid]
 
@@ -90,10 +86,6 @@ def snapshot_remove(vmid: str, snapshot_id: str) -> list[str]:
     if not snapshot_id.isdigit():
         raise ValueError(f"snapshot id must be numeric, got {snapshot_id!r}")
     return [VIM_CMD, "vmsvc/snapshot.remove", vmid, snapshot_id]
-
-
-def get_config(vmid: str) -> list[str]:
-    return [VIM_CMD, "vmsvc/get.config", vmid]
 
 
 def reload(vmid: str) -> list[str]:
@@ -455,14 +447,6 @@ def parse_snapshot_get(text: str) -> list[ShellSnapshot]:
             raise unexpected(command, line)
     flush()
     return out
-
-
-def parse_change_tracking_enabled(text: str) -> bool | None:
-    """``changeTrackingEnabled`` of ``vmsvc/get.config`` (None if absent or unset)."""
-    m = re.search(r"^\s*changeTrackingEnabled = (true|false|<unset>)", text, re.MULTILINE)
-    if m is None or m.group(1) == "<unset>":
-        return None
-    return m.group(1) == "true"
 
 
 _LICENSE_FIELD = re.compile(r"^\s*(serial|vmodl key|name|total|used|unit|Properties):(?:\s+(.*?))?\s*$")

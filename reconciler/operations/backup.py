@@ -57,17 +57,16 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import structlog
-import urllib3
 
 from reconciler.config.model import BackupPolicy, DesiredState
 from reconciler.config.model import Repository as RepositoryConfig
 from reconciler.esxi.errors import EsxiError, FullBackupNeededError
-from reconciler.esxi.host import BackupSnapshot, EsxiHost, FrozenDisk
 from reconciler.esxi.hostdigest import BLOCK_SIZE, DIGEST_SIZE, ZERO_DIGEST, DigestResult, local_digests
-from reconciler.facts.inventory import VmInfo, split_ds_path
+from reconciler.facts.inventory import BackupSnapshot, FrozenDisk, VmInfo, split_ds_path
 from reconciler.facts.points import BackupMode, DiskRecord, RestorePoint, StoredFile, VmRef, new_point_id
 from reconciler.operations.hooks import HookFailedError, VmHooks
 from reconciler.operations.hosts import HostFactory, connect
+from reconciler.operations.ports import BackupHost, DiskSource, VmFilesReader
 from reconciler.operations.progress import DiskProgress, Progress
 from reconciler.operations.vmlock import VmBusyError, vm_lock
 from reconciler.repository import (
@@ -88,7 +87,7 @@ DIGEST_ALGORITHM = "blake2b-128"
 IN_FLIGHT_PER_DISK = 8
 """Assembled chunks (1 MiB each) waiting for or in the encode pool, per disk."""
 
-OnSnapshot = Callable[[EsxiHost, BackupSnapshot], None]
+OnSnapshot = Callable[[BackupHost, BackupSnapshot], None]
 OnData = Callable[[FrozenDisk, int, int], None]
 
 
@@ -365,7 +364,7 @@ class _Plan:
 class _DiskJob:
     def __init__(
         self,
-        host: EsxiHost,
+        host: DiskSource,
         repo: Repository,
         bs: BackupSnapshot,
         disk: FrozenDisk,
@@ -388,7 +387,7 @@ class _DiskJob:
 
     def plan(self) -> _Plan:
         disk, prev = self.disk, self.previous
-        ssh = self.host.shell is not None
+        ssh = self.host.ssh_enabled
         licensed = self.host.license == "licensed"
         if self.options.full:
             return self._full_plan(None)
@@ -453,7 +452,7 @@ class _DiskJob:
                 self.log.info("backup.allocated_areas_unavailable", reason=str(exc))
             else:
                 return _Plan("full", reason, None, areas=coalesce(areas))
-        if self.host.shell is not None:
+        if self.host.ssh_enabled:
             https = self.options.transport in ("auto", "https")
             return _Plan("full", reason, None, use_digest=True, https_first=https)
         return _Plan("full", reason, None, areas=[(0, disk.capacity)])
@@ -553,20 +552,20 @@ class _DiskJob:
         self, asm: ChunkAssembler, writer: ChunkWriter, progress: DiskProgress | None
     ) -> tuple[int, int, DigestMap] | None:
         """A full read over parallel HTTPS Range streams (free hosts allow ``/folder`` reads) of the
-        blocks the host lists as allocated (:meth:`EsxiHost.allocation`, one SSH round trip; everything
+        blocks the host lists as allocated (:meth:`DiskSource.allocation`, one SSH round trip; everything
         when it cannot tell), with the digest map computed here exactly as the host program would
         (:func:`~reconciler.esxi.hostdigest.local_digests`), so the next run can be a digest incremental.
         None (nothing read) when HTTPS is unavailable: the caller runs the digest program instead."""
         disk = self.disk
         try:
             reader = self.host.https_reader(self.options.streams)
-        except (EsxiError, OSError, urllib3.exceptions.HTTPError) as exc:
+        except EsxiError as exc:
             self.log.warning("backup.https_unavailable", reason=str(exc) or type(exc).__name__)
             return None
         try:
             try:
                 size = reader.size(disk.data_file)
-            except (EsxiError, OSError, urllib3.exceptions.HTTPError) as exc:
+            except EsxiError as exc:
                 self.log.warning("backup.https_unavailable", reason=str(exc) or type(exc).__name__)
                 return None
             if size != disk.capacity:
@@ -722,7 +721,7 @@ def previous_point(repo: Repository, policy: str, vm: VmInfo, host: str) -> Rest
     return None
 
 
-def _config_files(host: EsxiHost, vm: VmInfo) -> list[tuple[str, bytes]]:
+def _config_files(host: VmFilesReader, vm: VmInfo) -> list[tuple[str, bytes]]:
     """The .vmx and .nvram as they are before the snapshot (the .vmx then names the base disks)."""
     files = [(posixpath.basename(split_ds_path(vm.vmx_path)[1]), host.read_file(vm.vmx_path))]
     vmx = host.read_vmx(vm)
@@ -737,7 +736,7 @@ def _config_files(host: EsxiHost, vm: VmInfo) -> list[tuple[str, bytes]]:
 
 
 def backup_vm(
-    host: EsxiHost,
+    host: BackupHost,
     repo: Repository,
     policy: BackupPolicy,
     vm: VmInfo | str,
@@ -783,7 +782,7 @@ def backup_vm(
 
 
 def _backup_vm(
-    host: EsxiHost,
+    host: BackupHost,
     repo: Repository,
     policy: BackupPolicy,
     ref: VmInfo | str,
@@ -831,7 +830,7 @@ def _backup_vm(
 
 
 def _backup_locked(
-    host: EsxiHost,
+    host: BackupHost,
     repo: Repository,
     policy: BackupPolicy,
     vm: VmInfo,
@@ -967,7 +966,7 @@ def backup_policy(
     vms: Collection[str] | None = None,
     options: BackupOptions | None = None,
     cancel: threading.Event | None = None,
-    host_factory: HostFactory[EsxiHost] = connect,
+    host_factory: HostFactory[BackupHost] = connect,
     on_result: Callable[[VmResult], None] | None = None,
 ) -> list[VmResult]:
     """Back up the VMs of a policy (or only ``vm``, or only those of ``vms`` the policy selects and the

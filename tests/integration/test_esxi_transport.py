@@ -11,9 +11,10 @@ from pathlib import Path
 import pytest
 
 from esxisim.handle import LabHandle
+from reconciler.esxi.errors import TransportError
 from reconciler.esxi.shell import ShellSession, SshTarget
 from reconciler.esxi.tls import pinned_context
-from reconciler.esxi.transport import ROTATE_BYTES, DiskReader, HttpsRangeReader, SshDdReader, TransportError
+from reconciler.esxi.transport import ROTATE_BYTES, DiskReader, HttpsRangeReader, SshDdReader
 
 pytestmark = pytest.mark.lab
 MiB = 1 << 20

@@ -10,8 +10,8 @@ import pytest
 
 from esxisim.handle import LabHandle
 from reconciler.esxi import vimcmd
-from reconciler.esxi.api import license_kind_from_editions
 from reconciler.esxi.errors import CommandError
+from reconciler.esxi.licence import license_kind_from_editions
 
 pytestmark = pytest.mark.lab
 

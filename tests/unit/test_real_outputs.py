@@ -14,8 +14,8 @@ import pytest
 import yaml
 
 from reconciler.esxi import esxcli, vimcmd
-from reconciler.esxi.api import license_kind_from_editions
 from reconciler.esxi.errors import CommandError, ProtocolError
+from reconciler.esxi.licence import license_kind_from_editions
 from reconciler.esxi.vmdk import Descriptor
 from reconciler.esxi.vmx import VmxFile
 
