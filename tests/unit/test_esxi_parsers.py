@@ -12,6 +12,7 @@ from reconciler.esxi.errors import ProtocolError
 from reconciler.esxi.shell import to_line
 from reconciler.esxi.vmdk import Descriptor, Extent
 from reconciler.esxi.vmx import VmxFile, decode_value, encode_value, is_true
+from tests import vimcmd_listing
 
 HOSTILE = [
     "db 01",
@@ -192,7 +193,7 @@ Skipping invalid VM '48'
 
 
 def test_getallvms() -> None:
-    rows = vimcmd.parse_getallvms(GETALLVMS)
+    rows = vimcmd_listing.parse_getallvms(GETALLVMS)
     assert [(r.vmid, r.name, r.vmx) for r in rows] == [
         ("1", "web01", "[datastore1] web01/web01.vmx"),
         ("2", "db 01", "[datastore1] db 01/db 01.vmx"),
@@ -201,7 +202,7 @@ def test_getallvms() -> None:
     ]
     assert rows[1].annotation == "first line\nsecond line"
     with pytest.raises(ProtocolError):
-        vimcmd.parse_getallvms("garbage")
+        vimcmd_listing.parse_getallvms("garbage")
 
 
 # A name holding line breaks makes a row span lines: only in the name (the lab escapes the folder as
@@ -228,7 +229,7 @@ NOTES = "notes:\n2023 migrated"
 
 
 def test_getallvms_names_with_line_breaks() -> None:
-    rows = vimcmd.parse_getallvms(GETALLVMS_MULTILINE)
+    rows = vimcmd_listing.parse_getallvms(GETALLVMS_MULTILINE)
     assert [(r.vmid, r.name, r.vmx, r.guest, r.version, r.annotation) for r in rows] == [
         ("1", "web01", "[datastore1] web01/web01.vmx", "otherLinux64Guest", "vmx-14", NOTES),
         (
@@ -298,10 +299,10 @@ def test_faults_power_config_license() -> None:
     assert vimcmd.find_fault("(vmodl.fault.InvalidArgument) {\n}") == vimcmd.VimFault(
         "vmodl.fault.InvalidArgument", ""
     )
-    assert vimcmd.parse_power_state("Retrieved runtime info\nPowered off\n") == "poweredOff"
-    assert vimcmd.parse_power_state("Retrieved runtime info\nSuspended\n") == "suspended"
+    assert vimcmd_listing.parse_power_state("Retrieved runtime info\nPowered off\n") == "poweredOff"
+    assert vimcmd_listing.parse_power_state("Retrieved runtime info\nSuspended\n") == "suspended"
     with pytest.raises(ProtocolError):
-        vimcmd.parse_power_state("")
+        vimcmd_listing.parse_power_state("")
     assert vimcmd.parse_license_editions(
         "   serial: 0\n   vmodl key: esx.hypervisor.cpuPackageCoreLimited\n"
     ) == ["esx.hypervisor.cpuPackageCoreLimited"]
