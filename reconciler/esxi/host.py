@@ -172,11 +172,6 @@ class EsxiHost:
         """Capacity and free space of every datastore."""
         return self._datastores.datastores()
 
-    @_boundary
-    def check_datastore_space(self, vm: VmInfo, limits: HostLimits | None = None) -> None:
-        """:class:`~.errors.InsufficientSpaceError` if a datastore of the VM is below the floor."""
-        self._datastores.check_space(vm, limits)
-
     # -- snapshots
 
     def is_ours(self, snapshot: SnapshotInfo) -> bool:
@@ -202,13 +197,6 @@ class EsxiHost:
         """Remove one snapshot, ours only (by id; children are kept; never ``removeall``)."""
         self._snapshots.remove_snapshot(vm, snapshot_id, timeout=timeout)
 
-    @_boundary
-    def frozen_disks(
-        self, vm: VmInfo, snapshot: SnapshotInfo
-    ) -> tuple[tuple[FrozenDisk, ...], tuple[str, ...]]:
-        """The disks frozen by ``snapshot`` and the delta descriptors on top of them."""
-        return self._snapshots.frozen_disks(vm, snapshot)
-
     def backup_snapshot(
         self,
         vm: VmInfo | str,
@@ -223,11 +211,6 @@ class EsxiHost:
         return self._snapshots.backup_snapshot(
             vm, quiesce=quiesce, timeout=timeout, remove_timeout=remove_timeout, check_space=check_space
         )
-
-    @_boundary
-    def verify_chain(self, before: VmInfo, deltas: tuple[str, ...] = ()) -> None:
-        """:class:`~.errors.ChainNotCleanError` unless the disks are back at their pre-backup chain."""
-        self._snapshots.verify_chain(before, deltas)
 
     # -- changed block tracking
 
@@ -245,11 +228,6 @@ class EsxiHost:
         self._cbt.set_cbt(vm, enabled, timeout=timeout)
 
     # -- power and registration
-
-    @_boundary
-    def wait_power_state(self, vm: VmInfo | str, state: str, *, timeout: float = 300.0) -> VmInfo:
-        """Poll until the VM reports ``state`` (``poweredOn``/``poweredOff``/``suspended``)."""
-        return self._power.wait_power_state(vm, state, timeout=timeout)
 
     @_boundary
     def power_on(self, vm: VmInfo | str, *, timeout: float = 600.0) -> VmInfo:
