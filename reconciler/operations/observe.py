@@ -21,9 +21,9 @@ import structlog
 
 from reconciler.config.model import DesiredState, Host
 from reconciler.config.model import Repository as RepositoryConfig
-from reconciler.operations.backup import open_repository
 from reconciler.operations.hosts import HostFactory, connect
 from reconciler.operations.ports import HostReader
+from reconciler.operations.repositories import open_repository
 from reconciler.planning.observed import HostObservation, ObservedState, RepositoryObservation, RunRecord
 from reconciler.repository import Repository, garbage_signs
 

@@ -119,7 +119,7 @@ class GuestPower(Protocol):
 
 
 class DiskSource(Protocol):
-    """What one disk's backup reads from the host (:class:`reconciler.operations.backup._DiskJob`)."""
+    """What one disk's backup reads from the host (:class:`reconciler.operations.backup.disk.DiskJob`)."""
 
     @property
     def license(self) -> str: ...

@@ -24,9 +24,10 @@ from reconciler.esxi.host import EsxiHost
 from reconciler.esxi.signals import sigterm_raises
 from reconciler.facts.inventory import BackupSnapshot, FrozenDisk
 from reconciler.operations.apply import apply
-from reconciler.operations.backup import BackupOptions, backup_policy, open_repository
+from reconciler.operations.backup import BackupOptions, backup_policy
 from reconciler.operations.hosts import connect
 from reconciler.operations.ports import BackupHost
+from reconciler.operations.repositories import open_repository
 from reconciler.operations.restore import disk_content
 from reconciler.operations.retry import RetryPolicy
 from reconciler.planning.actions import (

@@ -10,8 +10,9 @@ import pytest
 from esxisim.handle import LabHandle
 from reconciler.config import load_config
 from reconciler.facts.inventory import BackupSnapshot
-from reconciler.operations.backup import BackupOptions, backup_policy, open_repository
+from reconciler.operations.backup import BackupOptions, backup_policy
 from reconciler.operations.ports import BackupHost
+from reconciler.operations.repositories import open_repository
 from reconciler.repository import Repository
 
 pytestmark = pytest.mark.lab

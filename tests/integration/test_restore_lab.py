@@ -26,9 +26,10 @@ from reconciler.config.model import DesiredState
 from reconciler.esxi.vmx import VmxFile
 from reconciler.facts.inventory import BackupSnapshot
 from reconciler.facts.points import RestorePoint
-from reconciler.operations.backup import BackupOptions, backup_policy, open_repository
+from reconciler.operations.backup import BackupOptions, backup_policy
 from reconciler.operations.hosts import connect
 from reconciler.operations.ports import BackupHost
+from reconciler.operations.repositories import open_repository
 from reconciler.operations.restore import (
     OverwriteFailed,
     RestoreOptions,
@@ -403,7 +404,7 @@ def test_single_disk_overwrite(ssh_env: Env, capsys: pytest.CaptureFixture[str])
 _KILLED_RESTORE = """
 import pathlib, sys, time
 from reconciler.config import load_config
-from reconciler.operations.backup import open_repository
+from reconciler.operations.repositories import open_repository
 from reconciler.operations.restore import RestoreOptions, find_point, restore_overwrite
 from reconciler.operations.hosts import connect
 

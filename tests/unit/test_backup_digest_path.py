@@ -9,24 +9,26 @@ import threading
 from collections.abc import Callable, Iterator
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
 
 import pytest
 
+from reconciler.config.model import BackupPolicy
 from reconciler.esxi.errors import TransportError
 from reconciler.esxi.hostdigest import BLOCK_SIZE, DIGEST_SIZE, Allocation, DigestResult, block_digest
 from reconciler.facts.inventory import BackupSnapshot, FrozenDisk, SnapshotInfo, VmInfo
 from reconciler.facts.points import DiskRecord, RestorePoint, VmRef, new_point_id
-from reconciler.operations.backup import BackupOptions, _DiskJob, _Previous
+from reconciler.operations.backup import BackupContext, BackupOptions, DiskResult
+from reconciler.operations.backup.disk import DiskJob
 from reconciler.operations.ports import DiskReader, DiskSource, RangeReader
 from reconciler.repository import Repository
+from tests.unit.planfixtures import load_desired, policy_doc
 
 MiB = 1 << 20
 CAPACITY = 3 * MiB + 5 * BLOCK_SIZE + 100
 
 
 class FakeHost:
-    """A free host with SSH whose API is unreachable: what :class:`_DiskJob` reads (:class:`DiskSource`)."""
+    """A free host with SSH whose API is unreachable: what :class:`DiskJob` reads (:class:`DiskSource`)."""
 
     license = "free"
     ssh_enabled = True
@@ -98,20 +100,17 @@ SNAPSHOT = BackupSnapshot(
 
 
 def run_job(
-    repo: Repository, host: DiskSource, previous: _Previous | None, pool: concurrent.futures.Executor
-) -> tuple[DiskRecord, Any]:
-    job = _DiskJob(
-        host,
-        repo,
-        SNAPSHOT,
-        DISK,
-        previous,
-        BackupOptions(),
-        pool,
-        threading.Event(),
-        "vm",
+    repo: Repository, host: DiskSource, previous: RestorePoint | None, pool: concurrent.futures.Executor
+) -> tuple[DiskRecord, DiskResult]:
+    ctx = BackupContext(
+        host, repo, a_policy(repo.path.parent), "rev", BackupOptions(), pool, threading.Event()
     )
-    return job.run()
+    return DiskJob(ctx, SNAPSHOT, DISK, previous).run()
+
+
+def a_policy(tmp_path: Path) -> BackupPolicy:
+    """A policy for the context (one disk's backup does not read it)."""
+    return load_desired(tmp_path, policy_doc("p", "esxi1", None)).policy("p")
 
 
 def restore(repo: Repository, record: DiskRecord) -> bytes:
@@ -119,13 +118,12 @@ def restore(repo: Repository, record: DiskRecord) -> bytes:
     return b"".join(repo.read_chunk(index[s])[: index.chunk_length(s)] for s in range(index.count))
 
 
-def as_previous(record: DiskRecord) -> _Previous:
+def as_previous(record: DiskRecord) -> RestorePoint:
     now = datetime.now(timezone.utc)
-    point = RestorePoint(
+    return RestorePoint(
         new_point_id(), "p", VmRef("vm", "u", "h", "1"), now, now, now, "success", "full", "rev",
         disks=(record,),
     )  # fmt: skip
-    return _Previous(point, record)
 
 
 def test_digest_incremental_patches_changes_and_blocks_that_became_zero(
@@ -137,7 +135,8 @@ def test_digest_incremental_patches_changes_and_blocks_that_became_zero(
     disk[MiB : 2 * MiB] = bytes(MiB)  # a hole
     host = FakeHost(bytes(disk))
     first, r1 = run_job(repo, host, None, pool)
-    assert r1.mode == "full" and r1.fallback_reason == "no previous restore point of this disk"
+    assert r1.mode == "full" and r1.fallback_reason == "no earlier restore point of this VM"
+    assert first.mode == "full" and first.reasons == ("no earlier restore point of this VM",)
     assert first.digest_map and restore(repo, first) == bytes(disk)
     assert host.sent == CAPACITY - MiB  # zero blocks are not sent
 
@@ -149,7 +148,7 @@ def test_digest_incremental_patches_changes_and_blocks_that_became_zero(
     disk[-50:] = rnd.randbytes(50)
     host = FakeHost(bytes(disk))
     second, r2 = run_job(repo, host, as_previous(first), pool)
-    assert r2.mode == "digest" and r2.fallback_reason is None
+    assert r2.mode == "digest" and r2.fallback_reason is None and second.mode == "digest"
     assert restore(repo, second) == bytes(disk)
     assert host.sent == 3 * BLOCK_SIZE + 100  # blocks 0, MiB/64K, the half-zeroed one, and the short last
     assert second.digest_map != first.digest_map

@@ -13,19 +13,21 @@ import threading
 from collections.abc import Callable, Iterable, Iterator
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
 
 import pytest
 
+from reconciler.config.model import BackupPolicy
 from reconciler.esxi import hostdigest
 from reconciler.esxi.errors import ProtocolError, TransportError
 from reconciler.esxi.hostdigest import BLOCK_SIZE, DigestResult
 from reconciler.esxi.transport import ordered_parallel, pieces
 from reconciler.facts.inventory import BackupSnapshot, FrozenDisk, SnapshotInfo, VmInfo
 from reconciler.facts.points import DiskRecord, RestorePoint, VmRef, new_point_id
-from reconciler.operations.backup import BackupOptions, _DiskJob, _Previous
+from reconciler.operations.backup import BackupContext, BackupOptions, DiskResult
+from reconciler.operations.backup.disk import DiskJob
 from reconciler.operations.ports import DiskReader, DiskSource
 from reconciler.repository import Repository
+from tests.unit.planfixtures import load_desired, policy_doc
 
 B = BLOCK_SIZE
 MiB = 1 << 20
@@ -213,12 +215,17 @@ SNAPSHOT = BackupSnapshot(
 
 
 def run_job(
-    repo: Repository, host: DiskSource, previous: _Previous | None, pool: concurrent.futures.Executor
-) -> tuple[DiskRecord, Any]:
-    job = _DiskJob(
-        host, repo, SNAPSHOT, DISK, previous, BackupOptions(), pool, threading.Event(), "vm",
-    )  # fmt: skip
-    return job.run()
+    repo: Repository, host: DiskSource, previous: RestorePoint | None, pool: concurrent.futures.Executor
+) -> tuple[DiskRecord, DiskResult]:
+    ctx = BackupContext(
+        host, repo, a_policy(repo.path.parent), "rev", BackupOptions(), pool, threading.Event()
+    )
+    return DiskJob(ctx, SNAPSHOT, DISK, previous).run()
+
+
+def a_policy(tmp_path: Path) -> BackupPolicy:
+    """A policy for the context (one disk's backup does not read it)."""
+    return load_desired(tmp_path, policy_doc("p", "esxi1", None)).policy("p")
 
 
 def restore(repo: Repository, record: DiskRecord) -> bytes:
@@ -249,5 +256,5 @@ def test_free_full_reads_over_https_with_the_hosts_map(tmp_path: Path, https: bo
             new_point_id(), "p", VmRef("vm", "u", "h", "1"), t, t, t, "success", "full", "rev",
             disks=(record,),
         )  # fmt: skip
-        _, second = run_job(repo, host, _Previous(point, record), pool)
+        _, second = run_job(repo, host, point, pool)
         assert second.mode == "digest"
