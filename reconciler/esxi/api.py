@@ -176,7 +176,7 @@ class ApiSession:
                 return fn()
         except (ApiAuthError, HostConnectionError) as exc:
             expired = isinstance(exc.__cause__, vim.fault.NotAuthenticated)
-            if not expired and not (isinstance(exc, HostConnectionError) and exc.transient):
+            if not expired and not isinstance(exc, HostConnectionError):
                 raise
             reason = type(exc.__cause__).__name__
             if expired or not self.alive():

@@ -68,11 +68,13 @@ _TRANSIENT_ERRNOS = frozenset(
 
 def transient_os_error(exc: BaseException) -> bool:
     """Whether a network-level failure of the standard library is worth another try: timeouts,
-    connections refused, reset or dropped, unreachable networks, a DNS server that did not answer, an
-    HTTP exchange cut short. Not: a host name that does not exist, a certificate that fails the pin,
-    other ``OSError`` s (no space, no permission …)."""
+    connections refused, reset or dropped (a TLS connection closed under us included), unreachable
+    networks, a DNS server that did not answer, an HTTP exchange cut short. Not: a host name that does
+    not exist, a certificate that fails the pin, other ``OSError`` s (no space, no permission …)."""
     if isinstance(exc, ssl.SSLCertVerificationError):
         return False
+    if isinstance(exc, ssl.SSLEOFError | ssl.SSLZeroReturnError):
+        return True
     if isinstance(exc, socket.gaierror):
         return exc.errno == socket.EAI_AGAIN
     if isinstance(exc, TimeoutError | ConnectionError | http.client.HTTPException | EOFError):

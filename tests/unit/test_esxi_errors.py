@@ -114,6 +114,7 @@ def test_vim_cmd_reporting_a_busy_hostd_is_transient() -> None:
             True,
         ),
         (socket.gaierror(socket.EAI_NONAME, "Name or service not known"), HostConnectionError, False),
+        (ssl.SSLEOFError(8, "EOF occurred in violation of protocol"), HostConnectionError, True),
         (ssl.SSLCertVerificationError(1, "certificate verify failed"), HostConnectionError, False),
     ],
     ids=lambda v: type(v).__name__ if isinstance(v, BaseException) else str(v),
