@@ -110,7 +110,10 @@ class ApiSession:
         *,
         insecure: bool = False,
         timeout: float = 60.0,
+        name: str | None = None,
     ) -> None:
+        self.name = name or address
+        """The host's configured name, for messages (the address when none is given)."""
         self.address = address
         self.port = port
         self.user = user
@@ -123,7 +126,7 @@ class ApiSession:
         self.ssl_context: Any = None
 
     def _connect(self) -> Any:
-        with mapped_faults(f"login to {self.address}:{self.port}", self.address):
+        with mapped_faults(f"login to {self.address}:{self.port}", self.name):
             ctx = pinned_context(self.address, self.port, self.thumbprint, insecure=self.insecure)
             si = SmartConnect(  # type: ignore[no-untyped-call]
                 host=self.address,
@@ -147,7 +150,7 @@ class ApiSession:
 
     @property
     def content(self) -> Any:
-        with mapped_faults("service content", self.address):
+        with mapped_faults("service content", self.name):
             return self.si.RetrieveContent()
 
     def alive(self) -> bool:
@@ -172,7 +175,7 @@ class ApiSession:
         """Run ``fn`` with mapped faults; on an expired session log in again, on a dropped connection
         (e.g. one the host closed while idle) reconnect; then retry once (only for idempotent calls)."""
         try:
-            with mapped_faults(what, self.address):
+            with mapped_faults(what, self.name):
                 return fn()
         except (ApiAuthError, HostConnectionError) as exc:
             expired = isinstance(exc.__cause__, vim.fault.NotAuthenticated)
@@ -180,13 +183,17 @@ class ApiSession:
                 raise
             reason = type(exc.__cause__).__name__
             if expired or not self.alive():
-                log.info("API session to %s lost (%s); logging in again", self.address, reason)
+                log.info(
+                    "API session to host %s (%s) lost (%s); logging in again", self.name, self.address, reason
+                )
                 self.reconnect()
             else:
                 # The session is fine but the pooled connection was dropped (hosts close idle
                 # connections): a fresh connection carries the retry.
-                log.info("API connection to %s dropped (%s); retrying", self.address, reason)
-            with mapped_faults(what, self.address):
+                log.info(
+                    "API connection to host %s (%s) dropped (%s); retrying", self.name, self.address, reason
+                )
+            with mapped_faults(what, self.name):
                 return fn()
 
     @property

@@ -23,6 +23,9 @@ from reconciler.facts.inventory import License
 
 log = logging.getLogger(__name__)
 
+_LICENSES_SEEN: dict[str, str] = {}
+"""The licence last logged per host name: the daemon connects anew every cycle and logs only changes."""
+
 FREE_EDITION_PREFIXES = ("esx.hypervisor", "esx.free", "esxbasic")
 
 
@@ -58,7 +61,10 @@ class LicenceRouting:
                 text = self._shell.run(vimcmd.license_show(), timeout=60).text
                 editions = vimcmd.parse_license_editions(text)
             self._kind = license_kind_from_editions(editions)
-            log.info("host %s: licence detected as %s (editions %s)", self._name, self._kind, editions)
+            # every cycle connects anew: log a change of licence, not each detection
+            level = logging.DEBUG if _LICENSES_SEEN.get(self._name) == self._kind else logging.INFO
+            _LICENSES_SEEN[self._name] = self._kind
+            log.log(level, "host %s: licence detected as %s (editions %s)", self._name, self._kind, editions)
         return self._kind
 
     def use_api_for_changes(self) -> bool:
