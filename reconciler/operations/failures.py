@@ -117,14 +117,11 @@ def explain(
 ) -> Failure | None:
     """``exc`` as an expected failure in one line, or None when it is not one we expect (a bug).
 
-    ``host``/``address`` name the host an ``OSError`` or host error came from when its message does not
-    (a host error names its host itself: :attr:`EsxiError.host`); ``path_is`` says what a bare
-    ``OSError``'s path is (``state directory``) when it has no file name.
+    ``host``/``address`` name the host an ``OSError`` or host error came from when its message does not;
+    ``path_is`` says what a bare ``OSError``'s path is (``state directory``) when it has no file name.
     """
     if isinstance(exc, Failure):
         return exc
-    if isinstance(exc, EsxiError) and host is None:
-        host = exc.host
     if isinstance(exc, ConfigError):
         first = exc.issues[0] if exc.issues else None
         more = ""
