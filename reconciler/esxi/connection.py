@@ -72,6 +72,15 @@ class HostConnection:
         finally:
             view.Destroy()
 
+    def refresh_api(self) -> None:
+        """After a long transfer: the host may have closed the idle API connection meanwhile (ESXi and
+        the lab do, after ~30 s), and the calls that follow (file tasks, registration) are not all
+        retried. One idempotent round trip drops a dead connection from the pool; a session that is
+        really gone is logged in again."""
+        with self.faults("API session"):
+            if not self.api.alive() and not self.api.alive():
+                self.api.reconnect()
+
     def https_reader(self, streams: int) -> HttpsRangeReader:
         """A ``/folder`` reader pinned like the API, authenticated with the API session's cookie (no
         extra host session), falling back to Basic auth if the cookie is refused. The caller closes it."""

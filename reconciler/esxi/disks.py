@@ -23,6 +23,7 @@ from reconciler.esxi.hostdigest import (
     allocation_on_host,
     compare_on_host,
 )
+from reconciler.esxi.hostwrite import ParallelSshWriter
 from reconciler.esxi.transport import DiskReader, HttpsRangeReader, SshDdReader, SshDdWriter, vmfs_path
 from reconciler.esxi.vmdk import vmfs_descriptor
 from reconciler.facts.inventory import FrozenDisk, split_ds_path
@@ -36,6 +37,8 @@ class Disks:
     def __init__(self, conn: HostConnection, files: Files) -> None:
         self.conn = conn
         self.files = files
+        self._receiver: bool | None = None
+        """Whether the host runs :mod:`.hostwrite`'s receiver (probed at the first disk write)."""
 
     # -- reading
 
@@ -165,22 +168,47 @@ class Disks:
         capacity: int,
         pieces: Iterable[tuple[int, bytes]],
         on_written: Callable[[int, int], None] | None = None,
-    ) -> None:
+        *,
+        streams: int = 4,
+    ) -> bool:
         """Write ``(offset, bytes)`` pieces (ascending; what is not given stays zero) into the raw extent
-        made by :meth:`create_disk`: ``dd`` over SSH (holes skipped), else one HTTPS PUT of the whole
-        file (holes sent as zeros)."""
+        made by :meth:`create_disk` and say whether the host checked what it wrote. Over SSH: the
+        :mod:`.hostwrite` receiver on ``streams`` connections, hashing on the host as the data arrives
+        (True; holes skipped), or ``dd`` where the host has no Python (False; holes skipped). Else one
+        HTTPS PUT of the whole file (False; holes sent as zeros: ``/folder`` has no ranged PUT)."""
+        try:
+            return self._write_disk(data_file, capacity, pieces, on_written, streams)
+        finally:
+            self.conn.refresh_api()
+
+    def _write_disk(
+        self,
+        data_file: str,
+        capacity: int,
+        pieces: Iterable[tuple[int, bytes]],
+        on_written: Callable[[int, int], None] | None,
+        streams: int,
+    ) -> bool:
         if self.conn.shell is not None:
-            writer = SshDdWriter(self.conn.ssh().new_connection, host=self.conn.name)
+            shell = self.conn.ssh()
+            if self._receiver is None:
+                self._receiver = ParallelSshWriter.available(shell.connection())
+            if self._receiver:
+                parallel = ParallelSshWriter(shell.new_connection, streams=streams)
+                parallel.write(vmfs_path(data_file), pieces, on_written)
+                return True
+            writer = SshDdWriter(shell.new_connection, host=self.conn.name)
             try:
                 writer.write(vmfs_path(data_file), pieces, on_written)
             finally:
                 writer.close()
-            return
+            return False
         reader = self.conn.https_reader(streams=1)
         try:
             reader.put_file(data_file, with_zeros(pieces, capacity, on_written), capacity)
         finally:
             reader.close()
+        return False
 
 
 def with_zeros(

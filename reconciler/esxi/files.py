@@ -127,6 +127,7 @@ class Files:
             return h.hexdigest()
         finally:
             reader.close()
+            self.conn.refresh_api()
 
     # -- folders
 

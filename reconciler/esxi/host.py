@@ -388,6 +388,9 @@ class EsxiHost:
         capacity: int,
         pieces: Iterable[tuple[int, bytes]],
         on_written: Callable[[int, int], None] | None = None,
-    ) -> None:
-        """Write ``(offset, bytes)`` pieces into a raw extent made by :meth:`create_disk`."""
-        self._disks.write_disk(data_file, capacity, pieces, on_written)
+        *,
+        streams: int = 4,
+    ) -> bool:
+        """Write ``(offset, bytes)`` pieces into a raw extent made by :meth:`create_disk`; whether the
+        host checked what it wrote (:meth:`.disks.Disks.write_disk`)."""
+        return self._disks.write_disk(data_file, capacity, pieces, on_written, streams=streams)

@@ -211,7 +211,11 @@ class RestoreHost(HostSession, VmLookup, VmFilesReader, GuestPower, Protocol):
         pieces: Iterable[tuple[int, bytes]],
         on_written: Callable[[int, int], None] | None,
         /,
-    ) -> None: ...
+        *,
+        streams: int,
+    ) -> bool:
+        """Whether the host checked what it wrote (else the caller reads it back: :meth:`file_sha256`)."""
+        ...
 
     def delete_disk(self, descriptor: str, /) -> None: ...
 
