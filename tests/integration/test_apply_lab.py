@@ -20,10 +20,13 @@ from esxisim.handle import LabHandle, find_vm
 from reconciler import cli
 from reconciler.config import load_config
 from reconciler.config.model import DesiredState
-from reconciler.esxi.host import BackupSnapshot, EsxiHost, FrozenDisk, sigterm_raises
+from reconciler.esxi.host import EsxiHost
+from reconciler.esxi.signals import sigterm_raises
+from reconciler.facts.inventory import BackupSnapshot, FrozenDisk
 from reconciler.operations.apply import apply
 from reconciler.operations.backup import BackupOptions, backup_policy
 from reconciler.operations.hosts import connect
+from reconciler.operations.ports import BackupHost
 from reconciler.operations.repositories import open_repository
 from reconciler.operations.restore import disk_content
 from reconciler.operations.retry import RetryPolicy
@@ -193,7 +196,7 @@ class Frozen:
         self.release = threading.Event()
         self.release.set()
 
-    def on_snapshot(self, host: EsxiHost, bs: BackupSnapshot) -> None:
+    def on_snapshot(self, host: BackupHost, bs: BackupSnapshot) -> None:
         for disk in bs.disks:
             self.sha[(bs.vm.name, disk.key)] = sha(
                 self.lab.local_path(self.host, disk.data_file).read_bytes()

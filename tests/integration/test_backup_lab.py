@@ -23,11 +23,13 @@ from esxisim.handle import LabHandle
 from reconciler import cli
 from reconciler.config import load_config
 from reconciler.config.model import DesiredState
-from reconciler.esxi.host import BackupSnapshot, EsxiHost, FrozenDisk, sigterm_raises
 from reconciler.esxi.hostdigest import request
+from reconciler.esxi.signals import sigterm_raises
+from reconciler.facts.inventory import BackupSnapshot, FrozenDisk
 from reconciler.facts.points import RestorePoint
 from reconciler.operations.backup import BackupOptions, VmResult, backup_policy
 from reconciler.operations.hosts import connect
+from reconciler.operations.ports import BackupHost
 from reconciler.operations.repositories import open_repository
 from reconciler.operations.restore import disk_content
 from reconciler.operations.vmlock import vm_lock
@@ -83,7 +85,7 @@ class Capture:
     threads: list[threading.Thread] = field(default_factory=list)
     snapshots: list[str] = field(default_factory=list)
 
-    def on_snapshot(self, host: EsxiHost, bs: BackupSnapshot) -> None:
+    def on_snapshot(self, host: BackupHost, bs: BackupSnapshot) -> None:
         self.snapshots.append(bs.snapshot.name)
         for disk in bs.disks:
             self.frozen[(bs.vm.name, disk.key)] = sha(

@@ -128,7 +128,10 @@ def lab_hosts(lab: LabHandle, tmp_path: Path) -> Iterator[dict[str, EsxiHost]]:
     finally:
         lab.clear_faults()
         for name, host in hosts.items():
-            host.remove_orphaned_snapshots()
+            for vm in host.list_vms():
+                for snap in reversed(vm.snapshots):
+                    if host.is_ours(snap):
+                        host.remove_snapshot(vm, snap.id)
             for vm in host.list_vms():
                 if vm.cbt_enabled or (name == lab.free and vmx_of(lab, name, vm.name).ctk_enabled):
                     if name == lab.free and vm.power_state == "poweredOn":

@@ -25,12 +25,12 @@ from reconciler.esxi.errors import (
     SnapshotError,
     SnapshotTimeoutError,
 )
-from reconciler.esxi.host import BackupSnapshot, EsxiHost, FrozenDisk
+from reconciler.esxi.host import EsxiHost
 from reconciler.esxi.hostdigest import BLOCK_SIZE
 from reconciler.esxi.shell import ShellConnection, SshTarget
 from reconciler.esxi.tls import pinned_context
 from reconciler.esxi.transport import HttpsRangeReader, SshDdReader
-from reconciler.facts.inventory import HostLimits, License
+from reconciler.facts.inventory import BackupSnapshot, FrozenDisk, HostLimits, License
 from reconciler.operations.hosts import connect
 
 pytestmark = pytest.mark.lab
@@ -265,19 +265,17 @@ def test_orphans_and_foreign_snapshots(lab: LabHandle, free: EsxiHost, licensed:
         vm = host.find_vm(vm_name)
         # a run killed after its snapshot: ours, left behind
         orphan = host.create_snapshot(vm, "esxi-reconciler-20200101T000000Z-dead", description="killed run")
-        found = host.find_orphaned_snapshots()
-        assert [(v.name, s.id) for v, s in found] == [(vm_name, orphan.id)]
+        assert host.is_ours(orphan)
         with pytest.raises(ForeignSnapshotError, match="earlier run"), host.backup_snapshot(vm):
             pass
-        assert [s.id for _, s in host.remove_orphaned_snapshots()] == [orphan.id]
+        host.remove_snapshot(vm, orphan.id)  # what the next backup of the VM does, under its lock
         assert host.vm(vm).snapshots == ()
         # a user's snapshot: never touched
         res = lab.vimcmd(host_name, "vmsvc/snapshot.create", vm.vmid, "user's 'nightly'", "", "0", "0")
         assert res.exit == 0, res
         try:
-            (user,) = host.foreign_snapshots(vm)
-            assert user.name == "user's 'nightly'"
-            assert host.find_orphaned_snapshots() == []
+            (user,) = host.vm(vm).snapshots
+            assert user.name == "user's 'nightly'" and not host.is_ours(user)
             with pytest.raises(ForeignSnapshotError, match="nightly"), host.backup_snapshot(vm):
                 pass
             with pytest.raises(SnapshotError, match="not ours"):
@@ -462,7 +460,7 @@ def test_failed_create_leaves_nothing(lab_faults: LabHandle, free: EsxiHost, lic
 def test_licensed_config_on_a_free_host_falls_back_to_ssh(lab: LabHandle) -> None:
     with connect(host_config(lab, lab.free, license=License.LICENSED)) as host:
         with host.backup_snapshot(host.find_vm("db 01")) as bs:
-            assert host._api_restricted  # the API refused: vim-cmd did it
+            assert host._conn.licence.api_restricted  # the API refused: vim-cmd did it
             assert [s.id for s in host.find_vm("db 01").snapshots] == [bs.snapshot.id]
         assert host.find_vm("db 01").snapshots == ()
 
@@ -471,7 +469,8 @@ CHILD = r"""
 import json, sys, time
 from pathlib import Path
 from reconciler.esxi.api import ApiSession
-from reconciler.esxi.host import EsxiHost, sigterm_raises
+from reconciler.esxi.host import EsxiHost
+from reconciler.esxi.signals import sigterm_raises
 from reconciler.esxi.shell import ShellSession, SshTarget
 
 info = json.loads(sys.argv[1])
@@ -517,7 +516,10 @@ def test_sigterm_during_the_backup_removes_the_snapshot(lab: LabHandle, which: s
             child.kill()
             child.wait()
         with connect(host_config(lab, host_name)) as host:
-            host.remove_orphaned_snapshots()  # keep the shared lab clean if the test failed
+            for left in host.list_vms():  # keep the shared lab clean if the test failed
+                for snap in reversed(left.snapshots):
+                    if host.is_ours(snap):
+                        host.remove_snapshot(left, snap.id)
 
 
 def test_create_timeout_still_removes_the_late_snapshot(free: EsxiHost) -> None:

@@ -11,9 +11,10 @@ from pathlib import Path
 import pytest
 
 from esxisim.handle import LabHandle
-from reconciler.esxi.shell import ShellSession, SshTarget
+from reconciler.esxi.errors import TransportError
+from reconciler.esxi.shell import ShellConnection, ShellSession, SshTarget
 from reconciler.esxi.tls import pinned_context
-from reconciler.esxi.transport import ROTATE_BYTES, DiskReader, HttpsRangeReader, SshDdReader, TransportError
+from reconciler.esxi.transport import ROTATE_BYTES, DiskReader, HttpsRangeReader, SshDdReader
 
 pytestmark = pytest.mark.lab
 MiB = 1 << 20
@@ -88,14 +89,14 @@ def test_transfer_past_the_rekey_point(lab: LabHandle, big_file: tuple[str, Path
     size = local.stat().st_size
     assert size > ROTATE_BYTES
     session = ssh_session(lab, lab.free)
-    opened: list[object] = []
+    opened: list[ShellConnection] = []
 
-    def connect() -> object:
+    def connect() -> ShellConnection:
         conn = session.new_connection()
         opened.append(conn)
         return conn
 
-    ssh = SshDdReader(connect, streams=1)  # type: ignore[arg-type]
+    ssh = SshDdReader(connect, streams=1)
     try:
         h = hashlib.sha256()
         for _, data in ssh.read(ds_path, [(0, size)]):

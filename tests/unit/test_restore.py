@@ -8,7 +8,7 @@ import hashlib
 
 import pytest
 
-from reconciler.esxi.host import _with_zeros
+from reconciler.esxi.disks import with_zeros
 from reconciler.esxi.vmdk import Descriptor, vmfs_descriptor
 from reconciler.esxi.vmx import VmxFile, prepare_restored_vmx
 from reconciler.facts.points import DiskRecord, RestorePoint, VmRef
@@ -84,7 +84,7 @@ def test_keep_identity() -> None:
     assert not [k for k, _ in vmx.items() if "ctkenabled" in k.lower()]
 
 
-def test_content_hash_fills_holes_with_zeros() -> None:
+def test_content_hash_fills_holeswith_zeros() -> None:
     data = bytes(3000) + b"abc" + bytes(5000 - 3003) + b"xyz" + bytes(10_000 - 5003)
     h = ContentHash()
     h.update(3000, b"abc")
@@ -99,14 +99,14 @@ def test_content_hash_fills_holes_with_zeros() -> None:
 def test_upload_stream_is_the_whole_disk() -> None:
     written: list[tuple[int, int]] = []
     stream = b"".join(
-        _with_zeros([(2, b"ab"), (3 << 20, b"cd")], (3 << 20) + 10, lambda o, n: written.append((o, n)))
+        with_zeros([(2, b"ab"), (3 << 20, b"cd")], (3 << 20) + 10, lambda o, n: written.append((o, n)))
     )
     expected = bytearray((3 << 20) + 10)
     expected[2:4] = b"ab"
     expected[3 << 20 : (3 << 20) + 2] = b"cd"
     assert stream == bytes(expected) and written == [(2, 2), (3 << 20, 2)]
     with pytest.raises(ValueError, match="past the end"):
-        b"".join(_with_zeros([(0, b"abc")], 2, None))
+        b"".join(with_zeros([(0, b"abc")], 2, None))
 
 
 def test_select_disk_and_names() -> None:
