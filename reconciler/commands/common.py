@@ -94,15 +94,17 @@ def add_command(
     commands: argparse._SubParsersAction[argparse.ArgumentParser],
     name: str,
     *,
-    help: str,
+    help: str | None,
     description: str,
     epilog: str,
     handler: Handler,
 ) -> argparse.ArgumentParser:
-    """Register the verb ``name`` with the global options, its examples and its handler."""
+    """Register the verb ``name`` with the global options, its examples and its handler; ``help=None``
+    keeps it out of ``--help``, completion and the man page (an old spelling, an internal verb)."""
+    listed: dict[str, Any] = {} if help is None else {"help": help}
     parser = commands.add_parser(
         name,
-        help=help,
+        **listed,
         description=description,
         epilog=epilog,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -160,3 +162,23 @@ def repository_config(args: argparse.Namespace, command: str) -> RepositoryConfi
         print(f"esxi-reconciler {command}: no Repository named {args.repository!r}{hint}", file=sys.stderr)
         return None
     return desired.repositories[args.repository]
+
+
+def add_yes_option(parser: argparse.ArgumentParser, what: str) -> None:
+    """``--yes``/``-y`` for a verb that destroys or replaces something (``what`` it does)."""
+    parser.add_argument(
+        "--yes", "-y", action="store_true", help=f"do not ask before {what} (needed without a terminal)"
+    )
+
+
+def confirm(question: str) -> bool | None:
+    """Ask ``question`` on the terminal: True/False as answered, None when there is no terminal to ask
+    on (the caller then refuses with exit 2 and says to pass ``--yes``). Asked on stderr, so stdout
+    stays the command's output."""
+    from reconciler.printable import printable
+
+    if not sys.stdin.isatty():
+        return None
+    print(printable(question) + " [y/N] ", end="", file=sys.stderr, flush=True)
+    answer = sys.stdin.readline()
+    return answer.strip().lower() in ("y", "yes")

@@ -24,10 +24,13 @@ from reconciler.repository.lock import LockInfo, RepositoryLock, remove_stale_lo
 from reconciler.repository.repo import (
     ChunkWrite,
     ChunkWriter,
+    KeyInfo,
+    PassphraseChange,
     Repository,
     RepositoryStats,
     export_key,
     import_key,
+    list_keys,
 )
 from reconciler.repository.verify import Problem, VerifyReport, verify_repository
 
@@ -47,10 +50,12 @@ __all__ = [
     "GcReport",
     "IntegrityError",
     "KdfParams",
+    "KeyInfo",
     "LocalBackend",
     "LockInfo",
     "LockedError",
     "MissingObjectError",
+    "PassphraseChange",
     "Problem",
     "ProtectedPointError",
     "Repository",
@@ -64,6 +69,7 @@ __all__ = [
     "export_key",
     "garbage_signs",
     "import_key",
+    "list_keys",
     "remove_stale_locks",
     "stale_staged_files",
     "verify_repository",

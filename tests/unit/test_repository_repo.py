@@ -277,7 +277,7 @@ class TestKeys:
     def test_change_passphrase(self, tmp_path: Path) -> None:
         repo = Repository.init(tmp_path / "r", PASSPHRASE, kdf=FAST_KDF)
         index_id = backup(repo, disk_image(5, 2))
-        repo.change_passphrase("new one", FAST_KDF)
+        repo.change_passphrase(PASSPHRASE, "new one", FAST_KDF)
         with pytest.raises(WrongKeyError):
             Repository.open(tmp_path / "r", PASSPHRASE)
         again = Repository.open(tmp_path / "r", "new one")
