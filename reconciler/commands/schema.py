@@ -1,0 +1,110 @@
+"""``esxi-reconciler schema KIND|--list``: the JSON Schema of a config kind, as shipped in the package.
+
+The files are package data (``reconciler/schemas/``, generated from :mod:`reconciler.config.schemas`;
+a test keeps them equal), so an installed program has them without a source checkout: ``--path``
+gives the file for an editor's ``yaml-language-server`` modeline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from importlib.resources import files
+from typing import TYPE_CHECKING
+
+from reconciler.commands.common import add_command
+
+if TYPE_CHECKING:
+    from importlib.abc import Traversable  # importlib.resources.abc from Python 3.11 on
+
+_EXAMPLES = """\
+examples:
+  esxi-reconciler schema host               the JSON Schema of a Host document
+  esxi-reconciler schema --list             every kind, its schema file and where it is installed
+  esxi-reconciler schema all --path         the file that accepts any kind, for an editor:
+      # yaml-language-server: $schema=/usr/lib/esxi-reconciler/reconciler/schemas/esxi-reconciler.schema.json
+  esxi-reconciler schema backup-policy > backup-policy.schema.json
+
+`make install` also puts the files in /usr/share/esxi-reconciler/schemas/.
+
+exit status: 0 printed, 1 the schema files are missing from the installation, 2 usage error
+"""
+
+KINDS = {
+    "host": ("Host", "host.schema.json"),
+    "repository": ("Repository", "repository.schema.json"),
+    "backup-policy": ("BackupPolicy", "backup-policy.schema.json"),
+    "verify-policy": ("VerifyPolicy", "verify-policy.schema.json"),
+    "all": ("any kind", "esxi-reconciler.schema.json"),
+}
+"""The names ``schema`` accepts (also as the kind is spelled in a document: ``BackupPolicy``)."""
+
+
+def _kind(text: str) -> str:
+    """``BackupPolicy``, ``backuppolicy`` or ``backup-policy`` → ``backup-policy``."""
+    wanted = text.replace("-", "").replace("_", "").lower()
+    for name, (kind, _) in KINDS.items():
+        if wanted in (name.replace("-", ""), kind.lower()):
+            return name
+    return text
+
+
+def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = add_command(
+        commands,
+        "schema",
+        help="print the JSON Schema of a config kind (for editors)",
+        description="Print the JSON Schema (draft 2020-12) of the documents of KIND, the one editors use"
+        " to complete and check config files, or with --path where its file is installed.",
+        epilog=_EXAMPLES,
+        handler=cmd_schema,
+    )
+    parser.add_argument(
+        "kind",
+        metavar="KIND",
+        nargs="?",
+        type=_kind,
+        choices=tuple(KINDS),
+        help="host, repository, backup-policy, verify-policy, or all (any kind)",
+    )
+    parser.add_argument("--list", action="store_true", help="list the kinds and their schema files")
+    parser.add_argument("--path", action="store_true", help="print the path of the file instead")
+    parser.add_argument("--json", action="store_true", help="with --list: JSON output")
+
+
+def schema_file(name: str) -> Traversable:
+    """The packaged schema file of the kind ``name`` (a key of :data:`KINDS`)."""
+    return files("reconciler") / "schemas" / KINDS[name][1]
+
+
+def cmd_schema(args: argparse.Namespace) -> int:
+    """``schema KIND [--path]`` or ``schema --list``: 0, 1 the files are missing, 2 usage error."""
+    if args.list == (args.kind is not None):
+        print("esxi-reconciler schema: give a KIND or --list (see schema --help)", file=sys.stderr)
+        return 2
+    names = list(KINDS) if args.list else [args.kind]
+    missing = [KINDS[n][1] for n in names if not schema_file(n).is_file()]
+    if missing:
+        print(
+            f"esxi-reconciler schema: {', '.join(missing)} missing from the installed package"
+            f" ({files('reconciler') / 'schemas'}); reinstall esxi-reconciler",
+            file=sys.stderr,
+        )
+        return 1
+    if args.list:
+        rows = [
+            {"name": n, "kind": KINDS[n][0], "file": KINDS[n][1], "path": str(schema_file(n))} for n in names
+        ]
+        if args.json:
+            print(json.dumps(rows, indent=2))
+        else:
+            width = max(len(n) for n in names)
+            for row in rows:
+                print(f"{row['name']:<{width}}  {row['path']}")
+        return 0
+    if args.path:
+        print(schema_file(args.kind))
+    else:
+        sys.stdout.write(schema_file(args.kind).read_text(encoding="utf-8"))
+    return 0
