@@ -66,11 +66,13 @@ _esxi_reconciler_names() {
 _ZSH_PREAMBLE = """\
 # The names of VMs, restore points, repositories, policies or hosts ($1), read by the program itself
 # from the config given with --config (else its default); nothing when that fails.
+# (The whole command line: $words holds only a subcommand's words.)
 _esxi_reconciler_names() {
-  local -a config names
-  local i=${words[(I)--config]}
-  (( i > 0 )) && config=(--config "${words[i+1]}")
-  names=("${(@f)$("${words[1]}" "${config[@]}" _complete "$1" 2>/dev/null)}")
+  local -a line config names
+  line=("${(@Q)${(z)BUFFER}}")
+  local i=${line[(I)--config]}
+  (( i > 0 )) && config=(--config "${line[i+1]}")
+  names=("${(@f)$("${line[1]}" "${config[@]}" _complete "$1" 2>/dev/null)}")
   compadd -a names
 }
 """ + "".join(f"_esxi_reconciler_{kind}() {{ _esxi_reconciler_names {kind} }}\n" for kind in NAME_KINDS)
