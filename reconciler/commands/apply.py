@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from reconciler.commands.common import add_command, load_desired, plural, state_dir
+from reconciler.commands.common import add_command, add_yes_option, confirm, load_desired, plural, state_dir
 from reconciler.printable import printable
 from reconciler.units import human_size
 
@@ -58,7 +58,7 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     parser.add_argument(
         "planfile", metavar="PLANFILE", nargs="?", type=Path, help="a plan saved by plan --out"
     )
-    parser.add_argument("--yes", "-y", action="store_true", help="do not ask for confirmation")
+    add_yes_option(parser, "applying the plan")
     parser.add_argument(
         "--detailed-exitcode",
         action="store_true",
@@ -134,17 +134,6 @@ def _show(outcome: Outcome) -> None:
     print(printable(text), flush=True)
 
 
-def _confirm(count: int) -> bool | None:
-    """True/False as answered; None when there is no terminal to ask on."""
-    if not sys.stdin.isatty():
-        return None
-    try:
-        answer = input(f"Apply these {plural(count, 'action')}? [y/N] ")
-    except EOFError:
-        return False
-    return answer.strip().lower() in ("y", "yes")
-
-
 def cmd_apply(args: argparse.Namespace) -> int:
     """Execute the (saved or fresh) plan; see the exit status in the epilog."""
     from reconciler.esxi.host import sigterm_raises
@@ -184,7 +173,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
         print("Nothing to do.")
         return 0
     if saved is None and not args.yes:
-        answer = _confirm(len(the_plan.actions))
+        answer = confirm(f"Apply these {plural(len(the_plan.actions), 'action')}?")
         if answer is None:
             _err("not asking without a terminal: review the plan and pass --yes, or apply a saved plan")
             return 2

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 import structlog
 
-from reconciler.commands.common import add_command, load_desired, plural
+from reconciler.commands.common import add_command, add_yes_option, confirm, load_desired, plural
 from reconciler.printable import printable
 from reconciler.units import human_size
 
@@ -91,7 +91,7 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     parser.add_argument(
         "--overwrite", action="store_true", help="replace the disks of the existing VM (asks unless --yes)"
     )
-    parser.add_argument("--yes", action="store_true", help="do not ask before overwriting")
+    add_yes_option(parser, "overwriting")
     parser.add_argument(
         "--disk",
         metavar="LABEL|NODE",
@@ -160,13 +160,6 @@ def _say(text: str) -> None:
 
 def _err(message: str) -> None:
     print(f"esxi-reconciler restore: {printable(message)}", file=sys.stderr)
-
-
-def _confirm(question: str) -> bool:
-    if not sys.stdin.isatty():
-        return False
-    print(printable(question) + " [y/N] ", end="", file=sys.stderr, flush=True)
-    return sys.stdin.readline().strip().lower() in ("y", "yes")
 
 
 def _option_error(args: argparse.Namespace) -> str | None:
@@ -369,7 +362,7 @@ def _overwrite(
         f"Overwrite {what} VM {target.name!r} on {host.name} with restore point {point.id}{source}?"
         f" The VM will be powered off ({target.power_state} now)."
     )
-    if not args.yes and not _confirm(question):
+    if not args.yes and not confirm(question):
         _err("not confirmed; nothing changed (use --yes when not on a terminal)")
         return 2
     with progress:
