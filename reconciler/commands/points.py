@@ -330,13 +330,19 @@ def cmd_points_forget(args: argparse.Namespace) -> int:
                     rows[point.id].update(decision="refused", reason=refusal)
                     refusals.append(refusal)
     ordered = [rows[i] for i in wanted]
-    if refusals:
+
+    def refuse(why: str) -> int:
+        """Nothing was forgotten: say why (and in --json, the points with their refusals)."""
         if args.json:
-            print(json.dumps({"ok": False, "points": ordered, "gc": None}, indent=2, ensure_ascii=False))
-        for refusal in refusals:
-            _err("forget", refusal)
-        _err("forget", "nothing was forgotten")
+            out = {"ok": False, "error": why, "points": ordered, "gc": None}
+            print(json.dumps(out, indent=2, ensure_ascii=False))
+        _err("forget", f"{why}; nothing was forgotten")
         return 2
+
+    if refusals:
+        for refusal in refusals[:-1]:
+            _err("forget", refusal)
+        return refuse(refusals[-1])
     if not args.json:
         print(f"to forget ({plural(len(ordered), 'restore point')}, cannot be restored afterwards):")
         for row in ordered:
@@ -344,11 +350,9 @@ def cmd_points_forget(args: argparse.Namespace) -> int:
     if not args.yes:
         answer = confirm(f"Forget {plural(len(ordered), 'restore point')} for good?")
         if answer is None:
-            _err("forget", "not asking without a terminal: pass --yes to forget them; nothing was forgotten")
-            return 2
+            return refuse("not asking without a terminal: pass --yes to forget them")
         if not answer:
-            _err("forget", "not confirmed; nothing was forgotten")
-            return 2
+            return refuse("not confirmed")
     gc_entries: list[dict[str, Any]] = []
     for name, (repo, _) in found.items():
         ids = [i for i in wanted if rows[i]["repository"] == name]
@@ -390,7 +394,7 @@ def cmd_points_forget(args: argparse.Namespace) -> int:
             status = status or (0 if entry["ok"] else 1)
             gc_entries.append(entry)
     if args.json:
-        out = {"ok": status == 0, "points": ordered, "gc": gc_entries if args.gc else None}
+        out = {"ok": status == 0, "error": None, "points": ordered, "gc": gc_entries if args.gc else None}
         print(json.dumps(out, indent=2, ensure_ascii=False))
         return status
     if not args.gc:

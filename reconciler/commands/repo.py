@@ -463,12 +463,16 @@ def cmd_repo_key_passwd(args: argparse.Namespace) -> int:
     path = Path(cfg.backend.path)
     try:
         old = secret.reveal()
+    except SecretError as error:
+        _key_err("passwd", str(error))
+        return 1
+    try:
         new = _given_passphrase(
             args.new_passphrase_file, args.new_passphrase_env, f"New passphrase for repository {cfg.name}"
         )
-    except SecretError as error:
-        _key_err("passwd", str(error))
-        return 1 if args.new_passphrase_file is None and args.new_passphrase_env is None else 2
+    except SecretError as error:  # the new passphrase as given is unusable: bad input
+        _key_err("passwd", f"{error}; nothing changed")
+        return 2
     if new is None:
         _key_err(
             "passwd",

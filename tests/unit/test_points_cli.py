@@ -171,6 +171,7 @@ def test_forget_refuses_the_newest_successful_point_without_force(
     doc = json.loads(capsys.readouterr().out)
     assert doc == {
         "ok": True,
+        "error": None,
         "points": [
             {
                 "id": newest.id,
@@ -218,9 +219,17 @@ def test_forget_asks_and_refuses_without_a_terminal(
     monkeypatch.setattr("sys.stdin", io.StringIO(""))  # not a terminal
     assert run(cfg, "points", "forget", old.id) == 2
     captured = capsys.readouterr()
-    assert "not asking without a terminal: pass --yes" in captured.err
+    assert "not asking without a terminal: pass --yes to forget them; nothing was forgotten" in captured.err
     assert f"restore point {old.id}" in captured.out  # what would go was shown
     assert old.id in repo.point_ids()
+    assert run(cfg, "points", "forget", old.id, "--json") == 2
+    doc = json.loads(capsys.readouterr().out)
+    assert (doc["ok"], doc["error"], doc["gc"]) == (
+        False,
+        "not asking without a terminal: pass --yes to forget them",
+        None,
+    )
+    assert [(p["id"], p["decision"]) for p in doc["points"]] == [(old.id, None)]
 
     class Terminal(io.StringIO):
         def isatty(self) -> bool:

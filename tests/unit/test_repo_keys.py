@@ -265,3 +265,38 @@ def test_key_import_of_an_old_passphrases_key_and_of_bad_files(
     assert "not valid JSON; give a file written by `repo key export`" in capsys.readouterr().err
     assert main([*base, str(tmp_path / "missing.key")]) == 2
     assert "cannot read" in capsys.readouterr().err
+
+
+def test_passwd_asks_for_the_new_passphrase_twice_and_then_to_go_on(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cfg = _config(tmp_path)
+    assert main(["--config", str(cfg), "repo", "init", "nas"]) == 0
+    keys_before = list_keys(tmp_path / "repo")
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    typed: list[str] = []
+    monkeypatch.setattr("getpass.getpass", lambda prompt: typed.pop(0))
+    base = ["--config", str(cfg), "repo", "key", "passwd", "nas"]
+
+    typed[:] = [NEW, NEW + "x"]
+    monkeypatch.setattr("sys.stdin", Terminal(""))
+    assert main(base) == 2
+    assert "the two passphrases differ" in capsys.readouterr().err
+
+    typed[:] = [NEW, NEW]
+    monkeypatch.setattr("sys.stdin", Terminal("n\n"))
+    assert main(base) == 2
+    err = capsys.readouterr().err
+    assert f"Change the passphrase of repository nas ({tmp_path / 'repo'})?" in err
+    assert "not confirmed; nothing changed" in err
+    assert list_keys(tmp_path / "repo") == keys_before
+
+    typed[:] = [NEW, NEW]
+    monkeypatch.setattr("sys.stdin", Terminal("y\n"))
+    assert main(base) == 0
+    assert "changed the passphrase of repository nas" in capsys.readouterr().out
+    assert _opens(tmp_path / "repo", NEW) is not None and _opens(tmp_path / "repo", PASSPHRASE) is None
