@@ -8,7 +8,7 @@ PY     := $(VENV)/bin/python
 APT_PACKAGES := golang-go golang-github-vmware-govmomi-dev openssh-server openssh-client util-linux iproute2 python3-venv systemd busybox groff-base man-db zsh
 LAB_DIR ?= .lab
 
-.PHONY: all setup apt venv lab-build lint test unit demo clean install uninstall
+.PHONY: all setup apt venv lab-build lint test unit test-reliability-long demo clean install uninstall
 
 all: test
 
@@ -49,6 +49,10 @@ test: setup lint
 
 unit: venv
 	$(VENV)/bin/pytest tests/unit
+
+# The reliability suite with its long variants (longer fuzzing, the bigger load lab), then its figures.
+test-reliability-long: setup
+	$(PY) -m bench.reliability_report --run --long
 
 demo: setup
 	$(PY) -m esxisim demo --state-dir $(LAB_DIR)
