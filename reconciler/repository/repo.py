@@ -513,16 +513,16 @@ class Repository:
         3. only then the key files the old passphrase opens are deleted (and duplicates for the new
            passphrase an interrupted earlier run left), then ``keys/`` is fsynced.
 
-        Killed at any moment, the old passphrase still opens the repository until step 2 has passed,
-        and the new one from then on (both in between); running it again completes it. Key files of
-        other passphrases are kept (``others``). The repository must have been opened with
-        ``old_passphrase``.
+        Killed at any moment, one of the two opens the repository: the old passphrase until its key
+        files are deleted in step 3, the new one from the end of step 1 on. Running it again completes
+        it. Key files of other passphrases are kept (``others``). The repository must have been opened
+        with ``old_passphrase`` (checked).
         """
         if self._key is None or self.key_id is None:
             raise RepositoryError(f"{self.path}: repository is not encrypted; it has no passphrase")
         if _passphrase_text(old_passphrase) == _passphrase_text(new_passphrase):
             raise ValueError("the new passphrase is the same as the current one")
-        current = next((k for k in self._key_files() if k.id == self.key_id), None)
+        current = next((k for k in _key_files(self.backend, self.id) if k.id == self.key_id), None)
         if current is None or not self._opens(current, old_passphrase):
             raise WrongKeyError(f"the old passphrase does not open repository key {self.key_id}")
         new_id = self.add_key(new_passphrase, kdf)
@@ -531,7 +531,7 @@ class Repository:
             raise IntegrityError(f"keys/{new_id}.json", "the new key file does not open this repository")
         removed: list[str] = []
         others: list[str] = []
-        for keyfile in self._key_files():
+        for keyfile in _key_files(self.backend, self.id):
             if keyfile.id == new_id:
                 continue
             if keyfile.id == current.id or self._opens(keyfile, old_passphrase, new_passphrase):
@@ -542,15 +542,6 @@ class Repository:
         fsync_dir(self.path / "keys")
         self.key_id = new_id
         return PassphraseChange(new_id, tuple(removed), tuple(others))
-
-    def _key_files(self) -> list[KeyFile]:
-        """This repository's key files (those of another repository id are skipped), by name."""
-        found = []
-        for name in sorted(n for n in self.backend.list("keys") if n.endswith(".json")):
-            keyfile = KeyFile.from_json(self.backend.get(name), name)
-            if keyfile.repository == self.id:
-                found.append(keyfile)
-        return found
 
     def _opens(self, keyfile: KeyFile, *passphrases: Passphrase) -> bool:
         """Whether one of ``passphrases`` unwraps ``keyfile`` to this repository's master key."""
@@ -611,16 +602,23 @@ class Repository:
         return chunks, indexes, digests
 
 
+def _key_files(backend: LocalBackend, repository_id: str) -> list[KeyFile]:
+    """The key files of the repository ``repository_id`` (those of another repository are skipped)."""
+    found = []
+    for name in sorted(n for n in backend.list("keys") if n.endswith(".json")):
+        keyfile = KeyFile.from_json(backend.get(name), name)
+        if keyfile.repository == repository_id:
+            found.append(keyfile)
+    return found
+
+
 def list_keys(path: str | os.PathLike[str], passphrase: Passphrase | None = None) -> list[KeyInfo]:
     """The repository's key files, oldest first, without opening it (so also when no passphrase
     works); with ``passphrase``, which ones it opens (one key derivation per file)."""
     backend = LocalBackend(path)
     config = RepositoryConfig.from_json(backend.get(CONFIG_NAME))
     infos = []
-    for name in sorted(n for n in backend.list("keys") if n.endswith(".json")):
-        keyfile = KeyFile.from_json(backend.get(name), name)
-        if keyfile.repository != config.id:
-            continue
+    for keyfile in _key_files(backend, config.id):
         opens = None
         if passphrase is not None:
             try:
