@@ -190,7 +190,7 @@ def cmd_complete(args: argparse.Namespace) -> int:
 
 def _from_points(desired: DesiredState, kind: str) -> set[str]:
     """VM names or point ids of every repository that opens (under a shared lock, like `points`)."""
-    from reconciler.operations.backup import open_repository
+    from reconciler.operations.repositories import open_repository
 
     found: set[str] = set()
     for cfg in desired.repositories.values():

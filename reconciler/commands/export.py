@@ -83,8 +83,8 @@ def _file_mode(text: str) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     """0 exported; 1 failed; 2 bad input."""
     from reconciler.commands.restore import describe_point, find_repository
-    from reconciler.operations.backup import open_repository
     from reconciler.operations.export import FILE_MODE, export_point
+    from reconciler.operations.repositories import open_repository
     from reconciler.operations.restore import RestoreError, describe_source, find_point
 
     desired = load_desired(args)

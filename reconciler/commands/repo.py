@@ -328,7 +328,7 @@ def cmd_repo_key_export(args: argparse.Namespace) -> int:
     import os
 
     from reconciler.config.secrets import SecretError
-    from reconciler.operations.backup import open_repository
+    from reconciler.operations.repositories import open_repository
     from reconciler.repository import export_key
     from reconciler.repository.errors import RepositoryError
 
@@ -615,7 +615,7 @@ def secret_text(secret: Secret) -> str:
 
 def cmd_repo_stats(args: argparse.Namespace) -> int:
     """``repo stats [REPOSITORY...]``: 0 shown, 1 a repository could not be read, 2 bad input."""
-    from reconciler.operations.backup import open_repository
+    from reconciler.operations.repositories import open_repository
     from reconciler.repository.stats import usage_report
 
     desired = load_desired(args)
@@ -732,8 +732,8 @@ def cmd_repo_gc(args: argparse.Namespace) -> int:
     import difflib
 
     from reconciler.config.secrets import SecretError
-    from reconciler.operations.backup import open_repository
     from reconciler.operations.prune import collect
+    from reconciler.operations.repositories import open_repository
     from reconciler.repository.errors import RepositoryError, StorageError
 
     desired = load_desired(args)
