@@ -14,7 +14,7 @@ import argparse
 import sys
 from typing import TYPE_CHECKING, Any
 
-from reconciler.commands.common import add_command, load_desired
+from reconciler.commands.common import ExitCode, add_command, emit_json, load_desired
 
 if TYPE_CHECKING:
     from reconciler.config.model import DesiredState
@@ -147,8 +147,12 @@ def completion_script(root: argparse.ArgumentParser, shell: str) -> str:
 
 def cmd_completion(args: argparse.Namespace) -> int:
     """``completion bash|zsh``: 0."""
-    sys.stdout.write(completion_script(args.root_parser, args.shell))
-    return 0
+    script = completion_script(args.root_parser, args.shell)
+    if args.json:
+        emit_json({"ok": True, "shell": args.shell, "script": script})
+    else:
+        sys.stdout.write(script)
+    return ExitCode.OK
 
 
 def cmd_manpage(args: argparse.Namespace) -> int:
@@ -157,7 +161,7 @@ def cmd_manpage(args: argparse.Namespace) -> int:
     from reconciler.commands.manpage import manpage
 
     sys.stdout.write(manpage(args.root_parser, __version__))
-    return 0
+    return ExitCode.OK
 
 
 def cmd_complete(args: argparse.Namespace) -> int:
@@ -167,9 +171,10 @@ def cmd_complete(args: argparse.Namespace) -> int:
     import io
 
     with contextlib.redirect_stderr(io.StringIO()):
-        desired = load_desired(args)
-        if desired is None:
-            return 1
+        try:
+            desired = load_desired(args)
+        except Exception:  # a missing or invalid config: nothing to offer, nothing to say
+            return ExitCode.FAILED
         names: set[str] = set()
         if args.kind == "repositories":
             names.update(desired.repositories)
@@ -185,7 +190,7 @@ def cmd_complete(args: argparse.Namespace) -> int:
     for name in sorted(names):
         if "\n" not in name:
             print(name)
-    return 0
+    return ExitCode.OK
 
 
 def _from_points(desired: DesiredState, kind: str) -> set[str]:

@@ -4,13 +4,23 @@ whatever the retention, give it back to the retention, or delete it now."""
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from reconciler.commands.common import add_command, add_yes_option, confirm, load_desired, plural
+from reconciler.commands.common import (
+    ExitCode,
+    add_command,
+    add_yes_option,
+    ask,
+    emit_json,
+    error_document,
+    fail,
+    load_desired,
+    plural,
+    unknown_name,
+)
 from reconciler.facts.points import RestorePoint
 from reconciler.planning.backup_mode import describe, per_disks
 from reconciler.printable import printable
@@ -31,8 +41,8 @@ examples:
   esxi-reconciler points unprotect ID       let the retention decide about it again
   esxi-reconciler points forget ID --gc     delete it now and free its data (asks first)
 
-exit status: 0 done, 1 failed (a repository could not be read or written), 2 usage or
-configuration error, an unknown point, or refused (not confirmed, protected, newest point)
+A repository that cannot be read (not mounted, wrong passphrase, locked) is an error (exit 1),
+never "no restore points"; the points of the others are still listed.
 """
 
 _FORGET_EXAMPLES = """\
@@ -48,8 +58,9 @@ collection (--gc here, `esxi-reconciler repo gc`, or the daemon's next GC after 
 Protected points are refused: `points unprotect ID` first. The newest successful point of a VM
 in its policy is refused unless --force (the daemon's prune never deletes it).
 
-exit status: 0 forgotten (and GC done with --gc), 1 failed or GC deferred, 2 usage error, an
-unknown point, or refused (not confirmed, protected, newest point without --force)
+Exit 0 forgotten (and, with --gc, freed); 1 failed, declined, or GC deferred by a running backup;
+64 an unknown point, a refused one (protected, newest without --force), or no terminal to ask
+on without --yes.
 """
 
 _PROTECT_EXAMPLES = """\
@@ -60,7 +71,7 @@ examples:
 A protected point is never deleted: the retention neither prunes it nor counts it, and
 `points forget` refuses it. `points` shows the flag (PROT column, "protected" in --json).
 
-exit status: 0 done (also when it already was so), 1 failed, 2 usage error or an unknown point
+Exit 0 done (also when it already was so); 1 failed; 64 an unknown point or repository.
 """
 
 
@@ -77,7 +88,6 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         handler=cmd_points,
     )
     parser.add_argument("--vm", metavar="NAME", help="only points of this VM (display name)")
-    parser.add_argument("--json", action="store_true", help="JSON output")
     verbs = parser.add_subparsers(dest="points_command", metavar="SUBCOMMAND")
     for name, protect in (("protect", True), ("unprotect", False)):
         sub = add_command(
@@ -126,27 +136,29 @@ def _point_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--repository", metavar="R", help="the repository holding them (default: found in every one)"
     )
-    parser.add_argument("--json", action="store_true", help="JSON output")
 
 
 def cmd_points(args: argparse.Namespace) -> int:
     """``esxi-reconciler points``: 0, or 1 if a repository could not be read."""
+    from reconciler.operations.failures import explain
     from reconciler.operations.repositories import open_repository
 
     desired = load_desired(args)
-    if desired is None:
-        return 2
     rows: list[dict[str, Any]] = []
     why: list[list[str]] = []
-    status = 0
+    unreadable: list[tuple[str, str, str]] = []
     for name, repo_cfg in desired.repositories.items():
         try:
             repo = open_repository(repo_cfg)
             with repo.lock(purpose="list points"):
                 points = repo.list_points(vm=args.vm)
         except Exception as error:
-            print(f"esxi-reconciler points: repository {name}: {printable(str(error))}", file=sys.stderr)
-            status = 1
+            explained = explain(error)
+            if explained is None:
+                raise
+            message = explained.message if name in explained.message else f"repository {name}: {explained}"
+            print(f"esxi-reconciler points: {printable(message)}", file=sys.stderr)
+            unreadable.append((name, explained.code, message))
             continue
         for p in points:
             rows.append(
@@ -174,8 +186,23 @@ def cmd_points(args: argparse.Namespace) -> int:
                 }
             )
             why.append(_why(p))
+    status = ExitCode.FAILED if unreadable else ExitCode.OK
     if args.json:
-        print(json.dumps(rows, indent=2, ensure_ascii=False))
+        if unreadable:
+            code = unreadable[0][1] if len(unreadable) == 1 else "repositories-unreadable"
+            message = "; ".join(m for _, _, m in unreadable)
+            emit_json(
+                error_document(
+                    "points",
+                    code,
+                    message,
+                    status,
+                    points=rows,
+                    unreadable=[{"repository": n, "code": c, "message": m} for n, c, m in unreadable],
+                )
+            )
+        else:
+            emit_json(rows)
         return status
     if rows:
         # a name backed up as several VMs (two hosts, a re-created VM): show the UUIDs that tell them apart
@@ -198,9 +225,25 @@ def cmd_points(args: argparse.Namespace) -> int:
             print("  ".join(str(cell).ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
             for line in lines:
                 print(f"    {printable(line)}")
+    elif unreadable:
+        pass  # not "no restore points": the repositories that hold them could not be read (stderr says why)
     else:
         print("no restore points")
     return status
+
+
+def _why(point: RestorePoint) -> list[str]:
+    """The lines shown under a point: the disks read in full, or incremental with a faster mode passed
+    over (more than the one plain reason), with their reasons (disks with the same ones on one line);
+    for a point written before disks recorded them, its fallback reason."""
+    lines = per_disks(
+        (d.label, describe(d.mode, d.reasons))
+        for d in point.disks
+        if d.mode is not None and (d.mode == "full" or len(d.reasons) > 1)
+    )
+    if not lines and point.fallback_reason and all(d.mode is None for d in point.disks):
+        lines.append(f"full: {point.fallback_reason}")
+    return lines
 
 
 def _point_row(repository: str, point: RestorePoint) -> dict[str, Any]:
@@ -231,70 +274,61 @@ def _err(command: str, message: str) -> None:
 
 def _locate(
     args: argparse.Namespace, desired: DesiredState, command: str
-) -> tuple[dict[str, tuple[Repository, list[RestorePoint]]], int]:
-    """The repositories holding ``args.point_ids`` (opened, with all their points), and 0; or what to
-    exit with (1 a repository could not be read, 2 an unknown repository or point) after saying why."""
+) -> dict[str, tuple[Repository, list[RestorePoint]]]:
+    """The repositories holding ``args.point_ids``, opened, with all their points. Stops the verb for an
+    unknown repository or point (64), or for a point that may be in a repository that could not be read
+    (1, the cause named)."""
+    from reconciler.operations.failures import explain
     from reconciler.operations.repositories import open_repository
 
     names = list(desired.repositories)
     if args.repository is not None:
         if args.repository not in desired.repositories:
-            _err(
-                command, f"no Repository named {args.repository!r} (configured: {', '.join(names) or 'none'})"
-            )
-            return {}, 2
+            unknown_name(f"points {command}", "Repository", args.repository, sorted(names))
         names = [args.repository]
     wanted = list(dict.fromkeys(args.point_ids))
     found: dict[str, tuple[Repository, list[RestorePoint]]] = {}
-    unreadable = False
+    unreadable: list[str] = []
     for name in names:
         try:
             repo = open_repository(desired.repositories[name])
             with repo.lock(purpose=f"points {command}"):
-                ids = set(repo.point_ids())
-                if ids.intersection(wanted):
+                if set(repo.point_ids()).intersection(wanted):
                     found[name] = (repo, repo.list_points())
         except Exception as error:
-            _err(command, f"repository {name}: {error}")
-            unreadable = True
+            explained = explain(error)
+            if explained is None:
+                raise
+            message = explained.message if name in explained.message else f"repository {name}: {explained}"
+            _err(command, message)
+            unreadable.append(message)
     held = {p.id for _, points in found.values() for p in points}
     missing = [i for i in wanted if i not in held]
-    for point_id in missing:
-        where = args.repository or ", ".join(names) or "no repository configured"
-        _err(command, f"no restore point {point_id!r} in {where}; `esxi-reconciler points` lists them")
     if missing:
-        return found, 1 if unreadable else 2
-    return found, 0
+        which = ", ".join(repr(i) for i in missing)
+        if unreadable:
+            fail(f"restore point {which} not found; {'; '.join(unreadable)}", "repository-unreadable")
+        where = args.repository or ", ".join(names) or "no repository configured"
+        fail(f"no restore point {which} in {where}; `esxi-reconciler points` lists them", "no-point", "usage")
+    return found
 
 
 def _set_protection(args: argparse.Namespace, protect: bool) -> int:
     command = "protect" if protect else "unprotect"
-    desired = load_desired(args)
-    if desired is None:
-        return 2
-    found, status = _locate(args, desired, command)
-    if status:
-        return status
+    found = _locate(args, load_desired(args), command)
     rows: list[dict[str, Any]] = []
     for name, (repo, points) in found.items():
-        by_id = {p.id: p for p in points}
-        try:
-            with repo.lock(purpose=f"points {command}"):
-                for point_id in dict.fromkeys(args.point_ids):
-                    if point_id not in by_id:
-                        continue
-                    point = repo.read_point(point_id)
-                    changed = point.protected != protect
-                    if changed:
-                        point = repo.set_protected(point_id, protect)
-                        log.info(f"points.{command}ed", point=point_id, repository=name)
-                    rows.append({**_point_row(name, point), "changed": changed})
-        except Exception as error:
-            _err(command, f"repository {name}: {error}")
-            status = 1
-    if args.json:
-        print(json.dumps({"ok": status == 0, "points": rows}, indent=2, ensure_ascii=False))
-        return status
+        ids = {p.id for p in points}
+        with repo.lock(purpose=f"points {command}"):
+            for point_id in dict.fromkeys(args.point_ids):
+                if point_id not in ids:
+                    continue
+                point = repo.read_point(point_id)
+                changed = point.protected != protect
+                if changed:
+                    point = repo.set_protected(point_id, protect)
+                    log.info(f"points.{command}ed", point=point_id, repository=name)
+                rows.append({**_point_row(name, point), "changed": changed})
     for row in rows:
         if protect:
             what = "protected" if row["changed"] else "already protected"
@@ -302,113 +336,74 @@ def _set_protection(args: argparse.Namespace, protect: bool) -> int:
         else:
             what = "unprotected" if row["changed"] else "not protected"
             print(f"{what}: {_describe(row)}; the retention decides about it (the next prune may delete it)")
-    return status
+    if args.json:
+        emit_json({"ok": True, "points": rows})
+    return ExitCode.OK
 
 
 def cmd_points_protect(args: argparse.Namespace) -> int:
-    """``points protect ID...``: 0 done, 1 failed, 2 bad input."""
+    """``points protect ID...``: 0 done, 1 failed, 64 an unknown point."""
     return _set_protection(args, True)
 
 
 def cmd_points_unprotect(args: argparse.Namespace) -> int:
-    """``points unprotect ID...``: 0 done, 1 failed, 2 bad input."""
+    """``points unprotect ID...``: 0 done, 1 failed, 64 an unknown point."""
     return _set_protection(args, False)
 
 
 def cmd_points_forget(args: argparse.Namespace) -> int:
-    """``points forget ID... [--force] [--gc] [--yes]``: 0 forgotten, 1 failed or GC deferred, 2 bad input or
-    refused (before anything was deleted)."""
-    from reconciler.commands.repo import gc_line
-    from reconciler.operations.prune import collect, forget, forget_refusal
+    """``points forget ID... [--force] [--gc] [--yes]``: 0 forgotten, 1 failed, declined or GC deferred, 64
+    an unknown or refused point, or not asked (before anything was deleted)."""
+    from reconciler.operations.failures import explain
+    from reconciler.operations.prune import forget, forget_refusal
 
     if args.wait < 0:
-        _err("forget", "--wait must not be negative")
-        return 2
-    desired = load_desired(args)
-    if desired is None:
-        return 2
-    found, status = _locate(args, desired, "forget")
-    if status:
-        return status
+        fail("--wait must not be negative", "usage", "usage")
+    found = _locate(args, load_desired(args), "forget")
     wanted = list(dict.fromkeys(args.point_ids))
     rows: dict[str, dict[str, Any]] = {}
-    refusals: list[str] = []
     for name, (_, points) in found.items():
         for point in points:
             if point.id in wanted:
                 rows[point.id] = {**_point_row(name, point), "decision": None, "reason": None}
                 refusal = forget_refusal(point, points, force=args.force)
                 if refusal is not None:
-                    rows[point.id].update(decision="refused", reason=refusal)
-                    refusals.append(refusal)
+                    fail(
+                        f"{refusal}; nothing was forgotten",
+                        "protected" if point.protected else "newest-point",
+                        "usage",
+                    )
     ordered = [rows[i] for i in wanted]
-
-    def refuse(why: str) -> int:
-        """Nothing was forgotten: say why (and in --json, the points with their refusals)."""
-        if args.json:
-            out = {"ok": False, "error": why, "points": ordered, "gc": None}
-            print(json.dumps(out, indent=2, ensure_ascii=False))
-        _err("forget", f"{why}; nothing was forgotten")
-        return 2
-
-    if refusals:
-        for refusal in refusals[:-1]:
-            _err("forget", refusal)
-        return refuse(refusals[-1])
-    if not args.json:
-        print(f"to forget ({plural(len(ordered), 'restore point')}, cannot be restored afterwards):")
-        for row in ordered:
-            print(f"  {_describe(row)}")
-    if not args.yes:
-        answer = confirm(f"Forget {plural(len(ordered), 'restore point')} for good?")
-        if answer is None:
-            return refuse("not asking without a terminal: pass --yes to forget them")
-        if not answer:
-            return refuse("not confirmed")
+    print(f"to forget ({plural(len(ordered), 'restore point')}, cannot be restored afterwards):")
+    for row in ordered:
+        print(f"  {_describe(row)}")
+    ask(args, f"Forget {plural(len(ordered), 'restore point')} for good?", "nothing was forgotten")
+    status = ExitCode.OK
     gc_entries: list[dict[str, Any]] = []
     for name, (repo, _) in found.items():
         ids = [i for i in wanted if rows[i]["repository"] == name]
         try:
             results = forget(repo, ids, force=args.force)
         except Exception as error:
-            _err("forget", f"repository {name}: {error}")
-            status = 1
+            explained = explain(error)
+            if explained is None:
+                raise
+            _err("forget", f"repository {name}: {explained}")
+            status = ExitCode.FAILED
             for i in ids:
-                rows[i].update(decision="failed", reason=str(error))
+                rows[i].update(decision="failed", reason=explained.message)
             continue
         for result in results:
             row = rows[result.point_id]
             row.update(decision=result.decision, reason=result.reason)
-            if result.decision != "deleted":
-                status = 1
-            if not args.json:
-                if result.decision == "deleted":
-                    print(f"forgotten: {_describe(row)}")
-                else:
-                    _err("forget", f"{result.point_id}: not forgotten: {result.reason}")
+            if result.decision == "deleted":
+                print(f"forgotten: {_describe(row)}")
+            else:
+                status = ExitCode.FAILED
+                _err("forget", f"{result.point_id}: not forgotten: {result.reason}")
         if args.gc:
-            entry: dict[str, Any] = {"repository": name, "path": str(repo.path)}
-            try:
-                gc = collect(repo, wait_seconds=args.wait)
-            except Exception as error:
-                gc = None
-                entry.update(ok=False, error=str(error), deferred=None)
-                _err("forget", f"repository {name}: GC failed: {error}")
-            if gc is not None and gc.report is None:
-                entry.update(ok=False, error=None, deferred=gc.deferred)
-                _err(
-                    "forget", f"repository {name}: {gc.deferred}; run `esxi-reconciler repo gc {name}` later"
-                )
-            elif gc is not None and gc.report is not None:
-                entry.update(ok=True, error=None, deferred=None, **gc.report.to_dict())
-                if not args.json:
-                    print(gc_line(name, repo.path, gc.report))
-            status = status or (0 if entry["ok"] else 1)
-            gc_entries.append(entry)
-    if args.json:
-        out = {"ok": status == 0, "error": None, "points": ordered, "gc": gc_entries if args.gc else None}
-        print(json.dumps(out, indent=2, ensure_ascii=False))
-        return status
+            gc_entries.append(_collect(name, repo, args.wait))
+            status = status if gc_entries[-1]["ok"] else ExitCode.FAILED
     if not args.gc:
         repos = sorted({row["repository"] for row in ordered if row["decision"] == "deleted"})
         if repos:
@@ -417,18 +412,28 @@ def cmd_points_forget(args: argparse.Namespace) -> int:
                 + "; ".join(f"esxi-reconciler repo gc {r}" for r in repos)
                 + " (or points forget --gc; the daemon runs GC after its next prune)"
             )
+    if args.json:
+        emit_json({"ok": status == ExitCode.OK, "points": ordered, "gc": gc_entries if args.gc else None})
     return status
 
 
-def _why(point: RestorePoint) -> list[str]:
-    """The lines shown under a point: the disks read in full, or incremental with a faster mode passed
-    over (more than the one plain reason), with their reasons (disks with the same ones on one line);
-    for a point written before disks recorded them, its fallback reason."""
-    lines = per_disks(
-        (d.label, describe(d.mode, d.reasons))
-        for d in point.disks
-        if d.mode is not None and (d.mode == "full" or len(d.reasons) > 1)
-    )
-    if not lines and point.fallback_reason and all(d.mode is None for d in point.disks):
-        lines.append(f"full: {point.fallback_reason}")
-    return lines
+def _collect(name: str, repo: Repository, wait: float) -> dict[str, Any]:
+    """``--gc``: one repository's garbage collection, as an entry of the ``gc`` list of ``--json``."""
+    from reconciler.commands.repo import gc_line
+    from reconciler.operations.failures import explain
+    from reconciler.operations.prune import collect
+
+    entry: dict[str, Any] = {"repository": name, "path": str(repo.path)}
+    try:
+        gc = collect(repo, wait_seconds=wait)
+    except Exception as error:
+        explained = explain(error)
+        if explained is None:
+            raise
+        _err("forget", f"repository {name}: GC failed: {explained}")
+        return {**entry, "ok": False, "error": explained.message, "deferred": None}
+    if gc.report is None:
+        _err("forget", f"repository {name}: {gc.deferred}; run `esxi-reconciler repo gc {name}` later")
+        return {**entry, "ok": False, "error": None, "deferred": gc.deferred}
+    print(gc_line(name, repo.path, gc.report))
+    return {**entry, "ok": True, "error": None, "deferred": None, **gc.report.to_dict()}

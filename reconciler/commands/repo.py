@@ -4,7 +4,6 @@ and change its passphrase; show what it holds and saves; free its garbage."""
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from datetime import timezone
 from pathlib import Path
@@ -13,18 +12,21 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from reconciler.commands.common import (
+    ExitCode,
     add_command,
     add_yes_option,
-    confirm,
+    ask,
+    emit_json,
+    fail,
     load_desired,
     plural,
     repository_config,
+    unknown_name,
 )
 from reconciler.printable import printable
 from reconciler.units import human_size
 
 if TYPE_CHECKING:
-    from reconciler.config.model import DesiredState
     from reconciler.config.secrets import Secret
     from reconciler.repository.gc import GcReport
 
@@ -42,7 +44,8 @@ examples:
   esxi-reconciler repo gc nas --dry-run      what garbage collection would free
   esxi-reconciler repo gc                    free it in every repository
 
-exit status: 0 done, 1 failed (e.g. the repository exists; GC deferred), 2 usage or configuration error
+Exit 1 when it failed (the repository exists; GC deferred because a backup holds it; the
+cause is named).
 """
 
 _GC_EXAMPLES = """\
@@ -54,8 +57,7 @@ examples:
 Prints per repository what was removed: chunks and their size, disk indexes, digest maps,
 staged files left in tmp/ by killed runs, and whether an interrupted GC was completed.
 
-exit status: 0 done, 1 GC failed or deferred (a backup holds the repository), 2 usage or
-configuration error
+Exit 1 when GC failed or was deferred (a backup holds the repository).
 """
 
 _KEY_EXAMPLES = """\
@@ -69,8 +71,8 @@ examples:
   esxi-reconciler repo key passwd nas --new-passphrase-file /root/new --yes
   esxi-reconciler repo key list nas --json
 
-exit status: 0 done, 1 failed (wrong passphrase, unreadable repository), 2 usage or
-configuration error, a bad key file, or refused (not confirmed)
+Exit 1 when it failed (wrong passphrase, unreadable repository, declined); 64 a bad key file
+or no terminal to ask on without --yes.
 """
 
 _KEY_CHANGE_EXAMPLES = """\
@@ -85,8 +87,8 @@ Killed before the end, the old passphrase still works (and maybe the new one): r
 Afterwards put the new passphrase where the configuration reads the secret, or backups fail;
 key files exported earlier still need the OLD passphrase: export the new one.
 
-exit status: 0 changed (or already changed), 1 failed, 2 usage or configuration error or
-refused (not confirmed)
+Exit 0 changed (or found changed already); 1 failed or declined; 64 an unusable new passphrase,
+or no terminal to ask on without --yes; 78 the configured key secret cannot be read.
 """
 
 _STATS_EXAMPLES = """\
@@ -99,7 +101,7 @@ unique: data after deduplication; stored: unique after compression, as on the vo
 stored bytes no other VM (policy) shares, so forgetting all its points frees them after GC.
 dedup = data / unique, compression = unique / stored, overall = logical / stored.
 
-exit status: 0 done, 1 a repository could not be read, 2 usage or configuration error
+Exit 1 when a repository could not be read (the others are still shown).
 """
 
 _KEY_WARNING = """\
@@ -168,7 +170,6 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     imp.add_argument("repository", metavar="REPOSITORY", help="name of a Repository document")
     imp.add_argument("file", metavar="FILE", type=Path, help="the saved key file")
     _passphrase_options(imp, "passphrase", "the key file's passphrase, if not the configured one")
-    imp.add_argument("--json", action="store_true", help="JSON output")
     passwd = add_command(
         keys,
         "passwd",
@@ -181,7 +182,6 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     passwd.add_argument("repository", metavar="REPOSITORY", help="name of a Repository document")
     _passphrase_options(passwd, "new-passphrase", "the new passphrase")
     add_yes_option(passwd, "changing the passphrase")
-    passwd.add_argument("--json", action="store_true", help="JSON output")
     klist = add_command(
         keys,
         "list",
@@ -192,7 +192,6 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         handler=cmd_repo_key_list,
     )
     klist.add_argument("repository", metavar="REPOSITORY", help="name of a Repository document")
-    klist.add_argument("--json", action="store_true", help="JSON output")
     stats = add_command(
         verbs,
         "stats",
@@ -207,7 +206,6 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     stats.add_argument(
         "repositories", metavar="REPOSITORY", nargs="*", help="names of Repository documents (default: all)"
     )
-    stats.add_argument("--json", action="store_true", help="JSON output")
     gc = add_command(
         verbs,
         "gc",
@@ -232,22 +230,14 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         default=0.0,
         help="wait up to this long for a running backup to release the repository (default: 0)",
     )
-    gc.add_argument("--json", action="store_true", help="JSON output")
 
 
 def _repo_usage(args: argparse.Namespace) -> int:
-    print(
-        "esxi-reconciler repo: give a subcommand: init, key, stats or gc (see repo --help)", file=sys.stderr
-    )
-    return 2
+    fail("give a subcommand: init, key, stats or gc (see repo --help)", "usage", "usage")
 
 
 def _key_usage(args: argparse.Namespace) -> int:
-    print(
-        "esxi-reconciler repo key: give a subcommand: export, import, passwd or list (see repo key --help)",
-        file=sys.stderr,
-    )
-    return 2
+    fail("give a subcommand: export, import, passwd or list (see repo key --help)", "usage", "usage")
 
 
 def _passphrase_options(parser: argparse.ArgumentParser, prefix: str, what: str) -> None:
@@ -285,65 +275,69 @@ def _given_passphrase(file: Path | None, env: str | None, prompt: str | None) ->
     return first
 
 
+def secret_text(secret: Secret) -> str:
+    """Where a secret is read from, for people: ``file /etc/…``, ``environment variable X``, …"""
+    kind = {"file": "file", "env": "environment variable", "credential": "systemd credential"}[secret.source]
+    return f"{kind} {secret.name}"
+
+
 def cmd_repo_init(args: argparse.Namespace) -> int:
-    """``esxi-reconciler repo init REPOSITORY``: 0 created, 1 failed or exists, 2 bad input."""
-    from reconciler.config.secrets import SecretError
+    """``esxi-reconciler repo init REPOSITORY``: 0 created, 1 failed or exists, 64 bad input."""
     from reconciler.repository import Repository
-    from reconciler.repository.errors import RepositoryError
 
     cfg = repository_config(args, "repo init")
-    if cfg is None:
-        return 2
     path = Path(cfg.backend.path)
     if (path / "config").exists():
-        print(f"esxi-reconciler repo init: {path} is already a repository; nothing done", file=sys.stderr)
-        return 1
+        fail(f"repository {cfg.name}: {path} is already a repository; nothing done", "exists")
     if path.exists() and (not path.is_dir() or any(path.iterdir())):
-        print(f"esxi-reconciler repo init: {path} exists and is not empty; nothing done", file=sys.stderr)
-        return 1
-    try:
-        key = cfg.encryption.key
-        passphrase = key.reveal() if cfg.encryption.enabled and key is not None else None
-        repo = Repository.init(
-            path, passphrase, compression=cfg.compression.algorithm, compression_level=cfg.compression.level
-        )
-    except (SecretError, RepositoryError, OSError, ValueError) as error:
-        print(f"esxi-reconciler repo init: {error}", file=sys.stderr)
-        return 1
+        fail(f"repository {cfg.name}: {path} exists and is not empty; nothing done", "exists")
+    key = cfg.encryption.key
+    passphrase = key.reveal() if cfg.encryption.enabled and key is not None else None
+    repo = Repository.init(
+        path, passphrase, compression=cfg.compression.algorithm, compression_level=cfg.compression.level
+    )
     log.info("repo.init", repository=cfg.name, path=str(path), id=repo.id, encrypted=repo.encrypted)
     comp = cfg.compression
     compression = f"zstd level {comp.level}" if comp.algorithm == "zstd" else comp.algorithm
     encryption = f"encrypted (AES-256-GCM, key {repo.key_id})" if repo.encrypted else "NOT encrypted"
     print(f"created repository {cfg.name} at {path}: id {repo.id}, {encryption}, {compression}")
+    print(
+        f"pin it: add `id: {repo.id}` to the spec of Repository {cfg.name}, so that another volume mounted"
+        " at that path is refused"
+    )
     if repo.encrypted:
         print(
             f"next: esxi-reconciler repo key export {cfg.name} --out FILE, and keep that file and the"
             " passphrase safe: without them the backups cannot be read"
         )
-    return 0
+    if args.json:
+        emit_json(
+            {
+                "ok": True,
+                "repository": cfg.name,
+                "path": str(path),
+                "id": repo.id,
+                "encrypted": repo.encrypted,
+                "key_id": repo.key_id,
+                "compression": {"algorithm": comp.algorithm, "level": comp.level},
+            }
+        )
+    return ExitCode.OK
 
 
 def cmd_repo_key_export(args: argparse.Namespace) -> int:
-    """``esxi-reconciler repo key export REPOSITORY --out FILE``: 0 written, 1 failed, 2 bad input."""
+    """``esxi-reconciler repo key export REPOSITORY --out FILE``: 0 written, 1 failed, 64 bad input."""
     import os
 
-    from reconciler.config.secrets import SecretError
     from reconciler.operations.repositories import open_repository
     from reconciler.repository import export_key
-    from reconciler.repository.errors import RepositoryError
 
     cfg = repository_config(args, "repo key export")
-    if cfg is None:
-        return 2
     if not cfg.encryption.enabled:
-        print(
-            f"esxi-reconciler repo key export: repository {cfg.name} is not encrypted; it has no key",
-            file=sys.stderr,
-        )
-        return 1
+        fail(f"repository {cfg.name} is not encrypted; it has no key", "not-encrypted")
     out: Path = args.out
+    repo = open_repository(cfg)  # checks the passphrase opens the key we export
     try:
-        repo = open_repository(cfg)  # checks the passphrase opens the key we export
         data = export_key(repo.path, repo.key_id)
         fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:
@@ -355,15 +349,13 @@ def cmd_repo_key_export(args: argparse.Namespace) -> int:
         finally:
             os.close(fd)
     except FileExistsError:
-        print(f"esxi-reconciler repo key export: {out} exists; not overwritten", file=sys.stderr)
-        return 1
-    except (SecretError, RepositoryError, OSError) as error:
-        print(f"esxi-reconciler repo key export: {error}", file=sys.stderr)
-        return 1
+        fail(f"{out} exists; not overwritten (choose another file, or remove it first)", "exists")
     log.info("repo.key_export", repository=cfg.name, key=repo.key_id, out=str(out))
     print(f"wrote the key file of repository {cfg.name} (key {repo.key_id}) to {out} (mode 600)")
     print(_KEY_WARNING, file=sys.stderr)
-    return 0
+    if args.json:
+        emit_json({"ok": True, "repository": cfg.name, "key_id": repo.key_id, "out": str(out), "mode": "600"})
+    return ExitCode.OK
 
 
 def _key_err(command: str, message: str) -> None:
@@ -371,50 +363,46 @@ def _key_err(command: str, message: str) -> None:
 
 
 def cmd_repo_key_import(args: argparse.Namespace) -> int:
-    """``repo key import REPOSITORY FILE``: 0 imported (or there already), 1 failed, 2 bad input."""
+    """``repo key import REPOSITORY FILE``: 0 imported (or there already), 1 failed, 64 a bad key file."""
     from reconciler.config.secrets import SecretError
     from reconciler.repository import FormatError, Repository, RepositoryError, WrongKeyError, import_key
     from reconciler.repository.crypto import KeyFile
 
     cfg = repository_config(args, "repo key import")
-    if cfg is None:
-        return 2
     configured = cfg.encryption.key
     if not cfg.encryption.enabled or configured is None:
-        _key_err("import", f"repository {cfg.name} is not encrypted; it has no key files")
-        return 2
+        fail(f"repository {cfg.name} is not encrypted; it has no key files", "not-encrypted", "usage")
     try:
         data = args.file.read_bytes()
-        keyfile = KeyFile.from_json(data, str(args.file))
     except OSError as error:
-        _key_err("import", f"cannot read {args.file}: {error.strerror or error}")
-        return 2
+        fail(f"cannot read {args.file}: {error.strerror or error}", "not-found", "usage")
+    try:
+        keyfile = KeyFile.from_json(data, str(args.file))
     except FormatError as error:
-        _key_err("import", f"{error}; give a file written by `repo key export`")
-        return 2
-    path = Path(cfg.backend.path)
+        fail(f"{error}; give a file written by `repo key export`", "bad-key-file", "usage")
     try:
         given = _given_passphrase(args.passphrase_file, args.passphrase_env, None)
-        passphrase = given if given is not None else configured.reveal()
-        present = (path / "keys" / f"{keyfile.id}.json").exists()
-        key_id = import_key(path, data, passphrase)
     except SecretError as error:
-        _key_err("import", str(error))
-        return 1
+        fail(f"{error}; nothing imported", "usage", "usage")
+    passphrase = given if given is not None else configured.reveal()
+    path = Path(cfg.backend.path)
+    present = (path / "keys" / f"{keyfile.id}.json").exists()
+    try:
+        key_id = import_key(path, data, passphrase)
     except WrongKeyError:
         which = (
             "the given passphrase"
             if given is not None
             else f"the configured key secret ({secret_text(configured)})"
         )
-        _key_err("import", f"{which} does not open key file {args.file} (key {keyfile.id}); nothing imported")
-        return 1
+        fail(
+            f"{which} does not open key file {args.file} (key {keyfile.id}); nothing imported",
+            "wrong-passphrase",
+        )
     except RepositoryError as error:
-        _key_err("import", f"repository {cfg.name} ({path}): {error}; nothing imported")
-        return 2 if "belongs to repository" in str(error) else 1
-    except OSError as error:
-        _key_err("import", f"repository {cfg.name} ({path}): {error}")
-        return 1
+        if "belongs to repository" not in str(error):
+            raise
+        fail(f"repository {cfg.name} ({path}): {error}; nothing imported", "foreign-key", "usage")
     opens_configured = given is None
     if given is not None:
         try:
@@ -423,17 +411,7 @@ def cmd_repo_key_import(args: argparse.Namespace) -> int:
         except (SecretError, RepositoryError):
             opens_configured = False
     log.info("repo.key_import", repository=cfg.name, key=key_id, already_present=present)
-    if args.json:
-        out = {
-            "ok": True,
-            "repository": cfg.name,
-            "path": str(path),
-            "key": key_id,
-            "already_present": present,
-            "configured_secret_opens": opens_configured,
-        }
-        print(json.dumps(out, indent=2, ensure_ascii=False))
-    elif present:
+    if present:
         print(f"key {key_id} is already in repository {cfg.name} ({path}); nothing changed")
     else:
         print(
@@ -445,80 +423,74 @@ def cmd_repo_key_import(args: argparse.Namespace) -> int:
             f"note: the configured key secret ({secret_text(configured)}) opens no key file of repository"
             f" {cfg.name}: put the passphrase of this key there, or backups fail",
         )
-    return 0
+    if args.json:
+        emit_json(
+            {
+                "ok": True,
+                "repository": cfg.name,
+                "path": str(path),
+                "key_id": key_id,
+                "already_present": present,
+                "configured_secret_opens": opens_configured,
+            }
+        )
+    return ExitCode.OK
 
 
 def cmd_repo_key_passwd(args: argparse.Namespace) -> int:
-    """``repo key passwd REPOSITORY``: 0 changed (or already), 1 failed, 2 bad input or not confirmed."""
+    """``repo key passwd REPOSITORY``: 0 changed (or already), 1 failed or declined, 64 bad input or not
+    asked, 78 the configured key secret cannot be read."""
     from reconciler.config.secrets import SecretError
     from reconciler.repository import Repository, RepositoryError, WrongKeyError
 
     cfg = repository_config(args, "repo key passwd")
-    if cfg is None:
-        return 2
     secret = cfg.encryption.key
     if not cfg.encryption.enabled or secret is None:
-        _key_err("passwd", f"repository {cfg.name} is not encrypted; it has no passphrase")
-        return 2
+        fail(f"repository {cfg.name} is not encrypted; it has no passphrase", "not-encrypted", "usage")
     path = Path(cfg.backend.path)
-    try:
-        old = secret.reveal()
-    except SecretError as error:
-        _key_err("passwd", str(error))
-        return 1
+    old = secret.reveal()
     try:
         new = _given_passphrase(
-            args.new_passphrase_file, args.new_passphrase_env, f"New passphrase for repository {cfg.name}"
+            args.new_passphrase_file,
+            args.new_passphrase_env,
+            None if args.json else f"New passphrase for repository {cfg.name}",
         )
     except SecretError as error:  # the new passphrase as given is unusable: bad input
-        _key_err("passwd", f"{error}; nothing changed")
-        return 2
+        fail(f"{error}; nothing changed", "usage", "usage")
     if new is None:
-        _key_err(
-            "passwd",
-            "no terminal to ask for the new passphrase: give --new-passphrase-file or --new-passphrase-env",
+        fail(
+            "no terminal to ask for the new passphrase (or --json): give --new-passphrase-file or"
+            " --new-passphrase-env; nothing changed",
+            "usage",
+            "usage",
         )
-        return 2
     if new == old:
-        _key_err(
-            "passwd",
+        fail(
             f"the new passphrase is the one configured ({secret_text(secret)}) already; nothing changed",
+            "usage",
+            "usage",
         )
-        return 2
     try:
         repo = Repository.open(path, old, expect_encrypted=True, label=cfg.name)
     except WrongKeyError:
         try:  # an earlier run got past deleting the old key files, or the passphrase was changed already
             done = Repository.open(path, new, expect_encrypted=True, label=cfg.name)
         except RepositoryError:
-            _key_err(
-                "passwd",
+            fail(
                 f"neither the configured key secret ({secret_text(secret)}) nor the new passphrase opens"
                 f" repository {cfg.name} ({path}); nothing changed",
+                "wrong-passphrase",
             )
-            return 1
         return _passwd_done(
             args, cfg.name, path, secret_text(secret), done.key_id or "", (), (), already=True
         )
-    except (RepositoryError, OSError) as error:
-        _key_err("passwd", f"repository {cfg.name} ({path}): {error}")
-        return 1
-    if not args.yes:
-        answer = confirm(
-            f"Change the passphrase of repository {cfg.name} ({path})? Afterwards only the new one opens it:"
-            f" the configuration's key secret ({secret_text(secret)}) must be updated, or backups fail."
-        )
-        if answer is None:
-            _key_err("passwd", "not asking without a terminal: pass --yes; nothing changed")
-            return 2
-        if not answer:
-            _key_err("passwd", "not confirmed; nothing changed")
-            return 2
-    try:
-        change = repo.change_passphrase(old, new)
-    except (RepositoryError, OSError, ValueError) as error:
-        _key_err("passwd", f"repository {cfg.name} ({path}): {error}; the old passphrase still opens it")
-        return 1
+    ask(
+        args,
+        f"Change the passphrase of repository {cfg.name} ({path})? Afterwards only the new one opens it:"
+        f" the configuration's key secret ({secret_text(secret)}) must be updated, or backups fail.",
+        "nothing changed",
+    )
+    change = repo.change_passphrase(old, new)
     log.info("repo.key_passwd", repository=cfg.name, key=change.key_id, removed=list(change.removed))
     return _passwd_done(
         args, cfg.name, path, secret_text(secret), change.key_id, change.removed, change.others
@@ -536,19 +508,7 @@ def _passwd_done(
     *,
     already: bool = False,
 ) -> int:
-    if args.json:
-        out = {
-            "ok": True,
-            "repository": name,
-            "path": str(path),
-            "key": key_id,
-            "removed": list(removed),
-            "others": list(others),
-            "already_changed": already,
-            "secret": secret,
-        }
-        print(json.dumps(out, indent=2, ensure_ascii=False))
-    elif already:
+    if already:
         print(
             f"the new passphrase opens repository {name} ({path}) already, the configured one does not:"
             " the change was made before (an earlier run may have been interrupted after it)"
@@ -568,32 +528,32 @@ def _passwd_done(
             " with their own passphrases (repo key list)",
             file=sys.stderr,
         )
-    return 0
+    if args.json:
+        emit_json(
+            {
+                "ok": True,
+                "repository": name,
+                "path": str(path),
+                "key_id": key_id,
+                "removed": list(removed),
+                "others": list(others),
+                "already_changed": already,
+                "secret": secret,
+            }
+        )
+    return ExitCode.OK
 
 
 def cmd_repo_key_list(args: argparse.Namespace) -> int:
-    """``repo key list REPOSITORY``: 0 listed, 1 failed, 2 bad input."""
-    from reconciler.config.secrets import SecretError
-    from reconciler.repository import RepositoryError, list_keys
+    """``repo key list REPOSITORY``: 0 listed, 1 failed, 64 bad input, 78 the key secret is unreadable."""
+    from reconciler.repository import list_keys
 
     cfg = repository_config(args, "repo key list")
-    if cfg is None:
-        return 2
     secret = cfg.encryption.key
     if not cfg.encryption.enabled or secret is None:
-        _key_err("list", f"repository {cfg.name} is not encrypted; it has no key files")
-        return 2
+        fail(f"repository {cfg.name} is not encrypted; it has no key files", "not-encrypted", "usage")
     path = Path(cfg.backend.path)
-    try:
-        keys = list_keys(path, secret.reveal())
-    except (SecretError, RepositoryError, OSError) as error:
-        _key_err("list", f"repository {cfg.name} ({path}): {error}")
-        return 1
-    if args.json:
-        rows = [{"id": k.id, "created": k.created, "opens": k.opens} for k in keys]
-        out = {"repository": cfg.name, "path": str(path), "secret": secret_text(secret), "keys": rows}
-        print(json.dumps(out, indent=2))
-        return 0
+    keys = list_keys(path, secret.reveal())
     print(f"repository {cfg.name} ({path}): {plural(len(keys), 'key file')}")
     for k in keys:
         opens = "opens with the configured key secret" if k.opens else "another passphrase"
@@ -604,27 +564,34 @@ def cmd_repo_key_list(args: argparse.Namespace) -> int:
             f"the configured key secret ({secret_text(secret)}) opens no key file: backups fail until it"
             " holds the right passphrase, or import a key file saved for it (repo key import)",
         )
-    return 0
-
-
-def secret_text(secret: Secret) -> str:
-    """Where a secret is read from, for people: ``file /etc/…``, ``environment variable X``, …"""
-    kind = {"file": "file", "env": "environment variable", "credential": "systemd credential"}[secret.source]
-    return f"{kind} {secret.name}"
+    if args.json:
+        rows = [{"id": k.id, "created": k.created, "opens": k.opens} for k in keys]
+        emit_json(
+            {
+                "ok": True,
+                "repository": cfg.name,
+                "path": str(path),
+                "secret": secret_text(secret),
+                "keys": rows,
+            }
+        )
+    return ExitCode.OK
 
 
 def cmd_repo_stats(args: argparse.Namespace) -> int:
-    """``repo stats [REPOSITORY...]``: 0 shown, 1 a repository could not be read, 2 bad input."""
+    """``repo stats [REPOSITORY...]``: 0 shown, 1 a repository could not be read, 64 bad input."""
+    from reconciler.operations.failures import explain
     from reconciler.operations.repositories import open_repository
     from reconciler.repository.stats import usage_report
 
     desired = load_desired(args)
-    if desired is None:
-        return 2
-    names = _repository_names(args.repositories, desired, "repo stats")
-    if names is None:
-        return 2
-    status = 0
+    names: list[str] = args.repositories or sorted(desired.repositories)
+    for name in names:
+        if name not in desired.repositories:
+            unknown_name("repo stats", "Repository", name, sorted(desired.repositories))
+    if not names:
+        fail("no repositories configured", "no-repositories", "config")
+    status = ExitCode.OK
     results: list[dict[str, Any]] = []
     for name in names:
         cfg = desired.repositories[name]
@@ -635,36 +602,19 @@ def cmd_repo_stats(args: argparse.Namespace) -> int:
             with repo.lock(purpose="stats"):
                 report = usage_report(repo, repo.list_points())
         except Exception as error:
-            status = 1
-            entry.update(ok=False, error=str(error))
-            print(f"esxi-reconciler repo stats: repository {name}: {printable(str(error))}", file=sys.stderr)
+            explained = explain(error)
+            if explained is None:
+                raise
+            status = ExitCode.FAILED
+            message = explained.message if name in explained.message else f"repository {name}: {explained}"
+            entry.update(ok=False, error=message)
+            print(f"esxi-reconciler repo stats: {printable(message)}", file=sys.stderr)
             continue
         entry.update(ok=True, error=None, **report.to_dict())
-        if not args.json:
-            _print_stats(name, cfg.backend.path, entry)
+        _print_stats(name, cfg.backend.path, entry)
     if args.json:
-        print(json.dumps({"ok": status == 0, "repositories": results}, indent=2, ensure_ascii=False))
+        emit_json({"ok": status == ExitCode.OK, "repositories": results})
     return status
-
-
-def _repository_names(given: list[str], desired: DesiredState, command: str) -> list[str] | None:
-    """``given`` (all configured ones when empty), or None after naming each unknown one (exit 2)."""
-    import difflib
-
-    configured = sorted(desired.repositories)
-    unknown = [n for n in given if n not in desired.repositories]
-    for name in unknown:
-        close = difflib.get_close_matches(name, configured, n=1)
-        hint = (
-            f"; did you mean {close[0]!r}?" if close else f" (configured: {', '.join(configured) or 'none'})"
-        )
-        print(f"esxi-reconciler {command}: no Repository named {name!r}{hint}", file=sys.stderr)
-    if unknown:
-        return None
-    if not (given or configured):
-        print(f"esxi-reconciler {command}: no repositories configured", file=sys.stderr)
-        return None
-    return given or configured
 
 
 def _ratio(value: float | None) -> str:
@@ -728,32 +678,21 @@ def _print_stats(name: str, path: object, entry: dict[str, Any]) -> None:
 
 
 def cmd_repo_gc(args: argparse.Namespace) -> int:
-    """``esxi-reconciler repo gc [REPOSITORY...] [--dry-run]``: 0 done, 1 failed or deferred, 2 bad input."""
-    import difflib
-
+    """``esxi-reconciler repo gc [REPOSITORY...] [--dry-run]``: 0 done, 1 failed or deferred, 64 bad input."""
     from reconciler.config.secrets import SecretError
     from reconciler.operations.prune import collect
     from reconciler.operations.repositories import open_repository
     from reconciler.repository.errors import RepositoryError, StorageError
 
     desired = load_desired(args)
-    if desired is None:
-        return 2
     if args.wait < 0:
-        print("esxi-reconciler repo gc: --wait must not be negative", file=sys.stderr)
-        return 2
+        fail("--wait must not be negative", "usage", "usage")
     names: list[str] = args.repositories or sorted(desired.repositories)
-    unknown = [n for n in names if n not in desired.repositories]
-    for name in unknown:
-        close = difflib.get_close_matches(name, sorted(desired.repositories), n=1)
-        configured = ", ".join(sorted(desired.repositories)) or "none"
-        hint = f"; did you mean {close[0]!r}?" if close else f" (configured: {configured})"
-        print(f"esxi-reconciler repo gc: no Repository named {name!r}{hint}", file=sys.stderr)
-    if unknown:
-        return 2
+    for name in names:
+        if name not in desired.repositories:
+            unknown_name("repo gc", "Repository", name, sorted(desired.repositories))
     if not names:
-        print("esxi-reconciler repo gc: no repositories configured", file=sys.stderr)
-        return 2
+        fail("no repositories configured", "no-repositories", "config")
     status = 0
     results: list[dict[str, Any]] = []
     for name in names:
@@ -767,25 +706,27 @@ def cmd_repo_gc(args: argparse.Namespace) -> int:
             status = 1
             log.error("repo.gc_failed", repository=name, error=str(error))
             entry.update({"ok": False, "error": str(error), "deferred": None})
-            if not args.json:
-                why = str(error) if isinstance(error, StorageError) else f"repository {name}: {error}"
-                print(f"esxi-reconciler repo gc: {why}", file=sys.stderr)
+            why = (
+                str(error)
+                if isinstance(error, StorageError) or name in str(error)
+                else f"repository {name}: {error}"
+            )
+            print(f"esxi-reconciler repo gc: {why}", file=sys.stderr)
             continue
         if result.report is None:
             status = 1
             entry.update({"ok": False, "error": None, "deferred": result.deferred})
-            if not args.json:
-                print(
-                    f"esxi-reconciler repo gc: repository {name}: {result.deferred}; run it again when that"
-                    " is done, or give --wait SECONDS",
-                    file=sys.stderr,
-                )
+            print(
+                f"esxi-reconciler repo gc: repository {name}: {result.deferred}; run it again when that"
+                " is done, or give --wait SECONDS",
+                file=sys.stderr,
+            )
             continue
         entry.update({"ok": True, "error": None, "deferred": None, **result.report.to_dict()})
         if not args.json:
             print(gc_line(name, cfg.backend.path, result.report))
     if args.json:
-        print(json.dumps({"ok": status == 0, "repositories": results}, indent=2, ensure_ascii=False))
+        emit_json({"ok": status == 0, "repositories": results})
     return status
 
 

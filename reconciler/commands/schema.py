@@ -8,12 +8,11 @@ gives the file for an editor's ``yaml-language-server`` modeline.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from importlib.resources import files
 from typing import TYPE_CHECKING
 
-from reconciler.commands.common import add_command
+from reconciler.commands.common import ExitCode, add_command, emit_json, fail
 
 if TYPE_CHECKING:
     from importlib.abc import Traversable  # importlib.resources.abc from Python 3.11 on
@@ -28,7 +27,7 @@ examples:
 
 `make install` also puts the files in /usr/share/esxi-reconciler/schemas/.
 
-exit status: 0 printed, 1 the schema files are missing from the installation, 2 usage error
+Exit 1 when the schema files are missing from the installation.
 """
 
 KINDS = {
@@ -70,7 +69,6 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     )
     parser.add_argument("--list", action="store_true", help="list the kinds and their schema files")
     parser.add_argument("--path", action="store_true", help="print the path of the file instead")
-    parser.add_argument("--json", action="store_true", help="with --list: JSON output")
 
 
 def schema_file(name: str) -> Traversable:
@@ -79,32 +77,27 @@ def schema_file(name: str) -> Traversable:
 
 
 def cmd_schema(args: argparse.Namespace) -> int:
-    """``schema KIND [--path]`` or ``schema --list``: 0, 1 the files are missing, 2 usage error."""
+    """``schema KIND [--path]`` or ``schema --list``: 0, 1 the files are missing, 64 usage error."""
     if args.list == (args.kind is not None):
-        print("esxi-reconciler schema: give a KIND or --list (see schema --help)", file=sys.stderr)
-        return 2
+        fail("give a KIND or --list (see schema --help)", "usage", "usage")
     names = list(KINDS) if args.list else [args.kind]
     missing = [KINDS[n][1] for n in names if not schema_file(n).is_file()]
     if missing:
-        print(
-            f"esxi-reconciler schema: {', '.join(missing)} missing from the installed package"
-            f" ({files('reconciler') / 'schemas'}); reinstall esxi-reconciler",
-            file=sys.stderr,
+        fail(
+            f"{', '.join(missing)} missing from the installed package ({files('reconciler') / 'schemas'});"
+            " reinstall esxi-reconciler",
+            "not-installed",
         )
-        return 1
-    if args.list:
-        rows = [
-            {"name": n, "kind": KINDS[n][0], "file": KINDS[n][1], "path": str(schema_file(n))} for n in names
-        ]
+    rows = [{"name": n, "kind": KINDS[n][0], "file": KINDS[n][1], "path": str(schema_file(n))} for n in names]
+    if args.list or args.path:
         if args.json:
-            print(json.dumps(rows, indent=2))
-        else:
+            emit_json({"ok": True, "schemas": rows})
+        elif args.list:
             width = max(len(n) for n in names)
             for row in rows:
                 print(f"{row['name']:<{width}}  {row['path']}")
-        return 0
-    if args.path:
-        print(schema_file(args.kind))
-    else:
+        else:
+            print(rows[0]["path"])
+    else:  # the schema itself is the JSON document, with or without --json
         sys.stdout.write(schema_file(args.kind).read_text(encoding="utf-8"))
-    return 0
+    return ExitCode.OK
