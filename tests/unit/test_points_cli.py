@@ -20,6 +20,7 @@ from reconciler.planning.plan import plan
 from reconciler.repository import CHUNK_SIZE, Repository
 from reconciler.repository.chunks import chunk_name
 from tests.unit.planfixtures import host, vm
+from tests.unit.test_cli_outcomes import check
 
 pytestmark = pytest.mark.usefixtures("restore_logging")
 
@@ -119,6 +120,7 @@ def test_protect_and_unprotect_round_trip_and_the_planner_and_prune_obey(
 
     assert run(cfg, "points", "protect", old.id, "--json") == 0  # again: nothing changes, still 0
     doc = json.loads(capsys.readouterr().out)
+    check("points-protect", doc)
     assert doc["ok"] is True
     assert [(p["id"], p["protected"], p["changed"], p["vm"]) for p in doc["points"]] == [
         (old.id, True, False, "web01")
@@ -141,15 +143,15 @@ def test_unknown_points_and_repositories_are_usage_errors(
     cfg = write_config(tmp_path)
     point = add_point(Repository.open(tmp_path / "repo"), 0)
     missing = "20200101T000000000000Z-00000000"
-    assert run(cfg, "points", "protect", point.id, missing) == 2
+    assert run(cfg, "points", "protect", point.id, missing) == 64
     err = capsys.readouterr().err
     assert f"no restore point '{missing}' in nas" in err
     assert not Repository.open(tmp_path / "repo").read_point(point.id).protected  # all or nothing
-    assert run(cfg, "points", "forget", point.id, "--repository", "usb") == 2
+    assert run(cfg, "points", "forget", point.id, "--repository", "usb") == 64
     assert "no Repository named 'usb'" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit_:  # ID is required: argparse says so
         run(cfg, "points", "forget")
-    assert exit_.value.code == 2
+    assert exit_.value.code == 64
     assert "required: ID" in capsys.readouterr().err
 
 
@@ -161,7 +163,7 @@ def test_forget_refuses_the_newest_successful_point_without_force(
     old, newest = add_point(repo, 0), add_point(repo, 1)
     other_vm = add_point(repo, 0, vm="db01")  # its VM's only point
 
-    assert run(cfg, "points", "forget", old.id, newest.id, "--yes") == 2
+    assert run(cfg, "points", "forget", old.id, newest.id, "--yes") == 64
     err = capsys.readouterr().err
     assert f"restore point {newest.id} is the newest successful point of VM 'web01'" in err
     assert "give --force" in err and "nothing was forgotten" in err
@@ -169,9 +171,9 @@ def test_forget_refuses_the_newest_successful_point_without_force(
 
     assert run(cfg, "points", "forget", newest.id, "--force", "--yes", "--json") == 0
     doc = json.loads(capsys.readouterr().out)
+    check("points-forget", doc)
     assert doc == {
         "ok": True,
-        "error": None,
         "points": [
             {
                 "id": newest.id,
@@ -191,8 +193,12 @@ def test_forget_refuses_the_newest_successful_point_without_force(
     }
     assert set(repo.point_ids()) == {old.id, other_vm.id}
     # old is now web01's newest: refused in turn
-    assert run(cfg, "points", "forget", old.id, "--yes") == 2
-    assert "newest successful point of VM 'web01'" in capsys.readouterr().err
+    assert run(cfg, "points", "forget", old.id, "--yes", "--json") == 64
+    captured = capsys.readouterr()
+    assert "newest successful point of VM 'web01'" in captured.err
+    doc = json.loads(captured.out)
+    check("error", doc)
+    assert (doc["error"]["code"], doc["error"]["exit_code"]) == ("newest-point", 64)
 
 
 def test_forget_refuses_protected_points_even_with_force(
@@ -203,9 +209,16 @@ def test_forget_refuses_protected_points_even_with_force(
     old = add_point(repo, 0)
     add_point(repo, 1)
     repo.set_protected(old.id, True)
-    assert run(cfg, "points", "forget", old.id, "--force", "--yes") == 2
+    assert run(cfg, "points", "forget", old.id, "--force", "--yes") == 64
     assert f"points unprotect {old.id}` first" in capsys.readouterr().err
     assert old.id in repo.point_ids()
+
+
+class Terminal(io.StringIO):
+    """Standard input that says it is a terminal."""
+
+    def isatty(self) -> bool:
+        return True
 
 
 def test_forget_asks_and_refuses_without_a_terminal(
@@ -217,26 +230,19 @@ def test_forget_asks_and_refuses_without_a_terminal(
     add_point(repo, 1)
 
     monkeypatch.setattr("sys.stdin", io.StringIO(""))  # not a terminal
-    assert run(cfg, "points", "forget", old.id) == 2
+    assert run(cfg, "points", "forget", old.id) == 64
     captured = capsys.readouterr()
-    assert "not asking without a terminal: pass --yes to forget them; nothing was forgotten" in captured.err
+    assert "not asking without a terminal (or with --json): pass --yes; nothing was forgotten" in captured.err
     assert f"restore point {old.id}" in captured.out  # what would go was shown
     assert old.id in repo.point_ids()
-    assert run(cfg, "points", "forget", old.id, "--json") == 2
+    monkeypatch.setattr("sys.stdin", Terminal(""))
+    assert run(cfg, "points", "forget", old.id, "--json") == 64  # --json never asks
     doc = json.loads(capsys.readouterr().out)
-    assert (doc["ok"], doc["error"], doc["gc"]) == (
-        False,
-        "not asking without a terminal: pass --yes to forget them",
-        None,
-    )
-    assert [(p["id"], p["decision"]) for p in doc["points"]] == [(old.id, None)]
-
-    class Terminal(io.StringIO):
-        def isatty(self) -> bool:
-            return True
+    check("error", doc)
+    assert (doc["error"]["code"], doc["error"]["exit_code"]) == ("not-confirmed", 64)
 
     monkeypatch.setattr("sys.stdin", Terminal("n\n"))
-    assert run(cfg, "points", "forget", old.id) == 2
+    assert run(cfg, "points", "forget", old.id) == 1  # declined
     assert "Forget 1 restore point for good? [y/N]" in (err := capsys.readouterr().err)
     assert "not confirmed; nothing was forgotten" in err
     assert old.id in repo.point_ids()

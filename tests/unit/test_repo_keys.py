@@ -16,6 +16,7 @@ import pytest
 
 from reconciler.cli import main
 from reconciler.repository import KdfParams, Repository, WrongKeyError, export_key, list_keys
+from tests.unit.test_cli_outcomes import check
 from tests.unit.test_repo_cli import PASSPHRASE, _config
 
 pytestmark = pytest.mark.usefixtures("restore_logging")
@@ -164,6 +165,7 @@ def test_passwd_changes_the_passphrase_and_says_what_to_do_next(
     assert main([*args, "-y", "--json"]) == 0
     out, err = capsys.readouterr()
     doc = json.loads(out)
+    check("repo-key-passwd", doc)
     assert doc["ok"] is True and doc["already_changed"] is False and doc["others"] == []
     assert len(doc["removed"]) == 1 and doc["secret"] == f"file {tmp_path / 'nas.key'}"
     assert f"now put the new passphrase where the configuration reads it (file {tmp_path / 'nas.key'})" in err
@@ -171,7 +173,7 @@ def test_passwd_changes_the_passphrase_and_says_what_to_do_next(
     assert PASSPHRASE not in out + err and NEW not in out + err
     assert _opens(tmp_path / "repo", PASSPHRASE) is None
     assert (repo := _opens(tmp_path / "repo", NEW)) is not None and repo.id == repo_id
-    assert [k.id for k in list_keys(tmp_path / "repo")] == [doc["key"]]
+    assert [k.id for k in list_keys(tmp_path / "repo")] == [doc["key_id"]]
 
     # again, the config still holding the old passphrase: the change was made already
     assert main([*args, "-y"]) == 0
@@ -179,7 +181,7 @@ def test_passwd_changes_the_passphrase_and_says_what_to_do_next(
     assert "the new passphrase opens repository nas" in out and "already" in out
     # the config updated: the "new" passphrase is now the configured one
     (tmp_path / "nas.key").write_text(NEW + "\n")
-    assert main([*args, "-y"]) == 2
+    assert main([*args, "-y"]) == 64
     assert "is the one configured" in capsys.readouterr().err
 
 
@@ -191,13 +193,16 @@ def test_passwd_refuses_without_a_terminal_or_a_new_passphrase(
     keys_before = list_keys(tmp_path / "repo")
     monkeypatch.setattr("sys.stdin", io.StringIO(""))
     base = ["--config", str(cfg), "repo", "key", "passwd", "nas"]
-    assert main(base) == 2
+    assert main(base) == 64
     assert "no terminal to ask for the new passphrase" in capsys.readouterr().err
     new_file = _new_passphrase_file(tmp_path)
-    assert main([*base, "--new-passphrase-file", str(new_file)]) == 2
-    assert "not asking without a terminal: pass --yes; nothing changed" in capsys.readouterr().err
+    assert main([*base, "--new-passphrase-file", str(new_file)]) == 64
+    assert (
+        "not asking without a terminal (or with --json): pass --yes; nothing changed"
+        in capsys.readouterr().err
+    )
     new_file.chmod(0o644)
-    assert main([*base, "--new-passphrase-file", str(new_file), "--yes"]) == 2
+    assert main([*base, "--new-passphrase-file", str(new_file), "--yes"]) == 64
     assert "run: chmod 600" in capsys.readouterr().err
     monkeypatch.setenv("NEW_PASSPHRASE", NEW)
     (tmp_path / "nas.key").write_text("not the passphrase\n")
@@ -224,10 +229,14 @@ def test_key_import_round_trip(tmp_path: Path, capsys: pytest.CaptureFixture[str
 
     assert main(["--config", str(cfg), "repo", "key", "import", "nas", str(saved), "--json"]) == 0
     doc = json.loads(capsys.readouterr().out)
-    assert doc["already_present"] is True and doc["key"] == key_id and doc["configured_secret_opens"] is True
+    check("repo-key-import", doc)
+    assert (
+        doc["already_present"] is True and doc["key_id"] == key_id and doc["configured_secret_opens"] is True
+    )
 
     assert main(["--config", str(cfg), "repo", "key", "list", "nas", "--json"]) == 0
     doc = json.loads(capsys.readouterr().out)
+    check("repo-key-list", doc)
     assert [(k["id"], k["opens"]) for k in doc["keys"]] == [(key_id, True)]
 
 
@@ -257,13 +266,13 @@ def test_key_import_of_an_old_passphrases_key_and_of_bad_files(
     other_cfg = _config(other)
     assert main(["--config", str(other_cfg), "repo", "init", "nas"]) == 0
     capsys.readouterr()
-    assert main(["--config", str(other_cfg), "repo", "key", "import", "nas", str(saved)]) == 2
+    assert main(["--config", str(other_cfg), "repo", "key", "import", "nas", str(saved)]) == 64
     assert "belongs to repository" in capsys.readouterr().err
     garbage = tmp_path / "garbage.key"
     garbage.write_text("not a key file")
-    assert main([*base, str(garbage)]) == 2
+    assert main([*base, str(garbage)]) == 64
     assert "not valid JSON; give a file written by `repo key export`" in capsys.readouterr().err
-    assert main([*base, str(tmp_path / "missing.key")]) == 2
+    assert main([*base, str(tmp_path / "missing.key")]) == 64
     assert "cannot read" in capsys.readouterr().err
 
 
@@ -284,12 +293,12 @@ def test_passwd_asks_for_the_new_passphrase_twice_and_then_to_go_on(
 
     typed[:] = [NEW, NEW + "x"]
     monkeypatch.setattr("sys.stdin", Terminal(""))
-    assert main(base) == 2
+    assert main(base) == 64
     assert "the two passphrases differ" in capsys.readouterr().err
 
     typed[:] = [NEW, NEW]
     monkeypatch.setattr("sys.stdin", Terminal("n\n"))
-    assert main(base) == 2
+    assert main(base) == 1  # declined
     err = capsys.readouterr().err
     assert f"Change the passphrase of repository nas ({tmp_path / 'repo'})?" in err
     assert "not confirmed; nothing changed" in err

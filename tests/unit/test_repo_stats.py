@@ -13,6 +13,7 @@ from reconciler.cli import main
 from reconciler.facts.points import DiskRecord, RestorePoint, VmRef, new_point_id
 from reconciler.repository import CHUNK_SIZE, Repository
 from reconciler.repository.stats import usage_report
+from tests.unit.test_cli_outcomes import check
 
 pytestmark = pytest.mark.usefixtures("restore_logging")
 
@@ -154,6 +155,7 @@ spec:
 
     assert main(["--config", str(cfg), "repo", "stats", "--json"]) == 0
     doc = json.loads(capsys.readouterr().out)
+    check("repo-stats", doc)
     assert doc["ok"] is True
     (entry,) = doc["repositories"]
     assert entry["repository"] == "nas" and entry["ok"] is True
@@ -169,5 +171,5 @@ spec:
     assert "after deduplication: 2.00x" in out
     assert "web01  esxi1  1       4.0 MiB" in out
 
-    assert main(["--config", str(cfg), "repo", "stats", "nsa"]) == 2
+    assert main(["--config", str(cfg), "repo", "stats", "nsa"]) == 64
     assert "no Repository named 'nsa'; did you mean 'nas'?" in capsys.readouterr().err
