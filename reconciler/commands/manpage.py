@@ -14,7 +14,7 @@ import argparse
 import re
 from collections.abc import Iterator
 
-from reconciler.commands.common import DEFAULT_STATE_DIR, STATE_ENV
+from reconciler.commands.common import DEFAULT_STATE_DIR, EXIT_CODES_HELP, STATE_ENV
 from reconciler.config.loader import CONFIG_ENV, DEFAULT_CONFIG_DIR
 
 _HEADER = re.compile(r"^([a-z][a-z ]*):$")
@@ -57,8 +57,9 @@ def _blocks(text: str) -> Iterator[tuple[str | None, list[str]]]:
 
 
 def _epilog(text: str | None) -> list[str]:
+    """A command's epilog; the exit codes every command shares are said once, under EXIT STATUS."""
     lines: list[str] = []
-    for header, block in _blocks(text or ""):
+    for header, block in _blocks((text or "").replace(EXIT_CODES_HELP, "")):
         if header is None:
             lines += [".PP", _filled("\n".join(block))]
         else:
@@ -158,7 +159,7 @@ def manpage(root: argparse.ArgumentParser, version: str) -> str:
     group = next(g for g in root._action_groups if g.title == "global options")
     global_dests = {a.dest for a in group._group_actions}
     description = (root.description or "").rstrip(".")
-    epilog = list(_blocks(root.epilog or ""))
+    epilog = list(_blocks((root.epilog or "").replace(EXIT_CODES_HELP, "")))
     lines = [
         f'.TH {roff(prog.upper())} 1 "" "{roff(prog)} {roff(version)}" "User Commands"',
         ".SH NAME",
@@ -187,9 +188,10 @@ def manpage(root: argparse.ArgumentParser, version: str) -> str:
             lines += [f".SH {roff(header.upper())}", ".nf", roff("\n".join(block)), ".fi"]
     lines += [
         ".SH EXIT STATUS",
-        "0 when the command did what was asked, 1 when it failed, 2 on a usage or configuration error"
-        " or when it refused (e.g. not confirmed); each command's own meanings are listed with it"
-        " above.",
+        _filled(EXIT_CODES_HELP.split(":", 1)[1]),
+        ".PP",
+        "Each command's own meanings are listed with it above; with \\fB\\-\\-json\\fR an expected failure"
+        " is also printed as a JSON error object on stdout.",
         ".SH FILES",
         ".TP",
         f"\\fI{roff(str(DEFAULT_CONFIG_DIR))}\\fR",

@@ -198,5 +198,5 @@ def test_export_mode_is_checked_on_the_command_line(capsys: pytest.CaptureFixtur
     for bad, why in (("rw", "not an octal mode"), ("1777", "give permission bits"), ("044", "owner read")):
         with pytest.raises(SystemExit) as exit_:
             main(["export", "web01", "--to", "out", "--mode", bad])
-        assert exit_.value.code == 2
+        assert exit_.value.code == 64
         assert why in capsys.readouterr().err
