@@ -73,6 +73,7 @@ from reconciler.esxi.hostdigest import (
     allocation_on_host,
     compare_on_host,
 )
+from reconciler.esxi.hostwrite import ParallelSshWriter
 from reconciler.esxi.shell import ShellSession
 from reconciler.esxi.transport import DiskReader, HttpsRangeReader, SshDdReader, SshDdWriter, vmfs_path
 from reconciler.esxi.vmdk import Descriptor, vmfs_descriptor
@@ -249,6 +250,8 @@ class EsxiHost:
         self._api_restricted = False
         self._api_user = api_user
         self._api_password = api_password
+        self._receiver: bool | None = None
+        """Whether the host runs :mod:`.hostwrite`'s receiver (probed at the first disk write)."""
 
     @property
     def identity(self) -> str:
@@ -1234,22 +1237,54 @@ class EsxiHost:
         capacity: int,
         pieces: Iterable[tuple[int, bytes]],
         on_written: Callable[[int, int], None] | None = None,
-    ) -> None:
+        *,
+        streams: int = 4,
+    ) -> bool:
         """Write ``(offset, bytes)`` pieces (ascending; what is not given stays zero) into the raw extent
-        made by :meth:`create_disk`: ``dd`` over SSH (holes skipped), else one HTTPS PUT of the whole
-        file (holes sent as zeros)."""
+        made by :meth:`create_disk` and say whether the host checked what it wrote. Over SSH: the
+        :mod:`.hostwrite` receiver on ``streams`` connections, hashing on the host as the data arrives
+        (True; holes skipped), or ``dd`` where the host has no Python (False; holes skipped). Else one
+        HTTPS PUT of the whole file (False; holes sent as zeros: ``/folder`` has no ranged PUT)."""
+        try:
+            return self._write_disk(data_file, capacity, pieces, on_written, streams)
+        finally:
+            self._refresh_api()
+
+    def _refresh_api(self) -> None:
+        """After a long transfer: the host may have closed the idle API connection meanwhile (ESXi and
+        the lab do, after ~30 s), and the calls that follow (file tasks, registration) are not all
+        retried. One idempotent round trip drops a dead connection from the pool; a session that is
+        really gone is logged in again."""
+        if not self.api.alive() and not self.api.alive():
+            self.api.reconnect()
+
+    def _write_disk(
+        self,
+        data_file: str,
+        capacity: int,
+        pieces: Iterable[tuple[int, bytes]],
+        on_written: Callable[[int, int], None] | None,
+        streams: int,
+    ) -> bool:
         if self.shell is not None:
+            if self._receiver is None:
+                self._receiver = ParallelSshWriter.available(self._ssh().connection())
+            if self._receiver:
+                parallel = ParallelSshWriter(self._ssh().new_connection, streams=streams)
+                parallel.write(vmfs_path(data_file), pieces, on_written)
+                return True
             writer = SshDdWriter(self._ssh().new_connection)
             try:
                 writer.write(vmfs_path(data_file), pieces, on_written)
             finally:
                 writer.close()
-            return
+            return False
         reader = self._https_reader(streams=1)
         try:
             reader.put_file(data_file, _with_zeros(pieces, capacity, on_written), capacity)
         finally:
             reader.close()
+        return False
 
     def file_sha256(self, ds_path: str, *, timeout: float = 3600.0) -> str:
         """SHA-256 (hex) of a datastore file. Over SSH it is computed on the host (``sha256sum``, else
@@ -1274,6 +1309,7 @@ class EsxiHost:
             return h.hexdigest()
         finally:
             reader.close()
+            self._refresh_api()
 
     def reload_vm(self, vm: VmInfo | str, *, timeout: float = 300.0) -> VmInfo:
         """Make the host re-read the VM's .vmx after an edit (VM powered off) and return the VM:

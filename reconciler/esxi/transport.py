@@ -36,7 +36,7 @@ from urllib.parse import quote
 import urllib3
 
 from reconciler.esxi.errors import EsxiError, ShellError
-from reconciler.esxi.shell import ShellConnection
+from reconciler.esxi.shell import RemoteStream, ShellConnection
 from reconciler.esxi.vimcmd import command_line
 from reconciler.facts.inventory import split_ds_path
 
@@ -325,7 +325,9 @@ class SshDdReader:
 class SshDdWriter:
     """Writes disk data into an existing raw file on the host with ``dd of=PATH bs=B seek=S
     conv=notrunc`` fed over SSH stdin: one ``dd`` per run of contiguous pieces (holes are skipped, so a
-    thin disk stays thin), a new connection after :data:`ROTATE_BYTES` (see the module doc)."""
+    thin disk stays thin), each piece sent as it comes (nothing is buffered here), a new connection
+    before one would carry more than :data:`ROTATE_BYTES` (see the module doc). The fallback of
+    :class:`~reconciler.esxi.hostwrite.ParallelSshWriter` for hosts without Python."""
 
     def __init__(self, connect: Callable[[], ShellConnection], *, timeout: float = 600.0) -> None:
         self._connect = connect
@@ -333,13 +335,13 @@ class SshDdWriter:
         self._conn: ShellConnection | None = None
         self._used = 0
 
-    def _connection(self, length: int) -> ShellConnection:
-        if self._conn is None or not self._conn.active or self._used + length > ROTATE_BYTES:
+    def _connection(self, reserve: int) -> ShellConnection:
+        """The connection for a run of up to ``reserve`` bytes."""
+        if self._conn is None or not self._conn.active or self._used + reserve > ROTATE_BYTES:
             if self._conn is not None:
                 self._conn.close()
             self._conn = self._connect()
             self._used = 0
-        self._used += length
         return self._conn
 
     def write(
@@ -348,39 +350,42 @@ class SshDdWriter:
         data: Iterable[tuple[int, bytes]],
         on_written: Callable[[int, int], None] | None = None,
         *,
-        run_limit: int = 256 * MiB,
+        run_limit: int = 64 * MiB,
     ) -> None:
         """Write ``(offset, bytes)`` pieces (ascending, non-overlapping) into ``path`` (a
         ``/vmfs/volumes`` path); ``on_written(offset, length)`` after each piece was sent."""
-        run: list[tuple[int, bytes]] = []
-        run_bytes = 0
-        for off, piece in data:
-            if run and (run[-1][0] + len(run[-1][1]) != off or run_bytes + len(piece) > run_limit):
-                self._run(path, run, on_written)
-                run, run_bytes = [], 0
-            run.append((off, piece))
-            run_bytes += len(piece)
-        if run:
-            self._run(path, run, on_written)
-
-    def _run(
-        self, path: str, run: list[tuple[int, bytes]], on_written: Callable[[int, int], None] | None
-    ) -> None:
-        start = run[0][0]
-        total = sum(len(p) for _, p in run)
-        bs = dd_block(start, start)  # the seek must be whole blocks; short pipe reads are fine for dd
-        line = command_line(["dd", f"of={path}", f"bs={bs}", f"seek={start // bs}", "conv=notrunc"])
-        line += " 2>/dev/null"
-        conn = self._connection(total)
+        run: contextlib.AbstractContextManager[RemoteStream] | None = None
+        stream: RemoteStream | None = None
+        start = end = 0
         try:
-            with conn.stream(line, timeout=self.timeout) as stream:
-                for off, piece in run:
-                    stream.write(piece)
-                    if on_written is not None:
-                        on_written(off, len(piece))
+            for off, piece in data:
+                if stream is not None and (off != end or end - start + len(piece) > run_limit):
+                    stream.close_stdin()
+                    assert run is not None
+                    done, run, stream = run, None, None
+                    done.__exit__(None, None, None)  # checks dd's exit status
+                if stream is None:
+                    bs = dd_block(off, off)  # the seek must be whole blocks; short pipe reads are fine
+                    line = command_line(["dd", f"of={path}", f"bs={bs}", f"seek={off // bs}", "conv=notrunc"])
+                    run = self._connection(run_limit).stream(line + " 2>/dev/null", timeout=self.timeout)
+                    stream = run.__enter__()
+                    start = end = off
+                stream.write(piece)
+                end += len(piece)
+                self._used += len(piece)
+                if on_written is not None:
+                    on_written(off, len(piece))
+            if stream is not None:
                 stream.close_stdin()
+                assert run is not None
+                last, run, stream = run, None, None
+                last.__exit__(None, None, None)
         except ShellError as exc:
-            raise TransportError(f"dd into {path} at {start}+{total}: {exc}") from exc
+            raise TransportError(f"dd into {path} at {start}+{end - start}: {exc}") from exc
+        finally:
+            if run is not None:
+                with contextlib.suppress(Exception):
+                    run.__exit__(RuntimeError, RuntimeError("stopped"), None)
 
     def close(self) -> None:
         if self._conn is not None:

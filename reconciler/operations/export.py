@@ -2,14 +2,16 @@
 and each disk as a sparse raw image (``raw``: holes stay file holes) or a ``monolithicFlat`` VMDK
 (``vmdk``: descriptor + sparse ``-flat`` file; qemu-img, VirtualBox, Workstation and ``vmkfstools -i``
 read it), or a ``stream-optimized`` VMDK (one compressed file, what OVF/OVA packages carry; see
-:mod:`.vmdkstream`). The .vmx of a VMDK export names the exported disks. Every disk file is read back
-after writing (a stream-optimized one through its grain directory) and its SHA-256 compared with the
-point's content.
+:mod:`.vmdkstream`). The .vmx of a VMDK export names the exported disks.
+
+Raw and flat images are written by positioned writes on the decoding threads (holes never written, so
+the output stays sparse) while the SHA-256 of the disk is computed from the very pieces written, every
+``pwrite`` checked complete; no second read of the file. A stream-optimized file is read back through
+its grain directory and its SHA-256 compared with the point's content (that checks our encoder).
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
 import posixpath
 from dataclasses import dataclass, field
@@ -30,6 +32,7 @@ from reconciler.operations.restore import (
     hashed,
     point_file,
     point_vmx,
+    pwrite_all,
     safe_file_name,
 )
 from reconciler.repository import Repository
@@ -57,12 +60,19 @@ class ExportResult:
     disks: list[ExportedDisk] = field(default_factory=list)
 
 
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+def _write_image(repo: Repository, disk: DiskRecord, path: Path, mode: int) -> str:
+    """Write the disk into a new sparse file at ``path`` and return the SHA-256 of what was written
+    (holes as zeros). Chunks are decoded and written (``pwrite``, every byte checked written) on the
+    worker threads of :func:`disk_pieces`, in any order, while this thread hashes them in disk order;
+    holes are never written, so they stay file holes. No second read of the file: what was written is
+    what was hashed. The file is created with exactly ``mode``."""
+    digest = ContentHash()
+    with _open_new(path, mode) as f:
+        f.truncate(disk.capacity)
+        fd = f.fileno()
+        for off, data in disk_pieces(repo, disk, sink=lambda o, d: pwrite_all(fd, d, o)):
+            digest.update(off, data)
+    return digest.hexdigest(disk.capacity)
 
 
 def _stream_sha256(path: Path) -> str:
@@ -137,22 +147,19 @@ def export_point(
         for p in {main, data_path}:
             if p.exists():
                 raise RestoreError(f"{p} already exists; export into an empty directory")
-        digest = ContentHash()
         if fmt == "stream-optimized":
+            digest = ContentHash()
             desc = _descriptor(repo, point, disk, main.name, "streamOptimized")
             with _open_new(main, mode) as f:
                 vmdkstream.write(f, disk.capacity, hashed(disk_pieces(repo, disk), digest), desc)
             expected = digest.hexdigest(disk.capacity)
             actual = _stream_sha256(main)
+            if actual != expected:
+                raise RestoreError(
+                    f"{data_path}: SHA-256 {actual} differs from the restore point's {expected}"
+                )
         else:
-            with _open_new(data_path, mode) as f:
-                f.truncate(disk.capacity)  # a sparse file: what is never written stays a hole
-                for off, data in hashed(disk_pieces(repo, disk), digest):
-                    os.pwrite(f.fileno(), data, off)
-            expected = digest.hexdigest(disk.capacity)
-            actual = _file_sha256(data_path)
-        if actual != expected:
-            raise RestoreError(f"{data_path}: SHA-256 {actual} differs from the restore point's {expected}")
+            expected = _write_image(repo, disk, data_path, mode)
         if fmt == "vmdk":
             desc = _descriptor(repo, point, disk, data_path.name, "monolithicFlat")
             _create(main, desc.dumps().encode("utf-8"), mode)

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import posixpath
 import re
 import secrets
@@ -72,15 +73,44 @@ class RestoreError(Exception):
 # -- reading a point -----------------------------------------------------------------------------
 
 
-def disk_pieces(repo: Repository, disk: DiskRecord, *, streams: int = 4) -> Iterator[tuple[int, bytes]]:
-    """The stored (non-hole) chunks of a disk as ``(offset, bytes)``, in disk order, decrypted on
-    ``streams`` threads; what is not yielded is zero."""
+def disk_pieces(
+    repo: Repository,
+    disk: DiskRecord,
+    *,
+    streams: int = 4,
+    sink: Callable[[int, bytes], None] | None = None,
+) -> Iterator[tuple[int, bytes]]:
+    """The stored (non-hole) chunks of a disk as ``(offset, bytes)``, in disk order, read, decrypted
+    and decompressed on ``streams`` threads (at most ``2 × streams`` chunks in memory); what is not
+    yielded is zero. ``sink(offset, bytes)``, when given, runs on the worker thread as soon as a chunk
+    is decoded, in any order: a positioned write (``pwrite``) needs no ordering, so writing overlaps
+    decoding while the caller consumes the pieces in order (e.g. to hash them)."""
     index = repo.read_index(disk.index)
     if index.capacity != disk.capacity:
         raise RestoreError(f"disk {disk.label}: index has {index.capacity} bytes, the point {disk.capacity}")
     size = index.chunk_size
     work = [(slot * size, index.chunk_length(slot)) for slot in range(index.count) if index[slot] != HOLE]
-    return ordered_parallel(work, lambda off, n: repo.read_chunk(index[off // size])[:n], streams)
+
+    def fetch(off: int, length: int) -> bytes:
+        data = repo.read_chunk(index[off // size])
+        if len(data) != length:
+            data = data[:length]
+        if sink is not None:
+            sink(off, data)
+        return data
+
+    return ordered_parallel(work, fetch, streams)
+
+
+def pwrite_all(fd: int, data: bytes, offset: int) -> None:
+    """Write all of ``data`` at ``offset`` (``os.pwrite`` may write less than asked)."""
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, offset)
+        if n <= 0:
+            raise OSError(f"pwrite wrote nothing at offset {offset}")
+        offset += n
+        view = view[n:]
 
 
 def stored_bytes(repo: Repository, disk: DiskRecord) -> int:
@@ -360,18 +390,24 @@ def _write_verified(
             options.on_data(disk, off, length)
 
     dlog.info("restore.disk_write", capacity=disk.capacity)
-    host.write_disk(
-        flat, disk.capacity, hashed(disk_pieces(repo, disk, streams=options.streams), digest), on_written
+    checked_on_host = host.write_disk(
+        flat,
+        disk.capacity,
+        hashed(disk_pieces(repo, disk, streams=options.streams), digest),
+        on_written,
+        streams=options.streams,
     )
     if item is not None:
         item.done()
     expected = digest.hexdigest(disk.capacity)
-    actual = host.file_sha256(flat, timeout=max(3600.0, disk.capacity / (50 << 20)))  # ≥ 50 MiB/s
-    if actual != expected:
-        raise RestoreError(
-            f"disk {disk.label}: the written disk {flat} has SHA-256 {actual}, the restore point {expected}"
-        )
-    dlog.info("restore.disk_verified", sha256=expected, written=written)
+    if not checked_on_host:  # read back: on the host (sha256sum over SSH) or over HTTPS
+        actual = host.file_sha256(flat, timeout=max(3600.0, disk.capacity / (50 << 20)))  # ≥ 50 MiB/s
+        if actual != expected:
+            raise RestoreError(
+                f"disk {disk.label}: the written disk {flat} has SHA-256 {actual},"
+                f" the restore point {expected}"
+            )
+    dlog.info("restore.disk_verified", sha256=expected, written=written, on_host=checked_on_host)
     return RestoredDisk(disk.label, node, descriptor, expected, written)
 
 

@@ -107,9 +107,28 @@ _KDF_LOCK = threading.Lock()
 (OpenSSL's Argon2; seen when the daemon opened a repository for two hosts' backups in parallel)."""
 
 
+_DERIVED: dict[bytes, bytes] = {}
+"""Wrapping keys derived in this process, by a digest of (salt, cost, passphrase): a daemon opens the
+same repository for every policy in every cycle, and each Argon2id derivation costs 64 MiB and a few
+hundred ms of CPU. The wrapping key opens nothing the master key it unwraps (held in memory while the
+repository is open anyway) does not; a new passphrase or key file has a new salt, so a new entry."""
+_DERIVED_MAX = 16
+
+
 def _derive(passphrase: Passphrase, salt: bytes, params: KdfParams) -> bytes:
+    ident = hashlib.sha256(
+        b"esxi-reconciler kdf cache\0%s\0%d %d %d\0"
+        % (salt, params.memory_kib, params.iterations, params.lanes)
+        + _passphrase_bytes(passphrase)
+    ).digest()
     with _KDF_LOCK:
-        return _derive_now(passphrase, salt, params)
+        derived = _DERIVED.get(ident)
+        if derived is None:
+            derived = _derive_now(passphrase, salt, params)
+            if len(_DERIVED) >= _DERIVED_MAX:
+                _DERIVED.pop(next(iter(_DERIVED)))
+            _DERIVED[ident] = derived
+        return derived
 
 
 def _derive_now(passphrase: Passphrase, salt: bytes, params: KdfParams) -> bytes:
