@@ -596,6 +596,18 @@ class Lab:
             found.append(f"mount still present: {point}")
         return found
 
+    def save_logs(self, dest: Path) -> list[Path]:
+        """Copy every host's logs (``*.log``) to ``dest/<host>/`` before the files go (post-mortems of
+        CI runs: ``ESXISIM_KEEP_LOGS`` in the pytest fixture); returns the copies."""
+        copied = []
+        for host in self.hosts.values():
+            for log in sorted(host.dir.glob("*.log")):
+                target = dest / host.name / log.name
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(log, target)
+                copied.append(target)
+        return copied
+
     def remove_files(self) -> None:
         if not self.state_dir.exists():
             return
