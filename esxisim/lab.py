@@ -590,7 +590,7 @@ class Lab:
             except OSError:
                 continue
             if ns and ns != procs.own_mnt_ns():
-                for pid in procs.pids_in_ns(ns):
+                for pid in procs.pids_in_ns(ns, host.sshd.is_member):
                     found.append(f"process {pid} still in {host.name}'s namespace {ns}")
         for point in procs.mounts_under(self.state_dir):
             found.append(f"mount still present: {point}")
