@@ -9,7 +9,6 @@ import hashlib
 import os
 import signal
 import threading
-import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -324,12 +323,15 @@ def test_sigterm_unwinds_backups_on_both_hosts_and_skips_the_rest(env: Env) -> N
     before = set(env.repo.point_ids())
     sent: list[int] = []
     seen: list[Outcome] = []
+    cancel = threading.Event()
 
     def term(disk: FrozenDisk, offset: int, length: int) -> None:
         if not sent:
             sent.append(offset)
             os.kill(os.getpid(), signal.SIGTERM)  # delivered to the main thread, which waits for the hosts
-            time.sleep(0.5)
+            # this backup goes on only once the main thread has cancelled the run: it is then cancelled
+            # too, however quickly it could finish
+            assert cancel.wait(60), "SIGTERM never cancelled the run"
 
     actions = (
         RunBackup("due", "free", lab.free, "web01", "", "r"),
@@ -337,7 +339,6 @@ def test_sigterm_unwinds_backups_on_both_hosts_and_skips_the_rest(env: Env) -> N
         CollectGarbage("after the backups", "r"),
     )
     plan = Plan(datetime.now(timezone.utc), env.desired.revision.id, "hand-built", actions)
-    cancel = threading.Event()
     with pytest.raises(SystemExit) as exc, sigterm_raises():
         apply(
             plan,

@@ -327,6 +327,8 @@ def test_exception_mid_transfer_leaves_no_snapshot_and_no_point(env: Env) -> Non
 
 def test_dropped_ssh_connection_leaves_no_snapshot_and_no_point(env: Env) -> None:
     lab = env.lab
+    if not _points_of(env, "web01"):  # an incremental: its digests and data come over SSH (a full read
+        run(env, "free-web", Capture(lab, lab.free))  # of a free host's disk takes HTTPS)
     lab.client(lab.free).guest_write("web01", 20, seed=601)  # enough changed data to be mid-stream
     before = _points_of(env, "web01")
     dropped: list[int] = []
@@ -372,16 +374,18 @@ def test_sigterm_mid_transfer_removes_the_snapshot(env: Env) -> None:
     lab.client(lab.free).guest_write("web01", 5, seed=701)
     before = _points_of(env, "web01")
     sent: list[int] = []
+    cancel = threading.Event()
 
     def term(disk: FrozenDisk, offset: int, length: int) -> None:
         if not sent:
             sent.append(offset)
             os.kill(os.getpid(), signal.SIGTERM)  # delivered to the main thread, which waits for the VMs
-            time.sleep(0.5)
+            # go on only once the main thread has cancelled the run, however quickly the read could end
+            assert cancel.wait(60), "SIGTERM never cancelled the run"
 
     options = BackupOptions(on_data=term)
     with pytest.raises(SystemExit) as exc, sigterm_raises():
-        backup_policy(env.desired, "free-web", options=options)
+        backup_policy(env.desired, "free-web", options=options, cancel=cancel)
     assert exc.value.code == 143 and sent
     assert _points_of(env, "web01") == before
     no_snapshots(lab, lab.free)

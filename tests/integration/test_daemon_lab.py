@@ -170,6 +170,11 @@ def test_the_daemon_keeps_reality_matching_git(
     )
     repo = open_repository(repo_cfg)
 
+    def applied(kind: str) -> list[Any]:
+        """The daemon's recorded action outcomes of ``kind``."""
+        with StatusStore.open(status_path(state), readonly=True) as store:
+            return [e for e in store.actions(limit=500) if e.kind == kind]
+
     clock = Clock()
     daemon = Daemon(
         config, state, resync=1.0, debounce=0.3, min_interval=0.5, clock=clock, notifier=Notifier({})
@@ -193,9 +198,13 @@ def test_the_daemon_keeps_reality_matching_git(
         edit_policy(config, "apps.yaml", enable_cbt)
         git(config, "commit", "-q", "-am", "enable CBT")
         second_commit = git(config, "rev-parse", "HEAD")
+        # done when the daemon recorded the switch: the VM shows CBT on before its stun snapshot is gone
         wait_until(
-            "CBT on the licensed VMs", lambda: all(licensed.find_vm(v).cbt_enabled for v in LICENSED_VMS)
+            "CBT switched on the licensed VMs",
+            lambda: {e.subject for e in applied("cbt") if e.status == "ok"}
+            >= {f"{lab.licensed}/{v}" for v in LICENSED_VMS},
         )
+        assert all(licensed.find_vm(v).cbt_enabled for v in LICENSED_VMS)
         assert all(licensed.find_vm(v).snapshots == () for v in LICENSED_VMS)
         with StatusStore.open(status_path(state), readonly=True) as store:
             wait_until(
@@ -241,10 +250,6 @@ def test_the_daemon_keeps_reality_matching_git(
 
         #    The scheduled verification ran, and so did its test restore: web01 (a free-host VM)
         #    restored on the licensed host, booted, checked and removed again.
-        def applied(kind: str) -> list[Any]:
-            with StatusStore.open(status_path(state), readonly=True) as store:
-                return [e for e in store.actions(limit=500) if e.kind == kind]
-
         wait_until("a test restore", lambda: applied("test-restore"))
         assert [e.status for e in applied("verify")][:1] == ["ok"]
         assert [(e.subject, e.status) for e in applied("test-restore")][:1] == [
