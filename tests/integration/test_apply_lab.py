@@ -215,6 +215,8 @@ def test_backups_then_prune_and_gc_free_chunks(env: Env) -> None:
     lab = env.lab
     frozen = Frozen(lab, lab.licensed)
     options = BackupOptions(workers=2, on_snapshot=frozen.on_snapshot)
+    for vm in LIC_VMS:  # data no earlier test stored: the first backups store chunks of their own
+        lab.client(lab.licensed).guest_write(vm, 5, seed=76)
     first = run(env, *backups(env), options=options)
     assert [o.status for o in first] == ["ok", "ok"], [o.error for o in first]
     old_ids = [str(o.detail["point_id"]) for o in first]
