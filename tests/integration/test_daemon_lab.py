@@ -239,8 +239,10 @@ def test_the_daemon_keeps_reality_matching_git(
             ),
         )
         before = len(points(repo, policy="web-daily", vm="web01"))
-        clock.advance(timedelta(hours=1, minutes=5))
+        # the guest writes first, then the backup becomes due: the other way round the daemon may back
+        # up before the write (a point with nothing new, and below no chunk of its own to free)
         lab.client(lab.free).guest_write("web01", 5, seed=11)
+        clock.advance(timedelta(hours=1, minutes=5))
         wait_until(
             "a backup while the config is invalid",
             lambda: len(points(repo, policy="web-daily", vm="web01")) > before,
@@ -261,8 +263,8 @@ def test_the_daemon_keeps_reality_matching_git(
         #    month: all these points are of one day) expires the oldest, which are pruned and freed.
         for seed in (12, 13):
             count = len(points(repo, policy="web-daily", vm="web01"))
-            clock.advance(timedelta(hours=1, minutes=5))
             lab.client(lab.free).guest_write("web01", 5, seed=seed)
+            clock.advance(timedelta(hours=1, minutes=5))
             wait_until("another backup", functools.partial(more_points_than, repo, "web01", count))
         web01 = points(repo, policy="web-daily", vm="web01")
         assert len(web01) >= 4
