@@ -240,8 +240,10 @@ def test_the_daemon_keeps_reality_matching_git(
         )
         before = len(points(repo, policy="web-daily", vm="web01"))
         # the guest writes first, then the backup becomes due: the other way round the daemon may back
-        # up before the write (a point with nothing new, and below no chunk of its own to free)
-        lab.client(lab.free).guest_write("web01", 5, seed=11)
+        # up before the write (a point with nothing new, and below no chunk of its own to free). The
+        # seeds are used by no other test: a seed writes the same bytes at the same places every time,
+        # so a write another test made before (in another order) would change nothing.
+        lab.client(lab.free).guest_write("web01", 5, seed=1101)
         clock.advance(timedelta(hours=1, minutes=5))
         wait_until(
             "a backup while the config is invalid",
@@ -261,7 +263,7 @@ def test_the_daemon_keeps_reality_matching_git(
 
         # 4. Simulated time passes: more backups, then retention (keep_last 3 and one per day, week,
         #    month: all these points are of one day) expires the oldest, which are pruned and freed.
-        for seed in (12, 13):
+        for seed in (1102, 1103):
             count = len(points(repo, policy="web-daily", vm="web01"))
             lab.client(lab.free).guest_write("web01", 5, seed=seed)
             clock.advance(timedelta(hours=1, minutes=5))
