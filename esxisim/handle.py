@@ -199,6 +199,10 @@ class LabHandle:
         except (paramiko.SSHException, EOFError, OSError):
             transport = self._ssh[host].get_transport()
             if transport is not None and transport.is_active():
+                # a dropped session can raise here before paramiko's transport thread has marked it
+                # inactive: give that thread time to end before taking the error for the command's
+                transport.join(5.0)
+            if transport is not None and transport.is_active():
                 raise
             self._ssh.pop(host).close()
             _, out, err = self.ssh(host).exec_command(command, timeout=timeout)

@@ -284,6 +284,15 @@ class ShellConnection:
     def active(self) -> bool:
         return self.transport.is_active()
 
+    def dropped(self, settle: float = 5.0) -> bool:
+        """Whether the connection is gone, asked after an error on it. paramiko can hand the error to the
+        caller (a write to the dead socket, a woken channel) before its transport thread has seen the end
+        of the connection and marked it inactive; a still-active transport gets up to ``settle`` seconds
+        to end before the connection is taken for alive (and the error for one of the command's)."""
+        if self.transport.is_active():
+            self.transport.join(settle)
+        return not self.transport.is_active()
+
     def close(self) -> None:
         self.transport.close()
 
@@ -402,7 +411,7 @@ class ShellSession:
                 raise
             except ShellError:
                 conn = self._conn
-                if attempt == attempts or (conn is not None and conn.active):
+                if attempt == attempts or (conn is not None and not conn.dropped()):
                     raise
                 log.info("SSH connection to %s dropped; reconnecting", self.target.address)
                 time.sleep(0.5 * (attempt - 1))

@@ -310,9 +310,12 @@ class SshDdReader:
         used: int = getattr(self._local, "used", 0)
         if fresh or conn is None or not conn.active or used + length > ROTATE_BYTES:
             if conn is not None:
-                conn.close()
+                # forget it before connecting: if the new connection fails too, the next attempt must
+                # not find (and close and unlist a second time) this one
+                self._local.conn = None
                 with self._lock:
                     self._all.remove(conn)
+                conn.close()
             conn = self._connect()
             self._local.conn = conn
             used = 0

@@ -5,12 +5,16 @@ from __future__ import annotations
 import base64
 import hashlib
 import logging
+import signal
+import socket
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from esxisim import procs
 from esxisim.handle import LabHandle
 from reconciler.config.model import ApiEndpoint, Credentials, Host, Source, SshEndpoint
 from reconciler.config.secrets import Secret
@@ -207,6 +211,31 @@ def test_ssh_reconnects_after_a_drop(lab_faults: LabHandle, free: EsxiHost) -> N
     assert shell.run(["echo", "1"]).text == "1\n"
     lab_faults.fault(lab_faults.free, "ssh-drop")
     assert shell.run(["echo", "2"]).text == "2\n"
+
+
+def test_ssh_reconnects_when_the_caller_sees_the_drop_first(lab: LabHandle, free: EsxiHost) -> None:
+    """A dropped connection can fail the caller (a write to the dead socket) before paramiko's transport
+    thread has marked it inactive: the command still runs again on a new connection, not fails."""
+    shell = free.shell
+    assert shell is not None
+    assert shell.run(["echo", "1"]).text == "1\n"
+    conn = shell.connection()
+    # The host's session processes are frozen for a second: our transport thread hears of the end of
+    # the connection only then, while our next write fails at once (its sending half is shut).
+    sshd = lab.lab.host(lab.free).sshd
+    listener = int(sshd.pid_file.read_text())
+    ns = sshd.ns_file.read_text().strip()
+    sessions = [p for p in procs.pids_in_ns(ns, sshd.is_member) if p != listener]
+    procs.signal_pids(sessions, signal.SIGSTOP)
+    thaw = threading.Timer(1.0, procs.signal_pids, (sessions, signal.SIGCONT))
+    try:
+        thaw.start()
+        conn.transport.sock.shutdown(socket.SHUT_WR)
+        assert shell.run(["echo", "2"]).text == "2\n"
+        assert shell.connection() is not conn
+    finally:
+        thaw.join()
+        procs.signal_pids(sessions, signal.SIGCONT)
 
 
 # -- backup snapshots ---------------------------------------------------------------------------
@@ -532,7 +561,6 @@ def test_create_timeout_still_removes_the_late_snapshot(free: EsxiHost) -> None:
 
 def test_api_call_survives_a_connection_the_host_closed_while_idle(lab: LabHandle, free: EsxiHost) -> None:
     """Hosts close idle API connections; the next call must go through on a new connection."""
-    import socket
 
     before = [vm.name for vm in free.list_vms()]
     stub = free.api.si._stub
