@@ -540,13 +540,13 @@ def load_config(
     """
     root = Path(path) if path is not None else default_config_dir()
     for attempt in range(1, LOAD_ATTEMPTS + 1):
-        desired = _load(root, resolve_secrets)
-        if attempt == LOAD_ATTEMPTS or config_revision(root) == desired.revision:
+        desired = _load(root, resolve_secrets, commit)
+        if commit is not None or attempt == LOAD_ATTEMPTS or config_revision(root) == desired.revision:
             return desired
     raise AssertionError("unreachable")
 
 
-def _load(root: Path, resolve_secrets: bool) -> model.DesiredState:
+def _load(root: Path, resolve_secrets: bool, commit: str | None) -> model.DesiredState:
     if not root.exists():
         raise ConfigError([ConfigIssue(str(root), 0, 0, "", "config directory does not exist")])
     documents, contents, issues = _read(root)
