@@ -40,8 +40,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip)
 
 
-def _stop(simlab: Lab, handle: LabHandle | None) -> None:
-    """Stop a lab and fail if anything of it survives."""
+def stop_lab(simlab: Lab, handle: LabHandle | None) -> None:
+    """Stop a lab and fail if anything of it survives (also for labs a test module starts itself)."""
     state_dir = simlab.state_dir
     if handle is not None:
         handle.close()
@@ -62,7 +62,7 @@ def lab() -> Iterator[LabHandle]:
         handle = LabHandle(simlab)
         yield handle
     finally:
-        _stop(simlab, handle)
+        stop_lab(simlab, handle)
 
 
 @pytest.fixture(scope="session")
@@ -92,7 +92,7 @@ def lab_of_version() -> Iterator[Callable[[str], LabHandle]]:
         failures: list[AssertionError] = []
         for simlab, handle in started.values():
             try:
-                _stop(simlab, handle)
+                stop_lab(simlab, handle)
             except AssertionError as exc:  # stop every lab, then report
                 failures.append(exc)
         if failures:

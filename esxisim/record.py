@@ -46,38 +46,48 @@ class Exec:
     """``argv[0]`` is the program's name (``dd``), the rest what it received."""
 
 
-def _fields(path: Path) -> list[str]:
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        return []
+def _fields(raw: bytes, what: str) -> list[str]:
     if raw and not raw.endswith(b"\0"):
-        raise ValueError(f"{path}: a record is cut off")
+        raise ValueError(f"{what}: a record is cut off")
     return [f.decode("utf-8", "surrogateescape") for f in raw.split(b"\0")[:-1]]
 
 
+def _read(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        return b""
+
+
 class ShellRecording:
-    """The record of one host (``HOSTDIR/run/record``); :meth:`start` and :meth:`stop` switch it."""
+    """The record of one host (``HOSTDIR/run/record``); :meth:`start` and :meth:`stop` switch it. After
+    :meth:`stop` the record stays readable (it is kept in memory)."""
 
     def __init__(self, host_dir: Path) -> None:
         self.dir = host_dir / "run" / "record"
+        self._kept: dict[str, bytes] | None = None
 
     def start(self) -> None:
         if self.dir.exists():
             shutil.rmtree(self.dir)
         self.dir.mkdir(mode=0o755)
+        self._kept = None
 
     def stop(self) -> None:
+        self._kept = {name: _read(self.dir / name) for name in ("lines", "argv")}
         shutil.rmtree(self.dir, ignore_errors=True)
 
+    def _raw(self, name: str) -> bytes:
+        return self._kept[name] if self._kept is not None else _read(self.dir / name)
+
     def lines(self) -> list[Line]:
-        fields = _fields(self.dir / "lines")
+        fields = _fields(self._raw("lines"), str(self.dir / "lines"))
         if len(fields) % 2:
             raise ValueError(f"{self.dir / 'lines'}: odd number of fields")
         return [Line(fields[i], fields[i + 1]) for i in range(0, len(fields), 2)]
 
     def execs(self) -> list[Exec]:
-        fields = _fields(self.dir / "argv")
+        fields = _fields(self._raw("argv"), str(self.dir / "argv"))
         out: list[Exec] = []
         i = 0
         while i < len(fields):

@@ -336,7 +336,9 @@ func (h *Host) dsByName(name string) *DS {
 func (h *Host) dsForPath(abs string) (*DS, string) {
 	for _, ds := range h.dss {
 		rel, err := filepath.Rel(ds.Path, abs)
-		if err == nil && !strings.HasPrefix(rel, "..") {
+		// "..%2f..%2fescape" (a VM named "../../escape") is a folder inside the datastore: only ".." as a
+		// whole path element leads out
+		if err == nil && rel != ".." && !strings.HasPrefix(rel, "../") {
 			return ds, filepath.ToSlash(rel)
 		}
 	}
