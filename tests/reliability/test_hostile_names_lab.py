@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import os
 import re
 import sys
 import unicodedata
@@ -32,6 +33,7 @@ from reconciler.esxi import vimcmd
 from reconciler.repository import KdfParams, Repository
 from tests.integration.labconfig import PASSPHRASE, policy_yaml, write_lab_config
 from tests.reliability.ledger import Ledger
+from tests.reliability.secretscan import SecretScan, private_files
 
 pytestmark = [pytest.mark.lab, pytest.mark.usefixtures("restore_logging")]
 
@@ -117,7 +119,9 @@ def hostile_lab() -> Iterator[LabHandle]:
 
 
 @pytest.fixture(scope="module")
-def env(hostile_lab: LabHandle, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
+def env(
+    hostile_lab: LabHandle, tmp_path_factory: pytest.TempPathFactory, secret_scan: SecretScan
+) -> Iterator[Env]:
     lab = hostile_lab
     tmp_path = tmp_path_factory.mktemp("hostile")
     policies = policy_yaml("free", lab.free, list(FREE_VMS.values())) + policy_yaml(
@@ -130,8 +134,12 @@ def env(hostile_lab: LabHandle, tmp_path_factory: pytest.TempPathFactory) -> Ite
         host_file.read_text().replace("  ssh: {", f"  ssh: {{private_key: {{file: {json.dumps(key)}}}, ", 1)
     )
     Repository.init(tmp_path / "repo", PASSPHRASE, kdf=KdfParams(memory_kib=1024, iterations=1, lanes=1))
+    secret_scan.watch_config(config, tmp_path / "state")
     with pytest.MonkeyPatch.context() as monkeypatch, _spy_on_quoting(monkeypatch) as built:
         yield Env(lab, tmp_path, config, tmp_path / "state", built)
+    for host in (lab.free, lab.licensed):  # what the product wrote on the hosts, before the lab goes
+        for store in lab.host(host)["datastores"]:
+            secret_scan.scan_directory(Path(store["path"]), f"datastore {store['name']!r} of {host}")
 
 
 # -- checks --------------------------------------------------------------------------------------------
@@ -247,7 +255,7 @@ def test_hostile_names_reach_the_host_exactly_as_meant(
 
 
 def test_exports_stay_inside_their_directory(
-    env: Env, ledger: Ledger, capsys: pytest.CaptureFixture[str]
+    env: Env, ledger: Ledger, secret_scan: SecretScan, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """Exports of VMs whose names and file names hold ``../``, line breaks and 240 bytes, into a directory
     whose own name is 255 bytes: every file lands inside it, named without a separator or control
@@ -278,4 +286,30 @@ def test_exports_stay_inside_their_directory(
     new = sorted(set(files_under(env.root)) - set(before))
     escaped = [p for p in new if outside / "exports" not in p.parents and env.state not in p.parents]
     assert escaped == [], escaped
+    secret_scan.directory(outside / "exports", "exports")
     ledger.count("hostile_inputs", exported)
+
+
+def test_saved_plans_and_key_files(
+    env: Env, secret_scan: SecretScan, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A saved plan and the status output hold no secret (the scan at the end of the session reads
+    them); the files holding a key the tool writes — the repository's key files and an exported key —
+    are readable by their owner only, whatever the umask."""
+    plan = env.root / "plans" / "plan.json"
+    plan.parent.mkdir()
+    assert env.cli("plan", "--out", str(plan)) in (0, 2), capsys.readouterr()
+    assert env.cli("status", "--json") in (0, 1), capsys.readouterr()
+    capsys.readouterr()
+    secret_scan.directory(plan.parent, "saved plans")
+    os.umask(old := os.umask(0o022))
+    try:
+        exported = env.root / "key-export" / "r.key"
+        exported.parent.mkdir()
+        assert env.cli("repo", "key-export", "r", "--out", str(exported)) == 0, capsys.readouterr()
+        capsys.readouterr()
+    finally:
+        os.umask(old)
+    secret_scan.directory(exported, "exported key")
+    keys = sorted((env.root / "repo" / "keys").glob("*.json"))
+    assert keys and private_files([*keys, exported]) == []
