@@ -20,7 +20,7 @@ def test_found_in_output_in_any_form_and_in_files(tmp_path: Path) -> None:
     scan.secret(KEY, "ssh key")
     scan.secret("short", "too short to look for")
     assert scan.output("nothing here; short", "out") == []
-    assert [f.what for f in scan.output("login with pa\"ss\\word 1 failed", "stderr")] == ["password"]
+    assert [f.what for f in scan.output('login with pa"ss\\word 1 failed', "stderr")] == ["password"]
     as_json = json.dumps({"error": 'pa"ss\\word 1'})  # a JSON log line escapes it
     assert [f.what for f in scan.output(as_json, "log")] == ["password"]
     one_line = KEY.splitlines()[2]  # a key reformatted, one line of it quoted in an error
