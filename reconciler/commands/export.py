@@ -59,8 +59,8 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
 def cmd_export(args: argparse.Namespace) -> int:
     """0 exported; 1 failed; 2 bad input."""
     from reconciler.commands.restore import describe_point, find_repository
-    from reconciler.operations.backup import open_repository
     from reconciler.operations.export import export_point
+    from reconciler.operations.repositories import open_repository
     from reconciler.operations.restore import RestoreError, describe_source, find_point
 
     desired = load_desired(args)

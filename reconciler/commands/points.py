@@ -10,6 +10,8 @@ from typing import Any
 import structlog
 
 from reconciler.commands.common import add_command, load_desired
+from reconciler.facts.points import RestorePoint
+from reconciler.planning.backup_mode import describe, per_disks
 from reconciler.printable import printable
 from reconciler.units import human_size
 
@@ -29,7 +31,9 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         "points",
         help="list restore points",
         description="List the complete restore points of every configured repository, oldest first, with"
-        " the host each VM was backed up on (and its UUID where one name stands for several VMs).",
+        " the host each VM was backed up on (and its UUID where one name stands for several VMs). Under a"
+        " point, a line per disk says why it was read in full or why a faster mode was not used; --json"
+        " gives every disk's mode and reasons.",
         epilog=_POINTS_EXAMPLES,
         handler=cmd_points,
     )
@@ -39,12 +43,13 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
 
 def cmd_points(args: argparse.Namespace) -> int:
     """``esxi-reconciler points``: 0, or 1 if a repository could not be read."""
-    from reconciler.operations.backup import open_repository
+    from reconciler.operations.repositories import open_repository
 
     desired = load_desired(args)
     if desired is None:
         return 2
     rows: list[dict[str, Any]] = []
+    why: list[list[str]] = []
     status = 0
     for name, repo_cfg in desired.repositories.items():
         try:
@@ -74,8 +79,13 @@ def cmd_points(args: argparse.Namespace) -> int:
                     "read": sum(d.bytes_read for d in p.disks),
                     "sent": sum(d.bytes_sent for d in p.disks),
                     "stored": sum(d.bytes_stored for d in p.disks),
+                    "disks": [
+                        {"key": d.key, "label": d.label, "mode": d.mode, "reasons": list(d.reasons)}
+                        for d in p.disks
+                    ],
                 }
             )
+            why.append(_why(p))
     if args.json:
         print(json.dumps(rows, indent=2, ensure_ascii=False))
         return status
@@ -94,8 +104,25 @@ def cmd_points(args: argparse.Namespace) -> int:
             sizes = [human_size(r[k]) for k in ("size", "sent", "stored")]
             table.append((*plain, r["time"][:19], r["status"], r["mode"], *sizes))
         widths = [max(len(str(row[i])) for row in table) for i in range(len(header))]
-        for row in table:
+        print("  ".join(str(cell).ljust(w) for cell, w in zip(header, widths, strict=True)).rstrip())
+        for row, lines in zip(table[1:], why, strict=True):
             print("  ".join(str(cell).ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+            for line in lines:
+                print(f"    {printable(line)}")
     else:
         print("no restore points")
     return status
+
+
+def _why(point: RestorePoint) -> list[str]:
+    """The lines shown under a point: the disks read in full, or incremental with a faster mode passed
+    over (more than the one plain reason), with their reasons (disks with the same ones on one line);
+    for a point written before disks recorded them, its fallback reason."""
+    lines = per_disks(
+        (d.label, describe(d.mode, d.reasons))
+        for d in point.disks
+        if d.mode is not None and (d.mode == "full" or len(d.reasons) > 1)
+    )
+    if not lines and point.fallback_reason and all(d.mode is None for d in point.disks):
+        lines.append(f"full: {point.fallback_reason}")
+    return lines

@@ -160,7 +160,7 @@ def cmd_repo_key_export(args: argparse.Namespace) -> int:
     import os
 
     from reconciler.config.secrets import SecretError
-    from reconciler.operations.backup import open_repository
+    from reconciler.operations.repositories import open_repository
     from reconciler.repository import export_key
     from reconciler.repository.errors import RepositoryError
 
@@ -203,8 +203,8 @@ def cmd_repo_gc(args: argparse.Namespace) -> int:
     import difflib
 
     from reconciler.config.secrets import SecretError
-    from reconciler.operations.backup import open_repository
     from reconciler.operations.prune import collect
+    from reconciler.operations.repositories import open_repository
     from reconciler.repository.errors import RepositoryError, StorageError
 
     desired = load_desired(args)

@@ -115,7 +115,7 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
 def find_repository(args: argparse.Namespace, desired: DesiredState, command: str) -> str | None:
     """The repository named by ``--repository``, else the only one holding points of ``args.vm`` (from
     ``args.from_host`` when given); None after printing why not (exit 2)."""
-    from reconciler.operations.backup import open_repository
+    from reconciler.operations.repositories import open_repository
 
     if args.repository:
         if args.repository not in desired.repositories:
@@ -201,9 +201,9 @@ def _option_error(args: argparse.Namespace) -> str | None:
 def cmd_restore(args: argparse.Namespace) -> int:
     """0 restored; 1 the restore failed; 2 bad input or refused."""
     from reconciler.esxi.host import sigterm_raises
-    from reconciler.operations.backup import open_repository
     from reconciler.operations.hosts import connect
     from reconciler.operations.progress import Progress
+    from reconciler.operations.repositories import open_repository
     from reconciler.operations.restore import (
         AmbiguousVmError,
         OverwriteFailed,

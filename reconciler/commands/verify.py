@@ -85,8 +85,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
     import difflib
 
     from reconciler.config.secrets import SecretError
-    from reconciler.operations.backup import open_repository
     from reconciler.operations.progress import Progress
+    from reconciler.operations.repositories import open_repository
     from reconciler.repository.errors import RepositoryError
     from reconciler.repository.verify import verify_repository
 

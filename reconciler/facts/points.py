@@ -73,6 +73,14 @@ class DiskRecord:
     bytes_read: int = 0
     bytes_sent: int = 0
     bytes_stored: int = 0
+    mode: BackupMode | None = None
+    """How this disk was read (None: written by a version that did not record it per disk)."""
+    reasons: tuple[str, ...] = ()
+    """Why that mode, in words for people (:mod:`reconciler.planning.backup_mode`)."""
+
+    def __post_init__(self) -> None:
+        if self.mode is not None and self.mode not in _MODES:
+            raise ValueError(f"invalid mode {self.mode!r}")
 
 
 @dataclass(frozen=True)
@@ -89,6 +97,8 @@ class RestorePoint:
     mode: BackupMode
     config_revision: str
     fallback_reason: str | None = None
+    """Why a full read replaced an incremental, per disk (``"Hard disk 1: …"``); each disk's
+    :attr:`DiskRecord.mode` and :attr:`DiskRecord.reasons` say more."""
     protected: bool = False
     files: tuple[StoredFile, ...] = ()
     disks: tuple[DiskRecord, ...] = ()

@@ -35,9 +35,10 @@ from reconciler.config.model import DesiredState
 from reconciler.esxi.errors import EsxiError, PowerStateTimeoutError
 from reconciler.esxi.host import EsxiHost
 from reconciler.facts.inventory import VmInfo
-from reconciler.operations.backup import BackupOptions, Cancelled, VmResult, backup_policy, open_repository
+from reconciler.operations.backup import BackupOptions, Cancelled, VmResult, backup_policy
 from reconciler.operations.hosts import HostFactory, connect
 from reconciler.operations.prune import PruneResult, collect, prune
+from reconciler.operations.repositories import open_repository
 from reconciler.operations.retry import Attempted, RetryPolicy, classify
 from reconciler.operations.vmlock import VmBusyError, vm_lock
 from reconciler.planning.actions import (

@@ -23,8 +23,8 @@ import structlog
 from reconciler.config.model import DesiredState, Host
 from reconciler.config.model import Repository as RepositoryConfig
 from reconciler.facts.inventory import DatastoreInfo, VmInfo
-from reconciler.operations.backup import open_repository
 from reconciler.operations.hosts import HostFactory, connect
+from reconciler.operations.repositories import open_repository
 from reconciler.planning.observed import HostObservation, ObservedState, RepositoryObservation, RunRecord
 from reconciler.repository import Repository, garbage_signs
 

@@ -1124,8 +1124,8 @@ def test_restore(
 ) -> TestRestoreResult:
     """For the apply executor (a ``RunTestRestore`` action): open the configured repository and host,
     test-restore ``vm``'s point (``None``/``latest``: the newest successful one)."""
-    from reconciler.operations.backup import open_repository
     from reconciler.operations.hosts import connect
+    from reconciler.operations.repositories import open_repository
 
     repo = open_repository(desired.repositories[repository])
     with repo.lock(purpose=f"test restore of {vm}"):

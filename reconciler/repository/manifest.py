@@ -53,6 +53,8 @@ def manifest_doc(point: RestorePoint) -> dict[str, Any]:
                     "bytes_read": d.bytes_read,
                     "bytes_sent": d.bytes_sent,
                     "bytes_stored": d.bytes_stored,
+                    "mode": d.mode,
+                    "reasons": list(d.reasons),
                 }
                 for d in point.disks
             ],
@@ -106,6 +108,8 @@ def decode_manifest(name: str, data: bytes) -> RestorePoint:
                     bytes_read=int(d.get("bytes_read", 0)),
                     bytes_sent=int(d.get("bytes_sent", 0)),
                     bytes_stored=int(d.get("bytes_stored", 0)),
+                    mode=d.get("mode"),
+                    reasons=_reasons(d.get("reasons")),
                 )
                 for d in doc.get("disks", [])
             ),
@@ -145,7 +149,14 @@ def _time(value: Any) -> datetime:
     return moment
 
 
+def _reasons(value: Any) -> tuple[str, ...]:
+    """A disk's reasons: absent in manifests written before they were recorded."""
+    if value is None:
+        return ()
+    if not isinstance(value, list):
+        raise ValueError(f"reasons {value!r} is not a list")
+    return tuple(str(r) for r in value)
+
+
 def _opt_str(value: Any) -> str | None:
     return None if value is None else str(value)
-
-

@@ -22,8 +22,9 @@ from reconciler.config import load_config
 from reconciler.config.model import DesiredState
 from reconciler.esxi.host import BackupSnapshot, EsxiHost, FrozenDisk, sigterm_raises
 from reconciler.operations.apply import apply
-from reconciler.operations.backup import BackupOptions, backup_policy, open_repository
+from reconciler.operations.backup import BackupOptions, backup_policy
 from reconciler.operations.hosts import connect
+from reconciler.operations.repositories import open_repository
 from reconciler.operations.restore import disk_content
 from reconciler.operations.retry import RetryPolicy
 from reconciler.planning.actions import (

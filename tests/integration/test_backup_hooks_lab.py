@@ -10,7 +10,8 @@ import pytest
 from esxisim.handle import LabHandle
 from reconciler.config import load_config
 from reconciler.esxi.host import BackupSnapshot, EsxiHost
-from reconciler.operations.backup import BackupOptions, backup_policy, open_repository
+from reconciler.operations.backup import BackupOptions, backup_policy
+from reconciler.operations.repositories import open_repository
 from reconciler.repository import Repository
 
 pytestmark = pytest.mark.lab

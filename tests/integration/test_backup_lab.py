@@ -26,10 +26,12 @@ from reconciler.config.model import DesiredState
 from reconciler.esxi.host import BackupSnapshot, EsxiHost, FrozenDisk, sigterm_raises
 from reconciler.esxi.hostdigest import request
 from reconciler.facts.points import RestorePoint
-from reconciler.operations.backup import BackupOptions, VmResult, backup_policy, open_repository
+from reconciler.operations.backup import BackupOptions, VmResult, backup_policy
 from reconciler.operations.hosts import connect
+from reconciler.operations.repositories import open_repository
 from reconciler.operations.restore import disk_content
 from reconciler.operations.vmlock import vm_lock
+from reconciler.planning.backup_mode import CBT_SINCE_PREVIOUS, DIGEST_SINCE_PREVIOUS, FIRST_BACKUP
 from reconciler.repository import KdfParams, Repository
 from tests.integration.labconfig import PASSPHRASE, policy_yaml, write_lab_config
 
@@ -166,7 +168,8 @@ def test_free_host_full_then_digest_incrementals_with_guest_writes(env: Env) -> 
     cap = Capture(lab, lab.free)
     (first,) = run(env, "free-web", cap)
     (p1,) = check_restores(env, [first], cap)
-    assert first.mode == "full" and "no previous restore point" in (p1.fallback_reason or "")
+    assert first.mode == "full" and FIRST_BACKUP in (p1.fallback_reason or "")
+    assert all(d.mode == "full" and d.reasons == (FIRST_BACKUP,) for d in p1.disks)
     assert all(d.digest_map for d in p1.disks)  # so the next run can be incremental
     assert first.bytes_sent < sum(d.capacity for d in p1.disks)  # holes and zero blocks are not sent
     no_snapshots(lab, lab.free)
@@ -177,6 +180,7 @@ def test_free_host_full_then_digest_incrementals_with_guest_writes(env: Env) -> 
     (p2,) = check_restores(env, [second], cap)
     assert cap.written_during and all(a["bytes"] > 0 for a in cap.written_during)
     assert second.mode == "digest" and p2.fallback_reason is None
+    assert all(d.mode == "digest" and d.reasons == (DIGEST_SINCE_PREVIOUS,) for d in p2.disks)
     changed = written_bytes(between)
     prev_maps = [env.repo.read_digest_map(d.digest_map) for d in p1.disks if d.digest_map]
     overhead = sum(len(request(m.digests)) + 4096 for m in prev_maps)
@@ -198,7 +202,9 @@ def test_free_host_full_then_digest_incrementals_with_guest_writes(env: Env) -> 
 # -- licensed host: CBT ------------------------------------------------------------------------------
 
 
-def test_licensed_host_full_then_cbt_incremental_and_reset_fallback(env: Env) -> None:
+def test_licensed_host_full_then_cbt_incremental_and_reset_fallback(
+    env: Env, capsys: pytest.CaptureFixture[str]
+) -> None:
     lab = env.lab
     with connect(env.desired.host(lab.licensed)) as host:
         host.set_cbt(host.find_vm("app203"), True)
@@ -207,6 +213,7 @@ def test_licensed_host_full_then_cbt_incremental_and_reset_fallback(env: Env) ->
             (first,) = run(env, "lic", cap)
             (p1,) = check_restores(env, [first], cap)
             assert first.mode == "full" and all(d.change_id for d in p1.disks)
+            assert [(d.mode, d.reasons) for d in p1.disks] == [("full", (FIRST_BACKUP,))] * len(p1.disks)
             assert first.bytes_sent < sum(d.capacity for d in p1.disks)  # only the allocated areas ("*")
 
             between = [lab.client(lab.licensed).guest_write("app203", 3, seed=301)]
@@ -215,6 +222,7 @@ def test_licensed_host_full_then_cbt_incremental_and_reset_fallback(env: Env) ->
             (p2,) = check_restores(env, [second], cap)
             assert cap.written_during
             assert second.mode == "cbt" and p2.fallback_reason is None
+            assert [(d.mode, d.reasons) for d in p2.disks] == [("cbt", (CBT_SINCE_PREVIOUS,))] * len(p2.disks)
             changed = written_bytes(between)
             assert changed <= second.bytes_sent <= 2 * changed, (second.bytes_sent, changed)
 
@@ -228,6 +236,21 @@ def test_licensed_host_full_then_cbt_incremental_and_reset_fallback(env: Env) ->
             (fourth,) = run(env, "lic", cap)
             (p4,) = check_restores(env, [fourth], cap)
             assert fourth.mode == "full" and "change-id-rejected" in (p4.fallback_reason or "")
+            # the reason is recorded per disk, and `points` shows it (under the point, and in JSON)
+            reset = "CBT was reset since the previous point (change-id-rejected)"
+            assert all(d.mode == "full" and d.reasons[0] == reset for d in p4.disks), p4.disks
+            capsys.readouterr()  # what the backups logged
+            points = ["--config", str(env.config), "--log-level", "error", "points", "--vm", "app203"]
+            assert cli.main([*points, "--json"]) == 0
+            rows = {r["id"]: r for r in json.loads(capsys.readouterr().out)}
+            assert [d["reasons"][0] for d in rows[p4.id]["disks"]] == [reset] * len(p4.disks)
+            assert [d["mode"] for d in rows[p2.id]["disks"]] == ["cbt"] * len(p2.disks)
+            assert cli.main(points) == 0
+            table = capsys.readouterr().out.splitlines()
+            under = table[next(i for i, line in enumerate(table) if line.startswith(p4.id)) + 1]
+            assert under.startswith(f"    {', '.join(d.label for d in p4.disks)}: full: {reset}"), table
+            under = table[next(i for i, line in enumerate(table) if line.startswith(p1.id)) + 1]
+            assert under == f"    {', '.join(d.label for d in p1.disks)}: full: {FIRST_BACKUP}", table
             no_snapshots(lab, lab.licensed)
         finally:
             host.set_cbt(host.find_vm("app203"), False)

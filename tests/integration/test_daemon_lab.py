@@ -37,8 +37,8 @@ from reconciler.daemon.notify import Notifier
 from reconciler.esxi.host import EsxiHost
 from reconciler.esxi.vmx import VmxFile
 from reconciler.facts.points import RestorePoint
-from reconciler.operations.backup import open_repository
 from reconciler.operations.hosts import connect
+from reconciler.operations.repositories import open_repository
 from reconciler.repository import Repository
 from reconciler.repository.chunks import chunk_name
 from reconciler.repository.errors import LockedError

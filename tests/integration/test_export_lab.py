@@ -16,7 +16,8 @@ from reconciler.esxi.host import BackupSnapshot, EsxiHost
 from reconciler.esxi.vmdk import Descriptor
 from reconciler.esxi.vmx import VmxFile
 from reconciler.operations import vmdkstream
-from reconciler.operations.backup import BackupOptions, backup_policy, open_repository
+from reconciler.operations.backup import BackupOptions, backup_policy
+from reconciler.operations.repositories import open_repository
 from reconciler.repository import KdfParams, Repository
 from tests.integration.labconfig import PASSPHRASE, policy_yaml, write_lab_config
 

@@ -193,7 +193,8 @@ def test_plan_backup_points_status_restore(env: Env, capsys: pytest.CaptureFixtu
     # points: escaped in the table, real in JSON
     assert env.cli("points") == 0
     table = capsys.readouterr().out
-    assert len(_lines(table.rstrip("\n"))) == 4  # header + 3 points
+    rows_shown = [line for line in _lines(table.rstrip("\n")) if not line.startswith(" ")]
+    assert len(rows_shown) == 4  # header + 3 points (under each full point, its disks' reasons, indented)
     assert sum(free_shown in line for line in _lines(table)) == 2 and lic_shown in table
     assert env.cli("points", "--json") == 0
     rows = json.loads(capsys.readouterr().out)

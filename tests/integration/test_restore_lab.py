@@ -26,8 +26,9 @@ from reconciler.config.model import DesiredState
 from reconciler.esxi.host import BackupSnapshot, EsxiHost
 from reconciler.esxi.vmx import VmxFile
 from reconciler.facts.points import RestorePoint
-from reconciler.operations.backup import BackupOptions, backup_policy, open_repository
+from reconciler.operations.backup import BackupOptions, backup_policy
 from reconciler.operations.hosts import connect
+from reconciler.operations.repositories import open_repository
 from reconciler.operations.restore import (
     OverwriteFailed,
     RestoreOptions,
@@ -402,7 +403,7 @@ def test_single_disk_overwrite(ssh_env: Env, capsys: pytest.CaptureFixture[str])
 _KILLED_RESTORE = """
 import pathlib, sys, time
 from reconciler.config import load_config
-from reconciler.operations.backup import open_repository
+from reconciler.operations.repositories import open_repository
 from reconciler.operations.restore import RestoreOptions, find_point, restore_overwrite
 from reconciler.operations.hosts import connect
 

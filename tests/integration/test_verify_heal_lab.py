@@ -10,7 +10,8 @@ import pytest
 
 from esxisim.handle import LabHandle
 from reconciler.config import load_config
-from reconciler.operations.backup import backup_policy, open_repository
+from reconciler.operations.backup import backup_policy
+from reconciler.operations.repositories import open_repository
 from reconciler.operations.restore import disk_content
 from reconciler.repository import KdfParams, Repository, verify_repository
 from reconciler.repository.chunks import HOLE, chunk_name

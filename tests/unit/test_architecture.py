@@ -93,6 +93,7 @@ def test_a_violation_is_caught(tmp_path: Path, module: str, statement: str, cont
         "reconciler.planning.plan",
         "reconciler.planning.render",
         "reconciler.planning.fingerprint",
+        "reconciler.planning.backup_mode",
         "reconciler.status.conditions",
         "reconciler.rules.schedule",
         "reconciler.rules.retention",

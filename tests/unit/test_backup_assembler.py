@@ -12,7 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from reconciler.operations.backup import BackupError, Cancelled, ChunkAssembler, _gaps, _Limits, coalesce
+from reconciler.operations.backup import BackupError, Cancelled
+from reconciler.operations.backup.assembler import ChunkAssembler, coalesce, gaps
+from reconciler.operations.backup.policy import DatastoreLimits
 from reconciler.operations.progress import Progress
 from reconciler.repository import CHUNK_SIZE, HOLE, DiskIndex, Repository
 
@@ -114,9 +116,9 @@ def test_cancel_stops_the_assembler(repo: Repository, pool: concurrent.futures.E
 
 def test_coalesce_and_gaps() -> None:
     assert coalesce([(10, 5), (0, 4), (4, 2), (12, 10), (30, 0)]) == [(0, 6), (10, 12)]
-    assert _gaps([(2, 4), (3, 8)], 10) == [(0, 2), (8, 10)]
-    assert _gaps([], 3) == [(0, 3)]
-    assert _gaps([(0, 3)], 3) == []
+    assert gaps([(2, 4), (3, 8)], 10) == [(0, 2), (8, 10)]
+    assert gaps([], 3) == [(0, 3)]
+    assert gaps([(0, 3)], 3) == []
 
 
 def test_progress_line_and_log_events() -> None:
@@ -133,7 +135,7 @@ def test_progress_line_and_log_events() -> None:
 
 
 def test_datastore_limits_serialise_vms_of_one_datastore() -> None:
-    limits = _Limits(1)
+    limits = DatastoreLimits(1)
     cancel = threading.Event()
     active: list[int] = []
     peak = [0]

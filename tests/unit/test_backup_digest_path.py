@@ -9,15 +9,17 @@ import threading
 from collections.abc import Callable, Iterator
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, cast
+from typing import cast
 
 import pytest
 
+from reconciler.config.model import BackupPolicy
 from reconciler.esxi.host import BackupSnapshot, EsxiHost, FrozenDisk
 from reconciler.esxi.hostdigest import BLOCK_SIZE, DIGEST_SIZE, DigestResult, block_digest
 from reconciler.esxi.transport import TransportError
 from reconciler.facts.points import DiskRecord, RestorePoint, VmRef, new_point_id
-from reconciler.operations.backup import BackupOptions, _DiskJob, _Previous
+from reconciler.operations.backup import BackupContext, BackupOptions, DiskResult
+from reconciler.operations.backup.disk import DiskJob
 from reconciler.repository import Repository
 
 MiB = 1 << 20
@@ -25,7 +27,7 @@ CAPACITY = 3 * MiB + 5 * BLOCK_SIZE + 100
 
 
 class FakeHost:
-    """Just what :class:`_DiskJob` uses on a free host."""
+    """Just what :class:`DiskJob` uses on a free host."""
 
     license = "free"
     shell = object()
@@ -71,20 +73,12 @@ DISK = FrozenDisk(
 
 
 def run_job(
-    repo: Repository, host: FakeHost, previous: _Previous | None, pool: concurrent.futures.Executor
-) -> tuple[DiskRecord, Any]:
-    job = _DiskJob(
-        cast(EsxiHost, host),
-        repo,
-        cast(BackupSnapshot, None),
-        DISK,
-        previous,
-        BackupOptions(),
-        pool,
-        threading.Event(),
-        "vm",
+    repo: Repository, host: FakeHost, previous: RestorePoint | None, pool: concurrent.futures.Executor
+) -> tuple[DiskRecord, DiskResult]:
+    ctx = BackupContext(
+        cast(EsxiHost, host), repo, cast(BackupPolicy, None), "rev", BackupOptions(), pool, threading.Event()
     )
-    return job.run()
+    return DiskJob(ctx, cast(BackupSnapshot, None), DISK, previous).run()
 
 
 def restore(repo: Repository, record: DiskRecord) -> bytes:
@@ -92,13 +86,12 @@ def restore(repo: Repository, record: DiskRecord) -> bytes:
     return b"".join(repo.read_chunk(index[s])[: index.chunk_length(s)] for s in range(index.count))
 
 
-def as_previous(record: DiskRecord) -> _Previous:
+def as_previous(record: DiskRecord) -> RestorePoint:
     now = datetime.now(timezone.utc)
-    point = RestorePoint(
+    return RestorePoint(
         new_point_id(), "p", VmRef("vm", "u", "h", "1"), now, now, now, "success", "full", "rev",
         disks=(record,),
     )  # fmt: skip
-    return _Previous(point, record)
 
 
 def test_digest_incremental_patches_changes_and_blocks_that_became_zero(
@@ -110,7 +103,8 @@ def test_digest_incremental_patches_changes_and_blocks_that_became_zero(
     disk[MiB : 2 * MiB] = bytes(MiB)  # a hole
     host = FakeHost(bytes(disk))
     first, r1 = run_job(repo, host, None, pool)
-    assert r1.mode == "full" and r1.fallback_reason == "no previous restore point of this disk"
+    assert r1.mode == "full" and r1.fallback_reason == "no earlier restore point of this VM"
+    assert first.mode == "full" and first.reasons == ("no earlier restore point of this VM",)
     assert first.digest_map and restore(repo, first) == bytes(disk)
     assert host.sent == CAPACITY - MiB  # zero blocks are not sent
 
@@ -122,7 +116,7 @@ def test_digest_incremental_patches_changes_and_blocks_that_became_zero(
     disk[-50:] = rnd.randbytes(50)
     host = FakeHost(bytes(disk))
     second, r2 = run_job(repo, host, as_previous(first), pool)
-    assert r2.mode == "digest" and r2.fallback_reason is None
+    assert r2.mode == "digest" and r2.fallback_reason is None and second.mode == "digest"
     assert restore(repo, second) == bytes(disk)
     assert host.sent == 3 * BLOCK_SIZE + 100  # blocks 0, MiB/64K, the half-zeroed one, and the short last
     assert second.digest_map != first.digest_map

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from reconciler.esxi import hostdigest
-from reconciler.operations.backup import DIGEST_RANGE_MIN, _digest_ranges
+from reconciler.operations.backup.disk import DIGEST_RANGE_MIN, digest_ranges
 
 B = hostdigest.BLOCK_SIZE
 
@@ -74,10 +74,10 @@ def test_ranges_concatenate_to_the_whole_disk(tmp_path: Path, cuts: list[int]) -
 
 def test_engine_split_is_chunk_aligned_and_complete() -> None:
     chunk = 1 << 20
-    assert _digest_ranges(DIGEST_RANGE_MIN - 1, chunk, 4) == [(0, -(-(DIGEST_RANGE_MIN - 1) // B))]
+    assert digest_ranges(DIGEST_RANGE_MIN - 1, chunk, 4) == [(0, -(-(DIGEST_RANGE_MIN - 1) // B))]
     capacity = 4 * DIGEST_RANGE_MIN + 12345
     for streams in (1, 2, 3, 4, 8):
-        ranges = _digest_ranges(capacity, chunk, streams)
+        ranges = digest_ranges(capacity, chunk, streams)
         assert len(ranges) <= streams
         assert ranges[0][0] == 0 and all(a % (chunk // B) == 0 for a, _ in ranges)
         assert all(a + n == b for (a, n), (b, _) in itertools.pairwise(ranges))

@@ -13,17 +13,19 @@ import threading
 from collections.abc import Callable, Iterable, Iterator
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, cast
+from typing import cast
 
 import pytest
 
+from reconciler.config.model import BackupPolicy
 from reconciler.esxi import hostdigest
 from reconciler.esxi.errors import ProtocolError
 from reconciler.esxi.host import BackupSnapshot, EsxiHost, FrozenDisk
 from reconciler.esxi.hostdigest import BLOCK_SIZE, DigestResult
 from reconciler.esxi.transport import TransportError, ordered_parallel, pieces
 from reconciler.facts.points import DiskRecord, RestorePoint, VmRef, new_point_id
-from reconciler.operations.backup import BackupOptions, _DiskJob, _Previous
+from reconciler.operations.backup import BackupContext, BackupOptions, DiskResult
+from reconciler.operations.backup.disk import DiskJob
 from reconciler.repository import Repository
 
 B = BLOCK_SIZE
@@ -186,13 +188,12 @@ class FakeHost:
 
 
 def run_job(
-    repo: Repository, host: FakeHost, previous: _Previous | None, pool: concurrent.futures.Executor
-) -> tuple[DiskRecord, Any]:
-    job = _DiskJob(
-        cast(EsxiHost, host), repo, cast(BackupSnapshot, None), DISK, previous, BackupOptions(), pool,
-        threading.Event(), "vm",
-    )  # fmt: skip
-    return job.run()
+    repo: Repository, host: FakeHost, previous: RestorePoint | None, pool: concurrent.futures.Executor
+) -> tuple[DiskRecord, DiskResult]:
+    ctx = BackupContext(
+        cast(EsxiHost, host), repo, cast(BackupPolicy, None), "rev", BackupOptions(), pool, threading.Event()
+    )
+    return DiskJob(ctx, cast(BackupSnapshot, None), DISK, previous).run()
 
 
 def restore(repo: Repository, record: DiskRecord) -> bytes:
@@ -223,5 +224,5 @@ def test_free_full_reads_over_https_with_the_hosts_map(tmp_path: Path, https: bo
             new_point_id(), "p", VmRef("vm", "u", "h", "1"), t, t, t, "success", "full", "rev",
             disks=(record,),
         )  # fmt: skip
-        _, second = run_job(repo, host, _Previous(point, record), pool)
+        _, second = run_job(repo, host, point, pool)
         assert second.mode == "digest"

@@ -7,6 +7,7 @@ import json
 import os
 import re
 import struct
+from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -240,6 +241,31 @@ class TestManifest:
         assert decoded == point
         assert decoded.extra == {"future_field": {"x": 1}}
         assert json.loads(encode_manifest(decoded))["future_field"] == {"x": 1}
+
+    def test_each_disks_mode_and_reasons_round_trip(self) -> None:
+        point = make_point()
+        disk = replace(point.disks[0], mode="full", reasons=("CBT was reset", "no digest map"))
+        point = replace(point, mode="full", disks=(disk,))
+        doc = json.loads(encode_manifest(point))
+        assert doc["disks"][0]["mode"] == "full"
+        assert doc["disks"][0]["reasons"] == ["CBT was reset", "no digest map"]
+        assert decode_manifest(point.name, encode_manifest(point)) == point
+
+    def test_a_manifest_written_before_per_disk_reasons_reads(self) -> None:
+        point = make_point()
+        doc = json.loads(encode_manifest(point))
+        for d in doc["disks"]:
+            del d["mode"], d["reasons"]
+        decoded = decode_manifest(point.name, json.dumps(doc).encode())
+        assert decoded.disks[0].mode is None and decoded.disks[0].reasons == ()
+        assert decoded == point
+
+    @pytest.mark.parametrize(("key", "value"), [("mode", "fast"), ("reasons", "not a list")])
+    def test_a_bad_disk_mode_or_reasons_names_the_manifest(self, key: str, value: str) -> None:
+        doc = json.loads(encode_manifest(make_point()))
+        doc["disks"][0][key] = value
+        with pytest.raises(FormatError, match="points/x: malformed manifest"):
+            decode_manifest("points/x", json.dumps(doc).encode())
 
     def test_unknown_manifest_version_is_rejected(self) -> None:
         doc = json.loads(encode_manifest(make_point()))
