@@ -87,7 +87,7 @@ def test_a_file_being_written_holds_the_reload_until_it_is_closed() -> None:
     assert debouncer.deadline == 130.0  # give up waiting then; the close wakes the loop earlier
     assert not debouncer.take(110.0)
     debouncer.note(111.0, "/cfg/p.yaml", "closed")
-    assert not debouncer.take(112.0) and debouncer.take(113.0) and debouncer.abandoned == ()
+    assert not debouncer.take(112.0) and debouncer.take(113.0) and not debouncer.abandoned
     # renamed away (an editor's own temporary file) or deleted: no longer being written
     debouncer.note(200.0, "/cfg/a.yaml", "modified")
     debouncer.note(200.0, "/cfg/b.yaml", "modified")
