@@ -290,6 +290,41 @@ def test_exports_stay_inside_their_directory(
     ledger.count("hostile_inputs", exported)
 
 
+FOREIGN_SNAPSHOT = f'user\'s "snap"\n  + backup esxi1/evil\n--Snapshot Id        : 1\n$(touch {CANARY}8)'
+"""A user's snapshot whose name fakes a line of the plan and a line of ``snapshot.get``."""
+
+
+def test_a_hostile_foreign_snapshot_is_kept_and_shown_escaped(
+    env: Env, ledger: Ledger, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A snapshot the product did not make blocks the VM's backup, is named escaped in the plan and in
+    the backup's error, and is still there afterwards with its name."""
+    lab = env.lab
+    name = FREE_VMS["dash"]
+    vmid = next(str(v["vmid"]) for v in lab.client(lab.free).state()["vms"] if v["name"] == name)
+    made = lab.client(lab.free).vimcmd(["vmsvc/snapshot.create", vmid, FOREIGN_SNAPSHOT, "mine", "0", "0"])
+    assert made.exit == 0, made
+    try:
+        with lab.recording(lab.free) as rec:
+            assert env.cli("plan") in (0, 2), capsys.readouterr()
+            plan = capsys.readouterr().out
+            assert env.cli("backup", "free", "--vm", name) == 1
+            captured = capsys.readouterr()
+        check_received(rec, env.built)
+        shown = 'user\'s "snap"\\n  + backup esxi1/evil\\n--Snapshot Id        : 1\\n$(touch pwned8)'
+        assert f"foreign snapshot '{shown}' blocks backup" in plan, plan
+        assert not any(
+            line.startswith(("  + backup esxi1/evil", "--Snapshot Id")) for line in plan.split("\n")
+        )
+        assert "snapshots that are not ours" in captured.out and FOREIGN_SNAPSHOT not in captured.out
+        vm = next(v for v in lab.client(lab.free).state()["vms"] if v["name"] == name)
+        assert [s["name"] for s in vm["snapshots"]] == [FOREIGN_SNAPSHOT]
+        assert no_canary_on(lab, lab.free) == []
+    finally:
+        lab.client(lab.free).vimcmd(["vmsvc/snapshot.removeall", vmid])
+    ledger.count("hostile_inputs")
+
+
 def test_saved_plans_and_key_files(
     env: Env, secret_scan: SecretScan, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
