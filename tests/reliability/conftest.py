@@ -27,16 +27,18 @@ def ledger(request: pytest.FixtureRequest) -> Ledger:
     return Ledger(case=request.node.nodeid, path=ledger_path())
 
 
-@pytest.fixture(scope="session", autouse=True)
+@pytest.fixture(scope="package", autouse=True)
 def secret_scan() -> Iterator[SecretScan]:
-    """The registry; what ``capsys.readouterr()`` returns is scanned as it is read. At the end of the
-    session the registered directories are scanned, ``secrets_found`` is counted, and any finding fails."""
+    """The registry; what ``capsys.readouterr()`` returns is scanned as it is read. After the suite's
+    last test the registered directories are scanned, ``secrets_found`` is counted, and any finding
+    fails (that last test's teardown)."""
     original = pytest.CaptureFixture.readouterr
 
     def readouterr(self: pytest.CaptureFixture[Any]) -> Any:
         result = original(self)
-        _SCAN.output(result.out, "captured stdout")
-        _SCAN.output(result.err, "captured stderr")
+        if _SCAN.active:  # a test of this suite (the session goes on with other directories' tests)
+            _SCAN.output(result.out, "captured stdout")
+            _SCAN.output(result.err, "captured stderr")
         return result
 
     with pytest.MonkeyPatch.context() as patch:
@@ -53,7 +55,11 @@ def secret_scan() -> Iterator[SecretScan]:
 def _no_secret_in_this_test(secret_scan: SecretScan) -> Iterator[None]:
     """Fail the test whose output held a secret (its captured output is scanned by the report hook)."""
     before = len(secret_scan.findings)
-    yield
+    secret_scan.active = True
+    try:
+        yield
+    finally:
+        secret_scan.active = False
     found = secret_scan.findings[before:]
     assert not found, f"secrets in clear in this test's output: {found}"
 

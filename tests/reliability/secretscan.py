@@ -69,6 +69,8 @@ class SecretScan:
         self.findings: list[Finding] = []
         self.scanned_outputs = 0
         self.scanned_files = 0
+        self.active = False
+        """Whether a test of the suite runs now (the conftest scans what it reads only then)."""
 
     # -- what is secret
 
