@@ -134,9 +134,15 @@ def env(lab: LabHandle, tmp_path_factory: pytest.TempPathFactory, secret_scan: S
     assert proc.returncode == 0, daemon.since(0)[-20:]
 
 
-def config_condition(env: Env) -> Any:
-    with StatusStore.open(status_path(env.state), readonly=True) as store:
-        return {c.key: c for c in store.conditions()}[("config", CONFIG_NAME)]
+def config_condition(env: Env, status: str) -> Any:
+    """The ``config`` condition once it has ``status`` (the daemon logs before it writes the store)."""
+    deadline = time.monotonic() + WAIT
+    while True:
+        with StatusStore.open(status_path(env.state), readonly=True) as store:
+            condition = {c.key: c for c in store.conditions()}[("config", CONFIG_NAME)]
+        if condition.status == status or time.monotonic() > deadline:
+            return condition
+        time.sleep(0.05)
 
 
 def rejected(env: Env, mark: int, file: str, line: int, cause: str) -> dict[str, Any]:
@@ -151,10 +157,9 @@ def rejected(env: Env, mark: int, file: str, line: int, cause: str) -> dict[str,
     assert (issue["line"], cause in issue["message"]) == (line, True), issue
     verdict = env.daemon.wait(mark, "config.rejected", lambda e: e.get("event") == "config.rejected")
     assert verdict["running_revision"] == env.good and verdict["action"] == "keeping the last good config"
-    condition = config_condition(env)
-    assert (
-        condition.status == "Stalled" and f"{file}:{line}" in condition.message and cause in condition.message
-    )
+    condition = config_condition(env, "Stalled")
+    assert condition.status == "Stalled", condition
+    assert f"{file}:{line}" in condition.message and cause in condition.message, condition
     after = env.daemon.mark()
     cycle = env.daemon.wait(after, "a cycle after the rejection", lambda e: e.get("event") == "cycle.start")
     assert cycle["revision"] == env.good
@@ -167,7 +172,7 @@ def back_to_good(env: Env, mark: int) -> None:
         "the good config again",
         lambda e: e.get("event") in ("config.loaded", "config.unchanged") and e.get("revision") == env.good,
     )
-    assert config_condition(env).status == "Ready"
+    assert config_condition(env, "Ready").status == "Ready"
 
 
 # -- the cases -----------------------------------------------------------------------------------------
