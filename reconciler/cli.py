@@ -21,7 +21,16 @@ from collections.abc import Sequence
 import structlog
 
 from reconciler import __version__
-from reconciler.commands.common import GLOBAL_DEFAULTS, Handler, global_options_parent
+from reconciler.commands.common import (
+    EXIT_CODES_HELP,
+    GLOBAL_DEFAULTS,
+    ExitCode,
+    Handler,
+    UsageParser,
+    global_options_parent,
+    json_mode,
+    report_failure,
+)
 from reconciler.config.loader import CONFIG_ENV, DEFAULT_CONFIG_DIR
 from reconciler.log import configure_logging
 
@@ -82,12 +91,14 @@ environment:
   STATE_DIRECTORY         the state directory when --state-dir is not given
                           (else /var/lib/esxi-reconciler)
   NO_COLOR                no colours in terminal logs
+
+{EXIT_CODES_HELP}
 """
 
 
 def build_parser() -> argparse.ArgumentParser:
     """Return the parser with every sub-command registered."""
-    parser = argparse.ArgumentParser(
+    parser = UsageParser(
         prog="esxi-reconciler",
         description="Agentless, GitOps-style backup for VMware ESXi virtual machines.",
         epilog=_EXAMPLES,
@@ -103,7 +114,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command named on the command line and return its exit code."""
+    """Run the command named on the command line and return its exit code (README "Exit codes").
+
+    Every verb ends here: an expected failure it raises (:class:`reconciler.operations.failures.Failure`,
+    or an exception :func:`~reconciler.operations.failures.explain` knows) is reported in one line, or as
+    the JSON error object with ``--json``; anything else is a bug, reported in one line asking for ``-v``.
+    """
     parser = build_parser()
     args = parser.parse_args(argv)
     configure_logging(args.log_format, args.log_level)
@@ -111,8 +127,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     handler: Handler | None = getattr(args, "handler", None)
     if handler is None:
         parser.print_help(sys.stderr)
-        return 2
-    return handler(args)
+        return int(ExitCode.USAGE)
+    with json_mode(args.json):
+        try:
+            return int(handler(args))
+        except KeyboardInterrupt:
+            print(f"esxi-reconciler {args.command}: interrupted", file=sys.stderr)
+            return int(ExitCode.INTERRUPTED)
+        except Exception as exc:
+            return report_failure(args, exc)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from reconciler.commands.common import add_command, load_desired, plural, state_dir
+from reconciler.commands.common import ExitCode, add_command, emit_json, fail, load_desired, plural, state_dir
 from reconciler.printable import printable
 from reconciler.units import human_size
 
@@ -39,9 +39,10 @@ Transient faults (connection lost, timeouts, a busy repository) are retried with
 ones (foreign snapshot, no space, licence, bad credentials) are not. SIGTERM/Ctrl-C stop the run:
 running backups remove their snapshots, the remaining actions are skipped.
 
-exit status: 0 every action ok (with --detailed-exitcode: 0 nothing to do, 2 changes applied),
-1 an action failed, the saved plan is stale or the config is invalid, 2 refused (no terminal to ask
-and no --yes), 130/143 interrupted by SIGINT/SIGTERM
+Exit 0 every action ok (with --detailed-exitcode: 0 nothing to do, 2 changes applied); 1 an
+action failed, the saved plan is stale, or a host or repository could not be observed (what it
+needed was not done); 64 no terminal to ask and no --yes. With --json: the plan and one outcome
+per action (docs/cli-json.md); --json never asks, so it needs --yes or a saved plan.
 """
 
 
@@ -62,7 +63,8 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     parser.add_argument(
         "--detailed-exitcode",
         action="store_true",
-        help="exit 0 when there was nothing to do, 2 when changes were applied, 1 on any failure",
+        help="exit 0 when there was nothing to do, 2 when changes were applied, 1 on any failure"
+        " (also when a host or repository could not be observed)",
     )
 
 
@@ -157,40 +159,60 @@ def cmd_apply(args: argparse.Namespace) -> int:
     if args.planfile is not None:
         loaded = _load_plan(args.planfile)
         if isinstance(loaded, str):
-            _err(loaded)
-            return 1
+            fail(loaded, "plan-unreadable")
         saved = loaded
     desired = load_desired(args)
-    if desired is None:
-        _err("the config is invalid; nothing was applied")
-        return 1
     try:
         history = load_history(state_dir(args), desired.revision.id)
     except Exception as exc:  # a broken store must not be mistaken for "never ran"
-        _err(f"cannot read the run history: {exc}")
-        return 1
+        fail(f"cannot read the run history in {state_dir(args)}: {exc}", "state-directory")
     observed = observe(desired, now=datetime.now(timezone.utc), history=history)
+    unobserved = observed.unobserved()
     if saved is not None:
         stale = staleness(saved, desired, observed)
         if stale is not None:
-            _err(f"saved plan is stale: {stale}")
-            _err("nothing was done; run `esxi-reconciler plan` again")
-            return 1
+            fail(
+                f"saved plan is stale: {stale}; nothing was done; run `esxi-reconciler plan` again",
+                "stale-plan",
+            )
         the_plan = saved
     else:
         the_plan = plan(desired, observed)
-        sys.stdout.write(render_text(the_plan, color=sys.stdout.isatty()))
+        if not args.json:
+            sys.stdout.write(render_text(the_plan, color=sys.stdout.isatty(), unobserved=unobserved))
+    for line in unobserved:
+        _err(f"incomplete: {line}")
+
+    def result(outcomes: list[Outcome], ok: bool) -> None:
+        if args.json:
+            emit_json(
+                {
+                    "ok": ok,
+                    "plan": the_plan.to_dict(),
+                    "complete": not unobserved,
+                    "unobserved": list(unobserved),
+                    "outcomes": [o.to_dict() for o in outcomes],
+                    "counts": {s: sum(o.status == s for o in outcomes) for s in ("ok", "failed", "skipped")},
+                }
+            )
+
     if not the_plan.actions:
-        print("Nothing to do.")
-        return 0
+        print("Nothing to do." if not unobserved else "Nothing could be done for what was observed.")
+        result([], not unobserved)
+        return ExitCode.FAILED if unobserved else ExitCode.OK
     if saved is None and not args.yes:
-        answer = _confirm(len(the_plan.actions))
+        answer = None if args.json else _confirm(len(the_plan.actions))
         if answer is None:
-            _err("not asking without a terminal: review the plan and pass --yes, or apply a saved plan")
-            return 2
+            fail(
+                "not asking without a terminal (or with --json): review the plan and pass --yes, or apply a"
+                " saved plan",
+                "not-confirmed",
+                "usage",
+            )
         if not answer:
             print("Nothing was applied.")
-            return 0
+            result([], True)
+            return ExitCode.OK
 
     store = _open_store(args)
     revision = desired.revision.id
@@ -210,7 +232,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
             outcomes = apply(the_plan, desired, cancel=cancel, on_outcome=on_outcome)
     except KeyboardInterrupt:
         _err("interrupted; running backups removed their snapshots, the rest was skipped")
-        return 130
+        return ExitCode.INTERRUPTED
     except SystemExit as exc:  # SIGTERM (sigterm_raises)
         _err("terminated; running backups removed their snapshots, the rest was skipped")
         return exc.code if isinstance(exc.code, int) else 143
@@ -219,9 +241,11 @@ def cmd_apply(args: argparse.Namespace) -> int:
             store.close()
     counts = {s: sum(1 for o in outcomes if o.status == s) for s in ("ok", "failed", "skipped")}
     print(f"Applied: {counts['ok']} ok, {counts['failed']} failed, {counts['skipped']} skipped.", flush=True)
-    if counts["failed"]:
-        return 1
-    return 2 if args.detailed_exitcode else 0
+    failed = counts["failed"] > 0 or bool(unobserved)
+    result(outcomes, not failed)
+    if failed:
+        return ExitCode.FAILED
+    return ExitCode.CHANGES if args.detailed_exitcode else ExitCode.OK
 
 
 def _open_store(args: argparse.Namespace) -> Any:

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from reconciler.commands.common import add_command, load_desired
+from reconciler.commands.common import ExitCode, add_command, emit_json, fail, load_desired, unknown_name
 from reconciler.printable import printable
 from reconciler.units import human_size
+
+if TYPE_CHECKING:
+    from reconciler.operations.backup import VmResult
 
 log = structlog.get_logger("reconciler.cli")
 
@@ -43,22 +47,60 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     parser.add_argument("--full", action="store_true", help="read whole disks instead of changes")
 
 
+def result_dict(res: VmResult) -> dict[str, Any]:
+    """One VM's backup as JSON (``backup`` and ``apply`` print it)."""
+    return {
+        "vm": res.vm,
+        "host": res.host,
+        "policy": res.policy,
+        "ok": res.ok,
+        "status": "ok" if res.ok else "failed",
+        "point_id": res.point_id,
+        "mode": res.mode,
+        "fallback_reason": res.fallback_reason,
+        "error": res.error,
+        "seconds": round(res.seconds, 3),
+        "bytes_read": res.bytes_read,
+        "bytes_sent": res.bytes_sent,
+        "bytes_stored": res.bytes_stored,
+        "disks": [
+            {
+                "label": d.label,
+                "mode": d.mode,
+                "fallback_reason": d.fallback_reason,
+                "reasons": list(d.reasons),
+                "capacity": d.capacity,
+                "bytes_read": d.bytes_read,
+                "bytes_sent": d.bytes_sent,
+                "bytes_stored": d.bytes_stored,
+                "seconds": round(d.seconds, 3),
+            }
+            for d in res.disks
+        ],
+    }
+
+
 def cmd_backup(args: argparse.Namespace) -> int:
-    """``esxi-reconciler backup POLICY``: 0 when every VM succeeded, 1 when any failed, 2 on bad input."""
+    """``esxi-reconciler backup POLICY``: 0 when every VM succeeded, 1 when any failed."""
     import threading
 
     from reconciler.esxi.host import sigterm_raises
-    from reconciler.operations.backup import BackupError, BackupOptions, VmResult, backup_policy
+    from reconciler.operations.backup import BackupError, BackupOptions, backup_policy
+    from reconciler.operations.failures import explain
     from reconciler.operations.progress import Progress
 
     desired = load_desired(args)
-    if desired is None:
-        return 2
+    if args.policy not in desired.policies:
+        unknown_name("backup", "BackupPolicy", args.policy, sorted(desired.policies))
+    policy = desired.policies[args.policy]
+    host_cfg = desired.host(policy.host)
 
     cancel = threading.Event()
-    progress = Progress()
+    progress = Progress(tty=False if args.json else None)
 
     def show(res: VmResult) -> None:
+        if args.json:
+            return
         progress.clear_line()
         if res.ok:
             reason = f" (fallback: {res.fallback_reason})" if res.fallback_reason else ""
@@ -85,15 +127,27 @@ def cmd_backup(args: argparse.Namespace) -> int:
                 on_result=show,
             )
     except BackupError as error:
-        print(f"esxi-reconciler backup: {printable(str(error))}", file=sys.stderr)
-        return 2
+        fail(str(error), "unknown-name", "usage")
     except KeyboardInterrupt:
         print("esxi-reconciler backup: interrupted; snapshots removed, no partial point", file=sys.stderr)
-        return 130
-    except Exception as error:  # repository or host unreachable, secrets ...
-        log.error("backup.failed", error=str(error))
-        print(f"esxi-reconciler backup: {printable(str(error))}", file=sys.stderr)
-        return 1
+        return ExitCode.INTERRUPTED
+    except Exception as error:  # repository or host unusable, secrets ...
+        explained = explain(error, host=host_cfg.name, address=f"{host_cfg.address}:{host_cfg.api.port}")
+        if explained is None:
+            raise
+        log.error("backup.failed", policy=args.policy, error=explained.message)
+        raise explained from error
     failed = [r for r in results if not r.ok]
-    print(f"{len(results) - len(failed)} of {len(results)} VMs backed up", flush=True)
-    return 1 if failed else 0
+    if args.json:
+        emit_json(
+            {
+                "ok": not failed,
+                "policy": args.policy,
+                "vms": [result_dict(r) for r in results],
+                "backed_up": len(results) - len(failed),
+                "failed": len(failed),
+            }
+        )
+    else:
+        print(f"{len(results) - len(failed)} of {len(results)} VMs backed up", flush=True)
+    return ExitCode.FAILED if failed else ExitCode.OK

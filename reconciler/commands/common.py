@@ -1,6 +1,8 @@
 """What every verb of :mod:`reconciler.commands` shares: the global options, registering a verb, the
-config and state directories, the loaded config, and the wording of counts (sizes:
-:func:`reconciler.units.human_size`).
+config and state directories, the loaded config, the wording of counts (sizes:
+:func:`reconciler.units.human_size`), and the outcome contract: the exit codes (:class:`ExitCode`), the
+one-line report of an expected failure (:func:`report_failure`, messages from
+:func:`reconciler.operations.failures.explain`) and ``--json`` output (:func:`emit_json`).
 
 :mod:`reconciler.cli` builds the parser from the verbs and runs one; the verbs import only this module
 of the command line, never :mod:`reconciler.cli`.
@@ -9,11 +11,15 @@ of the command line, never :mod:`reconciler.cli`.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import enum
+import json
 import os
 import sys
-from collections.abc import Callable
+import traceback
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn, TextIO
 
 from reconciler.config import default_config_dir
 from reconciler.config.loader import CONFIG_ENV, DEFAULT_CONFIG_DIR
@@ -27,6 +33,129 @@ STATE_ENV = "STATE_DIRECTORY"
 DEFAULT_STATE_DIR = Path("/var/lib/esxi-reconciler")
 
 Handler = Callable[[argparse.Namespace], int]
+
+
+class ExitCode(enum.IntEnum):
+    """The exit codes of every verb (README "Exit codes"). 0-2 are Terraform's ``plan
+    -detailed-exitcode``; usage and configuration errors take the sysexits.h numbers so that they never
+    read as "changes"; 3 is "could not look" (Nagios' UNKNOWN)."""
+
+    OK = 0
+    """Success: everything that should have been done was done (``status``: healthy)."""
+    FAILED = 1
+    """The operation failed: something that should have been done was not (``status``: unhealthy)."""
+    CHANGES = 2
+    """Only with ``--detailed-exitcode``: ``plan`` found changes to make, ``apply`` made them."""
+    INCOMPLETE = 3
+    """Something could not be observed: ``plan --detailed-exitcode`` with an unreachable host or
+    repository; ``status`` without status data."""
+    USAGE = 64
+    """The command line is wrong (EX_USAGE): unknown option, bad value, unknown name given."""
+    SOFTWARE = 70
+    """A bug (EX_SOFTWARE): one line asks for ``-v``, which shows the traceback."""
+    CONFIG = 78
+    """The configuration is missing or invalid, or a secret cannot be read (EX_CONFIG)."""
+    INTERRUPTED = 130
+    """Stopped by SIGINT (Ctrl-C); SIGTERM gives 143."""
+
+
+EXIT_CODES_HELP = """\
+exit codes: 0 success; 1 the operation failed; 2 changes (plan/apply --detailed-exitcode);
+3 incomplete: a host or repository could not be observed (plan --detailed-exitcode), no
+status data (status); 64 usage error; 70 internal error (run again with -v); 78 configuration
+error; 130/143 interrupted by SIGINT/SIGTERM. See README "Exit codes"."""
+
+
+class UsageParser(argparse.ArgumentParser):
+    """argparse with the usage error code of :class:`ExitCode` (64, not argparse's 2, which would read as
+    "changes" to a script running ``plan --detailed-exitcode``)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(ExitCode.USAGE, f"{self.prog}: error: {message}\n")
+
+
+def _kind_code(kind: str) -> ExitCode:
+    codes = {"config": ExitCode.CONFIG, "usage": ExitCode.USAGE, "incomplete": ExitCode.INCOMPLETE}
+    return codes.get(kind, ExitCode.FAILED)
+
+
+def fail(message: str, code: str = "failed", kind: str = "failed") -> NoReturn:
+    """Stop the verb with an expected failure: :func:`reconciler.cli.main` reports it in one line (or as
+    the JSON error object) and exits with the code of ``kind`` (failed 1, usage 64, config 78)."""
+    from reconciler.operations.failures import Failure
+
+    raise Failure(message, code, kind)  # type: ignore[arg-type]
+
+
+def error_document(command: str, code: str, message: str, exit_code: int, **detail: Any) -> dict[str, Any]:
+    """The JSON error object every verb prints with ``--json`` on an expected failure
+    (``reconciler/commands/json_schemas/error.schema.json``)."""
+    doc: dict[str, Any] = {
+        "ok": False,
+        "command": command,
+        "error": {"code": code, "message": message, "exit_code": int(exit_code)},
+    }
+    if detail:
+        doc["error"]["detail"] = detail
+    return doc
+
+
+_json_stream: list[TextIO] = []
+"""Where :func:`emit_json` writes: the real stdout while :func:`json_mode` sends the rest to stderr."""
+
+
+@contextlib.contextmanager
+def json_mode(enabled: bool) -> Iterator[None]:
+    """With ``--json``, stdout holds only the JSON document: whatever else a verb prints for people
+    (progress, per-VM lines) goes to stderr while it runs."""
+    if not enabled:
+        yield
+        return
+    _json_stream.append(sys.stdout)
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+    finally:
+        _json_stream.pop()
+
+
+def emit_json(doc: Any) -> None:
+    """Print one JSON document on stdout (the only thing a verb prints there with ``--json``)."""
+    stream = _json_stream[-1] if _json_stream else sys.stdout
+    print(json.dumps(doc, indent=2, ensure_ascii=False, default=str), file=stream, flush=True)
+
+
+def command_name(args: argparse.Namespace) -> str:
+    """``backup``, ``repo gc``: how messages name the verb."""
+    sub = getattr(args, "repo_command", None)
+    return f"{args.command} {sub}" if args.command and sub else str(args.command or "")
+
+
+def report_failure(args: argparse.Namespace, exc: BaseException) -> int:
+    """Report an exception that ended a verb and return its exit code: an expected failure in one line
+    on stderr (and, with ``--json``, as the error object on stdout); anything else as a bug, whose
+    traceback ``-v`` shows."""
+    from reconciler.operations.failures import explain
+    from reconciler.printable import printable
+
+    command = command_name(args)
+    explained = explain(exc)
+    if explained is None:
+        code = ExitCode.SOFTWARE
+        message = (
+            f"internal error: {type(exc).__name__}: {exc}; this is a bug: run again with -v to see the"
+            " traceback, and report it"
+        )
+        if getattr(args, "log_level", "info") == "debug":
+            traceback.print_exception(exc, file=sys.stderr)
+        word = "internal-error"
+    else:
+        code, message, word = _kind_code(explained.kind), explained.message, explained.code
+    print(f"esxi-reconciler {command}: {printable(message)}", file=sys.stderr, flush=True)
+    if getattr(args, "json", False):
+        emit_json(error_document(command, word, message, code))
+    return int(code)
 
 
 def add_global_options(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
@@ -66,6 +195,12 @@ def add_global_options(parser: argparse.ArgumentParser | argparse._ArgumentGroup
         help="least severe level logged; default: info",
     )
     parser.add_argument(
+        "--json",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="machine-readable output: one JSON document on stdout (docs/cli-json.md), also for errors",
+    )
+    parser.add_argument(
         "-v",
         "--verbose",
         dest="log_level",
@@ -81,11 +216,12 @@ GLOBAL_DEFAULTS: dict[str, Any] = {
     "state_dir": None,
     "log_format": "auto",
     "log_level": "info",
+    "json": False,
 }
 
 
 def global_options_parent() -> argparse.ArgumentParser:
-    parent = argparse.ArgumentParser(add_help=False)
+    parent = UsageParser(add_help=False)
     add_global_options(parent.add_argument_group("global options"))
     return parent
 
@@ -104,7 +240,7 @@ def add_command(
         name,
         help=help,
         description=description,
-        epilog=epilog,
+        epilog=f"{epilog.rstrip()}\n\n{EXIT_CODES_HELP}\n" if "exit codes:" not in epilog else epilog,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         parents=[global_options_parent()],
     )
@@ -133,30 +269,32 @@ def plural(count: int, word: str, plural: str | None = None) -> str:
     return f"{count} {word if count == 1 else (plural or word + 's')}"
 
 
-def load_desired(args: argparse.Namespace) -> DesiredState | None:
-    """The validated desired state of ``--config``, or None after printing every error (the caller
-    exits 2: a broken config is bad input)."""
+def load_desired(args: argparse.Namespace) -> DesiredState:
+    """The validated desired state of ``--config``; an invalid or missing config prints every error on
+    stderr and stops the verb with exit code 78 (:data:`ExitCode.CONFIG`)."""
     from reconciler.config import ConfigError, load_config
 
     try:
         return load_config(config_dir(args))
     except ConfigError as error:
-        for issue in error.issues:
-            print(issue, file=sys.stderr)
-        return None
+        if len(error.issues) > 1 or getattr(args, "json", False):
+            for issue in error.issues:
+                print(issue, file=sys.stderr)
+        raise
 
 
-def repository_config(args: argparse.Namespace, command: str) -> RepositoryConfig | None:
-    """The named Repository of the config, or None after printing why (exit 2)."""
+def unknown_name(command: str, kind: str, name: str, known: list[str]) -> NoReturn:
+    """Stop with a usage error for a name given on the command line that the config does not have."""
     import difflib
 
+    close = difflib.get_close_matches(name, known, n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else f" (configured: {', '.join(known) or 'none'})"
+    fail(f"no {kind} named {name!r}{hint}", "unknown-name", "usage")
+
+
+def repository_config(args: argparse.Namespace, command: str) -> RepositoryConfig:
+    """The named Repository of the config; an unknown name stops the verb (usage error, 64)."""
     desired = load_desired(args)
-    if desired is None:
-        return None
     if args.repository not in desired.repositories:
-        names = sorted(desired.repositories)
-        close = difflib.get_close_matches(args.repository, names, n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else f" (configured: {', '.join(names) or 'none'})"
-        print(f"esxi-reconciler {command}: no Repository named {args.repository!r}{hint}", file=sys.stderr)
-        return None
+        unknown_name(command, "Repository", args.repository, sorted(desired.repositories))
     return desired.repositories[args.repository]

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import structlog
 
-from reconciler.commands.common import add_command, load_desired
+from reconciler.commands.common import ExitCode, add_command, emit_json, fail, load_desired
 from reconciler.printable import printable
 from reconciler.units import human_size
 
@@ -18,12 +17,15 @@ _EXAMPLES = """\
 examples:
   esxi-reconciler export web01 --to /srv/export/web01
                                             newest point: .vmx, .nvram, sparse raw images
-  esxi-reconciler export web01 --point ID --to out --format vmdk
+  esxi-reconciler export web01 --point ID --to out --disk-format vmdk
                                             monolithicFlat VMDKs (qemu-img, VirtualBox, vmkfstools -i)
-  esxi-reconciler export web01 --to out --format stream-optimized
+  esxi-reconciler export web01 --to out --disk-format stream-optimized
                                             one compressed VMDK per disk (for an OVF/OVA)
   esxi-reconciler export web01 --from-host esxi2 --to out
                                             web01 exists on esxi1 and esxi2: esxi2's
+
+Exit 0 exported; 1 failed (the cause is named: wrong passphrase, volume not mounted, target
+directory not writable, disk full ...); 64 a name or point that does not exist.
 """
 
 
@@ -48,7 +50,9 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     parser.add_argument("--repository", metavar="R", help="repository (default: the one holding the VM)")
     parser.add_argument("--to", metavar="DIR", type=Path, required=True, help="target directory")
     parser.add_argument(
+        "--disk-format",
         "--format",
+        dest="disk_format",
         choices=("raw", "vmdk", "stream-optimized"),
         default="raw",
         help="disk format: raw (sparse images), vmdk (monolithicFlat) or stream-optimized (compressed,"
@@ -57,33 +61,50 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    """0 exported; 1 failed; 2 bad input."""
+    """0 exported; 1 failed; 64 bad input."""
     from reconciler.commands.restore import describe_point, find_repository
     from reconciler.operations.export import export_point
+    from reconciler.operations.failures import explain
     from reconciler.operations.repositories import open_repository
     from reconciler.operations.restore import RestoreError, describe_source, find_point
 
     desired = load_desired(args)
-    if desired is None:
-        return 2
     name = find_repository(args, desired, "export")
-    if name is None:
-        return 2
     repo = open_repository(desired.repositories[name])
     with repo.lock(purpose=f"export of {args.vm}"):
         try:
             point = find_point(repo, args.vm, args.point, host=args.from_host)
         except RestoreError as exc:
-            print(f"esxi-reconciler export: {printable(str(exc))}", file=sys.stderr)
-            return 2
+            fail(str(exc), "no-point", "usage")
         print(describe_point(point))
         try:
-            result = export_point(repo, point, args.to, args.format)
-        except (RestoreError, OSError) as exc:
-            print(f"esxi-reconciler export: FAILED: {printable(str(exc))}", file=sys.stderr)
-            return 1
+            result = export_point(repo, point, args.to, args.disk_format)
+        except RestoreError as exc:
+            fail(f"FAILED: {exc}", "export-failed")
+        except OSError as exc:
+            explained = explain(exc, path_is=str(args.to))
+            if explained is None:
+                raise
+            fail(f"FAILED: {explained}", explained.code)
     print(printable(f"exported restore point {point.id} of {describe_source(point)} to {result.directory}"))
+    disks = []
     for d in result.disks:
-        size = human_size(next(p.capacity for p in point.disks if p.label == d.label))
-        print(printable(f"  {d.label}: {d.path.name} ({size}) sha256 {d.sha256[:16]}… ok"))
-    return 0
+        capacity = next(p.capacity for p in point.disks if p.label == d.label)
+        disks.append(
+            {"label": d.label, "path": str(d.path), "data": str(d.data), "size": capacity, "sha256": d.sha256}
+        )
+        print(printable(f"  {d.label}: {d.path.name} ({human_size(capacity)}) sha256 {d.sha256[:16]}… ok"))
+    if args.json:
+        emit_json(
+            {
+                "ok": True,
+                "repository": name,
+                "point_id": point.id,
+                "source": {"vm": point.vm.name, "host": point.vm.host, "uuid": point.vm.uuid},
+                "directory": str(result.directory),
+                "disk_format": args.disk_format,
+                "files": [str(f) for f in result.files],
+                "disks": disks,
+            }
+        )
+    return ExitCode.OK

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import structlog
 
-from reconciler.commands.common import add_command, load_desired, state_dir
+from reconciler.commands.common import ExitCode, add_command, emit_json, fail, load_desired, state_dir
 
 log = structlog.get_logger("reconciler.cli")
 
@@ -22,15 +22,16 @@ _PLAN_EXAMPLES = """\
 examples:
   esxi-reconciler plan                          what would be done now, and why
   esxi-reconciler plan --detailed-exitcode      exit 2 when there is something to do (for CI)
-  esxi-reconciler plan --format json | jq '.actions[] | .kind + " " + .vm'
+  esxi-reconciler plan --json | jq '.actions[] | .kind + " " + .vm'
   esxi-reconciler plan --out tonight.plan       save it; `apply tonight.plan` runs exactly this plan,
                                                 or refuses if reality changed in between
 
 symbols: + create (backup, verification)  ~ change in place (CBT)  - delete (restore point,
 orphaned snapshot, unreferenced data); notices: ! warning  … pending  i info
 
-exit status: 0 success (with --detailed-exitcode: nothing to do), 2 changes planned (only with
---detailed-exitcode), 1 error (also an invalid config)
+A host or repository that cannot be observed (unreachable, wrong TLS thumbprint, wrong passphrase,
+volume not mounted) makes the plan INCOMPLETE, never "No changes": exit 3 with --detailed-exitcode,
+1 without.
 """
 
 
@@ -48,10 +49,11 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     parser.add_argument(
         "--detailed-exitcode",
         action="store_true",
-        help="exit 0 when there is nothing to do, 2 when there are changes, 1 on error",
+        help="exit 0 when there is nothing to do, 2 when there are changes, 3 when a host or repository"
+        " could not be observed (the plan is incomplete), 1 on error",
     )
     parser.add_argument(
-        "--format", choices=("text", "json"), default="text", help="output format (default: text)"
+        "--format", choices=("text", "json"), default="text", help="--format json: the same as --json"
     )
     parser.add_argument(
         "--out", metavar="FILE", type=Path, help="also save the plan as JSON, for `apply FILE`"
@@ -82,39 +84,42 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from reconciler.planning.plan import plan
     from reconciler.planning.render import render_text
 
+    if args.format == "json":
+        args.json = True
     desired = load_desired(args)
-    if desired is None:
-        print("esxi-reconciler plan: the config is invalid; nothing was planned", file=sys.stderr)
-        return 1
     try:
         history = load_history(state_dir(args), desired.revision.id)
     except Exception as exc:  # a broken store must not be mistaken for "never ran"
-        print(f"esxi-reconciler plan: cannot read the run history: {exc}", file=sys.stderr)
-        return 1
+        fail(f"cannot read the run history in {state_dir(args)}: {exc}", "state-directory")
     now = datetime.now(timezone.utc)
     log.info("plan.observe", hosts=len(desired.hosts), repositories=len(desired.repositories))
     observed = observe(desired, now=now, history=history)
     result = plan(desired, observed)
+    unobserved = observed.unobserved()
     log.info(
         "plan.done",
         actions=len(result.actions),
         notices=len(result.notices),
         revision=result.revision,
         fingerprint=result.observed_fingerprint[:16],
+        unobserved=len(unobserved),
     )
     if args.out is not None:
         try:
             _write_atomically(args.out, result.to_json())
         except OSError as exc:
-            print(f"esxi-reconciler plan: cannot save the plan to {args.out}: {exc}", file=sys.stderr)
-            return 1
-    if args.format == "json":
-        sys.stdout.write(result.to_json())
+            fail(f"cannot save the plan to {args.out}: {exc.strerror or exc}", "write-failed")
+    if args.json:
+        emit_json({**result.to_dict(), "complete": not unobserved, "unobserved": list(unobserved)})
     else:
-        sys.stdout.write(render_text(result, color=_color()))
+        sys.stdout.write(render_text(result, color=_color(), unobserved=unobserved))
         if args.out is not None:
             print(f"\nSaved the plan to {args.out}. Apply exactly this plan with:")
             print(f"  esxi-reconciler apply {args.out}")
+    if unobserved:
+        for line in unobserved:
+            print(f"esxi-reconciler plan: incomplete: {line}", file=sys.stderr)
+        return ExitCode.INCOMPLETE if args.detailed_exitcode else ExitCode.FAILED
     if args.detailed_exitcode and result.has_changes:
-        return 2
-    return 0
+        return ExitCode.CHANGES
+    return ExitCode.OK

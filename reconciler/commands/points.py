@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from typing import Any
 
 import structlog
 
-from reconciler.commands.common import add_command, load_desired
+from reconciler.commands.common import ExitCode, add_command, emit_json, error_document, load_desired
 from reconciler.facts.points import RestorePoint
 from reconciler.planning.backup_mode import describe, per_disks
 from reconciler.printable import printable
@@ -22,6 +21,9 @@ _POINTS_EXAMPLES = """\
 examples:
   esxi-reconciler points                    every restore point of every repository
   esxi-reconciler points --vm web01 --json  one VM's points as JSON
+
+A repository that cannot be read (not mounted, wrong passphrase, locked) is an error (exit 1),
+never "no restore points"; the points of the others are still listed.
 """
 
 
@@ -38,27 +40,29 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         handler=cmd_points,
     )
     parser.add_argument("--vm", metavar="NAME", help="only points of this VM (display name)")
-    parser.add_argument("--json", action="store_true", help="JSON output")
 
 
 def cmd_points(args: argparse.Namespace) -> int:
     """``esxi-reconciler points``: 0, or 1 if a repository could not be read."""
+    from reconciler.operations.failures import explain
     from reconciler.operations.repositories import open_repository
 
     desired = load_desired(args)
-    if desired is None:
-        return 2
     rows: list[dict[str, Any]] = []
     why: list[list[str]] = []
-    status = 0
+    unreadable: list[tuple[str, str, str]] = []
     for name, repo_cfg in desired.repositories.items():
         try:
             repo = open_repository(repo_cfg)
             with repo.lock(purpose="list points"):
                 points = repo.list_points(vm=args.vm)
         except Exception as error:
-            print(f"esxi-reconciler points: repository {name}: {printable(str(error))}", file=sys.stderr)
-            status = 1
+            explained = explain(error)
+            if explained is None:
+                raise
+            message = explained.message if name in explained.message else f"repository {name}: {explained}"
+            print(f"esxi-reconciler points: {printable(message)}", file=sys.stderr)
+            unreadable.append((name, explained.code, message))
             continue
         for p in points:
             rows.append(
@@ -86,8 +90,23 @@ def cmd_points(args: argparse.Namespace) -> int:
                 }
             )
             why.append(_why(p))
+    status = ExitCode.FAILED if unreadable else ExitCode.OK
     if args.json:
-        print(json.dumps(rows, indent=2, ensure_ascii=False))
+        if unreadable:
+            code = unreadable[0][1] if len(unreadable) == 1 else "repositories-unreadable"
+            message = "; ".join(m for _, _, m in unreadable)
+            emit_json(
+                error_document(
+                    "points",
+                    code,
+                    message,
+                    status,
+                    points=rows,
+                    unreadable=[{"repository": n, "code": c, "message": m} for n, c, m in unreadable],
+                )
+            )
+        else:
+            emit_json(rows)
         return status
     if rows:
         # a name backed up as several VMs (two hosts, a re-created VM): show the UUIDs that tell them apart
@@ -109,6 +128,8 @@ def cmd_points(args: argparse.Namespace) -> int:
             print("  ".join(str(cell).ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
             for line in lines:
                 print(f"    {printable(line)}")
+    elif unreadable:
+        pass  # not "no restore points": the repositories that hold them could not be read (stderr says why)
     else:
         print("no restore points")
     return status

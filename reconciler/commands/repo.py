@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from datetime import timezone
 from pathlib import Path
@@ -11,7 +10,16 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from reconciler.commands.common import add_command, load_desired, plural, repository_config
+from reconciler.commands.common import (
+    ExitCode,
+    add_command,
+    emit_json,
+    fail,
+    load_desired,
+    plural,
+    repository_config,
+    unknown_name,
+)
 from reconciler.units import human_size
 
 if TYPE_CHECKING:
@@ -27,7 +35,8 @@ examples:
   esxi-reconciler repo gc nas --dry-run      what garbage collection would free
   esxi-reconciler repo gc                    free it in every repository
 
-exit status: 0 done, 1 failed (e.g. the repository exists; GC deferred), 2 usage or configuration error
+Exit 1 when it failed (the repository exists; GC deferred because a backup holds it; the
+cause is named).
 """
 
 _GC_EXAMPLES = """\
@@ -39,8 +48,7 @@ examples:
 Prints per repository what was removed: chunks and their size, disk indexes, digest maps,
 staged files left in tmp/ by killed runs, and whether an interrupted GC was completed.
 
-exit status: 0 done, 1 GC failed or deferred (a backup holds the repository), 2 usage or
-configuration error
+Exit 1 when GC failed or was deferred (a backup holds the repository).
 """
 
 _KEY_WARNING = """\
@@ -107,75 +115,69 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         default=0.0,
         help="wait up to this long for a running backup to release the repository (default: 0)",
     )
-    gc.add_argument("--json", action="store_true", help="JSON output")
 
 
 def _repo_usage(args: argparse.Namespace) -> int:
-    print(
-        "esxi-reconciler repo: give a subcommand: init, key-export or gc (see repo --help)", file=sys.stderr
-    )
-    return 2
+    fail("give a subcommand: init, key-export or gc (see repo --help)", "usage", "usage")
 
 
 def cmd_repo_init(args: argparse.Namespace) -> int:
-    """``esxi-reconciler repo init REPOSITORY``: 0 created, 1 failed or exists, 2 bad input."""
-    from reconciler.config.secrets import SecretError
+    """``esxi-reconciler repo init REPOSITORY``: 0 created, 1 failed or exists, 64 bad input."""
     from reconciler.repository import Repository
-    from reconciler.repository.errors import RepositoryError
 
     cfg = repository_config(args, "repo init")
-    if cfg is None:
-        return 2
     path = Path(cfg.backend.path)
     if (path / "config").exists():
-        print(f"esxi-reconciler repo init: {path} is already a repository; nothing done", file=sys.stderr)
-        return 1
+        fail(f"repository {cfg.name}: {path} is already a repository; nothing done", "exists")
     if path.exists() and (not path.is_dir() or any(path.iterdir())):
-        print(f"esxi-reconciler repo init: {path} exists and is not empty; nothing done", file=sys.stderr)
-        return 1
-    try:
-        key = cfg.encryption.key
-        passphrase = key.reveal() if cfg.encryption.enabled and key is not None else None
-        repo = Repository.init(
-            path, passphrase, compression=cfg.compression.algorithm, compression_level=cfg.compression.level
-        )
-    except (SecretError, RepositoryError, OSError, ValueError) as error:
-        print(f"esxi-reconciler repo init: {error}", file=sys.stderr)
-        return 1
+        fail(f"repository {cfg.name}: {path} exists and is not empty; nothing done", "exists")
+    key = cfg.encryption.key
+    passphrase = key.reveal() if cfg.encryption.enabled and key is not None else None
+    repo = Repository.init(
+        path, passphrase, compression=cfg.compression.algorithm, compression_level=cfg.compression.level
+    )
     log.info("repo.init", repository=cfg.name, path=str(path), id=repo.id, encrypted=repo.encrypted)
     comp = cfg.compression
     compression = f"zstd level {comp.level}" if comp.algorithm == "zstd" else comp.algorithm
     encryption = f"encrypted (AES-256-GCM, key {repo.key_id})" if repo.encrypted else "NOT encrypted"
     print(f"created repository {cfg.name} at {path}: id {repo.id}, {encryption}, {compression}")
+    print(
+        f"pin it: add `id: {repo.id}` to the spec of Repository {cfg.name}, so that another volume mounted"
+        " at that path is refused"
+    )
     if repo.encrypted:
         print(
             f"next: esxi-reconciler repo key-export {cfg.name} --out FILE, and keep that file and the"
             " passphrase safe: without them the backups cannot be read"
         )
-    return 0
+    if args.json:
+        emit_json(
+            {
+                "ok": True,
+                "repository": cfg.name,
+                "path": str(path),
+                "id": repo.id,
+                "encrypted": repo.encrypted,
+                "key_id": repo.key_id,
+                "compression": {"algorithm": comp.algorithm, "level": comp.level},
+            }
+        )
+    return ExitCode.OK
 
 
 def cmd_repo_key_export(args: argparse.Namespace) -> int:
-    """``esxi-reconciler repo key-export REPOSITORY --out FILE``: 0 written, 1 failed, 2 bad input."""
+    """``esxi-reconciler repo key-export REPOSITORY --out FILE``: 0 written, 1 failed, 64 bad input."""
     import os
 
-    from reconciler.config.secrets import SecretError
     from reconciler.operations.repositories import open_repository
     from reconciler.repository import export_key
-    from reconciler.repository.errors import RepositoryError
 
     cfg = repository_config(args, "repo key-export")
-    if cfg is None:
-        return 2
     if not cfg.encryption.enabled:
-        print(
-            f"esxi-reconciler repo key-export: repository {cfg.name} is not encrypted; it has no key",
-            file=sys.stderr,
-        )
-        return 1
+        fail(f"repository {cfg.name} is not encrypted; it has no key", "not-encrypted")
     out: Path = args.out
+    repo = open_repository(cfg)  # checks the passphrase opens the key we export
     try:
-        repo = open_repository(cfg)  # checks the passphrase opens the key we export
         data = export_key(repo.path, repo.key_id)
         fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:
@@ -187,44 +189,31 @@ def cmd_repo_key_export(args: argparse.Namespace) -> int:
         finally:
             os.close(fd)
     except FileExistsError:
-        print(f"esxi-reconciler repo key-export: {out} exists; not overwritten", file=sys.stderr)
-        return 1
-    except (SecretError, RepositoryError, OSError) as error:
-        print(f"esxi-reconciler repo key-export: {error}", file=sys.stderr)
-        return 1
+        fail(f"{out} exists; not overwritten (choose another file, or remove it first)", "exists")
     log.info("repo.key_export", repository=cfg.name, key=repo.key_id, out=str(out))
     print(f"wrote the key file of repository {cfg.name} (key {repo.key_id}) to {out} (mode 600)")
     print(_KEY_WARNING, file=sys.stderr)
-    return 0
+    if args.json:
+        emit_json({"ok": True, "repository": cfg.name, "key_id": repo.key_id, "out": str(out), "mode": "600"})
+    return ExitCode.OK
 
 
 def cmd_repo_gc(args: argparse.Namespace) -> int:
-    """``esxi-reconciler repo gc [REPOSITORY...] [--dry-run]``: 0 done, 1 failed or deferred, 2 bad input."""
-    import difflib
-
+    """``esxi-reconciler repo gc [REPOSITORY...] [--dry-run]``: 0 done, 1 failed or deferred, 64 bad input."""
     from reconciler.config.secrets import SecretError
     from reconciler.operations.prune import collect
     from reconciler.operations.repositories import open_repository
     from reconciler.repository.errors import RepositoryError, StorageError
 
     desired = load_desired(args)
-    if desired is None:
-        return 2
     if args.wait < 0:
-        print("esxi-reconciler repo gc: --wait must not be negative", file=sys.stderr)
-        return 2
+        fail("--wait must not be negative", "usage", "usage")
     names: list[str] = args.repositories or sorted(desired.repositories)
-    unknown = [n for n in names if n not in desired.repositories]
-    for name in unknown:
-        close = difflib.get_close_matches(name, sorted(desired.repositories), n=1)
-        configured = ", ".join(sorted(desired.repositories)) or "none"
-        hint = f"; did you mean {close[0]!r}?" if close else f" (configured: {configured})"
-        print(f"esxi-reconciler repo gc: no Repository named {name!r}{hint}", file=sys.stderr)
-    if unknown:
-        return 2
+    for name in names:
+        if name not in desired.repositories:
+            unknown_name("repo gc", "Repository", name, sorted(desired.repositories))
     if not names:
-        print("esxi-reconciler repo gc: no repositories configured", file=sys.stderr)
-        return 2
+        fail("no repositories configured", "no-repositories", "config")
     status = 0
     results: list[dict[str, Any]] = []
     for name in names:
@@ -238,25 +227,27 @@ def cmd_repo_gc(args: argparse.Namespace) -> int:
             status = 1
             log.error("repo.gc_failed", repository=name, error=str(error))
             entry.update({"ok": False, "error": str(error), "deferred": None})
-            if not args.json:
-                why = str(error) if isinstance(error, StorageError) else f"repository {name}: {error}"
-                print(f"esxi-reconciler repo gc: {why}", file=sys.stderr)
+            why = (
+                str(error)
+                if isinstance(error, StorageError) or name in str(error)
+                else f"repository {name}: {error}"
+            )
+            print(f"esxi-reconciler repo gc: {why}", file=sys.stderr)
             continue
         if result.report is None:
             status = 1
             entry.update({"ok": False, "error": None, "deferred": result.deferred})
-            if not args.json:
-                print(
-                    f"esxi-reconciler repo gc: repository {name}: {result.deferred}; run it again when that"
-                    " is done, or give --wait SECONDS",
-                    file=sys.stderr,
-                )
+            print(
+                f"esxi-reconciler repo gc: repository {name}: {result.deferred}; run it again when that"
+                " is done, or give --wait SECONDS",
+                file=sys.stderr,
+            )
             continue
         entry.update({"ok": True, "error": None, "deferred": None, **result.report.to_dict()})
         if not args.json:
             print(_gc_line(name, cfg.backend.path, result.report))
     if args.json:
-        print(json.dumps({"ok": status == 0, "repositories": results}, indent=2, ensure_ascii=False))
+        emit_json({"ok": status == 0, "repositories": results})
     return status
 
 

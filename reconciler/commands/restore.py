@@ -12,11 +12,11 @@ from __future__ import annotations
 import argparse
 import shlex
 import sys
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import structlog
 
-from reconciler.commands.common import add_command, load_desired, plural
+from reconciler.commands.common import ExitCode, add_command, emit_json, fail, load_desired, plural
 from reconciler.printable import printable
 from reconciler.units import human_size
 
@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from reconciler.facts.inventory import VmInfo
     from reconciler.facts.points import RestorePoint
     from reconciler.operations.progress import Progress
-    from reconciler.operations.restore import RestoreOptions
+    from reconciler.operations.restore import RestoreOptions, RestoreResult
     from reconciler.repository import Repository
 
 log = structlog.get_logger("reconciler.cli")
@@ -50,6 +50,10 @@ examples:
                                             web01 back on as it was
   esxi-reconciler restore web01 --test --host esxi2 --datastore ds2
                                             restore, boot, check, remove (a restore drill)
+
+Exit 0 restored; 1 the restore failed, was declined, or its repository or host could not be used
+(the cause is named: wrong passphrase, volume not mounted, host unreachable ...); 64 the options
+do not fit together, a name is not in the config, or --overwrite has no terminal to ask and no --yes.
 """
 
 
@@ -91,7 +95,7 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     parser.add_argument(
         "--overwrite", action="store_true", help="replace the disks of the existing VM (asks unless --yes)"
     )
-    parser.add_argument("--yes", action="store_true", help="do not ask before overwriting")
+    parser.add_argument("--yes", "-y", action="store_true", help="do not ask before overwriting")
     parser.add_argument(
         "--disk",
         metavar="LABEL|NODE",
@@ -112,18 +116,22 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     )
 
 
-def find_repository(args: argparse.Namespace, desired: DesiredState, command: str) -> str | None:
+def find_repository(args: argparse.Namespace, desired: DesiredState, command: str) -> str:
     """The repository named by ``--repository``, else the only one holding points of ``args.vm`` (from
-    ``args.from_host`` when given); None after printing why not (exit 2)."""
+    ``args.from_host`` when given). Stops the verb when there is none, naming the repositories that could
+    not be read and why (a wrong passphrase or an unmounted volume is the cause, not "no points")."""
+    from reconciler.operations.failures import Failure, explain
     from reconciler.operations.repositories import open_repository
 
     if args.repository:
         if args.repository not in desired.repositories:
-            print(f"esxi-reconciler {command}: no Repository named {args.repository!r}", file=sys.stderr)
-            return None
+            from reconciler.commands.common import unknown_name
+
+            unknown_name(command, "Repository", args.repository, sorted(desired.repositories))
         return str(args.repository)
     from_host = getattr(args, "from_host", None)
     holding = []
+    unreadable: list[str] = []
     for name, cfg in desired.repositories.items():
         try:
             repo = open_repository(cfg)
@@ -131,16 +139,31 @@ def find_repository(args: argparse.Namespace, desired: DesiredState, command: st
                 if any(from_host in (None, p.vm.host) for p in repo.list_points(vm=args.vm)):
                     holding.append(name)
         except Exception as exc:
-            log.warning("restore.repository_unreadable", repository=name, error=str(exc))
+            explained = explain(exc)
+            if explained is None:
+                raise
+            log.debug("restore.repository_unreadable", repository=name, error=explained.message)
+            unreadable.append(
+                explained.message if name in explained.message else f"repository {name}: {explained}"
+            )
     if len(holding) == 1:
         return holding[0]
     what = f"{args.vm!r}" + (f" from {from_host}" if from_host else "")
     if holding:
-        why = f"several repositories hold {what}: {', '.join(holding)}; choose one with --repository"
-    else:
-        why = f"no repository has restore points of VM {what}"
-    print(f"esxi-reconciler {command}: {printable(why)}", file=sys.stderr)
-    return None
+        fail(
+            f"several repositories hold {what}: {', '.join(holding)}; choose one with --repository",
+            "ambiguous",
+            "usage",
+        )
+    if unreadable:
+        if len(unreadable) == len(desired.repositories):
+            head = f"cannot look for restore points of VM {what}: "
+        else:
+            head = f"no readable repository has restore points of VM {what}; "
+        fail(head + "; ".join(unreadable), "repository-unreadable")
+    raise Failure(
+        f"no repository has restore points of VM {what} (`esxi-reconciler points` lists them)", "no-points"
+    )
 
 
 def describe_point(point: RestorePoint) -> str:
@@ -160,6 +183,36 @@ def _say(text: str) -> None:
 
 def _err(message: str) -> None:
     print(f"esxi-reconciler restore: {printable(message)}", file=sys.stderr)
+
+
+def _usage(message: str) -> NoReturn:
+    fail(message, "usage", "usage")
+
+
+def _result(action: str, point: RestorePoint, result: RestoreResult) -> dict[str, Any]:
+    """A restore as JSON (docs/cli-json.md)."""
+    return {
+        "ok": True,
+        "action": action,
+        "point_id": point.id,
+        "source": {"vm": point.vm.name, "host": point.vm.host, "uuid": point.vm.uuid},
+        "host": result.host,
+        "vm": result.vm_name,
+        "vmid": result.vmid,
+        "vmx_path": result.vmx_path,
+        "disks": [
+            {
+                "label": d.label,
+                "node": d.node,
+                "path": d.descriptor,
+                "sha256": d.sha256,
+                "bytes_written": d.written,
+            }
+            for d in result.disks
+        ],
+        "powered_on": result.powered_on,
+        "power_state_before": result.power_state_before,
+    }
 
 
 def _confirm(question: str) -> bool:
@@ -199,7 +252,7 @@ def _option_error(args: argparse.Namespace) -> str | None:
 
 
 def cmd_restore(args: argparse.Namespace) -> int:
-    """0 restored; 1 the restore failed; 2 bad input or refused."""
+    """0 restored; 1 the restore failed or was declined; 64 bad input."""
     from reconciler.esxi.host import sigterm_raises
     from reconciler.operations.hosts import connect
     from reconciler.operations.progress import Progress
@@ -217,18 +270,13 @@ def cmd_restore(args: argparse.Namespace) -> int:
 
     error = _option_error(args)
     if error is not None:
-        _err(error)
-        return 2
+        _usage(error)
     desired = load_desired(args)
-    if desired is None:
-        return 2
     if args.abort:
         return _abort(args, desired)
     if args.from_host and args.from_host not in desired.hosts:
         _err(f"note: {args.from_host!r} is not a Host of the config")
     repo_name = find_repository(args, desired, "restore")
-    if repo_name is None:
-        return 2
     repo = open_repository(desired.repositories[repo_name])
     with repo.lock(purpose=f"restore of {args.vm}"):
         # --overwrite --host H: the VM to overwrite is known only on H; its own points are chosen there
@@ -243,12 +291,12 @@ def cmd_restore(args: argparse.Namespace) -> int:
                 hint = ""
                 if isinstance(exc, AmbiguousVmError) and args.overwrite and not args.host:
                     hint = "; with --overwrite, --host HOST overwrites the VM on HOST from its own points"
-                _err(f"{exc}{hint}")
-                return 2
+                fail(
+                    f"{exc}{hint}", "ambiguous" if isinstance(exc, AmbiguousVmError) else "no-point", "usage"
+                )
         host_name = str(args.host or (point.vm.host if point is not None else ""))
         if host_name not in desired.hosts:
-            _err(f"no Host named {host_name!r} in the config")
-            return 2
+            _usage(f"no Host named {host_name!r} in the config")
         progress = Progress(operation="restore")
         options = RestoreOptions(
             name=args.name,
@@ -270,7 +318,22 @@ def cmd_restore(args: argparse.Namespace) -> int:
                     with progress:
                         tr = run_test_restore(host, repo, point, datastore=args.datastore, progress=progress)
                     print(printable(tr.message))
-                    return 0 if tr.ok else 1
+                    if args.json:
+                        emit_json(
+                            {
+                                "ok": tr.ok,
+                                "action": "test",
+                                "point_id": tr.point_id,
+                                "vm": tr.vm,
+                                "host": tr.host,
+                                "datastore": tr.datastore,
+                                "power_state": tr.power_state,
+                                "heartbeat": tr.heartbeat,
+                                "seconds": round(tr.seconds, 3),
+                                "error": tr.error,
+                            }
+                        )
+                    return ExitCode.OK if tr.ok else ExitCode.FAILED
                 with progress:
                     result = restore_new_vm(host, repo, point, options)
                 print(
@@ -281,19 +344,27 @@ def cmd_restore(args: argparse.Namespace) -> int:
                     print(printable(f"  {d.label} ({d.node}): {d.descriptor} sha256 {d.sha256[:16]}… ok"))
                 if result.powered_on:
                     print("  powered on")
-                return 0
+                if args.json:
+                    emit_json(_result("new-vm", point, result))
+                return ExitCode.OK
             except OverwriteFailed as exc:
-                _err(f"FAILED: {exc}")
                 if isinstance(exc.__cause__, (KeyboardInterrupt, SystemExit)):
+                    _err(f"FAILED: {exc}")
                     raise exc.__cause__ from None  # stopped by a signal: exit as such, after saying where
-                return 1
+                fail(f"FAILED: {exc}", "restore-failed")
             except RestoreError as exc:
-                _err(str(exc))
-                return 1
+                fail(str(exc), "restore-failed")
             except Exception as exc:
-                log.error("restore.failed", error=str(exc), error_type=exc.__class__.__name__, exc_info=True)
-                _err(f"FAILED: {exc}")
-                return 1
+                from reconciler.operations.failures import Failure, explain
+
+                if isinstance(exc, Failure):
+                    raise
+                cfg = desired.host(host_name)
+                explained = explain(exc, host=host_name, address=f"{cfg.address}:{cfg.api.port}")
+                if explained is None:
+                    raise
+                log.error("restore.failed", error=explained.message)
+                raise explained from exc
 
 
 def _own_point(args: argparse.Namespace, repo: Repository, host: EsxiHost, target: VmInfo) -> RestorePoint:
@@ -337,19 +408,19 @@ def _overwrite(
     target_name = args.to_vm or args.vm
     matches = [v for v in host.list_vms() if v.name == target_name]
     if len(matches) != 1:
-        _err(
+        fail(
             f"host {host.name} has {len(matches)} VMs named {target_name!r}, so there is nothing to"
-            " overwrite; restore it as a new VM (without --overwrite, with --name if needed)"
+            " overwrite; restore it as a new VM (without --overwrite, with --name if needed)",
+            "no-target",
+            "usage",
         )
-        return 2
     target = matches[0]
     try:
         if point is None:
             point = _own_point(args, repo, host, target)
         check_overwrite(point, host.name, target, other_vm=bool(args.to_vm))
     except RestoreError as exc:
-        _err(str(exc))
-        return 2
+        fail(str(exc), "refused", "usage")
     print(describe_point(point))
     other = not same_vm(point, host.name, target)
     if other:
@@ -369,9 +440,11 @@ def _overwrite(
         f"Overwrite {what} VM {target.name!r} on {host.name} with restore point {point.id}{source}?"
         f" The VM will be powered off ({target.power_state} now)."
     )
-    if not args.yes and not _confirm(question):
-        _err("not confirmed; nothing changed (use --yes when not on a terminal)")
-        return 2
+    if not args.yes:
+        if not sys.stdin.isatty():
+            fail(f"{question} Not asked: no terminal; nothing changed (add --yes)", "not-confirmed", "usage")
+        if not _confirm(question):
+            fail("not confirmed; nothing changed", "declined")
     with progress:
         result = restore_overwrite(
             host, repo, point, target, options, disk=args.disk, other_vm=bool(args.to_vm)
@@ -387,7 +460,9 @@ def _overwrite(
             f"  left powered off (it was on before; --power-on starts it after the restore): power it on once"
             f" checked, in the Host Client or with `vim-cmd vmsvc/power.on {result.vmid}` on {host.name}"
         )
-    return 0
+    if args.json:
+        emit_json(_result("overwrite", point, result))
+    return ExitCode.OK
 
 
 def _abort(args: argparse.Namespace, desired: DesiredState) -> int:
@@ -398,8 +473,7 @@ def _abort(args: argparse.Namespace, desired: DesiredState) -> int:
 
     name = args.to_vm or args.vm
     if args.host and args.host not in desired.hosts:
-        _err(f"no Host named {args.host!r} in the config")
-        return 2
+        _usage(f"no Host named {args.host!r} in the config")
     hosts = [args.host] if args.host else sorted(desired.hosts)
     seen: list[str] = []
     found: list[tuple[str, VmInfo, OverwriteJournal]] = []
@@ -412,32 +486,39 @@ def _abort(args: argparse.Namespace, desired: DesiredState) -> int:
                         if (journal := unfinished_overwrite(host, vm)) is not None:
                             found.append((host_name, vm, journal))
         except Exception as exc:
-            _err(f"host {host_name}: {exc}")
             if args.host:
-                return 1
+                raise
+            _err(f"host {host_name}: {exc}")
     if not found:
         if not seen:
-            _err(f"no VM named {name!r} on {', '.join(hosts)}")
-            return 2
+            fail(f"no VM named {name!r} on {', '.join(hosts)}", "no-vm", "usage")
         _say(f"VM {name!r} on {', '.join(seen)}: no unfinished overwrite; nothing to abort")
-        return 0
+        if args.json:
+            emit_json({"ok": True, "action": "abort", "vm": name, "hosts": seen, "aborted": False})
+        return ExitCode.OK
     if len(found) > 1:
         where = ", ".join(f"{h} (restore point {j.point})" for h, _, j in found)
-        _err(f"several VMs named {name!r} have an unfinished overwrite: {where}; choose one with --host")
-        return 2
+        fail(
+            f"several VMs named {name!r} have an unfinished overwrite: {where}; choose one with --host",
+            "ambiguous",
+            "usage",
+        )
     host_name, vm, _ = found[0]
     with connect(desired.host(host_name)) as host, sigterm_raises():
         try:
             result = abort_overwrite(host, vm)
         except Exception as exc:
-            log.error(
-                "restore.abort_failed", error=str(exc), error_type=exc.__class__.__name__, exc_info=True
-            )
-            _err(f"FAILED to abort the overwrite of {name!r}: {exc}")
-            return 1
+            from reconciler.operations.failures import explain
+
+            explained = explain(exc, host=host_name)
+            if explained is None:
+                raise
+            fail(f"FAILED to abort the overwrite of {name!r}: {explained}", explained.code)
     if result is None:
         _say(f"VM {name!r} on {host_name}: no unfinished overwrite; nothing to abort")
-        return 0
+        if args.json:
+            emit_json({"ok": True, "action": "abort", "vm": name, "hosts": [host_name], "aborted": False})
+        return ExitCode.OK
     point = result.journal.point
     if result.switched:
         _say(
@@ -460,4 +541,19 @@ def _abort(args: argparse.Namespace, desired: DesiredState) -> int:
         print("  powered on again (as before the overwrite)")
     else:
         _say(f"  {result.vm.power_state} (it was {before or 'in an unknown state'} before the overwrite)")
-    return 0
+    if args.json:
+        emit_json(
+            {
+                "ok": True,
+                "action": "abort",
+                "vm": name,
+                "hosts": [host_name],
+                "aborted": True,
+                "point_id": point,
+                "switched": result.switched,
+                "removed": result.removed,
+                "kept": result.kept,
+                "powered_on": result.powered_on,
+            }
+        )
+    return ExitCode.OK

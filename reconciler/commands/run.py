@@ -6,8 +6,17 @@ import argparse
 import os
 import sys
 from datetime import timedelta
+from pathlib import Path
 
-from reconciler.commands.common import add_command, config_dir, state_dir
+from reconciler.commands.common import (
+    ExitCode,
+    add_command,
+    config_dir,
+    emit_json,
+    fail,
+    load_desired,
+    state_dir,
+)
 
 _RUN_EXAMPLES = """\
 examples:
@@ -20,9 +29,11 @@ backups (their snapshots are removed), waits at most --stop-timeout and exits 0;
 a second SIGTERM exits at once. Under systemd (Type=notify) it reports READY,
 STATUS and WATCHDOG pings. One daemon per state directory (daemon.lock).
 
-exit codes: 0 stopped by a signal (or --once and nothing failed), 1 another
-daemon holds the state directory (or --once and an action failed), 2 --once
-with an invalid config.
+Exit 0 stopped by a signal, or --once and its cycle left nothing failed and
+nothing Stalled; 1 another daemon holds the state directory, the state directory
+is unusable, or --once and an action failed or an object is Stalled (`status`
+says which); 78 --once with an invalid config. With --json (only with --once):
+the cycle's result (docs/cli-json.md).
 """
 
 
@@ -74,21 +85,95 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     )
 
 
+def _check_state_dir(directory: Path) -> None:
+    """Stop with one line when the state directory cannot be used (a file, no permission, read-only),
+    or another daemon holds it (who, since when)."""
+    from datetime import datetime, timezone
+
+    from reconciler.daemon.lock import LOCK_FILE, running_daemon
+    from reconciler.operations.failures import explain
+
+    if directory.exists() and not directory.is_dir():
+        fail(
+            f"state directory {directory} is a file, not a directory; give a directory with --state-dir",
+            "state-directory",
+        )
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        probe = directory / ".write-test"
+        probe.touch()
+        probe.unlink()
+    except OSError as exc:
+        explained = explain(exc, path_is=str(directory))
+        assert explained is not None
+        text = (
+            explained.message.removeprefix(f"{exc.filename}: ")
+            if exc.filename == str(directory)
+            else explained.message
+        )
+        fail(f"state directory {directory}: {text}; or choose another with --state-dir", "state-directory")
+    running, pid = running_daemon(directory)
+    if running:
+        lock = directory / LOCK_FILE
+        try:
+            since = datetime.fromtimestamp(lock.stat().st_mtime, timezone.utc).strftime(
+                " since %Y-%m-%d %H:%M UTC"
+            )
+        except OSError:
+            since = ""
+        who = f"PID {pid}" if pid else "another process"
+        fail(
+            f"state directory {directory}: another esxi-reconciler daemon is running ({who}{since}, holding"
+            f" {lock}); stop it (systemctl stop esxi-reconciler) or give another --state-dir",
+            "daemon-running",
+        )
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from reconciler.daemon import Daemon
+    from reconciler.status.store import StatusStore, status_path
 
+    directory = state_dir(args)
+    if args.json and not args.once:
+        fail("--json needs --once (the daemon reports through its log and `status --json`)", "usage", "usage")
+    _check_state_dir(directory)
+    if args.once:
+        load_desired(args)  # an invalid config: every error and exit 78 now, as every verb
     daemon = Daemon(
         config_dir(args),
-        state_dir(args),
+        directory,
         resync=args.resync.total_seconds(),
         debounce=args.debounce.total_seconds(),
         stop_timeout=args.stop_timeout.total_seconds(),
         once=args.once,
     )
     code = daemon.run()
+    if args.json and args.once:
+        result = daemon.last_result
+        stalled: list[dict[str, object]] = []
+        try:
+            with StatusStore.open(status_path(directory), readonly=True) as store:
+                stalled = [c.to_dict() for c in store.conditions() if c.status == "Stalled"]
+        except Exception as exc:  # the cycle's own result still says what happened
+            print(f"esxi-reconciler run: cannot list the Stalled objects: {exc}", file=sys.stderr)
+        emit_json(
+            {
+                "ok": code == ExitCode.OK,
+                "exit_code": code,
+                "summary": result.summary if result else "no cycle ran",
+                "next_due": result.next_due.isoformat() if result and result.next_due else None,
+                "stalled": stalled,
+            }
+        )
     if daemon.abandoned:
         # A cycle thread is still inside a host call: do not let interpreter shutdown wait for it.
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
+    if code == ExitCode.FAILED and args.once and not args.json:
+        print(
+            "esxi-reconciler run: the cycle left something failed or Stalled:"
+            " `esxi-reconciler status` says what",
+            file=sys.stderr,
+        )
     return code

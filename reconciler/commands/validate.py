@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 import structlog
 
-from reconciler.commands.common import add_command, config_dir, plural
+from reconciler.commands.common import ExitCode, add_command, config_dir, emit_json, fail, plural
 
 log = structlog.get_logger("reconciler.cli")
 
@@ -18,9 +17,9 @@ _VALIDATE_EXAMPLES = """\
 examples:
   esxi-reconciler validate config.example/
   esxi-reconciler validate --config /etc/esxi-reconciler/config.d --resolve-secrets
-  esxi-reconciler validate --format json | jq '.errors[] | "\\(.file):\\(.line) \\(.message)"'
+  esxi-reconciler validate --json | jq '.errors[] | "\\(.file):\\(.line) \\(.message)"'
 
-exit status: 0 valid, 1 invalid, 2 usage error
+An invalid config exits 78 (configuration error), like every verb given one.
 """
 
 
@@ -38,7 +37,7 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         "directory", nargs="?", type=Path, metavar="DIR", help="config directory (same as --config)"
     )
     parser.add_argument(
-        "--format", choices=("text", "json"), default="text", help="output format (default: text)"
+        "--format", choices=("text", "json"), default="text", help="--format json: the same as --json"
     )
     parser.add_argument(
         "--resolve-secrets",
@@ -48,29 +47,27 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    """``esxi-reconciler validate``: exit 0 when the config is valid, 1 when not."""
+    """``esxi-reconciler validate``: exit 0 when the config is valid, 78 when not."""
     from reconciler.config import ConfigError, load_config
 
+    if args.format == "json":
+        args.json = True
     if args.directory is not None and args.config is not None and args.directory != args.config:
-        print(
-            "esxi-reconciler validate: give the config directory either as DIR or --config, not both",
-            file=sys.stderr,
-        )
-        return 2
+        fail("give the config directory either as DIR or --config, not both", "usage", "usage")
     path: Path = args.directory if args.directory is not None else config_dir(args)
     log.debug("validate.start", config=str(path), resolve_secrets=args.resolve_secrets)
     try:
         desired = load_config(path, resolve_secrets=args.resolve_secrets)
     except ConfigError as error:
-        if args.format == "json":
+        if args.json:
             result = {"valid": False, "config": str(path), "errors": [i.to_dict() for i in error.issues]}
-            print(json.dumps(result, indent=2, ensure_ascii=False))
+            emit_json(result)
         else:
             for issue in error.issues:
                 print(issue)
             files = {issue.file for issue in error.issues}
             print(f"FAILED: {plural(len(error.issues), 'error')} in {plural(len(files), 'file')} ({path})")
-        return 1
+        return ExitCode.CONFIG
     revision = desired.revision
     counts = {
         "hosts": len(desired.hosts),
@@ -78,7 +75,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
         "policies": len(desired.policies),
         "verify_policies": len(desired.verify_policies),
     }
-    if args.format == "json":
+    if args.json:
         result = {
             "valid": True,
             "config": str(path),
@@ -92,8 +89,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
             "errors": [],
             "warnings": [w.to_dict() for w in desired.warnings],
         }
-        print(json.dumps(result, indent=2, ensure_ascii=False))
-        return 0
+        emit_json(result)
+        return ExitCode.OK
     for warning in desired.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     summary = ", ".join(

@@ -3,13 +3,20 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from reconciler.commands.common import add_command, load_desired, plural
+from reconciler.commands.common import (
+    ExitCode,
+    add_command,
+    emit_json,
+    fail,
+    load_desired,
+    plural,
+    unknown_name,
+)
 from reconciler.printable import printable
 from reconciler.units import human_size
 
@@ -32,8 +39,8 @@ examples:
   esxi-reconciler verify nas --repair       also set bad chunks aside, so the next backups store
                                             that data again (repairing the points where they can)
 
-exit status: 0 healthy, 1 damage found (the restore points affected are named) or a repository
-could not be verified (locked by GC, unreadable), 2 usage or configuration error
+Exit 0 healthy; 1 damage found (the restore points affected are named) or a repository could
+not be verified (locked by GC, not mounted, wrong passphrase: the cause is named).
 """
 
 
@@ -77,13 +84,10 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         help="set bad chunks aside (quarantine/) so that the next backup of each affected VM reads in full"
         " and stores that data again (what the daemon's scheduled verifications do)",
     )
-    parser.add_argument("--json", action="store_true", help="JSON output")
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    """``esxi-reconciler verify``: 0 healthy, 1 damage or not verifiable, 2 bad input."""
-    import difflib
-
+    """``esxi-reconciler verify``: 0 healthy, 1 damage or not verifiable, 64 bad input."""
     from reconciler.config.secrets import SecretError
     from reconciler.operations.progress import Progress
     from reconciler.operations.repositories import open_repository
@@ -91,25 +95,18 @@ def cmd_verify(args: argparse.Namespace) -> int:
     from reconciler.repository.verify import verify_repository
 
     desired = load_desired(args)
-    if desired is None:
-        return 2
     names: list[str] = args.repositories or sorted(desired.repositories)
-    unknown = [n for n in names if n not in desired.repositories]
-    if unknown:
-        for name in unknown:
-            close = difflib.get_close_matches(name, sorted(desired.repositories), n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
-            print(f"esxi-reconciler verify: no Repository named {name!r}{hint}", file=sys.stderr)
-        return 2
+    for name in names:
+        if name not in desired.repositories:
+            unknown_name("verify", "Repository", name, sorted(desired.repositories))
     if not names:
-        print("esxi-reconciler verify: no repositories configured", file=sys.stderr)
-        return 2
+        fail("no repositories configured", "no-repositories", "config")
     subset = args.read_data_subset
     percent = 0.0 if args.no_read_data else subset if isinstance(subset, float) else 100.0
     slice_ = subset if isinstance(subset, tuple) else None
 
     results: list[dict[str, Any]] = []
-    status = 0
+    status = ExitCode.OK
     for name in names:
         cfg = desired.repositories[name]
         entry: dict[str, Any] = {"repository": name, "path": str(cfg.backend.path)}
@@ -122,23 +119,20 @@ def cmd_verify(args: argparse.Namespace) -> int:
         except (SecretError, RepositoryError, OSError) as error:
             log.error("verify.failed", repository=name, error=str(error))
             entry.update({"ok": False, "error": str(error)})
-            if not args.json:
-                print(
-                    f"esxi-reconciler verify: repository {name}: not verified: {printable(str(error))}",
-                    file=sys.stderr,
-                )
-            status = 1
+            why = str(error) if name in str(error) else f"repository {name}: {error}"
+            print(f"esxi-reconciler verify: not verified: {printable(why)}", file=sys.stderr)
+            status = ExitCode.FAILED
             results.append(entry)
             continue
         entry.update(report.to_dict())
         entry["error"] = None
         results.append(entry)
         if not report.ok:
-            status = 1
+            status = ExitCode.FAILED
         if not args.json:
             _print_report(name, report)
     if args.json:
-        print(json.dumps({"ok": status == 0, "repositories": results}, indent=2, ensure_ascii=False))
+        emit_json({"ok": status == 0, "repositories": results})
     return status
 
 

@@ -295,6 +295,7 @@ def _build_repository(build: _Build, doc: Document, spec: dict[str, Any]) -> mod
         encryption=model.Encryption(enabled=encryption["enabled"], key=key),
         prune=model.PruneSettings(spec["prune"]["enabled"], spec["prune"]["max_deletions_per_run"]),
         source=_source(doc),
+        id=spec.get("id"),
     )
 
 
@@ -346,6 +347,7 @@ def _build_backup_policy(build: _Build, doc: Document, spec: dict[str, Any]) -> 
         hooks=model.Hooks(_hooks(spec["hooks"]["pre"]), _hooks(spec["hooks"]["post"])),
         suspend=spec["suspend"],
         source=_source(doc),
+        rpo=parse_interval(spec["rpo"]) if "rpo" in spec else None,
     )
 
 

@@ -153,6 +153,8 @@ class Repository:
     encryption: Encryption
     prune: PruneSettings
     source: Source = field(compare=False)
+    id: str | None = None
+    """The pinned repository id (``spec.id``): opening refuses a path holding another repository."""
 
 
 # -- BackupPolicy ------------------------------------------------------------------------------------
@@ -246,6 +248,9 @@ class BackupPolicy:
     hooks: Hooks
     suspend: bool
     source: Source = field(compare=False)
+    rpo: timedelta | None = None
+    """The recovery-point objective given in ``spec.rpo`` (None: derived from the schedule, see
+    :func:`reconciler.rules.schedule.default_rpo`)."""
 
 
 @dataclass(frozen=True)

@@ -513,6 +513,12 @@ REPOSITORY_SPEC = _obj(
             },
             required=("type", "path"),
         ),
+        "id": _str(
+            "The repository's id, as `repo init` prints it. When given, a path holding another repository"
+            " (another volume mounted there, a repository created anew) is refused instead of used.",
+            "^[0-9a-f]{32}$",
+            examples=["5f0c3a9e1b7d4c2a8e6f0b1d3c5a7e9f"],
+        ),
         "compression": _obj(
             "Compression of stored chunks.",
             {
@@ -689,6 +695,12 @@ BACKUP_POLICY_SPEC = _obj(
         ),
         "suspend": _bool(
             "Pause the policy: nothing is scheduled, CBT is not changed, nothing is pruned.", default=False
+        ),
+        "rpo": _ref(
+            "duration",
+            "Recovery-point objective: `esxi-reconciler status` fails when a VM of this policy has no"
+            " successful backup this recent. Default: twice the longest interval between two scheduled runs"
+            " (one missed run is tolerated); a manual, once or after schedule has none unless it is given.",
         ),
     },
     required=("host", "repository", "vms", "schedule", "retention"),

@@ -43,8 +43,9 @@ class CycleContext:
 
 @dataclass(frozen=True)
 class CycleResult:
-    """``ok``: nothing failed. ``summary``: one line for ``systemctl status``. ``next_due``: when the
-    earliest scheduled job becomes due (the loop wakes then, not only at the resync)."""
+    """``ok``: nothing failed and nothing is Stalled (``run --once`` exits 1 otherwise). ``summary``: one
+    line for ``systemctl status``. ``next_due``: when the earliest scheduled job becomes due (the loop
+    wakes then, not only at the resync)."""
 
     ok: bool
     summary: str
@@ -91,7 +92,8 @@ def reconcile(ctx: CycleContext) -> CycleResult:
     revision = desired.revision.id
     observed = observe(desired, now=ctx.now, history=store.history(revision))
     the_plan = plan(desired, observed)
-    log.info(
+    # a plan with nothing to do is routine: cycle.done says the cycle ran (keep the journal quiet)
+    (log.info if the_plan.actions else log.debug)(
         "cycle.planned",
         revision=revision,
         actions=len(the_plan.actions),
@@ -124,4 +126,4 @@ def reconcile(ctx: CycleContext) -> CycleResult:
     summary = (
         f"{done} done, {failed} failed, {len(the_plan.actions) - done - failed} not run; {stalled} stalled"
     )
-    return CycleResult(ok=failed == 0, summary=summary, next_due=the_plan.next_due)
+    return CycleResult(ok=failed == 0 and stalled == 0, summary=summary, next_due=the_plan.next_due)

@@ -12,6 +12,7 @@ with nothing until it is fixed), an exception in a cycle is logged and the next 
 
 from __future__ import annotations
 
+import os
 import random
 import signal
 import threading
@@ -25,6 +26,7 @@ import structlog
 from reconciler.config import ConfigError, ConfigIssue, DesiredState, load_config
 from reconciler.daemon import signals
 from reconciler.daemon.cycle import Cycle, CycleContext, CycleResult, reconcile
+from reconciler.daemon.heartbeat import Heartbeat, write_heartbeat
 from reconciler.daemon.lock import AlreadyRunning, InstanceLock
 from reconciler.daemon.notify import Notifier
 from reconciler.daemon.watch import ConfigWatcher, Debouncer
@@ -46,7 +48,7 @@ saying "due now" must not make the daemon hammer the hosts)."""
 
 EXIT_OK = 0
 EXIT_FAILED = 1
-EXIT_INVALID_CONFIG = 2
+EXIT_INVALID_CONFIG = 78  # EX_CONFIG, as every verb (commands.common.ExitCode.CONFIG)
 
 
 def _utcnow() -> datetime:
@@ -103,6 +105,7 @@ class Daemon:
         self.cycles = 0
         """Cycles started so far."""
         self.last_result: CycleResult | None = None
+        self._heartbeat: Heartbeat | None = None
         self.abandoned = False
         """True when run() returned while a cycle was still running (stop timeout): the caller must end
         the process without waiting for that thread (``os._exit``)."""
@@ -156,6 +159,7 @@ class Daemon:
         watcher = ConfigWatcher(self.config_dir, self.config_changed) if self.watch else None
         try:
             self._store = StatusStore.open(status_path(self.state_dir))
+            self._beat(started=self.clock())
             if watcher is not None:
                 watcher.start()
             log.info(
@@ -175,6 +179,21 @@ class Daemon:
                 self._store.close()
             lock.release()
             self.notifier.close()
+
+    def _beat(self, **changes: datetime) -> None:
+        """Update ``daemon.json`` (:mod:`.heartbeat`), which ``status`` judges the daemon by; a failure
+        to write it is logged and never stops the daemon."""
+        from dataclasses import replace
+
+        try:
+            if self._heartbeat is None:
+                self._heartbeat = Heartbeat(
+                    os.getpid(), changes.pop("started", self.clock()), self.resync, self.once
+                )
+            self._heartbeat = replace(self._heartbeat, **changes)  # type: ignore[arg-type]
+            write_heartbeat(self.state_dir, self._heartbeat)
+        except Exception as exc:
+            log.warning("daemon.heartbeat_failed", state_dir=str(self.state_dir), error=str(exc))
 
     def _loop(self) -> int:
         self._reload()
@@ -246,7 +265,7 @@ class Daemon:
             self.desired, self.config_issues = desired, ()
             for warning in desired.warnings:
                 log.warning("config.warning", issue=str(warning))
-            log.info(
+            (log.info if changed else log.debug)(  # a resync re-reads an unchanged config: routine
                 "config.loaded" if changed else "config.unchanged",
                 revision=desired.revision.id,
                 hosts=len(desired.hosts),
@@ -297,7 +316,8 @@ class Daemon:
             number=self.cycles,
             clock=self.clock,
         )
-        log.info("cycle.start", cycle=self.cycles, revision=self.desired.revision.id)
+        self._beat(cycle_started=ctx.now)
+        log.debug("cycle.start", cycle=self.cycles, revision=self.desired.revision.id)  # cycle.done says it
         self.notifier.status(f"cycle {self.cycles} running (revision {self.desired.revision.id})")
         self._result = None
         self._worker = threading.Thread(target=self._run_cycle, args=(ctx,), name="reconcile", daemon=True)
@@ -325,6 +345,7 @@ class Daemon:
 
     def _finish_cycle(self, now: float) -> None:
         self._worker = None
+        self._beat(cycle_finished=self.clock())
         self.last_result = self._result
         delay = self.resync * (1 + RESYNC_JITTER * (2 * self.rng.random() - 1))
         due = self.last_result.next_due if self.last_result else None

@@ -91,7 +91,10 @@ class ApiSession:
         *,
         insecure: bool = False,
         timeout: float = 60.0,
+        name: str | None = None,
     ) -> None:
+        self.name = name or address
+        """The host's configured name, for messages (the address when none is given)."""
         self.address = address
         self.port = port
         self.user = user
@@ -160,12 +163,22 @@ class ApiSession:
             if not transient:
                 raise
             if isinstance(cause, vim.fault.NotAuthenticated) or not self.alive():
-                log.info("API session to %s lost (%s); logging in again", self.address, type(cause).__name__)
+                log.info(
+                    "API session to host %s (%s) lost (%s); logging in again",
+                    self.name,
+                    self.address,
+                    type(cause).__name__,
+                )
                 self.reconnect()
             else:
                 # The session is fine but the pooled connection was dropped (hosts close idle
                 # connections): a fresh connection carries the retry.
-                log.info("API connection to %s dropped (%s); retrying", self.address, type(cause).__name__)
+                log.info(
+                    "API connection to host %s (%s) dropped (%s); retrying",
+                    self.name,
+                    self.address,
+                    type(cause).__name__,
+                )
             with mapped_faults(what):
                 return fn()
 

@@ -90,6 +90,9 @@ from reconciler.facts.inventory import (
 
 log = logging.getLogger(__name__)
 
+_LICENSES_SEEN: dict[str, str] = {}
+"""The licence last logged per host name: the daemon connects anew every cycle and logs only changes."""
+
 _VMFS_UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{12}$")
 
 
@@ -278,7 +281,12 @@ class EsxiHost:
                 text = self._ssh().run(vimcmd.license_show(), timeout=60).text
                 editions = vimcmd.parse_license_editions(text)
             self._license = license_kind_from_editions(editions)
-            log.info("host %s: licence detected as %s (editions %s)", self.name, self._license, editions)
+            # every cycle connects anew: log a change of licence, not each detection
+            level = logging.DEBUG if _LICENSES_SEEN.get(self.name) == self._license else logging.INFO
+            _LICENSES_SEEN[self.name] = self._license
+            log.log(
+                level, "host %s: licence detected as %s (editions %s)", self.name, self._license, editions
+            )
         return self._license
 
     def _use_api_for_changes(self) -> bool:

@@ -632,7 +632,9 @@ def apply(
         desired, cancel, on_outcome, host_factory, retry or RetryPolicy(), backup_options or BackupOptions(),
         gc_wait_seconds, clock,
     )  # fmt: skip
-    log.info("apply.start", actions=len(plan.actions), revision=plan.revision)
+    log.debug(
+        "apply.start", actions=len(plan.actions), revision=plan.revision
+    )  # each apply.outcome says more
     running: set[int] = set()
     try:
         for kind, items in _segments(plan.actions):
@@ -656,7 +658,7 @@ def apply(
                 run.emit(index, action, "skipped", run.clock(), attempts=0, error=why)
     outcomes = [run.outcomes[i] for i in range(len(plan.actions))]
     counts = {s: sum(1 for o in outcomes if o.status == s) for s in ("ok", "failed", "skipped")}
-    log.info("apply.done", **counts)
+    log.debug("apply.done", **counts)  # the caller's summary (cycle.done, apply's last line) says it
     return outcomes
 
 

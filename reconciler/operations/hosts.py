@@ -34,6 +34,7 @@ def connect(host: Host, *, snapshot_prefix: str = SNAPSHOT_PREFIX) -> EsxiHost:
         password,
         host.api.thumbprint,
         insecure=host.api.insecure_skip_tls_verify,
+        name=host.name,
     )
     shell = None
     if host.ssh.enabled:

@@ -23,6 +23,7 @@ import structlog
 from reconciler.config.model import DesiredState, Host
 from reconciler.config.model import Repository as RepositoryConfig
 from reconciler.facts.inventory import DatastoreInfo, VmInfo
+from reconciler.operations.failures import explain
 from reconciler.operations.hosts import HostFactory, connect
 from reconciler.operations.repositories import open_repository
 from reconciler.planning.observed import HostObservation, ObservedState, RepositoryObservation, RunRecord
@@ -54,8 +55,12 @@ class HostReader(Protocol):
 RepoOpener = Callable[[RepositoryConfig], Repository]
 
 
-def _error_text(exc: BaseException) -> str:
-    """A one-line reason for people (exception messages of this code base never hold secret values)."""
+def _error_text(exc: BaseException, address: str | None = None) -> str:
+    """A one-line reason for people (exception messages of this code base never hold secret values):
+    the words of :func:`reconciler.operations.failures.explain` for an expected failure."""
+    explained = explain(exc, address=address)
+    if explained is not None:
+        return explained.message
     text = " ".join(str(exc).split())
     if len(text) > _ERROR_MAX:  # API faults can carry whole object dumps
         text = text[: _ERROR_MAX - 1] + "…"
@@ -93,7 +98,10 @@ def _observe_hosts(
             observation = _observe_host(config, factory)
         except Exception as exc:  # any failure is an observation of this host, never a crash
             observation = HostObservation(
-                name=config.name, reachable=False, error=_error_text(exc), ssh_enabled=config.ssh.enabled
+                name=config.name,
+                reachable=False,
+                error=_error_text(exc, f"{config.address}:{config.api.port}"),
+                ssh_enabled=config.ssh.enabled,
             )
             log.warning("observe.host_unreachable", host=config.name, error=observation.error)
         else:

@@ -20,5 +20,6 @@ def open_repository(config: RepositoryConfig) -> Repository:
         passphrase,
         compression_level=config.compression.level if config.compression.algorithm == "zstd" else None,
         expect_encrypted=config.encryption.enabled,
+        expect_id=config.id,
         label=config.name,
     )

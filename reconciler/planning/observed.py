@@ -103,6 +103,21 @@ class ObservedState:
         for name in ("hosts", "repositories", "history"):
             object.__setattr__(self, name, _frozen(getattr(self, name)))
 
+    def unobserved(self) -> tuple[str, ...]:
+        """What could not be looked at, one line each (``host esxi1: ...``): a plan made without it is
+        incomplete, never "no changes" (``plan --detailed-exitcode`` exits 3)."""
+        lines = [
+            f"host {name}: {h.error or 'unreachable'}"
+            for name, h in sorted(self.hosts.items())
+            if not h.reachable
+        ]
+        lines += [
+            f"repository {name}: {r.error or 'unreachable'}"
+            for name, r in sorted(self.repositories.items())
+            if not r.reachable
+        ]
+        return tuple(lines)
+
     def record(self, key: str) -> RunRecord:
         """The run record under ``key`` (an empty one if the job never ran)."""
         return self.history.get(key) or RunRecord()

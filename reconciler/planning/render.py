@@ -9,6 +9,7 @@ move the cursor or recolour the terminal.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import timezone
 
 from reconciler.planning.actions import (
@@ -80,8 +81,9 @@ def _count(n: int, one: str, many: str) -> str:
     return f"{n} {one if n == 1 else many}"
 
 
-def summary(plan: Plan) -> str:
-    """The last line: what the plan does, in counts, and what it leaves."""
+def summary(plan: Plan, unobserved: Sequence[str] = ()) -> str:
+    """The last line: what the plan does, in counts, and what it leaves; ``unobserved``
+    (:meth:`ObservedState.unobserved`) makes it an incomplete plan, never "No changes"."""
     kinds = [a.kind for a in plan.actions]
     parts = [
         (kinds.count("remove-snapshot"), "orphaned snapshot to remove", "orphaned snapshots to remove"),
@@ -100,6 +102,10 @@ def summary(plan: Plan) -> str:
     ]
     did = ", ".join(_count(n, one, many) for n, one, many in parts if n)
     rest = ", ".join(_count(n, one, many) for n, one, many in left if n)
+    if unobserved:
+        what = _count(len(unobserved), "host or repository", "hosts or repositories")
+        head = f"Plan INCOMPLETE: {what} could not be observed, so what they need is not planned"
+        return head + "".join(f"; {part}" for part in (did, rest) if part) + "."
     if not did:
         if not rest:
             return "No changes. Reality matches the desired state."
@@ -107,8 +113,8 @@ def summary(plan: Plan) -> str:
     return f"Plan: {did}; {rest}." if rest else f"Plan: {did}."
 
 
-def render_text(plan: Plan, *, color: bool) -> str:
-    """The whole plan as text (ends with a newline)."""
+def render_text(plan: Plan, *, color: bool, unobserved: Sequence[str] = ()) -> str:
+    """The whole plan as text (ends with a newline); ``unobserved`` as in :func:`summary`."""
     lines: list[str] = []
     for action in plan.actions:
         lines.append(_paint(f"  {action.change.value} {action_line(action)}", action.change, color))
@@ -124,5 +130,5 @@ def render_text(plan: Plan, *, color: bool) -> str:
         lines.append(
             f"Next scheduled job: {plan.next_due.astimezone(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}"
         )
-    lines.append(summary(plan))
+    lines.append(summary(plan, unobserved))
     return "\n".join(lines) + "\n"

@@ -6,6 +6,7 @@
     ├── FormatError          an object or config is malformed or has an unknown version
     │   └── IntegrityError   an object fails authentication / its id (damage or tampering)
     ├── MissingObjectError   a referenced object does not exist
+    ├── NotARepositoryError  the path holds no repository (missing, empty: an unmounted volume?)
     ├── WrongKeyError        no key file opens with the passphrase given
     ├── LockedError          another process holds a conflicting lock
     ├── ProtectedPointError  a protected restore point was asked to be deleted
@@ -37,6 +38,12 @@ class MissingObjectError(RepositoryError):
     def __init__(self, name: str) -> None:
         self.name = name
         super().__init__(f"{name}: object does not exist")
+
+
+class NotARepositoryError(RepositoryError):
+    """The path is not an initialised repository: it does not exist, is an empty directory (typically the
+    mount point of a volume that is not mounted) or holds something else. Nothing is ever written there:
+    only ``repo init`` creates a repository."""
 
 
 class WrongKeyError(RepositoryError):

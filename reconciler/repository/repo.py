@@ -41,6 +41,7 @@ from reconciler.repository.errors import (
     FormatError,
     IntegrityError,
     MissingObjectError,
+    NotARepositoryError,
     ProtectedPointError,
     RepositoryError,
     WrongKeyError,
@@ -127,6 +128,27 @@ class RepositoryStats:
     chunk_bytes: int
     indexes: int
     digest_maps: int
+
+
+def _not_a_repository(backend: LocalBackend) -> NotARepositoryError:
+    """Why the path of ``backend`` holds no repository, and what to do: for a missing path or an empty
+    directory the likely cause is a volume that is not mounted, and nothing must be created there."""
+    root, where = backend.root, backend.describe()
+    init = f"`esxi-reconciler repo init {backend.label}`" if backend.label else "`esxi-reconciler repo init`"
+    if not root.exists():
+        cause = "the path does not exist"
+    elif not root.is_dir():
+        cause = "the path is not a directory"
+    else:
+        try:
+            empty = not any(root.iterdir())
+        except OSError:
+            empty = False
+        cause = "the directory is empty" if empty else "the directory holds no repository (no config file)"
+    return NotARepositoryError(
+        f"{where}: not a repository: {cause}; if it lives on a volume, mount it; to create a new repository"
+        f" there, run {init}. Nothing was written"
+    )
 
 
 def _now_text() -> str:
@@ -231,6 +253,7 @@ class Repository:
         *,
         compression_level: int | None = None,
         expect_encrypted: bool | None = None,
+        expect_id: str | None = None,
         label: str | None = None,
     ) -> Repository:
         """Open a repository; ``compression_level`` overrides the stored default for new chunks.
@@ -238,13 +261,21 @@ class Repository:
         ``expect_encrypted`` (the configuration's ``encryption.enabled``) guards against a ``config`` edited
         to store plaintext. Raises :class:`WrongKeyError` if no key file opens with ``passphrase``.
         ``label`` (the configured name) names the repository in messages, next to its path.
+        ``expect_id`` (the configuration's pinned ``id``) refuses a path that holds another repository.
+        A path without a repository raises :class:`NotARepositoryError`; nothing is written to it.
         """
         backend = LocalBackend(path, label=label)
         try:
             with backend.volume_errors("reading config"):  # e.g. a directory the service user cannot read
                 config = RepositoryConfig.from_json(backend.get(CONFIG_NAME))
         except MissingObjectError:
-            raise RepositoryError(f"{path}: not a repository (no config)") from None
+            raise _not_a_repository(backend) from None
+        if expect_id is not None and config.id != expect_id:
+            raise RepositoryError(
+                f"{backend.describe()}: holds repository {config.id}, but the configuration pins id"
+                f" {expect_id}: another volume is mounted there, or the repository was created anew; mount"
+                " the right volume, or set the Repository's id to the new one if it was replaced on purpose"
+            )
         key_names = sorted(n for n in backend.list("keys") if n.endswith(".json"))
         encrypted = config.encryption == ENCRYPTION_AES
         if not encrypted and key_names:
@@ -257,7 +288,10 @@ class Repository:
                 raise RepositoryError(f"{path}: repository is not encrypted but a passphrase was given")
             return cls(backend, config, None, None, compression_level)
         if passphrase is None:
-            raise WrongKeyError(f"{path}: repository is encrypted; a passphrase is required")
+            raise WrongKeyError(
+                f"{backend.describe()}: the repository is encrypted; a passphrase is required"
+                " (set encryption.key in the Repository document)"
+            )
         tried = []
         for name in key_names:
             keyfile = KeyFile.from_json(backend.get(name), name)
@@ -269,9 +303,16 @@ class Repository:
             except WrongKeyError:
                 continue
             return cls(backend, config, key, keyfile.id, compression_level)
+        where = backend.describe()
         if not tried:
-            raise WrongKeyError(f"{path}: no key file for this repository in keys/")
-        raise WrongKeyError(f"wrong passphrase for repository key {', '.join(tried)}")
+            raise WrongKeyError(
+                f"{where}: no key file for this repository in keys/; import the key file saved with"
+                " `repo key-export` into keys/"
+            )
+        raise WrongKeyError(
+            f"{where}: wrong passphrase: it opens none of the repository's keys ({', '.join(tried)});"
+            " check the secret named by the Repository's encryption.key"
+        )
 
     # -- locks ---------------------------------------------------------------------------------------
 

@@ -77,7 +77,10 @@ class CalendarDuration:
     def __post_init__(self) -> None:
         values = (self.years, self.months, self.weeks, self.days, self.hours)
         if any(isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in values):
-            raise RetentionError(f"duration parts must be non-negative whole numbers, got {self!r}")
+            raise RetentionError(
+                "duration parts must be non-negative whole numbers, got"
+                f" {self.years}y{self.months}m{self.weeks}w{self.days}d{self.hours}h"
+            )
         if not any(values):
             raise RetentionError("duration must be longer than zero")
 
@@ -190,7 +193,9 @@ class RetentionPolicy:
         if within is not None:
             if isinstance(within, timedelta):
                 if within <= timedelta(0):
-                    raise RetentionError(f"keep-within must be longer than zero, got {within!r}")
+                    raise RetentionError(
+                        f"keep-within must be longer than zero, got {format_duration(within, minute='min')}"
+                    )
             elif not isinstance(within, CalendarDuration):
                 raise RetentionError(
                     "keep-within must be a CalendarDuration (see parse_duration) or a timedelta, "

@@ -44,6 +44,7 @@ __all__ = [
     "ScheduleSpec",
     "Weekly",
     "Window",
+    "default_rpo",
     "describe",
     "due",
     "in_window",
@@ -120,7 +121,7 @@ class Every:
     def __post_init__(self) -> None:
         if not isinstance(self.interval, timedelta) or self.interval < timedelta(minutes=1):
             raise ScheduleError(
-                f"periodic schedule interval must be at least 1 minute, got {self.interval!r}"
+                f"periodic schedule interval must be at least 1 minute, got {_spoken(self.interval)}"
             )
 
 
@@ -268,11 +269,18 @@ class Schedule:
             raise ScheduleError(f"unknown schedule form {type(self.spec).__name__}")
         _load_zone(self.timezone)
         if not isinstance(self.jitter, timedelta) or self.jitter < timedelta(0):
-            raise ScheduleError(f"jitter must be a non-negative duration, got {self.jitter!r}")
+            raise ScheduleError(f"jitter must be a non-negative duration, got {_spoken(self.jitter)}")
 
     @property
     def zone(self) -> ZoneInfo:
         return _load_zone(self.timezone)
+
+
+def _spoken(value: object) -> str:
+    """A duration as the user writes it (``30s``, ``-1m``), never a Python repr."""
+    if isinstance(value, timedelta):
+        return "-" + format_duration(-value) if value < timedelta(0) else format_duration(value)
+    return repr(value)
 
 
 def _load_zone(name: str) -> ZoneInfo:
@@ -925,3 +933,38 @@ def describe(schedule: Schedule) -> str:
     if schedule.jitter > timedelta(0) and not isinstance(spec, Every | Manual):
         text += f", jitter up to {format_duration(schedule.jitter)}"
     return text
+
+
+# --------------------------------------------------------------------------------------------------
+# Recovery-point objective
+# --------------------------------------------------------------------------------------------------
+
+RPO_SAMPLE_FIRES: Final = 400
+"""How many fire times :func:`default_rpo` looks at (a year of daily runs; every week of a cron)."""
+
+
+def default_rpo(schedule: Schedule, now: datetime) -> timedelta | None:
+    """The recovery-point objective a schedule implies: twice the longest interval between two of its
+    consecutive nominal fire times over the coming year (so one missed run is tolerated, and a slow
+    backup is not a breach), or None for forms without a period (once, after, manual).
+
+    ``now`` only anchors the sample: a calendar form's gaps differ by month and across DST changes."""
+    spec = schedule.spec
+    if isinstance(spec, Every):
+        return 2 * spec.interval
+    if not isinstance(spec, Daily | Weekly | Monthly | Cron):
+        return None
+    now = _utc(now, "now")
+    horizon = now + timedelta(days=400)
+    previous = next_fire(schedule, now)
+    longest: timedelta | None = None
+    for _ in range(RPO_SAMPLE_FIRES):
+        if previous is None or previous > horizon:
+            break
+        following = next_fire(schedule, previous)
+        if following is None:
+            break
+        gap = following - previous
+        longest = gap if longest is None else max(longest, gap)
+        previous = following
+    return 2 * longest if longest is not None else None

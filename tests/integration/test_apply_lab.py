@@ -302,7 +302,7 @@ def test_apply_file_runs_a_current_plan_and_refuses_a_stale_one(
     assert cli.main([*base, "plan", "--out", str(root / "stale.plan")]) == 0
     assert cli.main([*base, "plan", "--out", str(root / "current.plan")]) == 0
     capsys.readouterr()
-    assert cli.main([*base, "apply"]) == 2  # no terminal to ask on and no --yes: refused
+    assert cli.main([*base, "apply"]) == 64  # no terminal to ask on and no --yes: refused
     assert "--yes" in capsys.readouterr().err and repo.point_ids() == []
 
     assert cli.main([*base, "apply", str(root / "current.plan")]) == 0

@@ -217,6 +217,9 @@ def test_plan_backup_points_status_restore(env: Env, capsys: pytest.CaptureFixtu
             assert re.fullmatch(r"\[datastore1\] [^\x00-\x1f/]+/[^\x00-\x1f/]+\.vmx", copy.vmx_path)
             vmx = VmxFile.parse(lab.local_path(host_name, copy.vmx_path).read_text(encoding="utf-8"))
             assert vmx.get("displayName") == copy.name
-    assert env.cli("restore", "nl 01\nnothing") == 2
+    assert env.cli("restore", "nl 01\nnothing") == 1
     err = capsys.readouterr().err
-    assert err == "esxi-reconciler restore: no repository has restore points of VM 'nl 01\\nnothing'\n"
+    assert err == (
+        "esxi-reconciler restore: no repository has restore points of VM 'nl 01\\nnothing'"
+        " (`esxi-reconciler points` lists them)\n"
+    )

@@ -112,12 +112,12 @@ def test_plan_cli_detailed_exitcode_text_json_and_out(
     assert [a.kind for a in stored.actions] == ["cbt", "backup", "backup"]
 
 
-def test_plan_cli_broken_config_exits_1(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_plan_cli_broken_config_exits_78(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     cfg = tmp_path / "config"
     cfg.mkdir()
     (cfg / "p.yaml").write_text(
         "apiVersion: esxi-reconciler/v1\nkind: BackupPolicy\nmetadata: {name: x}\nspec: {}\n"
     )
-    assert cli.main(["--config", str(cfg), "--state-dir", str(tmp_path), "plan", "--detailed-exitcode"]) == 1
+    assert cli.main(["--config", str(cfg), "--state-dir", str(tmp_path), "plan", "--detailed-exitcode"]) == 78
     err = capsys.readouterr().err
-    assert "p.yaml" in err and "the config is invalid; nothing was planned" in err
+    assert "esxi-reconciler plan: the configuration is invalid: p.yaml:4:1" in err and "Traceback" not in err

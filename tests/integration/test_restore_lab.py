@@ -304,11 +304,11 @@ def test_overwrite_is_refused_without_overwrite_and_confirmation(
     before = flat_sha(env, lab.free, "db 01")
     assert env.cli("restore", "db 01", "--name", "db 01") == 1  # its own name: that is an overwrite
     assert "--overwrite" in capsys.readouterr().err
-    assert env.cli("restore", "db 01", "--disk", "scsi0:1") == 2
+    assert env.cli("restore", "db 01", "--disk", "scsi0:1") == 64
     assert "--overwrite" in capsys.readouterr().err
-    assert env.cli("restore", "db 01", "--overwrite") == 2  # not a terminal and no --yes: no question
-    assert "not confirmed" in capsys.readouterr().err
-    assert env.cli("restore", "db 01", "--overwrite", "--yes", "--to-vm", "nope") == 2
+    assert env.cli("restore", "db 01", "--overwrite") == 64  # not a terminal and no --yes: no question
+    assert "Not asked: no terminal; nothing changed (add --yes)" in capsys.readouterr().err
+    assert env.cli("restore", "db 01", "--overwrite", "--yes", "--to-vm", "nope") == 64
     assert "nothing to overwrite" in capsys.readouterr().err
     assert flat_sha(env, lab.free, "db 01") == before
     assert vm_state(lab, lab.free, "db 01")["power"] == "poweredOn"  # type: ignore[index]
@@ -503,7 +503,7 @@ def test_killed_overwrite_leaves_the_vm_powered_off_and_the_next_command_gives_i
         assert bool(leftovers(env, SCRATCH)) == (stage == "writing")  # half-written, never used
 
     # the next restore of the VM says what happened and the way on (here: not confirmed, nothing done)
-    assert env.cli("restore", SCRATCH, "--overwrite") == 2
+    assert env.cli("restore", SCRATCH, "--overwrite") == 64
     assert "an overwrite that did not finish" in capsys.readouterr().out
 
     if then == "abort":
@@ -623,7 +623,7 @@ def test_same_vm_name_on_both_hosts_overwrite_uses_that_hosts_point(
 
     before = snapshot()
     # the name alone is ambiguous: refused, the candidates listed, nothing written
-    assert env.cli("restore", TWIN, "--overwrite", "--yes") == 2
+    assert env.cli("restore", TWIN, "--overwrite", "--yes") == 64
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "2 different VMs named 'twin web'" in err
     for p in (p1, p2):
@@ -631,7 +631,7 @@ def test_same_vm_name_on_both_hosts_overwrite_uses_that_hosts_point(
     assert "--from-host" in err
     assert snapshot() == before
     # the other host's point named explicitly is not put over esxi1's VM without --to-vm
-    assert env.cli("restore", TWIN, "--point", p2.id, "--overwrite", "--yes", "--host", lab.free) == 2
+    assert env.cli("restore", TWIN, "--point", p2.id, "--overwrite", "--yes", "--host", lab.free) == 64
     err = capsys.readouterr().err
     assert f"is of VM 'twin web' from {lab.licensed}" in err and "--to-vm" in err
     assert snapshot() == before

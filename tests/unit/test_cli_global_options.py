@@ -55,7 +55,7 @@ def test_global_options_before_or_after_the_verb(config: Path, capsys: pytest.Ca
     assert capsys.readouterr().out.count("OK: ") == 2
     # Given twice, the one after the verb wins (argparse: the last one).
     assert main(["--config", str(config / "missing"), "validate", "--config", str(config)]) == 0
-    assert main(["--config", str(config), "validate", str(config / "hosts")]) == 2
+    assert main(["--config", str(config), "validate", str(config / "hosts")]) == 64
     assert "either as DIR or --config" in capsys.readouterr().err
 
 
@@ -86,7 +86,7 @@ def test_log_level_options(argv: list[str], level: str) -> None:
 def test_bad_global_options_are_usage_errors(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as caught:
         main(argv)
-    assert caught.value.code == 2
+    assert caught.value.code == 64  # EX_USAGE, never 2 ("changes")
     assert "invalid choice" in capsys.readouterr().err
 
 
@@ -123,14 +123,14 @@ def test_secret_values_never_printed(
         (credentials / name).write_text(VALUE + "\n")
     monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(credentials))
     # The file references point outside tmp_path and fail; the credentials resolve.
-    assert main(["-v", "--log-format", "json", "validate", "--resolve-secrets", str(config)]) == 1
+    assert main(["-v", "--log-format", "json", "validate", "--resolve-secrets", str(config)]) == 78
     out, err = capsys.readouterr()
     assert "FAILED: 2 errors" in out
     assert VALUE not in out and VALUE not in err
 
 
 def test_no_verb_prints_help(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main([]) == 2
+    assert main([]) == 64
     assert capsys.readouterr().err.startswith("usage: esxi-reconciler")
 
 

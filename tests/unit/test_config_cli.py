@@ -39,7 +39,7 @@ def test_config_option_and_environment(
     monkeypatch.setenv("ESXI_RECONCILER_CONFIG", str(config))
     assert main(["validate"]) == 0
     assert capsys.readouterr().out.count("OK: ") == 2
-    assert main(["validate", str(config), "--config", str(config / "hosts")]) == 2
+    assert main(["validate", str(config), "--config", str(config / "hosts")]) == 64
     assert "either as DIR or --config" in capsys.readouterr().err
 
 
@@ -47,7 +47,7 @@ def test_default_directory(capsys: pytest.CaptureFixture[str], monkeypatch: pyte
     monkeypatch.delenv("ESXI_RECONCILER_CONFIG", raising=False)
     if Path("/etc/esxi-reconciler/config.d").exists():
         pytest.skip("a real config is installed here")
-    assert main(["validate"]) == 1
+    assert main(["validate"]) == 78
     assert capsys.readouterr().out == (
         "/etc/esxi-reconciler/config.d config directory does not exist\n"
         "FAILED: 1 error in 1 file (/etc/esxi-reconciler/config.d)\n"
@@ -62,7 +62,7 @@ def test_invalid_config(config: Path, capsys: pytest.CaptureFixture[str]) -> Non
     (config / "policies" / "apps.yaml").write_text(
         (config / "policies" / "apps.yaml").read_text().replace("cbt: enabled", "cbt: on")
     )
-    assert main(["validate", str(config)]) == 1
+    assert main(["validate", str(config)]) == 78
     out, _ = capsys.readouterr()
     license_line, port_line = line_of(host, "license:"), line_of(host, "port: 70000")
     cbt_line = line_of(config / "policies" / "apps.yaml", "cbt:")
@@ -83,7 +83,7 @@ def test_json_output(config: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert result["revision"]["id"].startswith("sha256:")
 
     (config / "hosts" / "broken.yaml").write_text("a: 1\na: 2\n")
-    assert main(["validate", "--format", "json", str(config)]) == 1
+    assert main(["validate", "--format", "json", str(config)]) == 78
     result = json.loads(capsys.readouterr().out)
     assert result["valid"] is False
     assert result["errors"] == [
@@ -118,7 +118,7 @@ def test_resolve_secrets(
     config: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.delenv("CREDENTIALS_DIRECTORY", raising=False)
-    assert main(["validate", "--resolve-secrets", str(config)]) == 1
+    assert main(["validate", "--resolve-secrets", str(config)]) == 78
     out, _ = capsys.readouterr()
     line = line_of(config / "hosts" / "esxi1.yaml", "password: {")
     assert f"hosts/esxi1.yaml:{line}:5 spec.credentials.password: Secret(credential:esxi1-password):" in out
@@ -131,4 +131,4 @@ def test_help_shows_examples(capsys: pytest.CaptureFixture[str]) -> None:
     assert caught.value.code == 0
     out = capsys.readouterr().out
     assert "esxi-reconciler validate config.example/" in out
-    assert "exit status: 0 valid, 1 invalid, 2 usage error" in out
+    assert "exit codes: 0 success; 1 the operation failed" in out and "78 configuration" in out

@@ -458,7 +458,7 @@ CASES: list[tuple[str, dict[str, str], list[str]]] = [
         {"policies/nightly.yaml": POLICY.replace('daily: {at: "02:00"}', "every: 30s")},
         [
             "policies/nightly.yaml:10:5 spec.schedule.every: periodic schedule interval must be at least 1"
-            " minute, got datetime.timedelta(seconds=30)"
+            " minute, got 30s"
         ],
     ),
     (

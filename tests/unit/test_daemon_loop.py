@@ -315,7 +315,7 @@ def test_once_runs_one_cycle_and_exits_with_its_result(config_dir: Path, tmp_pat
 
     (config_dir / "repo.yaml").write_text(INVALID.format(name="r"))
     none = Recorder()
-    assert make(config_dir, tmp_path, none, once=True).run() == 2
+    assert make(config_dir, tmp_path, none, once=True).run() == 78  # EX_CONFIG, as every verb
     assert none.contexts == []
 
 

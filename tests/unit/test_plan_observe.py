@@ -90,7 +90,7 @@ def test_a_host_error_is_an_observation_with_the_message(tmp_path: Path) -> None
     seen = observe(desired, now=NOW, history={}, host_factory=lambda c: fakes[c.name], repo_opener=_no_repo)
     assert (seen.hosts["esxi1"].reachable, seen.hosts["esxi1"].error) == (
         False,
-        "EsxiError: login failed for root",
+        "login failed for root",
     )
     assert fakes["esxi1"].closed
     assert seen.hosts["esxi2"].reachable

@@ -88,9 +88,9 @@ def test_unknown_repository_and_missing_subcommand(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     cfg = _config(tmp_path)
-    assert main(["repo", "init", "nsa", "--config", str(cfg)]) == 2
+    assert main(["repo", "init", "nsa", "--config", str(cfg)]) == 64
     assert "no Repository named 'nsa'; did you mean 'nas'?" in capsys.readouterr().err
-    assert main(["repo", "--config", str(cfg)]) == 2
+    assert main(["repo", "--config", str(cfg)]) == 64
     assert "init, key-export or gc" in capsys.readouterr().err
     assert not (tmp_path / "repo").exists()
 
@@ -100,7 +100,7 @@ def test_init_with_an_unreadable_secret_fails_cleanly(
 ) -> None:
     cfg = _config(tmp_path)
     (tmp_path / "nas.key").chmod(0o644)  # refused: others may read it
-    assert main(["repo", "init", "nas", "--config", str(cfg)]) == 1
+    assert main(["repo", "init", "nas", "--config", str(cfg)]) == 78  # a secret of the config
     err = capsys.readouterr().err
     assert "esxi-reconciler repo init:" in err
     assert PASSPHRASE not in err

@@ -189,17 +189,17 @@ def test_repo_gc_never_sweeps_under_a_running_backup(
 def test_repo_gc_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     load_desired(tmp_path, repositories=[repo_doc(path=str(tmp_path / "repo"))])
     config = str(tmp_path / "config")
-    assert main(["--config", config, "repo", "gc", "nsa"]) == 2
+    assert main(["--config", config, "repo", "gc", "nsa"]) == 64
     assert (
         capsys.readouterr().err == "esxi-reconciler repo gc: no Repository named 'nsa'; did you mean 'nas'?\n"
     )
-    assert main(["--config", config, "repo", "gc", "nas", "--wait", "-1"]) == 2
+    assert main(["--config", config, "repo", "gc", "nas", "--wait", "-1"]) == 64
     assert "--wait must not be negative" in capsys.readouterr().err
     assert (
         main(["--config", config, "--log-level", "critical", "repo", "gc", "nas"]) == 1
     )  # never initialised
     err = capsys.readouterr().err
-    assert err.startswith("esxi-reconciler repo gc: repository nas: ") and "not a repository" in err
+    assert err.startswith("esxi-reconciler repo gc: repository nas (") and "not a repository" in err
     assert "Traceback" not in err and err.count("\n") == 1
 
 

@@ -251,7 +251,7 @@ def test_commands_refuse_the_ambiguous_name_and_use_the_chosen_host(
     _, points = two_hosts
     cfg = write_config(tmp_path)
     out_dir = tmp_path / "out"
-    assert run(cfg, "export", "web01", "--to", str(out_dir)) == 2
+    assert run(cfg, "export", "web01", "--to", str(out_dir)) == 64
     err = capsys.readouterr().err
     assert (
         err.count("\n") == 1
@@ -261,24 +261,25 @@ def test_commands_refuse_the_ambiguous_name_and_use_the_chosen_host(
     )
     assert not out_dir.exists()  # nothing written
     # the bug: `restore web01 --overwrite --yes` took esxi2's newer point; now refused before any host
-    assert run(cfg, "restore", "web01", "--overwrite", "--yes") == 2
+    assert run(cfg, "restore", "web01", "--overwrite", "--yes") == 64
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"esxi1 uuid {UUID1}" in err and f"esxi2 uuid {UUID2}" in err
-    assert run(cfg, "restore", "web01") == 2 and "2 different VMs named 'web01'" in capsys.readouterr().err
-    assert run(cfg, "restore", "web01", "--from-host", "esxi3") == 2
+    assert run(cfg, "restore", "web01") == 64 and "2 different VMs named 'web01'" in capsys.readouterr().err
+    assert run(cfg, "restore", "web01", "--from-host", "esxi3") == 1  # no such points: failed
     assert "no repository has restore points of VM 'web01' from esxi3" in capsys.readouterr().err
     # chosen by source host: esxi1's VM (not the newer esxi2 one), named in the output
     assert run(cfg, "export", "web01", "--from-host", "esxi1", "--to", str(out_dir)) == 0, capsys.readouterr()
     out = capsys.readouterr().out
     assert f"restore point {points['esxi1'].id} of VM 'web01' from esxi1 (uuid {UUID1})" in out
     assert "the web01 of esxi1" in (out_dir / "web01.vmx").read_text()
-    assert run(cfg, "restore", "web01", "--point", points["esxi2"].id, "--from-host", "esxi1") == 2
+    assert run(cfg, "restore", "web01", "--point", points["esxi2"].id, "--from-host", "esxi1") == 64
     assert "not from esxi1" in capsys.readouterr().err
     # options that make no sense together are refused before anything is read
     assert (
-        run(cfg, "restore", "web01", "--to-vm", "web02") == 2 and "add --overwrite" in capsys.readouterr().err
+        run(cfg, "restore", "web01", "--to-vm", "web02") == 64
+        and "add --overwrite" in capsys.readouterr().err
     )
-    assert run(cfg, "restore", "web01", "--abort", "--overwrite") == 2
+    assert run(cfg, "restore", "web01", "--abort", "--overwrite") == 64
     assert "--abort" in capsys.readouterr().err
 
 

@@ -74,7 +74,8 @@ def test_table_with_last_plan_and_recent_failures_exits_1_when_stalled(
     assert any("esxi1/db 01" in line and "Stalled" in line and "BackupFailed" in line for line in lines)
     assert "last plan: 2026-11-26 02:00Z at git:0123456789ab+dirty: 1 action, 0 notices" in out
     assert "backup esxi1/db 01: snapshot timed out" in out
-    assert out.rstrip().endswith("3 objects, 1 stalled")
+    assert "\n3 objects, 1 stalled\n" in out
+    assert out.rstrip().endswith("UNHEALTHY:\n  stalled: 1 object Stalled: vm esxi1/db 01: BackupFailed")
 
 
 def test_json_and_exit_0_when_nothing_is_stalled_while_the_daemon_runs(
@@ -100,7 +101,7 @@ def test_json_and_exit_0_when_nothing_is_stalled_while_the_daemon_runs(
 def test_no_status_yet_is_an_error_naming_the_state_directory(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    assert cli.main(["--state-dir", str(tmp_path / "nothing"), "status"]) == 1
+    assert cli.main(["--state-dir", str(tmp_path / "nothing"), "status"]) == 3  # nothing to look at
     err = capsys.readouterr().err
     assert "no status recorded yet" in err
     assert str(tmp_path / "nothing") in err

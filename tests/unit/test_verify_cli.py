@@ -135,7 +135,7 @@ def test_no_read_data_and_subsets(
         ["verify", "--no-read-data", "--read-data-subset", "1/2"],
     ],
 )
-def test_usage_errors_exit_2(
+def test_usage_errors_exit_64(
     setup: tuple[Path, Repository, Repository], capsys: pytest.CaptureFixture[str], argv: list[str]
 ) -> None:
     cfg, _, _ = setup
@@ -143,7 +143,7 @@ def test_usage_errors_exit_2(
         code = main([*argv, "--config", str(cfg)])
     except SystemExit as exc:  # argparse
         code = exc.code  # type: ignore[assignment]
-    assert code == 2
+    assert code == 64
     err = capsys.readouterr().err
     assert "did you mean 'nas'?" in err if argv[1] == "nsa" else "verify" in err
 
@@ -155,7 +155,7 @@ def test_a_repository_that_cannot_be_opened_exits_1(
     (nas.path / "config").unlink()
     assert main(["verify", "--config", str(cfg), "--log-level", "critical"]) == 1
     captured = capsys.readouterr()
-    assert "esxi-reconciler verify: repository nas: not verified:" in captured.err
+    assert "esxi-reconciler verify: not verified: repository nas (" in captured.err
     assert "not a repository" in captured.err
     assert "repository usb: OK" in captured.out
     assert PASSPHRASE not in captured.out + captured.err

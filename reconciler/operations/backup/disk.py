@@ -180,7 +180,8 @@ class DiskJob:
         reading = self.choose()
         choice = reading.choice
         if choice.fallback:
-            self.log.warning("backup.fallback_full", reason=choice.fallback_reason)
+            # expected (first backup, CBT reset, capacity change): info, not a warning to alert on
+            self.log.info("backup.fallback_full", reason=choice.fallback_reason)
         base = None
         if choice.mode != "full":
             assert self.record is not None
@@ -194,7 +195,7 @@ class DiskJob:
         total = disk.capacity if reading.areas is None else sum(n for _, n in reading.areas)
         progress = self.ctx.options.progress
         disk_progress = progress.disk(self.snapshot.vm.name, disk.label, total) if progress else None
-        self.log.info("backup.disk_start", mode=choice.mode, read=choice.read, bytes_to_walk=total)
+        self.log.debug("backup.disk_start", mode=choice.mode, read=choice.read, bytes_to_walk=total)
         method: ReadMethod = choice.read
         digest_map = None
         try:
@@ -327,7 +328,7 @@ class DiskJob:
             asm.finish()
         finally:
             reader.close()
-        self.log.info("backup.https_full", areas=len(areas), bytes_read=received)
+        self.log.debug("backup.https_full", areas=len(areas), bytes_read=received)
         dm = DigestMap(DIGEST_ALGORITHM, BLOCK_SIZE, disk.capacity, DIGEST_SIZE, bytes(digests))
         return received, received + sent, dm
 

@@ -106,7 +106,7 @@ def backup_policy(
         return []
     limits = DatastoreLimits(host_cfg.limits.concurrent_backups_per_datastore)
     results: list[VmResult] = []
-    log.info("backup.policy_start", policy=policy_name, vms=[v.name for v in selected])
+    log.debug("backup.policy_start", policy=policy_name, vms=[v.name for v in selected])
 
     def one(info: VmInfo) -> VmResult:
         datastores = {info.datastore} | {split_ds_path(d.file)[0] for d in info.disks}
@@ -127,7 +127,10 @@ def backup_policy(
         except Cancelled as exc:
             return VmResult(info.name, host_cfg.name, policy.name, False, error=str(exc), exception=exc)
         except Exception as exc:  # e.g. login failed
-            log.error("backup.vm_failed", vm=info.name, error=str(exc))
+            if cancel.is_set():
+                log.info("backup.vm_cancelled", vm=info.name, reason=str(exc))
+            else:
+                log.error("backup.vm_failed", vm=info.name, error=str(exc))
             return VmResult(info.name, host_cfg.name, policy.name, False, error=str(exc), exception=exc)
 
     # what killed runs left in tmp/ goes first: on a full volume it is what makes room for the lock file

@@ -48,7 +48,11 @@ def backup_vm(ctx: BackupContext, vm: VmInfo | str) -> VmResult:
         expected = isinstance(exc, EsxiError | BackupError | Cancelled | StorageError)
         result.error = str(exc) if expected else f"{type(exc).__name__}: {exc}"
         result.exception = exc
-        ctx.log.error("backup.vm_failed", error=result.error, exc_info=not expected)
+        if isinstance(exc, Cancelled) or ctx.cancel.is_set():
+            # a clean stop (SIGTERM) is not an error: log-based alerts must not fire on it
+            ctx.log.info("backup.vm_cancelled", reason=result.error)
+        else:
+            ctx.log.error("backup.vm_failed", error=result.error, exc_info=not expected)
     else:
         result.ok = result.error is None  # a failing post hook (on_failure: fail) fails the run
         result.point_id = point.id
@@ -109,7 +113,9 @@ def _backup_locked(ctx: BackupContext, vm: VmInfo, result: VmResult) -> RestoreP
     started = datetime.now(timezone.utc)
     point_id = new_point_id(started)
     prev = previous_point(repo, policy.name, vm, host.name)
-    ctx.log.info("backup.vm_start", point=point_id, previous=prev.id if prev else None, full=ctx.options.full)
+    ctx.log.debug(
+        "backup.vm_start", point=point_id, previous=prev.id if prev else None, full=ctx.options.full
+    )
     files = _config_files(host, vm)
     ctx.check_cancel()
     records: list[DiskRecord] = []
@@ -117,7 +123,9 @@ def _backup_locked(ctx: BackupContext, vm: VmInfo, result: VmResult) -> RestoreP
         vm, quiesce=policy.quiesce, timeout=policy.snapshot_timeout.total_seconds()
     ) as bs:
         snapshot_time = bs.snapshot.created or datetime.now(timezone.utc)
-        ctx.log.info("backup.snapshot", snapshot=bs.snapshot.name, snapshot_id=bs.snapshot.id, point=point_id)
+        ctx.log.debug(
+            "backup.snapshot", snapshot=bs.snapshot.name, snapshot_id=bs.snapshot.id, point=point_id
+        )
         if ctx.options.on_snapshot is not None:
             ctx.options.on_snapshot(host, bs)
         stored = [repo.write_file(name, data) for name, data in files]
