@@ -113,7 +113,8 @@ def env(lab: LabHandle, tmp_path_factory: pytest.TempPathFactory, secret_scan: S
     desired = load_config(config)
     proc = subprocess.Popen(
         [sys.executable, "-m", "reconciler.cli", "--config", str(config), "--state-dir", str(state),
-         "--log-format", "json", "run", "--resync", f"{RESYNC:.0f}s", "--debounce", f"{DEBOUNCE:.0f}s"],
+         "--log-format", "json", "--log-level", "debug",  # config.unchanged and cycle.start are debug
+         "run", "--resync", f"{RESYNC:.0f}s", "--debounce", f"{DEBOUNCE:.0f}s"],
         cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
     )  # fmt: skip
     daemon = Daemon(proc, secret_scan)
