@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Protocol
@@ -160,6 +160,14 @@ def _observe_repository(config: RepositoryConfig, opener: RepoOpener) -> Reposit
     )
 
 
+def observe_repositories(
+    repositories: Iterable[RepositoryConfig], *, repo_opener: RepoOpener = open_repository
+) -> dict[str, RepositoryObservation]:
+    """Each repository's restore points (under a shared lock), or why it cannot be read: what
+    :func:`observe` reads of them, and all the approval check of a proposed config needs."""
+    return {config.name: _observe_repository(config, repo_opener) for config in repositories}
+
+
 def observe(
     desired: DesiredState,
     *,
@@ -179,9 +187,7 @@ def observe(
         daemon=True,
     )
     host_thread.start()
-    repositories = {
-        name: _observe_repository(config, repo_opener) for name, config in desired.repositories.items()
-    }
+    repositories = observe_repositories(desired.repositories.values(), repo_opener=repo_opener)
     host_thread.join()
     return ObservedState(
         time=now,

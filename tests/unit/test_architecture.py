@@ -23,6 +23,7 @@ IO_LIBRARIES = (
 IO_PACKAGES = (
     *("reconciler.esxi", "reconciler.repository", "reconciler.operations", "reconciler.status.store"),
     *("reconciler.config.loader", "reconciler.config.revision", "reconciler.daemon", "reconciler.commands"),
+    *("reconciler.gitsource", "reconciler.config.source"),
 )
 
 
@@ -76,6 +77,8 @@ def test_every_exception_is_needed(tmp_path: Path, line: str) -> None:
         ("planning/plan.py", "import reconciler.esxi.host", "Layers"),
         ("repository/gc.py", "import reconciler.operations.progress", "Layers"),
         ("config/model.py", "import reconciler.config.loader", "No import cycle"),
+        ("gitsource/sync.py", "import reconciler.daemon.loop", "Layers"),
+        ("planning/approval.py", "import reconciler.gitsource.git", "Deciding does no I/O"),
     ],
 )
 def test_a_violation_is_caught(tmp_path: Path, module: str, statement: str, contract: str) -> None:
@@ -94,7 +97,10 @@ def test_a_violation_is_caught(tmp_path: Path, module: str, statement: str, cont
         "reconciler.planning.render",
         "reconciler.planning.fingerprint",
         "reconciler.planning.backup_mode",
+        "reconciler.planning.approval",
+        "reconciler.planning.review",
         "reconciler.status.conditions",
+        "reconciler.status.source",
         "reconciler.rules.schedule",
         "reconciler.rules.retention",
         "reconciler.rules.durations",
