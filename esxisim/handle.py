@@ -20,6 +20,7 @@ from pyVmomi.Security import VerifyCertThumbprint
 from esxisim import MiB
 from esxisim.client import ControlClient
 from esxisim.lab import Lab
+from esxisim.record import ShellRecording, recording
 
 FREE_HOST = "esxi1"
 LICENSED_HOST = "esxi2"
@@ -124,6 +125,11 @@ class LabHandle:
 
     def fault(self, host: str, kind: str, **options: Any) -> dict[str, Any]:
         return self.lab.fault(host, kind, **options)
+
+    def recording(self, host: str) -> contextlib.AbstractContextManager[ShellRecording]:
+        """Record every SSH command line ``host`` receives and the argv of the programs it runs, for
+        the duration of a ``with`` block (esxisim/record.py)."""
+        return recording(self.lab.host(host).dir)
 
     def clear_faults(self) -> None:
         for name in self.lab.hosts:

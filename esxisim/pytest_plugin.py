@@ -43,8 +43,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip)
 
 
-def _stop(simlab: Lab, handle: LabHandle | None) -> None:
-    """Stop a lab and fail if anything of it survives (its logs saved first if ``ESXISIM_KEEP_LOGS``)."""
+def stop_lab(simlab: Lab, handle: LabHandle | None) -> None:
+    """Stop a lab and fail if anything of it survives (also for labs a test module starts itself; its
+    logs saved first if ``ESXISIM_KEEP_LOGS``)."""
     state_dir = simlab.state_dir
     if handle is not None:
         handle.close()
@@ -69,7 +70,7 @@ def lab() -> Iterator[LabHandle]:
         handle = LabHandle(simlab)
         yield handle
     finally:
-        _stop(simlab, handle)
+        stop_lab(simlab, handle)
 
 
 @pytest.fixture(scope="session")
@@ -99,7 +100,7 @@ def lab_of_version() -> Iterator[Callable[[str], LabHandle]]:
         failures: list[AssertionError] = []
         for simlab, handle in started.values():
             try:
-                _stop(simlab, handle)
+                stop_lab(simlab, handle)
             except AssertionError as exc:  # stop every lab, then report
                 failures.append(exc)
         if failures:

@@ -159,6 +159,8 @@ def sshd_config(port: int) -> str:
             f"Ciphers {CIPHERS}",
             f"SetEnv PATH={TOOLS_MOUNT}:/usr/bin:/bin ESXISIM_SOCKET={CONTROL_MOUNT}/control.sock",
             "Subsystem sftp internal-sftp",
+            # every command goes through the recorder, which records only while a test asks (record.py)
+            f"ForceCommand {TOOLS_MOUNT}/record/esxisim-session",
             "LogLevel ERROR",
             "",
         ]

@@ -140,6 +140,7 @@ FAULT = re.compile(
 """A fault object, at the start of a line (``(vim.fault.NotFound) {``) or after what vim-cmd was doing
 (``Power on failed: (vim.fault.GenericVmConfigFault) {``, ESXi 7–9)."""
 _FAULT_MSG = re.compile(r'^(?P<indent>\s*)msg = "(?P<text>.*)$')
+_MSG_END = re.compile(r'",?\s*$')
 
 
 def unexpected(command: str, line: str, why: str = "unexpected line") -> ProtocolError:
@@ -177,11 +178,13 @@ def _fault_msg(lines: list[str]) -> str:
         i += 1
         if m is None:
             continue
-        text = m.group("text")
-        while not re.search(r'",?\s*$', text) and i < len(lines):
-            text += "\n" + lines[i]
+        parts = [m.group("text")]
+        # only the newest line can end the message: searching the whole text again each time took
+        # quadratic time on a message that never closes (fuzzing)
+        while not _MSG_END.search(parts[-1]) and i < len(lines):
+            parts.append(lines[i])
             i += 1
-        text = re.sub(r'",?\s*$', "", text)
+        text = _MSG_END.sub("", "\n".join(parts))
         indent = len(m.group("indent"))
         if best is None or indent <= best[0]:
             best = (indent, text)

@@ -347,9 +347,41 @@ class RestoreOptions:
     on_stage: Callable[[str], None] | None = None
 
 
+VM_NAME_MAX = 80
+"""ESXi's longest VM name, in characters."""
+NAME_MAX = 255
+"""The longest file name, in bytes, on VMFS, NFS and the local file systems an export goes to."""
+_TEMPORARY_SUFFIX = ".esxi-reconciler.tmp"
+"""What :meth:`EsxiHost.write_file` appends to a name while it writes the file."""
+_RESTORED_DISK_SUFFIX = "-restored-20260101020304-3fa2-flat.vmdk"
+"""The longest name an overwrite gives a disk (the shape of it, for the length only)."""
+_RESTORED_NVRAM_SUFFIX = "-restored-20260101020304-3fa2.nvram"
+
+
 def default_name(vm: str, now: datetime | None = None) -> str:
+    """``<vm>-restored-<time>``, the VM's name cut so the whole stays within ESXi's 80 characters."""
     moment = (now or datetime.now(timezone.utc)).astimezone(timezone.utc)
-    return f"{vm}-restored-{moment:%Y%m%d-%H%M}"
+    suffix = f"-restored-{moment:%Y%m%d-%H%M}"
+    return vm[: VM_NAME_MAX - len(suffix)] + suffix
+
+
+def fit_stem(stem: str, suffix: str) -> str:
+    """``stem``, cut at a character boundary and tagged with a digest of the whole so that ``stem +
+    suffix`` fits in a file name (255 bytes) while it is written under its temporary name too. An
+    80-character VM name is up to 240 bytes of UTF-8, and its files get suffixes (``_1-flat.vmdk``,
+    ``-restored-<time>-<id>-flat.vmdk``, the overwrite journal's) that would not fit."""
+    room = NAME_MAX - len(_TEMPORARY_SUFFIX) - len(suffix.encode("utf-8", "surrogateescape"))
+    data = stem.encode("utf-8", "surrogateescape")
+    if len(data) <= room:
+        return stem
+    # a digest of the whole stem keeps cut names apart (``disk`` and ``disk_1`` may differ only at the end)
+    tag = "~" + hashlib.sha256(data).hexdigest()[:8]
+    used = len(tag)
+    for i, ch in enumerate(stem):
+        used += len(ch.encode("utf-8", "surrogateescape"))
+        if used > room:
+            return stem[:i] + tag
+    raise AssertionError("unreachable: the stem is longer than the room")
 
 
 def safe_file_name(name: str) -> str:
@@ -453,7 +485,7 @@ def restore_new_vm(
     sparse = options.thin and host.ssh_enabled  # an HTTPS upload writes the holes too
     need = sum(stored_bytes(repo, d) if sparse else d.capacity for d in point.disks)
     _check_space(host, datastore, need + sum(f.size for f in point.files))
-    stem = safe_file_name(name)
+    stem = fit_stem(safe_file_name(name), "_15" + _RESTORED_DISK_SUFFIX)  # room for a later overwrite
     folder = f"[{datastore}] {stem}"
     if host.folder_exists(folder):
         raise RestoreError(f"folder {folder} already exists; choose another --name")
@@ -547,7 +579,8 @@ def _remove_leftovers(host: RestoreHost, vm: VmInfo, disk_files: Iterable[str]) 
     for file in disk_files:
         ds, rel = split_ds_path(file)
         folder = f"[{ds}] {posixpath.dirname(rel)}"
-        ours = re.compile(re.escape(_base_stem(rel)) + r"-restored-\d{14}-[0-9a-f]{4}\.vmdk")
+        base = fit_stem(_base_stem(rel), _RESTORED_DISK_SUFFIX)
+        ours = re.compile(re.escape(base) + r"-restored-\d{14}-[0-9a-f]{4}\.vmdk")
         for name in host.list_folder(folder, "*-restored-*.vmdk"):
             path = f"{folder}/{name}"
             if ours.fullmatch(name) and path not in used and name not in named and path not in removed:
@@ -557,7 +590,7 @@ def _remove_leftovers(host: RestoreHost, vm: VmInfo, disk_files: Iterable[str]) 
     ds, rel = split_ds_path(vm.vmx_path)
     folder = f"[{ds}] {posixpath.dirname(rel)}"
     in_use = vmx.get("nvram")
-    stem = posixpath.basename(rel).rsplit(".", 1)[0]
+    stem = fit_stem(posixpath.basename(rel).rsplit(".", 1)[0], _RESTORED_NVRAM_SUFFIX)
     ours = re.compile(re.escape(stem) + r"-restored-\d{14}-[0-9a-f]{4}\.nvram")
     for name in host.list_folder(folder, "*-restored-*.nvram"):
         if ours.fullmatch(name) and name != in_use:
@@ -660,7 +693,7 @@ class OverwriteJournal:
 def journal_path(vm: VmInfo) -> str:
     """``[ds] dir/<vmx name>.esxi-reconciler-overwrite.json`` beside the VM's .vmx."""
     ds, rel = split_ds_path(vm.vmx_path)
-    stem = posixpath.basename(rel).rsplit(".", 1)[0]
+    stem = fit_stem(posixpath.basename(rel).rsplit(".", 1)[0], JOURNAL_SUFFIX)
     return f"[{ds}] {posixpath.join(posixpath.dirname(rel), stem + JOURNAL_SUFFIX)}"
 
 
@@ -778,7 +811,8 @@ def _point_configuration(
         return vmx, None
     ds, rel = split_ds_path(vm.vmx_path)
     folder = posixpath.dirname(rel)
-    name = f"{posixpath.basename(rel).rsplit('.', 1)[0]}-restored-{stamp}.nvram"
+    stem = fit_stem(posixpath.basename(rel).rsplit(".", 1)[0], _RESTORED_NVRAM_SUFFIX)
+    name = f"{stem}-restored-{stamp}.nvram"
     host.write_file(f"[{ds}] {posixpath.join(folder, name)}", repo.read_file(stored))
     vmx.set("nvram", name)
     previous = current.get("nvram")
@@ -960,7 +994,7 @@ def restore_overwrite(
             _stage(options, "powered-off")
             for rec, cur in pairs:
                 ds, rel = split_ds_path(cur.file)
-                name = f"{_base_stem(rel)}-restored-{stamp}.vmdk"
+                name = f"{fit_stem(_base_stem(rel), _RESTORED_DISK_SUFFIX)}-restored-{stamp}.vmdk"
                 new = f"[{ds}] {posixpath.join(posixpath.dirname(rel), name)}"
                 written.append(
                     _write_verified(

@@ -363,3 +363,30 @@ def test_datastore_paths() -> None:
     assert list(pieces([(0, 10), (100, 25)], 10)) == [(0, 10), (100, 10), (110, 10), (120, 5)]
     with pytest.raises(ValueError):
         split_ds_path("/vmfs/volumes/ds/x")
+
+
+# -- found by the reliability suite's fuzzing (tests/reliability/test_fuzz_parsers.py) ------------------
+
+
+def test_vmx_value_with_a_non_utf8_byte_and_an_escape() -> None:
+    """A .vmx is read with surrogate escapes; a value holding both an undecodable byte and a ``|XX``
+    escape used to raise UnicodeEncodeError. The byte comes back as it was."""
+    raw = b'annotation = "caf\xe9 |22q|22"\n'.decode("utf-8", "surrogateescape")
+    value = VmxFile.parse(raw).get("annotation")
+    assert value is not None and value.encode("utf-8", "surrogateescape") == b'caf\xe9 "q"'
+
+
+def test_descriptor_extent_with_more_digits_than_int_converts() -> None:
+    with pytest.raises(ProtocolError, match="impossible size"):
+        Descriptor.parse('RW ' + "9" * 5000 + ' VMFS "x-flat.vmdk"\n')
+
+
+def test_a_fault_message_that_never_ends_is_read_in_linear_time() -> None:
+    """``msg = "…`` without its closing quote over 200 000 lines: the message is all of it, read at once
+    (each line used to re-scan everything before it)."""
+    from tests.reliability.fuzz import bounded
+
+    text = "(vim.fault.NotFound) {\n" + '   msg = "open\n' + "x\n" * 200_000
+    with bounded("find_fault", 10.0):  # 40 s before
+        fault = vimcmd.find_fault(text)
+    assert fault is not None and fault.msg.startswith("open\nx\n") and fault.msg.count("\nx") == 200_000
