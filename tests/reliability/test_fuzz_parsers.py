@@ -111,27 +111,22 @@ def test_vmdk_descriptor(ledger: Ledger) -> None:
     )
 
 
+# The product parses these outputs (getallvms and power.getstate listings are read by the lab tests only).
 VIMCMD_PARSERS: dict[str, Callable[[str], object]] = {
-    "getallvms": vimcmd.parse_getallvms,
     "snapshot_get": vimcmd.parse_snapshot_get,
-    "power_getstate": vimcmd.parse_power_state,
     "license": vimcmd.parse_license_editions,
     "fault": vimcmd.find_fault,
     "power_on": lambda text: vimcmd.check_power_output("on", text),
     "power_off": lambda text: vimcmd.check_power_output("off", text),
-    "change_tracking": vimcmd.parse_change_tracking_enabled,
     "vmkfstools": vimcmd.vmkfstools_failure,
     "esxcli_fs": esxcli.parse_filesystem_list,
 }
 KINDS = {
-    "getallvms": ("getallvms",),
     "snapshot_get": ("snapshot_get",),
-    "power_getstate": ("power_getstate",),
     "license": ("license",),
     "fault": ("fault",),
     "power_on": ("fault", "power_getstate"),
     "power_off": ("fault", "power_getstate"),
-    "change_tracking": ("fault", "snapshot_get"),
     "vmkfstools": ("vmkfstools",),
     "esxcli_fs": ("esxcli_fs",),
 }
