@@ -5,8 +5,8 @@ python -m esxisim up --state-dir DIR [--hosts 2] [--license free,licensed] [--vm
                      [--vm-name HOST:NAME ...] [--fill 0.25]
 python -m esxisim status --state-dir DIR [--json]
 python -m esxisim guest-write --state-dir DIR [--host H] --vm NAME --percent P --seed S
-python -m esxisim fault --state-dir DIR --host H KIND [--delay-ms N] [--off] [--vm NAME] [--count N]
-                        [--status CODE] [--datastore DS --free-bytes SIZE]
+python -m esxisim fault --state-dir DIR --host H KIND [--delay-ms N] [--off] [--vm NAME] [--command C]
+                        [--count N] [--status CODE] [--datastore DS --free-bytes SIZE]
 python -m esxisim concurrency --state-dir DIR [--host H] [--reset]
 python -m esxisim vim-cmd --state-dir DIR --host H -- ARGS...
 python -m esxisim down --state-dir DIR [--keep]
@@ -37,6 +37,7 @@ FAULT_KINDS = (
     "snapshot-slow",
     "power-on-fail",
     "vimcmd-exit-zero",
+    "vimcmd-garbage",
     "cbt-reset",
     "ssh-drop",
     "ssh-hostkey-rotate",
@@ -190,6 +191,9 @@ def cmd_fault(args: argparse.Namespace) -> int:
         options.update(status=args.status, count=args.count)
     elif args.kind == "datastore-full":
         options.update(datastore=args.datastore, free_bytes=args.free_bytes)
+    elif args.kind == "vimcmd-garbage":
+        options["enabled"] = not args.off
+        options["command"] = args.command or ""
     elif args.kind == "cbt-reset":
         if not args.vm:
             raise LabError("cbt-reset needs --vm NAME")
@@ -287,7 +291,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--off",
         action="store_true",
-        help="snapshot-fail, snapshot-remove-fail, snapshot-slow, power-on-fail, vimcmd-exit-zero: off",
+        help=(
+            "snapshot-fail, snapshot-remove-fail, snapshot-slow, power-on-fail, vimcmd-exit-zero,"
+            " vimcmd-garbage: switch it off"
+        ),
+    )
+    p.add_argument(
+        "--command", help="vimcmd-garbage: only this vim-cmd command (e.g. vmsvc/snapshot.get); default: all"
     )
     p.add_argument("--vm", help="cbt-reset: the VM")
     p.add_argument(

@@ -9,7 +9,9 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
+	"sort"
 	"strconv"
+	"strings"
 	"sync"
 	"time"
 )
@@ -115,6 +117,7 @@ func (h *Host) ctlFault(w http.ResponseWriter, r *http.Request) {
 		DelayMS   int64  `json:"delay_ms"`
 		Enabled   *bool  `json:"enabled"`
 		VM        string `json:"vm"`
+		Command   string `json:"command"`
 		Count     int    `json:"count"`
 		Status    int    `json:"status"`
 		Datastore string `json:"datastore"`
@@ -202,6 +205,18 @@ func (h *Host) ctlFault(w http.ResponseWriter, r *http.Request) {
 			jsonError(w, http.StatusInternalServerError, "tls-rotate: %v", err)
 			return
 		}
+	case "vimcmd-garbage":
+		on := req.Enabled == nil || *req.Enabled
+		h.mu.Lock()
+		if h.garbage == nil {
+			h.garbage = map[string]bool{}
+		}
+		if on {
+			h.garbage[strings.Trim(req.Command, "/")] = true
+		} else {
+			delete(h.garbage, strings.Trim(req.Command, "/"))
+		}
+		h.mu.Unlock()
 	case "cbt-reset":
 		vm := h.VMByName(req.VM)
 		if vm == nil {
@@ -219,6 +234,7 @@ func (h *Host) ctlFault(w http.ResponseWriter, r *http.Request) {
 		h.snapshotDelay = 0
 		h.apiErrorStatus, h.apiErrorCount = 0, 0
 		h.dsFreeOverride = nil
+		h.garbage = nil
 		h.mu.Unlock()
 		h.refreshDatastores()
 		if err := h.restoreCert(); err != nil {
@@ -389,7 +405,7 @@ func (h *Host) State() map[string]interface{} {
 		"power_on_fail": h.powerOnFail, "vimcmd_exit_zero": h.exitZero, "api_down": !up,
 		"snapshot_remove_fail": h.removeFail, "snapshot_delay_ms": h.snapshotDelay.Milliseconds(),
 		"api_error_status": h.apiErrorStatus, "api_error_count": h.apiErrorCount, "tls_rotated": rotated,
-		"datastore_full": copyFree(h.dsFreeOverride)}
+		"datastore_full": copyFree(h.dsFreeOverride), "vimcmd_garbage": garbageCommands(h.garbage)}
 	h.mu.Unlock()
 	if vms == nil {
 		vms = []interface{}{}
@@ -404,5 +420,15 @@ func copyFree(m map[string]int64) map[string]int64 {
 	for k, v := range m {
 		out[k] = v
 	}
+	return out
+}
+
+// garbageCommands lists the vim-cmd commands under the "vimcmd-garbage" fault ("" = every command).
+func garbageCommands(set map[string]bool) []string {
+	out := []string{}
+	for name := range set {
+		out = append(out, name)
+	}
+	sort.Strings(out)
 	return out
 }

@@ -11,13 +11,20 @@
     ├── LockedError          another process holds a conflicting lock
     ├── ProtectedPointError  a protected restore point was asked to be deleted
     └── StorageError         the volume refused a write: full, over quota, read-only, no permission
+
+``transient`` says whether another try may succeed without anyone acting: only for
+:class:`LockedError` (the other process finishes); the retry logic of ``apply`` reads it.
 """
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 
 class RepositoryError(Exception):
     """Base of all repository errors."""
+
+    transient: ClassVar[bool] = False
 
 
 class FormatError(RepositoryError):
@@ -53,6 +60,8 @@ class WrongKeyError(RepositoryError):
 class LockedError(RepositoryError):
     """A conflicting lock is held; the message names the holder."""
 
+    transient = True
+
 
 class ProtectedPointError(RepositoryError):
     """The restore point is protected and was not deleted."""
@@ -63,8 +72,7 @@ class StorageError(RepositoryError):
 
     An expected failure, not a bug: the message is one line naming the repository (its configured name
     and path), the cause, the space needed and free where known, and the fix. ``errno`` is the
-    operating system's code; the ``OSError`` is the ``__cause__``. Retry logic sees a full volume
-    (``ENOSPC``, ``EDQUOT``) as transient (freeing space fixes it) and the others as terminal.
+    operating system's code; the ``OSError`` is the ``__cause__`` (so retry logic sees it as terminal).
     """
 
     def __init__(self, message: str, errno: int) -> None:

@@ -24,7 +24,7 @@ import pytest
 from esxisim import MiB
 from esxisim.handle import LabHandle
 from esxisim.lab import HostSpec, Lab, lab_spec
-from esxisim.pytest_plugin import _stop
+from esxisim.pytest_plugin import stop_lab
 from reconciler import cli
 from reconciler.killpoint import ENV as KILL_ENV
 from reconciler.repository import KdfParams, Repository
@@ -53,7 +53,7 @@ def rlab() -> Iterator[LabHandle]:
         handle = LabHandle(simlab)
         yield handle
     finally:
-        _stop(simlab, handle)
+        stop_lab(simlab, handle)
 
 
 @pytest.fixture

@@ -20,9 +20,9 @@ import pytest
 from esxisim import MiB
 from esxisim.handle import LabHandle, find_vm, snapshot_ids, wait_task
 from reconciler.config import load_config
-from reconciler.esxi.host import BackupSnapshot, EsxiHost, FrozenDisk
-from reconciler.facts.inventory import SNAPSHOT_PREFIX
+from reconciler.facts.inventory import SNAPSHOT_PREFIX, BackupSnapshot, FrozenDisk
 from reconciler.operations.backup import BackupOptions, VmResult, backup_policy
+from reconciler.operations.ports import BackupHost
 from tests.integration.labconfig import policy_yaml
 from tests.reliability.invariants import assert_nothing_lost, baseline, host_state
 from tests.reliability.ledger import Ledger
@@ -173,7 +173,7 @@ def test_cbt_reset_between_runs_reads_in_full_and_records_why(
     assert_nothing_lost(ledger, before)
 
 
-def during_the_backup(site: Site, policy: str, act: Callable[[EsxiHost, BackupSnapshot], None]) -> VmResult:
+def during_the_backup(site: Site, policy: str, act: Callable[[BackupHost, BackupSnapshot], None]) -> VmResult:
     """Run ``policy`` (one VM) in this process and call ``act(host, snapshot)`` once its snapshot exists."""
     (result,) = backup_policy(load_config(site.config), policy, options=BackupOptions(on_snapshot=act))
     return result
@@ -192,7 +192,7 @@ def test_a_vm_deleted_during_its_backup(
         assert site.cli(capsys, "backup", "s").code == 0
         before = baseline(faults, {"r": site.repo})
 
-        def delete(host: EsxiHost, bs: BackupSnapshot) -> None:
+        def delete(host: BackupHost, bs: BackupSnapshot) -> None:
             faults.vimcmd(faults.free, "vmsvc/power.off", bs.vm.vmid)
             assert faults.vimcmd(faults.free, "vmsvc/destroy", bs.vm.vmid).exit == 0
 
@@ -220,7 +220,7 @@ def test_a_vm_registered_again_during_its_backup(
         assert site.cli(capsys, "backup", "s").code == 0
         before = baseline(faults, {"r": site.repo})
 
-        def register_again(host: EsxiHost, bs: BackupSnapshot) -> None:
+        def register_again(host: BackupHost, bs: BackupSnapshot) -> None:
             assert faults.vimcmd(faults.free, "vmsvc/unregister", bs.vm.vmid).exit == 0
             vmx = "/vmfs/volumes/datastore1/rereg-vm/rereg-vm.vmx"
             assert faults.vimcmd(faults.free, "solo/registervm", vmx).exit == 0
@@ -248,7 +248,7 @@ def test_a_vm_renamed_during_its_backup(
         assert site.cli(capsys, "backup", "s").code == 0
         before = baseline(faults, {"r": site.repo})
 
-        def rename(host: EsxiHost, bs: BackupSnapshot) -> None:
+        def rename(host: BackupHost, bs: BackupSnapshot) -> None:
             wait_task(find_vm(faults.api(faults.licensed), "ren-vm").Rename_Task("ren-vm-renamed"))
 
         result = during_the_backup(site, "s", rename)

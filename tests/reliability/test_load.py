@@ -21,7 +21,7 @@ import pytest
 from esxisim import MiB
 from esxisim.handle import LabHandle
 from esxisim.lab import DatastoreSpec, Lab, lab_spec
-from esxisim.pytest_plugin import _stop
+from esxisim.pytest_plugin import stop_lab
 from reconciler.repository import Repository
 from tests.integration.labconfig import PASSPHRASE, policy_yaml, write_lab_config
 from tests.reliability.invariants import assert_nothing_lost, baseline
@@ -64,7 +64,7 @@ def load_lab() -> Iterator[LabHandle]:
         handle = LabHandle(simlab)
         yield handle
     finally:
-        _stop(simlab, handle)
+        stop_lab(simlab, handle)
 
 
 def measured(argv: list[str]) -> subprocess.Popen[str]:

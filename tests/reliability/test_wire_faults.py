@@ -22,7 +22,7 @@ from esxisim.handle import LabHandle
 from reconciler.config import load_config
 from reconciler.daemon import Daemon
 from reconciler.daemon.notify import Notifier
-from reconciler.esxi.host import FrozenDisk
+from reconciler.facts.inventory import FrozenDisk
 from reconciler.facts.points import DiskRecord
 from reconciler.operations.backup import BackupOptions, backup_policy
 from reconciler.operations.hosts import connect
