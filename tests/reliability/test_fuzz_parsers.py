@@ -208,7 +208,7 @@ def test_key_file(ledger: Ledger) -> None:
     )
 
 
-def test_key_file_cost_is_bounded() -> None:
+def test_key_file_cost_is_bounded(ledger: Ledger) -> None:
     """A key file is read before anything is authenticated: Argon2id parameters from it must not make
     unwrapping allocate or compute without bound (a damaged or planted file is a clean error)."""
     seed = json.loads(
@@ -219,6 +219,7 @@ def test_key_file_cost_is_bounded() -> None:
         doc["kdf"][field] = value
         with pytest.raises(FormatError, match=field), bounded("KeyFile.from_json"):
             KeyFile.from_json(json.dumps(doc).encode(), "keys/x.json")
+        ledger.count("hostile_inputs")  # a planted key file, refused before any work
 
 
 def test_disk_index_and_digest_map(ledger: Ledger) -> None:

@@ -50,8 +50,9 @@ def test_a_volume_that_fills_up_during_apply_keeps_every_point(
 ) -> None:
     """``apply`` (the daemon's path) on a 64 MiB NAS volume that runs out of space part-way: the backup
     fails naming the volume and the fix, nothing partial is listed or left staged, the space the run
-    took is given back; the daemon would try again within minutes (a full volume is transient), and
-    once the admin frees space the next run succeeds and every point verifies.
+    took is given back; the apply does not try the backup again against the full volume (no second
+    snapshot of the VM), the daemon holds the job back (terminal: the admin must act), and once the
+    admin frees space the next run succeeds and every point verifies.
     (``tests/integration/test_full_volume_lab.py`` covers the ``backup`` command's message.)"""
     policies = policy_yaml("free", rlab.free, ["web01"], schedule="{every: 1h}", extra="  cbt: unmanaged\n")
     with small_volume(tmp_path / "nas", "64m") as volume:
@@ -82,8 +83,9 @@ def test_a_volume_that_fills_up_during_apply_keeps_every_point(
 
         with StatusStore.open(status_path(site.state), readonly=True) as store:
             record = store.history()[f"backup/free2/{rlab.free}/web01"]
-        assert record.retry_after is not None
-        assert record.retry_after - datetime.now(timezone.utc) < timedelta(minutes=10)  # not 6 hours
+        assert record.consecutive_failures == 1 and record.retry_after is not None
+        assert record.retry_after - datetime.now(timezone.utc) > timedelta(hours=5)  # terminal: held back
+        assert "apply.retry" not in failed.err  # not retried within the apply: it would fill up again
 
         filler.unlink()  # the admin frees space; nothing else
         again = site.cli(capsys, "backup", "free2")
