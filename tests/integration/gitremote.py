@@ -14,8 +14,6 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
-import pytest
-
 from reconciler.facts.points import DiskRecord, RestorePoint, VmRef, new_point_id
 from reconciler.repository import CHUNK_SIZE, Repository
 
@@ -159,9 +157,6 @@ spec:
 """
 
 
-HOST_PASSWORD_ENV = "GITREMOTE_HOST_PASSWORD"
-"""The environment variable HOST_DOC's password comes from (:func:`host_password` sets it)."""
-
 HOST_DOC = f"""---
 apiVersion: esxi-reconciler/v1
 kind: Host
@@ -169,20 +164,12 @@ metadata: {{name: esxi1}}
 spec:
   address: 127.0.0.1
   license: free
-  credentials: {{user: root, password: {{env: {HOST_PASSWORD_ENV}}}}}
+  credentials: {{user: root, password: {{env: NO_SUCH_PASSWORD}}}}
   api: {{port: 1, thumbprint: "{THUMBPRINT}"}}
   ssh: {{port: 1, host_key: "{HOST_KEY_PIN}"}}
 """
 """A host nothing answers for (port 1): observed unreachable at once, so a cycle plans only repository
 work (prunes)."""
-
-
-@pytest.fixture(autouse=True)
-def host_password(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The password HOST_DOC names: the daemon resolves every secret when it loads a config (a config
-    whose secret cannot be read is refused), though nothing answers on port 1 to use it. Autouse in the
-    modules that import it."""
-    monkeypatch.setenv(HOST_PASSWORD_ENV, "unused")
 
 
 def policy_doc(name: str, *, retention: str = "{keep_last: 10}") -> str:

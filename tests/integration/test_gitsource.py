@@ -29,7 +29,6 @@ from tests.integration.gitremote import (
     HOST_DOC,
     ConfigRepo,
     Keys,
-    host_password,  # noqa: F401  (an autouse fixture: the password HOST_DOC names)
     make_points,
     point_count,
     policy_doc,
