@@ -179,7 +179,7 @@ def _plan_revision(args: argparse.Namespace) -> int:
     from reconciler.config.source import load_source
     from reconciler.gitsource.approve import RepositoryReader
     from reconciler.gitsource.git import GitError
-    from reconciler.gitsource.preview import Revision, Revisions
+    from reconciler.gitsource.preview import LoadedRevision, Revisions
     from reconciler.gitsource.trust import TrustError
     from reconciler.operations.observe import load_history, observe
     from reconciler.planning.plan import plan
@@ -213,7 +213,7 @@ def _plan_revision(args: argparse.Namespace) -> int:
                 "usage",
             )
         base_ref = args.against or revisions.default_base
-        loaded: list[Revision] = []
+        loaded: list[LoadedRevision] = []
         for which, name in (("revision", ref), ("base", base_ref)):
             if name is None:
                 continue

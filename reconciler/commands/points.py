@@ -22,7 +22,7 @@ from reconciler.commands.common import (
     unknown_name,
 )
 from reconciler.facts.points import RestorePoint
-from reconciler.planning.backup_mode import describe, per_disks
+from reconciler.planning.backup_mode import describe_mode, per_disks
 from reconciler.printable import printable
 from reconciler.units import human_size
 
@@ -237,7 +237,7 @@ def _why(point: RestorePoint) -> list[str]:
     over (more than the one plain reason), with their reasons (disks with the same ones on one line);
     for a point written before disks recorded them, its fallback reason."""
     lines = per_disks(
-        (d.label, describe(d.mode, d.reasons))
+        (d.label, describe_mode(d.mode, d.reasons))
         for d in point.disks
         if d.mode is not None and (d.mode == "full" or len(d.reasons) > 1)
     )

@@ -33,7 +33,7 @@ from reconciler.repository.repo import (
     import_key,
     list_keys,
 )
-from reconciler.repository.verify import Problem, VerifyReport, verify_repository
+from reconciler.repository.verify import Defect, VerifyReport, verify_repository
 
 __all__ = [
     "CHUNK_SIZE",
@@ -43,6 +43,7 @@ __all__ = [
     "BlobCodec",
     "ChunkWrite",
     "ChunkWriter",
+    "Defect",
     "DigestMap",
     "DiskIndex",
     "EncodedChunk",
@@ -58,7 +59,6 @@ __all__ = [
     "MissingObjectError",
     "NotARepositoryError",
     "PassphraseChange",
-    "Problem",
     "ProtectedPointError",
     "Repository",
     "RepositoryError",

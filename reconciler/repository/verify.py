@@ -40,7 +40,7 @@ log = structlog.get_logger(__name__)
 
 MiB = 1 << 20
 SHORT_ID = 12
-"""Hex digits of an object id shown in messages (the full name is in :attr:`Problem.object`)."""
+"""Hex digits of an object id shown in messages (the full name is in :attr:`Defect.object`)."""
 MAX_NAMED = 3
 """Places named per problem message; the rest are counted."""
 INDEX_HEADER_SIZE = len(DiskIndex(0).encode())
@@ -63,7 +63,7 @@ class ProgressSink(Protocol):
 
 
 @dataclass(frozen=True)
-class Problem:
+class Defect:
     """One defect: what is wrong with which object, and which restore points cannot be restored."""
 
     kind: str
@@ -99,7 +99,7 @@ class VerifyReport:
     """Of those, read back and authenticated."""
     bytes_read: int = 0
     """Stored (encoded) bytes of the chunks read."""
-    problems: list[Problem] = field(default_factory=list)
+    problems: list[Defect] = field(default_factory=list)
     damaged_points: dict[str, str] = field(default_factory=dict)
     """Affected point id -> a label for people (``web01@2026-11-20T02:00Z``; the id if unreadable)."""
     quarantined: int = 0
@@ -186,7 +186,7 @@ class _Finding:
         entry = self.users.setdefault(point_id, [label])
         entry.append(where)
 
-    def problem(self) -> Problem:
+    def problem(self) -> Defect:
         message = f"{self.what} {self.state}"
         if self.users and self.name_users:
             named = []
@@ -198,7 +198,7 @@ class _Finding:
             tail = f", and {rest} more" if rest > 0 else ""
             count = len(self.users)
             message += f": needed by {count} point{'s' if count > 1 else ''} ({', '.join(named)}{tail})"
-        return Problem(self.kind, self.object, message, tuple(sorted(self.users)))
+        return Defect(self.kind, self.object, message, tuple(sorted(self.users)))
 
 
 class _Walk:
