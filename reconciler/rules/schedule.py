@@ -308,7 +308,6 @@ _MONTH_NAMES: Final = {
 _DOW_NAMES: Final = {
     name: number for number, name in enumerate(("sun", "mon", "tue", "wed", "thu", "fri", "sat"))
 }
-_FIELD_NAMES: Final = ("minute", "hour", "day-of-month", "month", "day-of-week")
 # (name, lowest, highest, highest for '*', names)
 _FIELDS: Final[tuple[tuple[str, int, int, int, Mapping[str, int] | None], ...]] = (
     ("minute", 0, 59, 59, None),
