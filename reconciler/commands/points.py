@@ -351,7 +351,7 @@ def cmd_points_unprotect(args: argparse.Namespace) -> int:
     return _set_protection(args, False)
 
 
-def cmd_points_forget(args: argparse.Namespace) -> int:
+def cmd_points_forget(args: argparse.Namespace) -> int:  # noqa: C901  the verb's checks before anything is deleted, then one pass with the outcome of each point; each branch is one message
     """``points forget ID... [--force] [--gc] [--yes]``: 0 forgotten, 1 failed, declined or GC deferred, 64
     an unknown or refused point, or not asked (before anything was deleted)."""
     from reconciler.operations.failures import explain

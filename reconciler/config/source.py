@@ -126,7 +126,7 @@ def _issue(doc: Document, path: tuple[str, ...], message: str) -> ConfigIssue:
     return doc.issue(path, message)
 
 
-def _build(doc: Document, data: dict[str, object]) -> tuple[GitSourceSpec | None, list[ConfigIssue]]:
+def _build(doc: Document, data: dict[str, object]) -> tuple[GitSourceSpec | None, list[ConfigIssue]]:  # noqa: C901  one GitSource's fields, each checked where its issue is reported; a flat list of independent checks
     from reconciler.config.loader import parse_interval
 
     spec: dict[str, object] = data["spec"]  # type: ignore[assignment]

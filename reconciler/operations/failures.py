@@ -64,7 +64,7 @@ class Failure(Exception):
 def _user() -> str:
     try:
         return getpass.getuser()
-    except Exception:  # no passwd entry in a container
+    except (KeyError, OSError):  # no passwd entry in a container
         return str(os.getuid())
 
 
