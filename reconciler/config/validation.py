@@ -214,6 +214,11 @@ def _message(error: ValidationError, document: Document, path: list[PathElement]
             return f"needs {'exactly' if keyword == 'oneOf' else 'at least'} one of {', '.join(keys)}"
         wanted = " or ".join(str(branch.get("description", "")).rstrip(".").lower() for branch in value)
         return f"{show(instance)} is not {wanted}"
+    if keyword == "dependentRequired" and isinstance(instance, dict):
+        for given, needed in value.items():
+            missing = [name for name in needed if given in instance and name not in instance]
+            if missing:
+                return f"{given!r} needs {' and '.join(repr(name) for name in missing)} too"
     if keyword == "minItems":
         return f"needs at least {value} item{'s' if value != 1 else ''}"
     if keyword == "uniqueItems":
