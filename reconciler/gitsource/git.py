@@ -173,9 +173,9 @@ def last_words(stderr: bytes, secrets: Sequence[str] = ()) -> str:
         return ""
     text = "; ".join(lines[-3:])
     hints = list(dict.fromkeys(hint for marker, hint in _HINTS if marker in text))
-    if hints:
-        text += f" ({'; '.join(hints)})"
-    return text if len(text) <= _STDERR_MAX else text[: _STDERR_MAX - 1] + "…"
+    if len(text) > _STDERR_MAX:  # git's words are clipped, never the fix
+        text = text[: _STDERR_MAX - 1] + "…"
+    return f"{text} ({'; '.join(hints)})" if hints else text
 
 
 @dataclass(frozen=True)
