@@ -238,6 +238,16 @@ def test_the_readme_source_example_loads(tmp_path: Path) -> None:
     assert [s.kind for s in spec.signers] == ["ssh", "openpgp"]
 
 
+def test_the_readme_https_example_loads(tmp_path: Path) -> None:
+    text = README.read_text()
+    block = text.split("# /etc/esxi-reconciler/source-https.yaml\n", 1)[1].split("```", 1)[0]
+    ca = tmp_path / "git-ca.pem"
+    ca.write_text("-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n")
+    spec = load_source(write(tmp_path, block.replace("/etc/esxi-reconciler/git-ca.pem", str(ca))))
+    assert spec.scheme == "https" and spec.https is not None and spec.https.ca_file == ca
+    assert str(spec.https.token) == "Secret(credential:git-token)"
+
+
 def test_the_readme_ci_step_is_valid_shell(tmp_path: Path) -> None:
     import subprocess
 
