@@ -12,6 +12,7 @@ git command's argv and environment, the logs, the status output and every file o
 
 from __future__ import annotations
 
+import base64
 import json
 import secrets
 import subprocess
@@ -29,7 +30,6 @@ from reconciler import cli
 from reconciler.config.source import load_source
 from reconciler.daemon import Daemon, Notifier
 from reconciler.daemon.source import SourceTracker
-from reconciler.gitsource import git
 from reconciler.gitsource.sync import Syncer
 from reconciler.status.source import SourceStatus
 from reconciler.status.store import StatusStore, status_path
@@ -50,6 +50,7 @@ pytestmark = pytest.mark.usefixtures("restore_logging")
 WAIT = 90.0
 USER = "reader"
 TOKEN = f"glpat-{secrets.token_hex(16)}"
+BASIC = base64.b64encode(f"{USER}:{TOKEN}".encode()).decode()
 
 
 def wait_for(what: str, check: Callable[[], Any]) -> Any:
@@ -88,7 +89,7 @@ def commands(monkeypatch: pytest.MonkeyPatch) -> list[tuple[list[str], dict[str,
         seen.append((list(argv), dict(kwargs.get("env") or {})))
         return real(argv, *args, **kwargs)
 
-    monkeypatch.setattr(git.subprocess, "Popen", spy)
+    monkeypatch.setattr(subprocess, "Popen", spy)  # git.py calls subprocess.Popen
     return seen
 
 
@@ -215,8 +216,9 @@ def test_the_daemon_follows_a_repository_over_https(
     assert doc["source"]["url"] == server.url("config") and doc["source"]["applied"] == unseen
 
     scan = SecretScan()
-    for value, what in ((TOKEN, "the HTTPS token"), (wrong, "the wrong HTTPS token")):
-        scan.secret(value, what)
+    scan.watch_source(source_file, state)  # the right token (the file holds it again)
+    scan.secret(wrong, "the wrong HTTPS token")
+    scan.secret(BASIC, "the HTTPS token as an Authorization: Basic value")
     for name, captured in (("the daemon's output", logged), ("status", text), ("status --json", as_json)):
         scan.output(captured.out + captured.err, name)
     scan.output("\n".join(r.getMessage() + repr(r.__dict__) for r in caplog.records), "log records")
@@ -224,9 +226,11 @@ def test_the_daemon_follows_a_repository_over_https(
     for argv, env in commands:
         scan.output(" ".join(argv) + "\n" + json.dumps(env), f"git command {argv[:3]}")
     assert any("fetch" in argv for argv, _env in commands)
-    assert not scan.scan_directory(state, "state directory")
+    assert not scan.scan_directories()
     assert scan.scanned_files > 10
     assert not scan.findings, scan.findings
+    scan.output(f"a log line holding {TOKEN}", "self-check")
+    assert scan.findings  # the scan does find the token where it is
 
 
 def test_https_failures_are_one_line_with_the_cause_and_the_fix(
@@ -275,8 +279,8 @@ def test_https_failures_are_one_line_with_the_cause_and_the_fix(
     assert "(check the URL's host and port and that the server is reachable from here)" in unreachable
 
     for argv, env in commands:
-        assert TOKEN not in " ".join(argv) and wrong not in " ".join(argv)
-        assert not any(TOKEN in value or wrong in value for value in env.values())
+        assert not any(secret in " ".join(argv) for secret in (TOKEN, wrong, BASIC))
+        assert not any(secret in value for value in env.values() for secret in (TOKEN, wrong, BASIC))
         assert not any(key.startswith(("GIT_SSL_NO_VERIFY", "GIT_ASKPASS")) for key in env)
         assert "http.sslVerify=false" not in argv
     for state in tmp_path.glob("state*"):
