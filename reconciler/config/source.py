@@ -204,6 +204,60 @@ def _signers(doc: Document, entries: list[dict[str, object]], issues: list[Confi
     return signers
 
 
+def _transport_issues(
+    doc: Document, scheme: Scheme, ssh_spec: object, https_spec: object
+) -> list[ConfigIssue]:
+    """The access blocks that do not fit the URL's transport (or the one an SSH URL lacks)."""
+    issues = []
+    if scheme == "ssh" and ssh_spec is None:
+        issues.append(
+            _issue(
+                doc,
+                ("spec", "url"),
+                "an SSH remote needs spec.ssh: private_key (the deploy key, by reference) and host_keys"
+                " (ssh-keyscan HOST)",
+            )
+        )
+    if scheme == "file" and ssh_spec is not None:
+        issues.append(_issue(doc, ("spec", "ssh"), "has no effect on a file:// URL; remove it"))
+    if scheme == "https" and ssh_spec is not None:
+        issues.append(
+            _issue(
+                doc,
+                ("spec", "ssh"),
+                "is for SSH remotes, not an https:// URL; use spec.https or an ssh:// URL",
+            )
+        )
+    if scheme != "https" and https_spec is not None:
+        issues.append(
+            _issue(
+                doc,
+                ("spec", "https"),
+                f"is for https:// URLs, not a {scheme} remote; remove it or give the repository's"
+                " https:// URL",
+            )
+        )
+    return issues
+
+
+def _https_access(doc: Document, https_spec: dict[str, object], issues: list[ConfigIssue]) -> HttpsAccess:
+    """The ``spec.https`` block; what is wrong with it goes to ``issues``."""
+    ca_file = Path(str(https_spec["ca_file"])) if "ca_file" in https_spec else None
+    if ca_file is not None:
+        problem = _ca_problem(ca_file)
+        if problem:
+            issues.append(_issue(doc, ("spec", "https", "ca_file"), problem))
+    token = https_spec.get("token")
+    username = https_spec.get("username")
+    if username is not None and any(ord(c) < 32 or ord(c) == 127 for c in str(username)):
+        issues.append(_issue(doc, ("spec", "https", "username"), "must not hold control characters"))
+    return HttpsAccess(
+        username=str(username) if username is not None else None,
+        token=Secret.from_reference(token) if isinstance(token, dict) else None,
+        ca_file=ca_file,
+    )
+
+
 def _build(doc: Document, data: dict[str, object]) -> tuple[GitSourceSpec | None, list[ConfigIssue]]:
     from reconciler.config.loader import parse_interval
 
@@ -225,51 +279,8 @@ def _build(doc: Document, data: dict[str, object]) -> tuple[GitSourceSpec | None
     ssh_spec = spec.get("ssh")
     https_spec = spec.get("https")
     scheme = url_scheme(url)
-    is_file = scheme == "file"
-    if scheme == "ssh" and ssh_spec is None:
-        issues.append(
-            _issue(
-                doc,
-                ("spec", "url"),
-                "an SSH remote needs spec.ssh: private_key (the deploy key, by reference) and host_keys"
-                " (ssh-keyscan HOST)",
-            )
-        )
-    if is_file and ssh_spec is not None:
-        issues.append(_issue(doc, ("spec", "ssh"), "has no effect on a file:// URL; remove it"))
-    if scheme == "https" and ssh_spec is not None:
-        issues.append(
-            _issue(
-                doc,
-                ("spec", "ssh"),
-                "is for SSH remotes, not an https:// URL; use spec.https or an ssh:// URL",
-            )
-        )
-    if scheme != "https" and https_spec is not None:
-        issues.append(
-            _issue(
-                doc,
-                ("spec", "https"),
-                f"is for https:// URLs, not a {scheme} remote; remove it or give the repository's"
-                " https:// URL",
-            )
-        )
-    https = None
-    if isinstance(https_spec, dict):
-        ca_file = Path(str(https_spec["ca_file"])) if "ca_file" in https_spec else None
-        if ca_file is not None:
-            problem = _ca_problem(ca_file)
-            if problem:
-                issues.append(_issue(doc, ("spec", "https", "ca_file"), problem))
-        token = https_spec.get("token")
-        username = https_spec.get("username")
-        if username is not None and any(ord(c) < 32 or ord(c) == 127 for c in str(username)):
-            issues.append(_issue(doc, ("spec", "https", "username"), "must not hold control characters"))
-        https = HttpsAccess(
-            username=str(https_spec["username"]) if "username" in https_spec else None,
-            token=Secret.from_reference(token) if token is not None else None,
-            ca_file=ca_file,
-        )
+    issues += _transport_issues(doc, scheme, ssh_spec, https_spec)
+    https = _https_access(doc, https_spec, issues) if isinstance(https_spec, dict) else None
     interval = parse_interval(str(spec["interval"]))
     timeout = parse_interval(str(spec["timeout"]))
     if interval < timedelta(seconds=1):
