@@ -196,6 +196,11 @@ def test_the_daemon_follows_a_repository_over_https(
         )
         assert "\n" not in error and TOKEN not in error and wrong not in error
         assert running(signed) and status().fetched == signed
+        with StatusStore.open(status_path(state), readonly=True) as store:
+            (condition,) = [c for c in store.conditions() if c.kind == "source"]
+        assert (condition.status, condition.reason) == ("Stalled", "FetchFailed")
+        assert condition.message.endswith(f"{signed[:12]} stays applied") and TOKEN not in condition.message
+        assert wrong not in condition.message
 
         token_file(tmp_path)
         wait_for("the daemon recovered", lambda: running(unseen))
