@@ -10,7 +10,8 @@
     ├── WrongKeyError        no key file opens with the passphrase given
     ├── LockedError          another process holds a conflicting lock
     ├── ProtectedPointError  a protected restore point was asked to be deleted
-    └── StorageError         the volume refused a write: full, over quota, read-only, no permission
+    ├── StorageError         the volume refused a write: full, over quota, read-only, no permission
+    └── ObjectStoreUnavailable  the object store stayed unreachable or kept failing after the retries
 """
 
 from __future__ import annotations
@@ -69,3 +70,8 @@ class StorageError(RepositoryError):
     def __init__(self, message: str, errno: int) -> None:
         self.errno = errno
         super().__init__(message)
+
+
+class ObjectStoreUnavailable(RepositoryError):
+    """The object store could not be reached, or kept answering with errors (5xx, throttling) after the
+    client's retries with backoff. Transient: the same job may succeed later (the daemon retries it)."""

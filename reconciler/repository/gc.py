@@ -22,7 +22,7 @@ from datetime import datetime, timezone
 import structlog
 
 from reconciler.facts.points import RestorePoint
-from reconciler.repository.backend import ObjectInfo, fsync_dir
+from reconciler.repository.backend import ObjectInfo
 from reconciler.repository.chunks import chunk_name
 from reconciler.repository.errors import FormatError, MissingObjectError, RepositoryError, StorageError
 from reconciler.repository.lock import RepositoryLock, list_locks, pid_alive, stale_staged_files
@@ -96,6 +96,8 @@ class GcReport:
     tmp_files: int = 0
     """Staged files in ``tmp/`` left by writers that are gone (§7.1)."""
     tmp_bytes: int = 0
+    aborted_uploads: int = 0
+    """Incomplete multipart uploads (object storage) of writers that are gone, aborted (§13)."""
     interrupted_at: datetime | None = None
     """Start of an earlier GC that did not complete (its marker was found); this one completes it."""
     deleted: list[str] = field(default_factory=list, repr=False)
@@ -112,6 +114,7 @@ class GcReport:
             "unreferenced_digest_maps": self.unreferenced_digest_maps,
             "tmp_files": self.tmp_files,
             "tmp_bytes": self.tmp_bytes,
+            "aborted_uploads": self.aborted_uploads,
             "interrupted_at": self.interrupted_at.isoformat() if self.interrupted_at else None,
         }
 
@@ -152,12 +155,12 @@ def _count_tmp(report: GcReport, staged: list[ObjectInfo]) -> None:
 
 def _write_marker(repo: Repository, lock: RepositoryLock) -> None:
     assert lock.info is not None
-    marker = GcMarker(datetime.now(timezone.utc), socket.gethostname(), os.getpid(), lock.info.id)
+    marker = GcMarker(repo.backend.now(), socket.gethostname(), os.getpid(), lock.info.id)
     try:
         repo.backend.replace(GC_MARKER, [marker.to_json()])
     except StorageError as exc:
         # GC is what frees space: it goes on; only a kill of this very GC would go unnoticed
-        log.warning("gc.marker_not_written", repository=str(repo.path), error=str(exc))
+        log.warning("gc.marker_not_written", repository=repo.location, error=str(exc))
 
 
 def _collect(
@@ -200,10 +203,17 @@ def _collect(
     _count_tmp(report, leftovers)
     report.deleted.extend(doomed)
     doomed.extend(info.name for info in leftovers)
+    # object storage: uploads started before this lock was taken belong to writers that are gone (under
+    # the exclusive lock no other writer runs); younger ones may be this process's own
+    assert lock.info is not None
+    interrupted = [u for u in repo.backend.incomplete_uploads() if u[2] < lock.info.time]
+    report.aborted_uploads = len(interrupted)
 
     if dry_run:
         return report
     lock.check()  # a lost lock (removed as stale) means a backup may be writing: sweep nothing
+    for name, upload_id, _ in interrupted:
+        repo.backend.abort_upload(name, upload_id)
     for done, name in enumerate(doomed, 1):  # sweep
         repo.backend.delete(name)
         if progress is not None:
@@ -211,7 +221,7 @@ def _collect(
         if done % 1024 == 0:
             lock.check()
     repo.backend.delete(GC_MARKER)  # completed: the marker goes last
-    fsync_dir(repo.path)
+    repo.backend.sync_dir()
     return report
 
 
@@ -240,7 +250,7 @@ def garbage_signs(repo: Repository, points: list[RestorePoint], lock: Repository
     unreferenced = [name for name in repo.backend.list("indexes") if name not in referenced]
     if not unreferenced:
         return GarbageSigns(started, 0)
-    now = datetime.now(timezone.utc)
+    now = repo.backend.now()
     here = socket.gethostname()
     own = lock.info.id if lock.info is not None else None
     if any(info.id != own and not info.is_stale(now, here, pid_alive) for info in list_locks(repo.backend)):

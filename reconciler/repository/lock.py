@@ -42,10 +42,6 @@ most even on a slow NAS."""
 Clock = Callable[[], datetime]
 
 
-def _utcnow() -> datetime:
-    return datetime.now(timezone.utc)
-
-
 def pid_alive(pid: int) -> bool:
     """Whether a process with ``pid`` exists on this host."""
     if pid <= 0:
@@ -152,7 +148,7 @@ class RepositoryLock:
         *,
         exclusive: bool,
         purpose: str = "",
-        clock: Clock = _utcnow,
+        clock: Clock | None = None,
         host: str | None = None,
         pid: int | None = None,
         alive: Callable[[int], bool] = pid_alive,
@@ -165,7 +161,9 @@ class RepositoryLock:
         """An exclusive locker deletes the stale lock files it finds (§7); False for a dry run."""
         self.exclusive = exclusive
         self.purpose = purpose
-        self._clock = clock
+        self._clock = clock or backend.now
+        """The storage's clock by default (docs/repository-format.md §7): hosts whose clocks disagree
+        still agree on which lock is stale."""
         self.host = host or socket.gethostname()
         self.pid = os.getpid() if pid is None else pid
         self._alive = alive
@@ -189,6 +187,7 @@ class RepositoryLock:
         """Create the lock file, then look for conflicting live locks; :class:`LockedError` naming them."""
         if self.info is not None:
             raise RuntimeError("lock already held")
+        self.backend.reset_caches()  # a chunk listing made before this lock may predate a GC
         info = LockInfo(
             secrets.token_hex(16), self.exclusive, self.host, self.pid, self._clock(), self.purpose
         )
@@ -274,12 +273,12 @@ class RepositoryLock:
 def remove_stale_locks(
     backend: Backend,
     *,
-    clock: Clock = _utcnow,
+    clock: Clock | None = None,
     host: str | None = None,
     alive: Callable[[int], bool] = pid_alive,
 ) -> list[LockInfo]:
     """Delete stale lock files (``unlock``); returns what was removed."""
-    now = clock()
+    now = (clock or backend.now)()
     here = host or socket.gethostname()
     removed = []
     for info in list_locks(backend):
@@ -293,7 +292,7 @@ def stale_staged_files(
     backend: Backend,
     *,
     own: LockInfo | None = None,
-    clock: Clock = _utcnow,
+    clock: Clock | None = None,
     host: str | None = None,
     alive: Callable[[int], bool] = pid_alive,
     grace: timedelta = STAGING_GRACE,
@@ -311,7 +310,7 @@ def stale_staged_files(
     names = list(backend.list(TMP_DIR))
     if not names:
         return []
-    now = clock()
+    now = (clock or backend.now)()
     here = host or socket.gethostname()
     here_tag = host_tag(here)
     live = [
