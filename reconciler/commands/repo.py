@@ -123,20 +123,39 @@ def _repo_usage(args: argparse.Namespace) -> int:
 
 def cmd_repo_init(args: argparse.Namespace) -> int:
     """``esxi-reconciler repo init REPOSITORY``: 0 created, 1 failed or exists, 64 bad input."""
+    from reconciler.config.model import LocalBackend
+    from reconciler.operations.repositories import repository_backend
     from reconciler.repository import Repository
+    from reconciler.repository.errors import RepositoryError
 
     cfg = repository_config(args, "repo init")
-    path = Path(cfg.backend.path)
-    if (path / "config").exists():
-        fail(f"repository {cfg.name}: {path} is already a repository; nothing done", "exists")
-    if path.exists() and (not path.is_dir() or any(path.iterdir())):
-        fail(f"repository {cfg.name}: {path} exists and is not empty; nothing done", "exists")
+    path = cfg.backend.location
+    if isinstance(cfg.backend, LocalBackend):
+        directory = Path(cfg.backend.path)
+        if (directory / "config").exists():
+            fail(f"repository {cfg.name}: {path} is already a repository; nothing done", "exists")
+        if directory.exists() and (not directory.is_dir() or any(directory.iterdir())):
+            fail(f"repository {cfg.name}: {path} exists and is not empty; nothing done", "exists")
     key = cfg.encryption.key
     passphrase = key.reveal() if cfg.encryption.enabled and key is not None else None
-    repo = Repository.init(
-        path, passphrase, compression=cfg.compression.algorithm, compression_level=cfg.compression.level
-    )
-    log.info("repo.init", repository=cfg.name, path=str(path), id=repo.id, encrypted=repo.encrypted)
+    backend = repository_backend(cfg)
+    if not isinstance(cfg.backend, LocalBackend):
+        if backend.exists("config"):
+            fail(f"repository {cfg.name}: {path} is already a repository; nothing done", "exists")
+        if any(True for _ in backend.list("keys")) or any(True for _ in backend.list("points")):
+            fail(f"repository {cfg.name}: {path} holds objects; nothing done", "exists")
+    try:
+        repo = Repository.init(
+            backend,
+            passphrase,
+            compression=cfg.compression.algorithm,
+            compression_level=cfg.compression.level,
+        )
+    except RepositoryError as error:
+        if "objects exist" in str(error):
+            fail(f"repository {cfg.name}: {path} holds objects; nothing done", "exists")
+        raise
+    log.info("repo.init", repository=cfg.name, path=path, id=repo.id, encrypted=repo.encrypted)
     comp = cfg.compression
     compression = f"zstd level {comp.level}" if comp.algorithm == "zstd" else comp.algorithm
     encryption = f"encrypted (AES-256-GCM, key {repo.key_id})" if repo.encrypted else "NOT encrypted"
@@ -178,7 +197,7 @@ def cmd_repo_key_export(args: argparse.Namespace) -> int:
     out: Path = args.out
     repo = open_repository(cfg)  # checks the passphrase opens the key we export
     try:
-        data = export_key(repo.path, repo.key_id)
+        data = export_key(repo.backend, repo.key_id)
         fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:
             os.fchmod(fd, 0o600)  # whatever the umask
@@ -218,7 +237,7 @@ def cmd_repo_gc(args: argparse.Namespace) -> int:
     results: list[dict[str, Any]] = []
     for name in names:
         cfg = desired.repositories[name]
-        entry: dict[str, Any] = {"repository": name, "path": str(cfg.backend.path), "dry_run": args.dry_run}
+        entry: dict[str, Any] = {"repository": name, "path": cfg.backend.location, "dry_run": args.dry_run}
         results.append(entry)
         try:
             repo = open_repository(cfg)
@@ -245,7 +264,7 @@ def cmd_repo_gc(args: argparse.Namespace) -> int:
             continue
         entry.update({"ok": True, "error": None, "deferred": None, **result.report.to_dict()})
         if not args.json:
-            print(_gc_line(name, cfg.backend.path, result.report))
+            print(_gc_line(name, cfg.backend.location, result.report))
     if args.json:
         emit_json({"ok": status == 0, "repositories": results})
     return status

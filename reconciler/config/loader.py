@@ -290,12 +290,76 @@ def _build_repository(build: _Build, doc: Document, spec: dict[str, Any]) -> mod
         build.warnings.append(doc.issue(("spec", "encryption", "key"), "ignored: encryption is disabled"))
     return model.Repository(
         name=doc.data["metadata"]["name"],
-        backend=model.LocalBackend(path=PurePosixPath(os.path.normpath(spec["backend"]["path"]))),
+        backend=_build_backend(build, doc, spec["backend"]),
         compression=model.Compression(spec["compression"]["algorithm"], spec["compression"]["level"]),
         encryption=model.Encryption(enabled=encryption["enabled"], key=key),
         prune=model.PruneSettings(spec["prune"]["enabled"], spec["prune"]["max_deletions_per_run"]),
         source=_source(doc),
         id=spec.get("id"),
+    )
+
+
+_S3_FIELDS = ("endpoint", "bucket", "prefix", "region", "path_style", "credentials", "tls")
+_S3_DEFAULTS: dict[str, Any] = {
+    "prefix": "",
+    "region": "us-east-1",
+    "path_style": False,
+    "tls": {"insecure_skip_verify": False},
+}
+"""What defaults fill in for every backend: present on a local backend without meaning anything."""
+
+
+def _build_backend(build: _Build, doc: Document, raw: dict[str, Any]) -> model.Backend:
+    if raw["type"] == "local":
+        for name in _S3_FIELDS:
+            if name in raw and raw[name] != _S3_DEFAULTS.get(name):
+                build.issues.append(
+                    doc.issue(("spec", "backend", name), "only for type s3; a local backend has a path only")
+                )
+        return model.LocalBackend(path=PurePosixPath(os.path.normpath(raw["path"])))
+    where = ("spec", "backend")
+    if "path" in raw:
+        build.issues.append(
+            doc.issue((*where, "path"), "only for type local; an s3 backend has bucket and prefix instead")
+        )
+    credentials = None
+    if "credentials" in raw:
+        creds = raw["credentials"]
+        credentials = model.S3Credentials(
+            build.secret(doc, (*where, "credentials", "access_key_id"), creds["access_key_id"]),
+            build.secret(doc, (*where, "credentials", "secret_access_key"), creds["secret_access_key"]),
+            build.secret(doc, (*where, "credentials", "session_token"), creds["session_token"])
+            if "session_token" in creds
+            else None,
+        )
+    tls = raw["tls"]
+    insecure = bool(tls["insecure_skip_verify"])
+    if insecure:
+        _check_insecure_opt_out(
+            build,
+            doc,
+            (*where, "tls", "insecure_skip_verify"),
+            "ca_file" in tls,
+            "tls.ca_file",
+            "the object store's certificate",
+        )
+    endpoint = raw.get("endpoint")
+    if endpoint is not None and endpoint.startswith("http://"):
+        build.warnings.append(
+            doc.issue(
+                (*where, "endpoint"),
+                "INSECURE: plain HTTP: credentials and (unless encryption is enabled) data travel in clear",
+            )
+        )
+    return model.S3Backend(
+        bucket=raw["bucket"],
+        prefix=raw["prefix"].strip("/"),
+        endpoint=endpoint.rstrip("/") if endpoint else None,
+        region=raw["region"],
+        path_style=raw["path_style"],
+        credentials=credentials,
+        ca_file=PurePosixPath(tls["ca_file"]) if "ca_file" in tls else None,
+        insecure_skip_tls_verify=insecure,
     )
 
 
@@ -473,6 +537,9 @@ def _check_chains(build: _Build, policy_docs: dict[str, Document], targets: dict
 def _check_repository_paths(build: _Build, repos: list[tuple[model.Repository, Document]]) -> None:
     for i, (repo, doc) in enumerate(repos):
         for other, other_doc in repos[:i]:
+            if isinstance(repo.backend, model.S3Backend) or isinstance(other.backend, model.S3Backend):
+                _check_s3_places(build, repo, doc, other, other_doc)
+                continue
             a, b = repo.backend.path, other.backend.path
             if a == b:
                 relation = "is the same directory as"
@@ -485,6 +552,28 @@ def _check_repository_paths(build: _Build, repos: list[tuple[model.Repository, D
             where = _where(other_doc, ("spec", "backend", "path"))
             message = f"{a} {relation} Repository {other.name!r} ({where})"
             build.issues.append(doc.issue(("spec", "backend", "path"), message))
+
+
+def _check_s3_places(
+    build: _Build, repo: model.Repository, doc: Document, other: model.Repository, other_doc: Document
+) -> None:
+    """Two repositories in one bucket must not nest: one's prefix inside the other's would mix them."""
+    a, b = repo.backend, other.backend
+    if not (isinstance(a, model.S3Backend) and isinstance(b, model.S3Backend)):
+        return
+    if (a.endpoint, a.bucket) != (b.endpoint, b.bucket):
+        return
+    pa, pb = f"{a.prefix}/" if a.prefix else "", f"{b.prefix}/" if b.prefix else ""
+    if not (pa.startswith(pb) or pb.startswith(pa)):
+        return
+    relation = "is the same place as" if pa == pb else "overlaps"
+    where = _where(other_doc, ("spec", "backend", "prefix"))
+    build.issues.append(
+        doc.issue(
+            ("spec", "backend", "prefix"),
+            f"{a.url} {relation} Repository {other.name!r} ({b.url}, {where}); give each its own prefix",
+        )
+    )
 
 
 def _check_host_addresses(build: _Build, hosts: list[tuple[model.Host, Document]]) -> None:

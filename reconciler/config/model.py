@@ -114,9 +114,51 @@ class LocalBackend:
     path: PurePosixPath
     type: str = "local"
 
+    @property
+    def location(self) -> str:
+        """How messages and ``--json`` name the place: the path."""
+        return str(self.path)
 
-Backend = LocalBackend
-"""Union of all backend types (only local today; object storage later)."""
+
+@dataclass(frozen=True)
+class S3Credentials:
+    """Access key of an S3-compatible service, by reference."""
+
+    access_key_id: Secret
+    secret_access_key: Secret
+    session_token: Secret | None = None
+
+
+@dataclass(frozen=True)
+class S3Backend:
+    """A repository in a bucket (under a prefix) of S3-compatible object storage."""
+
+    bucket: str
+    prefix: str = ""
+    endpoint: str | None = None
+    """None: AWS S3 of ``region``."""
+    region: str = "us-east-1"
+    path_style: bool = False
+    credentials: S3Credentials | None = None
+    """None: the AWS default credential chain (environment, ~/.aws, instance role)."""
+    ca_file: PurePosixPath | None = None
+    """A PEM CA bundle trusted instead of the system's (a pinned private CA)."""
+    insecure_skip_tls_verify: bool = False
+    type: str = "s3"
+
+    @property
+    def url(self) -> str:
+        """``s3://bucket/prefix``."""
+        return f"s3://{self.bucket}/{self.prefix}" if self.prefix else f"s3://{self.bucket}"
+
+    @property
+    def location(self) -> str:
+        """``s3://bucket/prefix at https://endpoint`` (or ``in region`` for AWS)."""
+        return f"{self.url} at {self.endpoint}" if self.endpoint else f"{self.url} in {self.region}"
+
+
+Backend = LocalBackend | S3Backend
+"""Union of all backend types."""
 
 
 @dataclass(frozen=True)
