@@ -240,7 +240,13 @@ def _handler(proxy: FaultProxy) -> type[BaseHTTPRequestHandler]:
                 data = answer.read()
                 self.send_response(answer.status)
                 for name, value in answer.getheaders():
-                    if name.lower() not in ("transfer-encoding", "connection", "content-length", "date", "server"):
+                    if name.lower() not in (
+                        "transfer-encoding",
+                        "connection",
+                        "content-length",
+                        "date",
+                        "server",
+                    ):
                         self.send_header(name, value)
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
@@ -275,7 +281,7 @@ def wait_for(url: str, timeout: float = 30) -> None:
     deadline = time.monotonic() + timeout
     while True:
         try:
-            urllib.request.urlopen(url, timeout=2)  # noqa: S310 - loopback test server
+            urllib.request.urlopen(url, timeout=2)
             return
         except urllib.error.HTTPError:
             return

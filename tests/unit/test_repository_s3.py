@@ -277,7 +277,9 @@ def test_gc_on_s3_sweeps_garbage_and_aborts_interrupted_uploads(s3_server: S3Ser
     assert [p.id for p in repo.list_points()] == [keep.id]
 
 
-def test_locks_on_s3_conflict_across_hosts_and_use_the_store_clock(s3_server: S3Server, s3_bucket: str) -> None:
+def test_locks_on_s3_conflict_across_hosts_and_use_the_store_clock(
+    s3_server: S3Server, s3_bucket: str
+) -> None:
     Repository.init(s3_server.backend(s3_bucket), None)
     site_a = s3_server.backend(s3_bucket)
     site_b = s3_server.backend(s3_bucket)
@@ -290,7 +292,9 @@ def test_locks_on_s3_conflict_across_hosts_and_use_the_store_clock(s3_server: S3
     assert abs((backup.info.time - site_b.now()).total_seconds()) < 120
     backup.release()
     # a lock not refreshed within the stale window (by the store's clock) does not block GC
-    old = RepositoryLock(site_a, exclusive=False, host="nas-a", pid=101, clock=lambda: site_a.now() - timedelta(hours=1))
+    old = RepositoryLock(
+        site_a, exclusive=False, host="nas-a", pid=101, clock=lambda: site_a.now() - timedelta(hours=1)
+    )
     old.acquire()
     with gc:
         assert not site_b.exists(old.info.name if old.info else "")
