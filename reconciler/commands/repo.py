@@ -1,10 +1,11 @@
-"""``esxi-reconciler repo init|key-export|gc``: create a repository, save its key, free its garbage."""
+"""``esxi-reconciler repo init|key-export|gc|copy``: create a repository, save its key, free its garbage,
+copy restore points to another repository (an off-site copy)."""
 
 from __future__ import annotations
 
 import argparse
 import sys
-from datetime import timezone
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -34,6 +35,7 @@ examples:
   esxi-reconciler repo key-export nas --out /media/usb/nas-repository.key
   esxi-reconciler repo gc nas --dry-run      what garbage collection would free
   esxi-reconciler repo gc                    free it in every repository
+  esxi-reconciler repo copy nas offsite      copy the restore points offsite lacks
 
 Exit 1 when it failed (the repository exists; GC deferred because a backup holds it; the
 cause is named).
@@ -57,6 +59,22 @@ from each other. The repository cannot be read without a key file AND its passph
 if both the key files in the repository and this copy are lost, or the passphrase is
 forgotten, every restore point in it is lost for good. The file alone is useless
 without the passphrase, but treat it as a secret anyway."""
+
+
+_COPY_EXAMPLES = """\
+examples:
+  esxi-reconciler repo copy nas offsite                 every successful point offsite lacks
+  esxi-reconciler repo copy nas offsite --vm 'web*'     only VMs matching a glob (repeatable)
+  esxi-reconciler repo copy nas offsite --since 7d      only points of the last 7 days
+  esxi-reconciler repo copy offsite nas --since 2026-12-01T00:00Z --vm db01   bring one VM back
+
+Only chunks the destination lacks are sent; a point already there is skipped, so an interrupted
+copy resumes when run again. Chunks are re-encrypted when the repositories' keys differ. Each
+copied point is read back and checked in the destination. The destination's retention is that
+of its CopyPolicy (the daemon prunes it); this verb prunes nothing.
+
+Exit 1 when a point failed to copy or a repository failed (locked by a GC, unreachable).
+"""
 
 
 def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -107,6 +125,30 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     gc.add_argument(
         "repositories", metavar="REPOSITORY", nargs="*", help="names of Repository documents (default: all)"
     )
+    copy = add_command(
+        verbs,
+        "copy",
+        help="copy restore points to another repository (off-site copy)",
+        description="Copy the successful restore points of SOURCE that DESTINATION lacks: local to S3,\n"
+        "S3 to local, between two buckets. Incremental (only missing chunks are sent), resumable,\n"
+        "re-encrypting when the keys differ, verified after the copy.",
+        epilog=_COPY_EXAMPLES,
+        handler=cmd_repo_copy,
+    )
+    copy.add_argument("source", metavar="SOURCE", help="name of the Repository to copy from")
+    copy.add_argument("destination", metavar="DESTINATION", help="name of the Repository to copy to")
+    copy.add_argument(
+        "--vm", metavar="NAME", action="append", default=[], help="only this VM (a glob; repeatable)"
+    )
+    copy.add_argument(
+        "--policy", metavar="NAME", action="append", default=[], help="only points of this BackupPolicy"
+    )
+    copy.add_argument(
+        "--since",
+        metavar="WHEN",
+        type=_since,
+        help="only points taken at or after WHEN: a date/time (2026-12-01, 2026-12-01T02:00Z) or an age (7d)",
+    )
     gc.add_argument("--dry-run", action="store_true", help="report what would be removed; delete nothing")
     gc.add_argument(
         "--wait",
@@ -117,8 +159,25 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     )
 
 
+def _since(text: str) -> datetime:
+    """``--since``: an ISO date/time (UTC unless it has an offset) or an age such as ``7d``."""
+    from reconciler.config import parse_interval
+
+    try:
+        return datetime.now(timezone.utc) - parse_interval(text)
+    except ValueError:
+        pass
+    try:
+        moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is neither a date/time (2026-12-01T02:00Z) nor an age (7d, 12h)"
+        ) from None
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=timezone.utc)
+
+
 def _repo_usage(args: argparse.Namespace) -> int:
-    fail("give a subcommand: init, key-export or gc (see repo --help)", "usage", "usage")
+    fail("give a subcommand: init, key-export, gc or copy (see repo --help)", "usage", "usage")
 
 
 def cmd_repo_init(args: argparse.Namespace) -> int:
@@ -293,3 +352,83 @@ def _gc_line(name: str, path: object, report: GcReport) -> str:
     if report.dry_run:
         line += " (dry run: nothing deleted)"
     return line
+
+
+def cmd_repo_copy(args: argparse.Namespace) -> int:
+    """``esxi-reconciler repo copy SRC DST``: 0 copied (or nothing to do), 1 a point or a repository
+    failed, 64 bad input, 78 bad config."""
+    from reconciler.operations.copy import PointCopy, copy_points
+    from reconciler.operations.repositories import open_repository
+
+    desired = load_desired(args)
+    known = sorted(desired.repositories)
+    for name in (args.source, args.destination):
+        if name not in desired.repositories:
+            unknown_name("repo copy", "Repository", name, known)
+    if args.source == args.destination:
+        fail("SOURCE and DESTINATION are the same repository; name two different ones", "usage", "usage")
+    for policy in args.policy:
+        if policy not in desired.policies:
+            unknown_name("repo copy", "BackupPolicy", policy, sorted(desired.policies))
+    src_cfg, dst_cfg = desired.repositories[args.source], desired.repositories[args.destination]
+    src = open_repository(src_cfg)
+    dst = open_repository(dst_cfg)
+    if src.id == dst.id:
+        fail(
+            f"repositories {args.source} and {args.destination} are the same repository (id {src.id});"
+            " nothing to copy",
+            "usage",
+            "usage",
+        )
+
+    def show(item: PointCopy) -> None:
+        when = item.time.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+        if item.decision == "copied":
+            sent = f"{plural(item.chunks_uploaded, 'chunk')} sent ({human_size(item.bytes_uploaded)})"
+            there = f"{item.chunks_present} already there"
+            line = f"copied {item.vm}@{when} ({item.policy}): {sent}, {there}; verified"
+        elif item.decision == "present":
+            line = f"present {item.vm}@{when} ({item.policy}): already in {args.destination}"
+        else:
+            line = f"FAILED {item.vm}@{when} ({item.policy}): {item.error}"
+        print(line, file=sys.stderr if args.json else sys.stdout, flush=True)
+
+    try:
+        report = copy_points(
+            src,
+            dst,
+            vms=args.vm,
+            policies=args.policy,
+            since=args.since,
+            purpose=f"copy {args.source} -> {args.destination}",
+            progress=show,
+        )
+    finally:
+        src.backend.close()
+        dst.backend.close()
+    log.info(
+        "repo.copy",
+        source=args.source,
+        destination=args.destination,
+        copied=report.count("copied"),
+        present=report.count("present"),
+        failed=report.count("failed"),
+        bytes_uploaded=report.bytes_uploaded,
+    )
+    mode = "re-encrypted" if report.reencrypted else "blobs copied unchanged"
+    summary = (
+        f"repository {args.source} -> {args.destination}: {plural(report.count('copied'), 'point')} copied,"
+        f" {report.count('present')} already there, {report.count('failed')} failed;"
+        f" {human_size(report.bytes_uploaded)} sent ({mode}) in {report.seconds:.1f} s"
+    )
+    print(summary, file=sys.stderr if args.json else sys.stdout)
+    if args.json:
+        emit_json(
+            {
+                "ok": report.ok,
+                **report.to_dict(),
+                "source_repository": args.source,
+                "destination_repository": args.destination,
+            }
+        )
+    return ExitCode.OK if report.ok else ExitCode.FAILED
