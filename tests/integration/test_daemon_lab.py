@@ -166,7 +166,7 @@ def test_the_daemon_keeps_reality_matching_git(
 
     repo_cfg = load_config(config).repository("nas")
     Repository.init(
-        Path(repo_cfg.backend.path), repo_cfg.encryption.key.reveal() if repo_cfg.encryption.key else None
+        Path(repo_cfg.backend.location), repo_cfg.encryption.key.reveal() if repo_cfg.encryption.key else None
     )
     repo = open_repository(repo_cfg)
 
@@ -301,7 +301,7 @@ def test_sigterm_during_a_backup_exits_cleanly_without_a_snapshot(
     edit_policy(config, "web.yaml", due_now)
     repo_cfg = load_config(config).repository("nas")
     Repository.init(
-        Path(repo_cfg.backend.path), repo_cfg.encryption.key.reveal() if repo_cfg.encryption.key else None
+        Path(repo_cfg.backend.location), repo_cfg.encryption.key.reveal() if repo_cfg.encryption.key else None
     )
     lab.fault(lab.free, "api-slow", delay_ms=400)  # the backup takes seconds: time to signal it
 
