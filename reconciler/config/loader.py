@@ -436,11 +436,37 @@ def _restore_test(spec: dict[str, Any] | None) -> model.RestoreTest | None:
     return model.RestoreTest(spec["host"], spec.get("datastore"), tuple(spec.get("vms", ())))
 
 
+def _build_copy_policy(build: _Build, doc: Document, spec: dict[str, Any]) -> model.CopyPolicy | None:
+    sched = _build_schedule(build, doc, ("spec", "schedule"), spec["schedule"])
+    if sched is None:
+        return None
+    keep = _build_retention(build, doc, ("spec", "retention"), spec["retention"], sched.timezone)
+    if keep is None:
+        return None
+    if spec["source"] == spec["destination"]:
+        build.issues.append(
+            doc.issue(("spec", "destination"), "is the source repository; copy to another Repository")
+        )
+    return model.CopyPolicy(
+        name=doc.data["metadata"]["name"],
+        source=spec["source"],
+        destination=spec["destination"],
+        schedule=sched,
+        retention=keep,
+        suspend=spec["suspend"],
+        source_location=_source(doc),
+        vms=tuple(spec.get("vms", ())),
+        policies=tuple(spec.get("policies", ())),
+        max_age=parse_interval(spec["max_age"]) if "max_age" in spec else None,
+    )
+
+
 _BUILDERS: dict[str, Callable[[_Build, Document, dict[str, Any]], Any]] = {
     "Host": _build_host,
     "Repository": _build_repository,
     "BackupPolicy": _build_backup_policy,
     "VerifyPolicy": _build_verify_policy,
+    "CopyPolicy": _build_copy_policy,
 }
 
 
@@ -472,7 +498,7 @@ def _check_clean_parts(build: _Build, item: _Checked) -> None:
     if item.clean("spec", "schedule"):
         sched = _build_schedule(build, item.doc, ("spec", "schedule"), item.data["spec"]["schedule"])
         zone = sched.timezone if sched is not None else zone
-    if item.kind == "BackupPolicy" and item.clean("spec", "retention"):
+    if item.kind in ("BackupPolicy", "CopyPolicy") and item.clean("spec", "retention"):
         _build_retention(build, item.doc, ("spec", "retention"), item.data["spec"]["retention"], zone)
 
 
@@ -645,7 +671,7 @@ def load_config(
             built = _BUILDERS[kind](build, doc, item.data["spec"])
             if built is not None:
                 objects[kind].append((built, doc))
-        elif kind in ("BackupPolicy", "VerifyPolicy"):
+        elif kind in ("BackupPolicy", "VerifyPolicy", "CopyPolicy"):
             _check_clean_parts(build, item)
 
     named = {
@@ -659,12 +685,26 @@ def load_config(
                 _check_reference(
                     build, item.doc, ("spec", field_name), kind, item.data["spec"][field_name], names[kind]
                 )
+        if item.kind == "CopyPolicy":
+            for field_name in ("source", "destination"):
+                if item.clean("spec", field_name):
+                    value = item.data["spec"][field_name]
+                    _check_reference(
+                        build, item.doc, ("spec", field_name), "Repository", value, names["Repository"]
+                    )
+            if item.clean("spec", "policies"):
+                for position, policy in enumerate(item.data["spec"].get("policies", ())):
+                    where: tuple[PathElement, ...] = ("spec", "policies", position)
+                    _check_reference(build, item.doc, where, "BackupPolicy", policy, names["BackupPolicy"])
         if item.kind == "VerifyPolicy" and item.clean("spec", "test_restore", "host"):
             host = item.data["spec"].get("test_restore", {}).get("host")
             if host is not None:
-                where = ("spec", "test_restore", "host")
-                _check_reference(build, item.doc, where, "Host", host, names["Host"])
-        if item.kind in ("BackupPolicy", "VerifyPolicy") and item.clean("spec", "schedule", "after"):
+                _check_reference(
+                    build, item.doc, ("spec", "test_restore", "host"), "Host", host, names["Host"]
+                )
+        if item.kind in ("BackupPolicy", "VerifyPolicy", "CopyPolicy") and item.clean(
+            "spec", "schedule", "after"
+        ):
             after = item.data["spec"]["schedule"]["after"]
             _check_reference(
                 build, item.doc, ("spec", "schedule", "after"), "BackupPolicy", after, names["BackupPolicy"]
@@ -694,6 +734,7 @@ def load_config(
         repositories=(obj for obj, _ in objects["Repository"]),
         policies=(obj for obj, _ in objects["BackupPolicy"]),
         verify_policies=(obj for obj, _ in objects["VerifyPolicy"]),
+        copy_policies=(obj for obj, _ in objects["CopyPolicy"]),
         revision=config_revision(root, contents, commit=commit),
         warnings=build.warnings,
     )

@@ -318,6 +318,25 @@ class VerifyPolicy:
     test_restore: RestoreTest | None = None
 
 
+@dataclass(frozen=True)
+class CopyPolicy:
+    """Restore points copied on a schedule from ``source`` to ``destination`` (an off-site copy); the
+    destination keeps them by ``retention``, per (backup policy, VM) group."""
+
+    name: str
+    source: str
+    destination: str
+    schedule: Schedule
+    retention: RetentionPolicy
+    suspend: bool
+    source_location: Source = field(compare=False)
+    vms: tuple[str, ...] = ()
+    """Globs of VM names; empty: every VM."""
+    policies: tuple[str, ...] = ()
+    """BackupPolicy names; empty: every policy."""
+    max_age: timedelta | None = None
+
+
 # -- revision and the whole --------------------------------------------------------------------------
 
 
@@ -370,6 +389,7 @@ class DesiredState:
     verify_policies: Mapping[str, VerifyPolicy]
     revision: Revision
     warnings: tuple[ConfigIssue, ...] = ()
+    copy_policies: Mapping[str, CopyPolicy] = field(default_factory=lambda: MappingProxyType({}))
 
     @classmethod
     def build(
@@ -380,6 +400,7 @@ class DesiredState:
         verify_policies: Iterable[VerifyPolicy],
         revision: Revision,
         warnings: Iterable[ConfigIssue] = (),
+        copy_policies: Iterable[CopyPolicy] = (),
     ) -> DesiredState:
         """Assemble from unordered objects (names must already be unique per kind)."""
         return cls(
@@ -389,6 +410,7 @@ class DesiredState:
             verify_policies=_index(_sorted_by_name(verify_policies), "name"),
             revision=revision,
             warnings=tuple(sorted(warnings)),
+            copy_policies=_index(_sorted_by_name(copy_policies), "name"),
         )
 
     def host(self, name: str) -> Host:
@@ -406,6 +428,14 @@ class DesiredState:
     def verify_policy(self, name: str) -> VerifyPolicy:
         """The VerifyPolicy named ``name`` (KeyError if none)."""
         return self.verify_policies[name]
+
+    def copy_policy(self, name: str) -> CopyPolicy:
+        """The CopyPolicy named ``name`` (KeyError if none)."""
+        return self.copy_policies[name]
+
+    def copies_into(self, repository: str) -> tuple[CopyPolicy, ...]:
+        """Active copy policies whose destination is ``repository``, by name."""
+        return tuple(c for c in self.copy_policies.values() if c.destination == repository and not c.suspend)
 
     def policies_for_host(self, host: str) -> tuple[BackupPolicy, ...]:
         """Backup policies of a host, by name."""

@@ -26,7 +26,7 @@ API_VERSION = "esxi-reconciler/v1"
 SCHEMA_URI = "https://json-schema.org/draft/2020-12/schema"
 ID_PREFIX = "urn:esxi-reconciler:schema:v1:"
 
-KINDS = ("Host", "Repository", "BackupPolicy", "VerifyPolicy")
+KINDS = ("Host", "Repository", "BackupPolicy", "VerifyPolicy", "CopyPolicy")
 """Every kind of the config directory, in the order the docs present them."""
 
 SOURCE_KIND = "GitSource"
@@ -862,6 +862,49 @@ VERIFY_POLICY_SPEC = _obj(
     required=("repository", "schedule"),
 )
 
+# -- CopyPolicy --------------------------------------------------------------------------------------
+
+COPY_POLICY_SPEC = _obj(
+    "An off-site copy: restore points copied on a schedule from one repository to another (local to S3, S3"
+    " to local, between two buckets), like Proxmox Backup Server's sync jobs. Only chunks the destination"
+    " lacks are sent; chunks are re-encrypted when the keys differ; every copied point is checked in the"
+    " destination; an interrupted copy resumes. The destination keeps copies by this policy's retention.",
+    {
+        "source": _ref("name", "Name of the Repository copied from."),
+        "destination": _ref("name", "Name of the Repository copied to (e.g. one on S3)."),
+        "schedule": _ref(
+            "schedule",
+            "When the copy runs. after: POLICY copies right after that BackupPolicy's backups succeeded.",
+        ),
+        "vms": {
+            "type": "array",
+            "description": "Globs of VM names whose points are copied. Default: every VM.",
+            "minItems": 1,
+            "uniqueItems": True,
+            "items": {"type": "string", "description": "A glob.", "minLength": 1},
+        },
+        "policies": {
+            "type": "array",
+            "description": "Names of the BackupPolicies whose points are copied. Default: every policy.",
+            "minItems": 1,
+            "uniqueItems": True,
+            "items": _ref("name", "A BackupPolicy name."),
+        },
+        "max_age": _ref(
+            "duration",
+            "Copy only points younger than this (a first copy of a long history need not send all of it)."
+            " Default: every point the source has.",
+        ),
+        "retention": _ref(
+            "retention",
+            "Which copies the destination keeps, per (backup policy, VM); pruned there by the daemon when the"
+            " destination's prune.enabled is true.",
+        ),
+        "suspend": _bool("Pause the policy: no copy, no pruning of the copies.", default=False),
+    },
+    required=("source", "destination", "schedule", "retention"),
+)
+
 # -- GitSource: the bootstrap file of `run --source` -------------------------------------------------
 
 GIT_SOURCE_SPEC = _obj(
@@ -939,6 +982,7 @@ _SPECS: dict[str, tuple[str, Schema]] = {
     "Repository": ("repository", REPOSITORY_SPEC),
     "BackupPolicy": ("backup-policy", BACKUP_POLICY_SPEC),
     "VerifyPolicy": ("verify-policy", VERIFY_POLICY_SPEC),
+    "CopyPolicy": ("copy-policy", COPY_POLICY_SPEC),
     SOURCE_KIND: ("git-source", GIT_SOURCE_SPEC),
 }
 

@@ -333,8 +333,8 @@ CASES: list[tuple[str, dict[str, str], list[str]]] = [
     ),
     (
         "unknown backend type",
-        {"repositories.yaml": REPOSITORY.replace("type: local", "type: s3")},
-        ["repositories.yaml:6:13 spec.backend.type: 's3' is not one of 'local'"],
+        {"repositories.yaml": REPOSITORY.replace("type: local", "type: sftp")},
+        ["repositories.yaml:6:13 spec.backend.type: 'sftp' is not one of 'local', 's3'"],
     ),
     (
         "relative repository path",
