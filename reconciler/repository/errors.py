@@ -12,13 +12,21 @@
     ├── ProtectedPointError  a protected restore point was asked to be deleted
     ├── StorageError         the volume refused a write: full, over quota, read-only, no permission
     └── ObjectStoreUnavailable  the object store stayed unreachable or kept failing after the retries
+
+``transient`` says whether another try may succeed without anyone acting: for :class:`LockedError` (the
+other process finishes) and :class:`ObjectStoreUnavailable` (the store recovers); the retry logic of
+``apply`` reads it.
 """
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 
 class RepositoryError(Exception):
     """Base of all repository errors."""
+
+    transient: ClassVar[bool] = False
 
 
 class FormatError(RepositoryError):
@@ -54,6 +62,8 @@ class WrongKeyError(RepositoryError):
 class LockedError(RepositoryError):
     """A conflicting lock is held; the message names the holder."""
 
+    transient = True
+
 
 class ProtectedPointError(RepositoryError):
     """The restore point is protected and was not deleted."""
@@ -75,3 +85,5 @@ class StorageError(RepositoryError):
 class ObjectStoreUnavailable(RepositoryError):
     """The object store could not be reached, or kept answering with errors (5xx, throttling) after the
     client's retries with backoff. Transient: the same job may succeed later (the daemon retries it)."""
+
+    transient = True

@@ -107,12 +107,14 @@ def config_condition(
 def _declares(desired: DesiredState | None) -> str:
     if desired is None:
         return "loaded"
-    counts = (
+    counts: tuple[tuple[int, str, str], ...] = (
         (len(desired.hosts), "host", "hosts"),
         (len(desired.repositories), "repository", "repositories"),
         (len(desired.policies), "backup policy", "backup policies"),
         (len(desired.verify_policies), "verify policy", "verify policies"),
     )
+    if desired.copy_policies:
+        counts += ((len(desired.copy_policies), "copy policy", "copy policies"),)
     return ", ".join(_count(n, one, many) for n, one, many in counts)
 
 
