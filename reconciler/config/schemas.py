@@ -899,7 +899,9 @@ COPY_POLICY_SPEC = _obj(
         "retention": _ref(
             "retention",
             "Which copies the destination keeps, per (backup policy, VM); pruned there by the daemon when the"
-            " destination's prune.enabled is true.",
+            " destination's prune.enabled is true (within its max_deletions_per_run). A point this retention"
+            " would not keep is not copied, so a pruned copy is not sent again. A BackupPolicy writing to the"
+            " destination itself keeps its own retention there.",
         ),
         "suspend": _bool("Pause the policy: no copy, no pruning of the copies.", default=False),
     },

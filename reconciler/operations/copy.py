@@ -19,10 +19,9 @@ Both repositories are held under a shared lock for the whole copy (GC of either 
 
 from __future__ import annotations
 
-import fnmatch
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
@@ -30,6 +29,7 @@ from datetime import datetime, timezone
 import structlog
 
 from reconciler.facts.points import RestorePoint, StoredFile
+from reconciler.planning.copies import select_points
 from reconciler.repository.chunks import HOLE, chunk_name
 from reconciler.repository.errors import RepositoryError
 from reconciler.repository.index import DiskIndex
@@ -79,6 +79,7 @@ class CopyReport:
     reencrypted: bool
     points: list[PointCopy] = field(default_factory=list)
     seconds: float = 0.0
+    cancelled: bool = False
 
     @property
     def ok(self) -> bool:
@@ -108,29 +109,6 @@ class CopyReport:
             "seconds": round(self.seconds, 3),
             "points": [p.to_dict() for p in self.points],
         }
-
-
-def select_points(
-    points: Iterable[RestorePoint],
-    *,
-    vms: Sequence[str] = (),
-    policies: Sequence[str] = (),
-    since: datetime | None = None,
-) -> list[RestorePoint]:
-    """The successful points to copy, oldest first: VM names matching one of ``vms`` (globs; empty: all),
-    made by one of ``policies`` (empty: all), taken at or after ``since``."""
-    chosen = []
-    for point in points:
-        if point.status != "success":
-            continue  # never restored from, never the base of anything: not worth a copy
-        if vms and not any(fnmatch.fnmatchcase(point.vm.name, pattern) for pattern in vms):
-            continue
-        if policies and point.policy not in policies:
-            continue
-        if since is not None and point.time < since:
-            continue
-        chosen.append(point)
-    return sorted(chosen, key=lambda p: (p.time, p.id))
 
 
 def same_chunk_names(source: Repository, destination: Repository) -> bool:
@@ -276,11 +254,15 @@ def copy_points(
     vms: Sequence[str] = (),
     policies: Sequence[str] = (),
     since: datetime | None = None,
+    point_ids: Collection[str] | None = None,
     purpose: str = "copy",
     progress: Progress | None = None,
     workers: int = WORKERS,
+    cancel: threading.Event | None = None,
 ) -> CopyReport:
     """Copy the selected points of ``src`` that ``dst`` lacks (see the module doc); one report.
+    ``point_ids`` narrows the selection to those points (a copy policy's plan names them); ``cancel``
+    stops between points (the report says ``cancelled``).
 
     A point that fails is reported and the next one is tried; a repository-wide failure (a lock held
     exclusively, an unreachable store, a refused write) raises.
@@ -291,9 +273,14 @@ def copy_points(
     with src.lock(purpose=f"{purpose} (source)"), dst.lock(purpose=purpose), dst.discard_pending_on_exit():
         present = set(dst.point_ids())
         wanted = select_points(src.list_points(), vms=vms, policies=policies, since=since)
+        if point_ids is not None:
+            wanted = [p for p in wanted if p.id in point_ids]
         previous: dict[str, RestorePoint] = {}
         with ThreadPoolExecutor(workers, thread_name_prefix="copy") as pool:
             for point in wanted:
+                if cancel is not None and cancel.is_set():
+                    report.cancelled = True
+                    break
                 base = previous.get(point.vm.uuid)
                 if point.id in present:
                     report.points.append(

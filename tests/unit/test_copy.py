@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from reconciler.facts.points import DiskRecord, PointStatus, RestorePoint, VmRef, new_point_id
-from reconciler.operations.copy import copy_points, same_chunk_names, select_points, verify_copy
+from reconciler.operations.copy import copy_points, same_chunk_names, verify_copy
+from reconciler.planning.copies import select_points
 from reconciler.repository import CHUNK_SIZE, DigestMap, KdfParams, Repository, verify_repository
 from reconciler.repository.errors import ObjectStoreUnavailable
 from tests.s3server import Fault, FaultProxy, S3Server

@@ -14,6 +14,7 @@ from reconciler.config import ConfigError, load_config
 from reconciler.config.model import S3Backend
 from reconciler.operations.repositories import open_repository
 from reconciler.repository import Repository
+from reconciler.status.store import StatusStore, status_path
 from tests.s3server import S3Server
 from tests.unit.test_cli_outcomes import check
 from tests.unit.test_copy import T0, backup, disk_data, disk_of
@@ -182,3 +183,48 @@ def test_an_unreachable_store_is_one_line(
     captured = capsys.readouterr()
     assert "cannot reach the object store" in captured.err
     check("error", json.loads(captured.out))
+
+
+@pytest.mark.usefixtures("s3_env", "restore_logging")
+def test_a_copy_policy_is_planned_and_run_by_the_daemon(
+    tmp_path: Path, s3_server: S3Server, s3_bucket: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cfg = _config(tmp_path, s3_server, s3_bucket)
+    (cfg / "copy.yaml").write_text(
+        """apiVersion: esxi-reconciler/v1
+kind: CopyPolicy
+metadata: {name: nas-offsite}
+spec:
+  source: nas
+  destination: offsite
+  schedule: {every: 1h}
+  retention: {keep_last: 1}
+"""
+    )
+    assert main(["--config", str(cfg), "repo", "init", "nas"]) == 0
+    assert main(["--config", str(cfg), "repo", "init", "offsite"]) == 0
+    desired = load_config(cfg)
+    nas = open_repository(desired.repository("nas"))
+    with nas.lock():
+        old = backup(nas, "web01", disk_data(5), T0)
+        new = backup(nas, "web01", disk_data(5, changed=1), datetime(2026, 12, 2, 2, tzinfo=timezone.utc))
+    capsys.readouterr()
+
+    assert main(["--config", str(cfg), "plan"]) == 0
+    shown = capsys.readouterr().out
+    # keep_last 1 in the destination: only the newest point travels
+    assert "+ copy nas -> offsite by nas-offsite: 1 point (" in shown and "Plan: 1 copy;" in shown
+
+    state = tmp_path / "state"
+    assert main(["--config", str(cfg), "--state-dir", str(state), "--json", "run", "--once"]) == 0
+    assert json.loads(capsys.readouterr().out)["ok"] is True
+    offsite = open_repository(desired.repository("offsite"))
+    assert offsite.point_ids() == [new.id] and old.id not in offsite.point_ids()
+    assert disk_of(offsite, new.id) == disk_of(nas, new.id)
+
+    # the run history holds the copy's run, so the next cycle within the hour has nothing to do
+    with StatusStore.open(status_path(state), readonly=True) as store:
+        record = store.history()["copy/nas-offsite"]
+    assert record.last_succeeded is not None and record.consecutive_failures == 0
+    assert main(["--config", str(cfg), "--state-dir", str(state), "plan"]) == 0
+    assert "copy nas -> offsite" not in capsys.readouterr().out
