@@ -82,6 +82,7 @@ class S3Server:
 
     def backend(self, bucket: str, prefix: str = "repo", **options: Any) -> S3Backend:
         endpoint = options.pop("endpoint", None)
+        options.setdefault("settle_seconds", 0.2)  # moto lists consistently; keep GC tests quick
         return S3Backend(self.location(bucket, prefix, endpoint), **options)
 
     def env(self, bucket: str, prefix: str = "repo") -> dict[str, str]:

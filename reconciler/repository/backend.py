@@ -143,6 +143,10 @@ class Backend(Protocol):
 
     label: str | None
     """The repository's configured name, for messages (None: the location alone names it)."""
+    settle_seconds: float
+    """How long a new lock object may take to show in a listing of ``locks/`` on this storage (0: at once,
+    a local directory). GC waits that long under its exclusive lock and lists the locks again before it
+    deletes anything (docs/repository-format.md §13.3)."""
 
     def put(self, name: str, parts: Sequence[Data]) -> bool:
         """Store atomically and durably unless ``name`` exists; False if it existed (nothing written)."""
@@ -293,6 +297,8 @@ class LocalBackend:
         self.root = Path(root)
         self.label = label
         """The repository's configured name, for messages (None: the path alone names it)."""
+        self.settle_seconds = 0.0
+        """A directory listing shows a new file at once."""
         self.host = socket.gethostname()
         self._use_syncfs = sync == "syncfs" and _SYNCFS is not None
         self._lock = threading.Lock()

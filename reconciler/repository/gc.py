@@ -212,6 +212,8 @@ def _collect(
     if dry_run:
         return report
     lock.check()  # a lost lock (removed as stale) means a backup may be writing: sweep nothing
+    # a writer whose lock a lagging listing hid may be about to reference what looks unreferenced (§13.3)
+    lock.confirm_alone()
     for name, upload_id, _ in interrupted:
         repo.backend.abort_upload(name, upload_id)
     for done, name in enumerate(doomed, 1):  # sweep

@@ -22,6 +22,7 @@ import os
 import secrets
 import socket
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
@@ -174,6 +175,7 @@ class RepositoryLock:
         self._thread: threading.Thread | None = None
         self._lost: LockedError | None = None
         self._mutex = threading.Lock()
+        self._acquired = 0.0
 
     def __repr__(self) -> str:
         state = self.info.describe() if self.info else "not held"
@@ -210,8 +212,33 @@ class RepositoryLock:
             for other in stale:
                 self.backend.delete(other.name)
         self.info = info
+        self._acquired = time.monotonic()
         self._lost = None
         return info
+
+    def confirm_alone(self, sleep: Callable[[float], None] = time.sleep) -> None:
+        """For an exclusive holder about to delete: wait until the storage's settle window
+        (``backend.settle_seconds``) has passed since :meth:`acquire`, then list ``locks/`` again;
+        :class:`LockedError` if any other live lock shows now — a writer whose lock the first listing
+        missed (a lagging listing), which may be about to reference data that looks unreferenced.
+        """
+        if self.info is None or not self.exclusive:
+            raise RuntimeError("confirm_alone needs a held exclusive lock")
+        wait = self.backend.settle_seconds - (time.monotonic() - self._acquired)
+        if wait > 0:
+            sleep(wait)
+        self.check()
+        now = self._clock()
+        others = [
+            other
+            for other in list_locks(self.backend)
+            if other.id != self.info.id and not other.is_stale(now, self.host, self._alive, self.stale_after)
+        ]
+        if others:
+            holder = min(others, key=lambda c: c.time)
+            raise LockedError(
+                f"repository is locked {holder.describe()} (it appeared after this lock was taken)"
+            )
 
     def refresh(self) -> None:
         """Rewrite the lock's time; :class:`LockedError` if the lock file was removed meanwhile."""

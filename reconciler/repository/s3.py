@@ -60,6 +60,10 @@ MULTIPART_THRESHOLD = 16 * MiB
 """Objects larger than this are uploaded in parts (chunks, manifests and most indexes are far smaller)."""
 MAX_INFLIGHT_BYTES = 64 * MiB
 """Deferred uploads queued or running at once; ``put_deferred`` waits beyond it (bounded memory)."""
+SETTLE_SECONDS = 10.0
+"""How long GC, holding its exclusive lock, waits before listing ``locks/`` again and sweeping: longer
+than a new lock object takes to appear in a listing on a store whose listings lag behind writes (AWS S3,
+MinIO, Ceph RGW and Garage list consistently; some gateways and older services do not). §13.3."""
 HEAD_LOOKUPS_BEFORE_LISTING = 256
 """Chunk existence checks answered by HEAD before the backend lists ``chunks/`` once instead (§13)."""
 
@@ -144,9 +148,11 @@ class S3Backend:
         max_inflight_bytes: int = MAX_INFLIGHT_BYTES,
         connect_timeout: float = 10.0,
         read_timeout: float = 60.0,
+        settle_seconds: float = SETTLE_SECONDS,
     ) -> None:
         self.loc = location
         self.label = label
+        self.settle_seconds = settle_seconds
         self.part_size = part_size
         self.multipart_threshold = multipart_threshold
         self.max_concurrency = max_concurrency

@@ -298,3 +298,80 @@ def test_locks_on_s3_conflict_across_hosts_and_use_the_store_clock(
     old.acquire()
     with gc:
         assert not site_b.exists(old.info.name if old.info else "")
+
+
+# -- GC and concurrent writers ------------------------------------------------------------------------
+
+
+def test_gc_never_deletes_a_chunk_a_concurrent_writer_is_about_to_reference(
+    s3_server: S3Server, s3_bucket: str
+) -> None:
+    repo = Repository.init(s3_server.backend(s3_bucket), None)
+    with repo.lock(purpose="backup"):
+        old = _point(repo, "web01", 30)
+    repo.delete_point(old.id)  # its chunks are garbage now...
+    writer = Repository.open(s3_server.backend(s3_bucket), None)
+    with writer.lock(purpose="backup web02 (site b)") as held:
+        # ...but a writer at another site finds them present and skips the upload (dedup)
+        new_writer = writer.chunk_writer(3 * MiB)
+        for slot in range(3):
+            new_writer.write(slot * MiB, _data(30 + slot))
+        assert new_writer.bytes_stored == 0
+        # a GC now is refused while that writer's lock is live, and deletes nothing
+        with pytest.raises(LockedError, match="site b"):
+            collect_garbage(Repository.open(s3_server.backend(s3_bucket), None))
+        index = new_writer.finish()
+        held.check()
+        now = datetime.now(timezone.utc)
+        kept = RestorePoint(
+            id=new_point_id(now),
+            policy="nightly",
+            vm=VmRef("web02", "uuid-web02", "esxi2", "1"),
+            started=now,
+            snapshot_time=now,
+            finished=now,
+            status="success",
+            mode="full",
+            config_revision="r",
+            disks=(DiskRecord(2000, "Hard disk 1", "x", 3 * MiB, index),),
+        )
+        writer.write_point(kept)
+    report = collect_garbage(repo)
+    assert report.unreferenced_chunks == 1  # the old point's .vmx only: the disk's chunks are used again
+    assert verify_repository(repo, read_data_percent=100).ok
+
+
+def test_gc_sweeps_nothing_when_a_writers_lock_shows_up_late(s3_server: S3Server, s3_bucket: str) -> None:
+    """A store whose listing lags: the writer's lock was not listed when GC took its lock. GC lists the
+    locks again after the settle window and, finding it, deletes nothing."""
+    import threading
+
+    from reconciler.repository.lock import LockInfo, list_locks
+
+    repo = Repository.init(s3_server.backend(s3_bucket), None)
+    with repo.lock(purpose="backup"):
+        old = _point(repo, "web01", 40)
+    repo.delete_point(old.id)
+    gc_repo = Repository.open(s3_server.backend(s3_bucket, settle_seconds=3.0), None)
+    failure: list[BaseException] = []
+
+    def run_gc() -> None:
+        try:
+            collect_garbage(gc_repo)
+        except LockedError as exc:
+            failure.append(exc)
+
+    thread = threading.Thread(target=run_gc)
+    thread.start()
+    backend = s3_server.backend(s3_bucket)
+    for _ in range(100):
+        if any(info.exclusive for info in list_locks(backend)):
+            break
+        thread.join(0.05)
+    late = LockInfo("f" * 32, False, "site-b", 4242, backend.now(), "backup web02 (site b)")
+    backend.put(late.name, [late.to_json()])  # what the writer wrote, unseen by GC's first listing
+    thread.join(30)
+    assert failure and "site b" in str(failure[0]) and "appeared after" in str(failure[0])
+    assert sum(1 for _ in backend.list("chunks")) == 4  # nothing swept
+    backend.delete(late.name)
+    assert collect_garbage(repo).unreferenced_chunks == 4
