@@ -381,10 +381,12 @@ def cmd_repo_init(args: argparse.Namespace) -> int:
     compression = f"zstd level {comp.level}" if comp.algorithm == "zstd" else comp.algorithm
     encryption = f"encrypted (AES-256-GCM, key {repo.key_id})" if repo.encrypted else "NOT encrypted"
     print(f"created repository {cfg.name} at {path}: id {repo.id}, {encryption}, {compression}")
-    print(
-        f"pin it: add `id: {repo.id}` to the spec of Repository {cfg.name}, so that another volume mounted"
-        " at that path is refused"
+    elsewhere = (
+        "another volume mounted at that path"
+        if isinstance(cfg.backend, LocalBackend)
+        else "another repository under that bucket and prefix"
     )
+    print(f"pin it: add `id: {repo.id}` to the spec of Repository {cfg.name}, so that {elsewhere} is refused")
     if repo.encrypted:
         print(
             f"next: esxi-reconciler repo key export {cfg.name} --out FILE, and keep that file and the"

@@ -635,7 +635,11 @@ def _plan_copy(
         return
     wanted = points_to_copy(policy, source.points, destination.points, b.now)
     if not wanted:
-        b.notice("info", subject, f"due ({result.reason}), but {policy.destination} lacks no point to copy")
+        b.notice(
+            "info",
+            subject,
+            f"due ({result.reason}); nothing to copy: {policy.destination} has every point this policy sends",
+        )
         return
     vms = len({p.vm.uuid for p in wanted})
     b.actions.append(

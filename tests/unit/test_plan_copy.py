@@ -105,7 +105,7 @@ def test_not_due_and_nothing_to_copy(tmp_path: Path) -> None:
     assert copies(plan_for(desired, web, [], history=ran)) == []  # ran at 04:00 today: next is tomorrow
     result = plan_for(desired, web, web)
     assert copies(result) == []
-    assert any(n.subject == "copy offsite" and "lacks no point" in n.message for n in result.notices)
+    assert any(n.subject == "copy offsite" and "nothing to copy" in n.message for n in result.notices)
 
 
 def test_a_failed_copy_waits_for_its_backoff(tmp_path: Path) -> None:
