@@ -429,14 +429,6 @@ class DesiredState:
         """The VerifyPolicy named ``name`` (KeyError if none)."""
         return self.verify_policies[name]
 
-    def copy_policy(self, name: str) -> CopyPolicy:
-        """The CopyPolicy named ``name`` (KeyError if none)."""
-        return self.copy_policies[name]
-
-    def copies_into(self, repository: str) -> tuple[CopyPolicy, ...]:
-        """Active copy policies whose destination is ``repository``, by name."""
-        return tuple(c for c in self.copy_policies.values() if c.destination == repository and not c.suspend)
-
     def policies_for_host(self, host: str) -> tuple[BackupPolicy, ...]:
         """Backup policies of a host, by name."""
         return tuple(p for p in self.policies.values() if p.host == host)
