@@ -12,6 +12,7 @@ GC starts and removed only when it completes, so the next observation sees "a GC
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -24,7 +25,13 @@ import structlog
 from reconciler.facts.points import RestorePoint
 from reconciler.repository.backend import ObjectInfo
 from reconciler.repository.chunks import chunk_name
-from reconciler.repository.errors import FormatError, MissingObjectError, RepositoryError, StorageError
+from reconciler.repository.errors import (
+    FormatError,
+    LockedError,
+    MissingObjectError,
+    RepositoryError,
+    StorageError,
+)
 from reconciler.repository.lock import RepositoryLock, list_locks, pid_alive, stale_staged_files
 from reconciler.repository.repo import Repository
 
@@ -213,7 +220,13 @@ def _collect(
         return report
     lock.check()  # a lost lock (removed as stale) means a backup may be writing: sweep nothing
     # a writer whose lock a lagging listing hid may be about to reference what looks unreferenced (§13.3)
-    lock.confirm_alone()
+    try:
+        lock.confirm_alone()
+    except LockedError:
+        if report.interrupted_at is None:  # nothing was swept: this GC leaves no garbage behind
+            with contextlib.suppress(RepositoryError):
+                repo.backend.delete(GC_MARKER)
+        raise
     for name, upload_id, _ in interrupted:
         repo.backend.abort_upload(name, upload_id)
     for done, name in enumerate(doomed, 1):  # sweep

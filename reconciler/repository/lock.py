@@ -217,14 +217,17 @@ class RepositoryLock:
         return info
 
     def confirm_alone(self, sleep: Callable[[float], None] = time.sleep) -> None:
-        """For an exclusive holder about to delete: wait until the storage's settle window
-        (``backend.settle_seconds``) has passed since :meth:`acquire`, then list ``locks/`` again;
-        :class:`LockedError` if any other live lock shows now — a writer whose lock the first listing
-        missed (a lagging listing), which may be about to reference data that looks unreferenced.
+        """For an exclusive holder about to delete: wait until twice the storage's settle window
+        (``backend.settle_seconds``, how long a listing may lag) has passed since :meth:`acquire`, then
+        list ``locks/`` again; :class:`LockedError` if any other live lock shows now — a writer whose lock
+        the first listing missed, which may be about to reference data that looks unreferenced.
+
+        Twice: a writer that wrote its lock just after ours may not have seen ours (up to one window
+        late), and its lock may take one more window to show to us; a writer starting later sees ours.
         """
         if self.info is None or not self.exclusive:
             raise RuntimeError("confirm_alone needs a held exclusive lock")
-        wait = self.backend.settle_seconds - (time.monotonic() - self._acquired)
+        wait = 2 * self.backend.settle_seconds - (time.monotonic() - self._acquired)
         if wait > 0:
             sleep(wait)
         self.check()

@@ -352,7 +352,7 @@ def test_gc_sweeps_nothing_when_a_writers_lock_shows_up_late(s3_server: S3Server
     with repo.lock(purpose="backup"):
         old = _point(repo, "web01", 40)
     repo.delete_point(old.id)
-    gc_repo = Repository.open(s3_server.backend(s3_bucket, settle_seconds=5.0), None)
+    gc_repo = Repository.open(s3_server.backend(s3_bucket, settle_seconds=3.0), None)
     failure: list[BaseException] = []
 
     def run_gc() -> None:
@@ -373,5 +373,6 @@ def test_gc_sweeps_nothing_when_a_writers_lock_shows_up_late(s3_server: S3Server
     thread.join(30)
     assert failure and "site b" in str(failure[0]) and "appeared after" in str(failure[0])
     assert sum(1 for _ in backend.list("chunks")) == 4  # nothing swept
+    assert not backend.exists("gc-running.json")  # and no "interrupted GC" to report
     backend.delete(late.name)
     assert collect_garbage(repo).unreferenced_chunks == 4
