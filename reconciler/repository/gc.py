@@ -18,7 +18,7 @@ import os
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 
 import structlog
 
@@ -34,6 +34,9 @@ from reconciler.repository.errors import (
 )
 from reconciler.repository.lock import RepositoryLock, list_locks, pid_alive, stale_staged_files
 from reconciler.repository.repo import Repository
+
+CLOCK_RESOLUTION = timedelta(seconds=1)
+"""How far the store's clock as read (the HTTP ``Date`` header: whole seconds) may lag its own times."""
 
 log = structlog.get_logger(__name__)
 
@@ -211,9 +214,12 @@ def _collect(
     report.deleted.extend(doomed)
     doomed.extend(info.name for info in leftovers)
     # object storage: uploads started before this lock was taken belong to writers that are gone (under
-    # the exclusive lock no other writer runs); younger ones may be this process's own
+    # the exclusive lock no other writer runs); younger ones may be this process's own. The lock's time
+    # is the store's clock as its Date header tells it, in whole seconds: up to a second behind the
+    # times the store gives uploads (found against Ceph RGW), hence the margin.
     assert lock.info is not None
-    interrupted = [u for u in repo.backend.incomplete_uploads() if u[2] < lock.info.time]
+    cutoff = lock.info.time + CLOCK_RESOLUTION
+    interrupted = [u for u in repo.backend.incomplete_uploads() if u[2] < cutoff]
     report.aborted_uploads = len(interrupted)
 
     if dry_run:
