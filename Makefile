@@ -8,7 +8,7 @@ PY     := $(VENV)/bin/python
 APT_PACKAGES := golang-go golang-github-vmware-govmomi-dev openssh-server openssh-client util-linux iproute2 python3-venv systemd busybox git gnupg groff-base man-db zsh
 LAB_DIR ?= .lab
 
-.PHONY: all setup apt venv lab-build lint test unit test-reliability-long demo clean install uninstall
+.PHONY: all setup apt venv lab-build lint test unit test-reliability-long test-ceph demo clean install uninstall
 
 all: test
 
@@ -50,6 +50,15 @@ test: setup lint
 
 unit: venv
 	$(VENV)/bin/pytest tests/unit
+
+# Opt-in, not in CI: the S3 tests against a throw-away single-node Ceph RGW (Debian's radosgw, one
+# memstore OSD, no disk), started and removed by tests/ceph/rgw.sh. Root; ports 3300, 6800+ and CEPH_RGW_PORT.
+CEPH_PACKAGES := ceph-mon ceph-osd radosgw curl
+CEPH_RGW_PORT ?= 7480
+test-ceph: setup
+	$(MAKE) apt APT_PACKAGES="$(CEPH_PACKAGES)"
+	tests/ceph/rgw.sh $(CURDIR)/.ceph $(CEPH_RGW_PORT) $(VENV)/bin/pytest tests/unit/test_repository_s3.py \
+	  tests/unit/test_copy.py tests/unit/test_repo_s3_cli.py
 
 # The reliability suite with its long variants (longer fuzzing, the bigger load lab), then its figures.
 test-reliability-long: setup
