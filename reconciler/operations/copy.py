@@ -247,7 +247,7 @@ def verify_copy(dst: Repository, point_id: str) -> None:
 Progress = Callable[[PointCopy], None]
 
 
-def copy_points(
+def copy_points(  # noqa: PLR0913  the two repositories plus keyword-only selection and hooks, all defaulted
     src: Repository,
     dst: Repository,
     *,

@@ -173,6 +173,19 @@ def _write_marker(repo: Repository, lock: RepositoryLock) -> None:
         log.warning("gc.marker_not_written", repository=repo.location, error=str(exc))
 
 
+def _confirm_alone(repo: Repository, lock: RepositoryLock, report: GcReport) -> None:
+    """Before the sweep: a writer whose lock a lagging listing hid may be about to reference what looks
+    unreferenced (§13.3); if one shows, nothing is swept, and the marker goes unless an earlier GC's was
+    there (this GC leaves no garbage behind)."""
+    try:
+        lock.confirm_alone()
+    except LockedError:
+        if report.interrupted_at is None:
+            with contextlib.suppress(RepositoryError):
+                repo.backend.delete(GC_MARKER)
+        raise
+
+
 def _collect(
     repo: Repository,
     dry_run: bool,
@@ -225,14 +238,7 @@ def _collect(
     if dry_run:
         return report
     lock.check()  # a lost lock (removed as stale) means a backup may be writing: sweep nothing
-    # a writer whose lock a lagging listing hid may be about to reference what looks unreferenced (§13.3)
-    try:
-        lock.confirm_alone()
-    except LockedError:
-        if report.interrupted_at is None:  # nothing was swept: this GC leaves no garbage behind
-            with contextlib.suppress(RepositoryError):
-                repo.backend.delete(GC_MARKER)
-        raise
+    _confirm_alone(repo, lock, report)
     for name, upload_id, _ in interrupted:
         repo.backend.abort_upload(name, upload_id)
     for done, name in enumerate(doomed, 1):  # sweep

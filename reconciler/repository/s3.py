@@ -136,7 +136,7 @@ def _status(exc: botocore.exceptions.ClientError) -> int:
 class S3Backend:
     """Objects in one bucket under a prefix; see the module doc. Thread-safe."""
 
-    def __init__(
+    def __init__(  # noqa: PLR0913  the location plus keyword-only tuning with defaults (tests and the bench set them)
         self,
         location: S3Location,
         *,
