@@ -22,6 +22,7 @@ from reconciler.repository.errors import (
 from reconciler.repository.gc import GarbageSigns, GcReport, collect_garbage, garbage_signs
 from reconciler.repository.index import DIGEST_BLOCK_SIZE, DigestMap, DiskIndex
 from reconciler.repository.lock import LockInfo, RepositoryLock, remove_stale_locks, stale_staged_files
+from reconciler.repository.reader import ChunkReadError, DiskReader, open_disk
 from reconciler.repository.repo import (
     ChunkWrite,
     ChunkWriter,
@@ -38,10 +39,12 @@ __all__ = [
     "HOLE",
     "Backend",
     "BlobCodec",
+    "ChunkReadError",
     "ChunkWrite",
     "ChunkWriter",
     "DigestMap",
     "DiskIndex",
+    "DiskReader",
     "EncodedChunk",
     "FormatError",
     "GarbageSigns",
@@ -66,6 +69,7 @@ __all__ = [
     "export_key",
     "garbage_signs",
     "import_key",
+    "open_disk",
     "remove_stale_locks",
     "stale_staged_files",
     "verify_repository",
