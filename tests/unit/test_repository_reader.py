@@ -50,14 +50,14 @@ def test_random_reads_match_content(repo: Repository) -> None:
 
 
 def test_holes_never_touch_storage(repo: Repository) -> None:
-    index_id, content = _disk(repo)
+    index_id, _content = _disk(repo)
     with open_disk(repo, index_id, readahead=0) as reader:
         assert reader.read(3 * MiB, 2 * MiB) == bytes(2 * MiB)
         assert reader.chunks_fetched == 0
 
 
 def test_cache_is_bounded_and_reused(repo: Repository) -> None:
-    index_id, content = _disk(repo)
+    index_id, _content = _disk(repo)
     with open_disk(repo, index_id, cache_chunks=2, readahead=0) as reader:
         for _ in range(8):  # the kernel reads a file 128 KiB at a time: 8 reads, one fetch
             reader.read(0, 128 * 1024)
@@ -123,5 +123,6 @@ def test_damaged_chunk_is_an_error_not_garbage(repo: Repository) -> None:
         with pytest.raises(ChunkReadError):  # not cached as good: every read fails again
             reader.read(6 * MiB, 1)
     blob.unlink()
-    with open_disk(repo, index_id, readahead=0) as reader, pytest.raises(ChunkReadError, match="missing|not"):
+    gone = r"missing|not"
+    with open_disk(repo, index_id, readahead=0) as reader, pytest.raises(ChunkReadError, match=gone):
         reader.read(6 * MiB, 1)
