@@ -31,9 +31,9 @@ import struct
 import threading
 from collections.abc import Callable, Iterable
 
-from reconciler.esxi.errors import ShellError
+from reconciler.esxi.errors import ShellError, TransportError
 from reconciler.esxi.shell import RemoteStream, ShellConnection
-from reconciler.esxi.transport import ROTATE_BYTES, TransportError
+from reconciler.esxi.transport import ROTATE_BYTES
 from reconciler.esxi.vimcmd import command_line
 
 VERSION = 1

@@ -26,10 +26,13 @@ from reconciler.repository.reader import ChunkReadError, DiskReader, open_disk
 from reconciler.repository.repo import (
     ChunkWrite,
     ChunkWriter,
+    KeyInfo,
+    PassphraseChange,
     Repository,
     RepositoryStats,
     export_key,
     import_key,
+    list_keys,
 )
 from reconciler.repository.verify import Problem, VerifyReport, verify_repository
 
@@ -51,11 +54,13 @@ __all__ = [
     "GcReport",
     "IntegrityError",
     "KdfParams",
+    "KeyInfo",
     "LocalBackend",
     "LockInfo",
     "LockedError",
     "MissingObjectError",
     "NotARepositoryError",
+    "PassphraseChange",
     "Problem",
     "ProtectedPointError",
     "Repository",
@@ -69,6 +74,7 @@ __all__ = [
     "export_key",
     "garbage_signs",
     "import_key",
+    "list_keys",
     "open_disk",
     "remove_stale_locks",
     "stale_staged_files",

@@ -35,6 +35,13 @@ SALT_SIZE = 16
 
 Passphrase = str | bytes
 
+MAX_KDF_MEMORY_KIB = 4 * 1024 * 1024
+MAX_KDF_ITERATIONS = 64
+MAX_KDF_LANES = 64
+"""Limits on Argon2id costs: a key file is read before anything in the repository is authenticated, so a
+damaged or planted one must not make opening it allocate 1 PiB or run for years (the defaults, 64 MiB,
+3 iterations and 4 lanes, are far below)."""
+
 
 @dataclass(frozen=True, slots=True)
 class KdfParams:
@@ -47,6 +54,13 @@ class KdfParams:
     def __post_init__(self) -> None:
         if self.lanes < 1 or self.iterations < 1 or self.memory_kib < 8 * self.lanes:
             raise ValueError(f"invalid Argon2id parameters {self}")
+        for field, value, limit in (
+            ("memory_kib", self.memory_kib, MAX_KDF_MEMORY_KIB),
+            ("iterations", self.iterations, MAX_KDF_ITERATIONS),
+            ("lanes", self.lanes, MAX_KDF_LANES),
+        ):
+            if value > limit:
+                raise ValueError(f"Argon2id {field} {value} is above the limit of {limit}")
 
 
 class MasterKey:
@@ -219,7 +233,7 @@ class KeyFile:
         """Parse a key file; :class:`FormatError` naming ``name`` for anything unexpected."""
         try:
             doc = json.loads(data)
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: absurdly deep nesting
             raise FormatError(f"{name}: not valid JSON") from None
         if not isinstance(doc, dict):
             raise FormatError(f"{name}: not a JSON object")
@@ -233,7 +247,8 @@ class KeyFile:
                 raise FormatError(f"{name}: unsupported key wrapping {wrap['algorithm']!r}")
             params = KdfParams(int(kdf["memory_kib"]), int(kdf["iterations"]), int(kdf["lanes"]))
             key_id, repository, created = str(doc["id"]), str(doc["repository"]), str(doc["created"])
-        except (KeyError, TypeError, ValueError) as exc:
+            salt, nonce, wrapped = kdf["salt"], wrap["nonce"], wrap["data"]
+        except (KeyError, TypeError, ValueError, OverflowError) as exc:  # OverflowError: int(1e400)
             raise FormatError(f"{name}: malformed key file ({exc.__class__.__name__}: {exc})") from None
         if not key_id.isalnum():
             raise FormatError(f"{name}: invalid key id")
@@ -242,7 +257,7 @@ class KeyFile:
             repository,
             created,
             params,
-            _unb64(kdf["salt"], "kdf.salt", name),
-            _unb64(wrap["nonce"], "wrap.nonce", name),
-            _unb64(wrap["data"], "wrap.data", name),
+            _unb64(salt, "kdf.salt", name),
+            _unb64(nonce, "wrap.nonce", name),
+            _unb64(wrapped, "wrap.data", name),
         )

@@ -214,7 +214,8 @@ class TestKeys:
             assert Repository.open(tmp_path / "r", PASSPHRASE).key_id == repo.key_id
             with pytest.raises(WrongKeyError):
                 Repository.open(tmp_path / "r", PASSPHRASE + " ")
-        new_id = Repository.open(tmp_path / "r", PASSPHRASE).change_passphrase("new one", kdf=FAST_KDF)
+        opened = Repository.open(tmp_path / "r", PASSPHRASE)
+        new_id = opened.change_passphrase(PASSPHRASE, "new one", kdf=FAST_KDF).key_id
         assert Repository.open(tmp_path / "r", "new one").key_id == new_id
         with pytest.raises(WrongKeyError):
             Repository.open(tmp_path / "r", PASSPHRASE)
@@ -293,7 +294,7 @@ class TestKeys:
     def test_change_passphrase(self, tmp_path: Path) -> None:
         repo = Repository.init(tmp_path / "r", PASSPHRASE, kdf=FAST_KDF)
         index_id = backup(repo, disk_image(5, 2))
-        repo.change_passphrase("new one", FAST_KDF)
+        repo.change_passphrase(PASSPHRASE, "new one", FAST_KDF)
         with pytest.raises(WrongKeyError):
             Repository.open(tmp_path / "r", PASSPHRASE)
         again = Repository.open(tmp_path / "r", "new one")

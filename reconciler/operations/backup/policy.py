@@ -17,7 +17,6 @@ from collections.abc import Callable, Collection, Iterable, Iterator
 import structlog
 
 from reconciler.config.model import BackupPolicy, DesiredState, Host
-from reconciler.esxi.host import EsxiHost
 from reconciler.facts.inventory import VmInfo, split_ds_path
 from reconciler.operations.backup.context import (
     BackupContext,
@@ -28,6 +27,7 @@ from reconciler.operations.backup.context import (
 )
 from reconciler.operations.backup.vm import backup_vm
 from reconciler.operations.hosts import HostFactory, connect
+from reconciler.operations.ports import BackupHost
 from reconciler.operations.repositories import open_repository
 from reconciler.repository import Repository
 
@@ -70,7 +70,7 @@ def backup_policy(
     vms: Collection[str] | None = None,
     options: BackupOptions | None = None,
     cancel: threading.Event | None = None,
-    host_factory: HostFactory[EsxiHost] = connect,
+    host_factory: HostFactory[BackupHost] = connect,
     on_result: Callable[[VmResult], None] | None = None,
 ) -> list[VmResult]:
     """Back up the VMs of a policy (or only ``vm``, or only those of ``vms`` the policy selects and the
@@ -106,10 +106,10 @@ def backup_policy(
             inventory_host.close()
             raise
     # The inventory's connection serves the first VM (one login fewer); the others get their own.
-    spare: list[EsxiHost] = [inventory_host]
+    spare: list[BackupHost] = [inventory_host]
     spare_lock = threading.Lock()
 
-    def host_for_vm() -> EsxiHost:
+    def host_for_vm() -> BackupHost:
         with spare_lock:
             if spare:
                 return spare.pop()
@@ -132,7 +132,7 @@ def _backup_selected(
     host_cfg: Host,
     repo: Repository,
     inventory: list[VmInfo],
-    host_for_vm: Callable[[], EsxiHost],
+    host_for_vm: Callable[[], BackupHost],
     *,
     vm: str | None,
     vms: Collection[str] | None,
