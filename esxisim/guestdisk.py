@@ -54,17 +54,24 @@ def _run(*argv: str, env: dict[str, str] | None = None) -> None:
         raise RuntimeError(f"{' '.join(argv)}: exit {result.returncode}: {result.stderr.strip()}")
 
 
-def build_disk(path: Path, size: int, scheme: str, kind: str, tree: Path, *, label: str = "data") -> GuestDisk:
+def build_disk(
+    path: Path, size: int, scheme: str, kind: str, tree: Path, *, label: str = "data"
+) -> GuestDisk:
     """A disk image of ``size`` bytes at ``path``: a ``scheme`` (``gpt``/``mbr``) table with one
     partition from 1 MiB to the end holding a ``kind`` filesystem with the content of ``tree``."""
     part_size = size - PART_START - (MiB if scheme == "gpt" else 0)  # GPT keeps a backup table at the end
     with path.open("wb") as f:
         f.truncate(size)
     mbr_type = {"ext4": "83", "vfat": "c", "ntfs": "7"}[kind]
-    gpt_type = {"ext4": "L", "vfat": "EBD0A0A2-B9E5-4433-87C0-68B6B72699C7", "ntfs": "EBD0A0A2-B9E5-4433-87C0-68B6B72699C7"}[kind]
+    gpt_type = {
+        "ext4": "L",
+        "vfat": "EBD0A0A2-B9E5-4433-87C0-68B6B72699C7",
+        "ntfs": "EBD0A0A2-B9E5-4433-87C0-68B6B72699C7",
+    }[kind]
+    part_type = gpt_type if scheme == "gpt" else mbr_type
     script = (
         f"label: {'gpt' if scheme == 'gpt' else 'dos'}\n"
-        f"start={PART_START // 512}, size={part_size // 512}, type={gpt_type if scheme == 'gpt' else mbr_type}"
+        f"start={PART_START // 512}, size={part_size // 512}, type={part_type}"
         + (f', name="{label}"' if scheme == "gpt" else "")
         + "\n"
     )
@@ -75,7 +82,19 @@ def build_disk(path: Path, size: int, scheme: str, kind: str, tree: Path, *, lab
             f.truncate(part_size)
         if kind == "ext4":
             env = {**os.environ, "E2FSPROGS_FAKE_TIME": "1764000000"}
-            _run("mkfs.ext4", "-q", "-F", "-L", label, "-d", str(tree), "-E", "root_owner=0:0", str(part), env=env)
+            _run(
+                "mkfs.ext4",
+                "-q",
+                "-F",
+                "-L",
+                label,
+                "-d",
+                str(tree),
+                "-E",
+                "root_owner=0:0",
+                str(part),
+                env=env,
+            )
         elif kind == "vfat":
             _run("mkfs.vfat", "-n", label.upper()[:11], str(part))
             entries = [str(p) for p in sorted(tree.iterdir())]
@@ -98,7 +117,9 @@ def _put(disk: Path, offset: int, part: Path) -> None:
         shutil.copyfileobj(src, out, MiB)
 
 
-def change_file(disk: GuestDisk, new_image: Path, guest_path: str, data: bytes, *, mtime: int, mode: int = 0o644) -> list[tuple[int, int]]:
+def change_file(
+    disk: GuestDisk, new_image: Path, guest_path: str, data: bytes, *, mtime: int, mode: int = 0o644
+) -> list[tuple[int, int]]:
     """Write ``data`` as ``guest_path`` (``/etc/app.conf``) into a copy of ``disk`` at ``new_image``, its
     modification time ``mtime`` (and ``mode`` on ext4); returns the byte ranges (offset, length) of the
     disk that changed."""

@@ -129,14 +129,23 @@ def _mounts_under(directory: Path) -> list[str]:
     return sorted(set(found), key=lambda t: -t.count("/"))
 
 
-def _loops_backed_under(directory: Path) -> list[str]:
-    """Loop devices whose backing file lies below ``directory``."""
+def _loops_backed_under(directory: Path, recorded: list[dict[str, object]]) -> list[str]:
+    """Loop devices whose backing file lies below ``directory``, and the ``recorded`` ones (device,
+    image path below the FUSE mount, offset) still backed by that image: once the FUSE mount is gone
+    (lazily unmounted by a dying child) the kernel shows the backing file relative to it."""
     found = []
     for backing in Path("/sys/block").glob("loop*/loop/backing_file"):
         with contextlib.suppress(OSError):
             name = backing.read_text().strip().removesuffix(" (deleted)")
-            if name.startswith(str(directory) + "/"):
-                found.append("/dev/" + backing.parent.parent.name)
+            device = "/dev/" + backing.parent.parent.name
+            offset = (backing.parent / "offset").read_text().strip()
+            if name.startswith(str(directory) + "/") or any(
+                r.get("device") == device
+                and name.endswith("/" + str(r.get("image")))
+                and str(r.get("offset")) == offset
+                for r in recorded
+            ):
+                found.append(device)
     return sorted(found)
 
 
@@ -144,25 +153,26 @@ def _run(argv: list[str], timeout: float = 60.0) -> subprocess.CompletedProcess[
     return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False)
 
 
-def _release(workdir: Path, child_pid: int | None = None) -> list[str]:
-    """Unmount and detach everything below ``workdir`` and remove it; what could not be released."""
-    left = []
+def _release(
+    workdir: Path, child_pid: int | None = None, loops: list[dict[str, object]] | None = None
+) -> list[str]:
+    """Unmount and detach everything below ``workdir`` (and the recorded ``loops``), stop the FUSE
+    child and remove the directory; what could not be released."""
     for target in _mounts_under(workdir / "fs"):
-        if _run(["umount", target]).returncode != 0 and _run(["umount", "-l", target]).returncode != 0:
-            left.append(f"mount {target}")
-    for device in _loops_backed_under(workdir):
-        result = _run(["losetup", "-d", device])
+        if _run(["umount", target]).returncode != 0:
+            _run(["umount", "-l", target])
+    failed = []
+    for device in _loops_backed_under(workdir, loops or []):
+        result = _run(["losetup", "-d", device])  # a device still busy is detached when freed
         if result.returncode != 0:
-            left.append(f"loop device {device}: {result.stderr.strip()}")
+            failed.append(f"loop device {device}: {result.stderr.strip()}")
+    for target in _mounts_under(workdir):  # the FUSE mount: its child then ends by itself
+        if _run(["fusermount3", "-u", "-z", target]).returncode != 0:
+            _run(["umount", "-l", target])
     if child_pid is not None:
         with contextlib.suppress(ProcessLookupError):
             os.kill(child_pid, signal.SIGTERM)
-    for target in _mounts_under(workdir):
-        if (
-            _run(["fusermount3", "-u", "-z", target]).returncode != 0
-            and _run(["umount", "-l", target]).returncode
-        ):
-            left.append(f"mount {target}")
+    left = failed + [f"mount {target}" for target in _mounts_under(workdir)]
     if not left:
         for path in sorted(workdir.rglob("*"), key=lambda p: -len(p.parts)):
             with contextlib.suppress(OSError):
@@ -189,7 +199,8 @@ def clean_stale_sessions(root: Path) -> list[str]:
         child_pid = int(child["pid"]) if isinstance(child, dict) else None
         if child_pid is not None and _start_time(child_pid) != child.get("started"):
             child_pid = None
-        left = _release(workdir, child_pid)
+        loops = record.get("loops")
+        left = _release(workdir, child_pid, loops if isinstance(loops, list) else [])
         if left:
             log.warning("files.stale_left", workdir=str(workdir), left=left)
             continue
@@ -219,6 +230,15 @@ class FilesSession:
     problems: list[str] = field(default_factory=list)
     """Filesystems that could not be mounted, and why (one line each)."""
     error_file: Path = Path()
+    record: dict[str, object] = field(default_factory=dict)
+    record_path: Path = Path()
+
+    def note_loop(self, device: str, image: str, offset: int) -> None:
+        """Add a loop device to the cleanup record at once (a kill right after must not lose it)."""
+        loops = self.record.setdefault("loops", [])
+        assert isinstance(loops, list)
+        loops.append({"device": device, "image": image, "offset": offset})
+        self.record_path.write_text(json.dumps(self.record))
 
     def describe(self) -> str:
         return f"restore point {self.point.id} of {describe_source(self.point)}"
@@ -274,7 +294,9 @@ def open_point_files(
     record_path.write_text(json.dumps(record))
     (workdir / "disks").mkdir(parents=True, mode=0o700)
     (workdir / "fs").mkdir(mode=0o700)
-    session = FilesSession(point, workdir, error_file=workdir / "read-errors")
+    session = FilesSession(
+        point, workdir, error_file=workdir / "read-errors", record=record, record_path=record_path
+    )
     child: subprocess.Popen[bytes] | None = None
     try:
         with sigterm_raises():
@@ -292,7 +314,10 @@ def open_point_files(
             yield session
     finally:
         with deferred_signals():
-            left = _release(workdir, child.pid if child is not None else None)
+            loops = record.get("loops")
+            left = _release(
+                workdir, child.pid if child is not None else None, loops if isinstance(loops, list) else []
+            )
             if child is not None:
                 try:
                     child.wait(timeout=30)
@@ -382,6 +407,7 @@ def _mount_one(session: FilesSession, fs: GuestFilesystem, image: Path) -> None:
         session.problems.append(f"{fs.name}: losetup failed: {losetup.stderr.strip()}")
         return
     device = losetup.stdout.strip()
+    session.note_loop(device, str(image.relative_to(session.workdir / "disks")), fs.partition.start)
     kernel_type, options, fuse_drivers = _MOUNTS[fs.kind]
     attempts: list[list[str]] = [["mount", "-t", kernel_type, "-o", options, device, str(target)]]
     for driver in fuse_drivers:
