@@ -83,7 +83,9 @@ class ControlClient:
             raise ControlError(f"/guest-write: unexpected answer {ans!r}")
         return ans
 
-    def guest_write_from(self, vm: str, disk: int, image: str | Path, ranges: list[tuple[int, int]]) -> dict[str, Any]:
+    def guest_write_from(
+        self, vm: str, disk: int, image: str | Path, ranges: list[tuple[int, int]]
+    ) -> dict[str, Any]:
         """Rewrite ``ranges`` (offset, length) of disk number ``disk`` (0-based) of the powered-on VM ``vm``
         with the bytes at the same offsets of the raw image ``image``: a guest changing a file inside a
         real filesystem (see :func:`esxisim.guestdisk.changed_ranges`)."""
