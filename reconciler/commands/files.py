@@ -77,7 +77,7 @@ def _serve_prefix(args: argparse.Namespace, repository: str, point_id: str) -> l
 def cmd_files(args: argparse.Namespace) -> int:
     """0 done; 1 failed; 64 bad input."""
     from reconciler.commands.restore import describe_point, find_repository
-    from reconciler.operations.files import FilesError, open_point_files, serve_command
+    from reconciler.operations.files import BadPath, FilesError, open_point_files, serve_command
     from reconciler.operations.repositories import open_repository
     from reconciler.operations.restore import RestoreError, find_point
 
@@ -111,8 +111,9 @@ def cmd_files(args: argparse.Namespace) -> int:
                 return ExitCode.OK
             return _cp(args, session)
     except FilesError as exc:
-        kind = "usage" if " has no " in str(exc) else "failed"
-        fail(str(exc), "files-failed", kind)
+        if isinstance(exc, BadPath):
+            fail(str(exc), "no-path", "usage")
+        fail(str(exc), "files-failed")
 
 
 def _ls(args: argparse.Namespace, session: Any) -> int:

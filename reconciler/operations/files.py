@@ -62,6 +62,10 @@ class FilesError(RestoreError):
     """A file-level restore failed; the message names the point and the file."""
 
 
+class BadPath(FilesError):
+    """The path (or its filesystem) is not in the point, or is not what the action needs: bad input."""
+
+
 # -- what is on the disks ------------------------------------------------------------------------
 
 
@@ -173,12 +177,18 @@ def _release(
         with contextlib.suppress(ProcessLookupError):
             os.kill(child_pid, signal.SIGTERM)
     left = failed + [f"mount {target}" for target in _mounts_under(workdir)]
-    if not left:
-        for path in sorted(workdir.rglob("*"), key=lambda p: -len(p.parts)):
-            with contextlib.suppress(OSError):
-                path.rmdir() if path.is_dir() and not path.is_symlink() else path.unlink()
+    if not left:  # nothing mounted below any more: only our own files and directories
+        for directory, subdirs, files in os.walk(workdir, topdown=False):
+            for name in files:
+                with contextlib.suppress(OSError):
+                    (Path(directory) / name).unlink()
+            for name in subdirs:
+                with contextlib.suppress(OSError):
+                    (Path(directory) / name).rmdir()
         with contextlib.suppress(OSError):
             workdir.rmdir()
+        if workdir.exists():
+            left.append(f"directory {workdir} could not be removed")
     return left
 
 
@@ -254,13 +264,13 @@ class FilesSession:
         """``sda1/etc/hosts`` → (its filesystem, the path below our mount); ``/`` → (None, fs/)."""
         parts = [p for p in guest_path.split("/") if p and p != "."]
         if ".." in parts:
-            raise FilesError(f"{guest_path!r}: '..' is not allowed in a path inside the point")
+            raise BadPath(f"{guest_path!r}: '..' is not allowed in a path inside the point")
         if not parts:
             return None, self.workdir / "fs"
         found = next((f for f in self.filesystems if f.name == parts[0]), None)
         if found is None:
             names = ", ".join(f.name for f in self.filesystems if f.browsable) or "none"
-            raise FilesError(
+            raise BadPath(
                 f"{self.describe()} has no filesystem {parts[0]!r} (filesystems: {names});"
                 " paths start with one, e.g. sda1/etc/hosts"
             )
@@ -284,7 +294,7 @@ def open_point_files(
     at ``mountpoint`` (``esxi-reconciler mount --only-point``, with the caller's config options)."""
     if os.geteuid() != 0:
         raise FilesError("file-level restore mounts loop devices and filesystems: run it as root")
-    root = state_dir / "files"
+    root = state_dir.resolve() / "files"  # absolute: compared with /proc/mounts and loop backing files
     root.mkdir(parents=True, exist_ok=True, mode=0o700)
     clean_stale_sessions(root)
     session_id = f"{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}-{secrets.token_hex(3)}"
@@ -501,7 +511,7 @@ def list_entries(session: FilesSession, guest_path: str, *, recursive: bool = Fa
                 out.extend(list_entries(session, rel, recursive=True))
         return out
     except FileNotFoundError:
-        raise FilesError(f"{session.describe()} has no {guest_path!r}") from None
+        raise BadPath(f"{session.describe()} has no {guest_path!r}") from None
     except OSError as exc:
         raise FilesError(_unreadable(session, guest_path, exc)) from exc
 
@@ -510,7 +520,7 @@ def cat_file(session: FilesSession, guest_path: str, out: BinaryIO) -> int:
     """Write the file's bytes to ``out``; the bytes written."""
     fs, path = session.resolve(guest_path)
     if fs is None or path.is_dir():
-        raise FilesError(f"{guest_path!r} is a directory; `ls` lists it, `cp` copies it")
+        raise BadPath(f"{guest_path!r} is a directory; `ls` lists it, `cp` copies it")
     written = 0
     try:
         with path.open("rb") as f:
@@ -518,7 +528,7 @@ def cat_file(session: FilesSession, guest_path: str, out: BinaryIO) -> int:
                 out.write(piece)
                 written += len(piece)
     except FileNotFoundError:
-        raise FilesError(f"{session.describe()} has no {guest_path!r}") from None
+        raise BadPath(f"{session.describe()} has no {guest_path!r}") from None
     except OSError as exc:
         raise FilesError(_unreadable(session, guest_path, exc)) from exc
     return written
@@ -543,10 +553,10 @@ def copy_out(
     overwritten."""
     fs, source = session.resolve(guest_path)
     if fs is None:
-        raise FilesError("name a path inside a filesystem (e.g. sda1/etc); `ls` lists them")
+        raise BadPath("name a path inside a filesystem (e.g. sda1/etc); `ls` lists them")
     name = source.name if source != session.mounted[fs.name] else fs.name
     if not os.path.lexists(source):
-        raise FilesError(f"{session.describe()} has no {guest_path!r}")
+        raise BadPath(f"{session.describe()} has no {guest_path!r}")
     target_dir.mkdir(parents=True, exist_ok=True)
     destination = target_dir / name
     if os.path.lexists(destination):

@@ -7,6 +7,7 @@ one-line error naming the point and the file."""
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import random
 import shutil
@@ -16,8 +17,10 @@ import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 
+import jsonschema
 import pytest
 
 from esxisim import guestdisk
@@ -201,6 +204,18 @@ def test_files_ls_lists_the_filesystems_and_their_trees(env: Env) -> None:
         assert "ntfs" in env.run("files", FAT_VM, "ls").stdout
         assert "sdb1/app.conf" in env.run("files", FAT_VM, "ls", "sdb1").stdout
     assert _leftovers(env.state) == []
+    schema = json.loads(
+        resources.files("reconciler.commands").joinpath("json_schemas/files.schema.json").read_text()
+    )
+    listed = json.loads(env.run("--json", "files", EXT4_VM, "ls", "sda1/home/ann").stdout)
+    jsonschema.Draft202012Validator(schema).validate(listed)
+    assert {e["path"]: e["kind"] for e in listed["entries"]} == {
+        "sda1/home/ann/big.bin": "file",
+        "sda1/home/ann/conf-link": "symlink",
+    }
+    top_json = json.loads(env.run("--json", "files", FAT_VM, "ls").stdout)
+    jsonschema.Draft202012Validator(schema).validate(top_json)
+    assert top_json["filesystems"][0]["kind"] == "vfat"
     missing = env.run("files", EXT4_VM, "ls", "sda1/nope", check=False)
     assert missing.returncode == 64 and "has no 'sda1/nope'" in missing.stderr
 
