@@ -125,7 +125,7 @@ def _ls(args: argparse.Namespace, session: Any) -> int:
             state = (
                 "mounted read-only"
                 if fs.name in session.mounted
-                else ("not browsable" if not fs.browsable else "NOT MOUNTED")
+                else (f"not browsable: {fs.why_not_browsable()}" if not fs.browsable else "NOT MOUNTED")
             )
             rows.append(
                 {

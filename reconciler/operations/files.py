@@ -93,6 +93,18 @@ class GuestFilesystem:
     def browsable(self) -> bool:
         return self.kind in _MOUNTS
 
+    def why_not_browsable(self) -> str:
+        """For people: why a partition has no tree to list."""
+        if self.kind is None:
+            return "no filesystem recognised"
+        if self.kind == "swap":
+            return "swap space"
+        if self.kind == "LVM2_member":
+            return (
+                "LVM physical volume: not browsed (export the disk and activate its volume group with lvm2)"
+            )
+        return f"{self.kind}: not supported"
+
 
 # fs kind → (mount -t type, options); "fuse:" the userspace driver to fall back to without a kernel one
 _MOUNTS: dict[str, tuple[str, str, tuple[str, ...]]] = {
