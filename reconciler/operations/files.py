@@ -328,6 +328,7 @@ def open_point_files(
                 stdout=subprocess.DEVNULL,
                 stderr=(workdir / "serve.log").open("wb"),
                 preexec_fn=_die_with_parent,
+                start_new_session=True,  # Ctrl-C reaches us, who unmount in order, not the child
             )
             record["child"] = {"pid": child.pid, "started": _start_time(child.pid)}
             record_path.write_text(json.dumps(record))
