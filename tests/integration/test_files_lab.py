@@ -255,7 +255,7 @@ def test_cp_brings_back_each_version_from_its_point_with_times_and_modes(env: En
     assert _leftovers(env.state) == []
 
 
-@pytest.mark.parametrize("how", [signal.SIGTERM, signal.SIGKILL])
+@pytest.mark.parametrize("how", [signal.SIGTERM, signal.SIGINT, signal.SIGKILL])
 def test_a_killed_files_leaves_no_mount_and_no_loop_device(
     env: Env, tmp_path: Path, how: signal.Signals
 ) -> None:
