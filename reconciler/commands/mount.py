@@ -103,7 +103,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
                 fail(f"restore point {args.only_point}: {explained or exc}", "no-point", "usage")
         else:
             points = repo.list_points()
-        tree = build_tree(points)
+        tree = build_tree(points, successful_only=not args.only_point)
         print(
             printable(
                 f"mounting repository {name} on {args.mountpoint}: {plural(len(tree.vms), 'VM')},"

@@ -322,14 +322,15 @@ def open_point_files(
     child: subprocess.Popen[bytes] | None = None
     try:
         with sigterm_raises():
-            child = subprocess.Popen(
-                serve_argv(workdir / "disks", session.error_file),
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
-                stderr=(workdir / "serve.log").open("wb"),
-                preexec_fn=_die_with_parent,
-                start_new_session=True,  # Ctrl-C reaches us, who unmount in order, not the child
-            )
+            with (workdir / "serve.log").open("wb") as serve_log:
+                child = subprocess.Popen(
+                    serve_argv(workdir / "disks", session.error_file),
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.DEVNULL,
+                    stderr=serve_log,
+                    preexec_fn=_die_with_parent,
+                    start_new_session=True,  # Ctrl-C reaches us, who unmount in order, not the child
+                )
             record["child"] = {"pid": child.pid, "started": _start_time(child.pid)}
             record_path.write_text(json.dumps(record))
             _wait_mounted(workdir / "disks", child, workdir / "serve.log")
@@ -448,7 +449,8 @@ def _mount_one(session: FilesSession, fs: GuestFilesystem, image: Path) -> None:
             session.mounted[fs.name] = target
             log.info("files.mounted", filesystem=fs.name, kind=fs.kind, how=argv[0])
             return
-        errors.append(f"{argv[0]}: {(result.stderr or result.stdout).strip().splitlines()[0:1]}")
+        said = (result.stderr or result.stdout).strip().splitlines()
+        errors.append(f"{argv[0]}: {said[0] if said else f'exit {result.returncode}'}")
     _run(["losetup", "-d", device])
     unreadable = session.read_errors()
     cause = unreadable[-1] if unreadable else "; ".join(errors)

@@ -49,7 +49,11 @@ def image_name(disk: DiskRecord) -> str:
 def vm_directories(points: Iterable[RestorePoint]) -> dict[tuple[str, str, str], str]:
     """(name, host, uuid) → directory name, unambiguous: the name alone when one identity has it,
     ``name@host`` when several hosts have it, ``name@host@uuid`` when one host had several."""
-    identities = [(v.name, v.host, v.uuid) for v in backed_up_vms(points)]
+    points = list(points)
+    identities = sorted(
+        {(v.name, v.host, v.uuid) for v in backed_up_vms(points)}  # restore's grouping by identity
+        | {(p.vm.name, p.vm.host, p.vm.uuid) for p in points}  # and a point of another status named by id
+    )
     out = {}
     for name, host, uuid in identities:
         same_name = [i for i in identities if i[0] == name]
@@ -94,9 +98,10 @@ class PointTree:
     """VM directory → its point ids, newest last."""
 
 
-def build_tree(points: Iterable[RestorePoint]) -> PointTree:
-    """The tree of the successful ``points``."""
-    good = sorted((p for p in points if p.status == "success"), key=lambda p: p.id)
+def build_tree(points: Iterable[RestorePoint], *, successful_only: bool = True) -> PointTree:
+    """The tree of the successful ``points`` (of all of them with ``successful_only=False``: a point
+    named by its id, as ``files --point`` names one)."""
+    good = sorted((p for p in points if p.status == "success" or not successful_only), key=lambda p: p.id)
     names = vm_directories(good)
     newest = max((p.snapshot_time for p in good), default=None)
     root_time = int(newest.timestamp() * 1e9) if newest is not None else 0
