@@ -166,7 +166,11 @@ def _loops_backed_under(directory: Path, recorded: list[dict[str, object]]) -> l
 
 
 def _run(argv: list[str], timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False)
+    """Run a system tool; a missing one is exit 127 with the reason, like a shell says it."""
+    try:
+        return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False)
+    except FileNotFoundError:
+        return subprocess.CompletedProcess(argv, 127, "", f"{argv[0]}: not installed")
 
 
 def _release(
