@@ -314,7 +314,10 @@ def serve(
 ) -> None:
     """Mount ``tree`` read-only at ``mountpoint`` and serve it until unmounted (``fusermount3 -u``,
     ``umount``) or SIGINT/SIGTERM/SIGHUP, which libfuse turns into a clean unmount."""
-    import mfusepy
+    try:
+        import mfusepy
+    except (ImportError, OSError) as exc:  # mfusepy loads libfuse when imported
+        raise RestoreError(f"FUSE is not available ({exc}); install the fuse3 package") from exc
 
     check_mountpoint(mountpoint)
     operations = ReadOnlyPoints(repo, tree, on_error=on_error)
