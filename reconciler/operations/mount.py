@@ -34,7 +34,7 @@ import structlog
 from reconciler.facts.points import DiskRecord, RestorePoint, StoredFile
 from reconciler.operations.export import disk_stem
 from reconciler.operations.restore import RestoreError, backed_up_vms, safe_file_name
-from reconciler.repository import DiskReader, Repository, open_disk
+from reconciler.repository import ChunkReadError, DiskReader, Repository, open_disk
 
 log = structlog.get_logger(__name__)
 
@@ -227,6 +227,9 @@ class ReadOnlyPoints:
             return b""
         try:
             return handle.reader.read(offset, size)
+        except ChunkReadError as exc:  # it names the point, the disk and the bytes
+            self._report(str(exc))
+            raise _fuse_error(errno.EIO) from exc
         except Exception as exc:
             self._report(f"{path.lstrip('/')}: {exc}")
             raise _fuse_error(errno.EIO) from exc
