@@ -126,6 +126,25 @@ def _issue(doc: Document, path: tuple[str, ...], message: str) -> ConfigIssue:
     return doc.issue(path, message)
 
 
+def _signers(doc: Document, entries: list[dict[str, object]], issues: list[ConfigIssue]) -> list[Signer]:
+    """``spec.verify.signers``: each with its name (``signer-N`` when unnamed); two of one name is an
+    issue."""
+    signers: list[Signer] = []
+    for number, raw in enumerate(entries, start=1):
+        kind: SignerKind = "ssh" if "ssh" in raw else "openpgp"
+        key = str(raw[kind]).strip()
+        if kind == "ssh":
+            key = " ".join(key.split()[:2])
+        signers.append(Signer(str(raw.get("name") or f"signer-{number}"), kind, key))
+    names = [s.name for s in signers]
+    for number, name in enumerate(names):
+        if name in names[:number]:
+            issues.append(
+                _issue(doc, ("spec", "verify", "signers"), f"two signers are named {name!r}; rename one")
+            )
+    return signers
+
+
 def _build(doc: Document, data: dict[str, object]) -> tuple[GitSourceSpec | None, list[ConfigIssue]]:
     from reconciler.config.loader import parse_interval
 
@@ -163,21 +182,8 @@ def _build(doc: Document, data: dict[str, object]) -> tuple[GitSourceSpec | None
         issues.append(_issue(doc, ("spec", "interval"), "must be at least 1s"))
     if timeout < timedelta(seconds=1):
         issues.append(_issue(doc, ("spec", "timeout"), "must be at least 1s"))
-    signers: list[Signer] = []
     verify = spec.get("verify")
-    if isinstance(verify, dict):
-        for number, raw in enumerate(verify["signers"], start=1):
-            kind: SignerKind = "ssh" if "ssh" in raw else "openpgp"
-            key = str(raw[kind]).strip()
-            if kind == "ssh":
-                key = " ".join(key.split()[:2])
-            signers.append(Signer(str(raw.get("name") or f"signer-{number}"), kind, key))
-        names = [s.name for s in signers]
-        for number, name in enumerate(names):
-            if name in names[:number]:
-                issues.append(
-                    _issue(doc, ("spec", "verify", "signers"), f"two signers are named {name!r}; rename one")
-                )
+    signers = _signers(doc, verify["signers"], issues) if isinstance(verify, dict) else []
     ssh = None
     if isinstance(ssh_spec, dict):
         ssh = SshAccess(
