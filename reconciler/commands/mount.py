@@ -79,6 +79,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
     from reconciler.operations.mount import build_tree, check_mountpoint, serve
     from reconciler.operations.repositories import open_repository
     from reconciler.operations.restore import RestoreError
+    from reconciler.repository import RepositoryError
 
     try:
         check_mountpoint(args.mountpoint)
@@ -98,7 +99,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
         if args.only_point:
             try:
                 points = [repo.read_point(args.only_point)]
-            except Exception as exc:
+            except (RepositoryError, ValueError, OSError) as exc:
                 explained = explain(exc)
                 fail(f"restore point {args.only_point}: {explained or exc}", "no-point", "usage")
         else:

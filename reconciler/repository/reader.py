@@ -147,7 +147,7 @@ class DiskReader:
             data = self.repo.read_chunk(self.index[slot])
             if len(data) != length:
                 data = data[:length]
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001  any failure resolves the future: every waiter sees it
             error = ChunkReadError(self.name, slot * self.chunk_size, length, exc)
             with self._lock:
                 self._pending.pop(slot, None)
