@@ -9,7 +9,7 @@ APT_PACKAGES := golang-go golang-github-vmware-govmomi-dev openssh-server openss
 LAB_DIR ?= .lab
 
 .PHONY: all setup apt venv lab-build lint test unit test-reliability-long demo clean install uninstall \
-	deb image test-packaging
+	deb image test-packaging packaging-apt
 
 all: test
 
@@ -123,7 +123,7 @@ DEB_BUILD  := build/deb
 DEB_VERSION ?=
 IMAGE_BUILD := build/image
 IMAGE_NAME ?= esxi-reconciler
-PACKAGING_APT := debhelper dh-python dpkg-dev python3-pip lintian mmdebstrap buildah podman uidmap
+PACKAGING_APT := debhelper dh-python dpkg-dev python3-pip lintian mmdebstrap buildah
 
 packaging-apt:
 	@$(MAKE) --no-print-directory apt APT_PACKAGES="$(PACKAGING_APT)"
@@ -140,3 +140,13 @@ deb: packaging-apt venv
 	cd $(DEB_BUILD)/src && BUILD_VENV=$(abspath $(VENV)) dpkg-buildpackage -b -us -uc --no-sign
 	lintian --fail-on error,warning --info --display-info $(DEB_BUILD)/*.changes
 	ls -l $(DEB_BUILD)/*.deb
+
+# The image's timestamps are the changelog's date, so that two builds of one .deb are identical.
+image: deb
+	SOURCE_DATE_EPOCH=$$(dpkg-parsechangelog -l debian/changelog -S Timestamp) \
+	    packaging/image.sh $$(ls $(DEB_BUILD)/*.deb) $(IMAGE_BUILD)
+
+# The slow packaging tests (about 15 minutes): the .deb in a throwaway Debian root against the lab,
+# the image against the lab, the image built twice for the same digest. Not part of `make test`.
+test-packaging: setup packaging-apt
+	ESXI_RECONCILER_TEST_PACKAGING=1 $(VENV)/bin/pytest tests/packaging
