@@ -17,10 +17,14 @@ CLEAN_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8", "HOME":
 USER = "esxi-reconciler"
 
 
-def run(*args: str, timeout: float = 1200, check: bool = True, **kw: object) -> subprocess.CompletedProcess[str]:
+def run(
+    *args: str, timeout: float = 1200, check: bool = True, **kw: object
+) -> subprocess.CompletedProcess[str]:
     done = subprocess.run(list(args), capture_output=True, text=True, timeout=timeout, check=False, **kw)  # type: ignore[call-overload]
     if check:
-        assert done.returncode == 0, f"{args}: exit {done.returncode}\n{done.stdout[-4000:]}\n{done.stderr[-4000:]}"
+        assert done.returncode == 0, (
+            f"{args}: exit {done.returncode}\n{done.stdout[-4000:]}\n{done.stderr[-4000:]}"
+        )
     return done  # type: ignore[no-any-return]
 
 
@@ -49,15 +53,24 @@ def debian_root(path: Path) -> Iterator[Path]:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def in_root(root: Path, *args: str, user: str = "", check: bool = True, env: dict[str, str] | None = None,
-            timeout: float = 600) -> subprocess.CompletedProcess[str]:
+def in_root(
+    root: Path,
+    *args: str,
+    user: str = "",
+    check: bool = True,
+    env: dict[str, str] | None = None,
+    timeout: float = 600,
+) -> subprocess.CompletedProcess[str]:
     """Run a command chrooted into ``root`` (as ``user`` if given), with a clean environment."""
     spec = [f"--userspec={user}:{user}"] if user else []
-    return run("chroot", *spec, str(root), *args, check=check, env={**CLEAN_ENV, **(env or {})},
-               timeout=timeout)
+    return run(
+        "chroot", *spec, str(root), *args, check=check, env={**CLEAN_ENV, **(env or {})}, timeout=timeout
+    )
 
 
-def lab_config(lab: LabHandle, staging: Path, *, secrets: str, repo: str, vm: str = "web01") -> dict[str, Path]:
+def lab_config(
+    lab: LabHandle, staging: Path, *, secrets: str, repo: str, vm: str = "web01"
+) -> dict[str, Path]:
     """The lab config (both hosts, encrypted repository ``r``, policy ``p`` backing up ``vm`` of the
     free host) written by :func:`write_lab_config` under ``staging``, with the paths of its secrets and
     repository rewritten to where they will be seen (inside the chroot or the container). Returns the

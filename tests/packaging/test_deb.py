@@ -57,14 +57,20 @@ def test_install_run_upgrade_remove_purge(lab: LabHandle, tmp_path: Path) -> Non
         assert owner_and_mode(root / "etc/esxi-reconciler/config.d") == ("root", USER, "750")
         assert owner_and_mode(root / "etc/esxi-reconciler/credentials") == ("root", "root", "700")
         assert owner_and_mode(root / "var/lib/esxi-reconciler") == (USER, USER, "700")
-        for shipped in ("usr/share/man/man1/esxi-reconciler.1.gz", "usr/share/bash-completion/completions/esxi-reconciler",
-                        "usr/share/zsh/vendor-completions/_esxi-reconciler", "usr/share/esxi-reconciler/schemas/host.schema.json"):
+        for shipped in (
+            "usr/share/man/man1/esxi-reconciler.1.gz",
+            "usr/share/bash-completion/completions/esxi-reconciler",
+            "usr/share/zsh/vendor-completions/_esxi-reconciler",
+            "usr/share/esxi-reconciler/schemas/host.schema.json",
+        ):
             assert (root / shipped).is_file(), shipped
         # byte code compiled at install time by dh_python3's postinst, removed again on remove
         assert list((root / "usr/lib/esxi-reconciler/reconciler").glob("__pycache__/cli.*.pyc"))
 
         # the lab config where the package expects it; secrets and the repository as an admin sets them up
-        staged = lab_config(lab, tmp_path / "stage", secrets="/etc/esxi-reconciler/lab-secrets", repo="/srv/esxi-repo")
+        staged = lab_config(
+            lab, tmp_path / "stage", secrets="/etc/esxi-reconciler/lab-secrets", repo="/srv/esxi-repo"
+        )
         shutil.copytree(staged["config"], root / "etc/esxi-reconciler/config.d", dirs_exist_ok=True)
         shutil.copytree(staged["secrets"], root / "etc/esxi-reconciler/lab-secrets")
         (root / "srv/esxi-repo").mkdir()
@@ -75,9 +81,19 @@ def test_install_run_upgrade_remove_purge(lab: LabHandle, tmp_path: Path) -> Non
         # the unit's command line, as the unit runs it: one cycle backs up web01, SIGTERM stops it with 0
         argv, unit_env = unit_command(root)
         assert argv[:2] == ["/usr/bin/esxi-reconciler", "run"], argv
-        env = {**CLEAN_ENV, **unit_env, "STATE_DIRECTORY": "/var/lib/esxi-reconciler", "HOME": "/var/lib/esxi-reconciler"}
-        daemon = subprocess.Popen(["chroot", f"--userspec={USER}:{USER}", str(root), *argv, "--log-format", "json"],
-                                  env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        env = {
+            **CLEAN_ENV,
+            **unit_env,
+            "STATE_DIRECTORY": "/var/lib/esxi-reconciler",
+            "HOME": "/var/lib/esxi-reconciler",
+        }
+        daemon = subprocess.Popen(
+            ["chroot", f"--userspec={USER}:{USER}", str(root), *argv, "--log-format", "json"],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         try:
             deadline = time.monotonic() + 300
             while True:
@@ -89,22 +105,28 @@ def test_install_run_upgrade_remove_purge(lab: LabHandle, tmp_path: Path) -> Non
                 time.sleep(2)
         finally:
             daemon.send_signal(signal.SIGTERM)
-            out, err = daemon.communicate(timeout=180)
+            _, err = daemon.communicate(timeout=180)
         assert daemon.returncode == 0, err[-3000:]
         points = in_root(root, "esxi-reconciler", "points", user=USER, env=env)
         assert "web01" in points.stdout, points.stdout
         state = sorted(p.name for p in (root / "var/lib/esxi-reconciler").iterdir())
         assert "status.db" in state, state
-        config_before = {p.name: p.read_bytes() for p in (root / "etc/esxi-reconciler/config.d").rglob("*.yaml")}
+        config_before = {
+            p.name: p.read_bytes() for p in (root / "etc/esxi-reconciler/config.d").rglob("*.yaml")
+        }
 
         # upgrade: the new version runs; config, credentials and state untouched
         in_root(root, "apt-get", "install", "-y", "--no-install-recommends", f"/tmp/{second.name}")
         assert in_root(root, "dpkg-query", "-W", "-f=${Version}", "esxi-reconciler").stdout == UPGRADE_VERSION
-        assert {p.name: p.read_bytes() for p in (root / "etc/esxi-reconciler/config.d").rglob("*.yaml")} == config_before
+        assert {
+            p.name: p.read_bytes() for p in (root / "etc/esxi-reconciler/config.d").rglob("*.yaml")
+        } == config_before
         assert sorted(p.name for p in (root / "var/lib/esxi-reconciler").iterdir()) == state
         assert owner_and_mode(root / "var/lib/esxi-reconciler") == (USER, USER, "700")
         after = in_root(root, "esxi-reconciler", "status", "--no-daemon", user=USER, env=env, check=False)
-        assert "web01" in after.stdout, after.stdout + after.stderr  # the state written by 0.1.0, read by the new version
+        assert "web01" in after.stdout, (
+            after.stdout + after.stderr
+        )  # the state written by 0.1.0, read by the new version
 
         # remove: the program goes, config and state stay; purge: they go too (the user stays)
         in_root(root, "apt-get", "remove", "-y", "esxi-reconciler")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import signal
 import subprocess
@@ -23,80 +24,109 @@ import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from esxisim.handle import LabHandle
-from tests.packaging.build import REPO, make, run
-from tests.packaging.build import lab_config
+from tests.packaging.build import REPO, lab_config, make, run
 
 pytestmark = [pytest.mark.lab, pytest.mark.timeout(3600)]
 
-CONFIG, STATE, REPOSITORY, SECRETS = "/etc/esxi-reconciler/config.d", "/var/lib/esxi-reconciler", "/srv/backups/esxi", "/run/secrets"
+CONFIG, STATE, REPOSITORY, SECRETS = (
+    "/etc/esxi-reconciler/config.d",
+    "/var/lib/esxi-reconciler",
+    "/srv/backups/esxi",
+    "/run/secrets",
+)
 
 
 @dataclass
 class Image:
     build: Path
     root: Path
-    config: dict[str, object]
+    config: dict[str, Any]
 
     def digests(self) -> dict[str, str]:
         lines = (self.build / "digests.txt").read_text().splitlines()
-        return dict(line.split(" ", 1) for line in lines)  # type: ignore[misc]
+        return dict(line.split(" ", 1) for line in lines)
 
     @property
     def user(self) -> str:
         return str(self.config["User"])
 
-    def command(self, args: list[str], volumes: Mapping[Path, str], entrypoint: list[str] | None = None) -> list[str]:
-        """The argv that runs ``args`` in the unpacked image like ``docker run -v host:path ... image args``."""
+    def command(
+        self, args: list[str], volumes: Mapping[Path, str], entrypoint: list[str] | None = None
+    ) -> list[str]:
+        """The argv that runs ``args`` in the unpacked image as ``docker run -v host:path ... image args``
+        would."""
         mounts = "".join(
             f"mkdir -p {shlex.quote(str(self.root) + path)} && mount --bind {shlex.quote(str(host))} "
-            f"{shlex.quote(str(self.root) + path)} && " for host, path in volumes.items()
+            f"{shlex.quote(str(self.root) + path)} && "
+            for host, path in volumes.items()
         )
-        env = [str(e) for e in self.config["Env"]]  # type: ignore[attr-defined]
-        program = entrypoint if entrypoint is not None else [str(a) for a in self.config["Entrypoint"]]  # type: ignore[attr-defined]
+        env = [str(e) for e in self.config["Env"]]
+        program = entrypoint if entrypoint is not None else [str(a) for a in self.config["Entrypoint"]]
         inner = [
-            "chroot", f"--userspec={self.user}", str(self.root),
-            "/usr/bin/env", "-i", "-C", str(self.config["WorkingDir"]), *env, "HOME=/var/lib/esxi-reconciler",
-            *program, *args,
+            "chroot",
+            f"--userspec={self.user}",
+            str(self.root),
+            "/usr/bin/env",
+            "-i",
+            "-C",
+            str(self.config["WorkingDir"]),
+            *env,
+            "HOME=/var/lib/esxi-reconciler",
+            *program,
+            *args,
         ]
-        script = f"mount --rbind /proc {shlex.quote(str(self.root / 'proc'))} && {mounts}exec {shlex.join(inner)}"
+        script = (
+            f"mount --rbind /proc {shlex.quote(str(self.root / 'proc'))} && {mounts}exec {shlex.join(inner)}"
+        )
         return ["unshare", "--mount", "--propagation", "private", "sh", "-c", script]
 
-    def run(self, args: list[str], volumes: Mapping[Path, str], check: bool = True) -> subprocess.CompletedProcess[str]:
+    def run(
+        self, args: list[str], volumes: Mapping[Path, str], check: bool = True
+    ) -> subprocess.CompletedProcess[str]:
         return run(*self.command(args, volumes), check=check, timeout=600)
 
 
-def unpack(archive: Path, root: Path) -> dict[str, object]:
+def member_json(tar: tarfile.TarFile, name: str) -> Any:
+    member = tar.extractfile(name)
+    assert member is not None, name
+    return json.load(member)
+
+
+def unpack(archive: Path, root: Path) -> dict[str, Any]:
     """Unpack a docker-archive's one layer into ``root``; returns the image's container config."""
     with tarfile.open(archive) as tar:
-        manifest = json.load(tar.extractfile("manifest.json"))  # type: ignore[arg-type]
+        manifest = member_json(tar, "manifest.json")
         assert len(manifest) == 1 and len(manifest[0]["Layers"]) == 1, manifest
-        config = json.load(tar.extractfile(manifest[0]["Config"]))  # type: ignore[arg-type]
+        config: dict[str, Any] = member_json(tar, manifest[0]["Config"])["config"]
         layer = tar.extractfile(manifest[0]["Layers"][0])
         assert layer is not None
         root.mkdir()
         subprocess.run(["tar", "--numeric-owner", "-xf", "-", "-C", str(root)], stdin=layer, check=True)
-    return config["config"]  # type: ignore[no-any-return]
+    return config
 
 
 @pytest.fixture(scope="module")
 def image(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Image]:
     base = tmp_path_factory.mktemp("image")
     make("image", f"DEB_BUILD={base / 'deb'}", f"IMAGE_BUILD={base / 'build'}")
-    yield Image(base / "build", base / "root", unpack(base / "build/esxi-reconciler.docker.tar", base / "root"))
+    yield Image(
+        base / "build", base / "root", unpack(base / "build/esxi-reconciler.docker.tar", base / "root")
+    )
 
 
 def test_image_runs_as_a_non_root_user_with_volumes_and_a_health_check(image: Image) -> None:
     cfg = image.config
     uid, gid = image.user.split(":")
     assert int(uid) != 0 and int(gid) != 0
-    assert set(cfg["Volumes"]) == {CONFIG, STATE, REPOSITORY}  # type: ignore[arg-type]
+    assert set(cfg["Volumes"]) == {CONFIG, STATE, REPOSITORY}
     assert cfg["Entrypoint"] == ["/usr/bin/esxi-reconciler"] and cfg["Cmd"] == ["run"]
-    assert f"CREDENTIALS_DIRECTORY={SECRETS}" in cfg["Env"]  # type: ignore[operator]
-    assert cfg["Healthcheck"]["Test"] == ["CMD", "/usr/bin/esxi-reconciler", "status"]  # type: ignore[index]
+    assert f"CREDENTIALS_DIRECTORY={SECRETS}" in cfg["Env"]
+    assert cfg["Healthcheck"]["Test"] == ["CMD", "/usr/bin/esxi-reconciler", "status"]
     for volume in (STATE, REPOSITORY):  # a named volume starts with the image's owner and mode
         st = os.stat(str(image.root) + volume)
         assert (st.st_uid, st.st_gid, st.st_mode & 0o777) == (int(uid), int(gid), 0o700), volume
@@ -106,12 +136,14 @@ def test_image_runs_as_a_non_root_user_with_volumes_and_a_health_check(image: Im
 
 def test_validate_plan_backup_status_against_the_lab(image: Image, lab: LabHandle, tmp_path: Path) -> None:
     staged = lab_config(lab, tmp_path / "stage", secrets=SECRETS, repo=REPOSITORY)
+    for doc in staged["config"].rglob("*.yaml"):  # secrets as compose gives them: /run/secrets/NAME
+        doc.write_text(re.sub(r"\{file: /run/secrets/([^}]+)\}", r"{credential: \1}", doc.read_text()))
     state = tmp_path / "state"
     state.mkdir()
     uid, gid = (int(n) for n in image.user.split(":"))
     for path in (staged["secrets"], staged["repo"], state, *staged["secrets"].iterdir()):
         os.chown(path, uid, gid)  # as a NAS user gives the container's user its folders
-    # the secret files the config names by {file: /run/secrets/...}, read-only like compose secrets
+    # the secret files, read-only at /run/secrets like compose's secrets, named by {credential: NAME}
     volumes = {staged["config"]: CONFIG, state: STATE, staged["repo"]: REPOSITORY, staged["secrets"]: SECRETS}
 
     valid = image.run(["validate"], volumes)
@@ -124,13 +156,19 @@ def test_validate_plan_backup_status_against_the_lab(image: Image, lab: LabHandl
     assert list(staged["repo"].rglob("*")), "the backup wrote nothing into the repository volume"
 
     # the image's default command is the daemon; its HEALTHCHECK turns healthy once a cycle is recorded
-    health = [str(a) for a in image.config["Healthcheck"]["Test"][1:]]  # type: ignore[index]
-    daemon = subprocess.Popen(image.command([str(a) for a in image.config["Cmd"]], volumes),  # type: ignore[attr-defined]
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    health = [str(a) for a in image.config["Healthcheck"]["Test"][1:]]
+    daemon = subprocess.Popen(
+        image.command([str(a) for a in image.config["Cmd"]], volumes),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 300
         while True:
-            check = run(*image.command([], {state: STATE, staged["config"]: CONFIG}, entrypoint=health), check=False)
+            check = run(
+                *image.command([], {state: STATE, staged["config"]: CONFIG}, entrypoint=health), check=False
+            )
             if check.returncode == 0:
                 break
             assert daemon.poll() is None, daemon.communicate()
@@ -144,7 +182,9 @@ def test_validate_plan_backup_status_against_the_lab(image: Image, lab: LabHandl
     points = image.run(["points"], volumes)
     assert "web01" in points.stdout, points.stdout
     # with the daemon gone the health check fails, so the NAS shows the container unhealthy
-    stopped = run(*image.command([], {state: STATE, staged["config"]: CONFIG}, entrypoint=health), check=False)
+    stopped = run(
+        *image.command([], {state: STATE, staged["config"]: CONFIG}, entrypoint=health), check=False
+    )
     assert stopped.returncode == 1 and "daemon-not-running" in stopped.stdout + stopped.stderr, stopped
 
 
@@ -152,7 +192,9 @@ def test_a_second_build_gives_the_same_image(image: Image, tmp_path: Path) -> No
     deb = next((image.build.parent / "deb").glob("*.deb"))
     epoch = run("dpkg-parsechangelog", "-l", str(REPO / "debian/changelog"), "-S", "Timestamp").stdout.strip()
     again = tmp_path / "again"
-    run(str(REPO / "packaging/image.sh"), str(deb), str(again), env={**os.environ, "SOURCE_DATE_EPOCH": epoch})
+    run(
+        str(REPO / "packaging/image.sh"), str(deb), str(again), env={**os.environ, "SOURCE_DATE_EPOCH": epoch}
+    )
     first, second = image.digests(), Image(again, image.root, image.config).digests()
     assert first["rootfs-sha256"] == second["rootfs-sha256"]
     assert first["oci-manifest"] == second["oci-manifest"]
@@ -163,7 +205,7 @@ def test_a_second_build_gives_the_same_image(image: Image, tmp_path: Path) -> No
     assert configs[0] == configs[1]
 
 
-def docker_config(archive: Path) -> dict[str, object]:
+def docker_config(archive: Path) -> dict[str, Any]:
     with tarfile.open(archive) as tar:
-        manifest = json.load(tar.extractfile("manifest.json"))  # type: ignore[arg-type]
-        return json.load(tar.extractfile(manifest[0]["Config"]))  # type: ignore[arg-type,no-any-return]
+        config: dict[str, Any] = member_json(tar, member_json(tar, "manifest.json")[0]["Config"])
+        return config
