@@ -135,15 +135,16 @@ deb: packaging-apt venv
 	if [ -n "$(DEB_VERSION)" ]; then \
 	  { printf 'esxi-reconciler (%s) bookworm; urgency=medium\n\n  * Rebuilt as %s.\n\n -- %s  %s\n\n' \
 	      '$(DEB_VERSION)' '$(DEB_VERSION)' "$$(sed -n 's/^Maintainer: //p' debian/control)" \
-	      "$$(date -R -u -d @$$(dpkg-parsechangelog -l debian/changelog -S Timestamp))"; \
+	      "$$(date -R -u)"; \
 	    cat debian/changelog; } > $(DEB_BUILD)/src/debian/changelog; fi
 	cd $(DEB_BUILD)/src && BUILD_VENV=$(abspath $(VENV)) dpkg-buildpackage -b -us -uc --no-sign
 	lintian --fail-on error,warning --info --display-info $(DEB_BUILD)/*.changes
 	ls -l $(DEB_BUILD)/*.deb
 
-# The image's timestamps are the changelog's date, so that two builds of one .deb are identical.
+# The image's timestamps are the date of the changelog the .deb was built from, so that two builds of
+# one .deb are identical.
 image: deb
-	SOURCE_DATE_EPOCH=$$(dpkg-parsechangelog -l debian/changelog -S Timestamp) \
+	SOURCE_DATE_EPOCH=$$(dpkg-parsechangelog -l $(DEB_BUILD)/src/debian/changelog -S Timestamp) \
 	    packaging/image.sh $$(ls $(DEB_BUILD)/*.deb) $(IMAGE_BUILD)
 
 # The slow packaging tests (about 15 minutes): the .deb in a throwaway Debian root against the lab,

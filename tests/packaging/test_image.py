@@ -103,10 +103,9 @@ def unpack(archive: Path, root: Path) -> dict[str, Any]:
         manifest = member_json(tar, "manifest.json")
         assert len(manifest) == 1 and len(manifest[0]["Layers"]) == 1, manifest
         config: dict[str, Any] = member_json(tar, manifest[0]["Config"])["config"]
-        layer = tar.extractfile(manifest[0]["Layers"][0])
-        assert layer is not None
-        root.mkdir()
-        subprocess.run(["tar", "--numeric-owner", "-xf", "-", "-C", str(root)], stdin=layer, check=True)
+    root.mkdir()
+    layer, into = shlex.quote(manifest[0]["Layers"][0]), shlex.quote(str(root))
+    run("sh", "-c", f"tar -xOf {shlex.quote(str(archive))} {layer} | tar --numeric-owner -xf - -C {into}")
     return config
 
 
@@ -190,7 +189,8 @@ def test_validate_plan_backup_status_against_the_lab(image: Image, lab: LabHandl
 
 def test_a_second_build_gives_the_same_image(image: Image, tmp_path: Path) -> None:
     deb = next((image.build.parent / "deb").glob("*.deb"))
-    epoch = run("dpkg-parsechangelog", "-l", str(REPO / "debian/changelog"), "-S", "Timestamp").stdout.strip()
+    changelog = image.build.parent / "deb/src/debian/changelog"
+    epoch = run("dpkg-parsechangelog", "-l", str(changelog), "-S", "Timestamp").stdout.strip()
     again = tmp_path / "again"
     run(
         str(REPO / "packaging/image.sh"), str(deb), str(again), env={**os.environ, "SOURCE_DATE_EPOCH": epoch}
