@@ -26,9 +26,9 @@ pytestmark = [pytest.mark.lab, pytest.mark.timeout(3600)]
 UPGRADE_VERSION = "0.1.0+test1"
 
 
-def owner_and_mode(path: Path) -> tuple[str, str, str]:
-    out = subprocess.run(["stat", "-c", "%U %G %a", str(path)], capture_output=True, text=True, check=True)
-    user, group, mode = out.stdout.split()
+def owner_and_mode(root: Path, path: str) -> tuple[str, str, str]:
+    """Owner, group (by the names inside the root) and mode of ``path`` in ``root``."""
+    user, group, mode = in_root(root, "stat", "-c", "%U %G %a", path).stdout.split()
     return user, group, mode
 
 
@@ -54,9 +54,9 @@ def test_install_run_upgrade_remove_purge(lab: LabHandle, tmp_path: Path) -> Non
         valid = in_root(root, "esxi-reconciler", "validate", "/usr/share/esxi-reconciler/config.example")
         assert valid.stdout.startswith("OK: 2 hosts, 2 repositories"), valid.stdout
         assert "/usr/sbin/nologin" in in_root(root, "getent", "passwd", USER).stdout
-        assert owner_and_mode(root / "etc/esxi-reconciler/config.d") == ("root", USER, "750")
-        assert owner_and_mode(root / "etc/esxi-reconciler/credentials") == ("root", "root", "700")
-        assert owner_and_mode(root / "var/lib/esxi-reconciler") == (USER, USER, "700")
+        assert owner_and_mode(root, "/etc/esxi-reconciler/config.d") == ("root", USER, "750")
+        assert owner_and_mode(root, "/etc/esxi-reconciler/credentials") == ("root", "root", "700")
+        assert owner_and_mode(root, "/var/lib/esxi-reconciler") == (USER, USER, "700")
         for shipped in (
             "usr/share/man/man1/esxi-reconciler.1.gz",
             "usr/share/bash-completion/completions/esxi-reconciler",
@@ -122,7 +122,7 @@ def test_install_run_upgrade_remove_purge(lab: LabHandle, tmp_path: Path) -> Non
             p.name: p.read_bytes() for p in (root / "etc/esxi-reconciler/config.d").rglob("*.yaml")
         } == config_before
         assert sorted(p.name for p in (root / "var/lib/esxi-reconciler").iterdir()) == state
-        assert owner_and_mode(root / "var/lib/esxi-reconciler") == (USER, USER, "700")
+        assert owner_and_mode(root, "/var/lib/esxi-reconciler") == (USER, USER, "700")
         after = in_root(root, "esxi-reconciler", "status", "--no-daemon", user=USER, env=env, check=False)
         assert "web01" in after.stdout, (
             after.stdout + after.stderr
