@@ -101,4 +101,6 @@ buildah push --quiet --format oci "$tag" "oci:$out/oci:$version"
     echo "size-uncompressed $(stat -c %s "$out/rootfs.tar")"
     echo "size-docker-archive $(stat -c %s "$out/esxi-reconciler.docker.tar")"
 } > "$out/digests.txt"
+# The archives are the product; the build machine's image store keeps nothing of it.
+buildah rmi "$tag" >/dev/null
 cat "$out/digests.txt"
