@@ -1,8 +1,10 @@
 #!/bin/sh
 # Builds the esxi-reconciler container image from the Debian package, without pulling any base image:
 # mmdebstrap makes a minimal Debian 12 root from Debian's packages and installs the .deb into it,
-# buildah turns that root into a one-layer image. With SOURCE_DATE_EPOCH (default: the package's
-# changelog date) two builds of the same .deb give the same image digest.
+# buildah turns that root into a one-layer image. With the same SOURCE_DATE_EPOCH (make image: the
+# date of the changelog the .deb was built from; default here: the .deb file's time) two builds of one
+# .deb give the same root file system and OCI image; the docker-format config differs only in the
+# "container" field, the random id of buildah's build container (docs/packaging.md "Reproducible").
 #
 #   packaging/image.sh DEB OUTDIR [TAG]     (make image runs it; docs/packaging.md says what is in it)
 #
@@ -28,8 +30,9 @@ depends=$(dpkg-deb -f "$deb" Depends | sed -e 's/([^)]*)//g' -e 's/:any//g' -e '
 
 # The essential variant: dpkg, coreutils, a shell and the libraries, no apt; /usr merged by the hook
 # rather than by the usrmerge package (which would bring Perl). No documentation, man pages,
-# translations, completion or iconv converters (the copyright files stay). Byte code is compiled once, with a fixed hash seed
-# (PYTHONHASHSEED) so that it is the same in every build, and the package lists are dropped.
+# translations, completion or iconv converters (the copyright files stay). Byte code is compiled once,
+# with a fixed hash seed (PYTHONHASHSEED) so that it is the same in every build, and the package
+# lists are dropped.
 rm -f "$out/rootfs.tar"
 mmdebstrap --variant=essential --mode=root \
     --hook-dir=/usr/share/mmdebstrap/hooks/merged-usr \
