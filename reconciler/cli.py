@@ -44,6 +44,8 @@ COMMANDS: tuple[str, ...] = (
     "verify",
     "restore",
     "export",
+    "mount",
+    "files",
     "run",
     "status",
     "schema",

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 import pytest
 import structlog
 
-pytest_plugins = ["esxisim.pytest_plugin"]
+pytest_plugins = ["esxisim.pytest_plugin", "tests.s3server"]
 
 
 @pytest.fixture

@@ -50,7 +50,7 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     parser = add_command(
         commands,
         "apply",
-        help="execute the plan now: switch CBT, run due backups, prune, collect garbage, verify",
+        help="execute the plan now: switch CBT, run due backups and copies, prune, collect garbage, verify",
         description="Observe, plan and execute the actions that bring reality to the desired state, or"
         " execute a plan saved by `plan --out` if nothing changed since it was made.",
         epilog=_APPLY_EXAMPLES,
@@ -120,6 +120,9 @@ def _detail_text(outcome: Outcome) -> str:
         return (
             f" -> freed {plural(int(d['chunks_freed']), 'chunk')}, {human_size(int(d.get('bytes_freed', 0)))}"
         )
+    if kind == "copy" and "copied" in d:
+        sent = human_size(int(d.get("bytes_uploaded", 0)))
+        return f" -> {plural(int(d['copied']), 'point')} copied, {sent} sent"
     if kind == "verify" and "points" in d:
         return f" -> {plural(int(d['points']), 'point')} checked, no problems"
     return ""

@@ -40,6 +40,8 @@ _NAMES_BY_DEST = {
     "point_ids": "points",
     "repository": "repositories",
     "repositories": "repositories",
+    "source_repository": "repositories",
+    "destination_repository": "repositories",
     "policy": "policies",
     "host": "hosts",
     "from_host": "hosts",

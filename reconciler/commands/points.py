@@ -433,7 +433,7 @@ def _collect(name: str, repo: Repository, wait: float) -> dict[str, Any]:
     from reconciler.operations.failures import explain
     from reconciler.operations.prune import collect
 
-    entry: dict[str, Any] = {"repository": name, "path": str(repo.path)}
+    entry: dict[str, Any] = {"repository": name, "path": repo.location}
     try:
         gc = collect(repo, wait_seconds=wait)
     except Exception as error:
@@ -445,5 +445,5 @@ def _collect(name: str, repo: Repository, wait: float) -> dict[str, Any]:
     if gc.report is None:
         _err("forget", f"repository {name}: {gc.deferred}; run `esxi-reconciler repo gc {name}` later")
         return {**entry, "ok": False, "error": None, "deferred": gc.deferred}
-    print(gc_line(name, repo.path, gc.report))
+    print(gc_line(name, repo.location, gc.report))
     return {**entry, "ok": True, "error": None, "deferred": None, **gc.report.to_dict()}

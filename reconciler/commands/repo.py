@@ -1,11 +1,12 @@
-"""``esxi-reconciler repo init|key|stats|gc``: create a repository; export, import and list its key files
-and change its passphrase; show what it holds and saves; free its garbage."""
+"""``esxi-reconciler repo init|key|stats|gc|copy``: create a repository; export, import and list its key
+files and change its passphrase; show what it holds and saves; free its garbage; copy restore points to
+another repository (an off-site copy)."""
 
 from __future__ import annotations
 
 import argparse
 import sys
-from datetime import timezone
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -43,6 +44,7 @@ examples:
   esxi-reconciler repo stats                 logical vs stored bytes, dedup and compression ratios
   esxi-reconciler repo gc nas --dry-run      what garbage collection would free
   esxi-reconciler repo gc                    free it in every repository
+  esxi-reconciler repo copy nas offsite      copy the restore points offsite lacks
 
 Exit 1 when it failed (the repository exists; GC deferred because a backup holds it; the
 cause is named).
@@ -110,6 +112,22 @@ from each other. The repository cannot be read without a key file AND its passph
 if both the key files in the repository and this copy are lost, or the passphrase is
 forgotten, every restore point in it is lost for good. The file alone is useless
 without the passphrase, but treat it as a secret anyway."""
+
+
+_COPY_EXAMPLES = """\
+examples:
+  esxi-reconciler repo copy nas offsite                 every successful point offsite lacks
+  esxi-reconciler repo copy nas offsite --vm 'web*'     only VMs matching a glob (repeatable)
+  esxi-reconciler repo copy nas offsite --since 7d      only points of the last 7 days
+  esxi-reconciler repo copy offsite nas --since 2026-12-01T00:00Z --vm db01   bring one VM back
+
+Only chunks the destination lacks are sent; a point already there is skipped, so an interrupted
+copy resumes when run again. Chunks are re-encrypted when the repositories' keys differ. Each
+copied point is read back and checked in the destination. The destination's retention is that
+of its CopyPolicy (the daemon prunes it); this verb prunes nothing.
+
+Exit 1 when a point failed to copy or a repository failed (locked by a GC, unreachable).
+"""
 
 
 def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -222,6 +240,32 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     gc.add_argument(
         "repositories", metavar="REPOSITORY", nargs="*", help="names of Repository documents (default: all)"
     )
+    copy = add_command(
+        verbs,
+        "copy",
+        help="copy restore points to another repository (off-site copy)",
+        description="Copy the successful restore points of SOURCE that DESTINATION lacks: local to S3,\n"
+        "S3 to local, between two buckets. Incremental (only missing chunks are sent), resumable,\n"
+        "re-encrypting when the keys differ, verified after the copy.",
+        epilog=_COPY_EXAMPLES,
+        handler=cmd_repo_copy,
+    )
+    copy.add_argument("source_repository", metavar="SOURCE", help="name of the Repository to copy from")
+    copy.add_argument(
+        "destination_repository", metavar="DESTINATION", help="name of the Repository to copy to"
+    )
+    copy.add_argument(
+        "--vm", metavar="NAME", action="append", default=[], help="only this VM (a glob; repeatable)"
+    )
+    copy.add_argument(
+        "--policy", metavar="NAME", action="append", default=[], help="only points of this BackupPolicy"
+    )
+    copy.add_argument(
+        "--since",
+        metavar="WHEN",
+        type=_since,
+        help="only points taken at or after WHEN: a date/time (2026-12-01, 2026-12-01T02:00Z) or an age (7d)",
+    )
     gc.add_argument("--dry-run", action="store_true", help="report what would be removed; delete nothing")
     gc.add_argument(
         "--wait",
@@ -232,8 +276,25 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     )
 
 
+def _since(text: str) -> datetime:
+    """``--since``: an ISO date/time (UTC unless it has an offset) or an age such as ``7d``."""
+    from reconciler.config import parse_interval
+
+    try:
+        return datetime.now(timezone.utc) - parse_interval(text)
+    except ValueError:
+        pass
+    try:
+        moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is neither a date/time (2026-12-01T02:00Z) nor an age (7d, 12h)"
+        ) from None
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=timezone.utc)
+
+
 def _repo_usage(args: argparse.Namespace) -> int:
-    fail("give a subcommand: init, key, stats or gc (see repo --help)", "usage", "usage")
+    fail("give a subcommand: init, key, stats, gc or copy (see repo --help)", "usage", "usage")
 
 
 def _key_usage(args: argparse.Namespace) -> int:
@@ -283,28 +344,49 @@ def secret_text(secret: Secret) -> str:
 
 def cmd_repo_init(args: argparse.Namespace) -> int:
     """``esxi-reconciler repo init REPOSITORY``: 0 created, 1 failed or exists, 64 bad input."""
+    from reconciler.config.model import LocalBackend
+    from reconciler.operations.repositories import repository_backend
     from reconciler.repository import Repository
+    from reconciler.repository.errors import RepositoryError
 
     cfg = repository_config(args, "repo init")
-    path = Path(cfg.backend.path)
-    if (path / "config").exists():
-        fail(f"repository {cfg.name}: {path} is already a repository; nothing done", "exists")
-    if path.exists() and (not path.is_dir() or any(path.iterdir())):
-        fail(f"repository {cfg.name}: {path} exists and is not empty; nothing done", "exists")
+    path = cfg.backend.location
+    if isinstance(cfg.backend, LocalBackend):
+        directory = Path(cfg.backend.path)
+        if (directory / "config").exists():
+            fail(f"repository {cfg.name}: {path} is already a repository; nothing done", "exists")
+        if directory.exists() and (not directory.is_dir() or any(directory.iterdir())):
+            fail(f"repository {cfg.name}: {path} exists and is not empty; nothing done", "exists")
     key = cfg.encryption.key
     passphrase = key.reveal() if cfg.encryption.enabled and key is not None else None
-    repo = Repository.init(
-        path, passphrase, compression=cfg.compression.algorithm, compression_level=cfg.compression.level
-    )
-    log.info("repo.init", repository=cfg.name, path=str(path), id=repo.id, encrypted=repo.encrypted)
+    backend = repository_backend(cfg)
+    if not isinstance(cfg.backend, LocalBackend):
+        if backend.exists("config"):
+            fail(f"repository {cfg.name}: {path} is already a repository; nothing done", "exists")
+        if any(True for _ in backend.list("keys")) or any(True for _ in backend.list("points")):
+            fail(f"repository {cfg.name}: {path} holds objects; nothing done", "exists")
+    try:
+        repo = Repository.init(
+            backend,
+            passphrase,
+            compression=cfg.compression.algorithm,
+            compression_level=cfg.compression.level,
+        )
+    except RepositoryError as error:
+        if "objects exist" in str(error):
+            fail(f"repository {cfg.name}: {path} holds objects; nothing done", "exists")
+        raise
+    log.info("repo.init", repository=cfg.name, path=path, id=repo.id, encrypted=repo.encrypted)
     comp = cfg.compression
     compression = f"zstd level {comp.level}" if comp.algorithm == "zstd" else comp.algorithm
     encryption = f"encrypted (AES-256-GCM, key {repo.key_id})" if repo.encrypted else "NOT encrypted"
     print(f"created repository {cfg.name} at {path}: id {repo.id}, {encryption}, {compression}")
-    print(
-        f"pin it: add `id: {repo.id}` to the spec of Repository {cfg.name}, so that another volume mounted"
-        " at that path is refused"
+    elsewhere = (
+        "another volume mounted at that path"
+        if isinstance(cfg.backend, LocalBackend)
+        else "another repository under that bucket and prefix"
     )
+    print(f"pin it: add `id: {repo.id}` to the spec of Repository {cfg.name}, so that {elsewhere} is refused")
     if repo.encrypted:
         print(
             f"next: esxi-reconciler repo key export {cfg.name} --out FILE, and keep that file and the"
@@ -338,7 +420,7 @@ def cmd_repo_key_export(args: argparse.Namespace) -> int:
     out: Path = args.out
     repo = open_repository(cfg)  # checks the passphrase opens the key we export
     try:
-        data = export_key(repo.path, repo.key_id)
+        data = export_key(repo.backend, repo.key_id)
         fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:
             os.fchmod(fd, 0o600)  # whatever the umask
@@ -365,6 +447,7 @@ def _key_err(command: str, message: str) -> None:
 def cmd_repo_key_import(args: argparse.Namespace) -> int:
     """``repo key import REPOSITORY FILE``: 0 imported (or there already), 1 failed, 64 a bad key file."""
     from reconciler.config.secrets import SecretError
+    from reconciler.operations.repositories import repository_backend
     from reconciler.repository import FormatError, Repository, RepositoryError, WrongKeyError, import_key
     from reconciler.repository.crypto import KeyFile
 
@@ -385,10 +468,11 @@ def cmd_repo_key_import(args: argparse.Namespace) -> int:
     except SecretError as error:
         fail(f"{error}; nothing imported", "usage", "usage")
     passphrase = given if given is not None else configured.reveal()
-    path = Path(cfg.backend.path)
-    present = (path / "keys" / f"{keyfile.id}.json").exists()
+    path = cfg.backend.location
+    target = repository_backend(cfg)
+    present = target.exists(f"keys/{keyfile.id}.json")
     try:
-        key_id = import_key(path, data, passphrase)
+        key_id = import_key(target, data, passphrase)
     except WrongKeyError:
         which = (
             "the given passphrase"
@@ -406,7 +490,7 @@ def cmd_repo_key_import(args: argparse.Namespace) -> int:
     opens_configured = given is None
     if given is not None:
         try:
-            Repository.open(path, configured.reveal(), expect_encrypted=True, label=cfg.name)
+            Repository.open(target, configured.reveal(), expect_encrypted=True, label=cfg.name)
             opens_configured = True
         except (SecretError, RepositoryError):
             opens_configured = False
@@ -441,13 +525,15 @@ def cmd_repo_key_passwd(args: argparse.Namespace) -> int:
     """``repo key passwd REPOSITORY``: 0 changed (or already), 1 failed or declined, 64 bad input or not
     asked, 78 the configured key secret cannot be read."""
     from reconciler.config.secrets import SecretError
+    from reconciler.operations.repositories import repository_backend
     from reconciler.repository import Repository, RepositoryError, WrongKeyError
 
     cfg = repository_config(args, "repo key passwd")
     secret = cfg.encryption.key
     if not cfg.encryption.enabled or secret is None:
         fail(f"repository {cfg.name} is not encrypted; it has no passphrase", "not-encrypted", "usage")
-    path = Path(cfg.backend.path)
+    path = cfg.backend.location
+    target = repository_backend(cfg)
     old = secret.reveal()
     try:
         new = _given_passphrase(
@@ -471,10 +557,10 @@ def cmd_repo_key_passwd(args: argparse.Namespace) -> int:
             "usage",
         )
     try:
-        repo = Repository.open(path, old, expect_encrypted=True, label=cfg.name)
+        repo = Repository.open(target, old, expect_encrypted=True, label=cfg.name)
     except WrongKeyError:
         try:  # an earlier run got past deleting the old key files, or the passphrase was changed already
-            done = Repository.open(path, new, expect_encrypted=True, label=cfg.name)
+            done = Repository.open(target, new, expect_encrypted=True, label=cfg.name)
         except RepositoryError:
             fail(
                 f"neither the configured key secret ({secret_text(secret)}) nor the new passphrase opens"
@@ -500,7 +586,7 @@ def cmd_repo_key_passwd(args: argparse.Namespace) -> int:
 def _passwd_done(
     args: argparse.Namespace,
     name: str,
-    path: Path,
+    path: str,
     secret: str,
     key_id: str,
     removed: tuple[str, ...],
@@ -546,14 +632,15 @@ def _passwd_done(
 
 def cmd_repo_key_list(args: argparse.Namespace) -> int:
     """``repo key list REPOSITORY``: 0 listed, 1 failed, 64 bad input, 78 the key secret is unreadable."""
+    from reconciler.operations.repositories import repository_backend
     from reconciler.repository import list_keys
 
     cfg = repository_config(args, "repo key list")
     secret = cfg.encryption.key
     if not cfg.encryption.enabled or secret is None:
         fail(f"repository {cfg.name} is not encrypted; it has no key files", "not-encrypted", "usage")
-    path = Path(cfg.backend.path)
-    keys = list_keys(path, secret.reveal())
+    path = cfg.backend.location
+    keys = list_keys(repository_backend(cfg), secret.reveal())
     print(f"repository {cfg.name} ({path}): {plural(len(keys), 'key file')}")
     for k in keys:
         opens = "opens with the configured key secret" if k.opens else "another passphrase"
@@ -595,7 +682,7 @@ def cmd_repo_stats(args: argparse.Namespace) -> int:
     results: list[dict[str, Any]] = []
     for name in names:
         cfg = desired.repositories[name]
-        entry: dict[str, Any] = {"repository": name, "path": str(cfg.backend.path)}
+        entry: dict[str, Any] = {"repository": name, "path": cfg.backend.location}
         results.append(entry)
         try:
             repo = open_repository(cfg)
@@ -611,7 +698,7 @@ def cmd_repo_stats(args: argparse.Namespace) -> int:
             print(f"esxi-reconciler repo stats: {printable(message)}", file=sys.stderr)
             continue
         entry.update(ok=True, error=None, **report.to_dict())
-        _print_stats(name, cfg.backend.path, entry)
+        _print_stats(name, cfg.backend.location, entry)
     if args.json:
         emit_json({"ok": status == ExitCode.OK, "repositories": results})
     return status
@@ -697,7 +784,7 @@ def cmd_repo_gc(args: argparse.Namespace) -> int:
     results: list[dict[str, Any]] = []
     for name in names:
         cfg = desired.repositories[name]
-        entry: dict[str, Any] = {"repository": name, "path": str(cfg.backend.path), "dry_run": args.dry_run}
+        entry: dict[str, Any] = {"repository": name, "path": cfg.backend.location, "dry_run": args.dry_run}
         results.append(entry)
         try:
             repo = open_repository(cfg)
@@ -724,7 +811,7 @@ def cmd_repo_gc(args: argparse.Namespace) -> int:
             continue
         entry.update({"ok": True, "error": None, "deferred": None, **result.report.to_dict()})
         if not args.json:
-            print(gc_line(name, cfg.backend.path, result.report))
+            print(gc_line(name, cfg.backend.location, result.report))
     if args.json:
         emit_json({"ok": status == 0, "repositories": results})
     return status
@@ -753,3 +840,86 @@ def gc_line(name: str, path: object, report: GcReport) -> str:
     if report.dry_run:
         line += " (dry run: nothing deleted)"
     return line
+
+
+def cmd_repo_copy(args: argparse.Namespace) -> int:
+    """``esxi-reconciler repo copy SRC DST``: 0 copied (or nothing to do), 1 a point or a repository
+    failed, 64 bad input, 78 bad config."""
+    from reconciler.operations.copy import PointCopy, copy_points
+    from reconciler.operations.repositories import open_repository
+
+    source, destination = args.source_repository, args.destination_repository
+    desired = load_desired(args)
+    known = sorted(desired.repositories)
+    for name in (source, destination):
+        if name not in desired.repositories:
+            unknown_name("repo copy", "Repository", name, known)
+    if source == destination:
+        fail("SOURCE and DESTINATION are the same repository; name two different ones", "usage", "usage")
+    for policy in args.policy:
+        if policy not in desired.policies:
+            unknown_name("repo copy", "BackupPolicy", policy, sorted(desired.policies))
+    src_cfg, dst_cfg = (
+        desired.repositories[source],
+        desired.repositories[destination],
+    )
+    src = open_repository(src_cfg)
+    dst = open_repository(dst_cfg)
+    if src.id == dst.id:
+        fail(
+            f"repositories {source} and {destination} are the same repository (id {src.id}); nothing to copy",
+            "usage",
+            "usage",
+        )
+
+    def show(item: PointCopy) -> None:
+        when = item.time.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+        if item.decision == "copied":
+            sent = f"{plural(item.chunks_uploaded, 'chunk')} sent ({human_size(item.bytes_uploaded)})"
+            there = f"{item.chunks_present} already there"
+            line = f"copied {item.vm}@{when} ({item.policy}): {sent}, {there}; verified"
+        elif item.decision == "present":
+            line = f"present {item.vm}@{when} ({item.policy}): already in {destination}"
+        else:
+            line = f"FAILED {item.vm}@{when} ({item.policy}): {item.error}"
+        print(line, file=sys.stderr if args.json else sys.stdout, flush=True)
+
+    try:
+        report = copy_points(
+            src,
+            dst,
+            vms=args.vm,
+            policies=args.policy,
+            since=args.since,
+            purpose=f"copy {source} -> {destination}",
+            progress=show,
+        )
+    finally:
+        src.backend.close()
+        dst.backend.close()
+    log.info(
+        "repo.copy",
+        source=source,
+        destination=destination,
+        copied=report.count("copied"),
+        present=report.count("present"),
+        failed=report.count("failed"),
+        bytes_uploaded=report.bytes_uploaded,
+    )
+    mode = "re-encrypted" if report.reencrypted else "blobs copied unchanged"
+    summary = (
+        f"repository {source} -> {destination}: {plural(report.count('copied'), 'point')} copied,"
+        f" {report.count('present')} already there, {report.count('failed')} failed;"
+        f" {human_size(report.bytes_uploaded)} sent ({mode}) in {report.seconds:.1f} s"
+    )
+    print(summary, file=sys.stderr if args.json else sys.stdout)
+    if args.json:
+        emit_json(
+            {
+                "ok": report.ok,
+                **report.to_dict(),
+                "source_repository": source,
+                "destination_repository": destination,
+            }
+        )
+    return ExitCode.OK if report.ok else ExitCode.FAILED

@@ -35,6 +35,7 @@ KINDS = {
     "repository": ("Repository", "repository.schema.json"),
     "backup-policy": ("BackupPolicy", "backup-policy.schema.json"),
     "verify-policy": ("VerifyPolicy", "verify-policy.schema.json"),
+    "copy-policy": ("CopyPolicy", "copy-policy.schema.json"),
     "git-source": ("GitSource", "git-source.schema.json"),
     "all": ("any kind", "esxi-reconciler.schema.json"),
 }
@@ -66,8 +67,8 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         nargs="?",
         type=_kind,
         choices=tuple(KINDS),
-        help="host, repository, backup-policy, verify-policy, git-source (the bootstrap file of run"
-        " --source), or all (any kind of the config)",
+        help="host, repository, backup-policy, verify-policy, copy-policy, git-source (the bootstrap file"
+        " of run --source), or all (any kind of the config)",
     )
     parser.add_argument("--list", action="store_true", help="list the kinds and their schema files")
     parser.add_argument("--path", action="store_true", help="print the path of the file instead")

@@ -109,7 +109,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     status = ExitCode.OK
     for name in names:
         cfg = desired.repositories[name]
-        entry: dict[str, Any] = {"repository": name, "path": str(cfg.backend.path)}
+        entry: dict[str, Any] = {"repository": name, "path": cfg.backend.location}
         try:
             repo = open_repository(cfg)
             with Progress(tty=None if not args.json else False, operation="verify") as progress:

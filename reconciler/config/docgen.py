@@ -35,7 +35,7 @@ ignored), each holding one or more documents separated by `---`. Every document 
 
 ```yaml
 apiVersion: esxi-reconciler/v1
-kind: Host            # Host | Repository | BackupPolicy | VerifyPolicy
+kind: Host            # Host | Repository | BackupPolicy | VerifyPolicy | CopyPolicy
 metadata:
   name: esxi1         # unique per kind
 spec:

@@ -290,12 +290,76 @@ def _build_repository(build: _Build, doc: Document, spec: dict[str, Any]) -> mod
         build.warnings.append(doc.issue(("spec", "encryption", "key"), "ignored: encryption is disabled"))
     return model.Repository(
         name=doc.data["metadata"]["name"],
-        backend=model.LocalBackend(path=PurePosixPath(os.path.normpath(spec["backend"]["path"]))),
+        backend=_build_backend(build, doc, spec["backend"]),
         compression=model.Compression(spec["compression"]["algorithm"], spec["compression"]["level"]),
         encryption=model.Encryption(enabled=encryption["enabled"], key=key),
         prune=model.PruneSettings(spec["prune"]["enabled"], spec["prune"]["max_deletions_per_run"]),
         source=_source(doc),
         id=spec.get("id"),
+    )
+
+
+_S3_FIELDS = ("endpoint", "bucket", "prefix", "region", "path_style", "credentials", "tls")
+_S3_DEFAULTS: dict[str, Any] = {
+    "prefix": "",
+    "region": "us-east-1",
+    "path_style": False,
+    "tls": {"insecure_skip_verify": False},
+}
+"""What defaults fill in for every backend: present on a local backend without meaning anything."""
+
+
+def _build_backend(build: _Build, doc: Document, raw: dict[str, Any]) -> model.Backend:
+    if raw["type"] == "local":
+        for name in _S3_FIELDS:
+            if name in raw and raw[name] != _S3_DEFAULTS.get(name):
+                build.issues.append(
+                    doc.issue(("spec", "backend", name), "only for type s3; a local backend has a path only")
+                )
+        return model.LocalBackend(path=PurePosixPath(os.path.normpath(raw["path"])))
+    where = ("spec", "backend")
+    if "path" in raw:
+        build.issues.append(
+            doc.issue((*where, "path"), "only for type local; an s3 backend has bucket and prefix instead")
+        )
+    credentials = None
+    if "credentials" in raw:
+        creds = raw["credentials"]
+        credentials = model.S3Credentials(
+            build.secret(doc, (*where, "credentials", "access_key_id"), creds["access_key_id"]),
+            build.secret(doc, (*where, "credentials", "secret_access_key"), creds["secret_access_key"]),
+            build.secret(doc, (*where, "credentials", "session_token"), creds["session_token"])
+            if "session_token" in creds
+            else None,
+        )
+    tls = raw["tls"]
+    insecure = bool(tls["insecure_skip_verify"])
+    if insecure:
+        _check_insecure_opt_out(
+            build,
+            doc,
+            (*where, "tls", "insecure_skip_verify"),
+            "ca_file" in tls,
+            "tls.ca_file",
+            "the object store's certificate",
+        )
+    endpoint = raw.get("endpoint")
+    if endpoint is not None and endpoint.startswith("http://"):
+        build.warnings.append(
+            doc.issue(
+                (*where, "endpoint"),
+                "INSECURE: plain HTTP: credentials and (unless encryption is enabled) data travel in clear",
+            )
+        )
+    return model.S3Backend(
+        bucket=raw["bucket"],
+        prefix=raw["prefix"].strip("/"),
+        endpoint=endpoint.rstrip("/") if endpoint else None,
+        region=raw["region"],
+        path_style=raw["path_style"],
+        credentials=credentials,
+        ca_file=PurePosixPath(tls["ca_file"]) if "ca_file" in tls else None,
+        insecure_skip_tls_verify=insecure,
     )
 
 
@@ -372,11 +436,37 @@ def _restore_test(spec: dict[str, Any] | None) -> model.RestoreTest | None:
     return model.RestoreTest(spec["host"], spec.get("datastore"), tuple(spec.get("vms", ())))
 
 
+def _build_copy_policy(build: _Build, doc: Document, spec: dict[str, Any]) -> model.CopyPolicy | None:
+    sched = _build_schedule(build, doc, ("spec", "schedule"), spec["schedule"])
+    if sched is None:
+        return None
+    keep = _build_retention(build, doc, ("spec", "retention"), spec["retention"], sched.timezone)
+    if keep is None:
+        return None
+    if spec["source"] == spec["destination"]:
+        build.issues.append(
+            doc.issue(("spec", "destination"), "is the source repository; copy to another Repository")
+        )
+    return model.CopyPolicy(
+        name=doc.data["metadata"]["name"],
+        source=spec["source"],
+        destination=spec["destination"],
+        schedule=sched,
+        retention=keep,
+        suspend=spec["suspend"],
+        source_location=_source(doc),
+        vms=tuple(spec.get("vms", ())),
+        policies=tuple(spec.get("policies", ())),
+        max_age=parse_interval(spec["max_age"]) if "max_age" in spec else None,
+    )
+
+
 _BUILDERS: dict[str, Callable[[_Build, Document, dict[str, Any]], Any]] = {
     "Host": _build_host,
     "Repository": _build_repository,
     "BackupPolicy": _build_backup_policy,
     "VerifyPolicy": _build_verify_policy,
+    "CopyPolicy": _build_copy_policy,
 }
 
 
@@ -408,7 +498,7 @@ def _check_clean_parts(build: _Build, item: _Checked) -> None:
     if item.clean("spec", "schedule"):
         sched = _build_schedule(build, item.doc, ("spec", "schedule"), item.data["spec"]["schedule"])
         zone = sched.timezone if sched is not None else zone
-    if item.kind == "BackupPolicy" and item.clean("spec", "retention"):
+    if item.kind in ("BackupPolicy", "CopyPolicy") and item.clean("spec", "retention"):
         _build_retention(build, item.doc, ("spec", "retention"), item.data["spec"]["retention"], zone)
 
 
@@ -473,6 +563,9 @@ def _check_chains(build: _Build, policy_docs: dict[str, Document], targets: dict
 def _check_repository_paths(build: _Build, repos: list[tuple[model.Repository, Document]]) -> None:
     for i, (repo, doc) in enumerate(repos):
         for other, other_doc in repos[:i]:
+            if isinstance(repo.backend, model.S3Backend) or isinstance(other.backend, model.S3Backend):
+                _check_s3_places(build, repo, doc, other, other_doc)
+                continue
             a, b = repo.backend.path, other.backend.path
             if a == b:
                 relation = "is the same directory as"
@@ -485,6 +578,28 @@ def _check_repository_paths(build: _Build, repos: list[tuple[model.Repository, D
             where = _where(other_doc, ("spec", "backend", "path"))
             message = f"{a} {relation} Repository {other.name!r} ({where})"
             build.issues.append(doc.issue(("spec", "backend", "path"), message))
+
+
+def _check_s3_places(
+    build: _Build, repo: model.Repository, doc: Document, other: model.Repository, other_doc: Document
+) -> None:
+    """Two repositories in one bucket must not nest: one's prefix inside the other's would mix them."""
+    a, b = repo.backend, other.backend
+    if not (isinstance(a, model.S3Backend) and isinstance(b, model.S3Backend)):
+        return
+    if (a.endpoint, a.bucket) != (b.endpoint, b.bucket):
+        return
+    pa, pb = f"{a.prefix}/" if a.prefix else "", f"{b.prefix}/" if b.prefix else ""
+    if not (pa.startswith(pb) or pb.startswith(pa)):
+        return
+    relation = "is the same place as" if pa == pb else "overlaps"
+    where = _where(other_doc, ("spec", "backend", "prefix"))
+    build.issues.append(
+        doc.issue(
+            ("spec", "backend", "prefix"),
+            f"{a.url} {relation} Repository {other.name!r} ({b.url}, {where}); give each its own prefix",
+        )
+    )
 
 
 def _check_host_addresses(build: _Build, hosts: list[tuple[model.Host, Document]]) -> None:
@@ -571,7 +686,7 @@ def _load(root: Path, resolve_secrets: bool, commit: str | None) -> model.Desire
             built = _BUILDERS[kind](build, doc, item.data["spec"])
             if built is not None:
                 objects[kind].append((built, doc))
-        elif kind in ("BackupPolicy", "VerifyPolicy"):
+        elif kind in ("BackupPolicy", "VerifyPolicy", "CopyPolicy"):
             _check_clean_parts(build, item)
 
     named = {
@@ -585,12 +700,26 @@ def _load(root: Path, resolve_secrets: bool, commit: str | None) -> model.Desire
                 _check_reference(
                     build, item.doc, ("spec", field_name), kind, item.data["spec"][field_name], names[kind]
                 )
+        if item.kind == "CopyPolicy":
+            for field_name in ("source", "destination"):
+                if item.clean("spec", field_name):
+                    value = item.data["spec"][field_name]
+                    _check_reference(
+                        build, item.doc, ("spec", field_name), "Repository", value, names["Repository"]
+                    )
+            if item.clean("spec", "policies"):
+                for position, policy in enumerate(item.data["spec"].get("policies", ())):
+                    where: tuple[PathElement, ...] = ("spec", "policies", position)
+                    _check_reference(build, item.doc, where, "BackupPolicy", policy, names["BackupPolicy"])
         if item.kind == "VerifyPolicy" and item.clean("spec", "test_restore", "host"):
             host = item.data["spec"].get("test_restore", {}).get("host")
             if host is not None:
-                where = ("spec", "test_restore", "host")
-                _check_reference(build, item.doc, where, "Host", host, names["Host"])
-        if item.kind in ("BackupPolicy", "VerifyPolicy") and item.clean("spec", "schedule", "after"):
+                _check_reference(
+                    build, item.doc, ("spec", "test_restore", "host"), "Host", host, names["Host"]
+                )
+        if item.kind in ("BackupPolicy", "VerifyPolicy", "CopyPolicy") and item.clean(
+            "spec", "schedule", "after"
+        ):
             after = item.data["spec"]["schedule"]["after"]
             _check_reference(
                 build, item.doc, ("spec", "schedule", "after"), "BackupPolicy", after, names["BackupPolicy"]
@@ -620,6 +749,7 @@ def _load(root: Path, resolve_secrets: bool, commit: str | None) -> model.Desire
         repositories=(obj for obj, _ in objects["Repository"]),
         policies=(obj for obj, _ in objects["BackupPolicy"]),
         verify_policies=(obj for obj, _ in objects["VerifyPolicy"]),
+        copy_policies=(obj for obj, _ in objects["CopyPolicy"]),
         revision=config_revision(root, contents, commit=commit),
         warnings=build.warnings,
     )

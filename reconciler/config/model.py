@@ -114,9 +114,51 @@ class LocalBackend:
     path: PurePosixPath
     type: str = "local"
 
+    @property
+    def location(self) -> str:
+        """How messages and ``--json`` name the place: the path."""
+        return str(self.path)
 
-Backend = LocalBackend
-"""Union of all backend types (only local today; object storage later)."""
+
+@dataclass(frozen=True)
+class S3Credentials:
+    """Access key of an S3-compatible service, by reference."""
+
+    access_key_id: Secret
+    secret_access_key: Secret
+    session_token: Secret | None = None
+
+
+@dataclass(frozen=True)
+class S3Backend:
+    """A repository in a bucket (under a prefix) of S3-compatible object storage."""
+
+    bucket: str
+    prefix: str = ""
+    endpoint: str | None = None
+    """None: AWS S3 of ``region``."""
+    region: str = "us-east-1"
+    path_style: bool = False
+    credentials: S3Credentials | None = None
+    """None: the AWS default credential chain (environment, ~/.aws, instance role)."""
+    ca_file: PurePosixPath | None = None
+    """A PEM CA bundle trusted instead of the system's (a pinned private CA)."""
+    insecure_skip_tls_verify: bool = False
+    type: str = "s3"
+
+    @property
+    def url(self) -> str:
+        """``s3://bucket/prefix``."""
+        return f"s3://{self.bucket}/{self.prefix}" if self.prefix else f"s3://{self.bucket}"
+
+    @property
+    def location(self) -> str:
+        """``s3://bucket/prefix at https://endpoint`` (or ``in region`` for AWS)."""
+        return f"{self.url} at {self.endpoint}" if self.endpoint else f"{self.url} in {self.region}"
+
+
+Backend = LocalBackend | S3Backend
+"""Union of all backend types."""
 
 
 @dataclass(frozen=True)
@@ -276,6 +318,25 @@ class VerifyPolicy:
     test_restore: RestoreTest | None = None
 
 
+@dataclass(frozen=True)
+class CopyPolicy:
+    """Restore points copied on a schedule from ``source`` to ``destination`` (an off-site copy); the
+    destination keeps them by ``retention``, per (backup policy, VM) group."""
+
+    name: str
+    source: str
+    destination: str
+    schedule: Schedule
+    retention: RetentionPolicy
+    suspend: bool
+    source_location: Source = field(compare=False)
+    vms: tuple[str, ...] = ()
+    """Globs of VM names; empty: every VM."""
+    policies: tuple[str, ...] = ()
+    """BackupPolicy names; empty: every policy."""
+    max_age: timedelta | None = None
+
+
 # -- revision and the whole --------------------------------------------------------------------------
 
 
@@ -328,6 +389,7 @@ class DesiredState:
     verify_policies: Mapping[str, VerifyPolicy]
     revision: Revision
     warnings: tuple[ConfigIssue, ...] = ()
+    copy_policies: Mapping[str, CopyPolicy] = field(default_factory=lambda: MappingProxyType({}))
 
     @classmethod
     def build(
@@ -338,6 +400,7 @@ class DesiredState:
         verify_policies: Iterable[VerifyPolicy],
         revision: Revision,
         warnings: Iterable[ConfigIssue] = (),
+        copy_policies: Iterable[CopyPolicy] = (),
     ) -> DesiredState:
         """Assemble from unordered objects (names must already be unique per kind)."""
         return cls(
@@ -347,6 +410,7 @@ class DesiredState:
             verify_policies=_index(_sorted_by_name(verify_policies), "name"),
             revision=revision,
             warnings=tuple(sorted(warnings)),
+            copy_policies=_index(_sorted_by_name(copy_policies), "name"),
         )
 
     def host(self, name: str) -> Host:

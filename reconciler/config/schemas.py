@@ -27,7 +27,7 @@ API_VERSION = "esxi-reconciler/v1"
 SCHEMA_URI = "https://json-schema.org/draft/2020-12/schema"
 ID_PREFIX = "urn:esxi-reconciler:schema:v1:"
 
-KINDS = ("Host", "Repository", "BackupPolicy", "VerifyPolicy")
+KINDS = ("Host", "Repository", "BackupPolicy", "VerifyPolicy", "CopyPolicy")
 """Every kind of the config directory, in the order the docs present them."""
 
 SOURCE_KIND = "GitSource"
@@ -60,6 +60,9 @@ SSH_PUBLIC_KEY_PATTERN = (
 )
 OPENPGP_KEY_PATTERN = r"^-----BEGIN PGP PUBLIC KEY BLOCK-----"
 RELATIVE_PATH_PATTERN = r"^([^/\s][^\n]*)?$"
+S3_ENDPOINT_PATTERN = r"^https?://[^/\s]+/?$"
+S3_BUCKET_PATTERN = r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$"
+S3_PREFIX_PATTERN = r"^([A-Za-z0-9!_.*'()-]+(/[A-Za-z0-9!_.*'()-]+)*)?/?$"
 
 PATTERN_HINTS: dict[str, str] = {
     NAME_PATTERN: "a name of 1-63 lower-case letters, digits, '.', '_' or '-', starting and ending with a"
@@ -544,20 +547,92 @@ REPOSITORY_SPEC = _obj(
     "Where restore points are stored.",
     {
         "backend": _obj(
-            "The storage behind the repository; type selects the kind (only local exists today).",
+            "The storage behind the repository; type selects the kind: local (a directory) or s3 (a bucket"
+            " of S3-compatible object storage: AWS S3, Backblaze B2, Wasabi, MinIO, Garage, Ceph RGW).",
             {
                 "type": {
                     "type": "string",
-                    "description": "local: a directory on this machine (e.g. a NAS volume).",
-                    "enum": ["local"],
+                    "description": "local: a directory on this machine (e.g. a NAS volume). s3: a bucket (and"
+                    " prefix) of S3-compatible object storage; several daemons (sites, NAS boxes) may share"
+                    " one such repository, with deduplication across all of them.",
+                    "enum": ["local", "s3"],
                 },
                 "path": _str(
-                    "Absolute path of the repository directory.",
+                    "local: absolute path of the repository directory.",
                     ABSOLUTE_PATH_PATTERN,
                     examples=["/srv/backups/esxi"],
                 ),
+                "endpoint": _str(
+                    "s3: URL of the service. Default: AWS S3 of the region. B2:"
+                    " https://s3.<region>.backblazeb2.com; MinIO, Garage, Ceph RGW: your server's URL.",
+                    S3_ENDPOINT_PATTERN,
+                    examples=["https://s3.eu-central-003.backblazeb2.com", "https://minio.example.net:9000"],
+                ),
+                "bucket": _str(
+                    "s3: the bucket (it must exist; create it with the service's tools).",
+                    S3_BUCKET_PATTERN,
+                    examples=["esxi-backups"],
+                ),
+                "prefix": _str(
+                    "s3: key prefix of the repository inside the bucket, so one bucket can hold several"
+                    " repositories. Default: the bucket's top.",
+                    S3_PREFIX_PATTERN,
+                    default="",
+                    examples=["esxi/main"],
+                ),
+                "region": _str(
+                    "s3: the region (AWS, B2, Wasabi); S3-compatible servers accept any.",
+                    r"^[a-z0-9-]+$",
+                    default="us-east-1",
+                    examples=["eu-central-1"],
+                ),
+                "path_style": _bool(
+                    "s3: address the bucket as ENDPOINT/BUCKET instead of BUCKET.ENDPOINT (virtual-hosted)."
+                    " MinIO, Garage and Ceph RGW usually need true; AWS, B2 and Wasabi work with false.",
+                    default=False,
+                ),
+                "credentials": _obj(
+                    "s3: the access key, by reference. Without it the AWS default chain is used"
+                    " (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY of the service, ~/.aws, an EC2 instance"
+                    " role).",
+                    {
+                        "access_key_id": _ref("secret", "The access key id (B2: the application key id)."),
+                        "secret_access_key": _ref(
+                            "secret", "The secret access key (B2: the application key)."
+                        ),
+                        "session_token": _ref("secret", "A session token, for temporary credentials."),
+                    },
+                    required=("access_key_id", "secret_access_key"),
+                ),
+                "tls": _obj(
+                    "s3: how the endpoint's certificate is checked. Default: against the system's CAs.",
+                    {
+                        "ca_file": _str(
+                            "A PEM file of the CA (or the self-signed certificate) to trust instead of the"
+                            " system's: pins a private CA of your own MinIO/Garage/Ceph.",
+                            ABSOLUTE_PATH_PATTERN,
+                            examples=["/etc/esxi-reconciler/minio-ca.pem"],
+                        ),
+                        "insecure_skip_verify": _bool(
+                            "Do not check the certificate at all (a loud warning; data stays encrypted when"
+                            " encryption is enabled, but credentials can be stolen). Prefer ca_file.",
+                            default=False,
+                        ),
+                    },
+                    default={},
+                ),
             },
-            required=("type", "path"),
+            required=("type",),
+            allOf=[
+                _if(
+                    {"properties": {"type": {"const": "local"}}, "required": ["type"]},
+                    then={"required": ["path"]},
+                ),
+                _if(
+                    {"properties": {"type": {"const": "s3"}}, "required": ["type"]},
+                    then={"required": ["bucket"]},
+                ),
+            ],
         ),
         "id": _str(
             "The repository's id, as `repo init` prints it. When given, a path holding another repository"
@@ -793,6 +868,51 @@ VERIFY_POLICY_SPEC = _obj(
     required=("repository", "schedule"),
 )
 
+# -- CopyPolicy --------------------------------------------------------------------------------------
+
+COPY_POLICY_SPEC = _obj(
+    "An off-site copy: restore points copied on a schedule from one repository to another (local to S3, S3"
+    " to local, between two buckets), like Proxmox Backup Server's sync jobs. Only chunks the destination"
+    " lacks are sent; chunks are re-encrypted when the keys differ; every copied point is checked in the"
+    " destination; an interrupted copy resumes. The destination keeps copies by this policy's retention.",
+    {
+        "source": _ref("name", "Name of the Repository copied from."),
+        "destination": _ref("name", "Name of the Repository copied to (e.g. one on S3)."),
+        "schedule": _ref(
+            "schedule",
+            "When the copy runs. after: POLICY copies right after that BackupPolicy's backups succeeded.",
+        ),
+        "vms": {
+            "type": "array",
+            "description": "Globs of VM names whose points are copied. Default: every VM.",
+            "minItems": 1,
+            "uniqueItems": True,
+            "items": {"type": "string", "description": "A glob.", "minLength": 1},
+        },
+        "policies": {
+            "type": "array",
+            "description": "Names of the BackupPolicies whose points are copied. Default: every policy.",
+            "minItems": 1,
+            "uniqueItems": True,
+            "items": _ref("name", "A BackupPolicy name."),
+        },
+        "max_age": _ref(
+            "duration",
+            "Copy only points younger than this (a first copy of a long history need not send all of it)."
+            " Default: every point the source has.",
+        ),
+        "retention": _ref(
+            "retention",
+            "Which copies the destination keeps, per (backup policy, VM); pruned there by the daemon when the"
+            " destination's prune.enabled is true (within its max_deletions_per_run). A point this retention"
+            " would not keep is not copied, so a pruned copy is not sent again. A BackupPolicy writing to the"
+            " destination itself keeps its own retention there.",
+        ),
+        "suspend": _bool("Pause the policy: no copy, no pruning of the copies.", default=False),
+    },
+    required=("source", "destination", "schedule", "retention"),
+)
+
 # -- GitSource: the bootstrap file of `run --source` -------------------------------------------------
 
 GIT_SOURCE_SPEC = _obj(
@@ -901,6 +1021,7 @@ _SPECS: dict[str, tuple[str, Schema]] = {
     "Repository": ("repository", REPOSITORY_SPEC),
     "BackupPolicy": ("backup-policy", BACKUP_POLICY_SPEC),
     "VerifyPolicy": ("verify-policy", VERIFY_POLICY_SPEC),
+    "CopyPolicy": ("copy-policy", COPY_POLICY_SPEC),
     SOURCE_KIND: ("git-source", GIT_SOURCE_SPEC),
 }
 

@@ -50,11 +50,12 @@ from reconciler.planning.actions import (
     PrunePoint,
     RemoveSnapshot,
     RunBackup,
+    RunCopy,
     RunTestRestore,
     RunVerify,
     SetCbt,
 )
-from reconciler.repository.errors import LockedError
+from reconciler.repository.errors import RepositoryError
 from reconciler.repository.repo import Repository
 from reconciler.rules.schedule import Manual, Schedule, in_window
 
@@ -80,8 +81,13 @@ def _now() -> datetime:
 
 
 def _host_fault(exc: BaseException | None) -> bool:
-    """A transient failure that says the host itself is not answering (not a busy lock)."""
-    return exc is not None and not isinstance(exc, LockedError | VmBusyError) and classify(exc) == "transient"
+    """A transient failure that says the host itself is not answering (not a busy lock, not the repository's
+    object store being unreachable)."""
+    return (
+        exc is not None
+        and not isinstance(exc, RepositoryError | VmBusyError)
+        and classify(exc) == "transient"
+    )
 
 
 class _Run:
@@ -547,6 +553,44 @@ def _gc(run: _Run, a: CollectGarbage) -> dict[str, Any]:
     }
 
 
+# -- copy ------------------------------------------------------------------------------------------
+
+
+class CopyFailed(Exception):
+    """Some points of a copy failed (each is named; the others were copied): terminal, like a verify
+    failure, since the same data fails the same way; the next scheduled run tries them again."""
+
+
+def _copy(run: _Run, a: RunCopy) -> dict[str, Any]:
+    from reconciler.operations.copy import copy_points
+
+    report = copy_points(
+        run.repository(a.source),
+        run.repository(a.destination),
+        point_ids=set(a.point_ids),
+        purpose=f"copy policy {a.copy_policy}",
+        cancel=run.cancel,
+    )
+    if report.cancelled:
+        raise Skip(f"cancelled after copying {report.count('copied')} of {len(a.point_ids)} points")
+    failed = [p for p in report.points if p.decision == "failed"]
+    if failed:
+        shown = "; ".join(f"{p.vm}@{p.time:%Y-%m-%dT%H:%MZ}: {p.error}" for p in failed[:3])
+        more = f" (+{len(failed) - 3} more)" if len(failed) > 3 else ""
+        raise CopyFailed(
+            f"copy {a.source} -> {a.destination}: {len(failed)} of {len(report.points)} points failed:"
+            f" {shown}{more}"
+        )
+    return {
+        "copied": report.count("copied"),
+        "present": report.count("present"),
+        "chunks_uploaded": report.chunks_uploaded,
+        "bytes_uploaded": report.bytes_uploaded,
+        "reencrypted": report.reencrypted,
+        "seconds": round(report.seconds, 1),
+    }
+
+
 # -- verify and test restore ------------------------------------------------------------------------
 
 
@@ -671,6 +715,8 @@ def _one(run: _Run, index: int, action: Action) -> None:
         run.attempt(index, action, lambda: _set_cbt(run, action), attempts=once)
     elif isinstance(action, CollectGarbage):
         run.attempt(index, action, lambda: _gc(run, action), attempts=1)
+    elif isinstance(action, RunCopy):
+        run.attempt(index, action, lambda: _copy(run, action))
     elif isinstance(action, RunVerify):
         run.attempt(index, action, lambda: _verify(run, action))
     elif isinstance(action, RunTestRestore):

@@ -6,7 +6,7 @@ action says *why* (``reason``), so the printed plan reads like a review comment,
 executor needs without looking anything up again except the config (secrets are never in a plan).
 
 Order of execution (the planner emits actions in it): orphaned snapshots removed, CBT switched,
-backups, points pruned, garbage collected, verifications, test restores.
+backups, copies to other repositories, points pruned, garbage collected, verifications, test restores.
 """
 
 from __future__ import annotations
@@ -127,6 +127,23 @@ class RunBackup(Action):
 
 
 @dataclass(frozen=True)
+class RunCopy(Action):
+    """Copy restore points from one repository to another under a copy policy (an off-site copy)."""
+
+    kind: ClassVar[str] = "copy"
+    change: ClassVar[Change] = Change.CREATE
+    copy_policy: str
+    source: str
+    destination: str
+    point_ids: tuple[str, ...]
+    """The points of ``source`` the destination lacks and its retention would keep, oldest first."""
+
+    @property
+    def subject(self) -> str:
+        return f"{self.source} -> {self.destination}"
+
+
+@dataclass(frozen=True)
 class PrunePoint(Action):
     """Delete a restore point the retention no longer keeps (its data is freed by GC)."""
 
@@ -194,7 +211,16 @@ class RunTestRestore(Action):
 
 ACTION_TYPES: dict[str, type[Action]] = {
     cls.kind: cls
-    for cls in (RemoveSnapshot, SetCbt, RunBackup, PrunePoint, CollectGarbage, RunVerify, RunTestRestore)
+    for cls in (
+        RemoveSnapshot,
+        SetCbt,
+        RunBackup,
+        RunCopy,
+        PrunePoint,
+        CollectGarbage,
+        RunVerify,
+        RunTestRestore,
+    )
 }
 
 
@@ -212,6 +238,8 @@ def action_from_dict(data: dict[str, Any]) -> Action:
     for f in fields(cls):
         if f.name in data and isinstance(data[f.name], str) and "datetime" in str(f.type):
             data[f.name] = datetime.fromisoformat(data[f.name])
+        elif f.name in data and isinstance(data[f.name], list) and str(f.type).startswith("tuple"):
+            data[f.name] = tuple(data[f.name])  # JSON has lists only
     return cls(**data)
 
 

@@ -19,6 +19,9 @@ A change is **destructive** (rule names in brackets) when:
   (:func:`reconciler.planning.plan.expired_points`);
 * the guard is raised for a repository that cannot be read now, so the count is unknown
   [``prune-unknown``]: held until it can be counted (the next fetch checks again).
+
+Copies count like backups here: a copy policy's shorter retention in its destination is a
+``mass-prune`` by the same rule (the planner's :func:`expired_points` prunes copies by it).
 """
 
 from __future__ import annotations
@@ -169,6 +172,7 @@ def config_changes(base: DesiredState, proposed: DesiredState) -> tuple[ConfigCh
         ("Repository", base.repositories, proposed.repositories),
         ("BackupPolicy", base.policies, proposed.policies),
         ("VerifyPolicy", base.verify_policies, proposed.verify_policies),
+        ("CopyPolicy", base.copy_policies, proposed.copy_policies),
     )
     for kind, old, new in kinds:
         for name in sorted(set(old) | set(new)):

@@ -62,9 +62,10 @@ class RepositoryObservation:
 class RunRecord:
     """The reconciler's own memory of one scheduled job (from the status store).
 
-    Keys (see :func:`backup_key`, :func:`verify_key`): ``backup/<policy>/<host>/<vm>`` and
-    ``verify/<verify policy>``. A failed attempt counts as a start for the schedule (a missed run is not
-    repeated every loop); ``retry_after`` holds the next attempt back (exponential backoff).
+    Keys (see :func:`backup_key`, :func:`verify_key`, :func:`copy_key`): ``backup/<policy>/<host>/<vm>``,
+    ``verify/<verify policy>`` and ``copy/<copy policy>``. A failed attempt counts as a start for the
+    schedule (a missed run is not repeated every loop); ``retry_after`` holds the next attempt back
+    (exponential backoff).
     """
 
     last_started: datetime | None = None
@@ -82,6 +83,11 @@ def backup_key(policy: str, host: str, vm: str) -> str:
 def verify_key(verify_policy: str) -> str:
     """The :class:`RunRecord` key of a verify policy."""
     return f"verify/{verify_policy}"
+
+
+def copy_key(copy_policy: str) -> str:
+    """The :class:`RunRecord` key of a copy policy."""
+    return f"copy/{copy_policy}"
 
 
 def _frozen(mapping: Mapping[str, object] | None) -> Mapping[str, object]:

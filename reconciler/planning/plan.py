@@ -52,6 +52,14 @@ GC (per reachable repository): one ``CollectGarbage``, after the prunes, when po
   killed backup, or a prune whose GC never ran). The reasons are joined. Also with pruning disabled: GC
   frees only data no restore point uses.
 
+Copy (per active copy policy whose source and destination are reachable; unreachable: a warning): due
+  like a backup, history key ``copy/<name>``; ``after`` chains use the upstream backup policy's last
+  success. When due, one ``RunCopy`` of the points :func:`reconciler.planning.copies.points_to_copy`
+  picks (successful points of the source its filters select that the destination lacks and its
+  retention would keep); none: an info notice. In the destination, a (policy, VM) group a copy policy
+  brings there (:func:`~reconciler.planning.copies.governing_copy`) is pruned by that copy policy's
+  retention, with the destination's ``prune`` settings, unless a backup policy writes there itself.
+
 Verify (per active verify policy of a reachable repository): due like a backup, history key
 ``verify/<name>``; ``after`` chains use the upstream backup policy's last success -> ``RunVerify``.
 With a ``test_restore`` block, also one ``RunTestRestore`` per VM it names (every VM with points when it
@@ -62,7 +70,7 @@ the test restore run again removes it first (not while the job's backoff holds i
 
 ``next_due``: the earliest time a job becomes due again — a job due now counts from this run — or a
 power-cycle window opens.
-Order: remove-snapshot, cbt, backup, prune, gc, verify; within a kind by host/VM/policy/time.
+Order: remove-snapshot, cbt, backup, copy, prune, gc, verify; within a kind by host/VM/policy/time.
 """
 
 from __future__ import annotations
@@ -72,7 +80,14 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
-from reconciler.config.model import BackupPolicy, CbtMode, DesiredState, VerifyPolicy, after_policy
+from reconciler.config.model import (
+    BackupPolicy,
+    CbtMode,
+    CopyPolicy,
+    DesiredState,
+    VerifyPolicy,
+    after_policy,
+)
 from reconciler.facts.inventory import VmInfo, split_ds_path
 from reconciler.facts.points import RestorePoint, temporary_vm_name
 from reconciler.planning.actions import (
@@ -85,10 +100,12 @@ from reconciler.planning.actions import (
     PrunePoint,
     RemoveSnapshot,
     RunBackup,
+    RunCopy,
     RunTestRestore,
     RunVerify,
     SetCbt,
 )
+from reconciler.planning.copies import governing_copy, points_to_copy
 from reconciler.planning.fingerprint import fingerprint
 from reconciler.planning.observed import (
     HostObservation,
@@ -96,6 +113,7 @@ from reconciler.planning.observed import (
     RepositoryObservation,
     RunRecord,
     backup_key,
+    copy_key,
     verify_key,
 )
 from reconciler.rules.retention import evaluate
@@ -111,7 +129,7 @@ from reconciler.rules.schedule import (
 )
 
 UTC = timezone.utc
-_KIND_ORDER = ("remove-snapshot", "cbt", "backup", "prune", "gc", "verify", "test-restore")
+_KIND_ORDER = ("remove-snapshot", "cbt", "backup", "copy", "prune", "gc", "verify", "test-restore")
 
 
 @dataclass
@@ -512,12 +530,16 @@ def expired_points(
     unmanaged: dict[str, int] = defaultdict(int)
     for (policy_name, _uuid), points in sorted(groups.items()):
         policy = desired.policies.get(policy_name)
+        governing: BackupPolicy | CopyPolicy | None = policy
         if policy is None or policy.repository != repo.name:
+            newest = max(points, key=lambda p: (p.time.astimezone(UTC), p.id))
+            governing = governing_copy(desired, repo.name, newest)
+        if governing is None:
             unmanaged[policy_name] += len(points)
             continue
-        if policy.suspend:
+        if governing.suspend:
             continue
-        decisions = evaluate(points, policy.retention)
+        decisions = evaluate(points, governing.retention)
         newest_success = next((d.point for d in decisions if d.point.status == "success"), None)
         for decision in decisions:
             if decision.keep:
@@ -590,6 +612,48 @@ def _plan_gc(b: _Builder, repo: RepositoryObservation, pruned: int) -> None:
         )
     if reasons:
         b.actions.append(CollectGarbage(reason="; ".join(reasons), repository=repo.name))
+
+
+# -- copies ----------------------------------------------------------------------------------------
+
+
+def _plan_copy(
+    b: _Builder, observed: ObservedState, policy: CopyPolicy, successes: Mapping[str, datetime]
+) -> None:
+    subject = f"copy {policy.name}"
+    ends = []
+    for name in (policy.source, policy.destination):
+        repo = observed.repositories.get(name)
+        if repo is None or not repo.reachable:
+            error = repo.error if repo is not None and repo.error else "not observed"
+            b.notice("warning", subject, f"repository {name} is unreachable ({error}): no copy")
+            return
+        ends.append(repo)
+    source, destination = ends
+    record = observed.record(copy_key(policy.name))
+    upstream = _upstream(policy.schedule, successes)
+    result = _schedule_job(b, policy.schedule, record, record.last_started, upstream, policy.name, subject)
+    if result is None:
+        return
+    wanted = points_to_copy(policy, source.points, destination.points, b.now)
+    if not wanted:
+        b.notice(
+            "info",
+            subject,
+            f"due ({result.reason}); nothing to copy: {policy.destination} has every point this policy sends",
+        )
+        return
+    vms = len({p.vm.uuid for p in wanted})
+    b.actions.append(
+        RunCopy(
+            reason=f"{result.reason}; {_count(len(wanted), 'point')} of {_count(vms, 'VM')}"
+            f" missing in {policy.destination}",
+            copy_policy=policy.name,
+            source=policy.source,
+            destination=policy.destination,
+            point_ids=tuple(p.id for p in wanted),
+        )
+    )
 
 
 # -- verify ----------------------------------------------------------------------------------------
@@ -704,6 +768,8 @@ def _sort_key(action: Action) -> tuple[object, ...]:
         return (rank, action.host_name, action.vm)
     if isinstance(action, RunBackup):
         return (rank, action.host_name, action.vm, action.policy)
+    if isinstance(action, RunCopy):
+        return (rank, action.source, action.destination, action.copy_policy)
     if isinstance(action, PrunePoint):
         return (rank, action.repository, action.time.astimezone(UTC).isoformat(), action.point_id)
     if isinstance(action, CollectGarbage):
@@ -722,6 +788,9 @@ def plan(desired: DesiredState, observed: ObservedState) -> Plan:
     facts = _Facts(successes=_policy_successes(observed), starts=_last_starts(observed))
     for name in desired.hosts:
         _plan_host(b, desired, observed, name, facts)
+    for copy in desired.copy_policies.values():
+        if not copy.suspend:
+            _plan_copy(b, observed, copy, facts.successes)
     for name in desired.repositories:
         repo = observed.repositories.get(name)
         if repo is not None and repo.reachable:

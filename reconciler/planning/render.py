@@ -21,6 +21,7 @@ from reconciler.planning.actions import (
     PrunePoint,
     RemoveSnapshot,
     RunBackup,
+    RunCopy,
     RunTestRestore,
     RunVerify,
     SetCbt,
@@ -56,6 +57,9 @@ def action_line(action: Action) -> str:
         return f"{subject}  cbt: {_onoff(not action.enabled)} -> {_onoff(action.enabled)} ({reason})"
     if isinstance(action, RunBackup):
         return f"backup {subject} -> {printable(action.repository)} ({reason})"
+    if isinstance(action, RunCopy):
+        n = len(action.point_ids)
+        return f"copy {subject} by {printable(action.copy_policy)}: {_count(n, 'point', 'points')} ({reason})"
     if isinstance(action, PrunePoint):
         return f"point {subject} of {printable(action.policy)} in {printable(action.repository)} ({reason})"
     if isinstance(action, RemoveSnapshot):
@@ -89,6 +93,7 @@ def summary(plan: Plan, unobserved: Sequence[str] = ()) -> str:
         (kinds.count("remove-snapshot"), "orphaned snapshot to remove", "orphaned snapshots to remove"),
         (kinds.count("cbt"), "CBT change", "CBT changes"),
         (kinds.count("backup"), "backup", "backups"),
+        (kinds.count("copy"), "copy", "copies"),
         (kinds.count("prune"), "point to prune", "points to prune"),
         (kinds.count("gc"), "garbage collection", "garbage collections"),
         (kinds.count("verify"), "verification", "verifications"),

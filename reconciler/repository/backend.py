@@ -11,8 +11,10 @@ either no object or the whole object. Two kinds of write exist (see docs/reposit
   chunks, whose names are content hashes (so an overwrite would be harmless, and a visible name always
   has durable content).
 
-Object storage backends (later) implement the same protocol: ``put`` maps to a conditional PUT and
-``put_deferred``/``flush`` to plain PUTs (an object store has no torn objects).
+Object storage (:mod:`reconciler.repository.s3`) implements the same protocol: ``put`` maps to a
+conditional PUT and ``put_deferred``/``flush`` to parallel plain PUTs (an object store has no torn objects).
+What a directory does besides holding files (``make_dir``, ``sync_dir``, ``initialize``, the message for
+a path without a repository) is part of the protocol too, so the repository code never touches a path.
 
 Staged files are named after their writer (:func:`staged_name`: host, pid and a per-process token), so
 that a later run can tell the leftovers of a killed writer from the files of a live one
@@ -35,10 +37,16 @@ import socket
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
 from typing import Protocol, cast
 
-from reconciler.repository.errors import MissingObjectError, RepositoryError, StorageError
+from reconciler.repository.errors import (
+    MissingObjectError,
+    NotARepositoryError,
+    RepositoryError,
+    StorageError,
+)
 from reconciler.units import human_size
 
 Data = bytes | bytearray | memoryview
@@ -103,7 +111,7 @@ _WHAT = {
 }
 
 
-def _what(name: str) -> str:
+def object_kind(name: str) -> str:
     return _WHAT.get(name.partition("/")[0], name)
 
 
@@ -126,8 +134,19 @@ class ObjectInfo:
     mtime: float
 
 
+Uploads = list[tuple[str, str, datetime]]
+"""Interrupted multipart uploads: ``(object name, upload id, started)``."""
+
+
 class Backend(Protocol):
     """Storage of immutable, named objects."""
+
+    label: str | None
+    """The repository's configured name, for messages (None: the location alone names it)."""
+    settle_seconds: float
+    """How long a new lock object may take to show in a listing of ``locks/`` on this storage (0: at once,
+    a local directory). GC waits that long under its exclusive lock and lists the locks again before it
+    deletes anything (docs/repository-format.md §13.3)."""
 
     def put(self, name: str, parts: Sequence[Data]) -> bool:
         """Store atomically and durably unless ``name`` exists; False if it existed (nothing written)."""
@@ -169,8 +188,57 @@ class Backend(Protocol):
         """Remove an object; absent objects are ignored."""
         ...
 
+    @property
+    def location(self) -> str:
+        """Where the objects are, for messages: a path, or ``s3://bucket/prefix at endpoint``."""
+        ...
 
-def _check_name(name: str) -> None:
+    def describe(self) -> str:
+        """``repository NAME (location)``: how messages name the repository."""
+        ...
+
+    def volume_errors(self, doing: str, needed: int | None = None) -> contextlib.AbstractContextManager[None]:
+        """A scope in which a refused access becomes the one-line :class:`StorageError`."""
+        ...
+
+    def make_dir(self, name: str) -> None:
+        """Create the directory ``name`` if the storage has directories."""
+        ...
+
+    def sync_dir(self, name: str = "") -> None:
+        """Make the names in directory ``name`` (``""``: the top) durable, where that takes a step."""
+        ...
+
+    def initialize(self, directories: Sequence[str]) -> None:
+        """Prepare empty storage for a new repository (refuse if anything is there)."""
+        ...
+
+    def not_a_repository(self, init_hint: str) -> NotARepositoryError:
+        """Why no repository is found here (no ``config``), and what to do; nothing is written."""
+        ...
+
+    def now(self) -> datetime:
+        """The time lock files are written and judged by (§7): the storage's clock where it has one."""
+        ...
+
+    def reset_caches(self) -> None:
+        """Forget what was learnt about stored objects (called whenever a lock is taken)."""
+        ...
+
+    def incomplete_uploads(self) -> Uploads:
+        """Writes started and never completed that still cost storage: ``(name, upload id, started)``."""
+        ...
+
+    def abort_upload(self, name: str, upload_id: str) -> None:
+        """Drop one of :meth:`incomplete_uploads`."""
+        ...
+
+    def close(self) -> None:
+        """Finish background work; the backend is not used afterwards."""
+        ...
+
+
+def check_name(name: str) -> None:
     path = PurePosixPath(name)
     if not name or path.is_absolute() or any(part in ("", ".", "..") for part in name.split("/")):
         raise ValueError(f"invalid object name {name!r}")
@@ -229,6 +297,8 @@ class LocalBackend:
         self.root = Path(root)
         self.label = label
         """The repository's configured name, for messages (None: the path alone names it)."""
+        self.settle_seconds = 0.0
+        """A directory listing shows a new file at once."""
         self.host = socket.gethostname()
         self._use_syncfs = sync == "syncfs" and _SYNCFS is not None
         self._lock = threading.Lock()
@@ -306,7 +376,7 @@ class LocalBackend:
     # -- paths ---------------------------------------------------------------------------------------
 
     def _path(self, name: str) -> Path:
-        _check_name(name)
+        check_name(name)
         return self.root / name
 
     def _tmp_path(self) -> Path:
@@ -317,7 +387,7 @@ class LocalBackend:
         failure the staged file is removed."""
         tmp = self._tmp_path()
         needed = sum(memoryview(part).nbytes for part in parts)
-        with self.volume_errors(f"writing {_what(name)}", needed):
+        with self.volume_errors(f"writing {object_kind(name)}", needed):
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o600)
             try:
                 size = _write_all(fd, parts)
@@ -339,7 +409,7 @@ class LocalBackend:
             return False
         tmp, _ = self._create_tmp(parts, fsync=True, name=name)
         try:
-            with self.volume_errors(f"writing {_what(name)}"):
+            with self.volume_errors(f"writing {object_kind(name)}"):
                 try:
                     os.link(tmp, final)
                 except FileExistsError:
@@ -367,7 +437,7 @@ class LocalBackend:
         final = self._path(name)
         tmp, _ = self._create_tmp(parts, fsync=True, name=name)
         try:
-            with self.volume_errors(f"writing {_what(name)}"):
+            with self.volume_errors(f"writing {object_kind(name)}"):
                 tmp.replace(final)
         except BaseException:
             with contextlib.suppress(OSError):
@@ -502,7 +572,7 @@ class LocalBackend:
         return self._path(name).exists()
 
     def list(self, prefix: str) -> Iterator[str]:
-        _check_name(prefix)
+        check_name(prefix)
         yield from self._walk(self.root / prefix, prefix)
 
     def _walk(self, directory: Path, prefix: str) -> Iterator[str]:
@@ -526,3 +596,65 @@ class LocalBackend:
     def delete(self, name: str) -> None:
         with contextlib.suppress(FileNotFoundError), self.volume_errors(f"deleting {name}"):
             self._path(name).unlink()
+
+    # -- the directory itself ------------------------------------------------------------------------
+
+    @property
+    def location(self) -> str:
+        return str(self.root)
+
+    def make_dir(self, name: str) -> None:
+        (self.root / name).mkdir(parents=True, exist_ok=True)
+
+    def sync_dir(self, name: str = "") -> None:
+        fsync_dir(self.root / name if name else self.root)
+
+    def initialize(self, directories: Sequence[str]) -> None:
+        """Create the directory tree in an empty (or missing) directory, with the 256 chunk fan-out
+        directories (docs/repository-format.md §2)."""
+        root = self.root
+        if root.exists() and any(root.iterdir()):
+            raise RepositoryError(f"{root}: directory is not empty")
+        root.mkdir(parents=True, exist_ok=True)
+        for directory in directories:
+            (root / directory).mkdir(exist_ok=True)
+        for byte in range(256):
+            (root / "chunks" / f"{byte:02x}").mkdir(exist_ok=True)
+        fsync_dir(root / "chunks")
+
+    def not_a_repository(self, init_hint: str) -> NotARepositoryError:
+        """For a missing path or an empty directory the likely cause is a volume that is not mounted,
+        and nothing must be created there."""
+        root, where = self.root, self.describe()
+        if not root.exists():
+            cause = "the path does not exist"
+        elif not root.is_dir():
+            cause = "the path is not a directory"
+        else:
+            try:
+                empty = not any(root.iterdir())
+            except OSError:
+                empty = False
+            cause = (
+                "the directory is empty" if empty else "the directory holds no repository (no config file)"
+            )
+        return NotARepositoryError(
+            f"{where}: not a repository: {cause}; if it lives on a volume, mount it; to create a new"
+            f" repository there, run {init_hint}. Nothing was written"
+        )
+
+    def now(self) -> datetime:
+        return datetime.now(timezone.utc)
+
+    def reset_caches(self) -> None:
+        """Nothing is cached: every existence check looks at the file system."""
+
+    def incomplete_uploads(self) -> Uploads:
+        """None: an interrupted write leaves a staged file in ``tmp/`` instead (§7.1)."""
+        return []
+
+    def abort_upload(self, name: str, upload_id: str) -> None:
+        raise MissingObjectError(name)
+
+    def close(self) -> None:
+        """Nothing runs in the background."""

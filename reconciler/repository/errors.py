@@ -10,10 +10,12 @@
     ├── WrongKeyError        no key file opens with the passphrase given
     ├── LockedError          another process holds a conflicting lock
     ├── ProtectedPointError  a protected restore point was asked to be deleted
-    └── StorageError         the volume refused a write: full, over quota, read-only, no permission
+    ├── StorageError         the volume refused a write: full, over quota, read-only, no permission
+    └── ObjectStoreUnavailable  the object store stayed unreachable or kept failing after the retries
 
-``transient`` says whether another try may succeed without anyone acting: only for
-:class:`LockedError` (the other process finishes); the retry logic of ``apply`` reads it.
+``transient`` says whether another try may succeed without anyone acting: for :class:`LockedError` (the
+other process finishes) and :class:`ObjectStoreUnavailable` (the store recovers); the retry logic of
+``apply`` reads it.
 """
 
 from __future__ import annotations
@@ -78,3 +80,10 @@ class StorageError(RepositoryError):
     def __init__(self, message: str, errno: int) -> None:
         self.errno = errno
         super().__init__(message)
+
+
+class ObjectStoreUnavailable(RepositoryError):
+    """The object store could not be reached, or kept answering with errors (5xx, throttling) after the
+    client's retries with backoff. Transient: the same job may succeed later (the daemon retries it)."""
+
+    transient = True

@@ -12,22 +12,32 @@ GC starts and removed only when it completes, so the next observation sees "a GC
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 
 import structlog
 
 from reconciler.facts.points import RestorePoint
 from reconciler.killpoint import kill_point
-from reconciler.repository.backend import ObjectInfo, fsync_dir
+from reconciler.repository.backend import ObjectInfo
 from reconciler.repository.chunks import chunk_name
-from reconciler.repository.errors import FormatError, MissingObjectError, RepositoryError, StorageError
+from reconciler.repository.errors import (
+    FormatError,
+    LockedError,
+    MissingObjectError,
+    RepositoryError,
+    StorageError,
+)
 from reconciler.repository.lock import RepositoryLock, list_locks, pid_alive, stale_staged_files
 from reconciler.repository.repo import Repository
+
+CLOCK_RESOLUTION = timedelta(seconds=1)
+"""How far the store's clock as read (the HTTP ``Date`` header: whole seconds) may lag its own times."""
 
 log = structlog.get_logger(__name__)
 
@@ -97,6 +107,8 @@ class GcReport:
     tmp_files: int = 0
     """Staged files in ``tmp/`` left by writers that are gone (§7.1)."""
     tmp_bytes: int = 0
+    aborted_uploads: int = 0
+    """Incomplete multipart uploads (object storage) of writers that are gone, aborted (§13)."""
     interrupted_at: datetime | None = None
     """Start of an earlier GC that did not complete (its marker was found); this one completes it."""
     deleted: list[str] = field(default_factory=list, repr=False)
@@ -113,6 +125,7 @@ class GcReport:
             "unreferenced_digest_maps": self.unreferenced_digest_maps,
             "tmp_files": self.tmp_files,
             "tmp_bytes": self.tmp_bytes,
+            "aborted_uploads": self.aborted_uploads,
             "interrupted_at": self.interrupted_at.isoformat() if self.interrupted_at else None,
         }
 
@@ -153,12 +166,25 @@ def _count_tmp(report: GcReport, staged: list[ObjectInfo]) -> None:
 
 def _write_marker(repo: Repository, lock: RepositoryLock) -> None:
     assert lock.info is not None
-    marker = GcMarker(datetime.now(timezone.utc), socket.gethostname(), os.getpid(), lock.info.id)
+    marker = GcMarker(repo.backend.now(), socket.gethostname(), os.getpid(), lock.info.id)
     try:
         repo.backend.replace(GC_MARKER, [marker.to_json()])
     except StorageError as exc:
         # GC is what frees space: it goes on; only a kill of this very GC would go unnoticed
-        log.warning("gc.marker_not_written", repository=str(repo.path), error=str(exc))
+        log.warning("gc.marker_not_written", repository=repo.location, error=str(exc))
+
+
+def _confirm_alone(repo: Repository, lock: RepositoryLock, report: GcReport) -> None:
+    """Before the sweep: a writer whose lock a lagging listing hid may be about to reference what looks
+    unreferenced (§13.3); if one shows, nothing is swept, and the marker goes unless an earlier GC's was
+    there (this GC leaves no garbage behind)."""
+    try:
+        lock.confirm_alone()
+    except LockedError:
+        if report.interrupted_at is None:
+            with contextlib.suppress(RepositoryError):
+                repo.backend.delete(GC_MARKER)
+        raise
 
 
 def _collect(
@@ -202,10 +228,21 @@ def _collect(
     _count_tmp(report, leftovers)
     report.deleted.extend(doomed)
     doomed.extend(info.name for info in leftovers)
+    # object storage: uploads started before this lock was taken belong to writers that are gone (under
+    # the exclusive lock no other writer runs); younger ones may be this process's own. The lock's time
+    # is the store's clock as its Date header tells it, in whole seconds: up to a second behind the
+    # times the store gives uploads (found against Ceph RGW), hence the margin.
+    assert lock.info is not None
+    cutoff = lock.info.time + CLOCK_RESOLUTION
+    interrupted = [u for u in repo.backend.incomplete_uploads() if u[2] < cutoff]
+    report.aborted_uploads = len(interrupted)
 
     if dry_run:
         return report
     lock.check()  # a lost lock (removed as stale) means a backup may be writing: sweep nothing
+    _confirm_alone(repo, lock, report)
+    for name, upload_id, _ in interrupted:
+        repo.backend.abort_upload(name, upload_id)
     for done, name in enumerate(doomed, 1):  # sweep
         repo.backend.delete(name)
         kill_point("gc.object-deleted")
@@ -215,7 +252,7 @@ def _collect(
             lock.check()
     kill_point("gc.swept")
     repo.backend.delete(GC_MARKER)  # completed: the marker goes last
-    fsync_dir(repo.path)
+    repo.backend.sync_dir()
     return report
 
 
@@ -244,7 +281,7 @@ def garbage_signs(repo: Repository, points: list[RestorePoint], lock: Repository
     unreferenced = [name for name in repo.backend.list("indexes") if name not in referenced]
     if not unreferenced:
         return GarbageSigns(started, 0)
-    now = datetime.now(timezone.utc)
+    now = repo.backend.now()
     here = socket.gethostname()
     own = lock.info.id if lock.info is not None else None
     if any(info.id != own and not info.is_stale(now, here, pid_alive) for info in list_locks(repo.backend)):

@@ -22,6 +22,7 @@ import os
 import secrets
 import socket
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
@@ -40,10 +41,6 @@ version's name): a writer stages a lock file *before* its lock exists, and one p
 most even on a slow NAS."""
 
 Clock = Callable[[], datetime]
-
-
-def _utcnow() -> datetime:
-    return datetime.now(timezone.utc)
 
 
 def pid_alive(pid: int) -> bool:
@@ -152,7 +149,7 @@ class RepositoryLock:
         *,
         exclusive: bool,
         purpose: str = "",
-        clock: Clock = _utcnow,
+        clock: Clock | None = None,
         host: str | None = None,
         pid: int | None = None,
         alive: Callable[[int], bool] = pid_alive,
@@ -165,7 +162,9 @@ class RepositoryLock:
         """An exclusive locker deletes the stale lock files it finds (§7); False for a dry run."""
         self.exclusive = exclusive
         self.purpose = purpose
-        self._clock = clock
+        self._clock = clock or backend.now
+        """The storage's clock by default (docs/repository-format.md §7): hosts whose clocks disagree
+        still agree on which lock is stale."""
         self.host = host or socket.gethostname()
         self.pid = os.getpid() if pid is None else pid
         self._alive = alive
@@ -176,6 +175,7 @@ class RepositoryLock:
         self._thread: threading.Thread | None = None
         self._lost: LockedError | None = None
         self._mutex = threading.Lock()
+        self._acquired = 0.0
 
     def __repr__(self) -> str:
         state = self.info.describe() if self.info else "not held"
@@ -189,6 +189,7 @@ class RepositoryLock:
         """Create the lock file, then look for conflicting live locks; :class:`LockedError` naming them."""
         if self.info is not None:
             raise RuntimeError("lock already held")
+        self.backend.reset_caches()  # a chunk listing made before this lock may predate a GC
         info = LockInfo(
             secrets.token_hex(16), self.exclusive, self.host, self.pid, self._clock(), self.purpose
         )
@@ -211,8 +212,36 @@ class RepositoryLock:
             for other in stale:
                 self.backend.delete(other.name)
         self.info = info
+        self._acquired = time.monotonic()
         self._lost = None
         return info
+
+    def confirm_alone(self, sleep: Callable[[float], None] = time.sleep) -> None:
+        """For an exclusive holder about to delete: wait until twice the storage's settle window
+        (``backend.settle_seconds``, how long a listing may lag) has passed since :meth:`acquire`, then
+        list ``locks/`` again; :class:`LockedError` if any other live lock shows now — a writer whose lock
+        the first listing missed, which may be about to reference data that looks unreferenced.
+
+        Twice: a writer that wrote its lock just after ours may not have seen ours (up to one window
+        late), and its lock may take one more window to show to us; a writer starting later sees ours.
+        """
+        if self.info is None or not self.exclusive:
+            raise RuntimeError("confirm_alone needs a held exclusive lock")
+        wait = 2 * self.backend.settle_seconds - (time.monotonic() - self._acquired)
+        if wait > 0:
+            sleep(wait)
+        self.check()
+        now = self._clock()
+        others = [
+            other
+            for other in list_locks(self.backend)
+            if other.id != self.info.id and not other.is_stale(now, self.host, self._alive, self.stale_after)
+        ]
+        if others:
+            holder = min(others, key=lambda c: c.time)
+            raise LockedError(
+                f"repository is locked {holder.describe()} (it appeared after this lock was taken)"
+            )
 
     def refresh(self) -> None:
         """Rewrite the lock's time; :class:`LockedError` if the lock file was removed meanwhile."""
@@ -274,12 +303,12 @@ class RepositoryLock:
 def remove_stale_locks(
     backend: Backend,
     *,
-    clock: Clock = _utcnow,
+    clock: Clock | None = None,
     host: str | None = None,
     alive: Callable[[int], bool] = pid_alive,
 ) -> list[LockInfo]:
     """Delete stale lock files (``unlock``); returns what was removed."""
-    now = clock()
+    now = (clock or backend.now)()
     here = host or socket.gethostname()
     removed = []
     for info in list_locks(backend):
@@ -293,7 +322,7 @@ def stale_staged_files(
     backend: Backend,
     *,
     own: LockInfo | None = None,
-    clock: Clock = _utcnow,
+    clock: Clock | None = None,
     host: str | None = None,
     alive: Callable[[int], bool] = pid_alive,
     grace: timedelta = STAGING_GRACE,
@@ -311,7 +340,7 @@ def stale_staged_files(
     names = list(backend.list(TMP_DIR))
     if not names:
         return []
-    now = clock()
+    now = (clock or backend.now)()
     here = host or socket.gethostname()
     here_tag = host_tag(here)
     live = [

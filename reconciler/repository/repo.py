@@ -27,7 +27,7 @@ from pathlib import Path
 
 from reconciler.facts.points import POINT_ID_RE, RestorePoint, StoredFile, point_name
 from reconciler.killpoint import kill_point
-from reconciler.repository.backend import Data, LocalBackend, ObjectInfo, fsync_dir
+from reconciler.repository.backend import Backend, Data, LocalBackend, ObjectInfo
 from reconciler.repository.chunks import (
     CHUNK_SIZE,
     HOLE,
@@ -42,7 +42,6 @@ from reconciler.repository.errors import (
     FormatError,
     IntegrityError,
     MissingObjectError,
-    NotARepositoryError,
     ProtectedPointError,
     RepositoryError,
     WrongKeyError,
@@ -153,25 +152,14 @@ class RepositoryStats:
     digest_maps: int
 
 
-def _not_a_repository(backend: LocalBackend) -> NotARepositoryError:
-    """Why the path of ``backend`` holds no repository, and what to do: for a missing path or an empty
-    directory the likely cause is a volume that is not mounted, and nothing must be created there."""
-    root, where = backend.root, backend.describe()
-    init = f"`esxi-reconciler repo init {backend.label}`" if backend.label else "`esxi-reconciler repo init`"
-    if not root.exists():
-        cause = "the path does not exist"
-    elif not root.is_dir():
-        cause = "the path is not a directory"
-    else:
-        try:
-            empty = not any(root.iterdir())
-        except OSError:
-            empty = False
-        cause = "the directory is empty" if empty else "the directory holds no repository (no config file)"
-    return NotARepositoryError(
-        f"{where}: not a repository: {cause}; if it lives on a volume, mount it; to create a new repository"
-        f" there, run {init}. Nothing was written"
-    )
+Target = str | os.PathLike[str] | Backend
+"""Where a repository is: a local directory (a path), or any :class:`Backend` (object storage)."""
+
+
+def _backend(target: Target, label: str | None = None) -> Backend:
+    if isinstance(target, str | os.PathLike):
+        return LocalBackend(target, label=label)
+    return target
 
 
 def _now_text() -> str:
@@ -197,7 +185,7 @@ class Repository:
 
     def __init__(
         self,
-        backend: LocalBackend,
+        backend: Backend,
         config: RepositoryConfig,
         key: MasterKey | None,
         key_id: str | None,
@@ -211,10 +199,27 @@ class Repository:
         self.codec = BlobCodec(key, None if config.compression == "none" else level)
 
     def __repr__(self) -> str:
-        return f"Repository({str(self.backend.root)!r}, id={self.config.id}, encrypted={self.encrypted})"
+        return f"Repository({self.location!r}, id={self.config.id}, encrypted={self.encrypted})"
+
+    @property
+    def location(self) -> str:
+        """Where it is, for messages and logs: a path, or ``s3://bucket/prefix at endpoint``."""
+        return self.backend.location
+
+    @property
+    def short_name(self) -> str:
+        """For progress lines: the configured name, else the last part of the path or prefix."""
+        if self.backend.label:
+            return self.backend.label
+        if isinstance(self.backend, LocalBackend):
+            return self.backend.root.name
+        return self.location.split(" ", 1)[0].rstrip("/").rpartition("/")[2]
 
     @property
     def path(self) -> Path:
+        """The directory of a local repository (object storage has none: :attr:`location` names it)."""
+        if not isinstance(self.backend, LocalBackend):
+            raise RepositoryError(f"{self.location}: not a local directory")
         return self.backend.root
 
     @property
@@ -234,7 +239,7 @@ class Repository:
     @classmethod
     def init(
         cls,
-        path: str | os.PathLike[str],
+        path: Target,
         passphrase: Passphrase | None = None,
         *,
         compression: str = "zstd",
@@ -247,20 +252,12 @@ class Repository:
         """
         if compression not in ("zstd", "none"):
             raise ValueError(f"unsupported compression {compression!r}")
-        root = Path(path)
-        if root.exists() and any(root.iterdir()):
-            raise RepositoryError(f"{root}: directory is not empty")
-        root.mkdir(parents=True, exist_ok=True)
-        for directory in DIRECTORIES:
-            (root / directory).mkdir(exist_ok=True)
-        for byte in range(256):
-            (root / "chunks" / f"{byte:02x}").mkdir(exist_ok=True)
-        fsync_dir(root / "chunks")
+        backend = _backend(path)
+        backend.initialize(DIRECTORIES)
         encryption = ENCRYPTION_AES if passphrase is not None else ENCRYPTION_NONE
         config = RepositoryConfig(
             os.urandom(16).hex(), _now_text(), CHUNK_SIZE, compression, compression_level, encryption
         )
-        backend = LocalBackend(root)
         key = None
         key_id = None
         if passphrase is not None:
@@ -269,13 +266,13 @@ class Repository:
             backend.put(keyfile.name, [keyfile.to_json()])
             key_id = keyfile.id
         backend.put(CONFIG_NAME, [config.to_json()])  # last: its presence means "initialised"
-        fsync_dir(root)
+        backend.sync_dir()
         return cls(backend, config, key, key_id, None)
 
     @classmethod
     def open(
         cls,
-        path: str | os.PathLike[str],
+        path: Target,
         passphrase: Passphrase | None = None,
         *,
         compression_level: int | None = None,
@@ -291,12 +288,13 @@ class Repository:
         ``expect_id`` (the configuration's pinned ``id``) refuses a path that holds another repository.
         A path without a repository raises :class:`NotARepositoryError`; nothing is written to it.
         """
-        backend = LocalBackend(path, label=label)
+        backend = _backend(path, label)
         try:
             with backend.volume_errors("reading config"):  # e.g. a directory the service user cannot read
                 config = RepositoryConfig.from_json(backend.get(CONFIG_NAME))
         except MissingObjectError:
-            raise _not_a_repository(backend) from None
+            init = f"`esxi-reconciler repo init {label}`" if label else "`esxi-reconciler repo init`"
+            raise backend.not_a_repository(init) from None
         if expect_id is not None and config.id != expect_id:
             raise RepositoryError(
                 f"{backend.describe()}: holds repository {config.id}, but the configuration pins id"
@@ -306,13 +304,19 @@ class Repository:
         key_names = sorted(n for n in backend.list("keys") if n.endswith(".json"))
         encrypted = config.encryption == ENCRYPTION_AES
         if not encrypted and key_names:
-            raise RepositoryError(f"{path}: config says unencrypted but key files exist; refusing to open")
+            raise RepositoryError(
+                f"{backend.location}: config says unencrypted but key files exist; refusing to open"
+            )
         if expect_encrypted is not None and expect_encrypted != encrypted:
             state = "encrypted" if encrypted else "not encrypted"
-            raise RepositoryError(f"{path}: repository is {state}, but the configuration says otherwise")
+            raise RepositoryError(
+                f"{backend.location}: repository is {state}, but the configuration says otherwise"
+            )
         if not encrypted:
             if passphrase is not None:
-                raise RepositoryError(f"{path}: repository is not encrypted but a passphrase was given")
+                raise RepositoryError(
+                    f"{backend.location}: repository is not encrypted but a passphrase was given"
+                )
             return cls(backend, config, None, None, compression_level)
         if passphrase is None:
             raise WrongKeyError(
@@ -378,7 +382,7 @@ class Repository:
             blob = self.backend.get(name)
         except (MissingObjectError, OSError):
             blob = b""
-        (self.path / QUARANTINE_DIR).mkdir(exist_ok=True)
+        self.backend.make_dir(QUARANTINE_DIR)
         self.backend.put(f"{QUARANTINE_DIR}/{chunk_id.hex()}", [blob])
         kill_point("verify.quarantine-copied")
         self.backend.delete(name)
@@ -536,7 +540,7 @@ class Repository:
         if point.protected and not force:
             raise ProtectedPointError(f"restore point {point_id} is protected")
         self.backend.delete(point.name)
-        fsync_dir(self.path / "points")
+        self.backend.sync_dir("points")
 
     # -- keys ----------------------------------------------------------------------------------------
 
@@ -565,7 +569,7 @@ class Repository:
         with ``old_passphrase`` (checked).
         """
         if self._key is None or self.key_id is None:
-            raise RepositoryError(f"{self.path}: repository is not encrypted; it has no passphrase")
+            raise RepositoryError(f"{self.location}: repository is not encrypted; it has no passphrase")
         if _passphrase_text(old_passphrase) == _passphrase_text(new_passphrase):
             raise ValueError("the new passphrase is the same as the current one")
         current = next((k for k in _key_files(self.backend, self.id) if k.id == self.key_id), None)
@@ -585,7 +589,7 @@ class Repository:
                 removed.append(keyfile.id)
             else:
                 others.append(keyfile.id)
-        fsync_dir(self.path / "keys")
+        self.backend.sync_dir("keys")
         self.key_id = new_id
         return PassphraseChange(new_id, tuple(removed), tuple(others))
 
@@ -648,7 +652,7 @@ class Repository:
         return chunks, indexes, digests
 
 
-def _key_files(backend: LocalBackend, repository_id: str) -> list[KeyFile]:
+def _key_files(backend: Backend, repository_id: str) -> list[KeyFile]:
     """The key files of the repository ``repository_id`` (those of another repository are skipped)."""
     found = []
     for name in sorted(n for n in backend.list("keys") if n.endswith(".json")):
@@ -658,10 +662,10 @@ def _key_files(backend: LocalBackend, repository_id: str) -> list[KeyFile]:
     return found
 
 
-def list_keys(path: str | os.PathLike[str], passphrase: Passphrase | None = None) -> list[KeyInfo]:
+def list_keys(path: Target, passphrase: Passphrase | None = None) -> list[KeyInfo]:
     """The repository's key files, oldest first, without opening it (so also when no passphrase
     works); with ``passphrase``, which ones it opens (one key derivation per file)."""
-    backend = LocalBackend(path)
+    backend = _backend(path)
     config = RepositoryConfig.from_json(backend.get(CONFIG_NAME))
     infos = []
     for keyfile in _key_files(backend, config.id):
@@ -676,9 +680,9 @@ def list_keys(path: str | os.PathLike[str], passphrase: Passphrase | None = None
     return sorted(infos, key=lambda k: (k.created, k.id))
 
 
-def export_key(path: str | os.PathLike[str], key_id: str | None = None) -> bytes:
+def export_key(path: Target, key_id: str | None = None) -> bytes:
     """The key file's bytes (still wrapped by its passphrase), for the user to keep safe elsewhere."""
-    backend = LocalBackend(path)
+    backend = _backend(path)
     names = sorted(n for n in backend.list("keys") if n.endswith(".json"))
     if key_id is not None:
         names = [n for n in names if n == f"keys/{key_id}.json"]
@@ -687,9 +691,9 @@ def export_key(path: str | os.PathLike[str], key_id: str | None = None) -> bytes
     return backend.get(names[0])
 
 
-def import_key(path: str | os.PathLike[str], data: bytes, passphrase: Passphrase) -> str:
+def import_key(path: Target, data: bytes, passphrase: Passphrase) -> str:
     """Put an exported key file back after checking it opens with ``passphrase`` and fits this repository."""
-    backend = LocalBackend(path)
+    backend = _backend(path)
     config = RepositoryConfig.from_json(backend.get(CONFIG_NAME))
     keyfile = KeyFile.from_json(data, "imported key file")
     if keyfile.repository != config.id:

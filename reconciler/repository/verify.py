@@ -380,7 +380,7 @@ def verify_repository(
         walk.chunks.clear()  # the sorted list is all that is needed from here on
         report.chunks = len(ids)
         to_read = _select(ids, read_data_percent, subset, seed)
-        log.info("verify.structure", repository=str(repo.path), points=report.points, chunks=len(ids))
+        log.info("verify.structure", repository=repo.location, points=report.points, chunks=len(ids))
         bad = _check_chunks(repo, ids, to_read, report, progress, cancel)
         lock.check()  # a lost lock means GC may have run: "missing" could be false alarms
         if bad:
@@ -389,14 +389,14 @@ def verify_repository(
                 repo.quarantine_chunk(cid)
                 kill_point("verify.chunk-quarantined")
                 report.quarantined += 1
-                log.warning("verify.quarantined", repository=str(repo.path), chunk=cid.hex())
+                log.warning("verify.quarantined", repository=repo.location, chunk=cid.hex())
     for found in walk.findings.values():
         report.problems.append(found.problem())
         for point_id, entry in found.users.items():
             report.damaged_points[point_id] = entry[0]
     log.info(
         "verify.done",
-        repository=str(repo.path),
+        repository=repo.location,
         ok=report.ok,
         problems=len(report.problems),
         damaged_points=len(report.damaged_points),
@@ -429,7 +429,7 @@ def _check_chunks(
             if cid not in reading and not repo.backend.exists(chunk_name(cid)):
                 bad[cid] = ("chunk-missing", "is missing")
         del reading
-    item = progress.disk(repo.path.name, "chunks", len(to_read) * repo.chunk_size) if progress else None
+    item = progress.disk(repo.short_name, "chunks", len(to_read) * repo.chunk_size) if progress else None
     done = 0
 
     def take(future: Future[tuple[bytes, int, tuple[str, str] | None]]) -> None:

@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 from reconciler.config.errors import ConfigIssue
 from reconciler.config.model import BackupPolicy, DesiredState
-from reconciler.planning.actions import Action, Notice, Outcome, Plan
+from reconciler.planning.actions import Action, Notice, Outcome, Plan, RunCopy
 from reconciler.planning.observed import ObservedState, RunRecord, backup_key, verify_key
 from reconciler.rules import schedule
 
@@ -70,6 +70,7 @@ class Condition:
 # Reasons, by action kind: (while due or running, after a failure).
 _REASONS: dict[str, tuple[str, str]] = {
     "backup": ("BackupDue", "BackupFailed"),
+    "copy": ("CopyDue", "CopyFailed"),
     "cbt": ("CbtChange", "CbtFailed"),
     "remove-snapshot": ("SnapshotCleanup", "SnapshotCleanupFailed"),
     "prune": ("Pruning", "PruneFailed"),
@@ -107,12 +108,14 @@ def config_condition(
 def _declares(desired: DesiredState | None) -> str:
     if desired is None:
         return "loaded"
-    counts = (
+    counts: tuple[tuple[int, str, str], ...] = (
         (len(desired.hosts), "host", "hosts"),
         (len(desired.repositories), "repository", "repositories"),
         (len(desired.policies), "backup policy", "backup policies"),
         (len(desired.verify_policies), "verify policy", "verify policies"),
     )
+    if desired.copy_policies:
+        counts += ((len(desired.copy_policies), "copy policy", "copy policies"),)
     return ", ".join(_count(n, one, many) for n, one, many in counts)
 
 
@@ -122,6 +125,8 @@ def _owner(action: Action) -> tuple[ObjectKind, str]:
     host = getattr(action, "host_name", None)
     if action.kind in ("backup", "cbt", "remove-snapshot") and host and vm:
         return ("vm", f"{host}/{vm}")
+    if isinstance(action, RunCopy):
+        return ("repository", action.destination)
     return ("repository", str(getattr(action, "repository", action.subject)))
 
 

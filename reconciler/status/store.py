@@ -25,8 +25,8 @@ from typing import Any
 
 import structlog
 
-from reconciler.planning.actions import Outcome, Plan, RunBackup, RunTestRestore, RunVerify
-from reconciler.planning.observed import RunRecord, backup_key, verify_key
+from reconciler.planning.actions import Outcome, Plan, RunBackup, RunCopy, RunTestRestore, RunVerify
+from reconciler.planning.observed import RunRecord, backup_key, copy_key, verify_key
 from reconciler.status.backoff import retry_delay
 from reconciler.status.conditions import Condition, ConditionStatus, ObjectKind, sort_conditions
 from reconciler.status.source import SourceStatus
@@ -250,6 +250,8 @@ class StatusStore:
                 key = backup_key(action.policy, action.host_name, action.vm)
             elif isinstance(action, (RunVerify, RunTestRestore)):
                 key = verify_key(action.verify_policy)
+            elif isinstance(action, RunCopy):
+                key = copy_key(action.copy_policy)
             if key is None or outcome.status == "skipped":
                 return
             db.execute("INSERT OR IGNORE INTO runs (key) VALUES (?)", (key,))

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import os
 import subprocess
+import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 from reconciler.facts.points import DiskRecord, RestorePoint, VmRef, new_point_id
-from reconciler.repository import CHUNK_SIZE, Repository
+from reconciler.repository import CHUNK_SIZE, LockedError, Repository
 
 HOST_KEY_PIN = "SHA256:glTDKakoUPbVOd03b0gW7idkUX2l4CNVFK9DMWRIDXo"
 THUMBPRINT = ":".join(["AB"] * 32)
@@ -219,10 +220,19 @@ def make_points(path: Path, policy: str, count: int) -> list[RestorePoint]:
     return points
 
 
-def point_count(path: Path) -> int:
+def point_count(path: Path, *, wait: float = 120.0) -> int:
+    """The repository's points, read under a shared lock; while the daemon's GC holds the exclusive lock,
+    the count waits for it (as a person would run ``points`` again)."""
     repo = Repository.open(path)
-    with repo.lock(exclusive=False, purpose="test"):
-        return len(repo.list_points())
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            with repo.lock(exclusive=False, purpose="test"):
+                return len(repo.list_points())
+        except LockedError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
 
 
 def source_doc(

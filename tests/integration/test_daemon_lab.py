@@ -169,7 +169,7 @@ def test_the_daemon_keeps_reality_matching_git(
 
     repo_cfg = load_config(config).repository("nas")
     Repository.init(
-        Path(repo_cfg.backend.path), repo_cfg.encryption.key.reveal() if repo_cfg.encryption.key else None
+        Path(repo_cfg.backend.location), repo_cfg.encryption.key.reveal() if repo_cfg.encryption.key else None
     )
     repo = open_repository(repo_cfg)
 
@@ -204,8 +204,10 @@ def test_the_daemon_keeps_reality_matching_git(
         # done when the daemon recorded the switch: the VM shows CBT on before its stun snapshot is gone
         wait_until(
             "CBT switched on the licensed VMs",
-            lambda: {e.subject for e in applied("cbt") if e.status == "ok"}
-            >= {f"{lab.licensed}/{v}" for v in LICENSED_VMS},
+            lambda: (
+                {e.subject for e in applied("cbt") if e.status == "ok"}
+                >= {f"{lab.licensed}/{v}" for v in LICENSED_VMS}
+            ),
         )
         assert all(licensed.find_vm(v).cbt_enabled for v in LICENSED_VMS)
         assert all(licensed.find_vm(v).snapshots == () for v in LICENSED_VMS)
@@ -313,7 +315,7 @@ def test_sigterm_during_a_backup_exits_cleanly_without_a_snapshot(
     edit_policy(config, "web.yaml", due_now)
     repo_cfg = load_config(config).repository("nas")
     Repository.init(
-        Path(repo_cfg.backend.path), repo_cfg.encryption.key.reveal() if repo_cfg.encryption.key else None
+        Path(repo_cfg.backend.location), repo_cfg.encryption.key.reveal() if repo_cfg.encryption.key else None
     )
     lab.fault(lab.free, "api-slow", delay_ms=400)  # the backup takes seconds: time to signal it
 

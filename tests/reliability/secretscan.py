@@ -85,6 +85,7 @@ class SecretScan:
         """Register every secret the config references (revealed now), and its repositories (and the
         state directory) for the final scan."""
         from reconciler.config import load_config
+        from reconciler.config.model import LocalBackend
 
         desired = load_config(config)
         for host in desired.hosts.values():
@@ -92,6 +93,8 @@ class SecretScan:
             if host.ssh.private_key is not None:
                 self.secret(host.ssh.private_key.reveal(), f"SSH private key of host {host.name}")
         for repo in desired.repositories.values():
+            if not isinstance(repo.backend, LocalBackend):
+                continue  # the lab configs scanned here keep their repositories in directories
             path = Path(repo.backend.path)
             self.directory(path, f"repository {repo.name}")
             if repo.encryption.key is not None:

@@ -449,7 +449,7 @@ def test_cancel_during_the_run_skips_the_rest(env: Env) -> None:
 
 
 def test_pruning_is_opt_in_per_repository(env: Env) -> None:
-    keep = Repository.open(env.desired.repository("keep").backend.path)
+    keep = Repository.open(env.desired.repository("keep").backend.location)
     old = stored_point(keep, 5)
     stored_point(keep, 1)
     (out,) = env.run(prune_of(old, "keep"))

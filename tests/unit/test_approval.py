@@ -154,3 +154,20 @@ def test_review_needs_approval_until_approved() -> None:
     approved = Review("main", destructive=(change,), approved_by="commit 1234 (Approve-Destructive: ok)")
     assert not approved.needs_approval
     assert approved.to_dict()["needs_approval"] is False
+
+
+def test_copy_policies_show_as_changes_and_their_retention_counts_for_mass_prune(tmp_path: Path) -> None:
+    from tests.unit.test_plan_copy import copy_doc
+
+    two = [repo_doc("nas"), repo_doc("cloud", max_deletions=5)]
+    web = policy_doc("web", "esxi1", ["web01"], retention="{keep_last: 30}")
+    base = config(tmp_path, "a", web, copy_doc(retention="{keep_last: 20}"), repositories=two)
+    shorter = config(tmp_path, "b", web, copy_doc(retention="{keep_last: 2}"), repositories=two)
+    assert [str(c) for c in config_changes(base, shorter)] == ["CopyPolicy 'offsite' changed (retention)"]
+    copies = daily_points("web", "web01", 10)
+    observed = {**repos(copies), **repos(copies, "cloud")}
+    assert destructive_changes(base, observed, shorter, observed) == ()  # over the guard: held back
+    raised = [repo_doc("nas"), repo_doc("cloud", max_deletions=50)]
+    let_through = config(tmp_path, "c", web, copy_doc(retention="{keep_last: 2}"), repositories=raised)
+    (change,) = destructive_changes(base, observed, let_through, observed)
+    assert change.rule == "mass-prune" and change.subject == "cloud"

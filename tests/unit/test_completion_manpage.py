@@ -77,6 +77,7 @@ def test_bash_completes_commands_subcommands_and_options(bash_script: Path) -> N
         bash_script, ["esxi-reconciler", "repo", "key", "passwd", "--"]
     )
     assert bash_complete(bash_script, ["esxi-reconciler", "schema", "b"]) == ["backup-policy"]
+    assert bash_complete(bash_script, ["esxi-reconciler", "schema", "co"]) == ["copy-policy"]
     hidden = bash_complete(bash_script, ["esxi-reconciler", "_"])
     assert hidden == []  # the helper verbs are not offered
 
@@ -127,6 +128,8 @@ def test_bash_completes_vm_names_and_point_ids_from_the_repository(bash_script: 
     assert bash_complete(
         bash_script, ["esxi-reconciler", "repo", "stats", "--config", str(cfg), ""], str(CLI)
     ) == ["nas"]
+    words = ["esxi-reconciler", "--config", str(cfg), "repo", "copy", "nas", ""]  # SOURCE, DESTINATION
+    assert bash_complete(bash_script, words, program=str(CLI)) == ["nas"]
     # a config that cannot be read: nothing offered, nothing printed
     words = ["esxi-reconciler", "--config", str(tmp_path / "missing"), "restore", ""]
     assert bash_complete(bash_script, words, program=str(CLI)) == []
@@ -212,6 +215,7 @@ def test_the_man_page_renders_without_warnings(tmp_path: Path) -> None:
         "repo key passwd",
         "repo key import",
         "repo stats",
+        "repo copy",
         "schema",
         "completion",
     ):

@@ -23,7 +23,9 @@ def test_config_example_validates() -> None:
     assert desired.warnings == ()
     assert list(desired.hosts) == ["esxi1", "esxi2"]
     assert {h.license.value for h in desired.hosts.values()} == {"free", "licensed"}
-    assert list(desired.repositories) == ["nas", "offsite"]
+    assert list(desired.repositories) == ["cloud", "nas", "offsite"]
+    assert desired.repository("cloud").backend.type == "s3"
+    assert [(c.source, c.destination) for c in desired.copy_policies.values()] == [("nas", "cloud")]
     assert all(r.encryption.enabled and r.encryption.key for r in desired.repositories.values())
     assert len(desired.policies) == 3
     # The same VM is protected twice: nightly to the NAS and weekly to the second repository.

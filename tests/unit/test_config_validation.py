@@ -203,7 +203,7 @@ CASES: list[tuple[str, dict[str, str], list[str]]] = [
         [
             "policies/nightly.yaml:7:3 spec.repository: no Repository named 'nas'",
             "repositories.yaml:2:1 kind: unknown kind 'Repo'; expected one of Host, Repository, BackupPolicy,"
-            " VerifyPolicy; did you mean 'Repository'?",
+            " VerifyPolicy, CopyPolicy; did you mean 'Repository'?",
         ],
     ),
     (
@@ -333,8 +333,8 @@ CASES: list[tuple[str, dict[str, str], list[str]]] = [
     ),
     (
         "unknown backend type",
-        {"repositories.yaml": REPOSITORY.replace("type: local", "type: s3")},
-        ["repositories.yaml:6:13 spec.backend.type: 's3' is not one of 'local'"],
+        {"repositories.yaml": REPOSITORY.replace("type: local", "type: sftp")},
+        ["repositories.yaml:6:13 spec.backend.type: 'sftp' is not one of 'local', 's3'"],
     ),
     (
         "relative repository path",
@@ -606,3 +606,36 @@ def test_empty_directory(tmp_path: Path) -> None:
     assert [i.message for i in caught.value.issues] == [
         "no desired-state documents found (looked for *.yaml and *.yml files)"
     ]
+
+
+def copy_policy(spec: str) -> str:
+    body = textwrap.indent(textwrap.dedent(spec), "  ")
+    return f"apiVersion: esxi-reconciler/v1\nkind: CopyPolicy\nmetadata:\n  name: offsite\nspec:\n{body}"
+
+
+COPY_SPEC = """\
+source: nas
+destination: nas
+schedule: {after: nightly}
+retention: {keep_daily: 0}
+policies: [nightly, weekly]
+max_age: 3 weeks
+"""
+
+
+def test_copy_policy_errors_name_the_field_and_the_fix(tmp_path: Path) -> None:
+    found = errors(tmp_path, {"policies/copy.yaml": copy_policy(COPY_SPEC)})
+    assert found == [
+        "policies/copy.yaml:9:15 spec.retention.keep_daily: 0 is less than the minimum of 1",
+        "policies/copy.yaml:10:23 spec.policies[1]: no BackupPolicy named 'weekly'; known: nightly",
+        "policies/copy.yaml:11:3 spec.max_age: '3 weeks' is not a duration such as 30s, 15m, 6h, 7d, 2w or"
+        " 1h30m",
+    ]
+    fixed = COPY_SPEC.replace("keep_daily: 0", "keep_daily: 3").replace(", weekly", "")
+    found = errors(tmp_path, {"policies/copy.yaml": copy_policy(fixed.replace("3 weeks", "3w"))})
+    assert found == [
+        "policies/copy.yaml:7:3 spec.destination: is the source repository; copy to another Repository"
+    ]
+    unknown = fixed.replace("3 weeks", "3w").replace("destination: nas", "destination: clod")
+    found = errors(tmp_path, {"policies/copy.yaml": copy_policy(unknown)})
+    assert found == ["policies/copy.yaml:7:3 spec.destination: no Repository named 'clod'; known: nas"]

@@ -378,7 +378,7 @@ def test_vmx_value_with_a_non_utf8_byte_and_an_escape() -> None:
 
 def test_descriptor_extent_with_more_digits_than_int_converts() -> None:
     with pytest.raises(ProtocolError, match="impossible size"):
-        Descriptor.parse('RW ' + "9" * 5000 + ' VMFS "x-flat.vmdk"\n')
+        Descriptor.parse("RW " + "9" * 5000 + ' VMFS "x-flat.vmdk"\n')
 
 
 def test_a_fault_message_that_never_ends_is_read_in_linear_time() -> None:

@@ -76,7 +76,7 @@ def test_the_installed_program_runs_on_its_own(destdir: Path) -> None:
     assert (version.returncode, version.stdout) == (0, "esxi-reconciler 0.1.0\n"), version.stderr
     example = destdir / "usr/share/esxi-reconciler/config.example"
     valid = run("validate", str(example))
-    assert valid.returncode == 0 and valid.stdout.startswith("OK: 2 hosts, 2 repositories"), valid.stderr
+    assert valid.returncode == 0 and valid.stdout.startswith("OK: 2 hosts, 3 repositories"), valid.stderr
     path = run("schema", "host", "--path")
     assert path.stdout.strip() == str(destdir / "usr/lib/esxi-reconciler/reconciler/schemas/host.schema.json")
     # the example's yaml-language-server modelines point at the installed schemas

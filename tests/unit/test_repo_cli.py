@@ -91,7 +91,7 @@ def test_unknown_repository_and_missing_subcommand(
     assert main(["repo", "init", "nsa", "--config", str(cfg)]) == 64
     assert "no Repository named 'nsa'; did you mean 'nas'?" in capsys.readouterr().err
     assert main(["repo", "--config", str(cfg)]) == 64
-    assert "init, key, stats or gc" in capsys.readouterr().err
+    assert "init, key, stats, gc or copy" in capsys.readouterr().err
     assert not (tmp_path / "repo").exists()
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from reconciler.facts.points import DiskRecord, RestorePoint, VmRef, new_point_id
-from reconciler.repository import CHUNK_SIZE, Repository, StorageError
+from reconciler.repository import CHUNK_SIZE, LocalBackend, Repository, StorageError
 from reconciler.repository.verify import verify_repository
 from tests.smallvolume import fill, free_bytes, small_volume
 
@@ -180,6 +180,7 @@ def test_quota_and_permission_refusals_name_the_user_and_the_fix(
     tmp_path: Path, code: int, expected: str
 ) -> None:
     backend = Repository.open(Repository.init(tmp_path / "repo").path, label="nas").backend
+    assert isinstance(backend, LocalBackend)
     refused = backend.refused(OSError(code, os.strerror(code)), "writing a disk index", 4096)
     assert refused is not None and refused.errno == code
     assert str(refused).startswith(f"repository nas ({backend.root}): {expected}")
