@@ -74,6 +74,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
         "repositories": len(desired.repositories),
         "policies": len(desired.policies),
         "verify_policies": len(desired.verify_policies),
+        "notifiers": len(desired.notifiers),
     }
     if args.json:
         result = {
@@ -99,6 +100,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
             plural(counts["repositories"], "repository", "repositories"),
             plural(counts["policies"], "policy", "policies"),
             plural(counts["verify_policies"], "verify policy", "verify policies"),
+            plural(counts["notifiers"], "notifier"),
         )
     )
     print(f"OK: {summary} (revision {revision.id})")

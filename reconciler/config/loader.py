@@ -372,11 +372,69 @@ def _restore_test(spec: dict[str, Any] | None) -> model.RestoreTest | None:
     return model.RestoreTest(spec["host"], spec.get("datastore"), tuple(spec.get("vms", ())))
 
 
+_PLACEHOLDER = re.compile(r"\{([^{}]*)\}")
+_URL_PASSWORD = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://[^/@?#\s]*:([^/@?#\s]+)@")
+
+
+def _build_notifier(build: _Build, doc: Document, spec: dict[str, Any]) -> model.Notifier | None:
+    url: str = spec["url"]
+    names = _PLACEHOLDER.findall(url)
+    ok = True
+    for name in names:
+        if name not in spec["secrets"]:
+            known = ", ".join(sorted(spec["secrets"])) or "none"
+            build.issues.append(
+                doc.issue(("spec", "url"), f"{{{name}}} names no secret of spec.secrets (given: {known})")
+            )
+            ok = False
+    for name in spec["secrets"]:
+        if name not in names:
+            build.issues.append(
+                doc.issue(("spec", "secrets", name), f"not used: write {{{name}}} where it goes in spec.url")
+            )
+            ok = False
+    password = _URL_PASSWORD.match(url)
+    if password and not _PLACEHOLDER.fullmatch(password.group(1)):
+        build.issues.append(
+            doc.issue(
+                ("spec", "url"),
+                "holds a password in clear: write {password} in its place and give it under"
+                " spec.secrets.password (e.g. {env: SMTP_PASSWORD})",
+            )
+        )
+        ok = False
+    summary = None
+    if "summary" in spec:
+        summary = _build_schedule(build, doc, ("spec", "summary"), spec["summary"])
+        if summary is None:
+            ok = False
+    if not ok:
+        return None
+    free = spec["repository_min_free"]
+    return model.Notifier(
+        name=doc.data["metadata"]["name"],
+        url=url,
+        secrets={
+            name: build.secret(doc, ("spec", "secrets", name), reference)
+            for name, reference in sorted(spec["secrets"].items())
+        },
+        events=frozenset(spec["events"]),
+        summary=summary,
+        rate_limit=model.RateLimit(spec["rate_limit"]["messages"], parse_interval(spec["rate_limit"]["per"])),
+        cbt_pending_after=parse_interval(spec["cbt_pending_after"]),
+        repository_min_free_bytes=parse_size(free["size"]),
+        repository_min_free_percent=float(free["percent"]),
+        suspend=spec["suspend"],
+        source=_source(doc),
+    )
+
+
 _BUILDERS: dict[str, Callable[[_Build, Document, dict[str, Any]], Any]] = {
     "Host": _build_host,
     "Repository": _build_repository,
     "BackupPolicy": _build_backup_policy,
     "VerifyPolicy": _build_verify_policy,
+    "Notifier": _build_notifier,
 }
 
 
@@ -598,7 +656,11 @@ def load_config(
                 build.issues.append(doc.issue(secret_path, str(error)))
 
     if build.issues:
-        raise ConfigError(build.issues)
+        error = ConfigError(build.issues)
+        # The Notifier documents that are valid on their own: the daemon tells its owner about the
+        # invalid config through them (at start-up there is no earlier config to take them from).
+        error.notifiers = tuple(obj for obj, _ in objects["Notifier"])
+        raise error
     return model.DesiredState.build(
         hosts=(obj for obj, _ in objects["Host"]),
         repositories=(obj for obj, _ in objects["Repository"]),
@@ -606,4 +668,5 @@ def load_config(
         verify_policies=(obj for obj, _ in objects["VerifyPolicy"]),
         revision=config_revision(root, contents),
         warnings=build.warnings,
+        notifiers=(obj for obj, _ in objects["Notifier"]),
     )

@@ -276,6 +276,44 @@ class VerifyPolicy:
     test_restore: RestoreTest | None = None
 
 
+# -- Notifier ----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RateLimit:
+    """At most ``messages`` messages per ``per``."""
+
+    messages: int
+    per: timedelta
+
+
+@dataclass(frozen=True)
+class Notifier:
+    """Where and what the daemon tells its owner. ``url`` is an apprise URL whose ``{name}`` placeholders
+    are the ``secrets`` (references; filled in only when a message is sent)."""
+
+    name: str
+    url: str
+    secrets: Mapping[str, Secret]
+    events: frozenset[str]
+    summary: Schedule | None
+    rate_limit: RateLimit
+    cbt_pending_after: timedelta
+    repository_min_free_bytes: int
+    repository_min_free_percent: float
+    suspend: bool
+    source: Source = field(compare=False)
+
+    def wants(self, event: str) -> bool:
+        return event in self.events
+
+    def repository_has_room(self, capacity: int, free: int) -> bool:
+        """Whether a repository volume keeps both free-space floors."""
+        if free < self.repository_min_free_bytes:
+            return False
+        return capacity <= 0 or free * 100 >= capacity * self.repository_min_free_percent
+
+
 # -- revision and the whole --------------------------------------------------------------------------
 
 
@@ -328,6 +366,7 @@ class DesiredState:
     verify_policies: Mapping[str, VerifyPolicy]
     revision: Revision
     warnings: tuple[ConfigIssue, ...] = ()
+    notifiers: Mapping[str, Notifier] = field(default_factory=lambda: MappingProxyType({}))
 
     @classmethod
     def build(
@@ -338,6 +377,7 @@ class DesiredState:
         verify_policies: Iterable[VerifyPolicy],
         revision: Revision,
         warnings: Iterable[ConfigIssue] = (),
+        notifiers: Iterable[Notifier] = (),
     ) -> DesiredState:
         """Assemble from unordered objects (names must already be unique per kind)."""
         return cls(
@@ -347,6 +387,7 @@ class DesiredState:
             verify_policies=_index(_sorted_by_name(verify_policies), "name"),
             revision=revision,
             warnings=tuple(sorted(warnings)),
+            notifiers=_index(_sorted_by_name(notifiers), "name"),
         )
 
     def host(self, name: str) -> Host:
