@@ -656,11 +656,11 @@ def load_config(
                 build.issues.append(doc.issue(secret_path, str(error)))
 
     if build.issues:
-        error = ConfigError(build.issues)
+        rejected = ConfigError(build.issues)
         # The Notifier documents that are valid on their own: the daemon tells its owner about the
         # invalid config through them (at start-up there is no earlier config to take them from).
-        error.notifiers = tuple(obj for obj, _ in objects["Notifier"])
-        raise error
+        rejected.notifiers = tuple(obj for obj, _ in objects["Notifier"])
+        raise rejected
     return model.DesiredState.build(
         hosts=(obj for obj, _ in objects["Host"]),
         repositories=(obj for obj, _ in objects["Repository"]),

@@ -374,7 +374,7 @@ class EventLog:
 
     # -- reading (the interface of the status page, the metrics and `history`) --------------------------
 
-    def events(self, query: HistoryQuery = HistoryQuery()) -> list[Event]:  # noqa: B008 - frozen value
+    def events(self, query: HistoryQuery = HistoryQuery()) -> list[Event]:
         """The events matching ``query``, newest first."""
         where: list[str] = []
         params: list[Any] = []
@@ -416,9 +416,9 @@ class EventLog:
             rows = self._db.execute(sql, params).fetchall()
         return [_row_event(row) for row in rows]
 
-    def latest(self, kinds: Sequence[str], *, outcomes: Sequence[str] = ("ok", "failed")) -> dict[
-        tuple[str, str], Event
-    ]:
+    def latest(
+        self, kinds: Sequence[str], *, outcomes: Sequence[str] = ("ok", "failed")
+    ) -> dict[tuple[str, str], Event]:
         """The newest event of each (kind, subject) among ``kinds`` with one of ``outcomes`` (by default
         work that was done: skipped attempts say nothing about the data): the last verify of each
         repository, the last backup of each VM."""
@@ -465,12 +465,14 @@ class EventLog:
 
     # -- keeping it small ------------------------------------------------------------------------------
 
-    def compact(self, now: datetime, retention: Retention = Retention()) -> CompactionReport:  # noqa: B008
+    def compact(self, now: datetime, retention: Retention = Retention()) -> CompactionReport:
         """Delete events older than ``retention.keep``, drop the bulky detail of those older than
         ``keep_detail``, keep at most ``max_events`` rows, and vacuum when a quarter of the file is free
         pages."""
         with self._write() as db:
-            deleted = db.execute("DELETE FROM events WHERE time < ?", (_stamp(now - retention.keep),)).rowcount
+            deleted = db.execute(
+                "DELETE FROM events WHERE time < ?", (_stamp(now - retention.keep),)
+            ).rowcount
             deleted += db.execute(
                 "DELETE FROM events WHERE id <= (SELECT MAX(id) FROM events) - ?", (retention.max_events,)
             ).rowcount

@@ -1,0 +1,255 @@
+"""Sending notifications: apprise behind a bounded queue and one sender thread. The only module that
+imports apprise (the ``notify-libraries`` import contract).
+
+apprise speaks the services people use (SMTP with STARTTLS or TLS, ntfy, Gotify, Slack, Discord, Teams,
+Telegram, Pushover, JSON webhooks …) from one URL, so this module only fills the notifier's secrets into
+its URL, sends, and says in one line what went wrong. A send never blocks a backup: the daemon hands
+messages to :class:`Dispatcher` (a full queue drops the newest with a log line, never waits), whose
+thread retries with backoff and reports each final result, without secrets, to a callback (the daemon
+records it in the history).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from urllib.parse import quote, quote_plus
+
+import apprise
+import structlog
+
+from reconciler.config.model import Notifier
+from reconciler.config.secrets import SecretError
+from reconciler.notify.rules import Message
+
+log = structlog.get_logger(__name__)
+
+# apprise's own log lines go only to the capture of each send (below), which is redacted and becomes our
+# own event: one line per failure, never a URL with a token in it.
+logging.getLogger(apprise.LOGGER_NAME if hasattr(apprise, "LOGGER_NAME") else "apprise").propagate = False
+
+QUEUE_SIZE = 100
+"""Messages waiting to be sent; beyond it the newest is dropped (the daemon never waits for a send)."""
+RETRY_DELAYS = (10.0, 60.0, 300.0)
+"""Seconds before the 2nd, 3rd and 4th attempt of a message that failed."""
+REDACTED = "***"
+
+_LEVELS = {
+    "failure": apprise.NotifyType.FAILURE,
+    "warning": apprise.NotifyType.WARNING,
+    "success": apprise.NotifyType.SUCCESS,
+    "info": apprise.NotifyType.INFO,
+}
+
+
+class NotifierError(Exception):
+    """A notifier cannot be used at all: a secret cannot be read, apprise does not know the URL."""
+
+
+@dataclass(frozen=True)
+class SendResult:
+    """How a send ended: ``error`` in one line without secrets; ``attempts`` made."""
+
+    ok: bool
+    error: str | None = None
+    attempts: int = 1
+    seconds: float = 0.0
+
+
+def redact(text: str, secrets: Sequence[str]) -> str:
+    """``text`` with every secret value (also URL-encoded) replaced by ``***``."""
+    for value in sorted(secrets, key=len, reverse=True):
+        for form in {value, quote(value, safe=""), quote_plus(value), quote(value)}:
+            if form:
+                text = text.replace(form, REDACTED)
+    return text
+
+
+def resolve_url(notifier: Notifier) -> tuple[str, list[str]]:
+    """The notifier's URL with its secrets filled in (URL-encoded), and the secret values (to redact
+    whatever is said about it). Raises :class:`NotifierError` naming the reference, never a value."""
+    url = notifier.url
+    values: list[str] = []
+    for name, secret in notifier.secrets.items():
+        try:
+            value = secret.reveal()
+        except SecretError as exc:
+            raise NotifierError(f"notifier {notifier.name}: secret {{{name}}}: {exc}") from None
+        values.append(value)
+        url = url.replace("{" + name + "}", quote(value, safe=""))
+    return url, values
+
+
+def _scheme(url: str) -> str:
+    return url.split("://", 1)[0]
+
+
+def check(notifier: Notifier) -> None:
+    """Raise :class:`NotifierError` when ``notifier`` cannot send at all (a secret that cannot be read, a
+    URL apprise does not understand)."""
+    url, _ = resolve_url(notifier)
+    if not apprise.Apprise().add(url):
+        raise NotifierError(
+            f"notifier {notifier.name}: apprise does not understand the URL (scheme {_scheme(url)}://);"
+            " check spec.url against the apprise documentation"
+        )
+
+
+def send_once(notifier: Notifier, message: Message) -> SendResult:
+    """One attempt to deliver ``message`` through ``notifier``."""
+    started = time.monotonic()
+    try:
+        url, secrets = resolve_url(notifier)
+    except NotifierError as exc:
+        return SendResult(False, str(exc), 1, time.monotonic() - started)
+    sender = apprise.Apprise()
+    if not sender.add(url):
+        unknown = f"apprise does not understand the URL (scheme {_scheme(url)}://)"
+        return SendResult(False, unknown, 1, time.monotonic() - started)
+    with apprise.LogCapture(level=logging.WARNING) as captured:  # type: ignore[no-untyped-call]
+        try:
+            ok = bool(
+                sender.notify(title=message.title, body=message.body, notify_type=_LEVELS[message.level])
+            )
+        except Exception as exc:  # a plugin's bug must not end the sender thread
+            ok = False
+            captured.write(f"{type(exc).__name__}: {exc}\n")
+        said = captured.getvalue()
+    error: str | None = None
+    if not ok:
+        lines = [_strip_stamp(line) for line in said.splitlines() if line.strip()]
+        error = redact("; ".join(lines[-3:]) or "the service did not accept the message", secrets)
+    return SendResult(ok, error, 1, time.monotonic() - started)
+
+
+def _strip_stamp(line: str) -> str:
+    """``2026-12-07 03:41:11,195 - WARNING - text`` → ``text``."""
+    parts = line.split(" - ", 2)
+    return parts[2] if len(parts) == 3 else line
+
+
+OnResult = Callable[[Notifier, Message, SendResult], None]
+Send = Callable[[Notifier, Message], SendResult]
+
+
+class Dispatcher:
+    """The queue and the sender thread. ``submit`` never blocks; each message is tried up to
+    ``1 + len(delays)`` times; ``on_result`` gets its final result (from the sender thread)."""
+
+    def __init__(
+        self,
+        on_result: OnResult,
+        *,
+        send: Send = send_once,
+        delays: Sequence[float] = RETRY_DELAYS,
+        size: int = QUEUE_SIZE,
+    ) -> None:
+        self._on_result = on_result
+        self._send = send
+        self._delays = tuple(delays)
+        self._queue: queue.Queue[tuple[Notifier, Message]] = queue.Queue(maxsize=size)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._idle = threading.Condition()
+        self._busy = 0
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="notify", daemon=True)
+            self._thread.start()
+
+    def submit(self, notifier: Notifier, message: Message) -> bool:
+        """Queue ``message``; False (and a log line and a recorded result) when the queue is full."""
+        with self._idle:
+            try:
+                self._queue.put_nowait((notifier, message))
+            except queue.Full:
+                log.warning(
+                    "notify.dropped", notifier=notifier.name, title=message.title, reason="queue full"
+                )
+                self._report(notifier, message, SendResult(False, "not sent: the send queue is full", 0))
+                return False
+            self._busy += 1
+        return True
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Wait until every submitted message has its result (for tests and ``run --once``)."""
+        deadline = time.monotonic() + timeout
+        with self._idle:
+            while self._busy:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self._idle.wait(remaining)
+        return True
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop after the message being sent (no more retries wait); give up after ``timeout``."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        else:
+            self._drain()
+
+    def _report(self, notifier: Notifier, message: Message, result: SendResult) -> None:
+        try:
+            self._on_result(notifier, message, result)
+        except Exception:
+            log.exception("notify.record_failed", notifier=notifier.name)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                notifier, message = self._queue.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            try:
+                self._deliver(notifier, message)
+            finally:
+                with self._idle:
+                    self._busy -= 1
+                    self._idle.notify_all()
+        self._drain()
+
+    def _drain(self) -> None:
+        """At stop: what is still queued is reported as not sent."""
+        while True:
+            try:
+                notifier, message = self._queue.get_nowait()
+            except queue.Empty:
+                return
+            self._report(notifier, message, SendResult(False, "not sent: the daemon stopped", 0))
+            with self._idle:
+                self._busy -= 1
+                self._idle.notify_all()
+
+    def _deliver(self, notifier: Notifier, message: Message) -> None:
+        attempts = 0
+        spent = 0.0
+        result = SendResult(False, "not sent", 0)
+        for delay in (0.0, *self._delays):
+            if delay and self._stop.wait(delay):
+                break  # stopping: no more waiting
+            attempts += 1
+            try:
+                result = self._send(notifier, message)
+            except Exception as exc:  # the sender thread must survive anything
+                result = SendResult(False, f"{type(exc).__name__}: {exc}")
+            spent += result.seconds
+            if result.ok:
+                break
+            log.info("notify.attempt_failed", notifier=notifier.name, attempt=attempts, error=result.error)
+        final = SendResult(result.ok, result.error, attempts, spent)
+        (log.info if final.ok else log.warning)(
+            "notify.sent" if final.ok else "notify.failed",
+            notifier=notifier.name,
+            kind=message.kind,
+            title=message.title,
+            attempts=attempts,
+            error=final.error,
+        )
+        self._report(notifier, message, final)
