@@ -20,11 +20,10 @@ from __future__ import annotations
 import json
 import sqlite3
 import threading
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
-from pathlib import Path
 from typing import Any, Literal
 
 from reconciler.planning.actions import (
@@ -323,24 +322,20 @@ class EventLog:
     """The history tables of one open status file (see :class:`reconciler.status.store.StatusStore`,
     which owns the connection and its lock: ``store.events``)."""
 
-    def __init__(self, db: sqlite3.Connection, lock: threading.RLock, path: Path, *, readonly: bool) -> None:
+    def __init__(
+        self,
+        db: sqlite3.Connection,
+        lock: threading.RLock,
+        write: Callable[[], AbstractContextManager[sqlite3.Connection]],
+    ) -> None:
         self._db = db
         self._lock = lock
-        self._path = path
-        self._readonly = readonly
+        self._write = write
+        """The store's write transaction (refused on a read-only store)."""
 
     @staticmethod
     def create(db: sqlite3.Connection) -> None:
         db.executescript(_SCHEMA)
-
-    @contextmanager
-    def _write(self) -> Iterator[sqlite3.Connection]:
-        if self._readonly:
-            from reconciler.status.store import StatusStoreError
-
-            raise StatusStoreError(f"{self._path}: opened read-only")
-        with self._lock, self._db:
-            yield self._db
 
     # -- writing -------------------------------------------------------------------------------------
 

@@ -159,7 +159,7 @@ class StatusStore:
         self.path = path
         self.readonly = readonly
         self._lock = threading.RLock()
-        self.events = EventLog(connection, self._lock, path, readonly=readonly)
+        self.events = EventLog(connection, self._lock, self._write)
         """The event log and job history (:class:`~reconciler.status.history.EventLog`)."""
 
     @classmethod

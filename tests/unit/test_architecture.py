@@ -18,7 +18,7 @@ LINT_IMPORTS = Path(sys.executable).with_name("lint-imports")
 
 IO_LIBRARIES = (
     *("pyVmomi", "pyVim", "paramiko", "urllib3", "cryptography", "zstandard", "sqlite3", "watchdog"),
-    *("yaml", "jsonschema", "subprocess", "socket"),
+    *("yaml", "jsonschema", "subprocess", "socket", "apprise", "smtplib"),
 )
 IO_PACKAGES = (
     *("reconciler.esxi", "reconciler.repository", "reconciler.operations", "reconciler.status.store"),
@@ -76,6 +76,9 @@ def test_every_exception_is_needed(tmp_path: Path, line: str) -> None:
         ("planning/plan.py", "import reconciler.esxi.host", "Layers"),
         ("repository/gc.py", "import reconciler.operations.progress", "Layers"),
         ("config/model.py", "import reconciler.config.loader", "No import cycle"),
+        ("daemon/cycle.py", "import apprise", "apprise only inside notify/"),
+        ("notify/rules.py", "import reconciler.notify.send", "Deciding what to notify does no I/O"),
+        ("notify/rules.py", "import time", "Deciding what to notify does no I/O"),
     ],
 )
 def test_a_violation_is_caught(tmp_path: Path, module: str, statement: str, contract: str) -> None:
@@ -95,6 +98,7 @@ def test_a_violation_is_caught(tmp_path: Path, module: str, statement: str, cont
         "reconciler.planning.fingerprint",
         "reconciler.planning.backup_mode",
         "reconciler.status.conditions",
+        "reconciler.notify.rules",
         "reconciler.rules.schedule",
         "reconciler.rules.retention",
         "reconciler.rules.durations",
