@@ -46,6 +46,8 @@ COMMANDS: tuple[str, ...] = (
     "export",
     "run",
     "status",
+    "history",
+    "notify",
 )
 """Modules of :mod:`reconciler.commands`, in the order ``--help`` lists them."""
 
@@ -72,6 +74,9 @@ examples:
   esxi-reconciler verify                    check every repository can be restored (reads all data)
   esxi-reconciler verify nas --read-data-subset 10%
                                             ditto, reading a random tenth of the data
+  esxi-reconciler history --vm web01 --since 7d
+                                            its backups of the last week (mode, bytes, took)
+  esxi-reconciler notify test ops-mail      send a test message through a Notifier
   esxi-reconciler restore web01             restore its newest point as a new VM
   esxi-reconciler restore web01 --overwrite
                                             put it back over web01 itself (asks first)

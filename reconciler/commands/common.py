@@ -127,8 +127,9 @@ def emit_json(doc: Any) -> None:
 
 
 def command_name(args: argparse.Namespace) -> str:
-    """``backup``, ``repo gc``: how messages name the verb."""
-    sub = getattr(args, "repo_command", None)
+    """``backup``, ``repo gc``, ``notify test``: how messages name the verb (a verb with subcommands keeps
+    them in ``<verb>_command``)."""
+    sub = getattr(args, f"{args.command}_command", None) if args.command else None
     return f"{args.command} {sub}" if args.command and sub else str(args.command or "")
 
 
