@@ -110,26 +110,31 @@ def send_once(notifier: Notifier, message: Message) -> SendResult:
     if not sender.add(url):
         unknown = f"apprise does not understand the URL (scheme {_scheme(url)}://)"
         return SendResult(False, unknown, 1, time.monotonic() - started)
-    with apprise.LogCapture(level=logging.WARNING) as captured:  # type: ignore[no-untyped-call]
+    with apprise.LogCapture(level=logging.DEBUG) as captured:  # type: ignore[no-untyped-call]
         try:
-            ok = bool(
-                sender.notify(title=message.title, body=message.body, notify_type=_LEVELS[message.level])
-            )
+            ok = bool(sender.notify(title=message.title, body=message.body, notify_type=_LEVELS[message.level]))
         except Exception as exc:  # a plugin's bug must not end the sender thread
             ok = False
-            captured.write(f"{type(exc).__name__}: {exc}\n")
+            captured.write(f"x - ERROR - {type(exc).__name__}: {exc}\n")
         said = captured.getvalue()
     error: str | None = None
     if not ok:
-        lines = [_strip_stamp(line) for line in said.splitlines() if line.strip()]
-        error = redact("; ".join(lines[-3:]) or "the service did not accept the message", secrets)
+        error = redact(_cause(said) or "the service did not accept the message", secrets)
     return SendResult(ok, error, 1, time.monotonic() - started)
 
 
-def _strip_stamp(line: str) -> str:
-    """``2026-12-07 03:41:11,195 - WARNING - text`` → ``text``."""
-    parts = line.split(" - ", 2)
-    return parts[2] if len(parts) == 3 else line
+def _cause(log_text: str) -> str:
+    """What apprise said went wrong: its warnings and errors, and the exception behind a "raised an
+    exception" (logged at debug level), one line."""
+    said = []
+    for line in log_text.splitlines():
+        parts = line.split(" - ", 2)
+        if len(parts) != 3:
+            continue
+        level, text = parts[1], parts[2].strip()
+        if level in ("WARNING", "ERROR", "CRITICAL") or text.startswith(("Notification Exception:", "Socket")):
+            said.append(text.removeprefix("Notification Exception: "))
+    return "; ".join(dict.fromkeys(said))[-600:]
 
 
 OnResult = Callable[[Notifier, Message, SendResult], None]
