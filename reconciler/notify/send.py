@@ -112,7 +112,9 @@ def send_once(notifier: Notifier, message: Message) -> SendResult:
         return SendResult(False, unknown, 1, time.monotonic() - started)
     with apprise.LogCapture(level=logging.DEBUG) as captured:  # type: ignore[no-untyped-call]
         try:
-            ok = bool(sender.notify(title=message.title, body=message.body, notify_type=_LEVELS[message.level]))
+            ok = bool(
+                sender.notify(title=message.title, body=message.body, notify_type=_LEVELS[message.level])
+            )
         except Exception as exc:  # a plugin's bug must not end the sender thread
             ok = False
             captured.write(f"x - ERROR - {type(exc).__name__}: {exc}\n")
@@ -132,7 +134,9 @@ def _cause(log_text: str) -> str:
         if len(parts) != 3:
             continue
         level, text = parts[1], parts[2].strip()
-        if level in ("WARNING", "ERROR", "CRITICAL") or text.startswith(("Notification Exception:", "Socket")):
+        if level in ("WARNING", "ERROR", "CRITICAL") or text.startswith(
+            ("Notification Exception:", "Socket")
+        ):
             said.append(text.removeprefix("Notification Exception: "))
     return "; ".join(dict.fromkeys(said))[-600:]
 

@@ -28,7 +28,9 @@ def config(tmp_path: Path) -> Path:
 def test_valid_config(config: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["validate", str(config)]) == 0
     out, err = capsys.readouterr()
-    assert out.startswith("OK: 2 hosts, 2 repositories, 3 policies, 2 verify policies, 2 notifiers (revision sha256:")
+    assert out.startswith(
+        "OK: 2 hosts, 2 repositories, 3 policies, 2 verify policies, 2 notifiers (revision sha256:"
+    )
     assert err == ""
 
 
@@ -79,7 +81,13 @@ def test_json_output(config: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["validate", "--format", "json", str(config)]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["valid"] is True and result["errors"] == [] and result["warnings"] == []
-    assert result["counts"] == {"hosts": 2, "repositories": 2, "policies": 3, "verify_policies": 2, "notifiers": 2}
+    assert result["counts"] == {
+        "hosts": 2,
+        "repositories": 2,
+        "policies": 3,
+        "verify_policies": 2,
+        "notifiers": 2,
+    }
     assert result["revision"]["id"].startswith("sha256:")
 
     (config / "hosts" / "broken.yaml").write_text("a: 1\na: 2\n")
