@@ -59,6 +59,10 @@ TITLES: dict[str, str] = {
 LOW_SPACE_WORDS = ("too full", "not accessible")
 """A VM held back by its datastore (the planner's words): told as ``low-space`` of the datastore."""
 
+POLICY_WORDS_TOLD_ELSEWHERE = ("is unreachable", "not found on host")
+"""A policy's warning about its unreachable host or repository, or a missing VM (the planner's words):
+told as that host, repository or VM, not twice."""
+
 MessageLevel = Literal["failure", "warning", "success", "info"]
 
 
@@ -172,6 +176,8 @@ def _condition_problems(conditions: Sequence[Condition]) -> list[Problem]:
             )  # fmt: skip
         elif c.reason in ("VerifyFailed", "TestRestoreFailed", "BackupFailed"):
             continue  # told from the newest check, and per VM
+        elif c.kind == "policy" and any(w in c.message for w in POLICY_WORDS_TOLD_ELSEWHERE):
+            continue  # told as its host, repository or VM
         elif c.kind in ("repository", "policy", "host"):
             out.append(Problem(f"error/{c.kind}/{c.name}", "error", f"{c.kind} {c.name}", c.message))
     return out
