@@ -131,7 +131,8 @@ def _version_1_file(path: Path) -> None:
             consecutive_failures INTEGER NOT NULL DEFAULT 0, retry_after TEXT, last_error TEXT,
             terminal INTEGER NOT NULL DEFAULT 0, failed_revision TEXT);
         CREATE TABLE actions (id INTEGER PRIMARY KEY AUTOINCREMENT, time TEXT NOT NULL,
-            revision TEXT NOT NULL, kind TEXT NOT NULL, subject TEXT NOT NULL, status TEXT NOT NULL, error TEXT,
+            revision TEXT NOT NULL, kind TEXT NOT NULL, subject TEXT NOT NULL,
+            status TEXT NOT NULL, error TEXT,
             attempts INTEGER NOT NULL, detail TEXT NOT NULL);
         CREATE TABLE plans (id INTEGER PRIMARY KEY AUTOINCREMENT, time TEXT NOT NULL, revision TEXT NOT NULL,
             actions INTEGER NOT NULL, notices INTEGER NOT NULL, next_due TEXT, plan TEXT NOT NULL);
