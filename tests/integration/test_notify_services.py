@@ -236,3 +236,44 @@ def test_sending_never_blocks_and_a_full_queue_drops_with_a_record(tmp_path: Pat
 
 def _now() -> datetime:
     return datetime.now(timezone.utc)
+
+
+@pytest.mark.usefixtures("restore_logging")
+def test_a_daemon_started_with_an_invalid_config_tells_through_its_valid_notifiers(
+    tmp_path: Path, receiver: HttpReceiver
+) -> None:
+    from reconciler.daemon import Daemon
+    from reconciler.daemon.notify import Notifier as SystemdNotifier
+
+    config = tmp_path / "config"
+    config.mkdir()
+    (config / "notifier.yaml").write_text(
+        "apiVersion: esxi-reconciler/v1\nkind: Notifier\nmetadata: {name: hook}\n"
+        f"spec: {{url: 'json://127.0.0.1:{receiver.port}/hook'}}\n"
+    )
+    broken = config / "policy.yaml"
+    broken.write_text(
+        "apiVersion: esxi-reconciler/v1\nkind: BackupPolicy\nmetadata: {name: p}\n"
+        "spec: {host: esxi9, repository: r, vms: {all: true}, schedule: {every: 1h},\n"
+        "  retention: {keep_last: 1}}\n"
+    )
+    daemon = Daemon(config, tmp_path / "state", resync=0.5, notifier=SystemdNotifier({}), watch=False)
+    thread = threading.Thread(target=daemon.run, name="daemon")
+    thread.start()
+    try:
+        (rejected,) = receiver.wait_for(1)
+        assert rejected.json()["title"] == "[esxi-reconciler] Config rejected: the config"
+        assert "policy.yaml:4:" in rejected.json()["message"] and "esxi9" in rejected.json()["message"]
+        broken.unlink()
+        daemon.request_reload()
+        (_, fixed) = receiver.wait_for(2)
+        assert fixed.json()["title"] == "[esxi-reconciler] Recovered: the config"
+        time.sleep(1.5)  # cycles with the valid config: nothing more to say
+        assert len(receiver.requests) == 2
+    finally:
+        daemon.request_stop()
+        thread.join(60)
+    with StatusStore.open(status_path(tmp_path / "state"), readonly=True) as store:
+        kinds = [(e.kind, e.outcome) for e in store.events.events()]
+    assert ("config", "failed") in kinds and ("config", "info") in kinds
+    assert kinds.count(("notify", "ok")) == 2 and ("daemon", "info") in kinds
