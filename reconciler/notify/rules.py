@@ -474,8 +474,8 @@ def alert_message(
         lines.append("Recovered:")
         for t in recovered:
             lines.append(
-                f"- {t.subject}: {TITLES[t.event].lower()} is over (was: {t.message}; from {_when(t.since)}"
-                f" to {_when(t.cleared or now)})"
+                f"- {t.subject}: OK again (was: {TITLES[t.event].lower()}: {t.message}; from"
+                f" {_when(t.since)} to {_when(t.cleared or now)})"
             )
     if held_since is not None:
         lines += ["", f"(held back by the rate limit since {_when(held_since)})"]

@@ -113,7 +113,12 @@ def send_once(notifier: Notifier, message: Message) -> SendResult:
     with apprise.LogCapture(level=logging.DEBUG) as captured:  # type: ignore[no-untyped-call]
         try:
             ok = bool(
-                sender.notify(title=message.title, body=message.body, notify_type=_LEVELS[message.level])
+                sender.notify(
+                    title=message.title,
+                    body=message.body,
+                    notify_type=_LEVELS[message.level],
+                    body_format=apprise.NotifyFormat.TEXT,  # our lines stay lines, in a mail too
+                )
             )
         except Exception as exc:  # a plugin's bug must not end the sender thread
             ok = False

@@ -130,6 +130,8 @@ spec:
         thread.start()
 
         def events(**query: Any) -> list[Any]:
+            if not status_path(state).exists():
+                return []
             with StatusStore.open(status_path(state), readonly=True) as store:
                 return store.events.events(HistoryQuery(limit=None, **query))
 
@@ -149,6 +151,7 @@ spec:
             (down,) = smtp.wait_for(1, timeout=120)
             assert down.subject == f"[esxi-reconciler] Backup failed: host {host}"
             assert VM in down.body and "refused" in down.body.lower(), down.body
+            assert down.body.startswith(f"Needs attention:\r\n- Backup failed: host {host}: unreachable: ")
             assert down.recipients == ["ops@example.org"] and down.authenticated_as == "backup"
             (pushed,) = push.wait_for(1)
             assert pushed.headers["x-gotify-key"] == TOKEN
@@ -161,7 +164,7 @@ spec:
             wait_until("the recovery e-mail", lambda: titled(smtp.mails, "[esxi-reconciler] Recovered"))
             (back,) = titled(smtp.mails, "[esxi-reconciler] Recovered")
             assert back.subject == f"[esxi-reconciler] Recovered: host {host}"
-            assert "backup failed is over" in back.body
+            assert f"- host {host}: OK again (was: backup failed: unreachable: " in back.body
             wait_until(
                 "the rate limit recorded",
                 lambda: events(kinds=("notify",), outcomes=("warning",)),

@@ -35,7 +35,9 @@ def notifier(tmp_path: Path, url: str, secrets: str = "", extra: str = "", name:
     return load_config(config).notifiers[name]
 
 
-def message(text: str = "VM esxi1/web01: backup failed: host esxi1: connection refused") -> Message:
+def message(
+    text: str = "VM esxi1/web01: backup failed: host esxi1: connection refused\nsecond line",
+) -> Message:
     return Message(
         "n", "alert", "[esxi-reconciler] Backup failed: VM esxi1/web01", text, "failure", ("backup-failed",)
     )
@@ -112,6 +114,7 @@ def test_mail_over_starttls_with_a_password_secret(
     assert got.recipients == ["ops@example.org"] and got.sender == "backup@example.org"
     assert got.subject == "[esxi-reconciler] Backup failed: VM esxi1/web01"
     assert "host esxi1: connection refused" in got.body
+    assert got.message.get_content_type() == "text/plain" and "\r\nsecond line\r\n" in got.body
     assert SMTP_PASSWORD.encode() not in got.raw
 
 
