@@ -148,22 +148,12 @@ def daemon_problems(
 
 def rpo_problems(now: datetime, policies: Any, history: dict[str, RunRecord]) -> list[Problem]:
     """VMs whose last successful backup is older than their policy's recovery-point objective (pure):
-    ``policies`` maps names to BackupPolicy, ``history`` is the run records of the status store."""
-    from reconciler.rules.schedule import default_rpo
+    ``policies`` maps names to BackupPolicy, ``history`` is the run records of the status store. The
+    notifications judge alike (``stale``: :func:`reconciler.notify.rules.stale_vms`)."""
+    from reconciler.notify.rules import stale_vms
 
     problems = []
-    for key, record in sorted(history.items()):
-        kind, _, rest = key.partition("/")
-        policy_name, _, vm_key = rest.partition("/")
-        policy = policies.get(policy_name)
-        if kind != "backup" or policy is None or policy.suspend:
-            continue
-        rpo = policy.rpo or default_rpo(policy.schedule, now)
-        if rpo is None:
-            continue
-        since = record.last_succeeded or record.last_started
-        if since is None or now - since <= rpo:
-            continue
+    for policy_name, host, vm, record, rpo in stale_vms(now, policies, history):
         last = (
             f"last success {record.last_succeeded:%Y-%m-%d %H:%M}Z"
             if record.last_succeeded
@@ -172,7 +162,7 @@ def rpo_problems(now: datetime, policies: Any, history: dict[str, RunRecord]) ->
         problems.append(
             Problem(
                 "rpo-missed",
-                f"VM {vm_key} (policy {policy_name}): {last}, older than its RPO of {_age(rpo)}"
+                f"VM {host}/{vm} (policy {policy_name}): {last}, older than its RPO of {_age(rpo)}"
                 + (f"; last error: {record.last_error}" if record.last_error else ""),
             )
         )
