@@ -27,8 +27,10 @@ from reconciler.commands.common import (
     ExitCode,
     Handler,
     UsageParser,
+    failure_line,
     global_options_parent,
     json_mode,
+    record_command,
     report_failure,
 )
 from reconciler.config.loader import CONFIG_ENV, DEFAULT_CONFIG_DIR
@@ -133,14 +135,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     if handler is None:
         parser.print_help(sys.stderr)
         return int(ExitCode.USAGE)
+    error: str | None = None
     with json_mode(args.json):
         try:
-            return int(handler(args))
+            code = int(handler(args))
         except KeyboardInterrupt:
             print(f"esxi-reconciler {args.command}: interrupted", file=sys.stderr)
-            return int(ExitCode.INTERRUPTED)
+            code, error = int(ExitCode.INTERRUPTED), "interrupted"
         except Exception as exc:
-            return report_failure(args, exc)
+            code, error = report_failure(args, exc), failure_line(exc)
+        else:
+            error = None if code == ExitCode.OK else f"exit code {code}"
+        record_command(args, code, error)
+        return code
 
 
 if __name__ == "__main__":

@@ -133,6 +133,14 @@ def command_name(args: argparse.Namespace) -> str:
     return f"{args.command} {sub}" if args.command and sub else str(args.command or "")
 
 
+def failure_line(exc: BaseException) -> str:
+    """The one line an exception that ended a verb is reported with (for the history)."""
+    from reconciler.operations.failures import explain
+
+    explained = explain(exc)
+    return explained.message if explained is not None else f"internal error: {type(exc).__name__}: {exc}"
+
+
 def report_failure(args: argparse.Namespace, exc: BaseException) -> int:
     """Report an exception that ended a verb and return its exit code: an expected failure in one line
     on stderr (and, with ``--json``, as the error object on stdout); anything else as a bug, whose
@@ -299,3 +307,59 @@ def repository_config(args: argparse.Namespace, command: str) -> RepositoryConfi
     if args.repository not in desired.repositories:
         unknown_name(command, "Repository", args.repository, sorted(desired.repositories))
     return desired.repositories[args.repository]
+
+
+RECORDED_VERBS = ("backup", "restore", "export", "verify")
+"""Verbs whose runs go into the history (``esxi-reconciler history``) next to the daemon's own work."""
+
+
+def record_command(args: argparse.Namespace, code: int, error: str | None = None) -> None:
+    """Add a run of a data verb (:data:`RECORDED_VERBS`) to the history of the state directory: what was
+    asked (from the command line, which holds no secret), when, and how it ended. Best effort: a user who
+    cannot write the state directory still gets the verb's work, without a record. Only where a status
+    file exists (the daemon's or ``apply``'s state directory), and not for a usage or configuration error
+    (nothing was attempted)."""
+    if args.command not in RECORDED_VERBS or code in (ExitCode.USAGE, ExitCode.CONFIG):
+        return
+    from datetime import datetime, timezone
+
+    from reconciler.status.history import Event, EventOutcome
+    from reconciler.status.store import StatusStore, status_path
+
+    path = status_path(state_dir(args))
+    if not path.exists():
+        return
+    vm: str | None = getattr(args, "vm", None)
+    host: str | None = getattr(args, "from_host", None)
+    policy: str | None = getattr(args, "policy", None)
+    repository: str | None = getattr(args, "repository", None)
+    repositories = getattr(args, "repositories", None)
+    if args.command == "verify":
+        subject = ", ".join(repositories or ()) or "every repository"
+    elif args.command == "backup":
+        subject = f"policy {policy}" + (f", VM {vm}" if vm else "")
+    else:
+        subject = f"{host}/{vm}" if host and vm else str(vm)
+    asked = {
+        k: v if isinstance(v, str | int | float | bool) or v is None else str(v)
+        for k, v in sorted(vars(args).items())
+        if k not in ("handler", "json", "log_format", "log_level", "config", "state_dir")
+    }
+    outcome: EventOutcome = "ok" if code in (ExitCode.OK, ExitCode.CHANGES) else "failed"
+    event = Event(
+        time=datetime.now(timezone.utc),
+        kind=args.command,
+        subject=subject,
+        outcome=outcome,
+        message=error or f"{command_name(args)} from the command line: done",
+        host=host,
+        vm=vm,
+        policy=policy,
+        repository=repository,
+        detail={"command_line": asked, "exit_code": int(code)},
+    )
+    try:
+        with StatusStore.open(path) as store:
+            store.events.record(event)
+    except Exception:  # noqa: S110 - the record is a courtesy; the verb's own output says what happened
+        pass
