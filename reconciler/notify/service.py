@@ -177,6 +177,8 @@ class Notifications:
             self.dispatcher.submit(notifier, decision.message)
 
     def _summary(self, notifier: Notifier, facts: Facts) -> None:
+        if notifier.summary is None:
+            return
         state = self._state(notifier)
         due, state = summary_due(notifier, state, facts.now)
         if due and state.last_summary is not None:
