@@ -273,6 +273,9 @@ class Tracked:
     since: datetime
     told: bool = False
     cleared: datetime | None = None
+    delay: timedelta = timedelta(0)
+    """How long it must last before it is told (kept: an evaluation of other events must not tell it
+    early)."""
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -282,6 +285,7 @@ class Tracked:
             "since": self.since.isoformat(),
             "told": self.told,
             "cleared": self.cleared.isoformat() if self.cleared else None,
+            "delay_seconds": self.delay.total_seconds(),
         }
 
     @classmethod
@@ -294,6 +298,7 @@ class Tracked:
             datetime.fromisoformat(data["since"]),
             bool(data.get("told")),
             datetime.fromisoformat(cleared) if cleared else None,
+            timedelta(seconds=float(data.get("delay_seconds", 0))),
         )
 
 
@@ -365,7 +370,7 @@ def _track(
             tracked[key] = old  # not evaluated this time: unchanged
         elif key in found:
             p = found[key]
-            tracked[key] = replace(old, subject=p.subject, message=p.message, cleared=None)
+            tracked[key] = replace(old, subject=p.subject, message=p.message, cleared=None, delay=p.delay)
         elif old.cleared is not None:
             tracked[key] = old  # its recovery is still to be told
         elif old.told and recover:
@@ -373,7 +378,7 @@ def _track(
         # else: gone before it was told (or recoveries are not wanted): nothing to say
     for key, p in found.items():
         if key not in tracked:
-            tracked[key] = Tracked(p.event, p.subject, p.message, now)
+            tracked[key] = Tracked(p.event, p.subject, p.message, now, delay=p.delay)
     return tracked
 
 
@@ -384,19 +389,15 @@ def decide(
     now: datetime,
     *,
     scope: frozenset[str] = CYCLE_SCOPE,
-    delays: Mapping[str, timedelta] | None = None,
     origin: str = "",
 ) -> Decision:
     """The message ``notifier`` gets now (if any) and its new state. ``found``: :func:`problems`;
     ``scope``: the events evaluated this time (others keep their state)."""
     wanted = {p.key: p for p in found if p.event in scope and notifier.wants(p.event)}
-    delay_of = dict(delays or {})
-    for p in wanted.values():
-        delay_of[p.key] = p.delay
     tracked = _track(state, wanted, now, scope, notifier.wants("recovered"))
     due_problems = sorted(
         (k for k, t in tracked.items()
-         if not t.told and t.cleared is None and now - t.since >= delay_of.get(k, timedelta(0))),
+         if not t.told and t.cleared is None and now - t.since >= t.delay),
         key=lambda k: (PROBLEM_EVENTS.index(tracked[k].event), k),
     )  # fmt: skip
     due_recoveries = sorted(k for k, t in tracked.items() if t.cleared is not None)

@@ -146,7 +146,11 @@ def test_a_problem_gone_before_its_delay_is_never_mentioned(ops: Notifier) -> No
     assert d.message is None
     gone = decide(ops, d.state, [], NOW + timedelta(hours=23, minutes=30))
     assert gone.message is None and gone.state.problems == {}
-    late = decide(ops, d.state, [slow], NOW + timedelta(hours=24))
+    # a config load in between evaluates only the config: it does not tell the CBT change early
+    config_only = decide(ops, d.state, [], NOW + timedelta(hours=23, minutes=1), scope=CONFIG_SCOPE)
+    assert config_only.message is None and "cbt-pending/esxi1/web01" in config_only.state.problems
+    restored = NotifierState.from_dict(config_only.state.to_dict())  # as the store keeps it
+    late = decide(ops, restored, [slow], NOW + timedelta(hours=24))
     assert late.message is not None and late.message.title.startswith("[esxi-reconciler] CBT change pending")
 
 
