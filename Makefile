@@ -5,7 +5,7 @@
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
-APT_PACKAGES := golang-go golang-github-vmware-govmomi-dev openssh-server openssh-client util-linux iproute2 python3-venv systemd busybox
+APT_PACKAGES := golang-go golang-github-vmware-govmomi-dev openssh-server openssh-client util-linux iproute2 python3-venv systemd busybox git gnupg
 LAB_DIR ?= .lab
 
 .PHONY: all setup apt venv lab-build lint test unit test-reliability-long demo clean
@@ -13,7 +13,8 @@ LAB_DIR ?= .lab
 all: test
 
 # Debian packages the lab and the tests need: Go + govmomi (vcsim), OpenSSH (the simulated host's sshd),
-# BusyBox (its ash is the ESXi shell: the lab tests check the quoting of remote commands against it).
+# BusyBox (its ash is the ESXi shell: the lab tests check the quoting of remote commands against it);
+# git and GnuPG (the git source: fetch, verify-commit of SSH and OpenPGP signatures).
 apt:
 	@missing=""; for p in $(APT_PACKAGES); do \
 	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; \

@@ -7,6 +7,7 @@ import os
 import sys
 from datetime import timedelta
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from reconciler.commands.common import (
     ExitCode,
@@ -18,13 +19,19 @@ from reconciler.commands.common import (
     state_dir,
 )
 
+if TYPE_CHECKING:
+    from reconciler.daemon.source import SourceTracker
+
 _RUN_EXAMPLES = """\
 examples:
   esxi-reconciler run                       reconcile until stopped (what the systemd unit runs)
   esxi-reconciler run --once                one cycle (observe, plan, apply), then exit
   esxi-reconciler run --resync 15m --stop-timeout 5m
+  esxi-reconciler run --source /etc/esxi-reconciler/source.yaml
+                                            fetch the config from git (GitSource file): trusted
+                                            commits only, the last good revision kept
 
-signals: SIGHUP re-reads the config now; SIGTERM or SIGINT cancels running
+signals: SIGHUP re-reads the config now (with --source: fetches now); SIGTERM or SIGINT cancels running
 backups (their snapshots are removed), waits at most --stop-timeout and exits 0;
 a second SIGTERM exits at once. Under systemd (Type=notify) it reports READY,
 STATUS and WATCHDOG pings. One daemon per state directory (daemon.lock).
@@ -32,8 +39,10 @@ STATUS and WATCHDOG pings. One daemon per state directory (daemon.lock).
 Exit 0 stopped by a signal, or --once and its cycle left nothing failed and
 nothing Stalled; 1 another daemon holds the state directory, the state directory
 is unusable, or --once and an action failed or an object is Stalled (`status`
-says which); 78 --once with an invalid config. With --json (only with --once):
-the cycle's result (docs/cli-json.md).
+says which); 64 --config with --source; 78 --once with an invalid config (or
+with --source and no trusted revision), an invalid --source file, or a source
+that cannot be followed (git missing, a signer key gpg cannot read). With
+--json (only with --once): the cycle's result (docs/cli-json.md).
 """
 
 
@@ -61,6 +70,13 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         handler=cmd_run,
     )
     parser.add_argument("--once", action="store_true", help="run one cycle, then exit")
+    parser.add_argument(
+        "--source",
+        metavar="FILE",
+        type=Path,
+        help="follow a git remote instead of --config: the GitSource bootstrap file (URL, branch or tag,"
+        " deploy key, pinned host keys, trusted signers); see README 'GitOps'",
+    )
     parser.add_argument(
         "--resync",
         metavar="DURATION",
@@ -143,6 +159,25 @@ def _check_state_dir(directory: Path) -> None:
         )
 
 
+def _source(args: argparse.Namespace) -> SourceTracker:
+    """The git source of ``--source FILE``; a bad file stops the verb (every issue, exit 78)."""
+    from reconciler.config.source import load_source
+    from reconciler.daemon.source import SourceTracker
+
+    if args.config is not None:
+        fail("give either --config DIR or --source FILE, not both", "usage", "usage")
+    from reconciler.config import ConfigError
+
+    try:
+        spec = load_source(args.source)
+    except ConfigError as error:
+        if len(error.issues) > 1 or args.json:
+            for issue in error.issues:
+                print(issue, file=sys.stderr)
+        raise
+    return SourceTracker(spec, state_dir(args))
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from reconciler.daemon import Daemon
     from reconciler.status.history import Retention
@@ -151,12 +186,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     directory = state_dir(args)
     if args.json and not args.once:
         fail("--json needs --once (the daemon reports through its log and `status --json`)", "usage", "usage")
+    source = _source(args) if args.source is not None else None
     _check_state_dir(directory)
-    if args.once:
+    if args.once and source is None:
         load_desired(args)  # an invalid config: every error and exit 78 now, as every verb
     daemon = Daemon(
-        config_dir(args),
+        source.config_dir if source is not None else config_dir(args),
         directory,
+        source=source,
         resync=args.resync.total_seconds(),
         debounce=args.debounce.total_seconds(),
         stop_timeout=args.stop_timeout.total_seconds(),

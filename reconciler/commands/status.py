@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     from reconciler.daemon.heartbeat import Heartbeat
     from reconciler.planning.observed import RunRecord
     from reconciler.status.conditions import Condition
+    from reconciler.status.source import SourceStatus
     from reconciler.status.store import PlanRecord
 
 _STATUS_EXAMPLES = """\
@@ -196,6 +197,29 @@ def _clip(text: str, width: int) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
+def source_lines(source: SourceStatus) -> list[str]:
+    """The git source block: what was fetched, what is applied, what was refused and why."""
+    from reconciler.status.source import short
+
+    where = f" (path {printable(source.path)})" if source.path else ""
+    signed = ", signed commits only" if source.verify else ""
+    lines = [f"source: {printable(source.url)} {printable(source.ref)}{where}{signed}"]
+    lines.append(f"  fetched      {short(source.fetched)}  {_when(source.fetched_at)}")
+    if source.fetch_error is not None:
+        since = _when(source.fetch_failing_since)
+        lines.append(f"  fetch        FAILING since {since}: {_clip(source.fetch_error, 200)}")
+    by = f"  signed by {printable(source.applied_signer)}" if source.applied_signer else ""
+    lines.append(f"  applied      {short(source.applied)}  {_when(source.applied_at)}{by}")
+    if source.failed is not None:
+        lines.append(
+            f"  last failed  {short(source.failed)}  {_when(source.failed_at)}  {source.failed_reason}:"
+            f" {_clip(source.failed_message or '', 300)}"
+        )
+    if source.warning is not None:
+        lines.append(f"  warning      {_when(source.warning_at)}  {_clip(source.warning, 300)}")
+    return lines
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     from reconciler.config import ConfigError, load_config
     from reconciler.config.loader import CONFIG_ENV
@@ -213,6 +237,7 @@ def cmd_status(args: argparse.Namespace) -> int:
             "incomplete",
         )
     with store:
+        source = store.source_status()
         conditions = store.conditions()
         last_plan = store.last_plan()
         failures = store.actions(limit=RECENT_FAILURES, status="failed")
@@ -226,6 +251,10 @@ def cmd_status(args: argparse.Namespace) -> int:
     )
     problems += _stalled_problems(conditions)
     path = config_dir(args)
+    if source is not None and args.config is None:
+        from reconciler.gitsource.clone import source_dir
+
+        path = source_dir(directory) / "applied"  # the daemon follows a git source: its applied config
     explicit = args.config is not None or CONFIG_ENV in os.environ or Path(path).exists()
     rpo_checked = False
     try:
@@ -256,6 +285,7 @@ def cmd_status(args: argparse.Namespace) -> int:
             "last_plan": None,
             "recent_failures": [f.to_dict() for f in failures],
             "stalled": stalled,
+            "source": source.to_dict() if source is not None else None,
         }
         if last_plan is not None:
             doc["last_plan"] = {
@@ -269,6 +299,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         return code
 
     print(f"daemon: {'running' + (f' (PID {pid})' if pid else '') if running else 'not running'}")
+    if source is not None:
+        print("\n".join(source_lines(source)) + "\n")
     header = ("KIND", "NAME", "STATUS", "REASON", "MESSAGE", "LAST-SUCCESS", "NEXT-DUE", "REVISION")
     table: list[tuple[str, ...]] = [header]
     for c in conditions:

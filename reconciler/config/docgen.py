@@ -21,7 +21,7 @@ from reconciler.config import schemas
 Schema = dict[str, Any]
 
 # Shared definitions documented as sections of their own (objects) or as value formats (scalars).
-SECTIONS = ("schedule", "window", "retention", "secret", "hook")
+SECTIONS = ("schedule", "window", "retention", "secret", "hook", "signer")
 FORMATS = ("name", "duration", "calendar_duration", "time_of_day", "timezone", "weekday", "size")
 
 INTRO = """\
@@ -189,14 +189,21 @@ def _rules(schema: Schema) -> list[str]:
 def render() -> str:
     """The whole of ``docs/config.md``."""
     out = [INTRO]
-    for kind in schemas.KINDS:
+    for kind in (*schemas.KINDS, schemas.SOURCE_KIND):
         schema = schemas.kind_schema(kind)
         spec = schema["properties"]["spec"]
         out.append(f"## {kind}\n")
+        if kind == schemas.SOURCE_KIND:
+            out.append(
+                "**Not part of the config directory**: the one document of the bootstrap file given to"
+                " `esxi-reconciler run --source FILE` (and `plan --source FILE`); a `GitSource` inside the"
+                " config directory is an error. See the README's GitOps section.\n"
+            )
         out.append(f"{spec['description']}\n")
         out.append(f"Schema: [`schemas/{schemas.file_name(kind)}`](../schemas/{schemas.file_name(kind)})\n")
         out.extend(_table(spec, "spec"))
         out.append("")
+        out.extend(f"- `spec`: {note}" for note in _rules(spec))
         for path, sub in _conditional_objects(spec, "spec"):
             out.extend(f"- `{path}`: {note}" for note in _rules(sub))
         out.append("")

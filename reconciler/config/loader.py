@@ -580,12 +580,13 @@ def _read(root: Path) -> tuple[list[Document], list[tuple[str, bytes]], list[Con
 
 
 def load_config(
-    path: str | os.PathLike[str] | None = None, *, resolve_secrets: bool = False
+    path: str | os.PathLike[str] | None = None, *, resolve_secrets: bool = False, commit: str | None = None
 ) -> model.DesiredState:
     """Load, validate and cross-check the config at ``path`` (a directory tree or one file).
 
     ``path`` defaults to :func:`default_config_dir`. With ``resolve_secrets``, every secret reference is
     also read once (and discarded) so a missing variable, file or credential is reported now.
+    ``commit``: the files are an export of this git commit (see :func:`config_revision`).
     Raises :class:`ConfigError` listing every issue.
     """
     root = Path(path) if path is not None else default_config_dir()
@@ -666,7 +667,7 @@ def load_config(
         repositories=(obj for obj, _ in objects["Repository"]),
         policies=(obj for obj, _ in objects["BackupPolicy"]),
         verify_policies=(obj for obj, _ in objects["VerifyPolicy"]),
-        revision=config_revision(root, contents),
+        revision=config_revision(root, contents, commit=commit),
         warnings=build.warnings,
         notifiers=(obj for obj, _ in objects["Notifier"]),
     )

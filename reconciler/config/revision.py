@@ -61,17 +61,22 @@ def git_state(directory: Path, pathspec: str = ".") -> tuple[str, bool] | None:
     return commit, bool(status)
 
 
-def config_revision(directory: Path, files: Iterable[tuple[str, bytes]] | None = None) -> Revision:
+def config_revision(
+    directory: Path, files: Iterable[tuple[str, bytes]] | None = None, *, commit: str | None = None
+) -> Revision:
     """The :class:`Revision` of the config at ``directory`` (a directory or a single file).
 
     ``files`` are (relative name, content) pairs of the loaded files; if omitted, the YAML files under
-    ``directory`` are read.
+    ``directory`` are read. ``commit``: the files were exported from this commit (``plan --revision``),
+    so it is the revision, clean, without asking git about ``directory``.
     """
     if files is None:
         from reconciler.config.documents import display_name, find_files
 
         files = [(display_name(path, directory), path.read_bytes()) for path in find_files(directory)]
     digest = files_digest(files)
+    if commit is not None:
+        return Revision(digest=digest, commit=commit)
     state = git_state(directory) if directory.is_dir() else git_state(directory.parent, directory.name)
     if state is None:
         return Revision(digest=digest)

@@ -27,7 +27,11 @@ SCHEMA_URI = "https://json-schema.org/draft/2020-12/schema"
 ID_PREFIX = "urn:esxi-reconciler:schema:v1:"
 
 KINDS = ("Host", "Repository", "BackupPolicy", "VerifyPolicy", "Notifier")
-"""Every kind, in the order the docs present them."""
+"""Every kind of the config directory, in the order the docs present them."""
+
+SOURCE_KIND = "GitSource"
+"""The kind of the bootstrap file of ``run --source`` (where the config comes from). Deliberately not in
+:data:`KINDS`: a config directory cannot say where it comes from or whose signatures it trusts."""
 
 # -- patterns and what they mean in words (used by error messages and the docs) ----------------------
 
@@ -46,6 +50,13 @@ CALENDAR_DURATION_PATTERN = r"^([0-9]+(h|d|w|m|y))+$"
 TIMEZONE_PATTERN = r"^[A-Za-z][A-Za-z0-9_+-]*(/[A-Za-z0-9_+-]+)*$"
 NOTIFY_URL_PATTERN = r"^[A-Za-z][A-Za-z0-9+.-]*://\S+$"
 PLACEHOLDER_NAME_PATTERN = r"^[a-z][a-z0-9_]{0,31}$"
+GIT_URL_PATTERN = r"^(ssh://[^@/\s]+@[^/\s]+/\S+|[A-Za-z0-9._-]+@[A-Za-z0-9.-]+:\S+|file:///\S*)$"
+SSH_PUBLIC_KEY_PATTERN = (
+    r"^(ssh-ed25519|ssh-rsa|ecdsa-sha2-nistp256|ecdsa-sha2-nistp384|ecdsa-sha2-nistp521"
+    r"|sk-ssh-ed25519@openssh\.com|sk-ecdsa-sha2-nistp256@openssh\.com) [A-Za-z0-9+/]+={0,3}( [^\n]*)?$"
+)
+OPENPGP_KEY_PATTERN = r"^-----BEGIN PGP PUBLIC KEY BLOCK-----"
+RELATIVE_PATH_PATTERN = r"^([^/\s][^\n]*)?$"
 
 PATTERN_HINTS: dict[str, str] = {
     NAME_PATTERN: "a name of 1-63 lower-case letters, digits, '.', '_' or '-', starting and ending with a"
@@ -68,6 +79,14 @@ PATTERN_HINTS: dict[str, str] = {
     " ntfys://ntfy.example.com/backups, without spaces",
     PLACEHOLDER_NAME_PATTERN: "a placeholder name of 1-32 lower-case letters, digits or '_', starting with"
     " a letter",
+    GIT_URL_PATTERN: "a git URL over SSH with a user (ssh://git@git.example.com:22/infra/esxi.git or"
+    " git@git.example.com:infra/esxi.git) or a local file:///path",
+    SSH_PUBLIC_KEY_PATTERN: "an OpenSSH public key line such as 'ssh-ed25519 AAAAC3Nz… comment' (the"
+    " content of a .pub file)",
+    OPENPGP_KEY_PATTERN: "an ASCII-armoured OpenPGP public key (gpg --armor --export KEYID), starting with"
+    " -----BEGIN PGP PUBLIC KEY BLOCK-----",
+    RELATIVE_PATH_PATTERN: "a path relative to the repository's top directory, such as esxi or"
+    " clusters/nas1 (no leading /)",
 }
 
 WEEKDAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
@@ -214,6 +233,27 @@ DEFS: dict[str, Schema] = {
             {"credential": "esxi1-password"},
         ],
     },
+    "signer": _obj(
+        "A key whose signatures on commits are trusted (GitSource verify.signers): exactly one of ssh or"
+        " openpgp.",
+        {
+            "name": _str(
+                "Who this is, for messages and status. Default: signer-N (its place in the list).",
+                minLength=1,
+                examples=["alice"],
+            ),
+            "ssh": _str(
+                "An SSH public key: the .pub of the signer's user.signingkey (git config gpg.format ssh).",
+                SSH_PUBLIC_KEY_PATTERN,
+            ),
+            "openpgp": _str(
+                "An OpenPGP public key, ASCII-armoured (gpg --armor --export KEYID); its primary key or"
+                " a subkey must have made the signature.",
+                OPENPGP_KEY_PATTERN,
+            ),
+        },
+        oneOf=_one_key_of(("ssh", "openpgp")),
+    ),
     "window": _obj(
         "A time window, in the schedule's time zone. It may cross midnight (start 22:00, end 06:00)."
         " Nothing starts outside it.",
@@ -848,12 +888,85 @@ NOTIFIER_SPEC = _obj(
     required=("url",),
 )
 
+# -- GitSource: the bootstrap file of `run --source` -------------------------------------------------
+
+GIT_SOURCE_SPEC = _obj(
+    "Where the daemon fetches its config from: a branch or tag of a git repository, fetched on an interval"
+    " over SSH with a deploy key and a pinned host key, optionally trusting only commits signed by listed"
+    " keys. Lives in a small bootstrap file given to `esxi-reconciler run --source FILE`, never in the"
+    " config directory it fetches: a commit must not be able to change where the config comes from or whose"
+    " signatures are trusted.",
+    {
+        "url": _str(
+            "The repository's URL: ssh://USER@HOST[:PORT]/PATH, USER@HOST:PATH (scp-like), or file:///PATH"
+            " for a repository on this machine.",
+            GIT_URL_PATTERN,
+            examples=["ssh://git@git.example.com/infra/esxi-config.git", "file:///srv/git/esxi-config.git"],
+        ),
+        "branch": _str(
+            "The branch to follow (its head is applied). Give branch or tag.", minLength=1, examples=["main"]
+        ),
+        "tag": _str("A tag to apply instead of a branch (moving the tag moves the config).", minLength=1),
+        "path": _str(
+            "Sub-directory of the repository holding the config. Default: the top directory.",
+            RELATIVE_PATH_PATTERN,
+            default="",
+            examples=["esxi", "clusters/nas1"],
+        ),
+        "interval": _ref("duration", "How often the remote is fetched (also on SIGHUP).", default="1m"),
+        "timeout": _ref(
+            "duration", "Longest time one git command (a fetch) may take before it is killed.", default="2m"
+        ),
+        "ssh": _obj(
+            "How the SSH remote is reached. Required for SSH URLs.",
+            {
+                "private_key": _ref(
+                    "secret",
+                    "The deploy key (an OpenSSH private key without passphrase; read-only access to the"
+                    " repository is enough), by reference.",
+                ),
+                "host_keys": {
+                    "type": "array",
+                    "description": "The server's public host key(s), pinned: the connection is refused if it"
+                    " presents another. As printed by ssh-keyscan HOST (without the host name); compare"
+                    " their fingerprints (ssh-keygen -lf) with what the server's admin publishes.",
+                    "items": _str("One public host key: TYPE BASE64.", SSH_PUBLIC_KEY_PATTERN),
+                    "minItems": 1,
+                },
+            },
+            required=("private_key", "host_keys"),
+        ),
+        "verify": _obj(
+            "Apply only commits signed by one of these keys (checked with git verify-commit). An unsigned or"
+            " wrongly signed head is reported and the last trusted revision stays in force. Without it,"
+            " every fetched commit is applied.",
+            {
+                "signers": {
+                    "type": "array",
+                    "description": "The trusted keys: SSH keys (git's gpg.format ssh) and/or OpenPGP keys.",
+                    "minItems": 1,
+                    "items": _ref("signer", "A trusted key."),
+                },
+            },
+            required=("signers",),
+        ),
+        "allow_rollback": _bool(
+            "Apply a head that is older than the applied revision (an ancestor of it, or committed before"
+            " it). Off by default, so a force-push to an old commit cannot silently roll the config back.",
+            default=False,
+        ),
+    },
+    required=("url",),
+    oneOf=_one_key_of(("branch", "tag")),
+)
+
 _SPECS: dict[str, tuple[str, Schema]] = {
     "Host": ("host", HOST_SPEC),
     "Repository": ("repository", REPOSITORY_SPEC),
     "BackupPolicy": ("backup-policy", BACKUP_POLICY_SPEC),
     "VerifyPolicy": ("verify-policy", VERIFY_POLICY_SPEC),
     "Notifier": ("notifier", NOTIFIER_SPEC),
+    SOURCE_KIND: ("git-source", GIT_SOURCE_SPEC),
 }
 
 
@@ -936,6 +1049,6 @@ def combined_schema() -> Schema:
 
 def rendered() -> dict[str, str]:
     """Every schema file's name and exact content, as written to ``schemas/``."""
-    files = {file_name(kind): kind_schema(kind) for kind in KINDS}
+    files = {file_name(kind): kind_schema(kind) for kind in (*KINDS, SOURCE_KIND)}
     files["esxi-reconciler.schema.json"] = combined_schema()
     return {name: json.dumps(schema, indent=2, ensure_ascii=False) + "\n" for name, schema in files.items()}

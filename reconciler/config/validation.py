@@ -241,14 +241,26 @@ def _issues_for(error: ValidationError, document: Document, root: Schema) -> Ite
     yield document.issue(path, message)
 
 
-def validate_document(document: Document) -> tuple[str | None, list[ConfigIssue]]:
-    """Check one document against its kind's schema; return its kind (None if unknown) and all issues."""
+SOURCE_IN_CONFIG = (
+    "a GitSource belongs in the bootstrap file given to `esxi-reconciler run --source FILE`, not in the"
+    " config it fetches (a commit must not be able to change where the config comes from or whose"
+    " signatures are trusted); move this document there"
+)
+
+
+def validate_document(
+    document: Document, kinds: Sequence[str] = schemas.KINDS
+) -> tuple[str | None, list[ConfigIssue]]:
+    """Check one document against its kind's schema; return its kind (None if not one of ``kinds``) and
+    all issues. ``kinds``: those of a config directory, or ``(SOURCE_KIND,)`` for the bootstrap file."""
     data = document.data
     if not isinstance(data, dict):
         message = "a document must be a mapping with apiVersion, kind, metadata and spec"
         return None, [document.issue([], message)]
     kind = data.get("kind")
-    known = kind if isinstance(kind, str) and kind in schemas.KINDS else None
+    known = kind if isinstance(kind, str) and kind in kinds else None
+    if known is None and kind == schemas.SOURCE_KIND:
+        return None, [document.issue(["kind"], SOURCE_IN_CONFIG)]
     validator = _validator(known)
     root: Schema = validator.schema  # type: ignore[assignment]
     issues = [issue for error in validator.iter_errors(data) for issue in _issues_for(error, document, root)]
@@ -258,8 +270,7 @@ def validate_document(document: Document) -> tuple[str | None, list[ConfigIssue]
         issues.append(
             document.issue(
                 ["kind"],
-                f"unknown kind {kind!r}; expected one of"
-                f" {', '.join(schemas.KINDS)}" + suggest(kind, schemas.KINDS),
+                f"unknown kind {kind!r}; expected one of {', '.join(kinds)}" + suggest(kind, kinds),
             )
         )
     return known, issues

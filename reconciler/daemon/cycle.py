@@ -19,7 +19,7 @@ import structlog
 from reconciler.config.model import DesiredState
 from reconciler.planning.actions import Outcome
 from reconciler.planning.observed import ObservedState
-from reconciler.status.conditions import Condition, derive_conditions
+from reconciler.status.conditions import DAEMON_KINDS, Condition, derive_conditions
 from reconciler.status.history import Event, EventOutcome, Retention
 from reconciler.status.store import StatusStore
 
@@ -167,7 +167,7 @@ def reconcile(ctx: CycleContext) -> CycleResult:
     none: list[Condition] = []
     before = _guarded("conditions", store.conditions, none)
     due = _guarded("conditions", lambda: derive_conditions(desired, observed, plan=the_plan), none)
-    _guarded("conditions", lambda: store.replace_conditions(due, keep_kinds=("config",)), None)
+    _guarded("conditions", lambda: store.replace_conditions(due, keep_kinds=DAEMON_KINDS), None)
 
     def record(outcome: Outcome) -> None:
         _guarded("outcome", lambda: store.record_outcome(outcome, revision), None)
@@ -178,7 +178,7 @@ def reconcile(ctx: CycleContext) -> CycleResult:
         after = derive_conditions(
             desired, observed, plan=the_plan, outcomes=outcomes, history=store.history(revision)
         )
-        store.replace_conditions(after, keep_kinds=("config",))
+        store.replace_conditions(after, keep_kinds=DAEMON_KINDS)
         return after
 
     after = _guarded("conditions", conclude, none)

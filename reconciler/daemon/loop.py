@@ -30,8 +30,9 @@ from reconciler.daemon.cycle import Cycle, CycleContext, CycleResult, reconcile
 from reconciler.daemon.heartbeat import Heartbeat, write_heartbeat
 from reconciler.daemon.lock import AlreadyRunning, InstanceLock
 from reconciler.daemon.notify import Notifier
+from reconciler.daemon.source import SourceTracker
 from reconciler.daemon.watch import ConfigWatcher, Debouncer
-from reconciler.status.conditions import Condition, config_condition
+from reconciler.status.conditions import CONFIG_NAME, Condition, config_condition
 from reconciler.status.history import Event, EventOutcome, Retention
 from reconciler.status.store import StatusStore, status_path
 
@@ -84,6 +85,7 @@ class Daemon:
         rng: random.Random | None = None,
         history: Retention | None = None,
         notify_delays: Sequence[float] | None = None,
+        source: SourceTracker | None = None,
     ) -> None:
         self.config_dir = config_dir
         self.state_dir = state_dir
@@ -91,7 +93,9 @@ class Daemon:
         self.stop_timeout = stop_timeout
         self.min_interval = min_interval
         self.once = once
-        self.watch = watch and not once
+        self.source = source
+        """The git source (``run --source``): ``config_dir`` is then its applied revision, never watched."""
+        self.watch = watch and not once and source is None
         self.cycle = cycle
         self.clock = clock
         self.load = load
@@ -123,6 +127,7 @@ class Daemon:
         self._result: CycleResult | None = None
         self._store: StatusStore | None = None
         self._ready_sent = False
+        self._source_update = False
 
     # -- requests (from signal handlers, the watcher thread or tests) -------------------------------
 
@@ -165,6 +170,8 @@ class Daemon:
             self._store = StatusStore.open(status_path(self.state_dir))
             self._beat(started=self.clock())
             self._start_notifications()
+            if not self._start_source():
+                return EXIT_INVALID_CONFIG
             if watcher is not None:
                 watcher.start()
             log.info(
@@ -179,6 +186,8 @@ class Daemon:
         finally:
             if watcher is not None:
                 watcher.stop()
+            if self.source is not None:
+                self.source.stop()
             restore()
             self._stop_notifications()
             if self._store is not None and not self.abandoned:
@@ -212,12 +221,18 @@ class Daemon:
                 return self._shutdown()
             if self._reload_requested:
                 self._reload_requested = False
+                if self.source is not None:
+                    self.source.poll_now()  # SIGHUP also means "fetch now"
                 self.notifier.reloading()
                 self._reload()
                 self._cycle_requested = True  # "reload now" also means "reconcile now"
                 self.notifier.ready(self._status_line())
             if self.debouncer.take(now) and self._reload():
                 self._cycle_requested = True
+            if self._source_update:
+                self._source_update = False
+                if self._reload():
+                    self._cycle_requested = True
             if self._worker is not None and self._result is not None:
                 self._worker.join()  # it has returned its result: only the thread's exit is left
                 self._finish_cycle(now)
@@ -252,6 +267,8 @@ class Daemon:
         """Re-read the config; True when a different valid config is now in force."""
         now = self.clock()
         partial: Mapping[str, NotifierConfig] = {}
+        if self.source is not None and not self.source.has_applied():
+            return self._no_revision_yet(now)
         try:
             desired = self.load(self.config_dir)
         except ConfigError as error:
@@ -348,6 +365,55 @@ class Daemon:
                 self.notifications.after_config([condition], now)
             except Exception:
                 log.exception("notify.failed", what="config")
+
+    # -- the git source -------------------------------------------------------------------------------
+
+    def _start_source(self) -> bool:
+        """Open the git source (``--once``: and fetch once now; else start its thread). False when it
+        cannot be followed at all (logged); without a source, forget any recorded one."""
+        if self.source is None:
+            if self._store is not None:
+                try:
+                    self._store.forget_source()
+                except Exception:
+                    log.exception("status.write_failed", what="source")
+            return True
+        try:
+            self.source.open(self._store)
+        except Exception as exc:  # GitError, TrustError: nothing can be fetched or verified
+            log.error("source.unusable", url=self.source.spec.display_url, error=str(exc))
+            return False
+        if self.once:
+            try:
+                self.source.poll_once()
+            except Exception:  # a bug must not hide the applied revision, which still runs
+                log.exception("source.poll_failed")
+        else:
+            self.source.start(self.source_applied)
+        return True
+
+    def source_applied(self) -> None:
+        """The source thread put a new revision in force: load it and reconcile."""
+        self._source_update = True
+        self.waker.wake()
+
+    def _no_revision_yet(self, now: datetime) -> bool:
+        """No trusted revision from the git source yet: nothing to load, the config condition says why."""
+        assert self.source is not None
+        message = (
+            f"no trusted revision of {self.source.spec.ref_name} from {self.source.spec.display_url} yet"
+        )
+        self._set_config_condition(
+            Condition(
+                "config",
+                CONFIG_NAME,
+                "Stalled",
+                "NoRevision",
+                f"{message} (see the source condition)",
+                updated=now,
+            )
+        )
+        return False
 
     def _set_config_condition(self, condition: Condition) -> None:
         if self._store is not None:

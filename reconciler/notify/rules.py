@@ -178,7 +178,7 @@ def _condition_problems(conditions: Sequence[Condition]) -> list[Problem]:
             continue  # told from the newest check, and per VM
         elif c.kind == "policy" and any(w in c.message for w in POLICY_WORDS_TOLD_ELSEWHERE):
             continue  # told as its host, repository or VM
-        elif c.kind in ("repository", "policy", "host"):
+        elif c.kind in ("repository", "policy", "host", "source"):
             out.append(Problem(f"error/{c.kind}/{c.name}", "error", f"{c.kind} {c.name}", c.message))
     return out
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Protocol
@@ -173,6 +173,14 @@ def _volume_space(config: RepositoryConfig) -> tuple[int | None, int | None]:
     return vfs.f_blocks * vfs.f_frsize, vfs.f_bavail * vfs.f_frsize
 
 
+def observe_repositories(
+    repositories: Iterable[RepositoryConfig], *, repo_opener: RepoOpener = open_repository
+) -> dict[str, RepositoryObservation]:
+    """Each repository's restore points (under a shared lock), or why it cannot be read: what
+    :func:`observe` reads of them, and all the approval check of a proposed config needs."""
+    return {config.name: _observe_repository(config, repo_opener) for config in repositories}
+
+
 def observe(
     desired: DesiredState,
     *,
@@ -192,9 +200,7 @@ def observe(
         daemon=True,
     )
     host_thread.start()
-    repositories = {
-        name: _observe_repository(config, repo_opener) for name, config in desired.repositories.items()
-    }
+    repositories = observe_repositories(desired.repositories.values(), repo_opener=repo_opener)
     host_thread.join()
     return ObservedState(
         time=now,

@@ -494,9 +494,15 @@ def _plan_host(b: _Builder, desired: DesiredState, observed: ObservedState, name
 # -- repositories: prune and gc --------------------------------------------------------------------
 
 
-def _plan_prune(b: _Builder, desired: DesiredState, repo: RepositoryObservation) -> int:
-    """Plan the prunes of ``repo``; returns how many points are planned to go."""
-    config = desired.repository(repo.name)
+def expired_points(
+    desired: DesiredState, repo: RepositoryObservation
+) -> tuple[list[tuple[RestorePoint, str]], dict[str, int]]:
+    """The points of ``repo`` the retention of their (active) policy no longer keeps, with the reason,
+    and per policy that no longer writes to ``repo`` the number of its points there (never pruned).
+
+    Before the per-run guard and ``prune.enabled``: the planner applies those, and the approval check of
+    a proposed config (:mod:`reconciler.planning.approval`) counts with the same rule.
+    """
     groups: dict[tuple[str, str], list[RestorePoint]] = defaultdict(list)
     for point in repo.points:
         groups[point.group].append(point)
@@ -517,6 +523,13 @@ def _plan_prune(b: _Builder, desired: DesiredState, repo: RepositoryObservation)
             if newest_success is not None and decision.point.id == newest_success.id:
                 raise AssertionError(f"retention would prune the newest successful point {decision.point.id}")
             expired.append((decision.point, decision.reason))
+    return expired, dict(unmanaged)
+
+
+def _plan_prune(b: _Builder, desired: DesiredState, repo: RepositoryObservation) -> int:
+    """Plan the prunes of ``repo``; returns how many points are planned to go."""
+    config = desired.repository(repo.name)
+    expired, unmanaged = expired_points(desired, repo)
     for policy_name, count in sorted(unmanaged.items()):
         b.notice(
             "info",

@@ -23,8 +23,11 @@ from reconciler.planning.observed import ObservedState, RunRecord, backup_key, v
 from reconciler.rules import schedule
 
 ConditionStatus = Literal["Ready", "Reconciling", "Stalled"]
-ObjectKind = Literal["config", "host", "vm", "policy", "repository"]
-KIND_ORDER: tuple[ObjectKind, ...] = ("config", "host", "repository", "policy", "vm")
+ObjectKind = Literal["source", "config", "host", "vm", "policy", "repository"]
+KIND_ORDER: tuple[ObjectKind, ...] = ("source", "config", "host", "repository", "policy", "vm")
+DAEMON_KINDS: tuple[ObjectKind, ...] = ("source", "config")
+"""Conditions the daemon's loop sets itself (the git source, the config); a cycle replacing the others
+keeps them."""
 CONFIG_NAME = "config"
 """The name of the single ``config`` object."""
 
@@ -438,5 +441,5 @@ def derive_conditions(
 
 
 def sort_conditions(conditions: Iterable[Condition]) -> list[Condition]:
-    """By kind (config, host, repository, policy, vm), then name."""
+    """By kind (source, config, host, repository, policy, vm), then name."""
     return sorted(conditions, key=lambda c: (KIND_ORDER.index(c.kind), c.name))

@@ -40,6 +40,7 @@ from reconciler.status.history import (
     event_from_outcome,
     migrate_actions,
 )
+from reconciler.status.source import SourceStatus
 
 log = structlog.get_logger(__name__)
 
@@ -80,6 +81,11 @@ CREATE TABLE IF NOT EXISTS conditions (
     revision TEXT,
     updated TEXT,
     PRIMARY KEY (kind, name)
+);
+CREATE TABLE IF NOT EXISTS source (
+    name TEXT PRIMARY KEY,
+    status TEXT NOT NULL,
+    updated TEXT NOT NULL
 );
 """
 
@@ -409,6 +415,31 @@ class StatusStore:
                 )
             )
         return sort_conditions(out)
+
+    # -- the git source -------------------------------------------------------------------------------
+
+    def record_source(self, status: SourceStatus, now: datetime) -> None:
+        """Store the git source's revisions (one row per source, replaced)."""
+        with self._write() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO source (name, status, updated) VALUES (?, ?, ?)",
+                (status.name, json.dumps(status.to_dict(), ensure_ascii=False), _iso(now)),
+            )
+
+    def forget_source(self) -> None:
+        """The daemon follows no git source (any more): drop its row and condition."""
+        with self._write() as db:
+            db.execute("DELETE FROM source")
+            db.execute("DELETE FROM conditions WHERE kind = 'source'")
+
+    def source_status(self) -> SourceStatus | None:
+        """The git source's revisions, or None when the daemon does not follow one (or never did)."""
+        with self._lock:
+            try:
+                row = self._db.execute("SELECT status FROM source ORDER BY updated DESC LIMIT 1").fetchone()
+            except sqlite3.OperationalError:  # a file written before the table existed, opened read-only
+                return None
+        return SourceStatus.from_dict(json.loads(row[0])) if row else None
 
 
 def status_path(state_dir: Path) -> Path:

@@ -23,6 +23,7 @@ IO_LIBRARIES = (
 IO_PACKAGES = (
     *("reconciler.esxi", "reconciler.repository", "reconciler.operations", "reconciler.status.store"),
     *("reconciler.config.loader", "reconciler.config.revision", "reconciler.daemon", "reconciler.commands"),
+    *("reconciler.gitsource", "reconciler.config.source"),
 )
 
 
@@ -79,6 +80,8 @@ def test_every_exception_is_needed(tmp_path: Path, line: str) -> None:
         ("daemon/cycle.py", "import apprise", "apprise only inside notify/"),
         ("notify/rules.py", "import reconciler.notify.send", "Deciding what to notify does no I/O"),
         ("notify/rules.py", "import time", "Deciding what to notify does no I/O"),
+        ("gitsource/sync.py", "import reconciler.daemon.loop", "Layers"),
+        ("planning/approval.py", "import reconciler.gitsource.git", "Deciding does no I/O"),
     ],
 )
 def test_a_violation_is_caught(tmp_path: Path, module: str, statement: str, contract: str) -> None:
@@ -97,8 +100,11 @@ def test_a_violation_is_caught(tmp_path: Path, module: str, statement: str, cont
         "reconciler.planning.render",
         "reconciler.planning.fingerprint",
         "reconciler.planning.backup_mode",
+        "reconciler.planning.approval",
+        "reconciler.planning.review",
         "reconciler.status.conditions",
         "reconciler.notify.rules",
+        "reconciler.status.source",
         "reconciler.rules.schedule",
         "reconciler.rules.retention",
         "reconciler.rules.durations",
