@@ -13,9 +13,12 @@ from reconciler.commands.common import ExitCode, add_command, config_dir, emit_j
 from reconciler.printable import printable
 
 if TYPE_CHECKING:
+    from collections.abc import Mapping
+
     from reconciler.daemon.heartbeat import Heartbeat
     from reconciler.planning.observed import RunRecord
     from reconciler.status.conditions import Condition
+    from reconciler.status.history import Event
     from reconciler.status.source import SourceStatus
     from reconciler.status.store import PlanRecord
 
@@ -36,6 +39,7 @@ A monitoring check: exit 0 healthy; 1 unhealthy, with one line per reason:
   rpo-missed          a VM has no successful backup within its policy's RPO (spec.rpo;
                       default: twice the longest interval between scheduled runs)
   rpo-unchecked       the config cannot be loaded, so the RPOs could not be checked
+  notify-failed       a Notifier's last message was not sent (`history --kind notify`)
 3 when there is no status data at all (has the daemon run with this --state-dir?).
 """
 
@@ -170,6 +174,23 @@ def rpo_problems(now: datetime, policies: Any, history: dict[str, RunRecord]) ->
     return problems
 
 
+def notify_problems(notifiers: Any, sends: Mapping[tuple[str, str], Event]) -> list[Problem]:
+    """Notifiers of the config whose last message was not sent (pure): the owner would not hear of the
+    next failure. ``sends``: the newest ``notify`` event per notifier, from the history."""
+    problems = []
+    for name in sorted(notifiers):
+        last = sends.get(("notify", name))
+        if last is not None and last.outcome == "failed":
+            problems.append(
+                Problem(
+                    "notify-failed",
+                    f"notifier {name}: the last message was not sent ({last.time:%Y-%m-%d %H:%M}Z:"
+                    f" {last.detail.get('error') or last.message}); try `esxi-reconciler notify test {name}`",
+                )
+            )
+    return problems
+
+
 def _stalled_problems(conditions: list[Condition]) -> list[Problem]:
     stalled = [c for c in conditions if c.status == "Stalled"]
     if not stalled:
@@ -242,6 +263,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         last_plan = store.last_plan()
         failures = store.actions(limit=RECENT_FAILURES, status="failed")
         history = store.history()
+        sends = store.events.latest(("notify",))
     running, pid = running_daemon(directory)
     beat = read_heartbeat(directory)
     now = datetime.now(timezone.utc)
@@ -268,6 +290,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     else:
         rpo_checked = True
         problems += rpo_problems(now, desired.policies, history)
+        problems += notify_problems(desired.notifiers, sends)
     code = ExitCode.FAILED if problems else ExitCode.OK
 
     if args.json:

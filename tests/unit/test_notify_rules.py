@@ -228,3 +228,22 @@ def test_notices_and_plans_feed_the_same_words(desired: DesiredState, ops: Notif
     conditions = derive_conditions(desired, seen, plan=the_plan)
     found = {p.key: p for p in problems(Facts(NOW, conditions, desired=desired, observed=seen), ops)}
     assert found["backup-failed/vm/esxi1/web01"].message == "snapshot 'keep me' is not ours: no backup"
+
+
+def test_status_says_when_a_notifiers_last_message_was_not_sent(ops: Notifier) -> None:
+    from reconciler.commands.status import notify_problems
+    from reconciler.status.history import Event
+
+    failed = Event(
+        NOW, "notify", "ops", "failed", "x: not sent", detail={"error": "535 authentication failed"}
+    )
+    sent = replace(failed, outcome="ok", detail={})
+    assert notify_problems({"ops": ops}, {("notify", "ops"): sent}) == []
+    assert notify_problems({"ops": ops}, {}) == []
+    (problem,) = notify_problems({"ops": ops}, {("notify", "ops"): failed})
+    assert problem.code == "notify-failed"
+    assert problem.message == (
+        "notifier ops: the last message was not sent (2026-11-26 03:00Z: 535 authentication failed);"
+        " try `esxi-reconciler notify test ops`"
+    )
+    assert notify_problems({}, {("notify", "ops"): failed}) == []  # no longer configured
