@@ -17,6 +17,7 @@ import argparse
 import importlib
 import sys
 from collections.abc import Sequence
+from datetime import datetime, timezone
 
 import structlog
 
@@ -144,6 +145,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         return int(ExitCode.USAGE)
     error: str | None = None
+    started = datetime.now(timezone.utc)
     with json_mode(args.json):
         try:
             code = int(handler(args))
@@ -154,7 +156,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             code, error = report_failure(args, exc), failure_line(exc)
         else:
             error = None if code == ExitCode.OK else f"exit code {code}"
-        record_command(args, code, error)
+        record_command(args, code, error, started)
         return code
 
 

@@ -18,6 +18,7 @@ import os
 import sys
 import traceback
 from collections.abc import Callable, Iterator
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn, TextIO
 
@@ -316,7 +317,9 @@ RECORDED_VERBS = ("backup", "restore", "export", "verify")
 """Verbs whose runs go into the history (``esxi-reconciler history``) next to the daemon's own work."""
 
 
-def record_command(args: argparse.Namespace, code: int, error: str | None = None) -> None:
+def record_command(
+    args: argparse.Namespace, code: int, error: str | None = None, started: datetime | None = None
+) -> None:
     """Add a run of a data verb (:data:`RECORDED_VERBS`) to the history of the state directory: what was
     asked (from the command line, which holds no secret), when, and how it ended. Best effort: a user who
     cannot write the state directory still gets the verb's work, without a record. Only where a status
@@ -324,8 +327,6 @@ def record_command(args: argparse.Namespace, code: int, error: str | None = None
     (nothing was attempted)."""
     if args.command not in RECORDED_VERBS or code in (ExitCode.USAGE, ExitCode.CONFIG):
         return
-    from datetime import datetime, timezone
-
     from reconciler.status.history import Event, EventOutcome
     from reconciler.status.store import StatusStore, status_path
 
@@ -354,7 +355,8 @@ def record_command(args: argparse.Namespace, code: int, error: str | None = None
         kind=args.command,
         subject=subject,
         outcome=outcome,
-        message=error or f"{command_name(args)} from the command line: done",
+        message=error or f"{command_name(args)} from the command line: done (exit {int(code)})",
+        started=started,
         host=host,
         vm=vm,
         policy=policy,

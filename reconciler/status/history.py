@@ -412,16 +412,24 @@ class EventLog:
         return [_row_event(row) for row in rows]
 
     def latest(
-        self, kinds: Sequence[str], *, outcomes: Sequence[str] = ("ok", "failed")
+        self,
+        kinds: Sequence[str],
+        *,
+        outcomes: Sequence[str] = ("ok", "failed"),
+        command_line: bool = True,
     ) -> dict[tuple[str, str], Event]:
         """The newest event of each (kind, subject) among ``kinds`` with one of ``outcomes`` (by default
         work that was done: skipped attempts say nothing about the data): the last verify of each
-        repository, the last backup of each VM."""
+        repository, the last backup of each VM. ``command_line=False`` leaves out the runs of verbs from
+        the command line (:func:`reconciler.commands.common.record_command`): the notifications judge the
+        daemon's own checks, which a hand-run verify of other repositories, or one that stopped at a
+        lock, must neither hide nor fake."""
         kind_marks = ", ".join("?" for _ in kinds)
         outcome_marks = ", ".join("?" for _ in outcomes)
+        origin = "" if command_line else " AND json_extract(detail, '$.command_line') IS NULL"
         sql = (
             f"SELECT {_COLUMNS} FROM events WHERE id IN (SELECT MAX(id) FROM events"  # noqa: S608
-            f" WHERE kind IN ({kind_marks}) AND outcome IN ({outcome_marks}) GROUP BY kind, subject)"
+            f" WHERE kind IN ({kind_marks}) AND outcome IN ({outcome_marks}){origin} GROUP BY kind, subject)"
         )
         with self._lock:
             rows = self._db.execute(sql, (*kinds, *outcomes)).fetchall()

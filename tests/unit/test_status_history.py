@@ -89,6 +89,22 @@ def test_queries_by_vm_policy_kind_outcome_and_time(tmp_path: Path) -> None:
         assert [a.subject for a in store.actions(status="failed")] == ["nas", "esxi1/db01"]
 
 
+def test_the_daemons_checks_apart_from_runs_of_verbs_from_the_command_line(tmp_path: Path) -> None:
+    """A verify run by hand (recorded with its command line) is in the history, but the newest check the
+    notifications judge stays the daemon's own: a hand-run verify that stopped at a lock neither hides
+    the daemon's damage report nor becomes one."""
+    with StatusStore.open(status_path(tmp_path)) as store:
+        verify = RunVerify(reason="due", verify_policy="weekly", repository="nas", read_data_percent=10)
+        store.record_outcome(Outcome(verify, "failed", T0, T0, error="2 damaged chunks"), REV)
+        by_hand = {"command_line": {"command": "verify", "repositories": ["nas"]}, "exit_code": 1}
+        later = T0 + timedelta(hours=1)
+        store.events.record(Event(later, "verify", "nas", "failed", "locked by a backup", detail=by_hand))
+        store.events.record(Event(later, "verify", "every repository", "failed", "locked", detail=by_hand))
+        assert store.events.latest(("verify",))[("verify", "nas")].message == "locked by a backup"
+        daemons = store.events.latest(("verify",), command_line=False)
+    assert list(daemons) == [("verify", "nas")] and daemons[("verify", "nas")].message == "2 damaged chunks"
+
+
 def test_compaction_deletes_old_events_drops_old_detail_and_bounds_the_rows(tmp_path: Path) -> None:
     now = T0 + timedelta(days=500)
     with StatusStore.open(status_path(tmp_path)) as store:
