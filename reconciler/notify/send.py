@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import re
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -87,6 +88,18 @@ def resolve_url(notifier: Notifier) -> tuple[str, list[str]]:
 
 def _scheme(url: str) -> str:
     return url.split("://", 1)[0]
+
+
+def url_problem(notifier: Notifier) -> str | None:
+    """Why apprise cannot use the notifier's URL (its scheme or form), checked without its secrets (each
+    placeholder stands in as ``x``), or None: for ``validate``, which reads no secret."""
+    url = re.sub(r"\{[^{}]*\}", "x", notifier.url)
+    if apprise.Apprise().add(url):
+        return None
+    return (
+        f"apprise does not understand the URL (scheme {_scheme(url)}://): this notifier cannot send;"
+        " check it against the apprise documentation"
+    )
 
 
 def check(notifier: Notifier) -> None:

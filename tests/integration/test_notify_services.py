@@ -212,6 +212,17 @@ def test_notify_test_names_what_is_wrong(tmp_path: Path, capsys: pytest.CaptureF
     notifier(tmp_path, "nosuchservice://x/y", name="odd")
     assert main(["--config", str(tmp_path / "config-odd"), "notify", "test", "odd"]) == 78
     assert "apprise does not understand the URL (scheme nosuchservice://)" in capsys.readouterr().err
+    # validate knows the scheme is wrong: a warning (the daemon loads it too, and logs notify.unusable)
+    assert main(["--config", str(tmp_path / "config-odd"), "validate"]) == 0
+    err = capsys.readouterr().err
+    assert err.startswith("warning: notifier.yaml:1:1 spec.url: apprise does not understand the URL (scheme")
+    assert main(["--config", str(tmp_path / "config-odd"), "validate", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    check("validate", doc)
+    assert [w["path"] for w in doc["warnings"]] == ["spec.url"]
+    # a known scheme, its secret not set: validate reads no secret (--resolve-secrets does), no warning
+    assert main(["--config", str(tmp_path / "config-n"), "validate"]) == 0
+    assert "warning" not in capsys.readouterr().err
 
 
 def test_a_service_down_for_a_while_is_retried(tmp_path: Path, receiver: HttpReceiver) -> None:
