@@ -16,6 +16,7 @@ import queue
 import re
 import threading
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from urllib.parse import quote, quote_plus
@@ -26,6 +27,10 @@ import structlog
 from reconciler.config.model import Notifier
 from reconciler.config.secrets import SecretError
 from reconciler.notify.rules import Message
+
+# apprise's plugins, loaded on first use, import the deprecated imghdr: a warning line in a verb's output
+# that is neither ours to fix nor the user's to read
+warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"apprise(\.|$)")
 
 log = structlog.get_logger(__name__)
 
