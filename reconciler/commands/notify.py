@@ -84,7 +84,11 @@ def cmd_notify_test(args: argparse.Namespace) -> int:
     result = send_once(notifier, message)
     _record(args, now, notifier, message, result)
     if not result.ok:
-        fail(f"notifier {notifier.name}: not sent: {result.error}", "notify-failed")
+        fail(
+            f"notifier {notifier.name}: not sent: {result.error}; check that the service is up and"
+            f" reachable from this machine, and spec.url and its secrets ({notifier.source})",
+            "notify-failed",
+        )
     if args.json:
         emit_json(
             {
