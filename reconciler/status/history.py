@@ -253,6 +253,32 @@ class Retention:
     keep_detail: timedelta = timedelta(days=90)
     max_events: int = 200_000
 
+    def to_dict(self) -> dict[str, float | int]:
+        return {
+            "keep_seconds": self.keep.total_seconds(),
+            "keep_detail_seconds": self.keep_detail.total_seconds(),
+            "max_events": self.max_events,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any] | None) -> Retention:
+        """The retention :meth:`to_dict` wrote; the default for None or a document it cannot read."""
+        if data is None:
+            return cls()
+        try:
+            return cls(
+                timedelta(seconds=float(data["keep_seconds"])),
+                timedelta(seconds=float(data["keep_detail_seconds"])),
+                int(data["max_events"]),
+            )
+        except (TypeError, KeyError, ValueError):
+            return cls()
+
+
+COMPACTED_KEY = "history/compacted"
+"""The state document saying when the event log was last compacted, and with which retention."""
+COMPACT_EVERY = timedelta(days=1)
+
 
 @dataclass(frozen=True)
 class CompactionReport:
@@ -499,6 +525,20 @@ class EventLog:
                 self._db.execute("VACUUM")
                 vacuumed = True
         return CompactionReport(deleted, len(rows), vacuumed)
+
+    def compact_daily(self, now: datetime, retention: Retention | None = None) -> CompactionReport | None:
+        """:meth:`compact` when a day has passed since the last time (None when not yet). ``retention``:
+        the daemon's (``run --keep-history``), remembered here; None (``apply`` from cron, without a
+        daemon) uses the one the daemon last used on this file, else the default, so a run of ``apply``
+        never deletes what the daemon was told to keep."""
+        last = self.get_state(COMPACTED_KEY)
+        if retention is None:
+            retention = Retention.from_dict(last.get("retention") if last else None)
+        if last is not None and now - datetime.fromisoformat(last["time"]) < COMPACT_EVERY:
+            return None
+        report = self.compact(now, retention)
+        self.put_state(COMPACTED_KEY, {"time": now.isoformat(), "retention": retention.to_dict()}, now)
+        return report
 
     # -- small state documents (the notifications' memory) --------------------------------------------
 

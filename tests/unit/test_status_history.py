@@ -124,6 +124,30 @@ def test_compaction_deletes_old_events_drops_old_detail_and_bounds_the_rows(tmp_
         assert len(store.events.events(HistoryQuery(limit=None))) == 10
 
 
+def test_compacted_once_a_day_with_the_retention_the_daemon_was_given(tmp_path: Path) -> None:
+    """The daemon compacts once a day with its ``--keep-history``; ``apply`` (cron, no daemon) compacts
+    with the retention the daemon last used, so it never deletes what the daemon keeps."""
+    now = T0 + timedelta(days=1000)
+    with StatusStore.open(status_path(tmp_path)) as store:
+        for days in (900, 500, 10):
+            at = now - timedelta(days=days)
+            store.record_outcome(Outcome(backup(), "ok", at, at, detail=backup_detail()), REV)
+        long = Retention(keep=timedelta(days=800), keep_detail=timedelta(days=30))
+        first = store.events.compact_daily(now, long)
+        assert first is not None and (first.deleted, first.compacted) == (1, 1)
+        assert store.events.compact_daily(now + timedelta(hours=23), long) is None  # once a day
+        at = now + timedelta(days=1)
+        store.record_outcome(Outcome(backup(), "ok", at, at, detail=backup_detail()), REV)
+        later = store.events.compact_daily(now + timedelta(days=2))  # apply: no retention of its own
+        assert later is not None and later.deleted == 0  # 502 days old: kept for the daemon's 800
+        assert len(store.events.events()) == 3
+    with StatusStore.open(status_path(tmp_path / "fresh")) as store:  # no daemon ever: the default
+        old = now - timedelta(days=500)
+        store.record_outcome(Outcome(backup(), "ok", old, old, detail=backup_detail()), REV)
+        report = store.events.compact_daily(now)
+        assert report is not None and report.deleted == 1
+
+
 def test_state_documents(tmp_path: Path) -> None:
     with StatusStore.open(status_path(tmp_path)) as store:
         assert store.events.get_state("notify/ops") is None
