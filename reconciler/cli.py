@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from collections.abc import Sequence
 from datetime import datetime, timezone
@@ -152,6 +153,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         except KeyboardInterrupt:
             print(f"esxi-reconciler {args.command}: interrupted", file=sys.stderr)
             code, error = int(ExitCode.INTERRUPTED), "interrupted"
+        except BrokenPipeError:
+            # `| head` has read enough: stop quietly (stdout to /dev/null, so that the flush at exit
+            # does not fail again)
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            code, error = int(ExitCode.PIPE), "the reader of the output went away"
         except Exception as exc:
             code, error = report_failure(args, exc), failure_line(exc)
         else:

@@ -58,13 +58,17 @@ class ExitCode(enum.IntEnum):
     """The configuration is missing or invalid, or a secret cannot be read (EX_CONFIG)."""
     INTERRUPTED = 130
     """Stopped by SIGINT (Ctrl-C); SIGTERM gives 143."""
+    PIPE = 141
+    """The reader of the output went away (``history | head``): nothing more written, no traceback; the
+    shell's code for a process ended by SIGPIPE."""
 
 
 EXIT_CODES_HELP = """\
 exit codes: 0 success; 1 the operation failed; 2 changes (plan/apply --detailed-exitcode);
 3 incomplete: a host or repository could not be observed (plan --detailed-exitcode), no
 status data (status); 64 usage error; 70 internal error (run again with -v); 78 configuration
-error; 130/143 interrupted by SIGINT/SIGTERM. See README "Exit codes"."""
+error; 130/143 interrupted by SIGINT/SIGTERM; 141 the reader of the output went away
+(| head). See README "Exit codes"."""
 
 
 class UsageParser(argparse.ArgumentParser):

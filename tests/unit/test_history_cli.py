@@ -5,6 +5,8 @@ filter it cannot read)."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -141,3 +143,16 @@ def test_a_filter_it_cannot_read_is_a_usage_error(
         run(capsys, "--state-dir", str(tmp_path), "history", *argv)
     assert caught.value.code == 64
     assert said in capsys.readouterr().err
+
+
+def test_a_reader_that_goes_away_ends_it_quietly(tmp_path: Path) -> None:
+    """``history --json | head``: exit 141 (as for SIGPIPE), nothing on stderr, no traceback."""
+    with StatusStore.open(status_path(tmp_path)) as store:
+        now = datetime.now(timezone.utc)
+        for i in range(3000):  # far more than a pipe holds
+            store.events.record(Event(now, "condition", f"vm esxi1/vm{i}", "info", "Ready UpToDate " * 4))
+    cli = Path(sys.executable).parent / "esxi-reconciler"
+    history = f"{cli} --state-dir {tmp_path} history --json --limit 0"
+    script = f"{history} | head -c 100 >/dev/null; echo ${{PIPESTATUS[0]}}"
+    done = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=120, check=True)
+    assert (done.stdout, done.stderr) == ("141\n", "")
