@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from collections.abc import Sequence
+from datetime import datetime, timezone
 
 import structlog
 
@@ -27,8 +29,10 @@ from reconciler.commands.common import (
     ExitCode,
     Handler,
     UsageParser,
+    failure_line,
     global_options_parent,
     json_mode,
+    record_command,
     report_failure,
 )
 from reconciler.config.loader import CONFIG_ENV, DEFAULT_CONFIG_DIR
@@ -48,6 +52,8 @@ COMMANDS: tuple[str, ...] = (
     "files",
     "run",
     "status",
+    "history",
+    "notify",
     "schema",
     "completion",
 )
@@ -80,6 +86,9 @@ examples:
   esxi-reconciler verify                    check every repository can be restored (reads all data)
   esxi-reconciler verify nas --read-data-subset 10%
                                             ditto, reading a random tenth of the data
+  esxi-reconciler history --vm web01 --since 7d
+                                            its backups of the last week (mode, bytes, took)
+  esxi-reconciler notify test ops-mail      send a test message through a Notifier
   esxi-reconciler restore web01             restore its newest point as a new VM
   esxi-reconciler restore web01 --overwrite
                                             put it back over web01 itself (asks first)
@@ -138,14 +147,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     if handler is None:
         parser.print_help(sys.stderr)
         return int(ExitCode.USAGE)
+    error: str | None = None
+    started = datetime.now(timezone.utc)
     with json_mode(args.json):
         try:
-            return int(handler(args))
+            code = int(handler(args))
         except KeyboardInterrupt:
             print(f"esxi-reconciler {args.command}: interrupted", file=sys.stderr)
-            return int(ExitCode.INTERRUPTED)
+            code, error = int(ExitCode.INTERRUPTED), "interrupted"
+        except BrokenPipeError:
+            # `| head` has read enough: stop quietly (stdout to /dev/null, so that the flush at exit
+            # does not fail again)
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            code, error = int(ExitCode.PIPE), "the reader of the output went away"
         except Exception as exc:
-            return report_failure(args, exc)
+            code, error = report_failure(args, exc), failure_line(exc)
+        else:
+            error = None if code == ExitCode.OK else f"exit code {code}"
+        record_command(args, code, error, started)
+        return code
 
 
 if __name__ == "__main__":

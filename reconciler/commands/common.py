@@ -18,6 +18,7 @@ import os
 import sys
 import traceback
 from collections.abc import Callable, Iterator
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn, TextIO
 
@@ -57,13 +58,17 @@ class ExitCode(enum.IntEnum):
     """The configuration is missing or invalid, or a secret cannot be read (EX_CONFIG)."""
     INTERRUPTED = 130
     """Stopped by SIGINT (Ctrl-C); SIGTERM gives 143."""
+    PIPE = 141
+    """The reader of the output went away (``history | head``): nothing more written, no traceback; the
+    shell's code for a process ended by SIGPIPE."""
 
 
 EXIT_CODES_HELP = """\
 exit codes: 0 success; 1 the operation failed; 2 changes (plan/apply --detailed-exitcode);
 3 incomplete: a host or repository could not be observed (plan --detailed-exitcode), no
 status data (status); 64 usage error; 70 internal error (run again with -v); 78 configuration
-error; 130/143 interrupted by SIGINT/SIGTERM. See README "Exit codes"."""
+error; 130/143 interrupted by SIGINT/SIGTERM; 141 the reader of the output went away
+(| head). See README "Exit codes"."""
 
 
 class UsageParser(argparse.ArgumentParser):
@@ -127,9 +132,19 @@ def emit_json(doc: Any) -> None:
 
 
 def command_name(args: argparse.Namespace) -> str:
-    """``backup``, ``repo gc``, ``repo key passwd``, ``points forget``: how messages name the verb."""
-    subs = (getattr(args, name, None) for name in ("repo_command", "key_command", "points_command"))
+    """``backup``, ``repo gc``, ``repo key passwd``, ``points forget``, ``notify test``: how messages name
+    the verb."""
+    names = ("repo_command", "key_command", "points_command", "notify_command")
+    subs = (getattr(args, name, None) for name in names)
     return " ".join(str(part) for part in (args.command, *subs) if part)
+
+
+def failure_line(exc: BaseException) -> str:
+    """The one line an exception that ended a verb is reported with (for the history)."""
+    from reconciler.operations.failures import explain
+
+    explained = explain(exc)
+    return explained.message if explained is not None else f"internal error: {type(exc).__name__}: {exc}"
 
 
 def report_failure(args: argparse.Namespace, exc: BaseException) -> int:
@@ -300,6 +315,63 @@ def repository_config(args: argparse.Namespace, command: str) -> RepositoryConfi
     if args.repository not in desired.repositories:
         unknown_name(command, "Repository", args.repository, sorted(desired.repositories))
     return desired.repositories[args.repository]
+
+
+RECORDED_VERBS = ("backup", "restore", "export", "verify")
+"""Verbs whose runs go into the history (``esxi-reconciler history``) next to the daemon's own work."""
+
+
+def record_command(
+    args: argparse.Namespace, code: int, error: str | None = None, started: datetime | None = None
+) -> None:
+    """Add a run of a data verb (:data:`RECORDED_VERBS`) to the history of the state directory: what was
+    asked (from the command line, which holds no secret), when, and how it ended. Best effort: a user who
+    cannot write the state directory still gets the verb's work, without a record. Only where a status
+    file exists (the daemon's or ``apply``'s state directory), and not for a usage or configuration error
+    (nothing was attempted)."""
+    if args.command not in RECORDED_VERBS or code in (ExitCode.USAGE, ExitCode.CONFIG):
+        return
+    from reconciler.status.history import Event, EventOutcome
+    from reconciler.status.store import StatusStore, status_path
+
+    path = status_path(state_dir(args))
+    if not path.exists():
+        return
+    vm: str | None = getattr(args, "vm", None)
+    host: str | None = getattr(args, "from_host", None)
+    policy: str | None = getattr(args, "policy", None)
+    repository: str | None = getattr(args, "repository", None)
+    repositories = getattr(args, "repositories", None)
+    if args.command == "verify":
+        subject = ", ".join(repositories or ()) or "every repository"
+    elif args.command == "backup":
+        subject = f"policy {policy}" + (f", VM {vm}" if vm else "")
+    else:
+        subject = f"{host}/{vm}" if host and vm else str(vm)
+    asked = {
+        k: v if isinstance(v, str | int | float | bool) or v is None else str(v)
+        for k, v in sorted(vars(args).items())
+        if k not in ("handler", "json", "log_format", "log_level", "config", "state_dir")
+    }
+    outcome: EventOutcome = "ok" if code in (ExitCode.OK, ExitCode.CHANGES) else "failed"
+    event = Event(
+        time=datetime.now(timezone.utc),
+        kind=args.command,
+        subject=subject,
+        outcome=outcome,
+        message=error or f"{command_name(args)} from the command line: done (exit {int(code)})",
+        started=started,
+        host=host,
+        vm=vm,
+        policy=policy,
+        repository=repository,
+        detail={"command_line": asked, "exit_code": int(code)},
+    )
+    try:
+        with StatusStore.open(path) as store:
+            store.events.record(event)
+    except Exception:  # noqa: S110, BLE001  the record is a courtesy; the verb's output says what happened
+        pass
 
 
 def add_yes_option(parser: argparse.ArgumentParser, what: str) -> None:

@@ -93,6 +93,20 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         "(keep systemd's TimeoutStopSec= above it)",
     )
     parser.add_argument(
+        "--keep-history",
+        metavar="DURATION",
+        type=_duration,
+        default=timedelta(days=400),
+        help="keep the event log (`esxi-reconciler history`) this long; default: 400d",
+    )
+    parser.add_argument(
+        "--keep-history-detail",
+        metavar="DURATION",
+        type=_duration,
+        default=timedelta(days=90),
+        help="keep each backup's per-disk detail this long (the totals stay); default: 90d",
+    )
+    parser.add_argument(
         "--debounce",
         metavar="DURATION",
         type=_duration,
@@ -166,6 +180,7 @@ def _source(args: argparse.Namespace) -> SourceTracker:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from reconciler.daemon import Daemon
+    from reconciler.status.history import Retention
     from reconciler.status.store import StatusStore, status_path
 
     directory = state_dir(args)
@@ -183,6 +198,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         debounce=args.debounce.total_seconds(),
         stop_timeout=args.stop_timeout.total_seconds(),
         once=args.once,
+        history=Retention(
+            keep=args.keep_history, keep_detail=min(args.keep_history_detail, args.keep_history)
+        ),
     )
     code = daemon.run()
     if args.json and args.once:

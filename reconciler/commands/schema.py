@@ -37,6 +37,7 @@ KINDS = {
     "verify-policy": ("VerifyPolicy", "verify-policy.schema.json"),
     "copy-policy": ("CopyPolicy", "copy-policy.schema.json"),
     "git-source": ("GitSource", "git-source.schema.json"),
+    "notifier": ("Notifier", "notifier.schema.json"),
     "all": ("any kind", "esxi-reconciler.schema.json"),
 }
 """The names ``schema`` accepts (also as the kind is spelled in a document: ``BackupPolicy``)."""
@@ -67,7 +68,8 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         nargs="?",
         type=_kind,
         choices=tuple(KINDS),
-        help="host, repository, backup-policy, verify-policy, copy-policy, git-source (the bootstrap file"
+        help="host, repository, backup-policy, verify-policy, copy-policy, notifier, git-source (the"
+        " bootstrap file"
         " of run --source), or all (any kind of the config)",
     )
     parser.add_argument("--list", action="store_true", help="list the kinds and their schema files")

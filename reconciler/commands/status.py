@@ -13,9 +13,12 @@ from reconciler.commands.common import ExitCode, add_command, config_dir, emit_j
 from reconciler.printable import printable
 
 if TYPE_CHECKING:
+    from collections.abc import Mapping
+
     from reconciler.daemon.heartbeat import Heartbeat
     from reconciler.planning.observed import RunRecord
     from reconciler.status.conditions import Condition
+    from reconciler.status.history import Event
     from reconciler.status.source import SourceStatus
     from reconciler.status.store import PlanRecord
 
@@ -36,6 +39,7 @@ A monitoring check: exit 0 healthy; 1 unhealthy, with one line per reason:
   rpo-missed          a VM has no successful backup within its policy's RPO (spec.rpo;
                       default: twice the longest interval between scheduled runs)
   rpo-unchecked       the config cannot be loaded, so the RPOs could not be checked
+  notify-failed       a Notifier's last message was not sent (`history --kind notify`)
 3 when there is no status data at all (has the daemon run with this --state-dir?).
 """
 
@@ -149,22 +153,12 @@ def daemon_problems(
 
 def rpo_problems(now: datetime, policies: Any, history: dict[str, RunRecord]) -> list[Problem]:
     """VMs whose last successful backup is older than their policy's recovery-point objective (pure):
-    ``policies`` maps names to BackupPolicy, ``history`` is the run records of the status store."""
-    from reconciler.rules.schedule import default_rpo
+    ``policies`` maps names to BackupPolicy, ``history`` is the run records of the status store. The
+    notifications judge alike (``stale``: :func:`reconciler.notify.rules.stale_vms`)."""
+    from reconciler.notify.rules import stale_vms
 
     problems = []
-    for key, record in sorted(history.items()):
-        kind, _, rest = key.partition("/")
-        policy_name, _, vm_key = rest.partition("/")
-        policy = policies.get(policy_name)
-        if kind != "backup" or policy is None or policy.suspend:
-            continue
-        rpo = policy.rpo or default_rpo(policy.schedule, now)
-        if rpo is None:
-            continue
-        since = record.last_succeeded or record.last_started
-        if since is None or now - since <= rpo:
-            continue
+    for policy_name, host, vm, record, rpo in stale_vms(now, policies, history):
         last = (
             f"last success {record.last_succeeded:%Y-%m-%d %H:%M}Z"
             if record.last_succeeded
@@ -173,10 +167,27 @@ def rpo_problems(now: datetime, policies: Any, history: dict[str, RunRecord]) ->
         problems.append(
             Problem(
                 "rpo-missed",
-                f"VM {vm_key} (policy {policy_name}): {last}, older than its RPO of {_age(rpo)}"
+                f"VM {host}/{vm} (policy {policy_name}): {last}, older than its RPO of {_age(rpo)}"
                 + (f"; last error: {record.last_error}" if record.last_error else ""),
             )
         )
+    return problems
+
+
+def notify_problems(notifiers: Any, sends: Mapping[tuple[str, str], Event]) -> list[Problem]:
+    """Notifiers of the config whose last message was not sent (pure): the owner would not hear of the
+    next failure. ``sends``: the newest ``notify`` event per notifier, from the history."""
+    problems = []
+    for name in sorted(notifiers):
+        last = sends.get(("notify", name))
+        if last is not None and last.outcome == "failed":
+            problems.append(
+                Problem(
+                    "notify-failed",
+                    f"notifier {name}: the last message was not sent ({last.time:%Y-%m-%d %H:%M}Z:"
+                    f" {last.detail.get('error') or last.message}); try `esxi-reconciler notify test {name}`",
+                )
+            )
     return problems
 
 
@@ -252,6 +263,7 @@ def cmd_status(args: argparse.Namespace) -> int:  # noqa: C901  the verb's sourc
         last_plan = store.last_plan()
         failures = store.actions(limit=RECENT_FAILURES, status="failed")
         history = store.history()
+        sends = store.events.latest(("notify",))
     running, pid = running_daemon(directory)
     beat = read_heartbeat(directory)
     now = datetime.now(timezone.utc)
@@ -278,6 +290,7 @@ def cmd_status(args: argparse.Namespace) -> int:  # noqa: C901  the verb's sourc
     else:
         rpo_checked = True
         problems += rpo_problems(now, desired.policies, history)
+        problems += notify_problems(desired.notifiers, sends)
     code = ExitCode.FAILED if problems else ExitCode.OK
 
     if args.json:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
+from typing import Any
 
 
 @dataclass(frozen=True, order=True)
@@ -46,6 +47,9 @@ class ConfigError(Exception):
 
     def __init__(self, issues: Iterable[ConfigIssue]) -> None:
         self.issues: tuple[ConfigIssue, ...] = tuple(sorted(set(issues)))
+        self.notifiers: tuple[Any, ...] = ()
+        """The config's Notifier objects that are valid on their own (``config.model.Notifier``), so that
+        the daemon can report the invalid config through them."""
         super().__init__(self._summary())
 
     def _summary(self) -> str:

@@ -461,12 +461,70 @@ def _build_copy_policy(build: _Build, doc: Document, spec: dict[str, Any]) -> mo
     )
 
 
+_PLACEHOLDER = re.compile(r"\{([^{}]*)\}")
+_URL_PASSWORD = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://[^/@?#\s]*:([^/@?#\s]+)@")
+
+
+def _build_notifier(build: _Build, doc: Document, spec: dict[str, Any]) -> model.Notifier | None:
+    url: str = spec["url"]
+    names = _PLACEHOLDER.findall(url)
+    ok = True
+    for name in names:
+        if name not in spec["secrets"]:
+            known = ", ".join(sorted(spec["secrets"])) or "none"
+            build.issues.append(
+                doc.issue(("spec", "url"), f"{{{name}}} names no secret of spec.secrets (given: {known})")
+            )
+            ok = False
+    for name in spec["secrets"]:
+        if name not in names:
+            build.issues.append(
+                doc.issue(("spec", "secrets", name), f"not used: write {{{name}}} where it goes in spec.url")
+            )
+            ok = False
+    password = _URL_PASSWORD.match(url)
+    if password and not _PLACEHOLDER.fullmatch(password.group(1)):
+        build.issues.append(
+            doc.issue(
+                ("spec", "url"),
+                "holds a password in clear: write {password} in its place and give it under"
+                " spec.secrets.password (e.g. {env: SMTP_PASSWORD})",
+            )
+        )
+        ok = False
+    summary = None
+    if "summary" in spec:
+        summary = _build_schedule(build, doc, ("spec", "summary"), spec["summary"])
+        if summary is None:
+            ok = False
+    if not ok:
+        return None
+    free = spec["repository_min_free"]
+    return model.Notifier(
+        name=doc.data["metadata"]["name"],
+        url=url,
+        secrets={
+            name: build.secret(doc, ("spec", "secrets", name), reference)
+            for name, reference in sorted(spec["secrets"].items())
+        },
+        events=frozenset(spec["events"]),
+        summary=summary,
+        rate_limit=model.RateLimit(spec["rate_limit"]["messages"], parse_interval(spec["rate_limit"]["per"])),
+        cbt_pending_after=parse_interval(spec["cbt_pending_after"]),
+        repository_min_free_bytes=parse_size(free["size"]),
+        repository_min_free_percent=float(free["percent"]),
+        suspend=spec["suspend"],
+        source=_source(doc),
+    )
+
+
 _BUILDERS: dict[str, Callable[[_Build, Document, dict[str, Any]], Any]] = {
     "Host": _build_host,
     "Repository": _build_repository,
     "BackupPolicy": _build_backup_policy,
     "VerifyPolicy": _build_verify_policy,
     "CopyPolicy": _build_copy_policy,
+    "Notifier": _build_notifier,
 }
 
 
@@ -743,7 +801,11 @@ def _load(root: Path, resolve_secrets: bool, commit: str | None) -> model.Desire
                 build.issues.append(doc.issue(secret_path, str(error)))
 
     if build.issues:
-        raise ConfigError(build.issues)
+        rejected = ConfigError(build.issues)
+        # The Notifier documents that are valid on their own: the daemon tells its owner about the
+        # invalid config through them (at start-up there is no earlier config to take them from).
+        rejected.notifiers = tuple(obj for obj, _ in objects["Notifier"])
+        raise rejected
     return model.DesiredState.build(
         hosts=(obj for obj, _ in objects["Host"]),
         repositories=(obj for obj, _ in objects["Repository"]),
@@ -752,4 +814,5 @@ def _load(root: Path, resolve_secrets: bool, commit: str | None) -> model.Desire
         copy_policies=(obj for obj, _ in objects["CopyPolicy"]),
         revision=config_revision(root, contents, commit=commit),
         warnings=build.warnings,
+        notifiers=(obj for obj, _ in objects["Notifier"]),
     )

@@ -337,6 +337,44 @@ class CopyPolicy:
     max_age: timedelta | None = None
 
 
+# -- Notifier ----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RateLimit:
+    """At most ``messages`` messages per ``per``."""
+
+    messages: int
+    per: timedelta
+
+
+@dataclass(frozen=True)
+class Notifier:
+    """Where and what the daemon tells its owner. ``url`` is an apprise URL whose ``{name}`` placeholders
+    are the ``secrets`` (references; filled in only when a message is sent)."""
+
+    name: str
+    url: str
+    secrets: Mapping[str, Secret]
+    events: frozenset[str]
+    summary: Schedule | None
+    rate_limit: RateLimit
+    cbt_pending_after: timedelta
+    repository_min_free_bytes: int
+    repository_min_free_percent: float
+    suspend: bool
+    source: Source = field(compare=False)
+
+    def wants(self, event: str) -> bool:
+        return event in self.events
+
+    def repository_has_room(self, capacity: int, free: int) -> bool:
+        """Whether a repository volume keeps both free-space floors."""
+        if free < self.repository_min_free_bytes:
+            return False
+        return capacity <= 0 or free * 100 >= capacity * self.repository_min_free_percent
+
+
 # -- revision and the whole --------------------------------------------------------------------------
 
 
@@ -390,6 +428,7 @@ class DesiredState:
     revision: Revision
     warnings: tuple[ConfigIssue, ...] = ()
     copy_policies: Mapping[str, CopyPolicy] = field(default_factory=lambda: MappingProxyType({}))
+    notifiers: Mapping[str, Notifier] = field(default_factory=lambda: MappingProxyType({}))
 
     @classmethod
     def build(
@@ -401,6 +440,7 @@ class DesiredState:
         revision: Revision,
         warnings: Iterable[ConfigIssue] = (),
         copy_policies: Iterable[CopyPolicy] = (),
+        notifiers: Iterable[Notifier] = (),
     ) -> DesiredState:
         """Assemble from unordered objects (names must already be unique per kind)."""
         return cls(
@@ -411,6 +451,7 @@ class DesiredState:
             revision=revision,
             warnings=tuple(sorted(warnings)),
             copy_policies=_index(_sorted_by_name(copy_policies), "name"),
+            notifiers=_index(_sorted_by_name(notifiers), "name"),
         )
 
     def host(self, name: str) -> Host:

@@ -27,7 +27,7 @@ API_VERSION = "esxi-reconciler/v1"
 SCHEMA_URI = "https://json-schema.org/draft/2020-12/schema"
 ID_PREFIX = "urn:esxi-reconciler:schema:v1:"
 
-KINDS = ("Host", "Repository", "BackupPolicy", "VerifyPolicy", "CopyPolicy")
+KINDS = ("Host", "Repository", "BackupPolicy", "VerifyPolicy", "CopyPolicy", "Notifier")
 """Every kind of the config directory, in the order the docs present them."""
 
 SOURCE_KIND = "GitSource"
@@ -49,6 +49,8 @@ ABSOLUTE_PATH_PATTERN = r"^/"
 DATETIME_PATTERN = r"^[0-9]{4}-[0-9]{2}-[0-9]{2}[T ][0-9]{2}:[0-9]{2}(:[0-9]{2})?(Z|[+-][0-9]{2}:[0-9]{2})?$"
 CALENDAR_DURATION_PATTERN = r"^([0-9]+(h|d|w|m|y))+$"
 TIMEZONE_PATTERN = r"^[A-Za-z][A-Za-z0-9_+-]*(/[A-Za-z0-9_+-]+)*$"
+NOTIFY_URL_PATTERN = r"^[A-Za-z][A-Za-z0-9+.-]*://\S+$"
+PLACEHOLDER_NAME_PATTERN = r"^[a-z][a-z0-9_]{0,31}$"
 GIT_URL_PATTERN = (
     r"^(ssh://[^@/\s]+@[^/\s]+/\S+|[A-Za-z0-9._-]+@[A-Za-z0-9.-]+:\S+|file:///\S*|https?://[^/\s]+/\S+)$"
 )
@@ -81,6 +83,10 @@ PATTERN_HINTS: dict[str, str] = {
     " +09:00)",
     CALENDAR_DURATION_PATTERN: "a calendar duration such as 36h, 30d, 2w, 6m (months) or 1y6m",
     TIMEZONE_PATTERN: "an IANA time zone name such as Europe/Berlin, Asia/Tokyo or UTC",
+    NOTIFY_URL_PATTERN: "an apprise URL such as mailtos://user:{password}@smtp.example.com or"
+    " ntfys://ntfy.example.com/backups, without spaces",
+    PLACEHOLDER_NAME_PATTERN: "a placeholder name of 1-32 lower-case letters, digits or '_', starting with"
+    " a letter",
     GIT_URL_PATTERN: "a git URL over SSH with a user (ssh://git@git.example.com:22/infra/esxi.git or"
     " git@git.example.com:infra/esxi.git), over HTTPS (https://git.example.com/infra/esxi.git) or a local"
     " file:///path",
@@ -94,6 +100,18 @@ PATTERN_HINTS: dict[str, str] = {
 
 WEEKDAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
 SCHEDULE_FORMS = ("once", "every", "daily", "weekly", "monthly", "cron", "after", "manual")
+NOTIFY_EVENTS = (
+    "backup-failed",
+    "recovered",
+    "stale",
+    "low-space",
+    "cbt-pending",
+    "verify-damage",
+    "test-restore-failed",
+    "config-invalid",
+    "error",
+)
+"""What a Notifier can be told about (the README "Notifications" says when each is sent)."""
 RETENTION_RULES = (
     "keep_last",
     "keep_hourly",
@@ -913,6 +931,90 @@ COPY_POLICY_SPEC = _obj(
     required=("source", "destination", "schedule", "retention"),
 )
 
+# -- Notifier ----------------------------------------------------------------------------------------
+
+NOTIFIER_SPEC = _obj(
+    "Where the daemon tells its owner, without being asked, that something needs attention: e-mail,"
+    " ntfy, Gotify, Slack, Discord, Teams, Telegram, Pushover, a JSON webhook or any other service apprise"
+    " speaks. One message per change (a backup fails, it recovers), never one per cycle; optionally a"
+    " daily or weekly summary.",
+    {
+        "url": _str(
+            "The service, as an apprise URL (https://github.com/caronc/apprise/wiki). Write {NAME} where a"
+            " secret goes (a password, a token) and give it under secrets: the URL itself must not hold"
+            " one. E-mail: mailtos:// (STARTTLS, port 587; add &mode=ssl for TLS from the start, port"
+            " 465) or mailto:// (plain SMTP, for a relay on the local network), with ?to=, ?from= and"
+            " ?smtp=.",
+            NOTIFY_URL_PATTERN,
+            minLength=1,
+            examples=[
+                "mailtos://backup:{password}@smtp.example.com:587?to=ops@example.com",
+                "ntfys://ntfy.example.com/esxi-backups",
+                "gotifys://gotify.example.com/{token}",
+            ],
+        ),
+        "secrets": {
+            "type": "object",
+            "description": "The secrets the URL refers to: placeholder name → secret reference. Each value"
+            " is read when a message is sent, URL-encoded into the URL, and never logged or recorded.",
+            "propertyNames": {"pattern": PLACEHOLDER_NAME_PATTERN},
+            "additionalProperties": _ref("secret", "A secret reference."),
+            "default": {},
+        },
+        "events": {
+            "type": "array",
+            "description": "What is sent. backup-failed: a VM's backup failed or cannot run (its host,"
+            " repository or VM is unreachable or missing); recovered: such a problem is gone (for every"
+            " event below that is a state); stale: a VM has no successful backup within its policy's RPO;"
+            " low-space: a datastore below its host's free-space floor, or a repository volume below"
+            " repository_min_free; cbt-pending: a CBT change has waited longer than cbt_pending_after;"
+            " verify-damage: a verification found problems; test-restore-failed: a test restore did not"
+            " boot; config-invalid: the config was rejected (also at start-up); error: anything else"
+            " Stalled (a prune or GC failed, a snapshot could not be removed).",
+            "items": {"type": "string", "description": "An event.", "enum": list(NOTIFY_EVENTS)},
+            "uniqueItems": True,
+            "default": list(NOTIFY_EVENTS),
+        },
+        "summary": _ref(
+            "schedule",
+            "Also send a summary on this schedule: what is protected, what ran since the last summary, what"
+            " needs attention. Usually daily or weekly with a timezone.",
+            examples=[{"daily": {"at": "08:00"}, "timezone": "Europe/Berlin"}],
+        ),
+        "rate_limit": _obj(
+            "At most this many messages per period; what happens meanwhile is sent together, in one message,"
+            " once the period allows.",
+            {
+                "messages": _int("Messages per period.", 1, default=10),
+                "per": _ref("duration", "The period.", default="1h"),
+            },
+            default={},
+        ),
+        "cbt_pending_after": _ref(
+            "duration",
+            "A CBT change still pending after this long is reported (cbt-pending): on a free host it waits"
+            " for the VM's power-off, which may never come.",
+            default="24h",
+        ),
+        "repository_min_free": _obj(
+            "A repository volume with less free space than either threshold is reported (low-space).",
+            {
+                "size": _ref("size", "Minimum free space, e.g. 100GiB.", default=0),
+                "percent": {
+                    "type": "number",
+                    "description": "Free space floor as a percentage of the volume.",
+                    "minimum": 0,
+                    "maximum": 100,
+                    "default": 10,
+                },
+            },
+            default={},
+        ),
+        "suspend": _bool("Send nothing (the history still records what would have been).", default=False),
+    },
+    required=("url",),
+)
+
 # -- GitSource: the bootstrap file of `run --source` -------------------------------------------------
 
 GIT_SOURCE_SPEC = _obj(
@@ -1022,6 +1124,7 @@ _SPECS: dict[str, tuple[str, Schema]] = {
     "BackupPolicy": ("backup-policy", BACKUP_POLICY_SPEC),
     "VerifyPolicy": ("verify-policy", VERIFY_POLICY_SPEC),
     "CopyPolicy": ("copy-policy", COPY_POLICY_SPEC),
+    "Notifier": ("notifier", NOTIFIER_SPEC),
     SOURCE_KIND: ("git-source", GIT_SOURCE_SPEC),
 }
 

@@ -12,15 +12,20 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import structlog
 
 from reconciler.config.model import DesiredState
 from reconciler.killpoint import kill_point
 from reconciler.planning.actions import Outcome
+from reconciler.planning.observed import ObservedState
 from reconciler.status.conditions import DAEMON_KINDS, Condition, derive_conditions
+from reconciler.status.history import Event, EventOutcome, Retention
 from reconciler.status.store import StatusStore
+
+if TYPE_CHECKING:
+    from reconciler.notify.service import Notifications
 
 log = structlog.get_logger(__name__)
 
@@ -40,6 +45,10 @@ class CycleContext:
     number: int = 1
     clock: Callable[[], datetime] = field(default=lambda: datetime.now(timezone.utc))
     """The daemon's clock: what "now" is for schedules while the cycle runs (``now`` is its start)."""
+    notifications: Notifications | None = None
+    """Told what the cycle concluded (:mod:`reconciler.notify`); None: nothing is sent."""
+    history: Retention = field(default_factory=Retention)
+    """How long the event log is kept (compacted at most once a day, at the end of a cycle)."""
 
 
 @dataclass(frozen=True)
@@ -56,12 +65,15 @@ class CycleResult:
 Cycle = Callable[[CycleContext], CycleResult]
 
 
-def _log_changes(before: list[Condition], after: list[Condition]) -> None:
-    """One log event per object whose status or reason changed (the journal tells the story)."""
+def _log_changes(before: list[Condition], after: list[Condition]) -> list[Condition]:
+    """One log event per object whose status or reason changed (the journal tells the story); returns
+    those conditions."""
     old = {c.key: c for c in before}
+    changed = []
     for condition in after:
         previous = old.get(condition.key)
         if previous is None or (previous.status, previous.reason) != (condition.status, condition.reason):
+            changed.append(condition)
             level = log.warning if condition.status == "Stalled" else log.info
             level(
                 "condition.changed",
@@ -71,6 +83,50 @@ def _log_changes(before: list[Condition], after: list[Condition]) -> None:
                 reason=condition.reason,
                 message=condition.message,
             )
+    return changed
+
+
+def condition_event(condition: Condition, now: datetime) -> Event:
+    """The history's record of an object's condition change."""
+    host, vm = condition.name.split("/", 1) if condition.kind == "vm" else (None, None)
+    outcome: EventOutcome = "warning" if condition.status == "Stalled" else "info"
+    return Event(
+        time=now,
+        kind="condition",
+        subject=f"{condition.kind} {condition.name}",
+        outcome=outcome,
+        message=f"{condition.status} {condition.reason}: {condition.message}",
+        revision=condition.revision,
+        host=host if condition.kind == "vm" else (condition.name if condition.kind == "host" else None),
+        vm=vm,
+        policy=condition.name if condition.kind == "policy" else None,
+        repository=condition.name if condition.kind == "repository" else None,
+        detail={"status": condition.status, "reason": condition.reason},
+    )
+
+
+def _maintain_history(store: StatusStore, now: datetime, retention: Retention) -> None:
+    """Compact the event log when a day has passed since the last time."""
+    report = store.events.compact_daily(now, retention)
+    if report is not None:
+        log.info(
+            "history.compacted", deleted=report.deleted, compacted=report.compacted, vacuumed=report.vacuumed
+        )
+
+
+def after_cycle(
+    ctx: CycleContext, observed: ObservedState, before: list[Condition], after: list[Condition]
+) -> None:
+    """What the rest of the daemon learns from a cycle: condition changes in the history and the log,
+    notifications, and the history kept small. Each step guarded: none may fail the cycle."""
+    now = ctx.clock()
+    changed = _log_changes(before, after)
+    for condition in changed:
+        _guarded("history", lambda c=condition: ctx.store.events.record(condition_event(c, now)), None)  # type: ignore[misc]
+    if ctx.notifications is not None:
+        notifications = ctx.notifications
+        _guarded("notify", lambda: notifications.after_cycle(ctx.desired, observed, after, now), None)
+    _guarded("history", lambda: _maintain_history(ctx.store, now, ctx.history), None)
 
 
 def _guarded(what: str, write: Callable[[], T], default: T) -> T:
@@ -123,7 +179,7 @@ def reconcile(ctx: CycleContext) -> CycleResult:
 
     after = _guarded("conditions", conclude, none)
     kill_point("cycle.concluded")
-    _log_changes(before, after)
+    after_cycle(ctx, observed, before, after)
     failed = sum(o.status == "failed" for o in outcomes)
     done = sum(o.ok for o in outcomes)
     stalled = sum(c.status == "Stalled" for c in after)

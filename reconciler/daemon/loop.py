@@ -17,9 +17,10 @@ import random
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import structlog
 
@@ -32,7 +33,12 @@ from reconciler.daemon.notify import Notifier
 from reconciler.daemon.source import SourceTracker
 from reconciler.daemon.watch import ConfigWatcher, Debouncer
 from reconciler.status.conditions import CONFIG_NAME, Condition, config_condition
+from reconciler.status.history import Event, EventOutcome, Retention
 from reconciler.status.store import StatusStore, status_path
+
+if TYPE_CHECKING:
+    from reconciler.config.model import Notifier as NotifierConfig
+    from reconciler.notify.service import Notifications
 
 log = structlog.get_logger(__name__)
 
@@ -84,6 +90,8 @@ class Daemon:
         load: Callable[[Path], DesiredState] = load_with_secrets,
         notifier: Notifier | None = None,
         rng: random.Random | None = None,
+        history: Retention | None = None,
+        notify_delays: Sequence[float] | None = None,
         source: SourceTracker | None = None,
     ) -> None:
         self.config_dir = config_dir
@@ -100,6 +108,10 @@ class Daemon:
         self.load = load
         self.notifier = notifier if notifier is not None else Notifier()
         self.rng = rng or random.Random()
+        self.history = history or Retention()
+        self.notify_delays = notify_delays
+        """Seconds between a failed notification's attempts (None: ``notify.send.RETRY_DELAYS``)."""
+        self.notifications: Notifications | None = None
         self.debouncer = Debouncer(debounce)
         self.cancel = threading.Event()
         self.waker = signals.Waker()
@@ -165,6 +177,7 @@ class Daemon:
         try:
             self._store = StatusStore.open(status_path(self.state_dir))
             self._beat(started=self.clock())
+            self._start_notifications()
             if not self._start_source():
                 return EXIT_INVALID_CONFIG
             if watcher is not None:
@@ -184,6 +197,7 @@ class Daemon:
             if self.source is not None:
                 self.source.stop()
             restore()
+            self._stop_notifications()
             if self._store is not None and not self.abandoned:
                 self._store.close()
             lock.release()
@@ -268,12 +282,14 @@ class Daemon:
     def _reload(self) -> bool:
         """Re-read the config; True when a different valid config is now in force."""
         now = self.clock()
+        partial: Mapping[str, NotifierConfig] = {}
         if self.source is not None and not self.source.has_applied():
             return self._no_revision_yet(now)
         try:
             desired = self.load(self.config_dir)
         except ConfigError as error:
             issues = error.issues
+            partial = {n.name: n for n in error.notifiers}
         except Exception as exc:  # an unreadable directory or a bug must not stop the daemon
             log.exception("config.load_failed", config=str(self.config_dir))
             issues = (ConfigIssue(str(self.config_dir), 0, 0, "", f"cannot be loaded: {exc}"),)
@@ -288,7 +304,9 @@ class Daemon:
                 hosts=len(desired.hosts),
                 policies=len(desired.policies),
             )
-            self._set_config_condition(config_condition(now, revision=desired.revision.id, desired=desired))
+            condition = config_condition(now, revision=desired.revision.id, desired=desired)
+            self._set_config_condition(condition)
+            self._config_event(now, changed, condition, desired.notifiers)
             return changed
         self.config_issues = issues
         for issue in issues:
@@ -307,9 +325,63 @@ class Daemon:
             running_revision=running,
             action="keeping the last good config" if running else "nothing runs until the config is fixed",
         )
-        self._set_config_condition(config_condition(now, revision=running, issues=issues))
+        condition = config_condition(now, revision=running, issues=issues)
+        self._set_config_condition(condition)
+        self._config_event(now, True, condition, self.desired.notifiers if self.desired else partial)
         self.notifier.status(self._status_line())
         return False
+
+    # -- history and notifications (reconciler.notify) -------------------------------------------------
+
+    def _start_notifications(self) -> None:
+        """The event log's "daemon started" and the sender of notifications (never fatal)."""
+        assert self._store is not None
+        self._record(Event(self.clock(), "daemon", "daemon", "info", f"started (PID {os.getpid()})"))
+        try:
+            from reconciler.notify.send import RETRY_DELAYS
+            from reconciler.notify.service import Notifications
+
+            delays = RETRY_DELAYS if self.notify_delays is None else self.notify_delays
+            self.notifications = Notifications(self._store, self.clock, delays=delays)
+            self.notifications.start()
+        except Exception:
+            log.exception("notify.start_failed")
+            self.notifications = None
+
+    def _stop_notifications(self) -> None:
+        if self.notifications is not None:
+            try:
+                self.notifications.close(timeout=2.0 if self.abandoned else 10.0)
+            except Exception:
+                log.exception("notify.stop_failed")
+        cycles = f"{self.cycles} cycle" + ("" if self.cycles == 1 else "s")
+        self._record(Event(self.clock(), "daemon", "daemon", "info", f"stopped after {cycles}"))
+
+    def _record(self, event: Event) -> None:
+        if self._store is not None:
+            try:
+                self._store.events.record(event)
+            except Exception:
+                log.exception("status.write_failed", what="history")
+
+    def _config_event(
+        self, now: datetime, changed: bool, condition: Condition, notifiers: Mapping[str, NotifierConfig]
+    ) -> None:
+        """A config loaded (when it changed) or rejected: in the history, and told to the notifiers of
+        the config in force (of the rejected one's valid Notifier documents when none is)."""
+        if changed:
+            outcome: EventOutcome = "failed" if condition.status == "Stalled" else "info"
+            words = "rejected" if condition.status == "Stalled" else "loaded"
+            self._record(
+                Event(now, "config", "config", outcome, f"{words}: {condition.message}",
+                      revision=condition.revision)
+            )  # fmt: skip
+        if self.notifications is not None:
+            try:
+                self.notifications.use(notifiers)
+                self.notifications.after_config([condition], now)
+            except Exception:
+                log.exception("notify.failed", what="config")
 
     # -- the git source -------------------------------------------------------------------------------
 
@@ -381,6 +453,8 @@ class Daemon:
             state_dir=self.state_dir,
             number=self.cycles,
             clock=self.clock,
+            notifications=self.notifications,
+            history=self.history,
         )
         self._beat(cycle_started=ctx.now)
         log.debug("cycle.start", cycle=self.cycles, revision=self.desired.revision.id)  # cycle.done says it
@@ -397,6 +471,8 @@ class Daemon:
         except Exception as exc:
             log.exception("cycle.failed", cycle=ctx.number, revision=ctx.desired.revision.id)
             result = CycleResult(ok=False, summary=f"cycle failed: {type(exc).__name__}: {exc}")
+            self._record(Event(self.clock(), "error", f"cycle {ctx.number}", "failed", result.summary,
+                               revision=ctx.desired.revision.id))  # fmt: skip
         finally:  # whatever happened, the loop must learn that the cycle is over
             log.info(
                 "cycle.done",

@@ -486,6 +486,20 @@ def _backup_detail(res: VmResult) -> dict[str, Any]:
         "bytes_stored": res.bytes_stored,
         "seconds": round(res.seconds, 3),
         "fallback_reason": res.fallback_reason,
+        "disks": [
+            {
+                "label": d.label,
+                "mode": d.mode,
+                "reasons": list(d.reasons),
+                "fallback_reason": d.fallback_reason,
+                "capacity": d.capacity,
+                "bytes_read": d.bytes_read,
+                "bytes_sent": d.bytes_sent,
+                "bytes_stored": d.bytes_stored,
+                "seconds": round(d.seconds, 3),
+            }
+            for d in res.disks
+        ],
     }
 
 

@@ -11,6 +11,7 @@ facts a saved plan depends on is pure: :mod:`reconciler.planning.fingerprint`.)
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import structlog
 
-from reconciler.config.model import DesiredState, Host
+from reconciler.config.model import DesiredState, Host, LocalBackend
 from reconciler.config.model import Repository as RepositoryConfig
 from reconciler.operations.failures import explain
 from reconciler.operations.hosts import HostFactory, connect
@@ -135,13 +136,28 @@ def _observe_repository(config: RepositoryConfig, opener: RepoOpener) -> Reposit
         gc_interrupted=signs.gc_interrupted.isoformat() if signs.gc_interrupted else None,
         unreferenced_indexes=signs.unreferenced_indexes,
     )
+    capacity, free = _volume_space(config)
     return RepositoryObservation(
         name=config.name,
         reachable=True,
         points=tuple(points),
         gc_interrupted=signs.gc_interrupted,
         unreferenced_indexes=signs.unreferenced_indexes,
+        capacity_bytes=capacity,
+        free_bytes=free,
     )
+
+
+def _volume_space(config: RepositoryConfig) -> tuple[int | None, int | None]:
+    """Size and free space of the repository's volume (for the low-space notification), or Nones (an S3
+    bucket has no volume)."""
+    if not isinstance(config.backend, LocalBackend):
+        return None, None
+    try:
+        vfs = os.statvfs(str(config.backend.path))
+    except OSError:
+        return None, None
+    return vfs.f_blocks * vfs.f_frsize, vfs.f_bavail * vfs.f_frsize
 
 
 def observe_repositories(

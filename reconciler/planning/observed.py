@@ -56,6 +56,10 @@ class RepositoryObservation:
     """Start of a GC that did not complete (killed, or failed): its garbage is still there."""
     unreferenced_indexes: int = 0
     """Disk indexes no restore point references (a failed or killed backup, or an interrupted prune)."""
+    capacity_bytes: int | None = None
+    """Size of the volume holding the repository (None: not measured)."""
+    free_bytes: int | None = None
+    """Free space on that volume, for an unprivileged writer."""
 
 
 @dataclass(frozen=True)

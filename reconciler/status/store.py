@@ -1,12 +1,16 @@
-"""The status store: run history, action log, plans and conditions in one SQLite file.
+"""The status store: run history, event log, plans and conditions in one SQLite file.
 
 ``<state dir>/status.db``, in WAL mode so the daemon writes while ``status`` and ``plan`` read at the
 same moment (readers open it read-only and never block the writer). stdlib ``sqlite3`` only: nothing to
 install on a NAS, one file to back up or delete.
 
 The run history is the reconciler's memory between loops and restarts: when each scheduled job last
-started and succeeded, and how long a failing one waits (:mod:`.backoff`). The action log and the last
-plans are for people (``status``) and are trimmed so the file stays small over months.
+started and succeeded, and how long a failing one waits (:mod:`.backoff`). The event log (every outcome,
+config reload, condition change and notification: :mod:`.history`, ``store.events``) and the last plans
+are for people (``status``, ``history``) and are trimmed so the file stays small over months.
+
+The schema has a version: a file of an older version is migrated when opened for writing (each step in
+:data:`MIGRATIONS`, in one transaction), and read as it is when opened read-only; a newer one is refused.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import json
 import random
 import sqlite3
 import threading
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -29,14 +33,19 @@ from reconciler.planning.actions import Outcome, Plan, RunBackup, RunCopy, RunTe
 from reconciler.planning.observed import RunRecord, backup_key, copy_key, verify_key
 from reconciler.status.backoff import retry_delay
 from reconciler.status.conditions import Condition, ConditionStatus, ObjectKind, sort_conditions
+from reconciler.status.history import (
+    ACTION_KINDS,
+    OUTCOME_CONTEXT,
+    EventLog,
+    event_from_outcome,
+    migrate_actions,
+)
 from reconciler.status.source import SourceStatus
 
 log = structlog.get_logger(__name__)
 
 STATUS_FILE = "status.db"
-SCHEMA_VERSION = 1
-KEEP_ACTIONS = 10_000
-"""Action log rows kept (the oldest are deleted beyond this)."""
+SCHEMA_VERSION = 2
 KEEP_PLANS = 50
 BUSY_TIMEOUT_SECONDS = 10.0
 
@@ -51,17 +60,6 @@ CREATE TABLE IF NOT EXISTS runs (
     last_error TEXT,
     terminal INTEGER NOT NULL DEFAULT 0,
     failed_revision TEXT
-);
-CREATE TABLE IF NOT EXISTS actions (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    time TEXT NOT NULL,
-    revision TEXT NOT NULL,
-    kind TEXT NOT NULL,
-    subject TEXT NOT NULL,
-    status TEXT NOT NULL,
-    error TEXT,
-    attempts INTEGER NOT NULL,
-    detail TEXT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS plans (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -90,6 +88,28 @@ CREATE TABLE IF NOT EXISTS source (
     updated TEXT NOT NULL
 );
 """
+
+
+MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {
+    1: migrate_actions,
+}
+"""From version N to N + 1 (the tables of the new version exist already: ``_SCHEMA`` and
+:meth:`EventLog.create` only add what is missing)."""
+
+_LEGACY_V1 = """
+CREATE TEMP VIEW events AS SELECT id, time, kind, subject, status AS outcome,
+    COALESCE(error, status) AS message, revision,
+    CASE WHEN instr(subject, '/') > 0 AND kind IN ('backup', 'cbt', 'remove-snapshot', 'test-restore')
+        THEN substr(subject, 1, instr(subject, '/') - 1) END AS host,
+    CASE WHEN instr(subject, '/') > 0 AND kind IN ('backup', 'cbt', 'remove-snapshot', 'test-restore')
+        THEN substr(subject, instr(subject, '/') + 1) END AS vm,
+    NULL AS policy, CASE WHEN kind IN ('gc', 'verify') THEN subject END AS repository,
+    NULL AS started, attempts, detail, 0 AS compacted
+    FROM main.actions;
+CREATE TEMP TABLE state (key TEXT PRIMARY KEY, value TEXT NOT NULL, updated TEXT NOT NULL);
+"""
+"""A version-1 file opened read-only (a daemon of the older version still runs): its action log read
+as events, through a view in the connection's own temporary schema (nothing is written to the file)."""
 
 
 class StatusStoreError(Exception):
@@ -145,6 +165,8 @@ class StatusStore:
         self.path = path
         self.readonly = readonly
         self._lock = threading.RLock()
+        self.events = EventLog(connection, self._lock, self._write)
+        """The event log and job history (:class:`~reconciler.status.history.EventLog`)."""
 
     @classmethod
     def open(cls, path: Path, *, readonly: bool = False) -> StatusStore:
@@ -167,26 +189,36 @@ class StatusStore:
                 db = sqlite3.connect(path, timeout=BUSY_TIMEOUT_SECONDS, check_same_thread=False)
                 db.execute("PRAGMA journal_mode=WAL")
                 db.execute("PRAGMA synchronous=NORMAL")
-                db.executescript(_SCHEMA)
-                cls._check_version(db, path, create=True)
-                db.commit()
+                db.executescript(_SCHEMA)  # idempotent: only what is missing
+                EventLog.create(db)
+                with db:  # the version check and any migration: one transaction
+                    cls._check_version(db, path, create=True)
                 return cls(db, path, readonly=False)
-            cls._check_version(db, path, create=False)
+            if cls._check_version(db, path, create=False) == 1:
+                db.executescript(_LEGACY_V1)
         except sqlite3.Error as exc:
             raise StatusStoreError(f"{path}: {exc}") from exc
         return cls(db, path, readonly=True)
 
     @staticmethod
-    def _check_version(db: sqlite3.Connection, path: Path, *, create: bool) -> None:
+    def _check_version(db: sqlite3.Connection, path: Path, *, create: bool) -> int:
+        """The file's schema version; opened for writing (``create``), an older one is migrated."""
         row = db.execute("SELECT version FROM schema_version").fetchone()
         if row is None and create:
             db.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
-            return
+            return SCHEMA_VERSION
         version = row[0] if row else None
-        if version != SCHEMA_VERSION:
+        if not isinstance(version, int) or version > SCHEMA_VERSION or version < 1:
             raise StatusStoreError(
                 f"{path}: status schema version {version}, this program reads {SCHEMA_VERSION}"
+                + ("; a newer esxi-reconciler wrote it" if isinstance(version, int) and version > 1 else "")
             )
+        if create:
+            for step in range(version, SCHEMA_VERSION):
+                MIGRATIONS[step](db)
+                log.info("status.migrated", path=str(path), version=step + 1)
+            db.execute("UPDATE schema_version SET version = ?", (SCHEMA_VERSION,))
+        return int(version)
 
     def close(self) -> None:
         with self._lock:
@@ -230,21 +262,7 @@ class StatusStore:
         record (skipped actions were not attempted: they change no record)."""
         action = outcome.action
         with self._write() as db:
-            db.execute(
-                "INSERT INTO actions (time, revision, kind, subject, status, error, attempts, detail)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    _iso(outcome.finished),
-                    revision,
-                    action.kind,
-                    action.subject,
-                    outcome.status,
-                    outcome.error,
-                    outcome.attempts,
-                    json.dumps(outcome.detail, ensure_ascii=False, default=str),
-                ),
-            )
-            db.execute("DELETE FROM actions WHERE id <= (SELECT MAX(id) FROM actions) - ?", (KEEP_ACTIONS,))
+            self.events.insert(db, event_from_outcome(outcome, revision))
             key: str | None = None
             if isinstance(action, RunBackup):
                 key = backup_key(action.policy, action.host_name, action.vm)
@@ -283,17 +301,22 @@ class StatusStore:
         log.debug("status.run_recorded", key=key, status=outcome.status)
 
     def actions(self, *, limit: int = 20, status: str | None = None) -> list[ActionLogEntry]:
-        """The most recent logged outcomes, newest first (only those of ``status`` if given)."""
-        query = "SELECT time, revision, kind, subject, status, error, attempts, detail FROM actions"
-        params: tuple[Any, ...] = ()
-        if status is not None:
-            query += " WHERE status = ?"
-            params = (status,)
-        with self._lock:
-            rows = self._db.execute(query + " ORDER BY id DESC LIMIT ?", (*params, limit)).fetchall()
+        """The most recent outcomes of actions, newest first (only those of ``status`` if given)."""
+        from reconciler.status.history import HistoryQuery
+
+        query = HistoryQuery(kinds=ACTION_KINDS, outcomes=(status,) if status else (), limit=limit)
         return [
-            ActionLogEntry(datetime.fromisoformat(t), rev, kind, subj, st, err, int(att), json.loads(detail))
-            for t, rev, kind, subj, st, err, att, detail in rows
+            ActionLogEntry(
+                e.time,
+                e.revision or "",
+                e.kind,
+                e.subject,
+                e.outcome,
+                None if e.outcome == "ok" else e.message,
+                e.attempts,
+                {k: v for k, v in e.detail.items() if k not in OUTCOME_CONTEXT},
+            )
+            for e in self.events.events(query)
         ]
 
     # -- plans ---------------------------------------------------------------------------------------

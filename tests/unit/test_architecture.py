@@ -18,7 +18,7 @@ LINT_IMPORTS = Path(sys.executable).with_name("lint-imports")
 
 IO_LIBRARIES = (
     *("pyVmomi", "pyVim", "paramiko", "urllib3", "cryptography", "zstandard", "sqlite3", "watchdog"),
-    *("yaml", "jsonschema", "subprocess", "socket"),
+    *("yaml", "jsonschema", "subprocess", "socket", "apprise", "smtplib"),
 )
 IO_PACKAGES = (
     *("reconciler.esxi", "reconciler.repository", "reconciler.operations", "reconciler.status.store"),
@@ -79,6 +79,9 @@ def test_every_exception_is_needed(tmp_path: Path, line: str) -> None:
         ("commands/status.py", "from reconciler.esxi.shell import ShellSession", "The host seam"),
         ("repository/gc.py", "import reconciler.operations.progress", "Layers"),
         ("config/model.py", "import reconciler.config.loader", "No import cycle"),
+        ("daemon/cycle.py", "import apprise", "apprise only inside notify/"),
+        ("notify/rules.py", "import reconciler.notify.send", "Deciding what to notify does no I/O"),
+        ("notify/rules.py", "import time", "Deciding what to notify does no I/O"),
         ("gitsource/sync.py", "import reconciler.daemon.loop", "Layers"),
         ("planning/approval.py", "import reconciler.gitsource.git", "Deciding does no I/O"),
     ],
@@ -102,6 +105,7 @@ def test_a_violation_is_caught(tmp_path: Path, module: str, statement: str, cont
         "reconciler.planning.approval",
         "reconciler.planning.review",
         "reconciler.status.conditions",
+        "reconciler.notify.rules",
         "reconciler.status.source",
         "reconciler.rules.schedule",
         "reconciler.rules.retention",

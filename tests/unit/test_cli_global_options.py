@@ -119,7 +119,15 @@ def test_secret_values_never_printed(
 ) -> None:
     credentials = tmp_path / "credentials"
     credentials.mkdir()
-    for name in ("esxi1-password", "repo-nas-key", "b2-key-id", "b2-application-key", "repo-cloud-key"):
+    for name in (
+        "esxi1-password",
+        "repo-nas-key",
+        "b2-key-id",
+        "b2-application-key",
+        "repo-cloud-key",
+        "smtp-password",
+        "ntfy-token",
+    ):
         (credentials / name).write_text(VALUE + "\n")
     monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(credentials))
     # The file references point outside tmp_path and fail; the credentials resolve.

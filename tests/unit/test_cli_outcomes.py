@@ -50,6 +50,7 @@ VERBS = (
     ["restore", "web01"],
     ["export", "web01", "--to", "out"],
     ["run", "--once"],
+    ["notify", "test", "ops"],
 )
 
 

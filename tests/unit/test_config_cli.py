@@ -29,7 +29,8 @@ def test_valid_config(config: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["validate", str(config)]) == 0
     out, err = capsys.readouterr()
     assert out.startswith(
-        "OK: 2 hosts, 3 repositories, 3 policies, 2 verify policies, 1 copy policy (revision sha256:"
+        "OK: 2 hosts, 3 repositories, 3 policies, 2 verify policies, 1 copy policy, 2 notifiers (revision"
+        " sha256:"
     )
     assert err == ""
 
@@ -87,6 +88,7 @@ def test_json_output(config: Path, capsys: pytest.CaptureFixture[str]) -> None:
         "policies": 3,
         "verify_policies": 2,
         "copy_policies": 1,
+        "notifiers": 2,
     }
     assert result["revision"]["id"].startswith("sha256:")
 
@@ -130,7 +132,7 @@ def test_resolve_secrets(
     out, _ = capsys.readouterr()
     line = line_of(config / "hosts" / "esxi1.yaml", "password: {")
     assert f"hosts/esxi1.yaml:{line}:5 spec.credentials.password: Secret(credential:esxi1-password):" in out
-    assert out.splitlines()[-1] == f"FAILED: 7 errors in 5 files ({config})"
+    assert out.splitlines()[-1] == f"FAILED: 9 errors in 6 files ({config})"
 
 
 def test_help_shows_examples(capsys: pytest.CaptureFixture[str]) -> None:

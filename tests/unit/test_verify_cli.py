@@ -159,3 +159,32 @@ def test_a_repository_that_cannot_be_opened_exits_1(
     assert "not a repository" in captured.err
     assert "repository usb: OK" in captured.out
     assert PASSPHRASE not in captured.out + captured.err
+
+
+def test_runs_are_recorded_in_an_existing_history(
+    setup: tuple[Path, Repository, Repository], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from reconciler.status.store import StatusStore, status_path
+
+    cfg, nas, _ = setup
+    state = tmp_path / "state"
+    args = ["--config", str(cfg), "--state-dir", str(state), "--log-level", "error", "verify"]
+    assert main([*args, "nas"]) == 0
+    assert not state.exists()  # no status file: nothing created for a record
+    StatusStore.open(status_path(state)).close()
+    assert main([*args, "nas"]) == 0
+    victim = next(p for p in nas.path.glob("chunks/*/*") if p.is_file())
+    victim.write_bytes(b"rot")
+    assert main([*args, "nas"]) == 1
+    assert main([*args, "nosuch"]) == 64  # a usage error attempted nothing: not recorded
+    capsys.readouterr()
+    with StatusStore.open(status_path(state), readonly=True) as store:
+        events = store.events.events()
+    assert [(e.kind, e.subject, e.outcome) for e in events] == [
+        ("verify", "nas", "failed"),
+        ("verify", "nas", "ok"),
+    ]
+    assert events[1].message == "verify from the command line: done (exit 0)"
+    assert events[1].seconds is not None and events[1].seconds >= 0  # TOOK in `history`
+    assert events[0].detail["command_line"]["repositories"] == "['nas']"
+    assert events[0].detail["exit_code"] == 1
