@@ -31,7 +31,7 @@ from reconciler.daemon.heartbeat import Heartbeat, write_heartbeat
 from reconciler.daemon.lock import AlreadyRunning, InstanceLock
 from reconciler.daemon.notify import Notifier
 from reconciler.daemon.source import SourceTracker
-from reconciler.daemon.watch import ConfigWatcher, Debouncer
+from reconciler.daemon.watch import ConfigWatcher, Debouncer, changed_within
 from reconciler.status.conditions import CONFIG_NAME, Condition, config_condition
 from reconciler.status.history import Event, EventOutcome, Retention
 from reconciler.status.store import StatusStore, status_path
@@ -255,7 +255,7 @@ class Daemon:
                 if self.once:
                     return EXIT_OK if self.last_result and self.last_result.ok else EXIT_FAILED
             if self._worker is None and (self._cycle_requested or now >= self._next_cycle):
-                if not self._cycle_requested and not self.debouncer.writing():
+                if not self._cycle_requested and self._config_settled():
                     self._reload()  # a resync re-reads the config too (a commit in a parent repo)
                 if self.desired is not None:
                     self._start_cycle()
@@ -270,6 +270,14 @@ class Daemon:
                 self.notifier.watchdog()
                 next_ping = now + interval
             self.waker.wait(self._sleep(now, next_ping if interval is not None else None))
+
+    def _config_settled(self) -> bool:
+        """Whether a resync may re-read the config: nothing being written, no burst of events pending
+        (the debouncer reloads after it), and no file changed within the quiet period whose events may
+        still be on their way from the watcher thread (a half-written file read then was seen in CI)."""
+        if self.debouncer.writing() or self.debouncer.deadline is not None:
+            return False
+        return not (self.watch and changed_within(self.config_dir, self.debouncer.quiet, time.time()))
 
     def _sleep(self, now: float, next_ping: float | None) -> float | None:
         deadlines = [d for d in (next_ping, self.debouncer.deadline) if d is not None]

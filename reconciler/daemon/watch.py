@@ -27,7 +27,7 @@ import structlog
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 
-from reconciler.config.documents import YAML_SUFFIXES
+from reconciler.config.documents import YAML_SUFFIXES, find_files
 
 log = structlog.get_logger(__name__)
 
@@ -95,6 +95,19 @@ class Debouncer:
             self._writing.clear()
             self._last = None
             return True
+
+
+def changed_within(root: Path, seconds: float, now: float) -> bool:
+    """Whether a config file under ``root`` was modified less than ``seconds`` before ``now`` (wall
+    clock). The watcher's events arrive in another thread, possibly late on a busy machine: a file
+    written a moment ago may not be known as *being written* yet, so a resync must not read it now."""
+    for path in find_files(root) if root.exists() else ():
+        try:
+            if path.stat().st_mtime > now - seconds:
+                return True
+        except OSError:  # removed meanwhile: that is a change too
+            return True
+    return False
 
 
 def relevant(path: str, root: Path, event_type: str) -> bool:

@@ -427,3 +427,43 @@ def test_a_second_sigterm_exits_at_once(config_dir: Path, tmp_path: Path) -> Non
             process.kill()
         _, stderr = process.communicate(timeout=WAIT)
     assert "second SIGTERM, exiting at once" in stderr
+
+
+class _LateWatcher:
+    """A watcher whose events have not arrived yet (a busy machine delays the watcher thread)."""
+
+    def __init__(self, directory: Path, on_change: object) -> None:
+        pass
+
+    def start(self) -> bool:
+        return True
+
+    def stop(self) -> None:
+        pass
+
+
+def test_a_resync_does_not_read_a_file_written_a_moment_ago(
+    config_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Seen in CI: a resync read a file whose first half had just been written, before the watcher had
+    reported it as being written. A config file changed within the quiet period is not read by a resync;
+    once it has been quiet that long, the next resync reads it."""
+    import reconciler.daemon.loop as loop
+
+    monkeypatch.setattr(loop, "ConfigWatcher", _LateWatcher)
+    cycle, loads = Recorder(), Loads()
+    daemon = make(config_dir, tmp_path, cycle, watch=True, load=loads, resync=0.05, debounce=1.5)
+    thread, codes = start(daemon)
+    wait_for(lambda: len(cycle.contexts) >= 3, "resync cycles")
+    (config_dir / "repo2.yaml").write_text(VALID.format(name="r2"))
+    written = time.monotonic()
+    before = len(cycle.contexts)
+    wait_for(lambda: len(cycle.contexts) >= before + 3, "resync cycles after the write")
+    if time.monotonic() - written < 1.5:  # still within the quiet period: the file was not read
+        assert daemon.desired is not None and "r2" not in daemon.desired.repositories
+    wait_for(
+        lambda: daemon.desired is not None and "r2" in daemon.desired.repositories,
+        "a resync reading the file once it has been quiet",
+    )
+    assert time.monotonic() - written >= 1.5 - 0.2  # never earlier than the quiet period (mtime resolution)
+    assert stop(daemon, thread, codes) == 0
