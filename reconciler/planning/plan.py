@@ -746,7 +746,10 @@ def _plan_test_restores(
             continue
         b.actions.append(
             RunTestRestore(
-                reason=f"{reason}; newest point of {vm} ({found.time.astimezone(UTC):%Y-%m-%dT%H:%MZ})",
+                reason=(
+                    f"{reason}; newest point of {vm} from {found.vm.host}"
+                    f" ({found.time.astimezone(UTC):%Y-%m-%dT%H:%MZ})"
+                ),
                 verify_policy=policy.name,
                 repository=policy.repository,
                 vm=vm,
