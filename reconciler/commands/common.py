@@ -27,8 +27,7 @@ from reconciler.config.loader import CONFIG_ENV, DEFAULT_CONFIG_DIR
 from reconciler.log import LOG_FORMATS, LOG_LEVELS
 
 if TYPE_CHECKING:
-    from reconciler.config.model import DesiredState
-    from reconciler.config.model import Repository as RepositoryConfig
+    from reconciler.config.model import DesiredState, RepositoryConfig
 
 STATE_ENV = "STATE_DIRECTORY"
 DEFAULT_STATE_DIR = Path("/var/lib/esxi-reconciler")

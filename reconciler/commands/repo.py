@@ -344,14 +344,14 @@ def secret_text(secret: Secret) -> str:
 
 def cmd_repo_init(args: argparse.Namespace) -> int:
     """``esxi-reconciler repo init REPOSITORY``: 0 created, 1 failed or exists, 64 bad input."""
-    from reconciler.config.model import LocalBackend
+    from reconciler.config.model import LocalBackendConfig
     from reconciler.operations.repositories import repository_backend
     from reconciler.repository import Repository
     from reconciler.repository.errors import RepositoryError
 
     cfg = repository_config(args, "repo init")
     path = cfg.backend.location
-    if isinstance(cfg.backend, LocalBackend):
+    if isinstance(cfg.backend, LocalBackendConfig):
         directory = Path(cfg.backend.path)
         if (directory / "config").exists():
             fail(f"repository {cfg.name}: {path} is already a repository; nothing done", "exists")
@@ -360,7 +360,7 @@ def cmd_repo_init(args: argparse.Namespace) -> int:
     key = cfg.encryption.key
     passphrase = key.reveal() if cfg.encryption.enabled and key is not None else None
     backend = repository_backend(cfg)
-    if not isinstance(cfg.backend, LocalBackend):
+    if not isinstance(cfg.backend, LocalBackendConfig):
         if backend.exists("config"):
             fail(f"repository {cfg.name}: {path} is already a repository; nothing done", "exists")
         if any(True for _ in backend.list("keys")) or any(True for _ in backend.list("points")):
@@ -383,7 +383,7 @@ def cmd_repo_init(args: argparse.Namespace) -> int:
     print(f"created repository {cfg.name} at {path}: id {repo.id}, {encryption}, {compression}")
     elsewhere = (
         "another volume mounted at that path"
-        if isinstance(cfg.backend, LocalBackend)
+        if isinstance(cfg.backend, LocalBackendConfig)
         else "another repository under that bucket and prefix"
     )
     print(f"pin it: add `id: {repo.id}` to the spec of Repository {cfg.name}, so that {elsewhere} is refused")

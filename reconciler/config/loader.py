@@ -281,14 +281,14 @@ def _build_host(build: _Build, doc: Document, spec: dict[str, Any]) -> model.Hos
     )
 
 
-def _build_repository(build: _Build, doc: Document, spec: dict[str, Any]) -> model.Repository:
+def _build_repository(build: _Build, doc: Document, spec: dict[str, Any]) -> model.RepositoryConfig:
     encryption = spec["encryption"]
     key = None
     if encryption["enabled"]:
         key = build.secret(doc, ("spec", "encryption", "key"), encryption["key"])
     elif "key" in encryption:
         build.warnings.append(doc.issue(("spec", "encryption", "key"), "ignored: encryption is disabled"))
-    return model.Repository(
+    return model.RepositoryConfig(
         name=doc.data["metadata"]["name"],
         backend=_build_backend(build, doc, spec["backend"]),
         compression=model.Compression(spec["compression"]["algorithm"], spec["compression"]["level"]),
@@ -309,14 +309,14 @@ _S3_DEFAULTS: dict[str, Any] = {
 """What defaults fill in for every backend: present on a local backend without meaning anything."""
 
 
-def _build_backend(build: _Build, doc: Document, raw: dict[str, Any]) -> model.Backend:
+def _build_backend(build: _Build, doc: Document, raw: dict[str, Any]) -> model.BackendConfig:
     if raw["type"] == "local":
         for name in _S3_FIELDS:
             if name in raw and raw[name] != _S3_DEFAULTS.get(name):
                 build.issues.append(
                     doc.issue(("spec", "backend", name), "only for type s3; a local backend has a path only")
                 )
-        return model.LocalBackend(path=PurePosixPath(os.path.normpath(raw["path"])))
+        return model.LocalBackendConfig(path=PurePosixPath(os.path.normpath(raw["path"])))
     where = ("spec", "backend")
     if "path" in raw:
         build.issues.append(
@@ -351,7 +351,7 @@ def _build_backend(build: _Build, doc: Document, raw: dict[str, Any]) -> model.B
                 "INSECURE: plain HTTP: credentials and (unless encryption is enabled) data travel in clear",
             )
         )
-    return model.S3Backend(
+    return model.S3BackendConfig(
         bucket=raw["bucket"],
         prefix=raw["prefix"].strip("/"),
         endpoint=endpoint.rstrip("/") if endpoint else None,
@@ -618,10 +618,12 @@ def _check_chains(build: _Build, policy_docs: dict[str, Document], targets: dict
             )
 
 
-def _check_repository_paths(build: _Build, repos: list[tuple[model.Repository, Document]]) -> None:
+def _check_repository_paths(build: _Build, repos: list[tuple[model.RepositoryConfig, Document]]) -> None:
     for i, (repo, doc) in enumerate(repos):
         for other, other_doc in repos[:i]:
-            if isinstance(repo.backend, model.S3Backend) or isinstance(other.backend, model.S3Backend):
+            if isinstance(repo.backend, model.S3BackendConfig) or isinstance(
+                other.backend, model.S3BackendConfig
+            ):
                 _check_s3_places(build, repo, doc, other, other_doc)
                 continue
             a, b = repo.backend.path, other.backend.path
@@ -639,11 +641,15 @@ def _check_repository_paths(build: _Build, repos: list[tuple[model.Repository, D
 
 
 def _check_s3_places(
-    build: _Build, repo: model.Repository, doc: Document, other: model.Repository, other_doc: Document
+    build: _Build,
+    repo: model.RepositoryConfig,
+    doc: Document,
+    other: model.RepositoryConfig,
+    other_doc: Document,
 ) -> None:
     """Two repositories in one bucket must not nest: one's prefix inside the other's would mix them."""
     a, b = repo.backend, other.backend
-    if not (isinstance(a, model.S3Backend) and isinstance(b, model.S3Backend)):
+    if not (isinstance(a, model.S3BackendConfig) and isinstance(b, model.S3BackendConfig)):
         return
     if (a.endpoint, a.bucket) != (b.endpoint, b.bucket):
         return

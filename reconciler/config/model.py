@@ -108,7 +108,7 @@ class Host:
 
 
 @dataclass(frozen=True)
-class LocalBackend:
+class LocalBackendConfig:
     """A repository in a local directory (a NAS volume)."""
 
     path: PurePosixPath
@@ -130,7 +130,7 @@ class S3Credentials:
 
 
 @dataclass(frozen=True)
-class S3Backend:
+class S3BackendConfig:
     """A repository in a bucket (under a prefix) of S3-compatible object storage."""
 
     bucket: str
@@ -157,7 +157,7 @@ class S3Backend:
         return f"{self.url} at {self.endpoint}" if self.endpoint else f"{self.url} in {self.region}"
 
 
-Backend = LocalBackend | S3Backend
+BackendConfig = LocalBackendConfig | S3BackendConfig
 """Union of all backend types."""
 
 
@@ -186,11 +186,11 @@ class PruneSettings:
 
 
 @dataclass(frozen=True)
-class Repository:
+class RepositoryConfig:
     """Where restore points are stored."""
 
     name: str
-    backend: Backend
+    backend: BackendConfig
     compression: Compression
     encryption: Encryption
     prune: PruneSettings
@@ -422,7 +422,7 @@ class DesiredState:
     """
 
     hosts: Mapping[str, Host]
-    repositories: Mapping[str, Repository]
+    repositories: Mapping[str, RepositoryConfig]
     policies: Mapping[str, BackupPolicy]
     verify_policies: Mapping[str, VerifyPolicy]
     revision: Revision
@@ -434,7 +434,7 @@ class DesiredState:
     def build(
         cls,
         hosts: Iterable[Host],
-        repositories: Iterable[Repository],
+        repositories: Iterable[RepositoryConfig],
         policies: Iterable[BackupPolicy],
         verify_policies: Iterable[VerifyPolicy],
         revision: Revision,
@@ -458,7 +458,7 @@ class DesiredState:
         """The Host named ``name`` (KeyError if none)."""
         return self.hosts[name]
 
-    def repository(self, name: str) -> Repository:
+    def repository(self, name: str) -> RepositoryConfig:
         """The Repository named ``name`` (KeyError if none)."""
         return self.repositories[name]
 

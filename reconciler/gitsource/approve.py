@@ -16,8 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
-from reconciler.config.model import DesiredState
-from reconciler.config.model import Repository as RepositoryConfig
+from reconciler.config.model import DesiredState, RepositoryConfig
 from reconciler.operations.observe import RepoOpener, observe_repositories
 from reconciler.operations.repositories import open_repository
 from reconciler.planning.approval import APPROVAL_TRAILER, Review, config_changes, destructive_changes

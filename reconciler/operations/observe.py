@@ -20,8 +20,7 @@ from pathlib import Path
 
 import structlog
 
-from reconciler.config.model import DesiredState, Host, LocalBackend
-from reconciler.config.model import Repository as RepositoryConfig
+from reconciler.config.model import DesiredState, Host, LocalBackendConfig, RepositoryConfig
 from reconciler.operations.failures import explain
 from reconciler.operations.hosts import HostFactory, connect
 from reconciler.operations.ports import HostReader
@@ -151,7 +150,7 @@ def _observe_repository(config: RepositoryConfig, opener: RepoOpener) -> Reposit
 def _volume_space(config: RepositoryConfig) -> tuple[int | None, int | None]:
     """Size and free space of the repository's volume (for the low-space notification), or Nones (an S3
     bucket has no volume)."""
-    if not isinstance(config.backend, LocalBackend):
+    if not isinstance(config.backend, LocalBackendConfig):
         return None, None
     try:
         vfs = os.statvfs(str(config.backend.path))

@@ -7,9 +7,7 @@ apply) opens it through :func:`open_repository`; the backend (a local directory,
 
 from __future__ import annotations
 
-from reconciler.config.model import LocalBackend as LocalBackendConfig
-from reconciler.config.model import Repository as RepositoryConfig
-from reconciler.config.model import S3Backend as S3BackendConfig
+from reconciler.config.model import LocalBackendConfig, RepositoryConfig, S3BackendConfig
 from reconciler.repository import Backend, LocalBackend, Repository
 from reconciler.repository.s3 import S3Backend, S3Location
 

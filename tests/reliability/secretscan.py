@@ -88,7 +88,7 @@ class SecretScan:
         """Register every secret the config references (revealed now), and its repositories (and the
         state directory) for the final scan."""
         from reconciler.config import load_config
-        from reconciler.config.model import LocalBackend
+        from reconciler.config.model import LocalBackendConfig
 
         desired = load_config(config)
         for host in desired.hosts.values():
@@ -96,7 +96,7 @@ class SecretScan:
             if host.ssh.private_key is not None:
                 self.secret(host.ssh.private_key.reveal(), f"SSH private key of host {host.name}")
         for repo in desired.repositories.values():
-            if not isinstance(repo.backend, LocalBackend):
+            if not isinstance(repo.backend, LocalBackendConfig):
                 continue  # the lab configs scanned here keep their repositories in directories
             path = Path(repo.backend.path)
             self.directory(path, f"repository {repo.name}")

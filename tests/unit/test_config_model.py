@@ -16,7 +16,7 @@ from reconciler.config import (
     DesiredState,
     DiskSelector,
     HookFailure,
-    LocalBackend,
+    LocalBackendConfig,
     VmSelector,
     load_config,
     parse_interval,
@@ -86,7 +86,7 @@ def test_defaults_are_visible_in_the_model(tmp_path: Path) -> None:
     assert host.source.file == "config.yaml" and host.source.line == 1
 
     repo = desired.repository("nas")
-    assert repo.backend == LocalBackend(PurePosixPath("/srv/backups/esxi"))
+    assert repo.backend == LocalBackendConfig(PurePosixPath("/srv/backups/esxi"))
     assert (repo.compression.algorithm, repo.compression.level) == ("zstd", 1)
     assert (repo.encryption.enabled, repo.encryption.key) == (False, None)
     assert (repo.prune.enabled, repo.prune.max_deletions_per_run) == (False, 100)

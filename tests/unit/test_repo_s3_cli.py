@@ -11,7 +11,7 @@ import pytest
 
 from reconciler.cli import main
 from reconciler.config import ConfigError, load_config
-from reconciler.config.model import S3Backend
+from reconciler.config.model import S3BackendConfig
 from reconciler.operations.repositories import open_repository
 from reconciler.repository import Repository
 from reconciler.status.store import StatusStore, status_path
@@ -66,7 +66,7 @@ def s3_env(monkeypatch: pytest.MonkeyPatch, s3_server: S3Server) -> None:
 def test_the_s3_backend_is_configured_by_reference(tmp_path: Path, s3_server: S3Server) -> None:
     desired = load_config(_config(tmp_path, s3_server, "bucket-a"))
     backend = desired.repository("offsite").backend
-    assert isinstance(backend, S3Backend)
+    assert isinstance(backend, S3BackendConfig)
     assert backend.url == "s3://bucket-a/esxi/main"
     assert backend.path_style and backend.region == "us-east-1"
     assert backend.credentials is not None
