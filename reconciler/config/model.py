@@ -314,6 +314,29 @@ class Notifier:
         return capacity <= 0 or free * 100 >= capacity * self.repository_min_free_percent
 
 
+@dataclass(frozen=True)
+class Listen:
+    """The daemon's HTTP(S) listener: metrics, health, status page, git webhook."""
+
+    address: str
+    port: int
+    token: Secret | None
+    tls_cert: PurePosixPath | None = None
+    tls_key: PurePosixPath | None = None
+
+
+@dataclass(frozen=True)
+class Monitoring:
+    """How the daemon is watched: its listener (None: none) and the node_exporter text file (None:
+    none); ``ready_after``: how old the last cycle may be for /readyz."""
+
+    name: str
+    listen: Listen | None
+    textfile: PurePosixPath | None
+    ready_after: timedelta
+    source: Source = field(compare=False)
+
+
 # -- revision and the whole --------------------------------------------------------------------------
 
 
@@ -367,6 +390,8 @@ class DesiredState:
     revision: Revision
     warnings: tuple[ConfigIssue, ...] = ()
     notifiers: Mapping[str, Notifier] = field(default_factory=lambda: MappingProxyType({}))
+    monitoring: Monitoring | None = None
+    """The Monitoring document, if the config has one."""
 
     @classmethod
     def build(
@@ -378,6 +403,7 @@ class DesiredState:
         revision: Revision,
         warnings: Iterable[ConfigIssue] = (),
         notifiers: Iterable[Notifier] = (),
+        monitoring: Monitoring | None = None,
     ) -> DesiredState:
         """Assemble from unordered objects (names must already be unique per kind)."""
         return cls(
@@ -388,6 +414,7 @@ class DesiredState:
             revision=revision,
             warnings=tuple(sorted(warnings)),
             notifiers=_index(_sorted_by_name(notifiers), "name"),
+            monitoring=monitoring,
         )
 
     def host(self, name: str) -> Host:
