@@ -5,16 +5,17 @@
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
-APT_PACKAGES := golang-go golang-github-vmware-govmomi-dev openssh-server openssh-client util-linux iproute2 python3-venv systemd busybox git gnupg
+APT_PACKAGES := golang-go golang-github-vmware-govmomi-dev openssh-server openssh-client util-linux iproute2 python3-venv systemd busybox git gnupg groff-base man-db zsh
 LAB_DIR ?= .lab
 
-.PHONY: all setup apt venv lab-build lint test unit test-reliability-long demo clean
+.PHONY: all setup apt venv lab-build lint test unit test-reliability-long demo clean install uninstall
 
 all: test
 
 # Debian packages the lab and the tests need: Go + govmomi (vcsim), OpenSSH (the simulated host's sshd),
 # BusyBox (its ash is the ESXi shell: the lab tests check the quoting of remote commands against it);
-# git and GnuPG (the git source: fetch, verify-commit of SSH and OpenPGP signatures).
+# git and GnuPG (the git source: fetch, verify-commit of SSH and OpenPGP signatures); groff, man-db
+# and zsh check the installed man page and completion scripts.
 apt:
 	@missing=""; for p in $(APT_PACKAGES); do \
 	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; \
@@ -59,4 +60,54 @@ demo: setup
 
 clean:
 	-$(PY) -m esxisim down --state-dir $(LAB_DIR) 2>/dev/null
-	rm -rf $(LAB_DIR) esxisim/build .mypy_cache .ruff_cache .pytest_cache .import_linter_cache .grimp_cache
+	rm -rf $(LAB_DIR) esxisim/build build .mypy_cache .ruff_cache .pytest_cache .import_linter_cache .grimp_cache
+
+# -- make install / make uninstall: the program like a package (FHS paths, PREFIX and DESTDIR aware) ---------
+# `make install` (as root) puts the program where systemd/esxi-reconciler.service expects it (/usr/bin),
+# its Python packages and their dependencies private to it in /usr/lib/esxi-reconciler (from PyPI, for
+# the Python that runs it: RUN_PYTHON), the unit, bash and zsh completion and the man page (both generated
+# from the parser), the JSON Schemas of the config and the example config. `make uninstall` removes
+# exactly that. A package build stages it: make install DESTDIR=debian/tmp.
+PREFIX      ?= /usr
+DESTDIR     ?=
+BINDIR      ?= $(PREFIX)/bin
+LIBDIR      ?= $(PREFIX)/lib/esxi-reconciler
+DATADIR     ?= $(PREFIX)/share/esxi-reconciler
+MANDIR      ?= $(PREFIX)/share/man
+UNITDIR     ?= $(PREFIX)/lib/systemd/system
+BASHCOMPDIR ?= $(PREFIX)/share/bash-completion/completions
+ZSHCOMPDIR  ?= $(PREFIX)/share/zsh/vendor-completions
+RUN_PYTHON  ?= $(shell $(PYTHON) -c 'import sys; print(sys.executable)')
+STAGE       := build/install
+
+install: venv
+	rm -rf $(STAGE) && mkdir -p $(STAGE)
+	$(PY) -m reconciler.cli completion bash > $(STAGE)/esxi-reconciler.bash
+	$(PY) -m reconciler.cli completion zsh > $(STAGE)/_esxi-reconciler
+	$(PY) -m reconciler.cli _manpage > $(STAGE)/esxi-reconciler.1
+	sed 's|/usr/bin/esxi-reconciler|$(BINDIR)/esxi-reconciler|' systemd/esxi-reconciler.service > $(STAGE)/esxi-reconciler.service
+	sed -e 's|@PYTHON@|$(RUN_PYTHON)|' -e 's|@LIBDIR@|$(LIBDIR)|' \
+	    -e "s|@LIBDIR_FROM_BINDIR@|$$($(PYTHON) -c 'import os, sys; print(os.path.relpath(*sys.argv[1:]))' '$(LIBDIR)' '$(BINDIR)')|" \
+	    packaging/esxi-reconciler.in > $(STAGE)/esxi-reconciler
+	rm -rf '$(DESTDIR)$(LIBDIR)'
+	$(RUN_PYTHON) -m pip install --quiet --disable-pip-version-check --no-warn-script-location \
+	    --target '$(DESTDIR)$(LIBDIR)' .
+	rm -rf '$(DESTDIR)$(LIBDIR)/bin'
+	install -D -m 755 $(STAGE)/esxi-reconciler '$(DESTDIR)$(BINDIR)/esxi-reconciler'
+	install -D -m 644 $(STAGE)/esxi-reconciler.service '$(DESTDIR)$(UNITDIR)/esxi-reconciler.service'
+	install -D -m 644 $(STAGE)/esxi-reconciler.bash '$(DESTDIR)$(BASHCOMPDIR)/esxi-reconciler'
+	install -D -m 644 $(STAGE)/_esxi-reconciler '$(DESTDIR)$(ZSHCOMPDIR)/_esxi-reconciler'
+	install -D -m 644 $(STAGE)/esxi-reconciler.1 '$(DESTDIR)$(MANDIR)/man1/esxi-reconciler.1'
+	rm -rf '$(DESTDIR)$(DATADIR)'
+	install -d -m 755 '$(DESTDIR)$(DATADIR)/schemas'
+	install -m 644 reconciler/schemas/*.schema.json '$(DESTDIR)$(DATADIR)/schemas/'
+	cd config.example && find . -type f | while read -r f; do \
+	    install -D -m 644 "$$f" '$(DESTDIR)$(DATADIR)/config.example/'"$$f"; done
+	install -D -m 644 systemd/esxi-reconciler.service.d/local.conf.example \
+	    '$(DESTDIR)$(DATADIR)/esxi-reconciler.service.d/local.conf.example'
+
+uninstall:
+	rm -f '$(DESTDIR)$(BINDIR)/esxi-reconciler' '$(DESTDIR)$(UNITDIR)/esxi-reconciler.service' \
+	    '$(DESTDIR)$(BASHCOMPDIR)/esxi-reconciler' '$(DESTDIR)$(ZSHCOMPDIR)/_esxi-reconciler' \
+	    '$(DESTDIR)$(MANDIR)/man1/esxi-reconciler.1'
+	rm -rf '$(DESTDIR)$(LIBDIR)' '$(DESTDIR)$(DATADIR)'

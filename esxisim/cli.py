@@ -5,7 +5,7 @@ python -m esxisim up --state-dir DIR [--hosts 2] [--license free,licensed] [--vm
                      [--vm-name HOST:NAME ...] [--fill 0.25]
 python -m esxisim status --state-dir DIR [--json]
 python -m esxisim guest-write --state-dir DIR [--host H] --vm NAME --percent P --seed S
-python -m esxisim fault --state-dir DIR --host H KIND [--delay-ms N] [--off] [--vm NAME]
+python -m esxisim fault --state-dir DIR --host H KIND [--delay-ms N] [--off] [--vm NAME] [--command C]
 python -m esxisim vim-cmd --state-dir DIR --host H -- ARGS...
 python -m esxisim down --state-dir DIR [--keep]
 python -m esxisim build [--force]
@@ -33,6 +33,7 @@ FAULT_KINDS = (
     "snapshot-fail",
     "power-on-fail",
     "vimcmd-exit-zero",
+    "vimcmd-garbage",
     "cbt-reset",
     "ssh-drop",
     "host-down",
@@ -176,6 +177,9 @@ def cmd_fault(args: argparse.Namespace) -> int:
         options["delay_ms"] = args.delay_ms
     elif args.kind in ("snapshot-fail", "power-on-fail", "vimcmd-exit-zero"):
         options["enabled"] = not args.off
+    elif args.kind == "vimcmd-garbage":
+        options["enabled"] = not args.off
+        options["command"] = args.command or ""
     elif args.kind == "cbt-reset":
         if not args.vm:
             raise LabError("cbt-reset needs --vm NAME")
@@ -258,7 +262,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("kind", choices=FAULT_KINDS, help="the fault")
     p.add_argument("--delay-ms", type=int, default=500, help="api-slow: delay of each API call")
     p.add_argument(
-        "--off", action="store_true", help="snapshot-fail, power-on-fail, vimcmd-exit-zero: switch it off"
+        "--off",
+        action="store_true",
+        help="snapshot-fail, power-on-fail, vimcmd-exit-zero, vimcmd-garbage: switch it off",
+    )
+    p.add_argument(
+        "--command", help="vimcmd-garbage: only this vim-cmd command (e.g. vmsvc/snapshot.get); default: all"
     )
     p.add_argument("--vm", help="cbt-reset: the VM")
 

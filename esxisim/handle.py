@@ -20,6 +20,7 @@ from pyVmomi.Security import VerifyCertThumbprint
 from esxisim import MiB
 from esxisim.client import ControlClient
 from esxisim.lab import Lab
+from esxisim.record import ShellRecording, recording
 
 FREE_HOST = "esxi1"
 LICENSED_HOST = "esxi2"
@@ -125,6 +126,11 @@ class LabHandle:
     def fault(self, host: str, kind: str, **options: Any) -> dict[str, Any]:
         return self.lab.fault(host, kind, **options)
 
+    def recording(self, host: str) -> contextlib.AbstractContextManager[ShellRecording]:
+        """Record every SSH command line ``host`` receives and the argv of the programs it runs, for
+        the duration of a ``with`` block (esxisim/record.py)."""
+        return recording(self.lab.host(host).dir)
+
     def clear_faults(self) -> None:
         for name in self.lab.hosts:
             self.lab.fault(name, "clear")
@@ -198,6 +204,10 @@ class LabHandle:
             _, out, err = self.ssh(host).exec_command(command, timeout=timeout)
         except (paramiko.SSHException, EOFError, OSError):
             transport = self._ssh[host].get_transport()
+            if transport is not None and transport.is_active():
+                # a dropped session can raise here before paramiko's transport thread has marked it
+                # inactive: give that thread time to end before taking the error for the command's
+                transport.join(5.0)
             if transport is not None and transport.is_active():
                 raise
             self._ssh.pop(host).close()

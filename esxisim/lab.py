@@ -590,11 +590,23 @@ class Lab:
             except OSError:
                 continue
             if ns and ns != procs.own_mnt_ns():
-                for pid in procs.pids_in_ns(ns):
+                for pid in procs.pids_in_ns(ns, host.sshd.is_member):
                     found.append(f"process {pid} still in {host.name}'s namespace {ns}")
         for point in procs.mounts_under(self.state_dir):
             found.append(f"mount still present: {point}")
         return found
+
+    def save_logs(self, dest: Path) -> list[Path]:
+        """Copy every host's logs (``*.log``) to ``dest/<host>/`` before the files go (post-mortems of
+        CI runs: ``ESXISIM_KEEP_LOGS`` in the pytest fixture); returns the copies."""
+        copied = []
+        for host in self.hosts.values():
+            for log in sorted(host.dir.glob("*.log")):
+                target = dest / host.name / log.name
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(log, target)
+                copied.append(target)
+        return copied
 
     def remove_files(self) -> None:
         if not self.state_dir.exists():

@@ -6,8 +6,9 @@ import contextlib
 import ctypes
 import os
 import signal
+import socket
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 PROC = Path("/proc")
@@ -48,6 +49,23 @@ def alive(pid: int) -> bool:
     return st is not None and st not in ("Z", "X")
 
 
+def root_dir(pid: int) -> str | None:
+    """The root directory of ``pid`` as this process sees its path (its chroot), or None if it is gone."""
+    try:
+        return str(Path(f"/proc/{pid}/root").readlink())
+    except OSError:
+        return None
+
+
+def parent(pid: int) -> int | None:
+    """The parent pid of ``pid``, or None if it is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(stat[stat.rindex(")") + 2 :].split(" ")[1])
+
+
 def cmdline(pid: int) -> list[str]:
     try:
         raw = Path(f"/proc/{pid}/cmdline").read_bytes()
@@ -56,11 +74,17 @@ def cmdline(pid: int) -> list[str]:
     return [os.fsdecode(part) for part in raw.split(b"\0") if part]
 
 
-def pids_in_ns(ns: str) -> list[int]:
-    """Live pids whose mount namespace is ``ns`` (never the caller's own namespace)."""
+def pids_in_ns(ns: str, member: Callable[[int], bool] | None = None) -> list[int]:
+    """Live pids whose mount namespace is ``ns`` (never the caller's own namespace) and, if given, for
+    which ``member`` is true.
+
+    A namespace id alone does not name a lab's processes for long: once its last process is gone the
+    kernel hands the same id to the next namespace it makes (another lab's sshd, say), so callers that
+    kill pass ``member`` to check that a process really is theirs.
+    """
     if ns == own_mnt_ns():
         raise RuntimeError(f"refusing to treat the caller's own mount namespace {ns} as a lab namespace")
-    return [pid for pid in all_pids() if mnt_ns(pid) == ns and alive(pid)]
+    return [pid for pid in all_pids() if mnt_ns(pid) == ns and alive(pid) and (member is None or member(pid))]
 
 
 def ancestors() -> set[int]:
@@ -77,12 +101,19 @@ def ancestors() -> set[int]:
     return out
 
 
-def pids_mentioning(text: str) -> list[int]:
-    """Live pids (not the caller or its ancestors) whose command line contains ``text``."""
+def mentions(args: list[str], path: str) -> bool:
+    """True if an argument is ``path`` or a path below it (``/tmp/lab`` is not mentioned by
+    ``/tmp/lab2/...``: that is another lab's)."""
+    path = path.rstrip("/") or "/"
+    below = path.rstrip("/") + "/"
+    return any(a.rstrip("/") == path or a.startswith(below) for a in args)
+
+
+def pids_mentioning(path: str) -> list[int]:
+    """Live pids (not the caller or its ancestors) with ``path`` or a path below it on their command
+    line."""
     skip = ancestors()
-    return [
-        pid for pid in all_pids() if pid not in skip and alive(pid) and any(text in a for a in cmdline(pid))
-    ]
+    return [pid for pid in all_pids() if pid not in skip and alive(pid) and mentions(cmdline(pid), path)]
 
 
 LAB_PROGRAMS = ("esxisim-host", "unshare")
@@ -148,21 +179,72 @@ def end_processes(pids: Iterable[int], term_timeout: float = 3.0, kill_timeout: 
     return wait_gone(left, kill_timeout)
 
 
-def kill_namespace(ns: str, keep: Iterable[int] = (), timeout: float = 5.0) -> list[int]:
-    """SIGKILL every process in mount namespace ``ns`` except ``keep``, until none is left.
+def kill_trees(pids: Iterable[int], timeout: float = 5.0) -> list[int]:
+    """SIGKILL ``pids`` and every process they forked, also while being killed; nothing else.
+
+    Each process is stopped (SIGSTOP) before it is killed, and the children of stopped processes are
+    looked for until there are no more: a stopped process cannot fork, so none escapes, and no process
+    that merely started meanwhile (a new SSH connection, say) is touched. Returns the pids still alive
+    at the deadline.
+    """
+    frozen: set[int] = set()
+    todo = {pid for pid in pids if alive(pid)}
+    while todo:
+        signal_pids(todo, signal.SIGSTOP)
+        frozen |= todo
+        todo = {pid for pid in all_pids() if pid not in frozen and parent(pid) in frozen and alive(pid)}
+    signal_pids(frozen, signal.SIGKILL)
+    return wait_gone(frozen, timeout)
+
+
+def kill_namespace(
+    ns: str, keep: Iterable[int] = (), timeout: float = 5.0, member: Callable[[int], bool] | None = None
+) -> list[int]:
+    """SIGKILL every process in mount namespace ``ns`` (for which ``member`` is true) except ``keep``,
+    until none is left.
 
     Repeated because a process may fork while we kill; returns the pids still alive at the deadline.
+    Pass ``member``: the last round runs after the namespace may have died and its id been reused.
     """
     spare = set(keep)
     deadline = time.monotonic() + timeout
     while True:
-        victims = [pid for pid in pids_in_ns(ns) if pid not in spare]
+        victims = [pid for pid in pids_in_ns(ns, member) if pid not in spare]
         if not victims:
             return []
         signal_pids(victims, signal.SIGKILL)
         left = wait_gone(victims, 0.5)
         if time.monotonic() >= deadline:
             return left
+
+
+def listens_on(pid: int, port: int, host: str = "127.0.0.1") -> bool:
+    """True if ``pid`` itself holds the socket listening on ``host:port`` (IPv4 TCP).
+
+    A banner on the port is not enough to know that a server we started is up: another lab's server may
+    have taken the port first, and ours is about to fail its bind.
+    """
+    want = f"{socket.inet_aton(host)[::-1].hex().upper()}:{port:04X}"
+    inodes = set()
+    try:
+        lines = Path("/proc/net/tcp").read_text().splitlines()[1:]
+    except OSError:
+        return False
+    for line in lines:
+        fields = line.split()
+        if len(fields) > 9 and fields[1] == want and fields[3] == "0A":  # 0A: LISTEN
+            inodes.add(f"socket:[{fields[9]}]")
+    if not inodes:
+        return False
+    try:
+        fds = list(Path(f"/proc/{pid}/fd").iterdir())
+    except OSError:
+        return False
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            if str(fd.readlink()) in inodes:
+                return True
+    return False
 
 
 def _unescape_mountinfo(field: str) -> str:

@@ -8,6 +8,8 @@
 * ``lab.api(host)``: a pyvmomi ServiceInstance pinned to the host's SHA-256 thumbprint.
 * ``lab.ssh(host)``: a paramiko SSHClient pinned to the host key (RejectPolicy + the lab's known_hosts).
 * ``lab_faults``: the lab, with every fault cleared (and every host up) after the test.
+* With ``ESXISIM_KEEP_LOGS=DIR``, each lab's host logs are copied to ``DIR/<lab>/<host>/`` (``<lab>``:
+  the name of its state directory) before its files are removed.
 * ``lab_of_version(v)`` (session): a lab whose hosts answer as ESXi ``v`` (``6.7``, ``7.0`` or ``8.0``;
   docs/lab.md says what differs): ``esxi1`` free and ``esxi2`` licensed, one VM each (``web01`` and
   ``app201``, one 8 MiB disk). Started on first use, kept for the session, stopped at its end like
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 
@@ -40,12 +43,17 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip)
 
 
-def _stop(simlab: Lab, handle: LabHandle | None) -> None:
-    """Stop a lab and fail if anything of it survives."""
+def stop_lab(simlab: Lab, handle: LabHandle | None) -> None:
+    """Stop a lab and fail if anything of it survives (also for labs a test module starts itself; its
+    logs saved first if ``ESXISIM_KEEP_LOGS``)."""
     state_dir = simlab.state_dir
     if handle is not None:
         handle.close()
-    simlab.stop()
+    simlab.stop(remove_files=False)
+    keep_logs = os.environ.get("ESXISIM_KEEP_LOGS")
+    if keep_logs:
+        simlab.save_logs(Path(keep_logs) / state_dir.name)
+    simlab.remove_files()
     leftovers = simlab.leftovers()
     assert not leftovers, f"the lab left things behind: {leftovers}"
     assert not state_dir.exists(), f"the lab's state dir {state_dir} survived"
@@ -62,7 +70,7 @@ def lab() -> Iterator[LabHandle]:
         handle = LabHandle(simlab)
         yield handle
     finally:
-        _stop(simlab, handle)
+        stop_lab(simlab, handle)
 
 
 @pytest.fixture(scope="session")
@@ -92,7 +100,7 @@ def lab_of_version() -> Iterator[Callable[[str], LabHandle]]:
         failures: list[AssertionError] = []
         for simlab, handle in started.values():
             try:
-                _stop(simlab, handle)
+                stop_lab(simlab, handle)
             except AssertionError as exc:  # stop every lab, then report
                 failures.append(exc)
         if failures:

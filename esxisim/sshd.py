@@ -17,6 +17,7 @@ import base64
 import contextlib
 import hashlib
 import os
+import random
 import shutil
 import socket
 import subprocess
@@ -158,6 +159,8 @@ def sshd_config(port: int) -> str:
             f"Ciphers {CIPHERS}",
             f"SetEnv PATH={TOOLS_MOUNT}:/usr/bin:/bin ESXISIM_SOCKET={CONTROL_MOUNT}/control.sock",
             "Subsystem sftp internal-sftp",
+            # every command goes through the recorder, which records only while a test asks (record.py)
+            f"ForceCommand {TOOLS_MOUNT}/record/esxisim-session",
             "LogLevel ERROR",
             "",
         ]
@@ -197,21 +200,59 @@ def set_port(paths: SshPaths, port: int) -> None:
     paths.known_hosts.write_text("".join(lines))
 
 
+LOWEST_PORT = 10000
+
+
+def ephemeral_ports(path: Path = Path("/proc/sys/net/ipv4/ip_local_port_range")) -> tuple[int, int]:
+    """The kernel's range of ports for outgoing connections (and ``bind`` to port 0)."""
+    try:
+        low, high = (int(x) for x in path.read_text().split())
+    except (OSError, ValueError):
+        return 32768, 60999
+    return low, high
+
+
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    """A TCP port on 127.0.0.1 that nothing uses right now, at random *outside* the ephemeral range.
+
+    sshd binds the port seconds later, and a host that goes down and up again binds it again: a port
+    from the ephemeral range may meanwhile be the local end of any outgoing connection of the machine
+    (another lab's tests make thousands). Outside it, only someone choosing the same way can take it,
+    and :meth:`Sshd.start` then notices that the listener is not its own.
+    """
+    low, high = ephemeral_ports()
+    ranges = [(LOWEST_PORT, low - 1), (high + 1, 65535)]
+    candidates = [r for r in ranges if r[1] - r[0] >= 1000]
+    rnd = random.SystemRandom()
+    for _ in range(100 if candidates else 0):
+        first, last = rnd.choice(candidates)
+        port = rnd.randint(first, last)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("127.0.0.1", port))  # no SO_REUSEADDR: a port in TIME_WAIT counts as used
+            except OSError:
+                continue
+            return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
 
 
 def wait_banner(port: int, pid: int, timeout: float, log: Path) -> None:
-    """Wait until sshd on ``port`` sends its banner; fail early if ``pid`` died."""
+    """Wait until sshd ``pid`` itself listens on ``port`` and sends its banner; fail early if it died.
+
+    Whose listener it is matters: if another lab's sshd got the port first, a banner comes from that one
+    while ours fails its bind ("Address already in use", which :meth:`SimHost.start_sshd` handles).
+    """
     deadline = time.monotonic() + timeout
     last: Exception | None = None
     while time.monotonic() < deadline:
         if not procs.alive(pid):
             procs.reap(pid)
             raise SshError(f"sshd (pid {pid}) exited while starting; log {log}:\n{_tail(log)}")
+        if not procs.listens_on(pid, port):
+            time.sleep(0.05)
+            continue
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=1.0) as s:
                 if s.recv(64).startswith(b"SSH-2.0-"):
@@ -294,12 +335,28 @@ class Sshd:
         except OSError:
             return None
 
+    def is_member(self, pid: int) -> bool:
+        """True if ``pid`` belongs to this host's sshd: chrooted into the host's root (or below it: sshd's
+        pre-auth child is in /run/sshd), or (before the chroot) the launcher naming the host's directory.
+
+        Checked besides the namespace id, which is no name: the kernel gives a dead namespace's id to the
+        next namespace made (another lab's sshd, say), and a stale pid file may name anyone's process.
+        """
+        root = str(self.host_dir / "root")
+        chroot = procs.root_dir(pid)
+        if chroot is not None and (chroot == root or chroot.startswith(root + "/")):
+            return True
+        return str(self.host_dir) in procs.cmdline(pid)
+
     def listener_alive(self) -> bool:
         pid = self._pid()
-        return pid is not None and procs.alive(pid) and procs.mnt_ns(pid) == self._ns()
+        return (
+            pid is not None and procs.alive(pid) and procs.mnt_ns(pid) == self._ns() and self.is_member(pid)
+        )
 
     def kill_sessions(self) -> int:
-        """Kill every process of the host's namespace but the listener: live SSH sessions drop at once.
+        """Kill the SSH sessions live right now (every process of the host but the listener): they drop
+        at once, as in a network drop. Connections made meanwhile are not touched.
 
         Returns how many processes were killed.
         """
@@ -307,8 +364,8 @@ class Sshd:
         pid = self._pid()
         if ns is None or pid is None:
             return 0
-        victims = [p for p in procs.pids_in_ns(ns) if p != pid]
-        left = procs.kill_namespace(ns, keep=[pid])
+        victims = [p for p in procs.pids_in_ns(ns, self.is_member) if p != pid]
+        left = procs.kill_trees(victims)
         if left:
             raise SshError(f"session processes {left} of {self.host_dir.name} survived SIGKILL")
         return len(victims)
@@ -317,18 +374,19 @@ class Sshd:
         """Stop the listener and everything in its namespace; the namespace's mounts go with them."""
         pid = self._pid()
         ns = self._ns()
-        if ns is None and pid is not None and procs.alive(pid):
-            # started but not yet recorded: only touch it if it is ours (unshare/nsroot/sshd)
-            cmd = " ".join(procs.cmdline(pid))
+        if pid is not None and not (procs.alive(pid) and self.is_member(pid)):
+            pid = None  # gone, or the pid of someone else's process by now
+        if ns is None and pid is not None:
+            # started but not yet recorded
             other = procs.mnt_ns(pid)
-            if ("esxisim.nsroot" in cmd or "sshd" in cmd) and other != procs.own_mnt_ns():
+            if other is not None and other != procs.own_mnt_ns():
                 ns = other
-            elif "esxisim.nsroot" in cmd and str(self.host_dir) in cmd:
+            else:
                 procs.end_processes([pid])
         if pid is not None and ns is not None and procs.mnt_ns(pid) == ns:
             procs.end_processes([pid], term_timeout=2.0)
         if ns is not None:
-            left = procs.kill_namespace(ns)
+            left = procs.kill_namespace(ns, member=self.is_member)
             if left:
                 raise SshError(f"processes {left} of {self.host_dir.name}'s sshd namespace survived SIGKILL")
         if self._proc is not None:

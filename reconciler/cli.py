@@ -50,6 +50,8 @@ COMMANDS: tuple[str, ...] = (
     "status",
     "history",
     "notify",
+    "schema",
+    "completion",
 )
 """Modules of :mod:`reconciler.commands`, in the order ``--help`` lists them."""
 
@@ -68,11 +70,15 @@ examples:
   esxi-reconciler apply                     do it: show the plan, ask, execute
   esxi-reconciler apply tonight.plan        execute a plan saved by plan --out (if still current)
   esxi-reconciler repo init nas             create the repository configured as nas
-  esxi-reconciler repo key-export nas --out /safe/place/nas.key
+  esxi-reconciler repo key export nas --out /safe/place/nas.key
                                             save its key file (keep it apart from the repository)
+  esxi-reconciler repo key passwd nas       change its passphrase (key import: put a saved key back)
+  esxi-reconciler repo stats                logical vs stored bytes, dedup and compression ratios
   esxi-reconciler repo gc nas --dry-run     what garbage collection would free (repo gc: free it)
   esxi-reconciler backup web-daily          back up every VM of a policy now
   esxi-reconciler points --vm web01         list the restore points of a VM
+  esxi-reconciler points protect ID         keep a point whatever the retention (unprotect: undo)
+  esxi-reconciler points forget ID --gc     delete a point now and free its data (asks first)
   esxi-reconciler verify                    check every repository can be restored (reads all data)
   esxi-reconciler verify nas --read-data-subset 10%
                                             ditto, reading a random tenth of the data
@@ -85,6 +91,8 @@ examples:
   esxi-reconciler export web01 --to DIR     write its newest point as local files
   esxi-reconciler run                       the daemon: reconcile until stopped (systemd runs this)
   esxi-reconciler status                    Ready/Reconciling/Stalled per host, VM, policy, repository
+  esxi-reconciler schema host --path        the JSON Schema of a config kind, for editors
+  esxi-reconciler completion bash           the shell completion script (make install installs it)
   esxi-reconciler COMMAND --help            options and examples of one command
 
 Global options may come before or after the command. Command output goes to
@@ -113,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
         parents=[global_options_parent()],
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    parser.set_defaults(**GLOBAL_DEFAULTS)
+    parser.set_defaults(**GLOBAL_DEFAULTS, root_parser=parser)  # for the verbs that describe the parser
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMANDS:
         importlib.import_module(f"reconciler.commands.{name}").register(commands)

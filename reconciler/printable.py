@@ -15,6 +15,8 @@ def printable(text: str) -> str:
     """``text`` with every control or otherwise invisible-formatting character escaped as Python does in
     a string literal (``\\n``, ``\\t``, ``\\x1b``, ``\\u202e``), so it stays on one line and cannot move
     the cursor, recolour the terminal or reverse the text; letters of every script, and spaces, stay."""
+    if text.isprintable():  # the common case, in C: nothing to escape (a space is printable)
+        return text
     return "".join(
         ch if ch.isprintable() or ch == " " else ch.encode("unicode_escape").decode("ascii") for ch in text
     )

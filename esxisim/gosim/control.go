@@ -9,7 +9,9 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
+	"sort"
 	"strconv"
+	"strings"
 	"sync"
 	"time"
 )
@@ -113,6 +115,7 @@ func (h *Host) ctlFault(w http.ResponseWriter, r *http.Request) {
 		DelayMS int64  `json:"delay_ms"`
 		Enabled *bool  `json:"enabled"`
 		VM      string `json:"vm"`
+		Command string `json:"command"`
 	}
 	if !readJSON(w, r, &req) {
 		return
@@ -144,6 +147,18 @@ func (h *Host) ctlFault(w http.ResponseWriter, r *http.Request) {
 		h.mu.Lock()
 		h.exitZero = on
 		h.mu.Unlock()
+	case "vimcmd-garbage":
+		on := req.Enabled == nil || *req.Enabled
+		h.mu.Lock()
+		if h.garbage == nil {
+			h.garbage = map[string]bool{}
+		}
+		if on {
+			h.garbage[strings.Trim(req.Command, "/")] = true
+		} else {
+			delete(h.garbage, strings.Trim(req.Command, "/"))
+		}
+		h.mu.Unlock()
 	case "cbt-reset":
 		vm := h.VMByName(req.VM)
 		if vm == nil {
@@ -157,6 +172,7 @@ func (h *Host) ctlFault(w http.ResponseWriter, r *http.Request) {
 		h.snapshotFail = false
 		h.powerOnFail = false
 		h.exitZero = false
+		h.garbage = nil
 		h.mu.Unlock()
 		if err := h.apiUp(h.fe.addr); err != nil {
 			jsonError(w, http.StatusInternalServerError, "api-up: %v", err)
@@ -318,7 +334,8 @@ func (h *Host) State() map[string]interface{} {
 	h.fe.mu.Unlock()
 	h.mu.Lock()
 	faults := map[string]interface{}{"api_delay_ms": h.apiDelay.Milliseconds(), "snapshot_fail": h.snapshotFail,
-		"power_on_fail": h.powerOnFail, "vimcmd_exit_zero": h.exitZero, "api_down": !up}
+		"power_on_fail": h.powerOnFail, "vimcmd_exit_zero": h.exitZero, "api_down": !up,
+		"vimcmd_garbage": garbageCommands(h.garbage)}
 	h.mu.Unlock()
 	if vms == nil {
 		vms = []interface{}{}
@@ -326,4 +343,14 @@ func (h *Host) State() map[string]interface{} {
 	return map[string]interface{}{"name": h.cfg.Name, "license": h.cfg.License, "esxi_version": esxiVer.Name,
 		"api_addr": h.fe.addr,
 		"vms":      vms, "datastores": dss, "faults": faults}
+}
+
+// garbageCommands lists the vim-cmd commands under the "vimcmd-garbage" fault ("" = every command).
+func garbageCommands(set map[string]bool) []string {
+	out := []string{}
+	for name := range set {
+		out = append(out, name)
+	}
+	sort.Strings(out)
+	return out
 }

@@ -68,8 +68,9 @@ type Host struct {
 	dss    []*DS
 
 	snapshotFail bool
-	powerOnFail  bool // fault "power-on-fail": every power-on fails (API and vim-cmd)
-	exitZero     bool // fault "vimcmd-exit-zero": vim-cmd exits 0 even after a fault
+	powerOnFail  bool            // fault "power-on-fail": every power-on fails (API and vim-cmd)
+	exitZero     bool            // fault "vimcmd-exit-zero": vim-cmd exits 0 even after a fault
+	garbage      map[string]bool // fault "vimcmd-garbage": these vim-cmd commands ("" = all) print garbage
 	apiDelay     time.Duration
 	lastRefresh  time.Time
 
@@ -335,7 +336,9 @@ func (h *Host) dsByName(name string) *DS {
 func (h *Host) dsForPath(abs string) (*DS, string) {
 	for _, ds := range h.dss {
 		rel, err := filepath.Rel(ds.Path, abs)
-		if err == nil && !strings.HasPrefix(rel, "..") {
+		// "..%2f..%2fescape" (a VM named "../../escape") is a folder inside the datastore: only ".." as a
+		// whole path element leads out
+		if err == nil && rel != ".." && !strings.HasPrefix(rel, "../") {
 			return ds, filepath.ToSlash(rel)
 		}
 	}
@@ -542,6 +545,20 @@ func fileExists(p string) bool {
 
 func logf(format string, args ...interface{}) {
 	log.Printf(format, args...)
+}
+
+// garbageOutput is what vim-cmd prints under the "vimcmd-garbage" fault: control characters, a NUL, an
+// unknown object and lines that almost look like real output (a product must name the command, not
+// guess).
+const garbageOutput = "\x1b[0m\x00(vim.Garbled) {\n   \u00ff\u00fe\x7f ## hostd answered nonsense ##\n" +
+	"Snapshot Nme   :: ???\n--Snapshot Id :\nVmid Nmae File\n\x1b[2J}\n"
+
+// vimcmdGarbage tells whether vim-cmd must print garbage for command “name“ (fault injection: the
+// command still runs, only its output is garbled).
+func (h *Host) vimcmdGarbage(name string) bool {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	return h.garbage[""] || h.garbage[name]
 }
 
 // vimcmdExitZero tells whether vim-cmd must hide its failures from the exit status (fault injection:

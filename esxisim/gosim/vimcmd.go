@@ -118,6 +118,9 @@ func (h *Host) vimcmd(argv []string) (string, string, int) {
 	if code != 0 && h.vimcmdExitZero() {
 		code = 0 // fault "vimcmd-exit-zero": the failure is only in the text
 	}
+	if h.vimcmdGarbage(name) {
+		return garbageOutput, "", 0 // fault "vimcmd-garbage": done, but the answer is unreadable
+	}
 	return out, errOut, code
 }
 

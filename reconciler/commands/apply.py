@@ -149,7 +149,7 @@ def _confirm(count: int) -> bool | None:
 
 def cmd_apply(args: argparse.Namespace) -> int:
     """Execute the (saved or fresh) plan; see the exit status in the epilog."""
-    from reconciler.esxi.host import sigterm_raises
+    from reconciler.esxi.signals import sigterm_raises
     from reconciler.operations.apply import apply
     from reconciler.operations.observe import load_history, observe
     from reconciler.planning.plan import plan

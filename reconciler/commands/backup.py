@@ -84,7 +84,7 @@ def cmd_backup(args: argparse.Namespace) -> int:
     """``esxi-reconciler backup POLICY``: 0 when every VM succeeded, 1 when any failed."""
     import threading
 
-    from reconciler.esxi.host import sigterm_raises
+    from reconciler.esxi.signals import sigterm_raises
     from reconciler.operations.backup import BackupError, BackupOptions, backup_policy
     from reconciler.operations.failures import explain
     from reconciler.operations.progress import Progress

@@ -127,10 +127,11 @@ def emit_json(doc: Any) -> None:
 
 
 def command_name(args: argparse.Namespace) -> str:
-    """``backup``, ``repo gc``, ``notify test``: how messages name the verb (a verb with subcommands keeps
-    them in ``<verb>_command``)."""
-    sub = getattr(args, f"{args.command}_command", None) if args.command else None
-    return f"{args.command} {sub}" if args.command and sub else str(args.command or "")
+    """``backup``, ``repo gc``, ``repo key passwd``, ``points forget``, ``notify test``: how messages name
+    the verb."""
+    names = ("repo_command", "key_command", "points_command", "notify_command")
+    subs = (getattr(args, name, None) for name in names)
+    return " ".join(str(part) for part in (args.command, *subs) if part)
 
 
 def failure_line(exc: BaseException) -> str:
@@ -239,15 +240,17 @@ def add_command(
     commands: argparse._SubParsersAction[argparse.ArgumentParser],
     name: str,
     *,
-    help: str,
+    help: str | None,
     description: str,
     epilog: str,
     handler: Handler,
 ) -> argparse.ArgumentParser:
-    """Register the verb ``name`` with the global options, its examples and its handler."""
+    """Register the verb ``name`` with the global options, its examples and its handler; ``help=None``
+    keeps it out of ``--help``, completion and the man page (an old spelling, an internal verb)."""
+    listed: dict[str, Any] = {} if help is None else {"help": help}
     parser = commands.add_parser(
         name,
-        help=help,
+        **listed,
         description=description,
         epilog=f"{epilog.rstrip()}\n\n{EXIT_CODES_HELP}\n" if "exit codes:" not in epilog else epilog,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -363,3 +366,29 @@ def record_command(args: argparse.Namespace, code: int, error: str | None = None
             store.events.record(event)
     except Exception:  # noqa: S110 - the record is a courtesy; the verb's own output says what happened
         pass
+
+
+def add_yes_option(parser: argparse.ArgumentParser, what: str) -> None:
+    """``--yes``/``-y`` for a verb that destroys or replaces something (``what`` it does)."""
+    parser.add_argument(
+        "--yes", "-y", action="store_true", help=f"do not ask before {what} (needed without a terminal)"
+    )
+
+
+def ask(args: argparse.Namespace, question: str, nothing_done: str) -> None:
+    """Go on only when ``--yes`` was given or the person answers yes to ``question`` on the terminal
+    (asked on stderr). Otherwise stop the verb, saying ``nothing_done``: without a terminal, or with
+    ``--json``, a usage error (64: add ``--yes``); answered no, ``declined`` (1)."""
+    from reconciler.printable import printable
+
+    if getattr(args, "yes", False):
+        return
+    if getattr(args, "json", False) or not sys.stdin.isatty():
+        fail(
+            f"not asking without a terminal (or with --json): pass --yes; {nothing_done}",
+            "not-confirmed",
+            "usage",
+        )
+    print(printable(question) + " [y/N] ", end="", file=sys.stderr, flush=True)
+    if sys.stdin.readline().strip().lower() not in ("y", "yes"):
+        fail(f"not confirmed; {nothing_done}", "declined")

@@ -23,9 +23,14 @@ examples:
                                             one compressed VMDK per disk (for an OVF/OVA)
   esxi-reconciler export web01 --from-host esxi2 --to out
                                             web01 exists on esxi1 and esxi2: esxi2's
+  esxi-reconciler export web01 --to /srv/share/web01 --mode 640
+                                            files readable by the group too (directories 750)
+
+The files hold the VM's disks: they are created readable and writable by you only (mode 600),
+and the directories the export creates mode 700, whatever the umask; --mode says otherwise.
 
 Exit 0 exported; 1 failed (the cause is named: wrong passphrase, volume not mounted, target
-directory not writable, disk full ...); 64 a name or point that does not exist.
+directory not writable, disk full ...); 64 a name or point that does not exist, or a bad --mode.
 """
 
 
@@ -58,12 +63,31 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         help="disk format: raw (sparse images), vmdk (monolithicFlat) or stream-optimized (compressed,"
         " for OVF/OVA); default: raw",
     )
+    parser.add_argument(
+        "--mode",
+        metavar="MODE",
+        type=_file_mode,
+        default=None,
+        help="octal permissions of the files written (default: 600); directories created get the same"
+        " plus x where r is set (640: 750)",
+    )
+
+
+def _file_mode(text: str) -> int:
+    """``--mode``: octal permission bits that let the owner read what is written."""
+    try:
+        mode = int(text, 8)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an octal mode such as 600 or 640") from None
+    if not 0 <= mode <= 0o777 or not mode & 0o400:
+        raise argparse.ArgumentTypeError(f"{text!r}: give permission bits (000-777) that let the owner read")
+    return mode
 
 
 def cmd_export(args: argparse.Namespace) -> int:
     """0 exported; 1 failed; 64 bad input."""
     from reconciler.commands.restore import describe_point, find_repository
-    from reconciler.operations.export import export_point
+    from reconciler.operations.export import FILE_MODE, export_point
     from reconciler.operations.failures import explain
     from reconciler.operations.repositories import open_repository
     from reconciler.operations.restore import RestoreError, describe_source, find_point
@@ -78,7 +102,8 @@ def cmd_export(args: argparse.Namespace) -> int:
             fail(str(exc), "no-point", "usage")
         print(describe_point(point))
         try:
-            result = export_point(repo, point, args.to, args.disk_format)
+            mode = args.mode if args.mode is not None else FILE_MODE
+            result = export_point(repo, point, args.to, args.disk_format, mode=mode)
         except RestoreError as exc:
             fail(f"FAILED: {exc}", "export-failed")
         except OSError as exc:

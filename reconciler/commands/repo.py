@@ -1,4 +1,5 @@
-"""``esxi-reconciler repo init|key-export|gc``: create a repository, save its key, free its garbage."""
+"""``esxi-reconciler repo init|key|stats|gc``: create a repository; export, import and list its key files
+and change its passphrase; show what it holds and saves; free its garbage."""
 
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ import structlog
 from reconciler.commands.common import (
     ExitCode,
     add_command,
+    add_yes_option,
+    ask,
     emit_json,
     fail,
     load_desired,
@@ -20,9 +23,11 @@ from reconciler.commands.common import (
     repository_config,
     unknown_name,
 )
+from reconciler.printable import printable
 from reconciler.units import human_size
 
 if TYPE_CHECKING:
+    from reconciler.config.secrets import Secret
     from reconciler.repository.gc import GcReport
 
 log = structlog.get_logger("reconciler.cli")
@@ -31,7 +36,11 @@ log = structlog.get_logger("reconciler.cli")
 _REPO_EXAMPLES = """\
 examples:
   esxi-reconciler repo init nas
-  esxi-reconciler repo key-export nas --out /media/usb/nas-repository.key
+  esxi-reconciler repo key export nas --out /media/usb/nas-repository.key
+  esxi-reconciler repo key import nas /media/usb/nas-repository.key
+  esxi-reconciler repo key passwd nas        change the passphrase (asks for the new one)
+  esxi-reconciler repo key list nas          its key files, and which the configured secret opens
+  esxi-reconciler repo stats                 logical vs stored bytes, dedup and compression ratios
   esxi-reconciler repo gc nas --dry-run      what garbage collection would free
   esxi-reconciler repo gc                    free it in every repository
 
@@ -49,6 +58,50 @@ Prints per repository what was removed: chunks and their size, disk indexes, dig
 staged files left in tmp/ by killed runs, and whether an interrupted GC was completed.
 
 Exit 1 when GC failed or was deferred (a backup holds the repository).
+"""
+
+_KEY_EXAMPLES = """\
+examples:
+  esxi-reconciler repo key export nas --out /media/usb/nas-repository.key
+  esxi-reconciler repo key import nas /media/usb/nas-repository.key
+                                            put a saved key file back (e.g. keys/ was lost)
+  esxi-reconciler repo key import nas old.key --passphrase-file /root/old-passphrase
+                                            one saved before a passphrase change
+  esxi-reconciler repo key passwd nas       asks for the new passphrase twice, then asks to go on
+  esxi-reconciler repo key passwd nas --new-passphrase-file /root/new --yes
+  esxi-reconciler repo key list nas --json
+
+Exit 1 when it failed (wrong passphrase, unreadable repository, declined); 64 a bad key file
+or no terminal to ask on without --yes.
+"""
+
+_KEY_CHANGE_EXAMPLES = """\
+examples:
+  esxi-reconciler repo key passwd nas       asks for the new passphrase twice, then asks to go on
+  esxi-reconciler repo key passwd nas --new-passphrase-file /root/nas-new.pass --yes
+
+The old passphrase is the repository's configured key secret. Steps, each safe to be killed:
+a key file for the new passphrase is written and synced; it is read back and must open the
+repository with the new passphrase; only then are the key files of the old passphrase deleted.
+Killed before the end, the old passphrase still works (and maybe the new one): run it again.
+Afterwards put the new passphrase where the configuration reads the secret, or backups fail;
+key files exported earlier still need the OLD passphrase: export the new one.
+
+Exit 0 changed (or found changed already); 1 failed or declined; 64 an unusable new passphrase,
+or no terminal to ask on without --yes; 78 the configured key secret cannot be read.
+"""
+
+_STATS_EXAMPLES = """\
+examples:
+  esxi-reconciler repo stats                every repository: totals, per VM and per policy
+  esxi-reconciler repo stats nas --json
+
+logical: what restoring every point would write; data: of it not zeros (zeros are not stored);
+unique: data after deduplication; stored: unique after compression, as on the volume; exclusive:
+stored bytes no other VM (policy) shares, so forgetting all its points frees them after GC.
+dedup = data / unique, compression = unique / stored, overall = logical / stored.
+
+Exit 1 when a repository could not be read (the others are still shown).
 """
 
 _KEY_WARNING = """\
@@ -80,17 +133,79 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         handler=cmd_repo_init,
     )
     init.add_argument("repository", metavar="REPOSITORY", help="name of a Repository document")
-    export = add_command(
+    key = add_command(
         verbs,
-        "key-export",
-        help="write the repository's key file to a file for safekeeping",
-        description="Write the key file of REPOSITORY (the master key, wrapped by the passphrase) to\n"
-        "FILE, readable by its owner only (mode 600). The passphrase is checked first.",
-        epilog=_REPO_EXAMPLES,
-        handler=cmd_repo_key_export,
+        "key",
+        help="export, import or list key files; change the passphrase",
+        description="The key files of an encrypted repository: each wraps its master key under a\n"
+        "passphrase (the configured key secret). Without a key file AND its passphrase the backups\n"
+        "cannot be read.",
+        epilog=_KEY_EXAMPLES,
+        handler=_key_usage,
     )
-    export.add_argument("repository", metavar="REPOSITORY", help="name of a Repository document")
-    export.add_argument("--out", metavar="FILE", type=Path, required=True, help="file to create")
+    keys = key.add_subparsers(dest="key_command", metavar="SUBCOMMAND")
+    for name, listed in (("export", True), ("key-export", False)):
+        # `repo key-export`: the earlier spelling, still accepted, not listed
+        export = add_command(
+            keys if listed else verbs,
+            name,
+            help="write the repository's key file to a file for safekeeping" if listed else None,
+            description="Write the key file of REPOSITORY (the master key, wrapped by the passphrase) to\n"
+            "FILE, readable by its owner only (mode 600). The passphrase is checked first.",
+            epilog=_KEY_EXAMPLES,
+            handler=cmd_repo_key_export,
+        )
+        export.add_argument("repository", metavar="REPOSITORY", help="name of a Repository document")
+        export.add_argument("--out", metavar="FILE", type=Path, required=True, help="file to create")
+    imp = add_command(
+        keys,
+        "import",
+        help="put a saved key file back into the repository",
+        description="Put a key file saved with `repo key export` back into REPOSITORY (e.g. after\n"
+        "keys/ was lost), after checking it belongs to this repository and that the passphrase\n"
+        "opens it: the configured key secret, or the one given with --passphrase-file/-env.",
+        epilog=_KEY_EXAMPLES,
+        handler=cmd_repo_key_import,
+    )
+    imp.add_argument("repository", metavar="REPOSITORY", help="name of a Repository document")
+    imp.add_argument("file", metavar="FILE", type=Path, help="the saved key file")
+    _passphrase_options(imp, "passphrase", "the key file's passphrase, if not the configured one")
+    passwd = add_command(
+        keys,
+        "passwd",
+        help="change the repository's passphrase",
+        description="Change the passphrase of REPOSITORY from its configured key secret to a new one\n"
+        "(asked twice on the terminal, or --new-passphrase-file/-env), crash-safe (see below).",
+        epilog=_KEY_CHANGE_EXAMPLES,
+        handler=cmd_repo_key_passwd,
+    )
+    passwd.add_argument("repository", metavar="REPOSITORY", help="name of a Repository document")
+    _passphrase_options(passwd, "new-passphrase", "the new passphrase")
+    add_yes_option(passwd, "changing the passphrase")
+    klist = add_command(
+        keys,
+        "list",
+        help="list the repository's key files",
+        description="List the key files of REPOSITORY: id, creation time, and whether the configured\n"
+        "key secret opens it.",
+        epilog=_KEY_EXAMPLES,
+        handler=cmd_repo_key_list,
+    )
+    klist.add_argument("repository", metavar="REPOSITORY", help="name of a Repository document")
+    stats = add_command(
+        verbs,
+        "stats",
+        help="what a repository holds and saves: logical vs stored bytes, dedup, compression",
+        description="Show, for REPOSITORY (default: every configured one), in total, per VM and per\n"
+        "policy: logical bytes (what restoring every point would write), data (not zeros), unique\n"
+        "(after deduplication), stored (after compression), the ratios, and the chunks no point\n"
+        "references (what `repo gc` frees). Reads every disk index under a shared lock.",
+        epilog=_STATS_EXAMPLES,
+        handler=cmd_repo_stats,
+    )
+    stats.add_argument(
+        "repositories", metavar="REPOSITORY", nargs="*", help="names of Repository documents (default: all)"
+    )
     gc = add_command(
         verbs,
         "gc",
@@ -118,7 +233,52 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
 
 
 def _repo_usage(args: argparse.Namespace) -> int:
-    fail("give a subcommand: init, key-export or gc (see repo --help)", "usage", "usage")
+    fail("give a subcommand: init, key, stats or gc (see repo --help)", "usage", "usage")
+
+
+def _key_usage(args: argparse.Namespace) -> int:
+    fail("give a subcommand: export, import, passwd or list (see repo key --help)", "usage", "usage")
+
+
+def _passphrase_options(parser: argparse.ArgumentParser, prefix: str, what: str) -> None:
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument(
+        f"--{prefix}-file",
+        metavar="FILE",
+        type=Path,
+        help=f"read {what} from FILE (mode 600; one trailing newline is ignored)",
+    )
+    source.add_argument(
+        f"--{prefix}-env", metavar="VAR", help=f"read {what} from the environment variable VAR"
+    )
+
+
+def _given_passphrase(file: Path | None, env: str | None, prompt: str | None) -> str | None:
+    """A passphrase from ``file``, the environment variable ``env``, or asked on the terminal
+    (``prompt``, twice); None when none was given and there is no terminal (or no ``prompt``).
+    Raises :class:`~reconciler.config.secrets.SecretError` (naming the source, never the value)."""
+    import getpass
+
+    from reconciler.config.secrets import Secret, SecretError
+
+    if file is not None:
+        return Secret("file", str(file)).reveal()
+    if env is not None:
+        return Secret("env", env).reveal()
+    if prompt is None or not sys.stdin.isatty():
+        return None
+    first = getpass.getpass(f"{prompt}: ")
+    if not first:
+        raise SecretError("the passphrase is empty")
+    if getpass.getpass(f"{prompt} (again): ") != first:
+        raise SecretError("the two passphrases differ")
+    return first
+
+
+def secret_text(secret: Secret) -> str:
+    """Where a secret is read from, for people: ``file /etc/…``, ``environment variable X``, …"""
+    kind = {"file": "file", "env": "environment variable", "credential": "systemd credential"}[secret.source]
+    return f"{kind} {secret.name}"
 
 
 def cmd_repo_init(args: argparse.Namespace) -> int:
@@ -147,7 +307,7 @@ def cmd_repo_init(args: argparse.Namespace) -> int:
     )
     if repo.encrypted:
         print(
-            f"next: esxi-reconciler repo key-export {cfg.name} --out FILE, and keep that file and the"
+            f"next: esxi-reconciler repo key export {cfg.name} --out FILE, and keep that file and the"
             " passphrase safe: without them the backups cannot be read"
         )
     if args.json:
@@ -166,13 +326,13 @@ def cmd_repo_init(args: argparse.Namespace) -> int:
 
 
 def cmd_repo_key_export(args: argparse.Namespace) -> int:
-    """``esxi-reconciler repo key-export REPOSITORY --out FILE``: 0 written, 1 failed, 64 bad input."""
+    """``esxi-reconciler repo key export REPOSITORY --out FILE``: 0 written, 1 failed, 64 bad input."""
     import os
 
     from reconciler.operations.repositories import open_repository
     from reconciler.repository import export_key
 
-    cfg = repository_config(args, "repo key-export")
+    cfg = repository_config(args, "repo key export")
     if not cfg.encryption.enabled:
         fail(f"repository {cfg.name} is not encrypted; it has no key", "not-encrypted")
     out: Path = args.out
@@ -196,6 +356,325 @@ def cmd_repo_key_export(args: argparse.Namespace) -> int:
     if args.json:
         emit_json({"ok": True, "repository": cfg.name, "key_id": repo.key_id, "out": str(out), "mode": "600"})
     return ExitCode.OK
+
+
+def _key_err(command: str, message: str) -> None:
+    print(f"esxi-reconciler repo key {command}: {printable(message)}", file=sys.stderr)
+
+
+def cmd_repo_key_import(args: argparse.Namespace) -> int:
+    """``repo key import REPOSITORY FILE``: 0 imported (or there already), 1 failed, 64 a bad key file."""
+    from reconciler.config.secrets import SecretError
+    from reconciler.repository import FormatError, Repository, RepositoryError, WrongKeyError, import_key
+    from reconciler.repository.crypto import KeyFile
+
+    cfg = repository_config(args, "repo key import")
+    configured = cfg.encryption.key
+    if not cfg.encryption.enabled or configured is None:
+        fail(f"repository {cfg.name} is not encrypted; it has no key files", "not-encrypted", "usage")
+    try:
+        data = args.file.read_bytes()
+    except OSError as error:
+        fail(f"cannot read {args.file}: {error.strerror or error}", "not-found", "usage")
+    try:
+        keyfile = KeyFile.from_json(data, str(args.file))
+    except FormatError as error:
+        fail(f"{error}; give a file written by `repo key export`", "bad-key-file", "usage")
+    try:
+        given = _given_passphrase(args.passphrase_file, args.passphrase_env, None)
+    except SecretError as error:
+        fail(f"{error}; nothing imported", "usage", "usage")
+    passphrase = given if given is not None else configured.reveal()
+    path = Path(cfg.backend.path)
+    present = (path / "keys" / f"{keyfile.id}.json").exists()
+    try:
+        key_id = import_key(path, data, passphrase)
+    except WrongKeyError:
+        which = (
+            "the given passphrase"
+            if given is not None
+            else f"the configured key secret ({secret_text(configured)})"
+        )
+        fail(
+            f"{which} does not open key file {args.file} (key {keyfile.id}); nothing imported",
+            "wrong-passphrase",
+        )
+    except RepositoryError as error:
+        if "belongs to repository" not in str(error):
+            raise
+        fail(f"repository {cfg.name} ({path}): {error}; nothing imported", "foreign-key", "usage")
+    opens_configured = given is None
+    if given is not None:
+        try:
+            Repository.open(path, configured.reveal(), expect_encrypted=True, label=cfg.name)
+            opens_configured = True
+        except (SecretError, RepositoryError):
+            opens_configured = False
+    log.info("repo.key_import", repository=cfg.name, key=key_id, already_present=present)
+    if present:
+        print(f"key {key_id} is already in repository {cfg.name} ({path}); nothing changed")
+    else:
+        print(
+            f"imported key {key_id} into repository {cfg.name} ({path}): its passphrase opens the repository"
+        )
+    if not opens_configured:
+        _key_err(
+            "import",
+            f"note: the configured key secret ({secret_text(configured)}) opens no key file of repository"
+            f" {cfg.name}: put the passphrase of this key there, or backups fail",
+        )
+    if args.json:
+        emit_json(
+            {
+                "ok": True,
+                "repository": cfg.name,
+                "path": str(path),
+                "key_id": key_id,
+                "already_present": present,
+                "configured_secret_opens": opens_configured,
+            }
+        )
+    return ExitCode.OK
+
+
+def cmd_repo_key_passwd(args: argparse.Namespace) -> int:
+    """``repo key passwd REPOSITORY``: 0 changed (or already), 1 failed or declined, 64 bad input or not
+    asked, 78 the configured key secret cannot be read."""
+    from reconciler.config.secrets import SecretError
+    from reconciler.repository import Repository, RepositoryError, WrongKeyError
+
+    cfg = repository_config(args, "repo key passwd")
+    secret = cfg.encryption.key
+    if not cfg.encryption.enabled or secret is None:
+        fail(f"repository {cfg.name} is not encrypted; it has no passphrase", "not-encrypted", "usage")
+    path = Path(cfg.backend.path)
+    old = secret.reveal()
+    try:
+        new = _given_passphrase(
+            args.new_passphrase_file,
+            args.new_passphrase_env,
+            None if args.json else f"New passphrase for repository {cfg.name}",
+        )
+    except SecretError as error:  # the new passphrase as given is unusable: bad input
+        fail(f"{error}; nothing changed", "usage", "usage")
+    if new is None:
+        fail(
+            "no terminal to ask for the new passphrase (or --json): give --new-passphrase-file or"
+            " --new-passphrase-env; nothing changed",
+            "usage",
+            "usage",
+        )
+    if new == old:
+        fail(
+            f"the new passphrase is the one configured ({secret_text(secret)}) already; nothing changed",
+            "usage",
+            "usage",
+        )
+    try:
+        repo = Repository.open(path, old, expect_encrypted=True, label=cfg.name)
+    except WrongKeyError:
+        try:  # an earlier run got past deleting the old key files, or the passphrase was changed already
+            done = Repository.open(path, new, expect_encrypted=True, label=cfg.name)
+        except RepositoryError:
+            fail(
+                f"neither the configured key secret ({secret_text(secret)}) nor the new passphrase opens"
+                f" repository {cfg.name} ({path}); nothing changed",
+                "wrong-passphrase",
+            )
+        return _passwd_done(
+            args, cfg.name, path, secret_text(secret), done.key_id or "", (), (), already=True
+        )
+    ask(
+        args,
+        f"Change the passphrase of repository {cfg.name} ({path})? Afterwards only the new one opens it:"
+        f" the configuration's key secret ({secret_text(secret)}) must be updated, or backups fail.",
+        "nothing changed",
+    )
+    change = repo.change_passphrase(old, new)
+    log.info("repo.key_passwd", repository=cfg.name, key=change.key_id, removed=list(change.removed))
+    return _passwd_done(
+        args, cfg.name, path, secret_text(secret), change.key_id, change.removed, change.others
+    )
+
+
+def _passwd_done(
+    args: argparse.Namespace,
+    name: str,
+    path: Path,
+    secret: str,
+    key_id: str,
+    removed: tuple[str, ...],
+    others: tuple[str, ...],
+    *,
+    already: bool = False,
+) -> int:
+    if already:
+        print(
+            f"the new passphrase opens repository {name} ({path}) already, the configured one does not:"
+            " the change was made before (an earlier run may have been interrupted after it)"
+        )
+    else:
+        gone = f", removed key file {', '.join(removed)}" if removed else ""
+        print(f"changed the passphrase of repository {name} ({path}): new key file {key_id}{gone}")
+    print(
+        f"now put the new passphrase where the configuration reads it ({secret}); until then backups and the"
+        f" daemon fail with 'wrong passphrase'. Key files exported earlier need the OLD passphrase: export"
+        f" the new one (esxi-reconciler repo key export {name} --out FILE) and destroy the old copies.",
+        file=sys.stderr,
+    )
+    if others:
+        print(
+            f"note: {plural(len(others), 'other key file')} ({', '.join(others)}) still open the repository"
+            " with their own passphrases (repo key list)",
+            file=sys.stderr,
+        )
+    if args.json:
+        emit_json(
+            {
+                "ok": True,
+                "repository": name,
+                "path": str(path),
+                "key_id": key_id,
+                "removed": list(removed),
+                "others": list(others),
+                "already_changed": already,
+                "secret": secret,
+            }
+        )
+    return ExitCode.OK
+
+
+def cmd_repo_key_list(args: argparse.Namespace) -> int:
+    """``repo key list REPOSITORY``: 0 listed, 1 failed, 64 bad input, 78 the key secret is unreadable."""
+    from reconciler.repository import list_keys
+
+    cfg = repository_config(args, "repo key list")
+    secret = cfg.encryption.key
+    if not cfg.encryption.enabled or secret is None:
+        fail(f"repository {cfg.name} is not encrypted; it has no key files", "not-encrypted", "usage")
+    path = Path(cfg.backend.path)
+    keys = list_keys(path, secret.reveal())
+    print(f"repository {cfg.name} ({path}): {plural(len(keys), 'key file')}")
+    for k in keys:
+        opens = "opens with the configured key secret" if k.opens else "another passphrase"
+        print(f"  {k.id}  created {k.created[:19].replace('T', ' ')} UTC  {opens}")
+    if not any(k.opens for k in keys):
+        _key_err(
+            "list",
+            f"the configured key secret ({secret_text(secret)}) opens no key file: backups fail until it"
+            " holds the right passphrase, or import a key file saved for it (repo key import)",
+        )
+    if args.json:
+        rows = [{"id": k.id, "created": k.created, "opens": k.opens} for k in keys]
+        emit_json(
+            {
+                "ok": True,
+                "repository": cfg.name,
+                "path": str(path),
+                "secret": secret_text(secret),
+                "keys": rows,
+            }
+        )
+    return ExitCode.OK
+
+
+def cmd_repo_stats(args: argparse.Namespace) -> int:
+    """``repo stats [REPOSITORY...]``: 0 shown, 1 a repository could not be read, 64 bad input."""
+    from reconciler.operations.failures import explain
+    from reconciler.operations.repositories import open_repository
+    from reconciler.repository.stats import usage_report
+
+    desired = load_desired(args)
+    names: list[str] = args.repositories or sorted(desired.repositories)
+    for name in names:
+        if name not in desired.repositories:
+            unknown_name("repo stats", "Repository", name, sorted(desired.repositories))
+    if not names:
+        fail("no repositories configured", "no-repositories", "config")
+    status = ExitCode.OK
+    results: list[dict[str, Any]] = []
+    for name in names:
+        cfg = desired.repositories[name]
+        entry: dict[str, Any] = {"repository": name, "path": str(cfg.backend.path)}
+        results.append(entry)
+        try:
+            repo = open_repository(cfg)
+            with repo.lock(purpose="stats"):
+                report = usage_report(repo, repo.list_points())
+        except Exception as error:
+            explained = explain(error)
+            if explained is None:
+                raise
+            status = ExitCode.FAILED
+            message = explained.message if name in explained.message else f"repository {name}: {explained}"
+            entry.update(ok=False, error=message)
+            print(f"esxi-reconciler repo stats: {printable(message)}", file=sys.stderr)
+            continue
+        entry.update(ok=True, error=None, **report.to_dict())
+        _print_stats(name, cfg.backend.path, entry)
+    if args.json:
+        emit_json({"ok": status == ExitCode.OK, "repositories": results})
+    return status
+
+
+def _ratio(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}x"
+
+
+def _print_stats(name: str, path: object, entry: dict[str, Any]) -> None:
+    total = entry["total"]
+    volume = entry["volume"]
+    vms = entry["vms"]
+    print(
+        f"repository {name} ({path}): {plural(total['points'], 'restore point')} of {plural(len(vms), 'VM')}"
+        f" in {plural(len(entry['policies']), 'policy', 'policies')}"
+    )
+    print(f"  logical  {human_size(total['logical_bytes']):>10}  what restoring every point would write")
+    print(f"  data     {human_size(total['data_bytes']):>10}  of it not zeros (zeros are not stored)")
+    dedup, compression = _ratio(total["dedup_ratio"]), _ratio(total["compression_ratio"])
+    print(f"  unique   {human_size(total['unique_bytes']):>10}  after deduplication: {dedup}")
+    print(
+        f"  stored   {human_size(total['stored_bytes']):>10}  after compression: {compression}"
+        f" (overall {_ratio(total['reduction_ratio'])})"
+    )
+    garbage = ""
+    if volume["unreferenced_chunks"]:
+        garbage = (
+            f", of which {human_size(volume['unreferenced_bytes'])} in"
+            f" {plural(volume['unreferenced_chunks'], 'chunk')} no point references"
+            f" (repo gc {name} frees them)"
+        )
+    print(f"  volume   {human_size(volume['bytes']):>10}  in {plural(volume['chunks'], 'chunk')}{garbage}")
+    if volume["missing_chunks"]:
+        print(
+            f"  MISSING  {plural(volume['missing_chunks'], 'referenced chunk')}:"
+            f" run esxi-reconciler verify {name}"
+        )
+    columns = ("POINTS", "LOGICAL", "DATA", "UNIQUE", "STORED", "EXCLUSIVE", "DEDUP", "COMPRESSION")
+    for title, keys, rows in (
+        ("VM", ("vm", "host"), vms),
+        ("POLICY", ("policy",), entry["policies"]),
+    ):
+        if not rows:
+            continue
+        print()
+        table = [(title, *(["HOST"] if len(keys) > 1 else []), *columns)]
+        for row in rows:
+            table.append(
+                (
+                    *(printable(row[k]) for k in keys),
+                    str(row["points"]),
+                    *(
+                        human_size(row[f"{k}_bytes"])
+                        for k in ("logical", "data", "unique", "stored", "exclusive")
+                    ),
+                    _ratio(row["dedup_ratio"]),
+                    _ratio(row["compression_ratio"]),
+                )
+            )
+        widths = [max(len(r[i]) for r in table) for i in range(len(table[0]))]
+        for r in table:
+            print("  " + "  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip())
 
 
 def cmd_repo_gc(args: argparse.Namespace) -> int:
@@ -245,13 +724,13 @@ def cmd_repo_gc(args: argparse.Namespace) -> int:
             continue
         entry.update({"ok": True, "error": None, "deferred": None, **result.report.to_dict()})
         if not args.json:
-            print(_gc_line(name, cfg.backend.path, result.report))
+            print(gc_line(name, cfg.backend.path, result.report))
     if args.json:
         emit_json({"ok": status == 0, "repositories": results})
     return status
 
 
-def _gc_line(name: str, path: object, report: GcReport) -> str:
+def gc_line(name: str, path: object, report: GcReport) -> str:
     """``repository nas (/srv/nas): removed 12 chunks (48.0 MiB), ...; 1234 chunks in use by 5 points``."""
     parts = []
     if report.unreferenced_chunks:

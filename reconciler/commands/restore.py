@@ -22,9 +22,9 @@ from reconciler.units import human_size
 
 if TYPE_CHECKING:
     from reconciler.config.model import DesiredState
-    from reconciler.esxi.host import EsxiHost
     from reconciler.facts.inventory import VmInfo
     from reconciler.facts.points import RestorePoint
+    from reconciler.operations.ports import RestoreHost
     from reconciler.operations.progress import Progress
     from reconciler.operations.restore import RestoreOptions, RestoreResult
     from reconciler.repository import Repository
@@ -253,7 +253,7 @@ def _option_error(args: argparse.Namespace) -> str | None:
 
 def cmd_restore(args: argparse.Namespace) -> int:
     """0 restored; 1 the restore failed or was declined; 64 bad input."""
-    from reconciler.esxi.host import sigterm_raises
+    from reconciler.esxi.signals import sigterm_raises
     from reconciler.operations.hosts import connect
     from reconciler.operations.progress import Progress
     from reconciler.operations.repositories import open_repository
@@ -367,7 +367,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
                 raise explained from exc
 
 
-def _own_point(args: argparse.Namespace, repo: Repository, host: EsxiHost, target: VmInfo) -> RestorePoint:
+def _own_point(args: argparse.Namespace, repo: Repository, host: RestoreHost, target: VmInfo) -> RestorePoint:
     """With ``--overwrite --host``: the newest point of the VM being overwritten itself (this host, its
     UUID). None of its own: with ``--to-vm``, the one VM named VM (cross-VM, confirmed by name);
     else refused, listing what the repository has."""
@@ -390,7 +390,7 @@ def _own_point(args: argparse.Namespace, repo: Repository, host: EsxiHost, targe
 
 def _overwrite(
     args: argparse.Namespace,
-    host: EsxiHost,
+    host: RestoreHost,
     repo: Repository,
     point: RestorePoint | None,
     options: RestoreOptions,
@@ -467,7 +467,7 @@ def _overwrite(
 
 def _abort(args: argparse.Namespace, desired: DesiredState) -> int:
     """``--abort``: find the VM's unfinished overwrite (on ``--host``, else on every host) and give it up."""
-    from reconciler.esxi.host import sigterm_raises
+    from reconciler.esxi.signals import sigterm_raises
     from reconciler.operations.hosts import connect
     from reconciler.operations.restore import OverwriteJournal, abort_overwrite, unfinished_overwrite
 

@@ -639,6 +639,9 @@ def _read(root: Path) -> tuple[list[Document], list[tuple[str, bytes]], list[Con
     return documents, contents, issues
 
 
+LOAD_ATTEMPTS = 3
+
+
 def load_config(
     path: str | os.PathLike[str] | None = None, *, resolve_secrets: bool = False, commit: str | None = None
 ) -> model.DesiredState:
@@ -648,8 +651,20 @@ def load_config(
     also read once (and discarded) so a missing variable, file or credential is reported now.
     ``commit``: the files are an export of this git commit (see :func:`config_revision`).
     Raises :class:`ConfigError` listing every issue.
+
+    The revision (git commit, dirty flag) is asked after the files were read; if the tree changed in
+    between (a file written, a commit, a checkout), the revision would name another config than the one
+    loaded, so the load is repeated until both agree.
     """
     root = Path(path) if path is not None else default_config_dir()
+    for attempt in range(1, LOAD_ATTEMPTS + 1):
+        desired = _load(root, resolve_secrets, commit)
+        if commit is not None or attempt == LOAD_ATTEMPTS or config_revision(root) == desired.revision:
+            return desired
+    raise AssertionError("unreachable")
+
+
+def _load(root: Path, resolve_secrets: bool, commit: str | None) -> model.DesiredState:
     if not root.exists():
         raise ConfigError([ConfigIssue(str(root), 0, 0, "", "config directory does not exist")])
     documents, contents, issues = _read(root)

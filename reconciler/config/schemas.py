@@ -2,8 +2,9 @@
 
 This module is the single source: ``schemas/*.schema.json`` are generated from it
 (``python -m reconciler.config.docgen --schemas schemas/``; a test fails when they differ), the validator uses
-these dicts directly (so an installed package needs no data files), and ``docs/config.md`` is
-generated from them by :mod:`reconciler.config.docgen`.
+these dicts directly (so validating needs no data files), and ``docs/config.md`` is
+generated from them by :mod:`reconciler.config.docgen`. ``schemas/`` links to ``reconciler/schemas/``:
+the files are package data, for editors (``esxi-reconciler schema KIND --path``).
 
 Each per-kind schema is self-contained (shared definitions are copied into its ``$defs``), so an
 editor can use one file alone, e.g. ``# yaml-language-server: $schema=../schemas/host.schema.json``.

@@ -62,6 +62,13 @@ def _utcnow() -> datetime:
     return datetime.now(timezone.utc)
 
 
+def load_with_secrets(config_dir: Path) -> DesiredState:
+    """The daemon's loader: every secret reference is read once too, so that a secret file with a bad
+    mode or a missing variable is reported at its place in the config (file:line) and the last good
+    config keeps running, instead of a config that fails when a cycle first needs the secret."""
+    return load_config(config_dir, resolve_secrets=True)
+
+
 class Daemon:
     """``Daemon(config_dir, state_dir).run()`` → exit code. Every knob is a parameter for tests:
     ``cycle`` (default :func:`~reconciler.daemon.cycle.reconcile`), ``clock`` (the "now" a cycle plans
@@ -80,7 +87,7 @@ class Daemon:
         watch: bool = True,
         cycle: Cycle = reconcile,
         clock: Callable[[], datetime] = _utcnow,
-        load: Callable[[Path], DesiredState] = load_config,
+        load: Callable[[Path], DesiredState] = load_with_secrets,
         notifier: Notifier | None = None,
         rng: random.Random | None = None,
         history: Retention | None = None,
@@ -149,9 +156,10 @@ class Daemon:
             signals.force_exit(signum)
         self.request_stop(signum)
 
-    def config_changed(self, path: str = "") -> None:
-        """A file event under the config directory (called from the watcher thread)."""
-        self.debouncer.note(time.monotonic())
+    def config_changed(self, path: str = "", event: str | None = None) -> None:
+        """A file event under the config directory (called from the watcher thread); ``event`` for a
+        config file, so that one being written holds the reload back (:class:`Debouncer`)."""
+        self.debouncer.note(time.monotonic(), path if event else None, event)
         self.waker.wake()
 
     # -- the loop -----------------------------------------------------------------------------------
@@ -227,8 +235,16 @@ class Daemon:
                 self._reload()
                 self._cycle_requested = True  # "reload now" also means "reconcile now"
                 self.notifier.ready(self._status_line())
-            if self.debouncer.take(now) and self._reload():
-                self._cycle_requested = True
+            if self.debouncer.take(now):
+                if self.debouncer.abandoned:
+                    log.warning(
+                        "config.still_being_written",
+                        files=list(self.debouncer.abandoned),
+                        seconds=self.debouncer.hold,
+                        detail="reading them anyway",
+                    )
+                if self._reload():
+                    self._cycle_requested = True
             if self._source_update:
                 self._source_update = False
                 if self._reload():
@@ -239,7 +255,7 @@ class Daemon:
                 if self.once:
                     return EXIT_OK if self.last_result and self.last_result.ok else EXIT_FAILED
             if self._worker is None and (self._cycle_requested or now >= self._next_cycle):
-                if not self._cycle_requested:
+                if not self._cycle_requested and not self.debouncer.writing():
                     self._reload()  # a resync re-reads the config too (a commit in a parent repo)
                 if self.desired is not None:
                     self._start_cycle()

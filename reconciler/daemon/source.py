@@ -190,8 +190,7 @@ class SourceTracker:
             return
         try:
             now = self.clock()
-            self._store.record_source(self.status, now)
-            self._store.set_condition(source_condition(self.status, now))
+            self._store.record_source(self.status, now, source_condition(self.status, now))
         except Exception:  # a failing status store must not stop the source
             log.exception("status.write_failed", what="source")
 

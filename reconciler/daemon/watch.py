@@ -6,6 +6,14 @@ tree in the middle of one would see half a change. So events only move a deadlin
 Events that cannot change the config are dropped: reads (opened, closed without writing, attribute
 changes, which our own reload causes) and git internals other than ``HEAD`` and refs (a commit changes
 the recorded revision; object writes do not).
+
+A writer that pauses longer than the quiet period (a slow copy, a script writing a file in parts, an
+editor without atomic saves) would still leave a half-written file to read, and a file cut at a line
+end is often valid YAML that says less than its author meant. So a config file (what the loader reads:
+``*.yaml``/``*.yml``, no dot-names) that was written to (``modified``) is *being written* until it is
+closed after writing (``closed``), deleted or renamed away; the burst is not over while one is, for at
+most ``hold`` seconds (a writer that never closes must not stop reloads for good). Files written
+elsewhere and renamed into place (atomic saves) are complete when they appear.
 """
 
 from __future__ import annotations
@@ -19,39 +27,72 @@ import structlog
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 
+from reconciler.config.documents import YAML_SUFFIXES
+
 log = structlog.get_logger(__name__)
 
 RELEVANT_EVENTS = frozenset({"created", "modified", "deleted", "moved", "closed"})
 _GIT_KEEP = ("HEAD", "refs", "packed-refs")
+DEFAULT_HOLD = 60.0
+"""Longest a file being written holds a reload back."""
 
 
 class Debouncer:
-    """Collapses a burst of events into one: :meth:`due` turns true ``quiet`` seconds after the last.
+    """Collapses a burst of events into one: :meth:`take` turns true ``quiet`` seconds after the last,
+    once no config file is being written (or the oldest has been for ``hold`` seconds).
 
     Times are passed in (a monotonic clock), so the rule is tested without sleeping. Thread-safe: the
     watcher thread notes events, the loop asks.
     """
 
-    def __init__(self, quiet: float) -> None:
+    def __init__(self, quiet: float, hold: float = DEFAULT_HOLD) -> None:
         self.quiet = quiet
+        self.hold = hold
         self._last: float | None = None
+        self._writing: dict[str, float] = {}
         self._lock = threading.Lock()
+        self.abandoned: tuple[str, ...] = ()
+        """Files still being written when the last :meth:`take` gave up waiting for them."""
 
-    def note(self, now: float) -> None:
+    def note(self, now: float, path: str | None = None, event: str | None = None) -> None:
+        """An event at ``now``; with ``path`` and ``event`` (of a config file) also whether it is being
+        written: ``modified`` starts that, ``closed``, ``deleted`` and ``moved`` (from it) end it."""
         with self._lock:
             self._last = now
+            if path is None:
+                return
+            if event == "modified":
+                self._writing.setdefault(path, now)
+            elif event in ("closed", "deleted", "moved"):
+                self._writing.pop(path, None)
+
+    def writing(self) -> tuple[str, ...]:
+        """The config files being written now."""
+        with self._lock:
+            return tuple(sorted(self._writing))
 
     @property
     def deadline(self) -> float | None:
-        """When the pending burst ends (None: nothing pending)."""
+        """When the pending burst ends (None: nothing pending); while a file is being written, when
+        waiting for it gives up (its close wakes the loop earlier)."""
         with self._lock:
-            return None if self._last is None else self._last + self.quiet
+            if self._last is None:
+                return None
+            end = self._last + self.quiet
+            if self._writing:
+                end = max(end, min(self._writing.values()) + self.hold)
+            return end
 
     def take(self, now: float) -> bool:
-        """True (once) when a burst has been quiet long enough; the caller then reloads."""
+        """True (once) when a burst has been quiet long enough and nothing is being written (or has been
+        for ``hold``); the caller then reloads."""
         with self._lock:
             if self._last is None or now < self._last + self.quiet:
                 return False
+            if self._writing and now < min(self._writing.values()) + self.hold:
+                return False
+            self.abandoned = tuple(sorted(self._writing))
+            self._writing.clear()
             self._last = None
             return True
 
@@ -70,25 +111,41 @@ def relevant(path: str, root: Path, event_type: str) -> bool:
     return True
 
 
+def config_file(path: str, root: Path) -> bool:
+    """Whether the loader reads ``path`` (``*.yaml``/``*.yml`` under ``root``, no dot-name on the way):
+    only such a file, half-written, could be taken for config."""
+    try:
+        parts = PurePath(path).relative_to(root).parts
+    except ValueError:
+        return False
+    return bool(parts) and not any(p.startswith(".") for p in parts) and parts[-1].endswith(YAML_SUFFIXES)
+
+
+OnChange = Callable[[str, "str | None"], None]
+"""``(path, event)``: ``event`` is the event type for a config file (see :meth:`Debouncer.note`), None
+for anything else that may change the config (a git ref, a directory)."""
+
+
 class _Handler(FileSystemEventHandler):
-    def __init__(self, root: Path, on_change: Callable[[str], None]) -> None:
+    def __init__(self, root: Path, on_change: OnChange) -> None:
         self.root = root
         self.on_change = on_change
 
     def on_any_event(self, event: FileSystemEvent) -> None:
         paths = [event.src_path, getattr(event, "dest_path", "") or ""]
-        for raw in paths:
+        for i, raw in enumerate(paths):
             path = raw.decode() if isinstance(raw, bytes) else str(raw)
             if path and relevant(path, self.root, event.event_type):
                 log.debug("config.event", type=event.event_type, path=path)
-                self.on_change(path)
-                return
+                # the destination of a rename is a whole file: only its source stops being written
+                kind = event.event_type if i == 0 and not event.is_directory else "created"
+                self.on_change(path, kind if config_file(path, self.root) else None)
 
 
 class ConfigWatcher:
     """Watches ``directory`` recursively (a single config file: its directory) with watchdog."""
 
-    def __init__(self, directory: Path, on_change: Callable[[str], None]) -> None:
+    def __init__(self, directory: Path, on_change: OnChange) -> None:
         single_file = directory.exists() and not directory.is_dir()
         self.root = directory.resolve().parent if single_file else directory.resolve()
         self._observer: Any = None

@@ -1,14 +1,8 @@
-"""The vSphere API (pyvmomi) of one standalone host: pinned connection, session reuse, licence
-detection and fault mapping.
+"""The vSphere API (pyvmomi) of one standalone host: pinned connection, session reuse and the
+translation of what pyVmomi raises into :mod:`.errors` (:func:`mapped_faults`).
 
-Licence rule (:func:`license_kind_from_editions`): the host is **free** when one of
-``licenseManager.licenses[].editionKey`` starts with ``esx.hypervisor`` (the "vSphere Hypervisor"
-editions, e.g. ``esx.hypervisor.cpuPackageCoreLimited``), ``esx.free`` or ``esxBasic`` (ESX 4), and no
-other edition is present; evaluation mode (``eval``) and every other edition count as **licensed**
-(full API). A
-configured ``license: free|licensed`` wins over detection; ``auto`` detects once per session. Whatever
-the result, a ``vim.fault.RestrictedVersion`` is mapped to :class:`RestrictedByLicenseError` so
-callers can fall back to SSH.
+Whatever the licence (:mod:`.licence`), a ``vim.fault.RestrictedVersion`` is mapped to
+:class:`RestrictedByLicenseError` so callers can fall back to SSH.
 """
 
 from __future__ import annotations
@@ -24,35 +18,60 @@ from typing import Any, TypeVar
 from pyVim.connect import Disconnect, SmartConnect
 from pyVmomi import vim, vmodl
 
-from reconciler.esxi.errors import ApiError, RestrictedByLicenseError, TaskTimeoutError
+from reconciler.esxi.errors import (
+    ApiAuthError,
+    ApiError,
+    EsxiError,
+    HostConnectionError,
+    RestrictedByLicenseError,
+    TaskTimeoutError,
+    transient_os_error,
+)
 from reconciler.esxi.tls import pinned_context
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-FREE_EDITION_PREFIXES = ("esx.hypervisor", "esx.free", "esxbasic")
-
-
-def license_kind_from_editions(editions: list[str]) -> str:
-    """``free`` or ``licensed`` from the edition keys (rule in the module doc). No key → ``licensed``
-    (the API will tell with RestrictedVersion)."""
-    keys = [e for e in editions if e]
-    if keys and all(k.lower().startswith(FREE_EDITION_PREFIXES) for k in keys):
-        return "free"
-    return "licensed"
+_AUTH_FAULTS = (vim.fault.InvalidLogin, vim.fault.NoPermission, vim.fault.NotAuthenticated)
+"""Faults that say who we are is refused: terminal (a session that expired is logged in again by
+:meth:`ApiSession.call` first)."""
+_BUSY_FAULTS = (vmodl.fault.HostCommunication, vim.fault.TaskInProgress, vim.fault.Timedout)
+"""Faults that say the host is busy or did not answer in time: transient. ``HostCommunication`` covers
+``HostNotConnected`` and ``HostNotReachable``."""
 
 
 @contextlib.contextmanager
-def mapped_faults(what: str) -> Iterator[None]:
-    """Turn pyvmomi faults into typed errors: RestrictedVersion → RestrictedByLicenseError, other
-    vim/vmodl faults → ApiError (the fault is the ``__cause__``)."""
+def mapped_faults(what: str, host: str | None = None) -> Iterator[None]:
+    """The boundary to pyVmomi: what the block raises leaves as an :class:`EsxiError` (the original is
+    the ``__cause__``): RestrictedVersion → :class:`RestrictedByLicenseError`; a refused login or
+    permission → :class:`ApiAuthError`; other vim/vmodl faults → :class:`ApiError` (transient when the
+    host was busy or unreachable); a network failure (``OSError``, ``http.client`` errors, EOF) →
+    :class:`HostConnectionError`. Our own errors pass unchanged but for ``host``: given, it names
+    the host on every error leaving the block (so the outermost block's name wins: the config name
+    :class:`~reconciler.esxi.host.EsxiHost` gives over the address an inner one knows)."""
     try:
         yield
+    except EsxiError as exc:
+        if host is not None:
+            exc.host = host
+        raise
     except vim.fault.RestrictedVersion as exc:
         msg = getattr(exc, "msg", "") or "RestrictedVersion"
-        raise RestrictedByLicenseError(f"{what}: refused by the host's licence ({msg})") from exc
+        raise RestrictedByLicenseError(f"{what}: refused by the host's licence ({msg})", host=host) from exc
+    except _AUTH_FAULTS as exc:
+        raise ApiAuthError(f"{what}: {_fault_text(exc)}", host=host) from exc
     except vmodl.MethodFault as exc:
-        raise ApiError(f"{what}: {type(exc).__name__}: {getattr(exc, 'msg', '') or exc}") from exc
+        raise ApiError(
+            f"{what}: {_fault_text(exc)}", host=host, transient=isinstance(exc, _BUSY_FAULTS)
+        ) from exc
+    except (OSError, http.client.HTTPException, EOFError) as exc:
+        raise HostConnectionError(
+            f"{what}: {type(exc).__name__}: {exc}", host=host, transient=transient_os_error(exc)
+        ) from exc
+
+
+def _fault_text(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {getattr(exc, 'msg', '') or exc}"
 
 
 def wait_task(task: Any, timeout: float, what: str) -> Any:
@@ -107,8 +126,8 @@ class ApiSession:
         self.ssl_context: Any = None
 
     def _connect(self) -> Any:
-        ctx = pinned_context(self.address, self.port, self.thumbprint, insecure=self.insecure)
-        with mapped_faults(f"login to {self.address}:{self.port}"):
+        with mapped_faults(f"login to {self.address}:{self.port}", self.name):
+            ctx = pinned_context(self.address, self.port, self.thumbprint, insecure=self.insecure)
             si = SmartConnect(  # type: ignore[no-untyped-call]
                 host=self.address,
                 port=self.port,
@@ -131,7 +150,8 @@ class ApiSession:
 
     @property
     def content(self) -> Any:
-        return self.si.RetrieveContent()
+        with mapped_faults("service content", self.name):
+            return self.si.RetrieveContent()
 
     def alive(self) -> bool:
         """Whether the session is still logged in (one cheap round trip)."""
@@ -155,31 +175,25 @@ class ApiSession:
         """Run ``fn`` with mapped faults; on an expired session log in again, on a dropped connection
         (e.g. one the host closed while idle) reconnect; then retry once (only for idempotent calls)."""
         try:
-            with mapped_faults(what):
+            with mapped_faults(what, self.name):
                 return fn()
-        except (TimeoutError, ApiError, OSError, http.client.HTTPException) as exc:
-            cause = exc.__cause__ if isinstance(exc, ApiError) else exc
-            transient = isinstance(cause, vim.fault.NotAuthenticated | OSError | http.client.HTTPException)
-            if not transient:
+        except (ApiAuthError, HostConnectionError) as exc:
+            expired = isinstance(exc.__cause__, vim.fault.NotAuthenticated)
+            if not expired and not isinstance(exc, HostConnectionError):
                 raise
-            if isinstance(cause, vim.fault.NotAuthenticated) or not self.alive():
+            reason = type(exc.__cause__).__name__
+            if expired or not self.alive():
                 log.info(
-                    "API session to host %s (%s) lost (%s); logging in again",
-                    self.name,
-                    self.address,
-                    type(cause).__name__,
+                    "API session to host %s (%s) lost (%s); logging in again", self.name, self.address, reason
                 )
                 self.reconnect()
             else:
                 # The session is fine but the pooled connection was dropped (hosts close idle
                 # connections): a fresh connection carries the retry.
                 log.info(
-                    "API connection to host %s (%s) dropped (%s); retrying",
-                    self.name,
-                    self.address,
-                    type(cause).__name__,
+                    "API connection to host %s (%s) dropped (%s); retrying", self.name, self.address, reason
                 )
-            with mapped_faults(what):
+            with mapped_faults(what, self.name):
                 return fn()
 
     @property

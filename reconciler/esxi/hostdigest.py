@@ -45,11 +45,11 @@ from __future__ import annotations
 import hashlib
 import struct
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, replace
 from typing import Protocol
 
 from reconciler.esxi.errors import FullBackupNeededError, ProtocolError
-from reconciler.esxi.shell import ShellConnection
 from reconciler.esxi.vimcmd import command_line
 
 BLOCK_SIZE = 64 * 1024
@@ -311,7 +311,7 @@ def parse_allocation(text: str) -> Allocation:
 
 
 def allocation_on_host(
-    conn: ShellConnection, path: str, *, block_size: int = BLOCK_SIZE, timeout: float = 120.0
+    conn: StreamRunner, path: str, *, block_size: int = BLOCK_SIZE, timeout: float = 120.0
 ) -> Allocation:
     """Run :data:`ALLOC_PROGRAM` on the host over ``conn`` against ``path`` (``/vmfs/volumes/...``)."""
     with conn.stream(alloc_command(path, block_size), timeout=timeout) as stream:
@@ -371,6 +371,23 @@ class ByteSource(Protocol):
     """What :func:`parse_stream` reads from (a :class:`~reconciler.esxi.shell.RemoteStream`)."""
 
     def read_exact(self, size: int) -> bytes: ...
+
+
+class HostStream(ByteSource, Protocol):
+    """A running remote command: its stdin to write, its stdout to read."""
+
+    def read(self, size: int) -> bytes: ...
+
+    def write(self, data: bytes) -> None: ...
+
+    def close_stdin(self) -> None: ...
+
+
+class StreamRunner(Protocol):
+    """What runs the programs on the host (a :class:`~reconciler.esxi.shell.ShellConnection`), so this
+    module, the protocol, does not load the SSH library."""
+
+    def stream(self, command: str, *, timeout: float = ...) -> AbstractContextManager[HostStream]: ...
 
 
 def _read(stream: ByteSource, n: int) -> bytes:
@@ -458,7 +475,7 @@ def parse_stream(
 
 
 def compare_on_host(
-    conn: ShellConnection,
+    conn: StreamRunner,
     path: str,
     previous: bytes | None,
     on_block: Callable[[int, bytes], None],

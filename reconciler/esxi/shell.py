@@ -38,7 +38,14 @@ from dataclasses import dataclass
 
 import paramiko
 
-from reconciler.esxi.errors import CommandError, NotPinnedError, PinMismatchError, ShellAuthError, ShellError
+from reconciler.esxi.errors import (
+    CommandError,
+    NotPinnedError,
+    PinMismatchError,
+    ShellAuthError,
+    ShellError,
+    transient_os_error,
+)
 from reconciler.esxi.vimcmd import command_line, find_fault, line_breaks_quoted
 
 log = logging.getLogger(__name__)
@@ -117,7 +124,11 @@ def _connect_transport(target: SshTarget, window_size: int | None) -> paramiko.T
         try:
             sock = socket.create_connection((target.address, target.port), timeout=target.timeout)
         except OSError as exc:
-            raise ShellError(f"cannot reach SSH on {target.address}:{target.port}: {exc}") from exc
+            raise ShellError(
+                f"cannot reach SSH on {target.address}:{target.port}: {exc}",
+                host=target.address,
+                transient=transient_os_error(exc),
+            ) from exc
         # Without TCP_NODELAY every channel open waits ~40 ms (Nagle + delayed ACK): seen in the lab.
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         kwargs: dict[str, object] = {"disabled_algorithms": {"keys": list(disabled)}}
@@ -154,7 +165,9 @@ def _connect_transport(target: SshTarget, window_size: int | None) -> paramiko.T
             transport.close()
             if disabled and isinstance(exc, paramiko.SSHException):  # no more key types the server offers
                 break
-            raise ShellError(f"SSH handshake with {target.address}:{target.port} failed: {exc}") from exc
+            raise ShellError(
+                f"SSH handshake with {target.address}:{target.port} failed: {exc}", host=target.address
+            ) from exc
         except BaseException:
             transport.close()
             raise
@@ -180,7 +193,9 @@ def _authenticate(transport: paramiko.Transport, target: SshTarget) -> None:
             errors.append(f"password: {exc}")
     if not errors:
         errors.append("no private key or password configured")
-    raise ShellAuthError(f"SSH login as {target.user} on {target.address} failed: " + "; ".join(errors))
+    raise ShellAuthError(
+        f"SSH login as {target.user} on {target.address} failed: " + "; ".join(errors), host=target.address
+    )
 
 
 class RemoteStream:
@@ -223,23 +238,31 @@ class RemoteStream:
             raise ShellError(f"{self.command[:120]}: sending stdin failed: {exc}") from exc
 
     def close_stdin(self) -> None:
-        self.channel.shutdown_write()
+        try:
+            self.channel.shutdown_write()
+        except (paramiko.SSHException, EOFError, OSError) as exc:
+            raise ShellError(f"{self.command[:120]}: closing stdin failed: {exc}") from exc
 
     def close(self, check: bool = True) -> int:
         """Wait for the exit status (raising CommandError if non-zero and ``check``)."""
         deadline = time.monotonic() + self.timeout
-        while not self.channel.exit_status_ready():
-            if time.monotonic() > deadline:
-                self.channel.close()
-                raise ShellError(f"{self.command[:120]}: no exit status after {self.timeout} s")
-            while self.channel.recv_ready():  # drain what the caller did not read
-                self.channel.recv(1 << 16)
-            self.channel.status_event.wait(0.05)
-        status = self.channel.recv_exit_status()
-        stderr = b""
-        while self.channel.recv_stderr_ready():
-            stderr += self.channel.recv_stderr(1 << 16)
-        self.channel.close()
+        try:
+            while not self.channel.exit_status_ready():
+                if time.monotonic() > deadline:
+                    self.channel.close()
+                    raise ShellError(f"{self.command[:120]}: no exit status after {self.timeout} s")
+                while self.channel.recv_ready():  # drain what the caller did not read
+                    self.channel.recv(1 << 16)
+                self.channel.status_event.wait(0.05)
+            status = self.channel.recv_exit_status()
+            stderr = b""
+            while self.channel.recv_stderr_ready():
+                stderr += self.channel.recv_stderr(1 << 16)
+            self.channel.close()
+        except (paramiko.SSHException, EOFError, OSError) as exc:
+            raise ShellError(
+                f"{self.command[:120]}: connection lost before the exit status: {exc!r}"
+            ) from exc
         if check and status != 0:
             raise CommandError(self.command, status, "", stderr.decode("utf-8", "replace"))
         return status
@@ -260,6 +283,15 @@ class ShellConnection:
     @property
     def active(self) -> bool:
         return self.transport.is_active()
+
+    def dropped(self, settle: float = 5.0) -> bool:
+        """Whether the connection is gone, asked after an error on it. paramiko can hand the error to the
+        caller (a write to the dead socket, a woken channel) before its transport thread has seen the end
+        of the connection and marked it inactive; a still-active transport gets up to ``settle`` seconds
+        to end before the connection is taken for alive (and the error for one of the command's)."""
+        if self.transport.is_active():
+            self.transport.join(settle)
+        return not self.transport.is_active()
 
     def close(self) -> None:
         self.transport.close()
@@ -312,7 +344,8 @@ class ShellConnection:
         except (paramiko.SSHException, EOFError, OSError) as exc:
             raise ShellError(f"{line[:120]}: SSH failed: {exc}") from exc
         finally:
-            channel.close()
+            with contextlib.suppress(paramiko.SSHException, EOFError, OSError):
+                channel.close()  # of a dead connection raises too; the error above is the one to tell
         result = ShellResult(line, status, bytes(out), bytes(err))
         if check:
             fault = find_fault(result.text)
@@ -378,7 +411,7 @@ class ShellSession:
                 raise
             except ShellError:
                 conn = self._conn
-                if attempt == attempts or (conn is not None and conn.active):
+                if attempt == attempts or (conn is not None and not conn.dropped()):
                     raise
                 log.info("SSH connection to %s dropped; reconnecting", self.target.address)
                 time.sleep(0.5 * (attempt - 1))

@@ -26,7 +26,7 @@ import logging
 import re
 import ssl
 
-from reconciler.esxi.errors import NotPinnedError, PinMismatchError
+from reconciler.esxi.errors import HostConnectionError, NotPinnedError, PinMismatchError, transient_os_error
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +48,14 @@ def parse_thumbprint(pin: str) -> tuple[str, bytes]:
 
 def fetch_certificate(host: str, port: int, timeout: float = 15.0) -> str:
     """The server's certificate (PEM), fetched without verifying it."""
-    return ssl.get_server_certificate((host, port), timeout=timeout)
+    try:
+        return ssl.get_server_certificate((host, port), timeout=timeout)
+    except OSError as exc:
+        raise HostConnectionError(
+            f"cannot fetch the TLS certificate of {host}:{port}: {exc}",
+            host=host,
+            transient=transient_os_error(exc),
+        ) from exc
 
 
 def check_pin(pem: str, pin: str, where: str = "") -> None:

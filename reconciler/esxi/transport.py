@@ -15,6 +15,10 @@ whatever the disk size.
   dropped connection is re-opened and the piece fetched again, up to ``attempts`` times with a
   growing pause (reads are idempotent).
 
+Failures leave as :class:`~reconciler.esxi.errors.TransportError` (urllib3's and paramiko's errors are
+its ``__cause__``): transient for a dropped or timed-out connection and for HTTP 5xx/408/429, terminal
+for other statuses (401, 403, 404 …) and for a certificate that is no longer the pinned one.
+
 :meth:`reconciler.esxi.host.EsxiHost.disk_reader` picks HTTPS when the API is reachable and SSH
 otherwise, unless overridden.
 """
@@ -24,6 +28,7 @@ from __future__ import annotations
 import base64
 import concurrent.futures
 import contextlib
+import http.client
 import logging
 import ssl
 import threading
@@ -35,8 +40,8 @@ from urllib.parse import quote
 
 import urllib3
 
-from reconciler.esxi.errors import EsxiError, ShellError
-from reconciler.esxi.shell import ShellConnection
+from reconciler.esxi.errors import ShellError, TransportError, transient_os_error
+from reconciler.esxi.shell import RemoteStream, ShellConnection
 from reconciler.esxi.vimcmd import command_line
 from reconciler.facts.inventory import split_ds_path
 
@@ -50,10 +55,6 @@ rekeys after 512 MiB, and a rekey racing a channel close deadlocks its transport
 ("Key-exchange timed out waiting for key negotiation"; ``Channel._handle_close`` sends from the
 transport thread and waits for the key exchange only that thread can finish). Seen in the lab with one
 ``dd`` channel per piece; a new connection costs a few ms."""
-
-
-class TransportError(EsxiError):
-    """A disk read failed."""
 
 
 def vmfs_path(ds_path: str) -> str:
@@ -96,9 +97,30 @@ def ordered_parallel(
 
 def _result(off: int, length: int, fut: concurrent.futures.Future[bytes]) -> tuple[int, bytes]:
     data = fut.result()
-    if len(data) != length:
-        raise TransportError(f"read {len(data)} bytes at {off}, expected {length}")
+    if len(data) != length:  # a response cut short: the next try reads it whole
+        raise TransportError(f"read {len(data)} bytes at {off}, expected {length}", transient=True)
     return off, data
+
+
+def _status_error(what: str, status: int, host: str) -> TransportError:
+    """An unexpected HTTP status: the host busy or failing (5xx, 408, 429) may answer the next try; a
+    refusal (401, 403), a missing file (404) or a range it cannot serve (416) will not."""
+    transient = status >= 500 or status in (408, 429)
+    return TransportError(f"{what}: HTTP {status}", host=host, transient=transient)
+
+
+def _request_failure(what: str, exc: Exception, host: str) -> TransportError:
+    """What urllib3 (or the socket under it) raised, as a TransportError: transient unless the TLS
+    handshake failed against the pinned certificate (it changed: see :mod:`.tls`)."""
+    reason: BaseException = exc
+    if isinstance(exc, urllib3.exceptions.MaxRetryError) and exc.reason is not None:
+        reason = exc.reason
+    text = str(reason)
+    pinned_refused = isinstance(reason, ssl.SSLCertVerificationError) or "CERTIFICATE_VERIFY_FAILED" in text
+    transient = not pinned_refused and (
+        isinstance(reason, urllib3.exceptions.HTTPError) or transient_os_error(reason)
+    )
+    return TransportError(f"{what}: {type(reason).__name__}: {text}", host=host, transient=transient)
 
 
 class DiskReader(Protocol):
@@ -125,9 +147,12 @@ class HttpsRangeReader:
         piece_size: int = PIECE_SIZE,
         timeout: float = 120.0,
         datacenter: str = "ha-datacenter",
+        host: str | None = None,
     ) -> None:
         if cookie is None and (user is None or password is None):
             raise ValueError("HttpsRangeReader needs a session cookie or user and password")
+        self.host = host or address
+        """What errors name as the host (its config name when given, else the address)."""
         self.streams = streams
         self.piece_size = piece_size
         self.datacenter = datacenter
@@ -169,9 +194,12 @@ class HttpsRangeReader:
         headers = self._headers()
         if range_header:
             headers["Range"] = range_header
-        resp = self.pool.request(
-            "GET", self._url(ds_path), headers=headers, preload_content=True, redirect=False
-        )
+        try:
+            resp = self.pool.request(
+                "GET", self._url(ds_path), headers=headers, preload_content=True, redirect=False
+            )
+        except (urllib3.exceptions.HTTPError, OSError, http.client.HTTPException) as exc:
+            raise _request_failure(f"GET {ds_path}", exc, self.host) from exc
         if resp.status == 401 and "Cookie" in headers and self._user is not None:
             with self._lock:  # the cookie expired or was refused: Basic auth, then its cookie
                 if self._cookie == headers["Cookie"]:
@@ -183,25 +211,31 @@ class HttpsRangeReader:
     def _get(self, ds_path: str, off: int, length: int) -> bytes:
         resp = self._request(ds_path, f"bytes={off}-{off + length - 1}")
         if resp.status != 206:
-            raise TransportError(f"GET {ds_path} bytes {off}+{length}: HTTP {resp.status}")
+            raise _status_error(f"GET {ds_path} bytes {off}+{length}", resp.status, self.host)
         expect = f"bytes {off}-{off + length - 1}/"
         if not str(resp.headers.get("Content-Range", "")).startswith(expect):
             got = resp.headers.get("Content-Range")
-            raise TransportError(f"GET {ds_path}: unexpected Content-Range {got}")
+            raise TransportError(f"GET {ds_path}: unexpected Content-Range {got}", host=self.host)
         return bytes(resp.data)
 
     def size(self, ds_path: str) -> int:
         """The file's size (from a 1-byte Range GET's Content-Range)."""
         resp = self._request(ds_path, "bytes=0-0")
         if resp.status != 206:
-            raise TransportError(f"GET {ds_path}: HTTP {resp.status}")
-        return int(str(resp.headers["Content-Range"]).rsplit("/", 1)[1])
+            raise _status_error(f"GET {ds_path}", resp.status, self.host)
+        content_range = str(resp.headers.get("Content-Range", ""))
+        try:
+            return int(content_range.rsplit("/", 1)[1])
+        except (IndexError, ValueError):
+            raise TransportError(
+                f"GET {ds_path}: unexpected Content-Range {content_range!r}", host=self.host
+            ) from None
 
     def get_file(self, ds_path: str) -> bytes:
         """A whole (small) file, e.g. a descriptor or .vmx."""
         resp = self._request(ds_path, None)
         if resp.status != 200:
-            raise TransportError(f"GET {ds_path}: HTTP {resp.status}")
+            raise _status_error(f"GET {ds_path}", resp.status, self.host)
         return bytes(resp.data)
 
     def read(self, ds_path: str, extents: Iterable[tuple[int, int]]) -> Iterator[tuple[int, bytes]]:
@@ -217,18 +251,21 @@ class HttpsRangeReader:
         headers = self._headers()
         headers["Content-Length"] = str(size)
         headers["Content-Type"] = "application/octet-stream"
-        resp = self.pool.urlopen(
-            "PUT",
-            self._url(ds_path),
-            body=iter(body),
-            headers=headers,
-            retries=False,
-            timeout=urllib3.Timeout(connect=30.0, read=timeout),
-            preload_content=True,
-            chunked=False,
-        )
+        try:
+            resp = self.pool.urlopen(
+                "PUT",
+                self._url(ds_path),
+                body=iter(body),
+                headers=headers,
+                retries=False,
+                timeout=urllib3.Timeout(connect=30.0, read=timeout),
+                preload_content=True,
+                chunked=False,
+            )
+        except (urllib3.exceptions.HTTPError, OSError, http.client.HTTPException) as exc:
+            raise _request_failure(f"PUT {ds_path}", exc, self.host) from exc
         if resp.status not in (200, 201, 204):
-            raise TransportError(f"PUT {ds_path}: HTTP {resp.status}")
+            raise _status_error(f"PUT {ds_path}", resp.status, self.host)
         self._remember_cookie(resp)
 
     def close(self) -> None:
@@ -254,8 +291,10 @@ class SshDdReader:
         piece_size: int = PIECE_SIZE,
         timeout: float = 120.0,
         attempts: int = 4,
+        host: str | None = None,
     ) -> None:
         self._connect = connect
+        self.host = host
         self.attempts = attempts
         self.streams = streams
         self.piece_size = piece_size
@@ -271,9 +310,12 @@ class SshDdReader:
         used: int = getattr(self._local, "used", 0)
         if fresh or conn is None or not conn.active or used + length > ROTATE_BYTES:
             if conn is not None:
-                conn.close()
+                # forget it before connecting: if the new connection fails too, the next attempt must
+                # not find (and close and unlist a second time) this one
+                self._local.conn = None
                 with self._lock:
                     self._all.remove(conn)
+                conn.close()
             conn = self._connect()
             self._local.conn = conn
             used = 0
@@ -302,7 +344,7 @@ class SshDdReader:
                     return data[off - start :]
             except ShellError as exc:
                 if attempt == self.attempts:
-                    raise TransportError(f"dd {path} at {off}+{length}: {exc}") from exc
+                    raise TransportError(f"dd {path} at {off}+{length}: {exc}", host=self.host) from exc
                 log.info("SSH read of %s at %d failed (%s); reconnecting", path, off, exc)
                 time.sleep(0.5 * attempt)
         raise AssertionError("unreachable")
@@ -325,21 +367,26 @@ class SshDdReader:
 class SshDdWriter:
     """Writes disk data into an existing raw file on the host with ``dd of=PATH bs=B seek=S
     conv=notrunc`` fed over SSH stdin: one ``dd`` per run of contiguous pieces (holes are skipped, so a
-    thin disk stays thin), a new connection after :data:`ROTATE_BYTES` (see the module doc)."""
+    thin disk stays thin), each piece sent as it comes (nothing is buffered here), a new connection
+    before one would carry more than :data:`ROTATE_BYTES` (see the module doc). The fallback of
+    :class:`~reconciler.esxi.hostwrite.ParallelSshWriter` for hosts without Python."""
 
-    def __init__(self, connect: Callable[[], ShellConnection], *, timeout: float = 600.0) -> None:
+    def __init__(
+        self, connect: Callable[[], ShellConnection], *, timeout: float = 600.0, host: str | None = None
+    ) -> None:
         self._connect = connect
+        self.host = host
         self.timeout = timeout
         self._conn: ShellConnection | None = None
         self._used = 0
 
-    def _connection(self, length: int) -> ShellConnection:
-        if self._conn is None or not self._conn.active or self._used + length > ROTATE_BYTES:
+    def _connection(self, reserve: int) -> ShellConnection:
+        """The connection for a run of up to ``reserve`` bytes."""
+        if self._conn is None or not self._conn.active or self._used + reserve > ROTATE_BYTES:
             if self._conn is not None:
                 self._conn.close()
             self._conn = self._connect()
             self._used = 0
-        self._used += length
         return self._conn
 
     def write(
@@ -348,39 +395,42 @@ class SshDdWriter:
         data: Iterable[tuple[int, bytes]],
         on_written: Callable[[int, int], None] | None = None,
         *,
-        run_limit: int = 256 * MiB,
+        run_limit: int = 64 * MiB,
     ) -> None:
         """Write ``(offset, bytes)`` pieces (ascending, non-overlapping) into ``path`` (a
         ``/vmfs/volumes`` path); ``on_written(offset, length)`` after each piece was sent."""
-        run: list[tuple[int, bytes]] = []
-        run_bytes = 0
-        for off, piece in data:
-            if run and (run[-1][0] + len(run[-1][1]) != off or run_bytes + len(piece) > run_limit):
-                self._run(path, run, on_written)
-                run, run_bytes = [], 0
-            run.append((off, piece))
-            run_bytes += len(piece)
-        if run:
-            self._run(path, run, on_written)
-
-    def _run(
-        self, path: str, run: list[tuple[int, bytes]], on_written: Callable[[int, int], None] | None
-    ) -> None:
-        start = run[0][0]
-        total = sum(len(p) for _, p in run)
-        bs = dd_block(start, start)  # the seek must be whole blocks; short pipe reads are fine for dd
-        line = command_line(["dd", f"of={path}", f"bs={bs}", f"seek={start // bs}", "conv=notrunc"])
-        line += " 2>/dev/null"
-        conn = self._connection(total)
+        run: contextlib.AbstractContextManager[RemoteStream] | None = None
+        stream: RemoteStream | None = None
+        start = end = 0
         try:
-            with conn.stream(line, timeout=self.timeout) as stream:
-                for off, piece in run:
-                    stream.write(piece)
-                    if on_written is not None:
-                        on_written(off, len(piece))
+            for off, piece in data:
+                if stream is not None and (off != end or end - start + len(piece) > run_limit):
+                    stream.close_stdin()
+                    assert run is not None
+                    done, run, stream = run, None, None
+                    done.__exit__(None, None, None)  # checks dd's exit status
+                if stream is None:
+                    bs = dd_block(off, off)  # the seek must be whole blocks; short pipe reads are fine
+                    line = command_line(["dd", f"of={path}", f"bs={bs}", f"seek={off // bs}", "conv=notrunc"])
+                    run = self._connection(run_limit).stream(line + " 2>/dev/null", timeout=self.timeout)
+                    stream = run.__enter__()
+                    start = end = off
+                stream.write(piece)
+                end += len(piece)
+                self._used += len(piece)
+                if on_written is not None:
+                    on_written(off, len(piece))
+            if stream is not None:
                 stream.close_stdin()
+                assert run is not None
+                last, run, stream = run, None, None
+                last.__exit__(None, None, None)
         except ShellError as exc:
-            raise TransportError(f"dd into {path} at {start}+{total}: {exc}") from exc
+            raise TransportError(f"dd into {path} at {start}+{end - start}: {exc}", host=self.host) from exc
+        finally:
+            if run is not None:
+                with contextlib.suppress(Exception):
+                    run.__exit__(RuntimeError, RuntimeError("stopped"), None)
 
     def close(self) -> None:
         if self._conn is not None:

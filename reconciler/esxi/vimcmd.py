@@ -10,7 +10,6 @@ Only NUL cannot be passed: it ends a C string, so no argv can hold it.
 
 from __future__ import annotations
 
-import posixpath
 import re
 import shlex
 from collections.abc import Sequence
@@ -69,14 +68,6 @@ def line_breaks_quoted(line: str) -> bool:
 # -- builders ------------------------------------------------------------------------------------
 
 
-def getallvms() -> list[str]:
-    return [VIM_CMD, "vmsvc/getallvms"]
-
-
-def power_getstate(vmid: str) -> list[str]:
-    return [VIM_CMD, "vmsvc/power.getstate", vmid]
-
-
 def snapshot_get(vmid: str) -> list[str]:
     return [VIM_CMD, "vmsvc/snapshot.get", vmid]
 
@@ -90,10 +81,6 @@ def snapshot_remove(vmid: str, snapshot_id: str) -> list[str]:
     if not snapshot_id.isdigit():
         raise ValueError(f"snapshot id must be numeric, got {snapshot_id!r}")
     return [VIM_CMD, "vmsvc/snapshot.remove", vmid, snapshot_id]
-
-
-def get_config(vmid: str) -> list[str]:
-    return [VIM_CMD, "vmsvc/get.config", vmid]
 
 
 def reload(vmid: str) -> list[str]:
@@ -153,6 +140,7 @@ FAULT = re.compile(
 """A fault object, at the start of a line (``(vim.fault.NotFound) {``) or after what vim-cmd was doing
 (``Power on failed: (vim.fault.GenericVmConfigFault) {``, ESXi 7–9)."""
 _FAULT_MSG = re.compile(r'^(?P<indent>\s*)msg = "(?P<text>.*)$')
+_MSG_END = re.compile(r'",?\s*$')
 
 
 def unexpected(command: str, line: str, why: str = "unexpected line") -> ProtocolError:
@@ -190,11 +178,13 @@ def _fault_msg(lines: list[str]) -> str:
         i += 1
         if m is None:
             continue
-        text = m.group("text")
-        while not re.search(r'",?\s*$', text) and i < len(lines):
-            text += "\n" + lines[i]
+        parts = [m.group("text")]
+        # only the newest line can end the message: searching the whole text again each time took
+        # quadratic time on a message that never closes (fuzzing)
+        while not _MSG_END.search(parts[-1]) and i < len(lines):
+            parts.append(lines[i])
             i += 1
-        text = re.sub(r'",?\s*$', "", text)
+        text = _MSG_END.sub("", "\n".join(parts))
         indent = len(m.group("indent"))
         if best is None or indent <= best[0]:
             best = (indent, text)
@@ -236,142 +226,6 @@ def check_power_output(operation: str, text: str) -> None:
         if re.fullmatch(r"[A-Z][A-Za-z ]* failed\.?", stripped):
             raise CommandError(command, 0, text, "", stripped)
         raise unexpected(command, line)
-
-
-@dataclass(frozen=True)
-class VmRow:
-    """One VM of ``getallvms``."""
-
-    vmid: str
-    name: str
-    vmx: str
-    """``[datastore] dir/x.vmx``; ``[] /var/run/crx/…`` for VMs outside any datastore (vCLS, ESXi 8/9)."""
-    guest: str
-    version: str
-    annotation: str
-
-
-# Columns are padded with spaces; \s would also take a U+2028 or U+0085 that begins or ends a name.
-_ROW_START = re.compile(r"^(\d+)( +)([^ ].*)$", re.DOTALL)
-_ROW_END = re.compile(r"\.vmx\s+(\S+)\s+(vmx-\d+)(?:\s+(.*?))?\s*$", re.DOTALL)
-_DS_PATH = re.compile(r"\[[^\]\n]*\] \S")
-_SKIPPED = re.compile(r"^Skipping invalid VM '\d+'\s*$")
-_ROW_MAX_LINES = 64
-"""How many lines one row may span: a name (up to 80 characters) and its path, each with line breaks."""
-
-
-def _split_name_file(middle: str) -> tuple[str, str] | None:
-    """Split ``name<spaces>[ds] path`` (without ``.vmx``). Names may contain ``[x] `` and spaces, so
-    every `` [`` that starts a datastore path is a candidate: one whose path's folder or file stem is the
-    name wins; else the widest gap (columns are padded, a name's own spaces are usually single); ties
-    go to the leftmost."""
-    candidates: list[tuple[int, int]] = []  # (gap width, start of file)
-    for m in re.finditer(r"(\s+)(?=\[)", middle):
-        start = m.end()
-        if m.start() == 0 or not _DS_PATH.match(middle, start):
-            continue
-        candidates.append((len(m.group(1)), start))
-    if not candidates:
-        return None
-
-    def parts(start: int) -> tuple[str, str]:
-        return middle[:start].rstrip(" "), middle[start:]
-
-    def related(start: int) -> bool:
-        name, path = parts(start)
-        rel = path.split("] ", 1)[1]
-        folder, _, stem = rel.rpartition("/")
-        return name in (posixpath.basename(folder), stem)
-
-    matching = [c for c in candidates if related(c[1])]
-    if len(matching) == 1:
-        return parts(matching[0][1])
-    widest = max(c[0] for c in candidates)
-    return parts(next(c[1] for c in candidates if c[0] == widest))
-
-
-def _parse_row(text: str) -> VmRow | None:
-    start = _ROW_START.match(text)
-    if start is None:
-        return None
-    body = start.group(3)
-    end = _ROW_END.search(body)
-    if end is None:
-        return None
-    split = _split_name_file(body[: end.start()])
-    if split is None:
-        return None
-    name, path = split
-    return VmRow(start.group(1), name, path + ".vmx", end.group(1), end.group(2), end.group(3) or "")
-
-
-def parse_getallvms(text: str) -> list[VmRow]:
-    """Parse ``vmsvc/getallvms``. A row is ``vmid name [ds] path.vmx guest vmx-NN [annotation]``;
-    ``Skipping invalid VM 'N'`` lines (anywhere, even before the header) are dropped; a line that is no
-    row continues the previous row's annotation (multi-line annotations), unless joined to the next
-    line it completes a row (a name with line breaks: the row spans lines up to the one holding the
-    path's end and the guest and version columns; it starts with a vmid padded up to the header's
-    ``Name`` column, which an annotation line such as ``2023 migrated`` does not)."""
-    command = "vim-cmd vmsvc/getallvms"
-    # split("\n"), not splitlines(): a name may hold U+2028 or U+0085, which splitlines() breaks at
-    lines = [line for line in text.split("\n") if not _SKIPPED.match(line)]
-    while lines and not lines[0].strip():
-        lines.pop(0)
-    if not lines or not re.match(r"^Vmid\s+Name\s+File\s+Guest OS\s+Version\s+Annotation\s*$", lines[0]):
-        raise unexpected(
-            command,
-            lines[0] if lines else text,
-            "expected the header 'Vmid Name File Guest OS Version Annotation', got",
-        )
-    rows: list[VmRow] = []
-    name_column = lines[0].find("Name")
-    i = 1
-    while i < len(lines):
-        line = lines[i]
-        row = _parse_row(line)
-        padded_vmid = line[:name_column].rstrip().isdigit() and line[name_column - 1 : name_column] == " "
-        if row is None and padded_vmid:
-            for end in range(i + 1, min(len(lines), i + _ROW_MAX_LINES)):
-                if _parse_row(lines[end]) is not None:
-                    break
-                row = _parse_row("\n".join(lines[i : end + 1]))
-                if row is not None:
-                    i = end
-                    break
-        if row is not None:
-            rows.append(VmRow(row.vmid, row.name, row.vmx, row.guest, row.version, row.annotation.rstrip()))
-        elif line.strip():
-            if not rows:
-                raise unexpected(command, line)
-            last = rows[-1]
-            annotation = f"{last.annotation}\n{line.rstrip()}"
-            rows[-1] = VmRow(last.vmid, last.name, last.vmx, last.guest, last.version, annotation)
-        i += 1
-    return rows
-
-
-_POWER = {"powered on": "poweredOn", "powered off": "poweredOff", "suspended": "suspended"}
-
-
-def parse_power_state(text: str) -> str:
-    """``poweredOn`` | ``poweredOff`` | ``suspended`` (the API's spelling) from ``vmsvc/power.getstate``:
-    ``Retrieved runtime info`` then ``Powered on`` | ``Powered off`` | ``Suspended``."""
-    command = "vim-cmd vmsvc/power.getstate"
-    fault = find_fault(text)
-    if fault is not None:
-        raise CommandError(command, 0, text, "", fault.describe())
-    state = None
-    for line in text.splitlines():
-        stripped = line.strip()
-        if not stripped or stripped == "Retrieved runtime info":
-            continue
-        found = _POWER.get(stripped.lower())
-        if found is None or state is not None:
-            raise unexpected(command, line)
-        state = found
-    if state is None:
-        raise unexpected(command, text, "no power state in")
-    return state
 
 
 _SNAPSHOT_HEADERS = frozenset(
@@ -455,14 +309,6 @@ def parse_snapshot_get(text: str) -> list[ShellSnapshot]:
             raise unexpected(command, line)
     flush()
     return out
-
-
-def parse_change_tracking_enabled(text: str) -> bool | None:
-    """``changeTrackingEnabled`` of ``vmsvc/get.config`` (None if absent or unset)."""
-    m = re.search(r"^\s*changeTrackingEnabled = (true|false|<unset>)", text, re.MULTILINE)
-    if m is None or m.group(1) == "<unset>":
-        return None
-    return m.group(1) == "true"
 
 
 _LICENSE_FIELD = re.compile(r"^\s*(serial|vmodl key|name|total|used|unit|Properties):(?:\s+(.*?))?\s*$")

@@ -82,9 +82,11 @@ class Descriptor:
                 continue
             m = _EXTENT.match(line)
             if m:
-                d.extents.append(
-                    Extent(m.group(1), int(m.group(2)), m.group(3).upper(), m.group(4), int(m.group(5) or 0))
-                )
+                try:
+                    sectors, offset = int(m.group(2)), int(m.group(5) or 0)
+                except ValueError:  # more digits than int() converts: no disk is that large
+                    raise ProtocolError(f"VMDK extent with an impossible size: {line[:120]!r}") from None
+                d.extents.append(Extent(m.group(1), sectors, m.group(3).upper(), m.group(4), offset))
                 continue
             kv = _KV.match(line)
             if kv is None:

@@ -32,10 +32,10 @@ def decode_value(raw: str) -> str:
     data = bytearray()
     pos = 0
     for m in _ESCAPE.finditer(raw):
-        data += raw[pos : m.start()].encode("utf-8")
+        data += raw[pos : m.start()].encode("utf-8", "surrogateescape")
         data.append(int(m.group(1), 16))
         pos = m.end()
-    data += raw[pos:].encode("utf-8")
+    data += raw[pos:].encode("utf-8", "surrogateescape")
     return data.decode("utf-8", errors="surrogateescape")
 
 

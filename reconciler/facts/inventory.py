@@ -1,5 +1,6 @@
 """What a host holds, as plain values: VMs, their disks and snapshots, datastores; datastore paths;
-and the two host settings the host layer is given (:class:`License`, :class:`HostLimits`).
+what a backup snapshot froze (:class:`BackupSnapshot`, :class:`FrozenDisk`); and the two host settings
+the host layer is given (:class:`License`, :class:`HostLimits`).
 
 :class:`reconciler.esxi.host.EsxiHost` reads them from a host; the planner, the status conditions and
 the operations read them without loading the host layer (pyVmomi, paramiko). The config model holds
@@ -10,7 +11,7 @@ the config. Standard library only.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 
 SNAPSHOT_PREFIX = "esxi-reconciler-"
@@ -80,6 +81,39 @@ class DatastoreInfo:
     free: int
     accessible: bool
     type: str
+
+
+# -- what a backup reads ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FrozenDisk:
+    """A disk as frozen by our snapshot: what to read."""
+
+    key: int
+    label: str
+    node: str | None
+    descriptor: str
+    """Datastore path of the frozen descriptor (``[ds] vm/vm.vmdk``)."""
+    data_file: str
+    """Datastore path of its raw extent (``[ds] vm/vm-flat.vmdk``)."""
+    capacity: int
+    change_id: str | None
+    """The changeId to store for the next incremental (None: CBT off)."""
+    uuid: str | None
+    descriptor_text: str
+
+
+@dataclass(frozen=True)
+class BackupSnapshot:
+    """What :meth:`reconciler.esxi.host.EsxiHost.backup_snapshot` yields."""
+
+    vm: VmInfo
+    """The VM as it was just before the snapshot."""
+    snapshot: SnapshotInfo
+    disks: tuple[FrozenDisk, ...]
+    deltas: tuple[str, ...] = field(default=())
+    """Delta descriptors our snapshot created (checked gone afterwards)."""
 
 
 def split_ds_path(ds_path: str) -> tuple[str, str]:

@@ -33,10 +33,10 @@ import structlog
 
 from reconciler.config.model import DesiredState
 from reconciler.esxi.errors import EsxiError, PowerStateTimeoutError
-from reconciler.esxi.host import EsxiHost
 from reconciler.facts.inventory import VmInfo
 from reconciler.operations.backup import BackupOptions, Cancelled, VmResult, backup_policy
 from reconciler.operations.hosts import HostFactory, connect
+from reconciler.operations.ports import ApplyHost, HostSession, VmLookup
 from reconciler.operations.prune import PruneResult, collect, prune
 from reconciler.operations.repositories import open_repository
 from reconciler.operations.retry import Attempted, RetryPolicy, classify
@@ -92,7 +92,7 @@ class _Run:
         desired: DesiredState,
         cancel: threading.Event,
         on_outcome: OnOutcome | None,
-        host_factory: HostFactory[EsxiHost],
+        host_factory: HostFactory[ApplyHost],
         retry: RetryPolicy,
         backup_options: BackupOptions,
         gc_wait_seconds: float,
@@ -108,7 +108,7 @@ class _Run:
         self.gc_wait_seconds = gc_wait_seconds
         self.outcomes: dict[int, Outcome] = {}
         self.down: dict[str, str] = {}
-        self._hosts: dict[str, EsxiHost] = {}
+        self._hosts: dict[str, ApplyHost] = {}
         self._repos: dict[str, Repository] = {}
         self._lock = threading.Lock()
 
@@ -160,7 +160,7 @@ class _Run:
             with self._lock:
                 self.down.setdefault(host, message)
 
-    def host(self, name: str) -> EsxiHost:
+    def host(self, name: str) -> ApplyHost:
         """A connection to the configured host ``name`` (one per apply, for the sequential phases)."""
         with self._lock:
             if name not in self._hosts:
@@ -235,7 +235,7 @@ class _Run:
             self.mark_down(action.host, result.error, error)
 
 
-def _close(host: EsxiHost) -> None:
+def _close(host: HostSession) -> None:
     try:
         host.close()
     except Exception as exc:  # closing a dead connection must not hide the outcomes
@@ -248,7 +248,7 @@ def _message(exc: BaseException) -> str:
 
 
 @contextlib.contextmanager
-def _vm_guard(host: EsxiHost, vmid: str, options: BackupOptions) -> Iterator[None]:
+def _vm_guard(host: HostSession, vmid: str, options: BackupOptions) -> Iterator[None]:
     """Hold a VM's lock for a CBT switch or snapshot removal (a backup holds it for its whole run)."""
     try:
         guard = vm_lock(host.identity, vmid, options.lock_dir)
@@ -261,7 +261,7 @@ def _vm_guard(host: EsxiHost, vmid: str, options: BackupOptions) -> Iterator[Non
         guard.__exit__(None, None, None)
 
 
-def _current_vm(host: EsxiHost, vmid: str, name: str) -> VmInfo:
+def _current_vm(host: VmLookup, vmid: str, name: str) -> VmInfo:
     """The VM as it is now: by id, checked by name (an id can be reused after re-registration)."""
     try:
         vm = host.vm(vmid)
@@ -326,7 +326,7 @@ def _power_cycle_allowed(desired: DesiredState, a: SetCbt, now: datetime) -> Non
         raise Skip(f"outside the power-cycle window of policy {a.policy}")
 
 
-def _power_cycle(host: EsxiHost, vm: VmInfo, a: SetCbt) -> None:
+def _power_cycle(host: ApplyHost, vm: VmInfo, a: SetCbt) -> None:
     """Guest shutdown (never a forced power-off), switch, and power on again — also when the switch
     fails: the VM must not be left off by us."""
     seconds = a.shutdown_timeout_seconds
@@ -630,7 +630,7 @@ def apply(
     *,
     cancel: threading.Event,
     on_outcome: OnOutcome | None = None,
-    host_factory: HostFactory[EsxiHost] = connect,
+    host_factory: HostFactory[ApplyHost] = connect,
     retry: RetryPolicy | None = None,
     backup_options: BackupOptions | None = None,
     gc_wait_seconds: float = 300.0,

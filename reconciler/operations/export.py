@@ -2,18 +2,21 @@
 and each disk as a sparse raw image (``raw``: holes stay file holes) or a ``monolithicFlat`` VMDK
 (``vmdk``: descriptor + sparse ``-flat`` file; qemu-img, VirtualBox, Workstation and ``vmkfstools -i``
 read it), or a ``stream-optimized`` VMDK (one compressed file, what OVF/OVA packages carry; see
-:mod:`.vmdkstream`). The .vmx of a VMDK export names the exported disks. Every disk file is read back
-after writing (a stream-optimized one through its grain directory) and its SHA-256 compared with the
-point's content.
+:mod:`.vmdkstream`). The .vmx of a VMDK export names the exported disks.
+
+Raw and flat images are written by positioned writes on the decoding threads (holes never written, so
+the output stays sparse) while the SHA-256 of the disk is computed from the very pieces written, every
+``pwrite`` checked complete; no second read of the file. A stream-optimized file is read back through
+its grain directory and its SHA-256 compared with the point's content (that checks our encoder).
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
 import posixpath
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 import structlog
 
@@ -29,6 +32,7 @@ from reconciler.operations.restore import (
     hashed,
     point_file,
     point_vmx,
+    pwrite_all,
     safe_file_name,
 )
 from reconciler.repository import Repository
@@ -56,12 +60,19 @@ class ExportResult:
     disks: list[ExportedDisk] = field(default_factory=list)
 
 
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+def _write_image(repo: Repository, disk: DiskRecord, path: Path, mode: int) -> str:
+    """Write the disk into a new sparse file at ``path`` and return the SHA-256 of what was written
+    (holes as zeros). Chunks are decoded and written (``pwrite``, every byte checked written) on the
+    worker threads of :func:`disk_pieces`, in any order, while this thread hashes them in disk order;
+    holes are never written, so they stay file holes. No second read of the file: what was written is
+    what was hashed. The file is created with exactly ``mode``."""
+    digest = ContentHash()
+    with _open_new(path, mode) as f:
+        f.truncate(disk.capacity)
+        fd = f.fileno()
+        for off, data in disk_pieces(repo, disk, sink=lambda o, d: pwrite_all(fd, d, o)):
+            digest.update(off, data)
+    return digest.hexdigest(disk.capacity)
 
 
 def _stream_sha256(path: Path) -> str:
@@ -91,11 +102,38 @@ def _descriptor(
     return desc
 
 
-def export_point(repo: Repository, point: RestorePoint, directory: Path, fmt: str = "raw") -> ExportResult:
-    """Write the point into ``directory`` (created; existing files are never overwritten)."""
+FILE_MODE = 0o600
+"""Exported files are the VM's disks: readable by their owner only, unless asked otherwise."""
+
+
+def directory_mode(file_mode: int) -> int:
+    """The mode of a directory holding files of ``file_mode``: who may read may also enter
+    (``600`` → ``700``, ``640`` → ``750``, ``644`` → ``755``)."""
+    return file_mode | ((file_mode & 0o444) >> 2)
+
+
+def make_directories(directory: Path, mode: int) -> list[Path]:
+    """Create ``directory`` and its missing parents with exactly ``mode`` (whatever the umask);
+    existing ones are left as they are. Returns those created, outermost first."""
+    missing = []
+    path = directory
+    while not path.exists():
+        missing.append(path)
+        path = path.parent
+    for path in reversed(missing):
+        path.mkdir()
+        path.chmod(mode)
+    return list(reversed(missing))
+
+
+def export_point(
+    repo: Repository, point: RestorePoint, directory: Path, fmt: str = "raw", *, mode: int = FILE_MODE
+) -> ExportResult:
+    """Write the point into ``directory`` (existing files are never overwritten): each file created
+    with exactly ``mode``, missing directories with :func:`directory_mode` of it."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown export format {fmt!r} (one of {', '.join(FORMATS)})")
-    directory.mkdir(parents=True, exist_ok=True)
+    make_directories(directory, directory_mode(mode))
     result = ExportResult(point.id, directory)
     _, vmx = point_vmx(repo, point)
     nodes = disk_nodes(vmx, point)
@@ -109,25 +147,22 @@ def export_point(repo: Repository, point: RestorePoint, directory: Path, fmt: st
         for p in {main, data_path}:
             if p.exists():
                 raise RestoreError(f"{p} already exists; export into an empty directory")
-        digest = ContentHash()
         if fmt == "stream-optimized":
+            digest = ContentHash()
             desc = _descriptor(repo, point, disk, main.name, "streamOptimized")
-            with main.open("xb") as f:
+            with _open_new(main, mode) as f:
                 vmdkstream.write(f, disk.capacity, hashed(disk_pieces(repo, disk), digest), desc)
             expected = digest.hexdigest(disk.capacity)
             actual = _stream_sha256(main)
+            if actual != expected:
+                raise RestoreError(
+                    f"{data_path}: SHA-256 {actual} differs from the restore point's {expected}"
+                )
         else:
-            with data_path.open("xb") as f:
-                f.truncate(disk.capacity)  # a sparse file: what is never written stays a hole
-                for off, data in hashed(disk_pieces(repo, disk), digest):
-                    os.pwrite(f.fileno(), data, off)
-            expected = digest.hexdigest(disk.capacity)
-            actual = _file_sha256(data_path)
-        if actual != expected:
-            raise RestoreError(f"{data_path}: SHA-256 {actual} differs from the restore point's {expected}")
+            expected = _write_image(repo, disk, data_path, mode)
         if fmt == "vmdk":
             desc = _descriptor(repo, point, disk, data_path.name, "monolithicFlat")
-            main.write_text(desc.dumps(), encoding="utf-8")
+            _create(main, desc.dumps().encode("utf-8"), mode)
             Descriptor.parse(main.read_text(encoding="utf-8"))  # what we wrote must parse
         if fmt != "raw":
             vmx.set(f"{nodes[disk.key]}.fileName", main.name)
@@ -138,18 +173,27 @@ def export_point(repo: Repository, point: RestorePoint, directory: Path, fmt: st
         log.info("export.disk", disk=disk.label, path=str(main), sha256=expected)
     for stored in point.files:
         if stored.name.lower().endswith(".nvram"):
-            result.files.append(_create(directory / safe_file_name(stored.name), repo.read_file(stored)))
+            result.files.append(
+                _create(directory / safe_file_name(stored.name), repo.read_file(stored), mode)
+            )
     vmx_file = next(f for f in point.files if f.name.lower().endswith(".vmx"))
     # raw images are not disks a .vmx can name: the backed-up .vmx as it was
     text = vmx.dumps().encode("utf-8", "surrogateescape") if fmt != "raw" else repo.read_file(vmx_file)
-    result.files.append(_create(directory / safe_file_name(vmx_file.name), text))
+    result.files.append(_create(directory / safe_file_name(vmx_file.name), text, mode))
     return result
 
 
-def _create(path: Path, data: bytes) -> Path:
+def _open_new(path: Path, mode: int) -> BinaryIO:
+    """A new file with exactly ``mode`` (not the umask's), never one that exists."""
     try:
-        with path.open("xb") as f:
-            f.write(data)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
     except FileExistsError:
         raise RestoreError(f"{path} already exists; export into an empty directory") from None
+    os.fchmod(fd, mode)
+    return os.fdopen(fd, "w+b")
+
+
+def _create(path: Path, data: bytes, mode: int) -> Path:
+    with _open_new(path, mode) as f:
+        f.write(data)
     return path

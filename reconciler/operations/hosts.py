@@ -2,7 +2,9 @@
 
 It lives here, above both :mod:`reconciler.config` and :mod:`reconciler.esxi`, so the host layer never
 imports the config: it is given an address, credentials, pins and the :class:`License` and
-:class:`HostLimits` values of :mod:`reconciler.facts.inventory`.
+:class:`HostLimits` values of :mod:`reconciler.facts.inventory`. It is also the one module of the
+operations that imports the host layer's sessions and facade (the ``host-seam`` import contract): the
+others use the Protocols of :mod:`reconciler.operations.ports`.
 """
 
 from __future__ import annotations
@@ -19,9 +21,9 @@ from reconciler.facts.inventory import SNAPSHOT_PREFIX
 HostT = TypeVar("HostT", covariant=True)
 
 HostFactory = Callable[[Host], HostT]
-"""How operations get a host connection for a config ``Host``: :func:`connect`, or a fake in tests.
-``HostFactory[EsxiHost]`` where the whole host is used (apply, backup), ``HostFactory[HostReader]``
-where only reads are (observe)."""
+"""How operations get a host connection for a config ``Host``: :func:`connect`, or a fake in tests;
+``HostT`` is the Protocol of :mod:`reconciler.operations.ports` the operation needs
+(``HostFactory[HostReader]`` for observe, ``HostFactory[BackupHost]``, ``HostFactory[ApplyHost]``)."""
 
 
 def connect(host: Host, *, snapshot_prefix: str = SNAPSHOT_PREFIX) -> EsxiHost:

@@ -17,15 +17,14 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
-from typing import Protocol
 
 import structlog
 
 from reconciler.config.model import DesiredState, Host
 from reconciler.config.model import Repository as RepositoryConfig
-from reconciler.facts.inventory import DatastoreInfo, VmInfo
 from reconciler.operations.failures import explain
 from reconciler.operations.hosts import HostFactory, connect
+from reconciler.operations.ports import HostReader
 from reconciler.operations.repositories import open_repository
 from reconciler.planning.observed import HostObservation, ObservedState, RepositoryObservation, RunRecord
 from reconciler.repository import Repository, garbage_signs
@@ -36,21 +35,6 @@ HOST_TIMEOUT = 120.0
 """Seconds one host may take to answer (licence, inventory, datastores) before it counts as unreachable."""
 
 _ERROR_MAX = 300
-
-
-class HostReader(Protocol):
-    """What :func:`observe` needs of a host connection (:class:`EsxiHost`; fakes in tests)."""
-
-    prefix: str
-
-    @property
-    def license(self) -> str: ...
-
-    def list_vms(self) -> list[VmInfo]: ...
-
-    def datastores(self) -> list[DatastoreInfo]: ...
-
-    def close(self) -> None: ...
 
 
 RepoOpener = Callable[[RepositoryConfig], Repository]

@@ -26,7 +26,7 @@ from typing import Literal
 import structlog
 
 from reconciler.facts.points import RestorePoint, group_points
-from reconciler.repository.errors import LockedError, MissingObjectError
+from reconciler.repository.errors import LockedError, MissingObjectError, ProtectedPointError
 from reconciler.repository.gc import GcReport, Progress, collect_garbage
 from reconciler.repository.lock import list_locks
 from reconciler.repository.repo import Repository
@@ -92,9 +92,61 @@ def prune(repo: Repository, point_ids: Sequence[str], *, max_deletions: int) -> 
             except MissingObjectError:
                 results.append(PruneResult(point_id, "gone", "restore point no longer exists"))
                 continue
+            except ProtectedPointError:  # protected since the list was read (`points protect`)
+                results.append(PruneResult(point_id, "refused", "restore point is protected"))
+                continue
             deleted += 1
             current.pop(point_id)
             log.info("prune.deleted", point=point_id, policy=point.policy, vm=point.vm.name)
+            results.append(PruneResult(point_id, "deleted"))
+    return results
+
+
+def forget_refusal(point: RestorePoint, points: list[RestorePoint], *, force: bool = False) -> str | None:
+    """Why ``points forget`` must not delete ``point`` (one of ``points``, the repository's), or None.
+
+    A protected point is never forgotten (``points unprotect`` first); the newest successful point of
+    its VM in its policy only with ``force`` — the same guards as :func:`prune`, the last one waivable
+    because a person asked for this very point.
+    """
+    if point.protected:
+        return (
+            f"restore point {point.id} is protected; run `esxi-reconciler points unprotect {point.id}` first"
+        )
+    if not force and point.id in _newest_successful(points):
+        return (
+            f"restore point {point.id} is the newest successful point of VM {point.vm.name!r} (on"
+            f" {point.vm.host}) in policy {point.policy}; give --force to forget it anyway"
+        )
+    return None
+
+
+def forget(repo: Repository, point_ids: Sequence[str], *, force: bool = False) -> list[PruneResult]:
+    """Delete the restore points ``point_ids`` now (``points forget``), each re-checked under a shared
+    lock against :func:`forget_refusal`. Their data becomes unreferenced: GC (:func:`collect`) frees it.
+    """
+    results: list[PruneResult] = []
+    with repo.lock(purpose="forget"):
+        current = {p.id: p for p in repo.list_points()}
+        for point_id in point_ids:
+            point = current.get(point_id)
+            if point is None:
+                results.append(PruneResult(point_id, "gone", "restore point no longer exists"))
+                continue
+            refusal = forget_refusal(point, list(current.values()), force=force)
+            if refusal is not None:
+                results.append(PruneResult(point_id, "refused", refusal))
+                continue
+            try:
+                repo.delete_point(point_id)
+            except MissingObjectError:
+                results.append(PruneResult(point_id, "gone", "restore point no longer exists"))
+                continue
+            except ProtectedPointError:
+                results.append(PruneResult(point_id, "refused", f"restore point {point_id} is protected"))
+                continue
+            current.pop(point_id)
+            log.info("points.forgotten", point=point_id, policy=point.policy, vm=point.vm.name, force=force)
             results.append(PruneResult(point_id, "deleted"))
     return results
 

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import posixpath
 import re
 import secrets
@@ -49,12 +50,12 @@ import structlog
 
 from reconciler.config.model import DesiredState
 from reconciler.esxi.errors import EsxiError, InsufficientSpaceError
-from reconciler.esxi.host import EsxiHost
 from reconciler.esxi.transport import ordered_parallel
 from reconciler.esxi.vmdk import Descriptor
 from reconciler.esxi.vmx import VmxFile, prepare_restored_vmx
 from reconciler.facts.inventory import DiskInfo, VmInfo, split_ds_path
 from reconciler.facts.points import DiskRecord, RestorePoint, StoredFile
+from reconciler.operations.ports import RestoreHost
 from reconciler.operations.progress import Progress
 from reconciler.operations.vmlock import vm_lock
 from reconciler.repository import HOLE, Repository
@@ -72,15 +73,44 @@ class RestoreError(Exception):
 # -- reading a point -----------------------------------------------------------------------------
 
 
-def disk_pieces(repo: Repository, disk: DiskRecord, *, streams: int = 4) -> Iterator[tuple[int, bytes]]:
-    """The stored (non-hole) chunks of a disk as ``(offset, bytes)``, in disk order, decrypted on
-    ``streams`` threads; what is not yielded is zero."""
+def disk_pieces(
+    repo: Repository,
+    disk: DiskRecord,
+    *,
+    streams: int = 4,
+    sink: Callable[[int, bytes], None] | None = None,
+) -> Iterator[tuple[int, bytes]]:
+    """The stored (non-hole) chunks of a disk as ``(offset, bytes)``, in disk order, read, decrypted
+    and decompressed on ``streams`` threads (at most ``2 × streams`` chunks in memory); what is not
+    yielded is zero. ``sink(offset, bytes)``, when given, runs on the worker thread as soon as a chunk
+    is decoded, in any order: a positioned write (``pwrite``) needs no ordering, so writing overlaps
+    decoding while the caller consumes the pieces in order (e.g. to hash them)."""
     index = repo.read_index(disk.index)
     if index.capacity != disk.capacity:
         raise RestoreError(f"disk {disk.label}: index has {index.capacity} bytes, the point {disk.capacity}")
     size = index.chunk_size
     work = [(slot * size, index.chunk_length(slot)) for slot in range(index.count) if index[slot] != HOLE]
-    return ordered_parallel(work, lambda off, n: repo.read_chunk(index[off // size])[:n], streams)
+
+    def fetch(off: int, length: int) -> bytes:
+        data = repo.read_chunk(index[off // size])
+        if len(data) != length:
+            data = data[:length]
+        if sink is not None:
+            sink(off, data)
+        return data
+
+    return ordered_parallel(work, fetch, streams)
+
+
+def pwrite_all(fd: int, data: bytes, offset: int) -> None:
+    """Write all of ``data`` at ``offset`` (``os.pwrite`` may write less than asked)."""
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, offset)
+        if n <= 0:
+            raise OSError(f"pwrite wrote nothing at offset {offset}")
+        offset += n
+        view = view[n:]
 
 
 def stored_bytes(repo: Repository, disk: DiskRecord) -> int:
@@ -317,9 +347,41 @@ class RestoreOptions:
     on_stage: Callable[[str], None] | None = None
 
 
+VM_NAME_MAX = 80
+"""ESXi's longest VM name, in characters."""
+NAME_MAX = 255
+"""The longest file name, in bytes, on VMFS, NFS and the local file systems an export goes to."""
+_TEMPORARY_SUFFIX = ".esxi-reconciler.tmp"
+"""What :meth:`EsxiHost.write_file` appends to a name while it writes the file."""
+_RESTORED_DISK_SUFFIX = "-restored-20260101020304-3fa2-flat.vmdk"
+"""The longest name an overwrite gives a disk (the shape of it, for the length only)."""
+_RESTORED_NVRAM_SUFFIX = "-restored-20260101020304-3fa2.nvram"
+
+
 def default_name(vm: str, now: datetime | None = None) -> str:
+    """``<vm>-restored-<time>``, the VM's name cut so the whole stays within ESXi's 80 characters."""
     moment = (now or datetime.now(timezone.utc)).astimezone(timezone.utc)
-    return f"{vm}-restored-{moment:%Y%m%d-%H%M}"
+    suffix = f"-restored-{moment:%Y%m%d-%H%M}"
+    return vm[: VM_NAME_MAX - len(suffix)] + suffix
+
+
+def fit_stem(stem: str, suffix: str) -> str:
+    """``stem``, cut at a character boundary and tagged with a digest of the whole so that ``stem +
+    suffix`` fits in a file name (255 bytes) while it is written under its temporary name too. An
+    80-character VM name is up to 240 bytes of UTF-8, and its files get suffixes (``_1-flat.vmdk``,
+    ``-restored-<time>-<id>-flat.vmdk``, the overwrite journal's) that would not fit."""
+    room = NAME_MAX - len(_TEMPORARY_SUFFIX) - len(suffix.encode("utf-8", "surrogateescape"))
+    data = stem.encode("utf-8", "surrogateescape")
+    if len(data) <= room:
+        return stem
+    # a digest of the whole stem keeps cut names apart (``disk`` and ``disk_1`` may differ only at the end)
+    tag = "~" + hashlib.sha256(data).hexdigest()[:8]
+    used = len(tag)
+    for i, ch in enumerate(stem):
+        used += len(ch.encode("utf-8", "surrogateescape"))
+        if used > room:
+            return stem[:i] + tag
+    raise AssertionError("unreachable: the stem is longer than the room")
 
 
 def safe_file_name(name: str) -> str:
@@ -333,7 +395,7 @@ def safe_file_name(name: str) -> str:
 
 
 def _write_verified(
-    host: EsxiHost,
+    host: RestoreHost,
     repo: Repository,
     disk: DiskRecord,
     node: str,
@@ -360,22 +422,28 @@ def _write_verified(
             options.on_data(disk, off, length)
 
     dlog.info("restore.disk_write", capacity=disk.capacity)
-    host.write_disk(
-        flat, disk.capacity, hashed(disk_pieces(repo, disk, streams=options.streams), digest), on_written
+    checked_on_host = host.write_disk(
+        flat,
+        disk.capacity,
+        hashed(disk_pieces(repo, disk, streams=options.streams), digest),
+        on_written,
+        streams=options.streams,
     )
     if item is not None:
         item.done()
     expected = digest.hexdigest(disk.capacity)
-    actual = host.file_sha256(flat, timeout=max(3600.0, disk.capacity / (50 << 20)))  # ≥ 50 MiB/s
-    if actual != expected:
-        raise RestoreError(
-            f"disk {disk.label}: the written disk {flat} has SHA-256 {actual}, the restore point {expected}"
-        )
-    dlog.info("restore.disk_verified", sha256=expected, written=written)
+    if not checked_on_host:  # read back: on the host (sha256sum over SSH) or over HTTPS
+        actual = host.file_sha256(flat, timeout=max(3600.0, disk.capacity / (50 << 20)))  # ≥ 50 MiB/s
+        if actual != expected:
+            raise RestoreError(
+                f"disk {disk.label}: the written disk {flat} has SHA-256 {actual},"
+                f" the restore point {expected}"
+            )
+    dlog.info("restore.disk_verified", sha256=expected, written=written, on_host=checked_on_host)
     return RestoredDisk(disk.label, node, descriptor, expected, written)
 
 
-def _check_space(host: EsxiHost, datastore: str, need: int) -> None:
+def _check_space(host: RestoreHost, datastore: str, need: int) -> None:
     stores = {d.name: d for d in host.datastores()}
     ds = stores.get(datastore)
     if ds is None:
@@ -395,7 +463,7 @@ def _check_space(host: EsxiHost, datastore: str, need: int) -> None:
 
 
 def restore_new_vm(
-    host: EsxiHost, repo: Repository, point: RestorePoint, options: RestoreOptions
+    host: RestoreHost, repo: Repository, point: RestorePoint, options: RestoreOptions
 ) -> RestoreResult:
     """Restore ``point`` as a new VM on ``host`` (see the module doc); returns it registered."""
     name = options.name or default_name(point.vm.name)
@@ -414,10 +482,10 @@ def restore_new_vm(
             f"host {host.name} already has a VM named {name!r}; choose another --name, or replace that VM's"
             " disks with --overwrite"
         )
-    sparse = options.thin and host.shell is not None  # an HTTPS upload writes the holes too
+    sparse = options.thin and host.ssh_enabled  # an HTTPS upload writes the holes too
     need = sum(stored_bytes(repo, d) if sparse else d.capacity for d in point.disks)
     _check_space(host, datastore, need + sum(f.size for f in point.files))
-    stem = safe_file_name(name)
+    stem = fit_stem(safe_file_name(name), "_15" + _RESTORED_DISK_SUFFIX)  # room for a later overwrite
     folder = f"[{datastore}] {stem}"
     if host.folder_exists(folder):
         raise RestoreError(f"folder {folder} already exists; choose another --name")
@@ -484,7 +552,7 @@ def _relative(vmx_path: str, descriptor: str) -> str:
     return f"/vmfs/volumes/{dds}/{drel}"
 
 
-def _power_off(host: EsxiHost, vm: VmInfo, timeout: float) -> None:
+def _power_off(host: RestoreHost, vm: VmInfo, timeout: float) -> None:
     if vm.power_state == "poweredOff":
         return
     try:
@@ -500,7 +568,7 @@ def _base_stem(rel: str) -> str:
     return re.sub(r"(-restored-\d{14}-[0-9a-f]{4})+$", "", posixpath.basename(rel)[:-5])
 
 
-def _remove_leftovers(host: EsxiHost, vm: VmInfo, disk_files: Iterable[str]) -> list[str]:
+def _remove_leftovers(host: RestoreHost, vm: VmInfo, disk_files: Iterable[str]) -> list[str]:
     """Delete what an interrupted overwrite of these disks left behind: ``<disk>-restored-<time>-<random>``
     disks next to them and ``<vmx>-restored-…nvram`` files, that the VM uses neither as the host sees
     it nor in its .vmx file (which a killed run may have written without the reload); returns them."""
@@ -511,7 +579,8 @@ def _remove_leftovers(host: EsxiHost, vm: VmInfo, disk_files: Iterable[str]) -> 
     for file in disk_files:
         ds, rel = split_ds_path(file)
         folder = f"[{ds}] {posixpath.dirname(rel)}"
-        ours = re.compile(re.escape(_base_stem(rel)) + r"-restored-\d{14}-[0-9a-f]{4}\.vmdk")
+        base = fit_stem(_base_stem(rel), _RESTORED_DISK_SUFFIX)
+        ours = re.compile(re.escape(base) + r"-restored-\d{14}-[0-9a-f]{4}\.vmdk")
         for name in host.list_folder(folder, "*-restored-*.vmdk"):
             path = f"{folder}/{name}"
             if ours.fullmatch(name) and path not in used and name not in named and path not in removed:
@@ -521,7 +590,7 @@ def _remove_leftovers(host: EsxiHost, vm: VmInfo, disk_files: Iterable[str]) -> 
     ds, rel = split_ds_path(vm.vmx_path)
     folder = f"[{ds}] {posixpath.dirname(rel)}"
     in_use = vmx.get("nvram")
-    stem = posixpath.basename(rel).rsplit(".", 1)[0]
+    stem = fit_stem(posixpath.basename(rel).rsplit(".", 1)[0], _RESTORED_NVRAM_SUFFIX)
     ours = re.compile(re.escape(stem) + r"-restored-\d{14}-[0-9a-f]{4}\.nvram")
     for name in host.list_folder(folder, "*-restored-*.nvram"):
         if ours.fullmatch(name) and name != in_use:
@@ -624,11 +693,11 @@ class OverwriteJournal:
 def journal_path(vm: VmInfo) -> str:
     """``[ds] dir/<vmx name>.esxi-reconciler-overwrite.json`` beside the VM's .vmx."""
     ds, rel = split_ds_path(vm.vmx_path)
-    stem = posixpath.basename(rel).rsplit(".", 1)[0]
+    stem = fit_stem(posixpath.basename(rel).rsplit(".", 1)[0], JOURNAL_SUFFIX)
     return f"[{ds}] {posixpath.join(posixpath.dirname(rel), stem + JOURNAL_SUFFIX)}"
 
 
-def unfinished_overwrite(host: EsxiHost, vm: VmInfo) -> OverwriteJournal | None:
+def unfinished_overwrite(host: RestoreHost, vm: VmInfo) -> OverwriteJournal | None:
     """The journal an interrupted overwrite of ``vm`` left, if any."""
     path = journal_path(vm)
     if not host.file_exists(path):
@@ -636,7 +705,7 @@ def unfinished_overwrite(host: EsxiHost, vm: VmInfo) -> OverwriteJournal | None:
     return OverwriteJournal.from_json(host.read_file(path, 1 << 20))
 
 
-def _write_journal(host: EsxiHost, vm: VmInfo, journal: OverwriteJournal) -> None:
+def _write_journal(host: RestoreHost, vm: VmInfo, journal: OverwriteJournal) -> None:
     host.write_file(journal_path(vm), journal.to_json())
 
 
@@ -652,7 +721,7 @@ class Settled:
     """Replaced files of the VM still in its folder (kept by ``--abort``)."""
 
 
-def _settle(host: EsxiHost, vm: VmInfo, journal: OverwriteJournal, *, delete_replaced: bool) -> Settled:
+def _settle(host: RestoreHost, vm: VmInfo, journal: OverwriteJournal, *, delete_replaced: bool) -> Settled:
     """Clean up after an interrupted overwrite. Before its switch the VM is on its original disks: only
     the restored files it does not use go. After the switch it is on verified restored disks: CBT is
     switched on again where that run had switched it off, and the files it replaced are deleted
@@ -701,7 +770,7 @@ class AbortResult:
     powered_on: bool
 
 
-def abort_overwrite(host: EsxiHost, target: VmInfo) -> AbortResult | None:
+def abort_overwrite(host: RestoreHost, target: VmInfo) -> AbortResult | None:
     """Give up the interrupted overwrite of ``target`` (None: there is none): remove what it wrote
     (before its switch; after it the VM stays on the verified restored disks and the replaced files are
     kept), power the VM on if it was on before, and remove the journal."""
@@ -722,7 +791,7 @@ def abort_overwrite(host: EsxiHost, target: VmInfo) -> AbortResult | None:
 
 
 def _point_configuration(
-    host: EsxiHost,
+    host: RestoreHost,
     repo: Repository,
     point: RestorePoint,
     vm: VmInfo,
@@ -742,7 +811,8 @@ def _point_configuration(
         return vmx, None
     ds, rel = split_ds_path(vm.vmx_path)
     folder = posixpath.dirname(rel)
-    name = f"{posixpath.basename(rel).rsplit('.', 1)[0]}-restored-{stamp}.nvram"
+    stem = fit_stem(posixpath.basename(rel).rsplit(".", 1)[0], _RESTORED_NVRAM_SUFFIX)
+    name = f"{stem}-restored-{stamp}.nvram"
     host.write_file(f"[{ds}] {posixpath.join(folder, name)}", repo.read_file(stored))
     vmx.set("nvram", name)
     previous = current.get("nvram")
@@ -813,7 +883,7 @@ def _cause(exc: BaseException) -> str:
     return str(exc) or exc.__class__.__name__
 
 
-def _find_again(host: EsxiHost, vm: VmInfo) -> VmInfo:
+def _find_again(host: RestoreHost, vm: VmInfo) -> VmInfo:
     """The VM after a failure: by vmid, else by its .vmx (a reload re-registers it with a new vmid
     where there is no SSH); registered again if the failure came between unregister and register."""
     try:
@@ -826,7 +896,7 @@ def _find_again(host: EsxiHost, vm: VmInfo) -> VmInfo:
         return host.register_vm(vm.vmx_path)
 
 
-def _after_failure(host: EsxiHost, vm: VmInfo, journal: OverwriteJournal) -> str:
+def _after_failure(host: RestoreHost, vm: VmInfo, journal: OverwriteJournal) -> str:
     """After an overwrite stopped: before its switch, remove what it wrote and give the VM its power
     state back (the VM is as it was; the journal goes); after it, leave the journal for the next
     command. Returns where the VM is left, for the user."""
@@ -853,7 +923,7 @@ def _stage(options: RestoreOptions, name: str) -> None:
 
 
 def restore_overwrite(
-    host: EsxiHost,
+    host: RestoreHost,
     repo: Repository,
     point: RestorePoint,
     target: VmInfo,
@@ -898,7 +968,7 @@ def restore_overwrite(
         by_ds: dict[str, int] = {}
         for rec, cur in pairs:
             ds = split_ds_path(cur.file)[0]
-            sparse = options.thin and host.shell is not None
+            sparse = options.thin and host.ssh_enabled
             by_ds[ds] = by_ds.get(ds, 0) + (stored_bytes(repo, rec) if sparse else rec.capacity)
         for ds, need in by_ds.items():
             _check_space(host, ds, need)
@@ -924,7 +994,7 @@ def restore_overwrite(
             _stage(options, "powered-off")
             for rec, cur in pairs:
                 ds, rel = split_ds_path(cur.file)
-                name = f"{_base_stem(rel)}-restored-{stamp}.vmdk"
+                name = f"{fit_stem(_base_stem(rel), _RESTORED_DISK_SUFFIX)}-restored-{stamp}.vmdk"
                 new = f"[{ds}] {posixpath.join(posixpath.dirname(rel), name)}"
                 written.append(
                     _write_verified(
@@ -1022,7 +1092,7 @@ class TestRestoreResult:
 
 
 def run_test_restore(
-    host: EsxiHost,
+    host: RestoreHost,
     repo: Repository,
     point: RestorePoint,
     *,

@@ -1,11 +1,17 @@
 """Retrying an action within one ``apply``: which failures are worth another try, and how long to wait.
 
 A *transient* failure is one the same call may not hit again in a minute: a connection lost, refused or
-reset, a timeout, a host that does not answer, an SSH transport failure that is not a command's exit
-status, the repository locked by another process. Everything else is *terminal* — the host or the
-config said no (a foreign snapshot, no space, the licence, a command that exited non-zero, bad
-credentials, a broken secret) — and retrying it would only hammer the host. Unknown exceptions are
-terminal too: a bug does not get better by repetition.
+reset, a timeout, a host that does not answer or is busy, the repository or the VM locked by another
+process. Everything else is *terminal* — the host or the config said no (a foreign snapshot, no space,
+the licence, a command that failed, bad credentials, a pin mismatch, a broken secret) — and retrying it
+would only hammer the host. Unknown exceptions are terminal too: a bug does not get better by
+repetition.
+
+The failures say it themselves: :attr:`reconciler.esxi.errors.EsxiError.transient` (the host layer
+translates what its libraries raise and decides there), :attr:`RepositoryError.transient
+<reconciler.repository.errors.RepositoryError.transient>`; for the standard library's network errors
+:func:`~reconciler.esxi.errors.transient_os_error`. Nothing here looks at class names or at which
+library raised.
 
 Backoff between daemon loops is not done here: the status store holds a failed job back
 (``RunRecord.retry_after``) using :attr:`reconciler.planning.actions.Outcome.transient`.
@@ -13,7 +19,6 @@ Backoff between daemon loops is not done here: the status store holds a failed j
 
 from __future__ import annotations
 
-import errno
 import http.client
 import random
 import threading
@@ -25,91 +30,29 @@ import structlog
 
 from reconciler.config.errors import ConfigError
 from reconciler.config.secrets import SecretError
-from reconciler.esxi.errors import (
-    ApiError,
-    CommandError,
-    ForeignSnapshotError,
-    InsufficientSpaceError,
-    NotPinnedError,
-    PinMismatchError,
-    RestrictedByLicenseError,
-    ShellAuthError,
-    ShellError,
-    SnapshotTimeoutError,
-    TaskTimeoutError,
-)
+from reconciler.esxi.errors import EsxiError, transient_os_error
 from reconciler.operations.vmlock import VmBusyError
-from reconciler.repository.errors import LockedError, WrongKeyError
+from reconciler.repository.errors import RepositoryError
 
 log = structlog.get_logger(__name__)
 
 T = TypeVar("T")
 Kind = Literal["transient", "terminal"]
 
-_TRANSIENT_ERRNOS = frozenset(
-    {
-        errno.ECONNREFUSED,
-        errno.ECONNRESET,
-        errno.ECONNABORTED,
-        errno.EHOSTUNREACH,
-        errno.ENETUNREACH,
-        errno.ENETDOWN,
-        errno.ETIMEDOUT,
-        errno.EPIPE,
-        errno.EHOSTDOWN,
-    }
-)
-
-
-def _auth_fault(exc: BaseException) -> bool:
-    name = type(exc).__name__
-    return name in {"InvalidLogin", "NoPermission", "NotAuthenticated", "AuthenticationException"}
-
 
 def classify(exc: BaseException) -> Kind:
     """Whether ``exc`` is worth retrying (``transient``) or not (``terminal``); see the module doc."""
-    if isinstance(
-        exc,
-        ForeignSnapshotError
-        | InsufficientSpaceError
-        | RestrictedByLicenseError
-        | CommandError
-        | NotPinnedError
-        | PinMismatchError
-        | ConfigError
-        | SecretError
-        | WrongKeyError,
-    ):
-        return "terminal"
-    if isinstance(exc, LockedError | VmBusyError | TaskTimeoutError | SnapshotTimeoutError | TimeoutError):
-        return "transient"
-    if _auth_fault(exc):
-        return "terminal"
-    if isinstance(exc, ShellAuthError):
-        return "terminal"
-    if isinstance(exc, ShellError):
-        if exc.__cause__ is not None and _auth_fault(exc.__cause__):
-            return "terminal"
-        return "transient"  # no exit status: the connection or transport failed
-    if isinstance(exc, ApiError):
-        cause = exc.__cause__
-        if cause is not None and _auth_fault(cause):
-            return "terminal"
-        if isinstance(cause, OSError | http.client.HTTPException | TimeoutError):
-            return classify(cause) if isinstance(cause, OSError) else "transient"
-        if cause is not None and type(cause).__name__ in {"HostCommunication", "HostNotConnected"}:
-            return "transient"
-        return "terminal"
-    if isinstance(exc, ConnectionError | http.client.HTTPException):
-        return "transient"
-    if isinstance(exc, OSError):
-        return "transient" if exc.errno in _TRANSIENT_ERRNOS else "terminal"
-    cause = exc.__cause__
-    if cause is not None and cause is not exc:
-        return classify(cause)  # e.g. EsxiError("... over SSH: ...") wrapping the real failure
-    if type(exc).__module__.startswith("urllib3") and "Error" in type(exc).__name__:
-        return "transient"  # connection pool / protocol errors of HTTPS disk reads
-    return "terminal"
+    if isinstance(exc, EsxiError | RepositoryError):
+        transient = exc.transient
+    elif isinstance(exc, VmBusyError):
+        transient = True
+    elif isinstance(exc, ConfigError | SecretError):
+        transient = False
+    elif isinstance(exc, OSError | EOFError | http.client.HTTPException) or exc.__cause__ in (None, exc):
+        transient = transient_os_error(exc)  # the standard library's network errors; others: False
+    else:
+        return classify(exc.__cause__)  # a wrapper of ours (e.g. a restore's error) is as its cause
+    return "transient" if transient else "terminal"
 
 
 def is_transient(exc: BaseException) -> bool:

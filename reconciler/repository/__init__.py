@@ -25,10 +25,13 @@ from reconciler.repository.lock import LockInfo, RepositoryLock, remove_stale_lo
 from reconciler.repository.repo import (
     ChunkWrite,
     ChunkWriter,
+    KeyInfo,
+    PassphraseChange,
     Repository,
     RepositoryStats,
     export_key,
     import_key,
+    list_keys,
 )
 from reconciler.repository.verify import Problem, VerifyReport, verify_repository
 
@@ -48,11 +51,13 @@ __all__ = [
     "GcReport",
     "IntegrityError",
     "KdfParams",
+    "KeyInfo",
     "LocalBackend",
     "LockInfo",
     "LockedError",
     "MissingObjectError",
     "NotARepositoryError",
+    "PassphraseChange",
     "Problem",
     "ProtectedPointError",
     "Repository",
@@ -66,6 +71,7 @@ __all__ = [
     "export_key",
     "garbage_signs",
     "import_key",
+    "list_keys",
     "remove_stale_locks",
     "stale_staged_files",
     "verify_repository",

@@ -34,6 +34,11 @@ HOLE = bytes(ID_SIZE)
 """The index entry of an all-zero chunk (never stored)."""
 
 _ZEROS = bytes(CHUNK_SIZE)
+SAMPLE_FROM = 256 * 1024
+SAMPLES = 4
+SAMPLE_SIZE = 16 * 1024
+SAMPLE_RATIO = 0.97
+"""A chunk whose four 16 KiB samples do not compress below 97 % is stored uncompressed."""
 MAX_DECOMPRESSED = 64 * 1024 * 1024
 
 
@@ -100,6 +105,18 @@ class BlobCodec:
             self._local.dec = dec
         return dec
 
+    def _worth_compressing(self, data: Data) -> bool:
+        """Whether to compress ``data``: chunks of :data:`SAMPLE_FROM` bytes and more are compressed
+        only when :data:`SAMPLES` slices of :data:`SAMPLE_SIZE` bytes spread over them compress below
+        :data:`SAMPLE_RATIO` (already compressed or encrypted data, media, random: stored as they are
+        without a full compression pass; about 1/16 of the work of compressing them)."""
+        if len(data) < SAMPLE_FROM:
+            return True
+        view = memoryview(data).cast("B")
+        step = len(view) // SAMPLES
+        sample = b"".join(view[i * step : i * step + SAMPLE_SIZE] for i in range(SAMPLES))
+        return len(self._compressor().compress(sample)) < len(sample) * SAMPLE_RATIO
+
     # -- generic blobs -------------------------------------------------------------------------------
 
     def encode(
@@ -108,7 +125,7 @@ class BlobCodec:
         """Blob parts for ``data`` stored under ``identity`` (compressed when that helps)."""
         flags = 0
         payload: bytes | bytearray | memoryview = data
-        if self.level is not None and len(data) > 0:
+        if self.level is not None and len(data) > 0 and self._worth_compressing(data):
             compressed = self._compressor().compress(data)
             if len(compressed) < len(data):
                 payload = compressed

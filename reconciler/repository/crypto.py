@@ -35,6 +35,13 @@ SALT_SIZE = 16
 
 Passphrase = str | bytes
 
+MAX_KDF_MEMORY_KIB = 4 * 1024 * 1024
+MAX_KDF_ITERATIONS = 64
+MAX_KDF_LANES = 64
+"""Limits on Argon2id costs: a key file is read before anything in the repository is authenticated, so a
+damaged or planted one must not make opening it allocate 1 PiB or run for years (the defaults, 64 MiB,
+3 iterations and 4 lanes, are far below)."""
+
 
 @dataclass(frozen=True, slots=True)
 class KdfParams:
@@ -47,6 +54,13 @@ class KdfParams:
     def __post_init__(self) -> None:
         if self.lanes < 1 or self.iterations < 1 or self.memory_kib < 8 * self.lanes:
             raise ValueError(f"invalid Argon2id parameters {self}")
+        for field, value, limit in (
+            ("memory_kib", self.memory_kib, MAX_KDF_MEMORY_KIB),
+            ("iterations", self.iterations, MAX_KDF_ITERATIONS),
+            ("lanes", self.lanes, MAX_KDF_LANES),
+        ):
+            if value > limit:
+                raise ValueError(f"Argon2id {field} {value} is above the limit of {limit}")
 
 
 class MasterKey:
@@ -107,9 +121,28 @@ _KDF_LOCK = threading.Lock()
 (OpenSSL's Argon2; seen when the daemon opened a repository for two hosts' backups in parallel)."""
 
 
+_DERIVED: dict[bytes, bytes] = {}
+"""Wrapping keys derived in this process, by a digest of (salt, cost, passphrase): a daemon opens the
+same repository for every policy in every cycle, and each Argon2id derivation costs 64 MiB and a few
+hundred ms of CPU. The wrapping key opens nothing the master key it unwraps (held in memory while the
+repository is open anyway) does not; a new passphrase or key file has a new salt, so a new entry."""
+_DERIVED_MAX = 16
+
+
 def _derive(passphrase: Passphrase, salt: bytes, params: KdfParams) -> bytes:
+    ident = hashlib.sha256(
+        b"esxi-reconciler kdf cache\0%s\0%d %d %d\0"
+        % (salt, params.memory_kib, params.iterations, params.lanes)
+        + _passphrase_bytes(passphrase)
+    ).digest()
     with _KDF_LOCK:
-        return _derive_now(passphrase, salt, params)
+        derived = _DERIVED.get(ident)
+        if derived is None:
+            derived = _derive_now(passphrase, salt, params)
+            if len(_DERIVED) >= _DERIVED_MAX:
+                _DERIVED.pop(next(iter(_DERIVED)))
+            _DERIVED[ident] = derived
+        return derived
 
 
 def _derive_now(passphrase: Passphrase, salt: bytes, params: KdfParams) -> bytes:
@@ -200,7 +233,7 @@ class KeyFile:
         """Parse a key file; :class:`FormatError` naming ``name`` for anything unexpected."""
         try:
             doc = json.loads(data)
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: absurdly deep nesting
             raise FormatError(f"{name}: not valid JSON") from None
         if not isinstance(doc, dict):
             raise FormatError(f"{name}: not a JSON object")
@@ -214,7 +247,8 @@ class KeyFile:
                 raise FormatError(f"{name}: unsupported key wrapping {wrap['algorithm']!r}")
             params = KdfParams(int(kdf["memory_kib"]), int(kdf["iterations"]), int(kdf["lanes"]))
             key_id, repository, created = str(doc["id"]), str(doc["repository"]), str(doc["created"])
-        except (KeyError, TypeError, ValueError) as exc:
+            salt, nonce, wrapped = kdf["salt"], wrap["nonce"], wrap["data"]
+        except (KeyError, TypeError, ValueError, OverflowError) as exc:  # OverflowError: int(1e400)
             raise FormatError(f"{name}: malformed key file ({exc.__class__.__name__}: {exc})") from None
         if not key_id.isalnum():
             raise FormatError(f"{name}: invalid key id")
@@ -223,7 +257,7 @@ class KeyFile:
             repository,
             created,
             params,
-            _unb64(kdf["salt"], "kdf.salt", name),
-            _unb64(wrap["nonce"], "wrap.nonce", name),
-            _unb64(wrap["data"], "wrap.data", name),
+            _unb64(salt, "kdf.salt", name),
+            _unb64(nonce, "wrap.nonce", name),
+            _unb64(wrapped, "wrap.data", name),
         )

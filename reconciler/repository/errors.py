@@ -11,13 +11,20 @@
     ├── LockedError          another process holds a conflicting lock
     ├── ProtectedPointError  a protected restore point was asked to be deleted
     └── StorageError         the volume refused a write: full, over quota, read-only, no permission
+
+``transient`` says whether another try may succeed without anyone acting: only for
+:class:`LockedError` (the other process finishes); the retry logic of ``apply`` reads it.
 """
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 
 class RepositoryError(Exception):
     """Base of all repository errors."""
+
+    transient: ClassVar[bool] = False
 
 
 class FormatError(RepositoryError):
@@ -52,6 +59,8 @@ class WrongKeyError(RepositoryError):
 
 class LockedError(RepositoryError):
     """A conflicting lock is held; the message names the holder."""
+
+    transient = True
 
 
 class ProtectedPointError(RepositoryError):

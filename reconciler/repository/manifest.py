@@ -72,7 +72,7 @@ def decode_manifest(name: str, data: bytes) -> RestorePoint:
     """Parse a manifest; :class:`FormatError` naming ``name`` for anything unexpected."""
     try:
         doc = json.loads(data)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: absurdly deep nesting
         raise FormatError(f"{name}: manifest is not valid JSON") from None
     if not isinstance(doc, dict):
         raise FormatError(f"{name}: manifest is not a JSON object")
@@ -115,7 +115,7 @@ def decode_manifest(name: str, data: bytes) -> RestorePoint:
             ),
             extra={k: v for k, v in doc.items() if k not in _KNOWN_KEYS},
         )
-    except (KeyError, TypeError, ValueError) as exc:
+    except (KeyError, TypeError, ValueError, OverflowError) as exc:  # OverflowError: int(1e400)
         raise FormatError(f"{name}: malformed manifest ({exc.__class__.__name__}: {exc})") from None
     if point.name != name and name.startswith("points/"):
         raise FormatError(f"{name}: manifest claims id {point.id}")

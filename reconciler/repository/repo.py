@@ -122,6 +122,28 @@ class ChunkWrite:
 
 
 @dataclass(frozen=True)
+class PassphraseChange:
+    """What :meth:`Repository.change_passphrase` did."""
+
+    key_id: str
+    """The new key file (``keys/<id>.json``)."""
+    removed: tuple[str, ...]
+    """Key files deleted: those of the old passphrase, and duplicates an interrupted run left."""
+    others: tuple[str, ...]
+    """Key files of other passphrases, kept: they still open the repository."""
+
+
+@dataclass(frozen=True)
+class KeyInfo:
+    """One key file, as ``repo key list`` shows it (no secret)."""
+
+    id: str
+    created: str
+    opens: bool | None
+    """Whether the passphrase given to :func:`list_keys` opens it (None: not asked)."""
+
+
+@dataclass(frozen=True)
 class RepositoryStats:
     points: int
     chunks: int
@@ -153,6 +175,10 @@ def _not_a_repository(backend: LocalBackend) -> NotARepositoryError:
 
 def _now_text() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="microseconds")
+
+
+def _passphrase_text(passphrase: Passphrase) -> bytes:
+    return passphrase.encode("utf-8") if isinstance(passphrase, str) else bytes(passphrase)
 
 
 def _parse_hex_id(value: str, what: str) -> bytes:
@@ -517,15 +543,57 @@ class Repository:
         self.backend.put(keyfile.name, [keyfile.to_json()])
         return keyfile.id
 
-    def change_passphrase(self, new_passphrase: Passphrase, kdf: KdfParams | None = None) -> str:
-        """Add a key file for ``new_passphrase`` and remove the one this repository was opened with."""
-        old = self.key_id
-        new = self.add_key(new_passphrase, kdf)
-        if old is not None:
-            self.backend.delete(f"keys/{old}.json")
-            fsync_dir(self.path / "keys")
-        self.key_id = new
-        return new
+    def change_passphrase(
+        self, old_passphrase: Passphrase, new_passphrase: Passphrase, kdf: KdfParams | None = None
+    ) -> PassphraseChange:
+        """Replace the key files ``old_passphrase`` opens by one for ``new_passphrase``, crash-safe.
+
+        1. the new key file is written durably (``put``: fsync, link, directory fsync);
+        2. it is read back from the volume and unwrapped with the new passphrase, and must give this
+           repository's master key;
+        3. only then the key files the old passphrase opens are deleted (and duplicates for the new
+           passphrase an interrupted earlier run left), then ``keys/`` is fsynced.
+
+        Killed at any moment, one of the two opens the repository: the old passphrase until its key
+        files are deleted in step 3, the new one from the end of step 1 on. Running it again completes
+        it. Key files of other passphrases are kept (``others``). The repository must have been opened
+        with ``old_passphrase`` (checked).
+        """
+        if self._key is None or self.key_id is None:
+            raise RepositoryError(f"{self.path}: repository is not encrypted; it has no passphrase")
+        if _passphrase_text(old_passphrase) == _passphrase_text(new_passphrase):
+            raise ValueError("the new passphrase is the same as the current one")
+        current = next((k for k in _key_files(self.backend, self.id) if k.id == self.key_id), None)
+        if current is None or not self._opens(current, old_passphrase):
+            raise WrongKeyError(f"the old passphrase does not open repository key {self.key_id}")
+        new_id = self.add_key(new_passphrase, kdf)
+        written = KeyFile.from_json(self.backend.get(f"keys/{new_id}.json"), f"keys/{new_id}.json")
+        if written.repository != self.id or written.unwrap(new_passphrase).material != self._key.material:
+            raise IntegrityError(f"keys/{new_id}.json", "the new key file does not open this repository")
+        removed: list[str] = []
+        others: list[str] = []
+        for keyfile in _key_files(self.backend, self.id):
+            if keyfile.id == new_id:
+                continue
+            if keyfile.id == current.id or self._opens(keyfile, old_passphrase, new_passphrase):
+                self.backend.delete(keyfile.name)
+                removed.append(keyfile.id)
+            else:
+                others.append(keyfile.id)
+        fsync_dir(self.path / "keys")
+        self.key_id = new_id
+        return PassphraseChange(new_id, tuple(removed), tuple(others))
+
+    def _opens(self, keyfile: KeyFile, *passphrases: Passphrase) -> bool:
+        """Whether one of ``passphrases`` unwraps ``keyfile`` to this repository's master key."""
+        for passphrase in passphrases:
+            try:
+                material = keyfile.unwrap(passphrase).material
+            except WrongKeyError:
+                continue
+            if self._key is not None and material == self._key.material:
+                return True
+        return False
 
     # -- inspection ----------------------------------------------------------------------------------
 
@@ -573,6 +641,34 @@ class Repository:
                         digests.add(f"digests/{dm}")
         chunks.discard(HOLE)
         return chunks, indexes, digests
+
+
+def _key_files(backend: LocalBackend, repository_id: str) -> list[KeyFile]:
+    """The key files of the repository ``repository_id`` (those of another repository are skipped)."""
+    found = []
+    for name in sorted(n for n in backend.list("keys") if n.endswith(".json")):
+        keyfile = KeyFile.from_json(backend.get(name), name)
+        if keyfile.repository == repository_id:
+            found.append(keyfile)
+    return found
+
+
+def list_keys(path: str | os.PathLike[str], passphrase: Passphrase | None = None) -> list[KeyInfo]:
+    """The repository's key files, oldest first, without opening it (so also when no passphrase
+    works); with ``passphrase``, which ones it opens (one key derivation per file)."""
+    backend = LocalBackend(path)
+    config = RepositoryConfig.from_json(backend.get(CONFIG_NAME))
+    infos = []
+    for keyfile in _key_files(backend, config.id):
+        opens = None
+        if passphrase is not None:
+            try:
+                keyfile.unwrap(passphrase)
+                opens = True
+            except WrongKeyError:
+                opens = False
+        infos.append(KeyInfo(keyfile.id, keyfile.created, opens))
+    return sorted(infos, key=lambda k: (k.created, k.id))
 
 
 def export_key(path: str | os.PathLike[str], key_id: str | None = None) -> bytes:

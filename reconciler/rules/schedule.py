@@ -17,6 +17,7 @@ the short version:
 from __future__ import annotations
 
 import calendar
+import functools
 import hashlib
 import re
 from collections.abc import Iterator, Mapping
@@ -495,23 +496,26 @@ def _times_on(spec: _Calendar, day: date) -> tuple[time, ...]:
     return spec.parsed.times if spec.parsed.matches_date(day) else ()
 
 
-def _fires_on(spec: _Calendar, zone: ZoneInfo, day: date) -> list[datetime]:
-    """The UTC fire instants of wall-clock day ``day``, sorted."""
+@functools.lru_cache(maxsize=8192)
+def _fires_on(spec: _Calendar, zone: ZoneInfo, day: date) -> tuple[datetime, ...]:
+    """The UTC fire instants of wall-clock day ``day``, sorted. Cached: a plan asks the same few days
+    of the same few schedules for every VM (100 hosts x 50 VMs), and the answer depends on nothing else
+    (specs, zones and dates are immutable values)."""
     times = _times_on(spec, day)
     if not times:
-        return []
+        return ()
     offset = datetime.combine(day, time(0), tzinfo=zone).utcoffset()
     if (
         offset is not None
         and offset == datetime.combine(day + timedelta(days=1), time(0), tzinfo=zone).utcoffset()
     ):
         # No offset change during this day (the common case): plain arithmetic.
-        return [datetime.combine(day, at, tzinfo=UTC) - offset for at in times]
+        return tuple(datetime.combine(day, at, tzinfo=UTC) - offset for at in times)
     fixed = spec.parsed.fixed_time if isinstance(spec, Cron) else True
     out: set[datetime] = set()
     for at in times:
         out.update(_to_utc(datetime.combine(day, at), zone, fixed))
-    return sorted(out)
+    return tuple(sorted(out))
 
 
 def _days(start: date, step: int) -> Iterator[date]:
@@ -524,6 +528,7 @@ def _days(start: date, step: int) -> Iterator[date]:
             return
 
 
+@functools.lru_cache(maxsize=4096)
 def _next_calendar(spec: _Calendar, zone: ZoneInfo, after: datetime) -> datetime | None:
     best: datetime | None = None
     lookahead = 0
@@ -539,6 +544,7 @@ def _next_calendar(spec: _Calendar, zone: ZoneInfo, after: datetime) -> datetime
     return best
 
 
+@functools.lru_cache(maxsize=4096)
 def _previous_calendar(spec: _Calendar, zone: ZoneInfo, now: datetime) -> datetime | None:
     best: datetime | None = None
     lookbehind = 0

@@ -418,13 +418,16 @@ class StatusStore:
 
     # -- the git source -------------------------------------------------------------------------------
 
-    def record_source(self, status: SourceStatus, now: datetime) -> None:
-        """Store the git source's revisions (one row per source, replaced)."""
+    def record_source(self, status: SourceStatus, now: datetime, condition: Condition | None = None) -> None:
+        """Store the git source's revisions (one row per source, replaced) and, in the same
+        transaction, its condition: a reader never sees a refused revision with a Ready condition."""
         with self._write() as db:
             db.execute(
                 "INSERT OR REPLACE INTO source (name, status, updated) VALUES (?, ?, ?)",
                 (status.name, json.dumps(status.to_dict(), ensure_ascii=False), _iso(now)),
             )
+            if condition is not None:
+                self._upsert(db, condition)
 
     def forget_source(self) -> None:
         """The daemon follows no git source (any more): drop its row and condition."""

@@ -9,7 +9,6 @@ import hashlib
 import os
 import signal
 import threading
-import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -20,10 +19,13 @@ from esxisim.handle import LabHandle, find_vm
 from reconciler import cli
 from reconciler.config import load_config
 from reconciler.config.model import DesiredState
-from reconciler.esxi.host import BackupSnapshot, EsxiHost, FrozenDisk, sigterm_raises
+from reconciler.esxi.host import EsxiHost
+from reconciler.esxi.signals import sigterm_raises
+from reconciler.facts.inventory import BackupSnapshot, FrozenDisk
 from reconciler.operations.apply import apply
 from reconciler.operations.backup import BackupOptions, backup_policy
 from reconciler.operations.hosts import connect
+from reconciler.operations.ports import BackupHost
 from reconciler.operations.repositories import open_repository
 from reconciler.operations.restore import disk_content
 from reconciler.operations.retry import RetryPolicy
@@ -193,7 +195,7 @@ class Frozen:
         self.release = threading.Event()
         self.release.set()
 
-    def on_snapshot(self, host: EsxiHost, bs: BackupSnapshot) -> None:
+    def on_snapshot(self, host: BackupHost, bs: BackupSnapshot) -> None:
         for disk in bs.disks:
             self.sha[(bs.vm.name, disk.key)] = sha(
                 self.lab.local_path(self.host, disk.data_file).read_bytes()
@@ -216,6 +218,8 @@ def test_backups_then_prune_and_gc_free_chunks(env: Env) -> None:
     lab = env.lab
     frozen = Frozen(lab, lab.licensed)
     options = BackupOptions(workers=2, on_snapshot=frozen.on_snapshot)
+    for vm in LIC_VMS:  # data no earlier test stored: the first backups store chunks of their own
+        lab.client(lab.licensed).guest_write(vm, 5, seed=76)
     first = run(env, *backups(env), options=options)
     assert [o.status for o in first] == ["ok", "ok"], [o.error for o in first]
     old_ids = [str(o.detail["point_id"]) for o in first]
@@ -324,12 +328,15 @@ def test_sigterm_unwinds_backups_on_both_hosts_and_skips_the_rest(env: Env) -> N
     before = set(env.repo.point_ids())
     sent: list[int] = []
     seen: list[Outcome] = []
+    cancel = threading.Event()
 
     def term(disk: FrozenDisk, offset: int, length: int) -> None:
         if not sent:
             sent.append(offset)
             os.kill(os.getpid(), signal.SIGTERM)  # delivered to the main thread, which waits for the hosts
-            time.sleep(0.5)
+            # this backup goes on only once the main thread has cancelled the run: it is then cancelled
+            # too, however quickly it could finish
+            assert cancel.wait(60), "SIGTERM never cancelled the run"
 
     actions = (
         RunBackup("due", "free", lab.free, "web01", "", "r"),
@@ -337,7 +344,6 @@ def test_sigterm_unwinds_backups_on_both_hosts_and_skips_the_rest(env: Env) -> N
         CollectGarbage("after the backups", "r"),
     )
     plan = Plan(datetime.now(timezone.utc), env.desired.revision.id, "hand-built", actions)
-    cancel = threading.Event()
     with pytest.raises(SystemExit) as exc, sigterm_raises():
         apply(
             plan,

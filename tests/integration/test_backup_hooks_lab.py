@@ -9,8 +9,9 @@ import pytest
 
 from esxisim.handle import LabHandle
 from reconciler.config import load_config
-from reconciler.esxi.host import BackupSnapshot, EsxiHost
+from reconciler.facts.inventory import BackupSnapshot
 from reconciler.operations.backup import BackupOptions, backup_policy
+from reconciler.operations.ports import BackupHost
 from reconciler.operations.repositories import open_repository
 from reconciler.repository import Repository
 
@@ -99,7 +100,7 @@ def test_hooks_around_a_real_backup(lab: LabHandle, tmp_path: Path) -> None:
     desired = load_config(cfg)
     events = tmp_path / "events"
 
-    def on_snapshot(host: EsxiHost, bs: BackupSnapshot) -> None:
+    def on_snapshot(host: BackupHost, bs: BackupSnapshot) -> None:
         with events.open("a") as f:
             f.write(f"snapshot {bs.snapshot.name}\n")
 

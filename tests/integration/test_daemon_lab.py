@@ -128,7 +128,10 @@ def lab_hosts(lab: LabHandle, tmp_path: Path) -> Iterator[dict[str, EsxiHost]]:
     finally:
         lab.clear_faults()
         for name, host in hosts.items():
-            host.remove_orphaned_snapshots()
+            for vm in host.list_vms():
+                for snap in reversed(vm.snapshots):
+                    if host.is_ours(snap):
+                        host.remove_snapshot(vm, snap.id)
             for vm in host.list_vms():
                 if vm.cbt_enabled or (name == lab.free and vmx_of(lab, name, vm.name).ctk_enabled):
                     if name == lab.free and vm.power_state == "poweredOn":
@@ -170,6 +173,11 @@ def test_the_daemon_keeps_reality_matching_git(
     )
     repo = open_repository(repo_cfg)
 
+    def applied(kind: str) -> list[Any]:
+        """The daemon's recorded action outcomes of ``kind``."""
+        with StatusStore.open(status_path(state), readonly=True) as store:
+            return [e for e in store.actions(limit=500) if e.kind == kind]
+
     clock = Clock()
     daemon = Daemon(
         config, state, resync=1.0, debounce=0.3, min_interval=0.5, clock=clock, notifier=Notifier({})
@@ -193,9 +201,13 @@ def test_the_daemon_keeps_reality_matching_git(
         edit_policy(config, "apps.yaml", enable_cbt)
         git(config, "commit", "-q", "-am", "enable CBT")
         second_commit = git(config, "rev-parse", "HEAD")
+        # done when the daemon recorded the switch: the VM shows CBT on before its stun snapshot is gone
         wait_until(
-            "CBT on the licensed VMs", lambda: all(licensed.find_vm(v).cbt_enabled for v in LICENSED_VMS)
+            "CBT switched on the licensed VMs",
+            lambda: {e.subject for e in applied("cbt") if e.status == "ok"}
+            >= {f"{lab.licensed}/{v}" for v in LICENSED_VMS},
         )
+        assert all(licensed.find_vm(v).cbt_enabled for v in LICENSED_VMS)
         assert all(licensed.find_vm(v).snapshots == () for v in LICENSED_VMS)
         with StatusStore.open(status_path(state), readonly=True) as store:
             wait_until(
@@ -230,8 +242,12 @@ def test_the_daemon_keeps_reality_matching_git(
             ),
         )
         before = len(points(repo, policy="web-daily", vm="web01"))
+        # the guest writes first, then the backup becomes due: the other way round the daemon may back
+        # up before the write (a point with nothing new, and below no chunk of its own to free). The
+        # seeds are used by no other test: a seed writes the same bytes at the same places every time,
+        # so a write another test made before (in another order) would change nothing.
+        lab.client(lab.free).guest_write("web01", 5, seed=1101)
         clock.advance(timedelta(hours=1, minutes=5))
-        lab.client(lab.free).guest_write("web01", 5, seed=11)
         wait_until(
             "a backup while the config is invalid",
             lambda: len(points(repo, policy="web-daily", vm="web01")) > before,
@@ -241,10 +257,6 @@ def test_the_daemon_keeps_reality_matching_git(
 
         #    The scheduled verification ran, and so did its test restore: web01 (a free-host VM)
         #    restored on the licensed host, booted, checked and removed again.
-        def applied(kind: str) -> list[Any]:
-            with StatusStore.open(status_path(state), readonly=True) as store:
-                return [e for e in store.actions(limit=500) if e.kind == kind]
-
         wait_until("a test restore", lambda: applied("test-restore"))
         assert [e.status for e in applied("verify")][:1] == ["ok"]
         assert [(e.subject, e.status) for e in applied("test-restore")][:1] == [
@@ -254,10 +266,10 @@ def test_the_daemon_keeps_reality_matching_git(
 
         # 4. Simulated time passes: more backups, then retention (keep_last 3 and one per day, week,
         #    month: all these points are of one day) expires the oldest, which are pruned and freed.
-        for seed in (12, 13):
+        for seed in (1102, 1103):
             count = len(points(repo, policy="web-daily", vm="web01"))
-            clock.advance(timedelta(hours=1, minutes=5))
             lab.client(lab.free).guest_write("web01", 5, seed=seed)
+            clock.advance(timedelta(hours=1, minutes=5))
             wait_until("another backup", functools.partial(more_points_than, repo, "web01", count))
         web01 = points(repo, policy="web-daily", vm="web01")
         assert len(web01) >= 4

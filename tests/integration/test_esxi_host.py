@@ -5,12 +5,16 @@ from __future__ import annotations
 import base64
 import hashlib
 import logging
+import signal
+import socket
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from esxisim import procs
 from esxisim.handle import LabHandle
 from reconciler.config.model import ApiEndpoint, Credentials, Host, Source, SshEndpoint
 from reconciler.config.secrets import Secret
@@ -25,12 +29,12 @@ from reconciler.esxi.errors import (
     SnapshotError,
     SnapshotTimeoutError,
 )
-from reconciler.esxi.host import BackupSnapshot, EsxiHost, FrozenDisk
+from reconciler.esxi.host import EsxiHost
 from reconciler.esxi.hostdigest import BLOCK_SIZE
 from reconciler.esxi.shell import ShellConnection, SshTarget
 from reconciler.esxi.tls import pinned_context
 from reconciler.esxi.transport import HttpsRangeReader, SshDdReader
-from reconciler.facts.inventory import HostLimits, License
+from reconciler.facts.inventory import BackupSnapshot, FrozenDisk, HostLimits, License
 from reconciler.operations.hosts import connect
 
 pytestmark = pytest.mark.lab
@@ -209,6 +213,31 @@ def test_ssh_reconnects_after_a_drop(lab_faults: LabHandle, free: EsxiHost) -> N
     assert shell.run(["echo", "2"]).text == "2\n"
 
 
+def test_ssh_reconnects_when_the_caller_sees_the_drop_first(lab: LabHandle, free: EsxiHost) -> None:
+    """A dropped connection can fail the caller (a write to the dead socket) before paramiko's transport
+    thread has marked it inactive: the command still runs again on a new connection, not fails."""
+    shell = free.shell
+    assert shell is not None
+    assert shell.run(["echo", "1"]).text == "1\n"
+    conn = shell.connection()
+    # The host's session processes are frozen for a second: our transport thread hears of the end of
+    # the connection only then, while our next write fails at once (its sending half is shut).
+    sshd = lab.lab.host(lab.free).sshd
+    listener = int(sshd.pid_file.read_text())
+    ns = sshd.ns_file.read_text().strip()
+    sessions = [p for p in procs.pids_in_ns(ns, sshd.is_member) if p != listener]
+    procs.signal_pids(sessions, signal.SIGSTOP)
+    thaw = threading.Timer(1.0, procs.signal_pids, (sessions, signal.SIGCONT))
+    try:
+        thaw.start()
+        conn.transport.sock.shutdown(socket.SHUT_WR)
+        assert shell.run(["echo", "2"]).text == "2\n"
+        assert shell.connection() is not conn
+    finally:
+        thaw.join()
+        procs.signal_pids(sessions, signal.SIGCONT)
+
+
 # -- backup snapshots ---------------------------------------------------------------------------
 
 
@@ -265,19 +294,17 @@ def test_orphans_and_foreign_snapshots(lab: LabHandle, free: EsxiHost, licensed:
         vm = host.find_vm(vm_name)
         # a run killed after its snapshot: ours, left behind
         orphan = host.create_snapshot(vm, "esxi-reconciler-20200101T000000Z-dead", description="killed run")
-        found = host.find_orphaned_snapshots()
-        assert [(v.name, s.id) for v, s in found] == [(vm_name, orphan.id)]
+        assert host.is_ours(orphan)
         with pytest.raises(ForeignSnapshotError, match="earlier run"), host.backup_snapshot(vm):
             pass
-        assert [s.id for _, s in host.remove_orphaned_snapshots()] == [orphan.id]
+        host.remove_snapshot(vm, orphan.id)  # what the next backup of the VM does, under its lock
         assert host.vm(vm).snapshots == ()
         # a user's snapshot: never touched
         res = lab.vimcmd(host_name, "vmsvc/snapshot.create", vm.vmid, "user's 'nightly'", "", "0", "0")
         assert res.exit == 0, res
         try:
-            (user,) = host.foreign_snapshots(vm)
-            assert user.name == "user's 'nightly'"
-            assert host.find_orphaned_snapshots() == []
+            (user,) = host.vm(vm).snapshots
+            assert user.name == "user's 'nightly'" and not host.is_ours(user)
             with pytest.raises(ForeignSnapshotError, match="nightly"), host.backup_snapshot(vm):
                 pass
             with pytest.raises(SnapshotError, match="not ours"):
@@ -462,7 +489,7 @@ def test_failed_create_leaves_nothing(lab_faults: LabHandle, free: EsxiHost, lic
 def test_licensed_config_on_a_free_host_falls_back_to_ssh(lab: LabHandle) -> None:
     with connect(host_config(lab, lab.free, license=License.LICENSED)) as host:
         with host.backup_snapshot(host.find_vm("db 01")) as bs:
-            assert host._api_restricted  # the API refused: vim-cmd did it
+            assert host._conn.licence.api_restricted  # the API refused: vim-cmd did it
             assert [s.id for s in host.find_vm("db 01").snapshots] == [bs.snapshot.id]
         assert host.find_vm("db 01").snapshots == ()
 
@@ -471,7 +498,8 @@ CHILD = r"""
 import json, sys, time
 from pathlib import Path
 from reconciler.esxi.api import ApiSession
-from reconciler.esxi.host import EsxiHost, sigterm_raises
+from reconciler.esxi.host import EsxiHost
+from reconciler.esxi.signals import sigterm_raises
 from reconciler.esxi.shell import ShellSession, SshTarget
 
 info = json.loads(sys.argv[1])
@@ -517,7 +545,10 @@ def test_sigterm_during_the_backup_removes_the_snapshot(lab: LabHandle, which: s
             child.kill()
             child.wait()
         with connect(host_config(lab, host_name)) as host:
-            host.remove_orphaned_snapshots()  # keep the shared lab clean if the test failed
+            for left in host.list_vms():  # keep the shared lab clean if the test failed
+                for snap in reversed(left.snapshots):
+                    if host.is_ours(snap):
+                        host.remove_snapshot(left, snap.id)
 
 
 def test_create_timeout_still_removes_the_late_snapshot(free: EsxiHost) -> None:
@@ -530,7 +561,6 @@ def test_create_timeout_still_removes_the_late_snapshot(free: EsxiHost) -> None:
 
 def test_api_call_survives_a_connection_the_host_closed_while_idle(lab: LabHandle, free: EsxiHost) -> None:
     """Hosts close idle API connections; the next call must go through on a new connection."""
-    import socket
 
     before = [vm.name for vm in free.list_vms()]
     stub = free.api.si._stub

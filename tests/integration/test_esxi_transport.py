@@ -5,15 +5,18 @@ from __future__ import annotations
 
 import hashlib
 import random
+import socket
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from esxisim.handle import LabHandle
-from reconciler.esxi.shell import ShellSession, SshTarget
+from reconciler.esxi.errors import TransportError
+from reconciler.esxi.shell import ShellConnection, ShellSession, SshTarget
 from reconciler.esxi.tls import pinned_context
-from reconciler.esxi.transport import ROTATE_BYTES, DiskReader, HttpsRangeReader, SshDdReader, TransportError
+from reconciler.esxi.transport import ROTATE_BYTES, DiskReader, HttpsRangeReader, SshDdReader
 
 pytestmark = pytest.mark.lab
 MiB = 1 << 20
@@ -88,14 +91,14 @@ def test_transfer_past_the_rekey_point(lab: LabHandle, big_file: tuple[str, Path
     size = local.stat().st_size
     assert size > ROTATE_BYTES
     session = ssh_session(lab, lab.free)
-    opened: list[object] = []
+    opened: list[ShellConnection] = []
 
-    def connect() -> object:
+    def connect() -> ShellConnection:
         conn = session.new_connection()
         opened.append(conn)
         return conn
 
-    ssh = SshDdReader(connect, streams=1)  # type: ignore[arg-type]
+    ssh = SshDdReader(connect, streams=1)
     try:
         h = hashlib.sha256()
         for _, data in ssh.read(ds_path, [(0, size)]):
@@ -140,6 +143,37 @@ def test_ssh_reader_survives_dropped_connections(lab_faults: LabHandle) -> None:
             if n in (2, 9):
                 lab_faults.fault(lab_faults.free, "ssh-drop")  # kills the live sessions mid-transfer
         assert bytes(got) == data
+    finally:
+        reader.close()
+        session.close()
+
+
+def test_ssh_reader_retries_when_the_reconnect_fails_too(lab_faults: LabHandle) -> None:
+    """The connection drops and the first reconnect fails as well (a busy host refusing for a moment):
+    the next attempt connects again and the read completes. (A failed reconnect used to leave the dead
+    connection as the worker's, and the next attempt crashed with ValueError instead of retrying.)"""
+    ds_path = "[datastore1] web01/web01-flat.vmdk"
+    data = lab_faults.local_path(lab_faults.free, ds_path).read_bytes()
+    session = ssh_session(lab_faults, lab_faults.free)
+    with socket.socket() as probe:  # a port nothing listens on: connecting there is refused
+        probe.bind(("127.0.0.1", 0))
+        refused = ShellSession(replace(session.target, port=probe.getsockname()[1]))
+    connects: list[str] = []
+
+    def connect() -> ShellConnection:
+        connects.append("refused" if len(connects) == 1 else "ok")
+        return (refused if connects[-1] == "refused" else session).new_connection()
+
+    reader = SshDdReader(connect, streams=1, piece_size=MiB)
+    try:
+        got = bytearray()
+        for n, (off, chunk) in enumerate(reader.read(ds_path, [(0, len(data))])):
+            assert off == len(got)
+            got += chunk
+            if n == 0:
+                lab_faults.fault(lab_faults.free, "ssh-drop")
+        assert bytes(got) == data
+        assert connects[:3] == ["ok", "refused", "ok"]
     finally:
         reader.close()
         session.close()

@@ -12,11 +12,12 @@ import pytest
 from esxisim.handle import LabHandle
 from reconciler import cli
 from reconciler.config import load_config
-from reconciler.esxi.host import BackupSnapshot, EsxiHost
 from reconciler.esxi.vmdk import Descriptor
 from reconciler.esxi.vmx import VmxFile
+from reconciler.facts.inventory import BackupSnapshot
 from reconciler.operations import vmdkstream
 from reconciler.operations.backup import BackupOptions, backup_policy
+from reconciler.operations.ports import BackupHost
 from reconciler.operations.repositories import open_repository
 from reconciler.repository import KdfParams, Repository
 from tests.integration.labconfig import PASSPHRASE, policy_yaml, write_lab_config
@@ -35,7 +36,7 @@ def test_export_formats_equal_the_snapshot_content(
     frozen: dict[int, str] = {}
     capacity: dict[int, int] = {}
 
-    def on_snapshot(host: EsxiHost, bs: BackupSnapshot) -> None:
+    def on_snapshot(host: BackupHost, bs: BackupSnapshot) -> None:
         for disk in bs.disks:
             frozen[disk.key] = hashlib.sha256(
                 lab.local_path(lab.free, disk.data_file).read_bytes()

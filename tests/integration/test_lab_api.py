@@ -17,7 +17,7 @@ from pyVmomi import vim
 from pyVmomi.Security import ThumbprintMismatchException
 
 from esxisim.handle import LabHandle, find_vm, pinned_context, wait_task
-from reconciler.esxi import vimcmd
+from tests import vimcmd_listing
 
 pytestmark = pytest.mark.lab
 ConfigSpec: Any = vim.vm.ConfigSpec
@@ -61,7 +61,7 @@ def test_vm_names_with_spaces_quotes_and_japanese(lab: LabHandle) -> None:
     assert res.exit == 0, res
     lines = res.text.splitlines()
     assert lines[0].split() == ["Vmid", "Name", "File", "Guest", "OS", "Version", "Annotation"]
-    rows = {r.name: (r.vmid, r.vmx) for r in vimcmd.parse_getallvms(res.text)}
+    rows = {r.name: (r.vmid, r.vmx) for r in vimcmd_listing.parse_getallvms(res.text)}
     assert sorted(rows) == sorted(FREE_VMS)
     si = lab.api(lab.free)
     for name in FREE_VMS:

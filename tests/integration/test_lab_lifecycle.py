@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -11,6 +12,9 @@ from pathlib import Path
 import pytest
 
 from esxisim import MiB, procs
+from esxisim import lab as lab_module
+from esxisim import sshd as sshd_module
+from esxisim.handle import LabHandle
 from esxisim.lab import DatastoreSpec, DiskSpec, HostSpec, Lab, LabError, VMSpec, lab_spec
 
 pytestmark = pytest.mark.lab
@@ -32,6 +36,7 @@ def test_stop_leaves_no_process_mount_or_file(tmp_path: Path) -> None:
         assert [h["name"] for h in info["hosts"]] == ["esxi1"]
         ns = (state / "hosts/esxi1/sshd.ns").read_text().strip()
         assert procs.pids_in_ns(ns)
+        member = lab.host("esxi1").sshd.is_member
         assert lab_processes(state)
         # the datastore is mounted inside the host's namespace only
         sshd_pid = int((state / "hosts/esxi1/sshd.pid").read_text())
@@ -41,9 +46,41 @@ def test_stop_leaves_no_process_mount_or_file(tmp_path: Path) -> None:
         assert not procs.mounts_under(state)
         assert not Path("/vmfs").exists()
     assert lab_processes(state) == []
-    assert procs.pids_in_ns(ns) == []
+    # (the namespace id itself may already name another lab's new namespace: the kernel reuses ids)
+    assert procs.pids_in_ns(ns, member) == []
     assert procs.mounts_under(tmp_path) == []
     assert not state.exists()
+
+
+def test_two_labs_on_one_machine_never_interfere(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A lab whose SSH port is taken by another lab's sshd moves to a port of its own; stopping a lab
+    whose files name another lab's sshd (a namespace id or pid the kernel reused) leaves that one alone."""
+    spec = lab_spec(hosts=1, vms=1, disk_sizes=(8 * MiB,))
+    with Lab(tmp_path / "other", spec) as other:
+        other_port = other.host_info("esxi1")["ssh"]["port"]
+        ports = iter([other_port])  # the first port the new lab is offered is the other lab's
+        monkeypatch.setattr(lab_module, "free_port", lambda: next(ports, None) or sshd_module.free_port())
+        lab = Lab(tmp_path / "lab", spec)
+        try:
+            lab.start()
+            port = lab.host_info("esxi1")["ssh"]["port"]
+            assert port != other_port
+            assert procs.listens_on(int(lab.host("esxi1").sshd.pid_file.read_text()), port)
+            for each in (lab, other):
+                with contextlib.closing(LabHandle(each)) as handle:
+                    assert handle.run("esxi1", "vim-cmd vmsvc/getallvms").exit == 0  # pinned host key
+
+            # the lab's sshd dies, and its files now name the other lab's (as after id reuse)
+            mine, theirs = lab.host("esxi1").sshd, other.host("esxi1").sshd
+            mine.stop()
+            mine.ns_file.write_text(theirs.ns_file.read_text())
+            mine.pid_file.write_text(theirs.pid_file.read_text())
+        finally:
+            lab.stop()
+        assert other.running() and theirs.listener_alive()
+        with contextlib.closing(LabHandle(other)) as handle:
+            assert handle.run("esxi1", "echo alive").text == "alive\n"
+    assert lab_processes(tmp_path) == []
 
 
 def test_failed_start_stops_what_was_started(tmp_path: Path) -> None:

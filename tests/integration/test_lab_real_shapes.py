@@ -10,8 +10,9 @@ import pytest
 
 from esxisim.handle import LabHandle
 from reconciler.esxi import vimcmd
-from reconciler.esxi.api import license_kind_from_editions
 from reconciler.esxi.errors import CommandError
+from reconciler.esxi.licence import license_kind_from_editions
+from tests import vimcmd_listing
 
 pytestmark = pytest.mark.lab
 
@@ -43,7 +44,7 @@ def test_power_failure_has_the_real_prefix_and_is_caught(lab: LabHandle) -> None
     """A failing power.on prints the progress line, then '<Op> failed: (vim.fault.X) {' as ESXi 7–9."""
     real = (REAL / "vimcmd/fault-power-reset-invalidpowerstate-esxi9.txt").read_text().splitlines()
     vm = lab.vm(lab.free, "web01")
-    state = vimcmd.parse_power_state(lab.vimcmd(lab.free, "vmsvc/power.getstate", vm["vmid"]).text)
+    state = vimcmd_listing.parse_power_state(lab.vimcmd(lab.free, "vmsvc/power.getstate", vm["vmid"]).text)
     op = "on" if state == "poweredOn" else "off"  # the state it is already in: refused, nothing changes
     res = lab.vimcmd(lab.free, f"vmsvc/power.{op}", vm["vmid"])
     lines = res.text.splitlines()
@@ -57,12 +58,13 @@ def test_power_failure_has_the_real_prefix_and_is_caught(lab: LabHandle) -> None
     )
     with pytest.raises(CommandError, match="InvalidPowerState"):
         vimcmd.check_power_output(op, res.text)
-    assert vimcmd.parse_power_state(lab.vimcmd(lab.free, "vmsvc/power.getstate", vm["vmid"]).text) == state
+    getstate = lab.vimcmd(lab.free, "vmsvc/power.getstate", vm["vmid"]).text
+    assert vimcmd_listing.parse_power_state(getstate) == state
 
 
 def test_getallvms_snapshot_get_and_getstate_parse_like_real_output(lab: LabHandle) -> None:
     res = lab.vimcmd(lab.free, "vmsvc/getallvms")
-    rows = vimcmd.parse_getallvms(res.text)
+    rows = vimcmd_listing.parse_getallvms(res.text)
     assert rows and all(re.fullmatch(r"vmx-\d+", r.version) for r in rows)
     # columns are padded with (at least) three blanks, as on ESXi 6.5-9.0
     real = (REAL / "vimcmd/getallvms-esxi65-invalid-vm-first.txt").read_text().splitlines()[2]

@@ -21,6 +21,7 @@ from reconciler.esxi.api import ApiSession
 from reconciler.esxi.errors import EsxiError, PowerStateTimeoutError
 from reconciler.esxi.host import EsxiHost
 from reconciler.esxi.shell import ShellSession, SshTarget
+from tests import vimcmd_listing
 
 pytestmark = pytest.mark.lab
 
@@ -154,7 +155,7 @@ def test_getallvms_inventory_matches_the_api(versioned: tuple[str, LabHandle]) -
     for name in (lab.free, lab.licensed):
         with esxi_host(lab, name) as host:
             assert host.shell is not None
-            rows = vimcmd.parse_getallvms(host.shell.run(vimcmd.getallvms()).text)
+            rows = vimcmd_listing.parse_getallvms(host.shell.run(vimcmd_listing.getallvms()).text)
             api = {vm.vmid: (vm.name, vm.vmx_path) for vm in host.list_vms()}
             assert {row.vmid: (row.name, row.vmx) for row in rows} == api
             assert all(row.version == "vmx-14" for row in rows)

@@ -22,6 +22,7 @@ from reconciler.esxi.vmx import VmxFile
 from reconciler.operations.hosts import connect
 from reconciler.printable import printable
 from reconciler.repository import KdfParams, Repository
+from tests import vimcmd_listing
 from tests.integration.labconfig import PASSPHRASE, policy_yaml, write_lab_config
 
 pytestmark = [pytest.mark.lab, pytest.mark.usefixtures("restore_logging")]
@@ -148,7 +149,7 @@ def test_getallvms_lists_the_name_with_its_line_break(env: Env) -> None:
     with connect(env.desired.host(env.lab.free)) as host:
         shell = host.shell
         assert shell is not None
-        rows = vimcmd.parse_getallvms(shell.run(vimcmd.getallvms()).text)
+        rows = vimcmd_listing.parse_getallvms(shell.run(vimcmd_listing.getallvms()).text)
         api = {vm.vmid: (vm.name, vm.vmx_path) for vm in host.list_vms()}
     assert {row.vmid: (row.name, row.vmx) for row in rows} == api
     assert NL_FREE in {name for name, _ in api.values()}

@@ -23,11 +23,12 @@ from esxisim.handle import LabHandle
 from reconciler import cli
 from reconciler.config import load_config
 from reconciler.config.model import DesiredState
-from reconciler.esxi.host import BackupSnapshot, EsxiHost
 from reconciler.esxi.vmx import VmxFile
+from reconciler.facts.inventory import BackupSnapshot
 from reconciler.facts.points import RestorePoint
 from reconciler.operations.backup import BackupOptions, backup_policy
 from reconciler.operations.hosts import connect
+from reconciler.operations.ports import BackupHost
 from reconciler.operations.repositories import open_repository
 from reconciler.operations.restore import (
     OverwriteFailed,
@@ -59,7 +60,7 @@ class Env:
     repo: Repository
     frozen: dict[tuple[str, int], str] = field(default_factory=dict)
 
-    def on_snapshot(self, host: EsxiHost, bs: BackupSnapshot) -> None:
+    def on_snapshot(self, host: BackupHost, bs: BackupSnapshot) -> None:
         lab_host = self.lab.free if host.name == self.lab.free else self.lab.licensed
         for disk in bs.disks:
             data = self.lab.local_path(lab_host, disk.data_file).read_bytes()

@@ -4,23 +4,25 @@ right before acting, power-cycle safety, retries, hosts that are down, cancellat
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from types import SimpleNamespace
-from typing import Any, cast
+from typing import Any
 
 import pytest
 
 from reconciler.config import load_config
 from reconciler.config.model import DesiredState, Host
 from reconciler.esxi.errors import CommandError, EsxiError, PowerStateTimeoutError
-from reconciler.esxi.host import EsxiHost
-from reconciler.facts.inventory import SNAPSHOT_PREFIX, SnapshotInfo, VmInfo
+from reconciler.esxi.hostdigest import Allocation, DigestResult
+from reconciler.esxi.vmx import VmxFile
+from reconciler.facts.inventory import SNAPSHOT_PREFIX, BackupSnapshot, FrozenDisk, SnapshotInfo, VmInfo
 from reconciler.facts.points import DiskRecord, RestorePoint, VmRef, new_point_id
 from reconciler.operations.apply import apply
 from reconciler.operations.backup import BackupOptions
+from reconciler.operations.ports import ApplyHost, DiskReader, RangeReader
 from reconciler.operations.retry import RetryPolicy
 from reconciler.operations.vmlock import vm_lock
 from reconciler.planning.actions import (
@@ -113,11 +115,22 @@ class World:
 
 
 class FakeHost:
+    """An :class:`ApplyHost` over the :class:`World`. Backups are not run on it: the tests that apply
+    backups replace ``backup_policy``."""
+
+    license = "licensed"
+    ssh_enabled = True
+
     def __init__(self, world: World, name: str) -> None:
         self.world = world
         self.name = name
-        self.api = SimpleNamespace(address=f"{name}.lan", port=443)
         self.identity = f"{name}.lan:443"
+
+    def __enter__(self) -> FakeHost:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def _call(self, method: str, *args: str) -> None:
         self.world.calls.append((self.name, method, *args))
@@ -134,10 +147,13 @@ class FakeHost:
             raise EsxiError(f"no VM {vmid}") from None
 
     def find_vm(self, name: str) -> VmInfo:
-        found = [v for v in self.world.vms.get(self.name, {}).values() if v.name == name]
+        found = [v for v in self.list_vms() if v.name == name]
         if len(found) != 1:
             raise EsxiError(f"{len(found)} VMs named {name!r}")
         return found[0]
+
+    def list_vms(self) -> list[VmInfo]:
+        return list(self.world.vms.get(self.name, {}).values())
 
     def is_ours(self, snapshot: SnapshotInfo) -> bool:
         return snapshot.name.startswith(SNAPSHOT_PREFIX)
@@ -162,17 +178,55 @@ class FakeHost:
         self.world.set(self.name, replace(self.world.vms[self.name][vm.vmid], power_state="poweredOff"))
         return self.world.vms[self.name][vm.vmid]
 
-    def power_on(self, vm: VmInfo, *, timeout: float) -> VmInfo:
-        self._call("power_on", vm.name)
-        self.world.set(self.name, replace(self.world.vms[self.name][vm.vmid], power_state="poweredOn"))
-        return self.world.vms[self.name][vm.vmid]
-
-    def power_off(self, vm: VmInfo, *, timeout: float) -> VmInfo:  # must never be called by apply
-        self._call("power_off", vm.name)
-        raise AssertionError("apply forced a power-off")
+    def power_on(self, vm: VmInfo | str, *, timeout: float = 600.0) -> VmInfo:
+        now = self.world.vms[self.name][vm.vmid if isinstance(vm, VmInfo) else vm]
+        self._call("power_on", now.name)
+        self.world.set(self.name, replace(now, power_state="poweredOn"))
+        return self.world.vms[self.name][now.vmid]
 
     def close(self) -> None:
         pass
+
+    # what a backup reads: never here (no power_off either: ApplyHost has none, so apply cannot call it)
+
+    def backup_snapshot(
+        self, vm: VmInfo, *, quiesce: bool, timeout: float
+    ) -> AbstractContextManager[BackupSnapshot]:
+        raise AssertionError("backups are not run on this fake")
+
+    def read_file(self, ds_path: str, max_size: int = 16 << 20) -> bytes:
+        raise AssertionError("backups are not run on this fake")
+
+    def file_exists(self, ds_path: str) -> bool:
+        raise AssertionError("backups are not run on this fake")
+
+    def read_vmx(self, vm: VmInfo) -> VmxFile:
+        raise AssertionError("backups are not run on this fake")
+
+    def changed_areas(
+        self, vm: VmInfo, snapshot: SnapshotInfo, disk: FrozenDisk, change_id: str
+    ) -> list[tuple[int, int]]:
+        raise AssertionError("backups are not run on this fake")
+
+    def disk_reader(self, transport: str, *, streams: int) -> DiskReader:
+        raise AssertionError("backups are not run on this fake")
+
+    def https_reader(self, streams: int) -> RangeReader:
+        raise AssertionError("backups are not run on this fake")
+
+    def allocation(self, disk: FrozenDisk) -> Allocation:
+        raise AssertionError("backups are not run on this fake")
+
+    def digest_compare(
+        self,
+        disk: FrozenDisk,
+        previous: bytes | None,
+        on_block: Callable[[int, bytes], None],
+        *,
+        first_block: int = 0,
+        block_count: int | None = None,
+    ) -> DigestResult:
+        raise AssertionError("backups are not run on this fake")
 
 
 @dataclass
@@ -182,8 +236,8 @@ class Env:
     options: BackupOptions
     nas: Repository
 
-    def factory(self, host: Host) -> EsxiHost:
-        return cast(EsxiHost, FakeHost(self.world, host.name))
+    def factory(self, host: Host) -> ApplyHost:
+        return FakeHost(self.world, host.name)
 
     def run(self, *actions: Action, cancel: threading.Event | None = None, **kw: Any) -> list[Outcome]:
         plan = Plan(NOW, self.desired.revision.id, "fp", tuple(actions))

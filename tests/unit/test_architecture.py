@@ -75,6 +75,8 @@ def test_every_exception_is_needed(tmp_path: Path, line: str) -> None:
         ("esxi/vmx.py", "import zstandard", "cryptography and zstandard only inside repository/"),
         ("rules/schedule.py", "import reconciler.config.model", "Layers"),
         ("planning/plan.py", "import reconciler.esxi.host", "Layers"),
+        ("operations/restore.py", "import reconciler.esxi.host", "The host seam"),
+        ("commands/status.py", "from reconciler.esxi.shell import ShellSession", "The host seam"),
         ("repository/gc.py", "import reconciler.operations.progress", "Layers"),
         ("config/model.py", "import reconciler.config.loader", "No import cycle"),
         ("daemon/cycle.py", "import apprise", "apprise only inside notify/"),
@@ -124,6 +126,26 @@ def test_importing_pure_code_loads_no_io_code(module: str) -> None:
     ours = sorted(m for m in loaded if any(m == p or m.startswith(p + ".") for p in IO_PACKAGES))
     libraries = sorted(m for m in loaded if m.split(".")[0] in IO_LIBRARIES)
     assert ours == [] and libraries == []
+
+
+def test_the_host_ports_load_no_host_library() -> None:
+    """The Protocols the operations depend on (and the values they name) load neither pyVmomi, paramiko
+    nor urllib3, nor the host layer's sessions: a test fake needs none of them."""
+    module = "reconciler.operations.ports"
+    code = f"import importlib, sys; importlib.import_module({module!r}); print('\\n'.join(sys.modules))"
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60, check=True
+    )
+    loaded = set(result.stdout.split())
+    assert module in loaded
+    assert sorted(m for m in loaded if m.split(".")[0] in ("pyVmomi", "pyVim", "paramiko", "urllib3")) == []
+    sessions = (
+        "reconciler.esxi.host",
+        "reconciler.esxi.api",
+        "reconciler.esxi.shell",
+        "reconciler.esxi.transport",
+    )
+    assert sorted(loaded.intersection(sessions)) == []
 
 
 @pytest.mark.parametrize("module", ["reconciler.rules.schedule", "reconciler.facts.points"])

@@ -9,45 +9,65 @@ import threading
 from collections.abc import Callable, Iterator
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import cast
 
 import pytest
 
 from reconciler.config.model import BackupPolicy
-from reconciler.esxi.host import BackupSnapshot, EsxiHost, FrozenDisk
-from reconciler.esxi.hostdigest import BLOCK_SIZE, DIGEST_SIZE, DigestResult, block_digest
-from reconciler.esxi.transport import TransportError
+from reconciler.esxi.errors import TransportError
+from reconciler.esxi.hostdigest import BLOCK_SIZE, DIGEST_SIZE, Allocation, DigestResult, block_digest
+from reconciler.facts.inventory import BackupSnapshot, FrozenDisk, SnapshotInfo, VmInfo
 from reconciler.facts.points import DiskRecord, RestorePoint, VmRef, new_point_id
 from reconciler.operations.backup import BackupContext, BackupOptions, DiskResult
 from reconciler.operations.backup.disk import DiskJob
+from reconciler.operations.ports import DiskReader, DiskSource, RangeReader
 from reconciler.repository import Repository
+from tests.unit.planfixtures import load_desired, policy_doc
 
 MiB = 1 << 20
 CAPACITY = 3 * MiB + 5 * BLOCK_SIZE + 100
 
 
 class FakeHost:
-    """Just what :class:`DiskJob` uses on a free host."""
+    """A free host with SSH whose API is unreachable: what :class:`DiskJob` reads (:class:`DiskSource`)."""
 
     license = "free"
-    shell = object()
+    ssh_enabled = True
 
     def __init__(self, content: bytes) -> None:
         self.content = content
         self.sent = 0
 
-    def https_reader(self, streams: int = 4) -> object:
+    def https_reader(self, streams: int) -> RangeReader:
         raise TransportError("API unreachable")  # so the full read runs the digest program
 
+    def disk_reader(self, transport: str, *, streams: int) -> DiskReader:
+        raise AssertionError("with SSH a free host's disk is read by the digest program")
+
+    def changed_areas(
+        self, vm: VmInfo, snapshot: SnapshotInfo, disk: FrozenDisk, change_id: str
+    ) -> list[tuple[int, int]]:
+        raise AssertionError("a free host has no CBT")
+
+    def allocation(self, disk: FrozenDisk) -> Allocation:
+        raise AssertionError("only a full read over HTTPS lists the allocation")
+
     def digest_compare(
-        self, disk: FrozenDisk, previous: bytes | None, on_block: Callable[[int, bytes], None]
+        self,
+        disk: FrozenDisk,
+        previous: bytes | None,
+        on_block: Callable[[int, bytes], None],
+        *,
+        first_block: int = 0,
+        block_count: int | None = None,
     ) -> DigestResult:
+        """The host program over blocks ``[first_block, first_block + block_count)``."""
+        end = len(self.content) if block_count is None else (first_block + block_count) * BLOCK_SIZE
         digests = bytearray()
         changed = zero = same = 0
-        for off in range(0, len(self.content), BLOCK_SIZE):
+        for off in range(first_block * BLOCK_SIZE, min(end, len(self.content)), BLOCK_SIZE):
             block = self.content[off : off + BLOCK_SIZE]
             d = block_digest(block)
-            i = off // BLOCK_SIZE
+            i = off // BLOCK_SIZE - first_block
             prev = previous[i * DIGEST_SIZE : (i + 1) * DIGEST_SIZE] if previous else None
             if block.count(0) == len(block):
                 zero += 1
@@ -72,13 +92,25 @@ DISK = FrozenDisk(
 )
 
 
+SNAPSHOT = BackupSnapshot(
+    VmInfo("1", "vm", "u", None, "poweredOn", "[ds] vm/vm.vmx", "ds", (), (), False, "vmx-19"),
+    SnapshotInfo("1", "esxi-reconciler-20261126T020000Z-ab", "", None, None, False),
+    (DISK,),
+)
+
+
 def run_job(
-    repo: Repository, host: FakeHost, previous: RestorePoint | None, pool: concurrent.futures.Executor
+    repo: Repository, host: DiskSource, previous: RestorePoint | None, pool: concurrent.futures.Executor
 ) -> tuple[DiskRecord, DiskResult]:
     ctx = BackupContext(
-        cast(EsxiHost, host), repo, cast(BackupPolicy, None), "rev", BackupOptions(), pool, threading.Event()
+        host, repo, a_policy(repo.path.parent), "rev", BackupOptions(), pool, threading.Event()
     )
-    return DiskJob(ctx, cast(BackupSnapshot, None), DISK, previous).run()
+    return DiskJob(ctx, SNAPSHOT, DISK, previous).run()
+
+
+def a_policy(tmp_path: Path) -> BackupPolicy:
+    """A policy for the context (one disk's backup does not read it)."""
+    return load_desired(tmp_path, policy_doc("p", "esxi1", None)).policy("p")
 
 
 def restore(repo: Repository, record: DiskRecord) -> bytes:

@@ -96,3 +96,34 @@ def test_single_file_config(config: Path) -> None:
     assert revision.commit == git(config, "rev-parse", "HEAD") and revision.dirty is False
     single.write_text(single.read_text() + "# edit\n")
     assert config_revision(single).dirty is True
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="git is not installed")
+def test_a_file_written_while_the_config_loads_is_not_mislabelled(
+    config: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The daemon reloads while someone writes a file: the load read the committed files, the git state
+    asked afterwards sees the new one. The revision must not call the committed config dirty (nor the
+    other way round): the load is repeated and sees the new file."""
+    from reconciler.config import ConfigError
+    from reconciler.config import revision as revision_module
+
+    top = config.parent
+    git(top, "init", "-q")
+    git(top, "add", ".")
+    git(top, "commit", "-q", "-m", "config")
+    head = git(top, "rev-parse", "HEAD")
+    real_git_state = revision_module.git_state
+    broken = config / "broken.yaml"
+
+    def written_meanwhile(directory: Path, pathspec: str = ".") -> tuple[str, bool] | None:
+        # once, right after the first load read the files and before it asks git
+        monkeypatch.setattr(revision_module, "git_state", real_git_state)
+        broken.write_text("apiVersion: esxi-reconciler/v1\nkind: Nonsense\n")
+        return real_git_state(directory, pathspec)
+
+    monkeypatch.setattr(revision_module, "git_state", written_meanwhile)
+    with pytest.raises(ConfigError, match=r"broken\.yaml"):  # the load was repeated and read it
+        load_config(config)
+    broken.unlink()
+    assert load_config(config).revision.id == f"git:{head}"

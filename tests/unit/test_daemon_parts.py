@@ -11,7 +11,7 @@ import pytest
 
 from reconciler.daemon.lock import AlreadyRunning, InstanceLock, running_daemon
 from reconciler.daemon.notify import Notifier
-from reconciler.daemon.watch import ConfigWatcher, Debouncer, relevant
+from reconciler.daemon.watch import ConfigWatcher, Debouncer, config_file, relevant
 
 
 def test_notifier_sends_datagrams_to_an_abstract_socket() -> None:
@@ -78,6 +78,29 @@ def test_debouncer_fires_once_after_a_quiet_period() -> None:
     assert debouncer.deadline is None
 
 
+def test_a_file_being_written_holds_the_reload_until_it_is_closed() -> None:
+    """A writer that pauses longer than the quiet period: the file is not read half-written (reliability
+    suite: a policy file cut at a line end loaded as a valid config with fewer VMs)."""
+    debouncer = Debouncer(quiet=2.0, hold=30.0)
+    debouncer.note(100.0, "/cfg/p.yaml", "modified")
+    assert debouncer.writing() == ("/cfg/p.yaml",)
+    assert debouncer.deadline == 130.0  # give up waiting then; the close wakes the loop earlier
+    assert not debouncer.take(110.0)
+    debouncer.note(111.0, "/cfg/p.yaml", "closed")
+    assert not debouncer.take(112.0) and debouncer.take(113.0) and not debouncer.abandoned
+    # renamed away (an editor's own temporary file) or deleted: no longer being written
+    debouncer.note(200.0, "/cfg/a.yaml", "modified")
+    debouncer.note(200.0, "/cfg/b.yaml", "modified")
+    debouncer.note(201.0, "/cfg/a.yaml", "moved")
+    debouncer.note(201.0, "/cfg/b.yaml", "deleted")
+    assert debouncer.take(203.0)
+    # a writer that never closes holds the reload back for `hold` seconds only
+    debouncer.note(300.0, "/cfg/c.yaml", "modified")
+    assert not debouncer.take(329.0)
+    assert debouncer.take(330.0) and debouncer.abandoned == ("/cfg/c.yaml",)
+    assert debouncer.writing() == ()
+
+
 @pytest.mark.parametrize(
     ("path", "event", "expected"),
     [
@@ -99,9 +122,27 @@ def test_only_events_that_can_change_the_config_count(path: str, event: str, exp
     assert relevant(path, Path("/cfg"), event) is expected
 
 
+@pytest.mark.parametrize(
+    ("path", "expected"),
+    [
+        ("/cfg/p.yaml", True),
+        ("/cfg/hosts/esxi1.yml", True),
+        ("/cfg/.p.yaml.swp", False),  # vim's swap file
+        ("/cfg/p.yaml~", False),  # a backup copy
+        ("/cfg/4913", False),  # vim's check that it may write the directory
+        ("/cfg/.#p.yaml", False),  # emacs' lock
+        ("/cfg/.git/HEAD", False),
+        ("/cfg/p.yaml.tmp", False),
+        ("/elsewhere/p.yaml", False),
+    ],
+)
+def test_only_files_the_loader_reads_are_tracked_while_written(path: str, expected: bool) -> None:
+    assert config_file(path, Path("/cfg")) is expected
+
+
 def test_the_watcher_reports_a_changed_file(tmp_path: Path) -> None:
     seen = threading.Event()
-    watcher = ConfigWatcher(tmp_path, lambda path: seen.set())
+    watcher = ConfigWatcher(tmp_path, lambda path, event: seen.set())
     assert watcher.start()
     try:
         (tmp_path / "hosts").mkdir()
@@ -112,4 +153,4 @@ def test_the_watcher_reports_a_changed_file(tmp_path: Path) -> None:
 
 
 def test_watching_a_missing_directory_is_reported_not_raised(tmp_path: Path) -> None:
-    assert not ConfigWatcher(tmp_path / "missing", lambda path: None).start()
+    assert not ConfigWatcher(tmp_path / "missing", lambda path, event: None).start()

@@ -12,6 +12,7 @@ from reconciler.esxi.errors import ProtocolError
 from reconciler.esxi.shell import to_line
 from reconciler.esxi.vmdk import Descriptor, Extent
 from reconciler.esxi.vmx import VmxFile, decode_value, encode_value, is_true
+from tests import vimcmd_listing
 
 HOSTILE = [
     "db 01",
@@ -192,7 +193,7 @@ Skipping invalid VM '48'
 
 
 def test_getallvms() -> None:
-    rows = vimcmd.parse_getallvms(GETALLVMS)
+    rows = vimcmd_listing.parse_getallvms(GETALLVMS)
     assert [(r.vmid, r.name, r.vmx) for r in rows] == [
         ("1", "web01", "[datastore1] web01/web01.vmx"),
         ("2", "db 01", "[datastore1] db 01/db 01.vmx"),
@@ -201,7 +202,7 @@ def test_getallvms() -> None:
     ]
     assert rows[1].annotation == "first line\nsecond line"
     with pytest.raises(ProtocolError):
-        vimcmd.parse_getallvms("garbage")
+        vimcmd_listing.parse_getallvms("garbage")
 
 
 # A name holding line breaks makes a row span lines: only in the name (the lab escapes the folder as
@@ -228,7 +229,7 @@ NOTES = "notes:\n2023 migrated"
 
 
 def test_getallvms_names_with_line_breaks() -> None:
-    rows = vimcmd.parse_getallvms(GETALLVMS_MULTILINE)
+    rows = vimcmd_listing.parse_getallvms(GETALLVMS_MULTILINE)
     assert [(r.vmid, r.name, r.vmx, r.guest, r.version, r.annotation) for r in rows] == [
         ("1", "web01", "[datastore1] web01/web01.vmx", "otherLinux64Guest", "vmx-14", NOTES),
         (
@@ -298,13 +299,10 @@ def test_faults_power_config_license() -> None:
     assert vimcmd.find_fault("(vmodl.fault.InvalidArgument) {\n}") == vimcmd.VimFault(
         "vmodl.fault.InvalidArgument", ""
     )
-    assert vimcmd.parse_power_state("Retrieved runtime info\nPowered off\n") == "poweredOff"
-    assert vimcmd.parse_power_state("Retrieved runtime info\nSuspended\n") == "suspended"
+    assert vimcmd_listing.parse_power_state("Retrieved runtime info\nPowered off\n") == "poweredOff"
+    assert vimcmd_listing.parse_power_state("Retrieved runtime info\nSuspended\n") == "suspended"
     with pytest.raises(ProtocolError):
-        vimcmd.parse_power_state("")
-    cfg = '(vim.vm.ConfigInfo) {\n   name = "x", \n   changeTrackingEnabled = true, \n}'
-    assert vimcmd.parse_change_tracking_enabled(cfg) is True
-    assert vimcmd.parse_change_tracking_enabled(cfg.replace("true", "<unset>")) is None
+        vimcmd_listing.parse_power_state("")
     assert vimcmd.parse_license_editions(
         "   serial: 0\n   vmodl key: esx.hypervisor.cpuPackageCoreLimited\n"
     ) == ["esx.hypervisor.cpuPackageCoreLimited"]
@@ -343,7 +341,7 @@ def test_commands_are_quoted_for_sh() -> None:
 
 
 def test_datastore_paths() -> None:
-    from reconciler.esxi.host import _ds_join, _same_file
+    from reconciler.esxi.files import ds_join, same_file
     from reconciler.esxi.transport import dd_block, pieces, vmfs_path
     from reconciler.facts.inventory import split_ds_path
 
@@ -355,13 +353,40 @@ def test_datastore_paths() -> None:
         vmfs_path('[datastore1] ファイル鯖 "q" $(x)/x.vmdk')
         == '/vmfs/volumes/datastore1/ファイル鯖 "q" $(x)/x.vmdk'
     )
-    assert _ds_join("[ds] vm dir", "vm-flat.vmdk") == "[ds] vm dir/vm-flat.vmdk"
-    assert _ds_join("[ds] vm", "/vmfs/volumes/other/x/y.vmdk") == "[other] x/y.vmdk"
-    uuid_hint = _ds_join("[ds] vm", "/vmfs/volumes/5c591ea4-0ba83629-522f-8a9f19e8d240/vm/vm.vmdk")
-    assert _same_file(uuid_hint, "[ds] vm/vm.vmdk")
-    assert not _same_file("[ds-a] vm/vm.vmdk", "[ds-b] vm/vm.vmdk")
-    assert not _same_file("[ds] vm/vm.vmdk", "[ds] vm/vm_1.vmdk")
+    assert ds_join("[ds] vm dir", "vm-flat.vmdk") == "[ds] vm dir/vm-flat.vmdk"
+    assert ds_join("[ds] vm", "/vmfs/volumes/other/x/y.vmdk") == "[other] x/y.vmdk"
+    uuid_hint = ds_join("[ds] vm", "/vmfs/volumes/5c591ea4-0ba83629-522f-8a9f19e8d240/vm/vm.vmdk")
+    assert same_file(uuid_hint, "[ds] vm/vm.vmdk")
+    assert not same_file("[ds-a] vm/vm.vmdk", "[ds-b] vm/vm.vmdk")
+    assert not same_file("[ds] vm/vm.vmdk", "[ds] vm/vm_1.vmdk")
     assert dd_block(0, 4 << 20) == 1 << 20 and dd_block(4096, 8192) == 4096 and dd_block(7, 9) == 1
     assert list(pieces([(0, 10), (100, 25)], 10)) == [(0, 10), (100, 10), (110, 10), (120, 5)]
     with pytest.raises(ValueError):
         split_ds_path("/vmfs/volumes/ds/x")
+
+
+# -- found by the reliability suite's fuzzing (tests/reliability/test_fuzz_parsers.py) ------------------
+
+
+def test_vmx_value_with_a_non_utf8_byte_and_an_escape() -> None:
+    """A .vmx is read with surrogate escapes; a value holding both an undecodable byte and a ``|XX``
+    escape used to raise UnicodeEncodeError. The byte comes back as it was."""
+    raw = b'annotation = "caf\xe9 |22q|22"\n'.decode("utf-8", "surrogateescape")
+    value = VmxFile.parse(raw).get("annotation")
+    assert value is not None and value.encode("utf-8", "surrogateescape") == b'caf\xe9 "q"'
+
+
+def test_descriptor_extent_with_more_digits_than_int_converts() -> None:
+    with pytest.raises(ProtocolError, match="impossible size"):
+        Descriptor.parse('RW ' + "9" * 5000 + ' VMFS "x-flat.vmdk"\n')
+
+
+def test_a_fault_message_that_never_ends_is_read_in_linear_time() -> None:
+    """``msg = "…`` without its closing quote over 200 000 lines: the message is all of it, read at once
+    (each line used to re-scan everything before it)."""
+    from tests.reliability.fuzz import bounded
+
+    text = "(vim.fault.NotFound) {\n" + '   msg = "open\n' + "x\n" * 200_000
+    with bounded("find_fault", 10.0):  # 40 s before
+        fault = vimcmd.find_fault(text)
+    assert fault is not None and fault.msg.startswith("open\nx\n") and fault.msg.count("\nx") == 200_000

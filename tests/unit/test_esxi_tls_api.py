@@ -13,7 +13,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from pyVmomi import vim, vmodl
 
-from reconciler.esxi.api import license_kind_from_editions, mapped_faults, wait_task
+from reconciler.esxi.api import mapped_faults, wait_task
 from reconciler.esxi.errors import (
     ApiError,
     NotPinnedError,
@@ -21,6 +21,7 @@ from reconciler.esxi.errors import (
     RestrictedByLicenseError,
     TaskTimeoutError,
 )
+from reconciler.esxi.licence import license_kind_from_editions
 from reconciler.esxi.tls import check_pin, format_thumbprint, parse_thumbprint, pinned_context
 
 

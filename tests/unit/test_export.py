@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import stat
 import struct
 from datetime import datetime, timezone
 from pathlib import Path
@@ -157,3 +158,45 @@ def test_find_point(repo: Repository) -> None:
         find_point(repo, "other", None)
     with pytest.raises(RestoreError, match="is of VM"):
         find_point(repo, "other", point.id)
+
+
+@pytest.mark.parametrize("fmt", ["raw", "vmdk", "stream-optimized"])
+def test_exported_files_are_private_whatever_the_umask(repo: Repository, tmp_path: Path, fmt: str) -> None:
+    point = make_point(repo)
+    out = tmp_path / "new" / "out"
+    old_umask = os.umask(0o002)  # a permissive umask must not widen anything
+    try:
+        result = export_point(repo, point, out, fmt)
+    finally:
+        os.umask(old_umask)
+    files = list(out.iterdir())
+    assert len(files) == len(result.files) >= 4
+    assert {stat.S_IMODE(p.stat().st_mode) for p in files} == {0o600}
+    assert stat.S_IMODE(out.stat().st_mode) == stat.S_IMODE((tmp_path / "new").stat().st_mode) == 0o700
+
+
+def test_export_mode_option(repo: Repository, tmp_path: Path) -> None:
+    point = make_point(repo)
+    existing = tmp_path / "share"
+    existing.mkdir(mode=0o755)
+    existing.chmod(0o755)
+    old_umask = os.umask(0o077)  # a strict umask must not narrow what was asked for
+    try:
+        export_point(repo, point, existing / "web" / "vm", "raw", mode=0o640)
+    finally:
+        os.umask(old_umask)
+    assert {stat.S_IMODE(p.stat().st_mode) for p in (existing / "web" / "vm").iterdir()} == {0o640}
+    assert stat.S_IMODE((existing / "web").stat().st_mode) == 0o750
+    assert stat.S_IMODE((existing / "web" / "vm").stat().st_mode) == 0o750
+    assert stat.S_IMODE(existing.stat().st_mode) == 0o755  # not created by the export: untouched
+
+
+@pytest.mark.usefixtures("restore_logging")
+def test_export_mode_is_checked_on_the_command_line(capsys: pytest.CaptureFixture[str]) -> None:
+    from reconciler.cli import main
+
+    for bad, why in (("rw", "not an octal mode"), ("1777", "give permission bits"), ("044", "owner read")):
+        with pytest.raises(SystemExit) as exit_:
+            main(["export", "web01", "--to", "out", "--mode", bad])
+        assert exit_.value.code == 64
+        assert why in capsys.readouterr().err

@@ -152,17 +152,16 @@ def test_run_command_timeout_kills_the_process_group(tmp_path: Path) -> None:
     # the hook starts a grandchild that would outlive it; both are killed
     script = (
         "import subprocess, sys, time\n"
-        f"p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])\n"
+        f"p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)'])\n"
         f"open({str(pidfile)!r}, 'w').write(str(p.pid))\n"
-        "time.sleep(60)\n"
+        "time.sleep(600)\n"
     )
-    started = time.monotonic()
-    res = run_command([PY, "-c", script], {}, 1.0, grace=1.0)
-    assert time.monotonic() - started < 10
+    # the timeout leaves a loaded machine time to start two interpreters and write the pid file
+    res = run_command([PY, "-c", script], {}, 5.0, grace=1.0)
     assert res.timed_out and not res.ok and res.exit_code is None
     assert "killed after its timeout" in res.describe()
     child = int(pidfile.read_text())
-    deadline = time.monotonic() + 5
+    deadline = time.monotonic() + 60
     while _running(child) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not _running(child), "the hook's grandchild survived its timeout"

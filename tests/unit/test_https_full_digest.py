@@ -13,20 +13,21 @@ import threading
 from collections.abc import Callable, Iterable, Iterator
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import cast
 
 import pytest
 
 from reconciler.config.model import BackupPolicy
 from reconciler.esxi import hostdigest
-from reconciler.esxi.errors import ProtocolError
-from reconciler.esxi.host import BackupSnapshot, EsxiHost, FrozenDisk
+from reconciler.esxi.errors import ProtocolError, TransportError
 from reconciler.esxi.hostdigest import BLOCK_SIZE, DigestResult
-from reconciler.esxi.transport import TransportError, ordered_parallel, pieces
+from reconciler.esxi.transport import ordered_parallel, pieces
+from reconciler.facts.inventory import BackupSnapshot, FrozenDisk, SnapshotInfo, VmInfo
 from reconciler.facts.points import DiskRecord, RestorePoint, VmRef, new_point_id
 from reconciler.operations.backup import BackupContext, BackupOptions, DiskResult
 from reconciler.operations.backup.disk import DiskJob
+from reconciler.operations.ports import DiskReader, DiskSource
 from reconciler.repository import Repository
+from tests.unit.planfixtures import load_desired, policy_doc
 
 B = BLOCK_SIZE
 MiB = 1 << 20
@@ -157,8 +158,10 @@ class FakeReader:
 
 
 class FakeHost:
+    """A free host with SSH (:class:`DiskSource`): the disk is the local file ``path``."""
+
     license = "free"
-    shell = object()
+    ssh_enabled = True
 
     def __init__(self, path: Path, https: bool = True) -> None:
         self.path = path
@@ -166,7 +169,7 @@ class FakeHost:
         self.reads: list[tuple[int, int]] = []
         self.digest_calls = 0
 
-    def https_reader(self, streams: int = 4) -> FakeReader:
+    def https_reader(self, streams: int) -> FakeReader:
         if not self.https:
             raise TransportError("GET /folder: HTTP 403")
         return FakeReader(self.path.read_bytes(), self.reads)
@@ -174,26 +177,55 @@ class FakeHost:
     def allocation(self, disk: FrozenDisk) -> hostdigest.Allocation:
         return host_allocation(self.path)
 
+    def disk_reader(self, transport: str, *, streams: int) -> DiskReader:
+        raise AssertionError("with SSH a free host's disk is read over HTTPS or by the digest program")
+
+    def changed_areas(
+        self, vm: VmInfo, snapshot: SnapshotInfo, disk: FrozenDisk, change_id: str
+    ) -> list[tuple[int, int]]:
+        raise AssertionError("a free host has no CBT")
+
     def digest_compare(
-        self, disk: FrozenDisk, previous: bytes | None, on_block: Callable[[int, bytes], None]
+        self,
+        disk: FrozenDisk,
+        previous: bytes | None,
+        on_block: Callable[[int, bytes], None],
+        *,
+        first_block: int = 0,
+        block_count: int | None = None,
     ) -> DigestResult:
+        """Every non-zero block of ``[first_block, first_block + block_count)`` (``previous`` ignored)."""
         self.digest_calls += 1
         content = self.path.read_bytes()
-        digests = b"".join(hostdigest.block_digest(content[o : o + B]) for o in range(0, len(content), B))
-        for o in range(0, len(content), B):
+        end = len(content) if block_count is None else min(len(content), (first_block + block_count) * B)
+        blocks = range(first_block * B, end, B)
+        digests = b"".join(hostdigest.block_digest(content[o : o + B]) for o in blocks)
+        for o in blocks:
             block = content[o : o + B]
             if block.count(0) != len(block):
                 on_block(o, block)
         return DigestResult(B, len(content), digests, 0, 0, 0, True, len(content), 0, 0)
 
 
+SNAPSHOT = BackupSnapshot(
+    VmInfo("1", "vm", "u", None, "poweredOn", "[ds] vm/vm.vmx", "ds", (), (), False, "vmx-19"),
+    SnapshotInfo("1", "esxi-reconciler-20261126T020000Z-ab", "", None, None, False),
+    (DISK,),
+)
+
+
 def run_job(
-    repo: Repository, host: FakeHost, previous: RestorePoint | None, pool: concurrent.futures.Executor
+    repo: Repository, host: DiskSource, previous: RestorePoint | None, pool: concurrent.futures.Executor
 ) -> tuple[DiskRecord, DiskResult]:
     ctx = BackupContext(
-        cast(EsxiHost, host), repo, cast(BackupPolicy, None), "rev", BackupOptions(), pool, threading.Event()
+        host, repo, a_policy(repo.path.parent), "rev", BackupOptions(), pool, threading.Event()
     )
-    return DiskJob(ctx, cast(BackupSnapshot, None), DISK, previous).run()
+    return DiskJob(ctx, SNAPSHOT, DISK, previous).run()
+
+
+def a_policy(tmp_path: Path) -> BackupPolicy:
+    """A policy for the context (one disk's backup does not read it)."""
+    return load_desired(tmp_path, policy_doc("p", "esxi1", None)).policy("p")
 
 
 def restore(repo: Repository, record: DiskRecord) -> bytes:

@@ -12,7 +12,8 @@ import pytest
 from reconciler.config.model import Host
 from reconciler.esxi.errors import EsxiError
 from reconciler.facts.inventory import DatastoreInfo, VmInfo
-from reconciler.operations.observe import HostReader, load_history, observe
+from reconciler.operations.observe import load_history, observe
+from reconciler.operations.ports import HostReader
 from reconciler.planning.observed import RunRecord
 from reconciler.repository import Repository
 from tests.unit.planfixtures import NOW_TEXT, at, load_desired, point, repo_doc, vm

@@ -14,10 +14,11 @@ import pytest
 import yaml
 
 from reconciler.esxi import esxcli, vimcmd
-from reconciler.esxi.api import license_kind_from_editions
 from reconciler.esxi.errors import CommandError, ProtocolError
+from reconciler.esxi.licence import license_kind_from_editions
 from reconciler.esxi.vmdk import Descriptor
 from reconciler.esxi.vmx import VmxFile
+from tests import vimcmd_listing
 
 REAL = Path(__file__).resolve().parents[1] / "fixtures" / "real"
 SAMPLES: list[dict[str, Any]] = yaml.safe_load((REAL / "index.yaml").read_text())["samples"]
@@ -103,7 +104,7 @@ def test_descriptor(sample: dict[str, Any]) -> None:
 
 @pytest.mark.parametrize("sample", by_kind("getallvms"))
 def test_getallvms(sample: dict[str, Any]) -> None:
-    rows = vimcmd.parse_getallvms(text_of(sample))
+    rows = vimcmd_listing.parse_getallvms(text_of(sample))
     got = [[r.vmid, r.name, r.vmx, r.guest, r.version, r.annotation] for r in rows]
     assert got == sample["expect"]["rows"]
 
@@ -126,7 +127,7 @@ def test_snapshot_get(sample: dict[str, Any]) -> None:
 
 @pytest.mark.parametrize("sample", by_kind("power_getstate"))
 def test_power_getstate(sample: dict[str, Any]) -> None:
-    assert vimcmd.parse_power_state(text_of(sample)) == sample["expect"]["state"]
+    assert vimcmd_listing.parse_power_state(text_of(sample)) == sample["expect"]["state"]
 
 
 @pytest.mark.parametrize("sample", by_kind("license"))
@@ -204,9 +205,9 @@ def test_licence_over_ssh_reads_real_output_and_refuses_unknown_shapes() -> None
 
 
 def test_getallvms_brackets_in_names_and_empty_datastore() -> None:
-    rows = vimcmd.parse_getallvms(real("vimcmd/getallvms-esxi7-brackets-in-name.txt"))
+    rows = vimcmd_listing.parse_getallvms(real("vimcmd/getallvms-esxi7-brackets-in-name.txt"))
     assert rows[1].name == "Test Test [Test] [Test]" and rows[1].vmx == "[datastore_050_vmfs6] Test/Test.vmx"
-    vcls = vimcmd.parse_getallvms(real("vimcmd/getallvms-esxi9-vcls-empty-datastore.txt"))
+    vcls = vimcmd_listing.parse_getallvms(real("vimcmd/getallvms-esxi9-vcls-empty-datastore.txt"))
     assert [(r.vmid, r.vmx.split(" ", 1)[0], r.annotation) for r in vcls] == [("1698", "[]", "")]
     # the vCLS row after a VM with a multi-line annotation is a row of its own, not annotation
     header = "Vmid  Name  File  Guest OS  Version  Annotation\n"
@@ -216,7 +217,7 @@ def test_getallvms_brackets_in_names_and_empty_datastore() -> None:
         + real("vimcmd/getallvms-esxi9-vcls-empty-datastore.txt").splitlines()[1]
         + "\n"
     )
-    rows = vimcmd.parse_getallvms(text)
+    rows = vimcmd_listing.parse_getallvms(text)
     assert [(r.vmid, r.annotation) for r in rows] == [("3", "first\nsecond line"), ("1698", "")]
 
 
@@ -229,7 +230,7 @@ def test_getallvms_name_with_a_line_break() -> None:
         "8      plain   [ds1] plain/plain.vmx   otherGuest64   vmx-19   2 disks\n"
         "9      next   [ds1] next/next.vmx   otherGuest64   vmx-19\n"
     )
-    rows = vimcmd.parse_getallvms(text)
+    rows = vimcmd_listing.parse_getallvms(text)
     assert [(r.vmid, r.name, r.annotation) for r in rows] == [
         ("7", "two\nlines", ""),
         ("8", "plain", "2 disks"),
@@ -239,11 +240,11 @@ def test_getallvms_name_with_a_line_break() -> None:
 
 def test_unknown_shapes_raise_naming_command_and_line() -> None:
     with pytest.raises(ProtocolError, match=r"vim-cmd vmsvc/getallvms: expected the header"):
-        vimcmd.parse_getallvms("Failed to login: Connection reset by peer\n")
+        vimcmd_listing.parse_getallvms("Failed to login: Connection reset by peer\n")
     with pytest.raises(
         ProtocolError, match=r"vim-cmd vmsvc/power.getstate: unexpected line 'Powered sideways'"
     ):
-        vimcmd.parse_power_state("Retrieved runtime info\nPowered sideways\n")
+        vimcmd_listing.parse_power_state("Retrieved runtime info\nPowered sideways\n")
     with pytest.raises(ProtocolError, match=r"vim-cmd vmsvc/power.on: unexpected line 'Waiting'"):
         vimcmd.check_power_output("on", "Powering on VM:\nWaiting\n")
     with pytest.raises(ProtocolError, match=r"vim-cmd vmsvc/snapshot.get: unexpected line '\+\+Snapshot"):

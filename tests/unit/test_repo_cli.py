@@ -41,7 +41,7 @@ def test_init_creates_the_configured_repository(tmp_path: Path, capsys: pytest.C
     assert out.startswith(f"created repository nas at {tmp_path / 'repo'}: id ")
     assert "encrypted (AES-256-GCM" in out
     assert "zstd level 5" in out
-    assert "repo key-export nas" in out
+    assert "repo key export nas" in out
     assert PASSPHRASE not in out + err
     config = json.loads((tmp_path / "repo" / "config").read_text())
     assert config["encryption"] == "aes-256-gcm"
@@ -91,7 +91,7 @@ def test_unknown_repository_and_missing_subcommand(
     assert main(["repo", "init", "nsa", "--config", str(cfg)]) == 64
     assert "no Repository named 'nsa'; did you mean 'nas'?" in capsys.readouterr().err
     assert main(["repo", "--config", str(cfg)]) == 64
-    assert "init, key-export or gc" in capsys.readouterr().err
+    assert "init, key, stats or gc" in capsys.readouterr().err
     assert not (tmp_path / "repo").exists()
 
 

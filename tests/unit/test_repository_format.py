@@ -310,3 +310,28 @@ class TestFormatDocument:
         assert point.mode == "cbt" and len(point.files) == 3 and point.disks[0].capacity == 4 << 30
         info = LockInfo.from_json("locks/x.json", json.dumps(lock).encode())
         assert not info.exclusive and info.purpose == "backup nightly/web01"
+
+
+# -- found by the reliability suite's fuzzing (tests/reliability/test_fuzz_parsers.py) ------------------
+
+
+def test_damaged_manifests_and_key_files_are_format_errors() -> None:
+    """Numbers JSON reads as infinity, nesting deeper than the reader recurses, a key file without its
+    salt, and Argon2id costs no real key file has: each a FormatError naming the object."""
+    import json
+
+    from reconciler.repository.crypto import KdfParams, KeyFile, MasterKey
+    from reconciler.repository.errors import FormatError
+    from reconciler.repository.manifest import decode_manifest
+
+    with pytest.raises(FormatError, match="points/x: manifest is not valid JSON"):
+        decode_manifest("points/x", b"[" * 100_000)
+    key = json.loads(KeyFile.create(MasterKey.generate(), "r", "pw", KdfParams(64, 1, 1)).to_json())
+    for field, value in (("salt", None), ("iterations", float("inf")), ("memory_kib", 1 << 40)):
+        doc = json.loads(json.dumps(key))
+        if value is None:
+            del doc["kdf"][field]
+        else:
+            doc["kdf"][field] = value
+        with pytest.raises(FormatError, match=r"keys/k\.json: malformed key file"):
+            KeyFile.from_json(json.dumps(doc).encode(), "keys/k.json")

@@ -206,6 +206,20 @@ class TestKeys:
         ):
             Repository.open(tmp_path / "r", "not the passphrase")
 
+    def test_reopening_in_one_process_still_checks_the_passphrase(self, tmp_path: Path) -> None:
+        """Derived keys are reused within a process (a daemon opens a repository every cycle); a wrong
+        passphrase, or the old one after a change, is refused all the same."""
+        repo = Repository.init(tmp_path / "r", PASSPHRASE, kdf=FAST_KDF)
+        for _ in range(2):
+            assert Repository.open(tmp_path / "r", PASSPHRASE).key_id == repo.key_id
+            with pytest.raises(WrongKeyError):
+                Repository.open(tmp_path / "r", PASSPHRASE + " ")
+        opened = Repository.open(tmp_path / "r", PASSPHRASE)
+        new_id = opened.change_passphrase(PASSPHRASE, "new one", kdf=FAST_KDF).key_id
+        assert Repository.open(tmp_path / "r", "new one").key_id == new_id
+        with pytest.raises(WrongKeyError):
+            Repository.open(tmp_path / "r", PASSPHRASE)
+
     def test_encrypted_repository_needs_a_passphrase(self, tmp_path: Path) -> None:
         Repository.init(tmp_path / "r", PASSPHRASE, kdf=FAST_KDF)
         with pytest.raises(WrongKeyError, match="passphrase is required"):
@@ -280,7 +294,7 @@ class TestKeys:
     def test_change_passphrase(self, tmp_path: Path) -> None:
         repo = Repository.init(tmp_path / "r", PASSPHRASE, kdf=FAST_KDF)
         index_id = backup(repo, disk_image(5, 2))
-        repo.change_passphrase("new one", FAST_KDF)
+        repo.change_passphrase(PASSPHRASE, "new one", FAST_KDF)
         with pytest.raises(WrongKeyError):
             Repository.open(tmp_path / "r", PASSPHRASE)
         again = Repository.open(tmp_path / "r", "new one")

@@ -5,10 +5,11 @@ disk selection and names."""
 from __future__ import annotations
 
 import hashlib
+from datetime import datetime, timezone
 
 import pytest
 
-from reconciler.esxi.host import _with_zeros
+from reconciler.esxi.disks import with_zeros
 from reconciler.esxi.vmdk import Descriptor, vmfs_descriptor
 from reconciler.esxi.vmx import VmxFile, prepare_restored_vmx
 from reconciler.facts.points import DiskRecord, RestorePoint, VmRef
@@ -17,6 +18,7 @@ from reconciler.operations.restore import (
     RestoreError,
     _base_stem,
     default_name,
+    fit_stem,
     safe_file_name,
     select_disk,
 )
@@ -84,7 +86,7 @@ def test_keep_identity() -> None:
     assert not [k for k, _ in vmx.items() if "ctkenabled" in k.lower()]
 
 
-def test_content_hash_fills_holes_with_zeros() -> None:
+def test_content_hash_fills_holeswith_zeros() -> None:
     data = bytes(3000) + b"abc" + bytes(5000 - 3003) + b"xyz" + bytes(10_000 - 5003)
     h = ContentHash()
     h.update(3000, b"abc")
@@ -99,14 +101,14 @@ def test_content_hash_fills_holes_with_zeros() -> None:
 def test_upload_stream_is_the_whole_disk() -> None:
     written: list[tuple[int, int]] = []
     stream = b"".join(
-        _with_zeros([(2, b"ab"), (3 << 20, b"cd")], (3 << 20) + 10, lambda o, n: written.append((o, n)))
+        with_zeros([(2, b"ab"), (3 << 20, b"cd")], (3 << 20) + 10, lambda o, n: written.append((o, n)))
     )
     expected = bytearray((3 << 20) + 10)
     expected[2:4] = b"ab"
     expected[3 << 20 : (3 << 20) + 2] = b"cd"
     assert stream == bytes(expected) and written == [(2, 2), (3 << 20, 2)]
     with pytest.raises(ValueError, match="past the end"):
-        b"".join(_with_zeros([(0, b"abc")], 2, None))
+        b"".join(with_zeros([(0, b"abc")], 2, None))
 
 
 def test_select_disk_and_names() -> None:
@@ -134,6 +136,21 @@ def test_vmfs_descriptor_parses() -> None:
     assert desc.create_type == "vmfs" and desc.thin and desc.capacity == 32 << 20
     assert desc.flat_extent is not None and desc.flat_extent.file_name == 'a "b"-flat.vmdk'
     assert desc.ddb["ddb.adapterType"] == "pvscsi" and not desc.has_parent
+
+
+def test_long_names_fit_in_a_file_name() -> None:
+    """A VM of 76 Japanese characters (228 bytes) restored as a new VM or over itself: every file name the
+    restore makes fits 255 bytes, also while written under its temporary name; cut names stay apart
+    (reliability suite, hostile names: "File name too long" and "The file already exists" before)."""
+    long = "長い名前" * 19
+    name = default_name(long, datetime(2026, 1, 2, 3, 4, tzinfo=timezone.utc))
+    assert len(name) == 80 and name.endswith("-restored-20260102-0304")
+    suffix = "_1-restored-20260101020304-3fa2-flat.vmdk"
+    cut = fit_stem(long, suffix)
+    assert len((cut + suffix + ".esxi-reconciler.tmp").encode()) <= 255
+    assert cut != long and fit_stem(long + "_1", suffix) != cut  # a disk and the next one
+    assert fit_stem(cut, suffix) == cut  # a cut name is not cut again (overwrite after overwrite)
+    assert fit_stem("web01", suffix) == "web01" and default_name("web01").startswith("web01-restored-")
 
 
 def test_overwrite_names_do_not_grow() -> None:

@@ -5,14 +5,16 @@ from __future__ import annotations
 
 import errno
 import http.client
+import ssl
 import threading
 
 import pytest
+from pyVmomi import vim, vmodl
 
 from reconciler.config.errors import ConfigError
 from reconciler.config.secrets import SecretError
+from reconciler.esxi.api import mapped_faults
 from reconciler.esxi.errors import (
-    ApiError,
     CommandError,
     EsxiError,
     ForeignSnapshotError,
@@ -21,10 +23,13 @@ from reconciler.esxi.errors import (
     RestrictedByLicenseError,
     ShellAuthError,
     ShellError,
+    SshDisabledError,
     TaskTimeoutError,
+    TransportError,
 )
 from reconciler.operations.retry import RetryPolicy, classify
-from reconciler.repository.errors import LockedError, WrongKeyError
+from reconciler.operations.vmlock import VmBusyError
+from reconciler.repository.errors import IntegrityError, LockedError, StorageError, WrongKeyError
 
 
 def wrapped(outer: Exception, cause: BaseException) -> Exception:
@@ -32,8 +37,14 @@ def wrapped(outer: Exception, cause: BaseException) -> Exception:
     return outer
 
 
-class InvalidLogin(Exception):
-    """Named like the vim fault: an authentication failure behind an ApiError."""
+def api(error: BaseException) -> EsxiError:
+    """What the host layer raises when a pyVmomi call raises ``error`` (its translation)."""
+    try:
+        with mapped_faults("list VMs", "esxi1"):
+            raise error
+    except EsxiError as exc:
+        return exc
+    raise AssertionError("not translated")
 
 
 TRANSIENT = [
@@ -43,10 +54,15 @@ TRANSIENT = [
     OSError(errno.EHOSTUNREACH, "No route to host"),
     ShellError("cannot reach SSH on 10.0.0.1:22: [Errno 111] Connection refused"),
     ShellError("vim-cmd ...: connection lost while reading: EOFError()"),
-    wrapped(ApiError("list VMs: connection"), ConnectionResetError("reset")),
-    wrapped(ApiError("list VMs: http"), http.client.RemoteDisconnected("gone")),
+    api(ConnectionResetError("reset")),
+    api(http.client.RemoteDisconnected("gone")),
+    api(vmodl.fault.HostNotConnected()),  # type: ignore[no-untyped-call]
+    api(vim.fault.TaskInProgress()),  # type: ignore[no-untyped-call]
     TaskTimeoutError("snapshot: task still running after 600 s"),
+    TransportError("GET [ds] vm/vm-flat.vmdk: HTTP 503", transient=True),
+    CommandError("vim-cmd vmsvc/power.on 1", 1, "", "Failed to login: Connection reset by peer"),
     LockedError("repository is locked exclusively by pid 1 on nas since ... (gc)"),
+    VmBusyError("VM 1 on esxi1 is being backed up"),
     wrapped(EsxiError("power on VM 'x' over SSH: lost"), ShellError("connection lost")),
 ]
 
@@ -54,14 +70,20 @@ TERMINAL = [
     ForeignSnapshotError("VM has snapshots that are not ours"),
     InsufficientSpaceError("datastore1 has 1 GiB free, needs 20 GiB"),
     RestrictedByLicenseError("reconfigure: refused by the host's licence"),
+    api(vim.fault.RestrictedVersion()),  # type: ignore[no-untyped-call]
     CommandError("vim-cmd vmsvc/reload 12", 1, "", "fault"),
     ConfigError([]),
     SecretError("secret file:/x cannot be read"),
     WrongKeyError("wrong passphrase"),
+    IntegrityError("chunks/ab/cd", "authentication failed"),
+    wrapped(StorageError("repository nas: no space left", errno.ENOSPC), OSError(errno.ENOSPC, "full")),
     PinMismatchError("host presented another certificate"),
     ShellAuthError("SSH login as root on 10.0.0.1 failed: Authentication failed."),
-    wrapped(ApiError("login to 10.0.0.1:443: InvalidLogin"), InvalidLogin()),
-    ApiError("reconfigure: InvalidState: the VM is busy"),
+    SshDisabledError("host esxi1: this operation needs SSH, which is disabled in the config"),
+    api(vim.fault.InvalidLogin()),  # type: ignore[no-untyped-call]
+    api(vim.fault.InvalidState()),  # type: ignore[no-untyped-call]
+    api(ssl.SSLCertVerificationError(1, "certificate verify failed")),
+    TransportError("GET [ds] vm/vm-flat.vmdk: HTTP 404", transient=False),
     wrapped(EsxiError("power on VM 'x' over SSH: exit 1"), CommandError("vim-cmd", 1, "", "no")),
     OSError(errno.ENOSPC, "No space left on device"),
     ValueError("a bug"),

@@ -8,16 +8,18 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Generic, TypeVar
 
 import structlog
 
 from reconciler.config.model import BackupPolicy
-from reconciler.esxi.host import BackupSnapshot, EsxiHost, FrozenDisk
+from reconciler.facts.inventory import BackupSnapshot, FrozenDisk
 from reconciler.facts.points import BackupMode
+from reconciler.operations.ports import BackupHost, DiskSource
 from reconciler.operations.progress import Progress
 from reconciler.repository import Repository, RepositoryLock
 
-OnSnapshot = Callable[[EsxiHost, BackupSnapshot], None]
+OnSnapshot = Callable[[BackupHost, BackupSnapshot], None]
 OnData = Callable[[FrozenDisk, int, int], None]
 
 
@@ -50,14 +52,19 @@ class BackupOptions:
     """Where the per-VM locks live (default: :func:`reconciler.operations.vmlock.default_lock_dir`)."""
 
 
+HostT_co = TypeVar("HostT_co", bound=DiskSource, covariant=True)
+"""What the backup needs of the host: a :class:`BackupHost` for a VM, a :class:`DiskSource` for a disk."""
+
+
 @dataclass(frozen=True)
-class BackupContext:
+class BackupContext(Generic[HostT_co]):
     """Everything one VM's backup works with, handed down (VM → disk) instead of long parameter lists.
 
     The policy's run builds one per VM (:func:`reconciler.operations.backup.policy.backup_policy`):
-    the VM's own host connection, the shared repository, encode pool, cancel event and lock."""
+    the VM's own host connection, the shared repository, encode pool, cancel event and lock. A VM's
+    backup takes a ``BackupContext[BackupHost]``, one disk's a ``BackupContext[DiskSource]``."""
 
-    host: EsxiHost
+    host: HostT_co
     repo: Repository
     policy: BackupPolicy
     revision: str

@@ -25,14 +25,13 @@ import threading
 import time
 from dataclasses import dataclass, replace
 
-import urllib3
-
 from reconciler.esxi.errors import EsxiError, FullBackupNeededError
-from reconciler.esxi.host import BackupSnapshot, FrozenDisk
 from reconciler.esxi.hostdigest import BLOCK_SIZE, DIGEST_SIZE, ZERO_DIGEST, DigestResult, local_digests
+from reconciler.facts.inventory import BackupSnapshot, FrozenDisk
 from reconciler.facts.points import DiskRecord, RestorePoint
 from reconciler.operations.backup.assembler import ChunkAssembler, coalesce
 from reconciler.operations.backup.context import BackupContext, BackupError, Cancelled, DiskResult
+from reconciler.operations.ports import DiskSource
 from reconciler.operations.progress import DiskProgress
 from reconciler.planning.backup_mode import (
     CbtRefusal,
@@ -90,7 +89,11 @@ class DiskJob:
     """One disk of a VM's backup, under the VM's snapshot, against the VM's previous point (if any)."""
 
     def __init__(
-        self, ctx: BackupContext, snapshot: BackupSnapshot, disk: FrozenDisk, previous: RestorePoint | None
+        self,
+        ctx: BackupContext[DiskSource],
+        snapshot: BackupSnapshot,
+        disk: FrozenDisk,
+        previous: RestorePoint | None,
     ) -> None:
         self.ctx = ctx
         self.snapshot = snapshot
@@ -117,7 +120,7 @@ class DiskJob:
             capacity=disk.capacity,
             change_id=disk.change_id,
             licensed=host.license == "licensed",
-            ssh=host.shell is not None,
+            ssh=host.ssh_enabled,
             digest_shape=OUR_DIGESTS,
             previous_point=self.previous.id if self.previous is not None else None,
             previous=previous,
@@ -279,20 +282,20 @@ class DiskJob:
         self, asm: ChunkAssembler, progress: DiskProgress | None
     ) -> tuple[int, int, DigestMap] | None:
         """A full read over parallel HTTPS Range streams (free hosts allow ``/folder`` reads) of the
-        blocks the host lists as allocated (:meth:`EsxiHost.allocation`, one SSH round trip; everything
+        blocks the host lists as allocated (:meth:`DiskSource.allocation`, one SSH round trip; everything
         when it cannot tell), with the digest map computed here exactly as the host program would
         (:func:`~reconciler.esxi.hostdigest.local_digests`), so the next run can be a digest incremental.
         None (nothing read) when HTTPS is unavailable: the caller runs the digest program instead."""
         disk = self.disk
         try:
             reader = self.ctx.host.https_reader(self.ctx.options.streams)
-        except (EsxiError, OSError, urllib3.exceptions.HTTPError) as exc:
+        except EsxiError as exc:
             self.log.warning("backup.https_unavailable", reason=str(exc) or type(exc).__name__)
             return None
         try:
             try:
                 size = reader.size(disk.data_file)
-            except (EsxiError, OSError, urllib3.exceptions.HTTPError) as exc:
+            except EsxiError as exc:
                 self.log.warning("backup.https_unavailable", reason=str(exc) or type(exc).__name__)
                 return None
             if size != disk.capacity:

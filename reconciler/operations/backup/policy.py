@@ -16,8 +16,7 @@ from collections.abc import Callable, Collection, Iterable, Iterator
 
 import structlog
 
-from reconciler.config.model import DesiredState
-from reconciler.esxi.host import EsxiHost
+from reconciler.config.model import BackupPolicy, DesiredState, Host
 from reconciler.facts.inventory import VmInfo, split_ds_path
 from reconciler.operations.backup.context import (
     BackupContext,
@@ -28,7 +27,9 @@ from reconciler.operations.backup.context import (
 )
 from reconciler.operations.backup.vm import backup_vm
 from reconciler.operations.hosts import HostFactory, connect
+from reconciler.operations.ports import BackupHost
 from reconciler.operations.repositories import open_repository
+from reconciler.repository import Repository
 
 log = structlog.get_logger(__name__)
 
@@ -69,7 +70,7 @@ def backup_policy(
     vms: Collection[str] | None = None,
     options: BackupOptions | None = None,
     cancel: threading.Event | None = None,
-    host_factory: HostFactory[EsxiHost] = connect,
+    host_factory: HostFactory[BackupHost] = connect,
     on_result: Callable[[VmResult], None] | None = None,
 ) -> list[VmResult]:
     """Back up the VMs of a policy (or only ``vm``, or only those of ``vms`` the policy selects and the
@@ -85,9 +86,60 @@ def backup_policy(
     except KeyError:
         raise BackupError(f"no backup policy named {policy_name!r}") from None
     host_cfg = desired.host(policy.host)
-    repo = open_repository(desired.repository(policy.repository))
-    with host_factory(host_cfg) as inventory_host:
-        inventory = inventory_host.list_vms()
+    # The repository's key derivation (Argon2id, CPU) runs while the host is logged in to and listed
+    # (network): a small incremental's fixed cost is the longer of the two, not their sum.
+    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="repo-open") as opener:
+        opening = opener.submit(open_repository, desired.repository(policy.repository))
+        try:
+            inventory_host = host_factory(host_cfg)
+            try:
+                inventory = inventory_host.list_vms()
+            except BaseException:
+                inventory_host.close()
+                raise
+        except BaseException:
+            opening.result()  # a repository error is the one to tell, as when it was opened first
+            raise
+        try:
+            repo = opening.result()
+        except BaseException:
+            inventory_host.close()
+            raise
+    # The inventory's connection serves the first VM (one login fewer); the others get their own.
+    spare: list[BackupHost] = [inventory_host]
+    spare_lock = threading.Lock()
+
+    def host_for_vm() -> BackupHost:
+        with spare_lock:
+            if spare:
+                return spare.pop()
+        return host_factory(host_cfg)
+
+    try:
+        return _backup_selected(
+            desired, policy_name, policy, host_cfg, repo, inventory, host_for_vm,
+            vm=vm, vms=vms, options=options, cancel=cancel, on_result=on_result,
+        )  # fmt: skip
+    finally:
+        for unused in spare:
+            unused.close()
+
+
+def _backup_selected(
+    desired: DesiredState,
+    policy_name: str,
+    policy: BackupPolicy,
+    host_cfg: Host,
+    repo: Repository,
+    inventory: list[VmInfo],
+    host_for_vm: Callable[[], BackupHost],
+    *,
+    vm: str | None,
+    vms: Collection[str] | None,
+    options: BackupOptions,
+    cancel: threading.Event,
+    on_result: Callable[[VmResult], None] | None,
+) -> list[VmResult]:
     selected = [v for v in inventory if policy.vms.matches(v.name)]
     if vms is not None:
         wanted = set(vms)
@@ -111,7 +163,7 @@ def backup_policy(
     def one(info: VmInfo) -> VmResult:
         datastores = {info.datastore} | {split_ds_path(d.file)[0] for d in info.disks}
         try:
-            with limits.hold(datastores, cancel), host_factory(host_cfg) as host:
+            with limits.hold(datastores, cancel), host_for_vm() as host:
                 ctx = BackupContext(
                     host=host,
                     repo=repo,

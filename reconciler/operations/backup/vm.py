@@ -22,18 +22,18 @@ from datetime import datetime, timezone
 
 from reconciler.config.model import BackupPolicy
 from reconciler.esxi.errors import EsxiError
-from reconciler.esxi.host import EsxiHost, FrozenDisk
-from reconciler.facts.inventory import VmInfo, split_ds_path
+from reconciler.facts.inventory import FrozenDisk, VmInfo, split_ds_path
 from reconciler.facts.points import DiskRecord, RestorePoint, StoredFile, VmRef, new_point_id
 from reconciler.operations.backup.context import BackupContext, BackupError, Cancelled, VmResult
 from reconciler.operations.backup.disk import DiskJob
 from reconciler.operations.hooks import HookFailedError, VmHooks
+from reconciler.operations.ports import BackupHost, VmFilesReader
 from reconciler.operations.vmlock import VmBusyError, vm_lock
 from reconciler.planning.backup_mode import per_disks, point_mode
 from reconciler.repository import Repository, StorageError
 
 
-def backup_vm(ctx: BackupContext, vm: VmInfo | str) -> VmResult:
+def backup_vm(ctx: BackupContext[BackupHost], vm: VmInfo | str) -> VmResult:
     """Back up one VM (as listed, or by display name) to ``ctx.repo`` (the caller holds a shared
     repository lock). Never raises for a VM-level failure: the result says what went wrong; a failed VM
     leaves no restore point. With ``ctx.repo_lock``, the point is written only if the lock is still held."""
@@ -73,7 +73,7 @@ def previous_point(repo: Repository, policy: str, vm: VmInfo, host: str) -> Rest
     return None
 
 
-def _backup_vm(ctx: BackupContext, ref: VmInfo | str, result: VmResult) -> RestorePoint:
+def _backup_vm(ctx: BackupContext[BackupHost], ref: VmInfo | str, result: VmResult) -> RestorePoint:
     host = ctx.host
     vm = host.vm(ref) if isinstance(ref, VmInfo) else host.find_vm(ref)
     try:
@@ -108,7 +108,7 @@ def _backup_vm(ctx: BackupContext, ref: VmInfo | str, result: VmResult) -> Resto
         raise BackupError(f"VM {vm.name!r} is being backed up by another run of this machine") from None
 
 
-def _backup_locked(ctx: BackupContext, vm: VmInfo, result: VmResult) -> RestorePoint:
+def _backup_locked(ctx: BackupContext[BackupHost], vm: VmInfo, result: VmResult) -> RestorePoint:
     host, repo, policy = ctx.host, ctx.repo, ctx.policy
     started = datetime.now(timezone.utc)
     point_id = new_point_id(started)
@@ -177,7 +177,7 @@ def _disk_selected(policy: BackupPolicy, disk: FrozenDisk) -> bool:
     return policy.disks.matches(*ids)
 
 
-def _config_files(host: EsxiHost, vm: VmInfo) -> list[tuple[str, bytes]]:
+def _config_files(host: VmFilesReader, vm: VmInfo) -> list[tuple[str, bytes]]:
     """The .vmx and .nvram as they are before the snapshot (the .vmx then names the base disks)."""
     files = [(posixpath.basename(split_ds_path(vm.vmx_path)[1]), host.read_file(vm.vmx_path))]
     vmx = host.read_vmx(vm)
