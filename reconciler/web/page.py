@@ -399,6 +399,7 @@ def render_page(snap: Snapshot, *, chart_days: int = 30) -> str:
         '<html lang="en"><head><meta charset="utf-8">'
         '<meta name="viewport" content="width=device-width, initial-scale=1">'
         '<meta http-equiv="refresh" content="60">'
+        '<link rel="icon" href="data:,">'
         "<title>esxi-reconciler status</title>"
         f"<style>{CSS}</style></head><body>{body}</body></html>\n"
     )
