@@ -71,12 +71,13 @@ def chart(
             f'<text x="{MARGIN_LEFT - 6}" y="{gy + 4:.1f}" text-anchor="end" class="axis">'
             f"{escape(value_text(top * fraction))}</text>"
         )
+    stamp = "%b %d" if end - start > timedelta(days=2) else "%b %d %H:%M"
     for fraction in (0.0, 0.5, 1.0):
         when = start + (end - start) * fraction
         anchor = ("start", "middle", "end")[int(fraction * 2)]
         out.append(
             f'<text x="{x(when):.1f}" y="{HEIGHT - 8}" text-anchor="{anchor}" class="axis">'
-            f"{when:%b %d}</text>"
+            f"{when.strftime(stamp)}</text>"
         )
     for number, one in enumerate(series):
         color = PALETTE[number % len(PALETTE)]

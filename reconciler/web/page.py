@@ -356,7 +356,7 @@ def _plan(snap: Snapshot) -> str:
         return '<section><h2>Last plan</h2><p class="muted">No plan recorded yet.</p></section>'
     return (
         f'<section><h2>Last plan <span class="muted">{when(snap.plan_time, snap.now)}</span></h2>'
-        f"<pre>{text(snap.plan_text)}</pre></section>"
+        f"<pre>{chr(10).join(text(line) for line in snap.plan_text.splitlines())}</pre></section>"
     )
 
 

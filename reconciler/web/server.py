@@ -223,7 +223,7 @@ class _Handler(BaseHTTPRequestHandler):
         log.info(
             "web.git_hook",
             client=self.client_address[0],
-            event=self.headers.get("X-Gitlab-Event")
+            forge_event=self.headers.get("X-Gitlab-Event")
             or self.headers.get("X-GitHub-Event")
             or self.headers.get("X-Gitea-Event"),
         )
@@ -246,6 +246,13 @@ class _Server(ThreadingHTTPServer):
             context.load_cert_chain(Path(listen.tls_cert), Path(listen.tls_key))
             # The handshake happens in the request's thread (first read), never in the accepting one.
             self.socket = context.wrap_socket(self.socket, server_side=True, do_handshake_on_connect=False)
+
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A dropped connection or a failed TLS handshake: one log line, not a traceback on stderr."""
+        import sys
+
+        log.warning("web.connection_failed", client=str(client_address[0]), error=str(sys.exc_info()[1]))
 
 
 class Listener:
