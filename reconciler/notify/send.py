@@ -1,11 +1,11 @@
-"""Sending notifications: apprise behind a bounded queue and one sender thread. The only module that
-imports apprise (the ``notify-libraries`` import contract).
+"""Sending notifications: apprise behind a bounded queue and a sender thread per notifier. The only module
+that imports apprise (the ``notify-libraries`` import contract).
 
 apprise speaks the services people use (SMTP with STARTTLS or TLS, ntfy, Gotify, Slack, Discord, Teams,
 Telegram, Pushover, JSON webhooks …) from one URL, so this module only fills the notifier's secrets into
 its URL, sends, and says in one line what went wrong. A send never blocks a backup: the daemon hands
 messages to :class:`Dispatcher` (a full queue drops the newest with a log line, never waits), whose
-thread retries with backoff and reports each final result, without secrets, to a callback (the daemon
+threads retry with backoff and report each final result, without secrets, to a callback (the daemon
 records it in the history).
 """
 
@@ -33,7 +33,8 @@ log = structlog.get_logger(__name__)
 logging.getLogger(apprise.LOGGER_NAME if hasattr(apprise, "LOGGER_NAME") else "apprise").propagate = False
 
 QUEUE_SIZE = 100
-"""Messages waiting to be sent; beyond it the newest is dropped (the daemon never waits for a send)."""
+"""Messages waiting to be sent, per notifier; beyond it the newest is dropped (the daemon never waits
+for a send)."""
 RETRY_DELAYS = (10.0, 60.0, 300.0)
 """Seconds before the 2nd, 3rd and 4th attempt of a message that failed."""
 REDACTED = "***"
@@ -151,8 +152,10 @@ Send = Callable[[Notifier, Message], SendResult]
 
 
 class Dispatcher:
-    """The queue and the sender thread. ``submit`` never blocks; each message is tried up to
-    ``1 + len(delays)`` times; ``on_result`` gets its final result (from the sender thread)."""
+    """The queues and the sender threads: one of each per notifier, so a service that is down (its
+    message waiting minutes between retries) never holds up the messages of another. ``submit`` never
+    blocks; each message is tried up to ``1 + len(delays)`` times; ``on_result`` gets its final result
+    (from a sender thread)."""
 
     def __init__(
         self,
@@ -165,22 +168,40 @@ class Dispatcher:
         self._on_result = on_result
         self._send = send
         self._delays = tuple(delays)
-        self._queue: queue.Queue[tuple[Notifier, Message]] = queue.Queue(maxsize=size)
+        self._size = size
+        self._queues: dict[str, queue.Queue[tuple[Notifier, Message]]] = {}
+        self._threads: list[threading.Thread] = []
+        self._started = False
         self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
         self._idle = threading.Condition()
         self._busy = 0
 
     def start(self) -> None:
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name="notify", daemon=True)
-            self._thread.start()
+        with self._idle:
+            self._started = True
+            for name, lane in self._queues.items():
+                self._start_thread(name, lane)
+
+    def _start_thread(self, name: str, lane: queue.Queue[tuple[Notifier, Message]]) -> None:
+        thread = threading.Thread(target=self._run, args=(lane,), name=f"notify-{name}", daemon=True)
+        self._threads.append(thread)
+        thread.start()
+
+    def _lane(self, name: str) -> queue.Queue[tuple[Notifier, Message]]:
+        """The queue of notifier ``name`` (and its thread, once started); call with ``_idle`` held."""
+        lane = self._queues.get(name)
+        if lane is None:
+            lane = self._queues[name] = queue.Queue(maxsize=self._size)
+            if self._started and not self._stop.is_set():
+                self._start_thread(name, lane)
+        return lane
 
     def submit(self, notifier: Notifier, message: Message) -> bool:
-        """Queue ``message``; False (and a log line and a recorded result) when the queue is full."""
+        """Queue ``message``; False (and a log line and a recorded result) when the notifier's queue is
+        full."""
         with self._idle:
             try:
-                self._queue.put_nowait((notifier, message))
+                self._lane(notifier.name).put_nowait((notifier, message))
             except queue.Full:
                 log.warning(
                     "notify.dropped", notifier=notifier.name, title=message.title, reason="queue full"
@@ -202,11 +223,14 @@ class Dispatcher:
         return True
 
     def stop(self, timeout: float = 10.0) -> None:
-        """Stop after the message being sent (no more retries wait); give up after ``timeout``."""
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
-        else:
+        """Stop after the messages being sent (no more retries wait); give up after ``timeout`` in all."""
+        deadline = time.monotonic() + timeout
+        with self._idle:
+            self._stop.set()
+            threads = list(self._threads)
+        for thread in threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        if not threads:
             self._drain()
 
     def _report(self, notifier: Notifier, message: Message, result: SendResult) -> None:
@@ -215,31 +239,35 @@ class Dispatcher:
         except Exception:
             log.exception("notify.record_failed", notifier=notifier.name)
 
-    def _run(self) -> None:
+    def _done(self) -> None:
+        with self._idle:
+            self._busy -= 1
+            self._idle.notify_all()
+
+    def _run(self, lane: queue.Queue[tuple[Notifier, Message]]) -> None:
         while not self._stop.is_set():
             try:
-                notifier, message = self._queue.get(timeout=0.2)
+                notifier, message = lane.get(timeout=0.2)
             except queue.Empty:
                 continue
             try:
                 self._deliver(notifier, message)
             finally:
-                with self._idle:
-                    self._busy -= 1
-                    self._idle.notify_all()
-        self._drain()
+                self._done()
+        self._drain(lane)
 
-    def _drain(self) -> None:
-        """At stop: what is still queued is reported as not sent."""
-        while True:
-            try:
-                notifier, message = self._queue.get_nowait()
-            except queue.Empty:
-                return
-            self._report(notifier, message, SendResult(False, "not sent: the daemon stopped", 0))
-            with self._idle:
-                self._busy -= 1
-                self._idle.notify_all()
+    def _drain(self, lane: queue.Queue[tuple[Notifier, Message]] | None = None) -> None:
+        """At stop: what is still queued (in ``lane``, or everywhere) is reported as not sent."""
+        with self._idle:
+            lanes = [lane] if lane is not None else list(self._queues.values())
+        for each in lanes:
+            while True:
+                try:
+                    notifier, message = each.get_nowait()
+                except queue.Empty:
+                    break
+                self._report(notifier, message, SendResult(False, "not sent: the daemon stopped", 0))
+                self._done()
 
     def _deliver(self, notifier: Notifier, message: Message) -> None:
         attempts = 0

@@ -237,6 +237,36 @@ def test_sending_never_blocks_and_a_full_queue_drops_with_a_record(tmp_path: Pat
     assert sum(r.ok for _, r in results) == sum(accepted)
 
 
+def test_a_notifier_that_hangs_never_holds_up_another(tmp_path: Path, receiver: HttpReceiver) -> None:
+    """A service that hangs (or waits minutes between retries) delays only its own messages."""
+    stuck = notifier(tmp_path, "json://127.0.0.1:1/stuck", name="stuck")
+    hook = notifier(tmp_path, f"json://127.0.0.1:{receiver.port}/hook", name="hook")
+    release = threading.Event()
+
+    def send(n: Notifier, m: Message) -> SendResult:
+        if n.name == "stuck":
+            release.wait(60)
+            return SendResult(False, "the service hung", 1)
+        return send_once(n, m)
+
+    results: list[tuple[str, SendResult]] = []
+    dispatcher = Dispatcher(lambda n, m, r: results.append((n.name, r)), send=send, delays=(60.0,))
+    dispatcher.start()
+    try:
+        assert dispatcher.submit(stuck, message())
+        assert dispatcher.submit(hook, message())
+        (got,) = receiver.wait_for(1)  # while "stuck" still hangs in its first attempt
+        assert got.json()["title"] == "[esxi-reconciler] Backup failed: VM esxi1/web01"
+        deadline = time.monotonic() + 30
+        while not results and time.monotonic() < deadline:  # the result is reported after the request
+            time.sleep(0.05)
+        assert not release.is_set() and [name for name, _ in results] == ["hook"]
+        release.set()
+    finally:
+        dispatcher.stop(timeout=30)
+    assert [(name, r.ok, r.attempts) for name, r in results] == [("hook", True, 1), ("stuck", False, 1)]
+
+
 def _now() -> datetime:
     return datetime.now(timezone.utc)
 

@@ -1,8 +1,9 @@
 """Secrets must never appear in clear: a registry of every secret the suite's fixtures create, checked
 against everything the product said and wrote.
 
-* **Secrets** (:meth:`SecretScan.secret`): host passwords, SSH private keys, repository passphrases (and
-  notification tokens when they exist) — registered by the fixtures, most simply with
+* **Secrets** (:meth:`SecretScan.secret`): host passwords, SSH private keys, repository passphrases,
+  notifier secrets (SMTP passwords, ntfy/Gotify/webhook tokens, as given and URL-encoded) — registered
+  by the fixtures, most simply with
   :meth:`SecretScan.watch_config`, which reveals every secret reference of a config — and, at the end,
   each watched repository's master key (unwrapped with its passphrase), since that must not be in
   clear either.
@@ -10,8 +11,9 @@ against everything the product said and wrote.
   every test's captured stdout, stderr and log records (what ``capsys.readouterr()`` returned and what
   was left unread), and tests feed it the output of the processes they start (the daemon).
 * **Files** (:meth:`SecretScan.directory`): the state directories (status database: plans, actions,
-  conditions), repositories (their unencrypted files: config, key files, locks, staging) and export
-  directories a test used, scanned at the end of the session.
+  conditions, the event log with every notification's result), repositories (their unencrypted files:
+  config, key files, locks, staging) and export directories a test used, scanned at the end of the
+  session.
 
 A secret is looked for as its bytes, as it reads inside a JSON string, and, for a multi-line key,
 line by line (each base64 line of a PEM/OpenSSH body is distinctive). Every place it is found is a
@@ -30,6 +32,7 @@ import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import quote
 
 MIN_SECRET = 8
 """Shorter values are not registered: they would be found by chance."""
@@ -98,6 +101,12 @@ class SecretScan:
                 self.secret(passphrase, f"passphrase of repository {repo.name}")
                 with self._lock:
                     self._repositories[path] = passphrase.encode()
+        for notifier in desired.notifiers.values():
+            for placeholder, secret in notifier.secrets.items():
+                value, what = secret.reveal(), f"secret {{{placeholder}}} of notifier {notifier.name}"
+                self.secret(value, what)
+                # as it is written into the apprise URL: a leaked URL holds this form
+                self.secret(quote(value, safe=""), f"{what} (URL-encoded)")
         if state is not None:
             self.directory(state, "state directory")
 
