@@ -602,7 +602,8 @@ def _check_single(build: _Build, kind: str, items: list[tuple[Any, Document]]) -
     """A kind the config may declare once (Monitoring: one listener, one text file)."""
     for _, doc in items[1:]:
         where = _where(items[0][1], ("kind",))
-        build.issues.append(doc.issue(("kind",), f"only one {kind} document is allowed; the first is at {where}"))
+        message = f"only one {kind} document is allowed; the first is at {where}"
+        build.issues.append(doc.issue(("kind",), message))
 
 
 def _check_host_addresses(build: _Build, hosts: list[tuple[model.Host, Document]]) -> None:

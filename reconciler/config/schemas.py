@@ -910,7 +910,7 @@ MONITORING_SPEC = _obj(
                     "Address to bind. 0.0.0.0 or :: listen on every interface.",
                     LISTEN_ADDRESS_PATTERN,
                     default="127.0.0.1",
-                    examples=["127.0.0.1", "0.0.0.0", "192.168.1.20"],
+                    examples=["127.0.0.1", "0.0.0.0", "192.168.1.20"],  # noqa: S104 - documentation
                 ),
                 "port": _int("TCP port.", 1, 65535, default=9137),
                 "token": _ref(

@@ -402,7 +402,10 @@ class Daemon:
 
             poll = self.source.poll_now if self.source is not None and not self.once else None
             self.monitor = Monitor(
-                status_path(self.state_dir), daemon_state=self.daemon_state, clock=self.clock, poll_source=poll
+                status_path(self.state_dir),
+                daemon_state=self.daemon_state,
+                clock=self.clock,
+                poll_source=poll,
             )
         except Exception:
             log.exception("web.start_failed")

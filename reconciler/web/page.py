@@ -48,7 +48,7 @@ pre{white-space:pre-wrap;overflow-wrap:anywhere;font-size:.85rem;margin:0}
 .chart .grid{stroke:var(--line)}.chart .axis{fill:var(--muted);font-size:11px}
 .legend{display:flex;flex-wrap:wrap;gap:4px 12px;font-size:.8rem;overflow-wrap:anywhere}
 .swatch{display:inline-block;width:10px;height:10px;border-radius:2px;margin-right:4px}
-.summary{display:flex;flex-wrap:wrap;gap:4px 16px}
+.summary{display:flex;flex-wrap:wrap;gap:4px 16px}.summary span{overflow-wrap:anywhere;min-width:0}
 details summary{cursor:pointer;overflow-wrap:anywhere}
 """
 

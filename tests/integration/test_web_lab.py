@@ -161,7 +161,10 @@ def png_size(path: Path) -> tuple[int, int]:
 def scratch_vms(lab: LabHandle) -> Iterator[None]:
     created = [(lab.licensed, HOSTILE), (lab.free, PLAIN)]
     for seed, (host, name) in enumerate(created, start=8101):
-        disks = [{"size": 24 * MiB, "fill": 0.5, "seed": seed}, {"size": 8 * MiB, "fill": 0.25, "seed": seed + 10}]
+        disks = [
+            {"size": 24 * MiB, "fill": 0.5, "seed": seed},
+            {"size": 8 * MiB, "fill": 0.25, "seed": seed + 10},
+        ]
         lab.client(host).create_vm({"name": name, "disks": disks, "power": "poweredOn"})
     try:
         yield
