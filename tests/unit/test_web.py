@@ -7,10 +7,13 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import socket
+import ssl
 import urllib.error
 import urllib.request
 from datetime import datetime, timedelta, timezone
-from pathlib import Path
+from pathlib import Path, PurePosixPath
+from typing import Any
 
 import pytest
 
@@ -23,6 +26,7 @@ from reconciler.web.page import growth, render_page
 from reconciler.web.record import fold
 from reconciler.web.server import Listener, Routes, readiness, token_matches
 from reconciler.web.view import DaemonState, EventRow, Snapshot
+from tests.notifyservers import make_certificate
 
 NOW = datetime(2026, 12, 7, 4, 0, tzinfo=timezone.utc)
 HOSTILE = "<script>alert(\"x\")</script>\n'q' &amp;"
@@ -210,3 +214,91 @@ def test_the_webhook_fetches_the_git_source_now(monkeypatch: pytest.MonkeyPatch)
         assert not_ready.value.code == 503
     finally:
         listener.stop()
+
+
+def _get(url: str, **kwargs: Any) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=10, **kwargs) as resp:
+            return int(resp.status), resp.read().decode()
+    except urllib.error.HTTPError as err:
+        return int(err.code), err.read().decode()
+
+
+def test_https_with_the_configured_certificate(tmp_path: Path) -> None:
+    cert, key = make_certificate(tmp_path)
+    routes = Routes(snapshot, lambda: None, lambda: timedelta(minutes=5), lambda: NOW)
+    listener = Listener(Listen("127.0.0.1", 0, None, PurePosixPath(cert), PurePosixPath(key)), routes)
+    listener.start()
+    try:
+        assert listener.url.startswith("https://127.0.0.1:")
+        trusted = ssl.create_default_context(cafile=str(cert))
+        assert _get(listener.url + "healthz", context=trusted) == (200, "ok\n")
+        status, page = _get(listener.url, context=trusted)
+        assert status == 200 and "&lt;script&gt;" in page
+        with pytest.raises(urllib.error.URLError):  # a client that does not trust it gets nothing
+            _get(listener.url + "healthz", context=ssl.create_default_context())
+    finally:
+        listener.stop()
+
+
+MONITORING = """\
+apiVersion: esxi-reconciler/v1
+kind: Monitoring
+metadata: {{name: m}}
+spec: {{listen: {{port: {port}}}, ready_after: 1h}}
+"""
+
+
+def test_the_daemon_serves_readiness_from_start_up_through_a_fixed_config(tmp_path: Path) -> None:
+    """An invalid first config still starts its own (valid) listener: /healthz 200, /readyz 503 naming
+    the cause; once the config is fixed and a cycle ran, /readyz 200; a new port moves the listener."""
+    from tests.unit.test_daemon_loop import INVALID, VALID, Recorder, make, start, stop, wait_for
+
+    config = tmp_path / "config"
+    config.mkdir()
+    port, other = _free_port(), _free_port()
+    (config / "monitoring.yaml").write_text(MONITORING.format(port=port))
+    (config / "repo.yaml").write_text(INVALID.format(name="r"))
+    cycle = Recorder()
+    daemon = make(config, tmp_path, cycle)
+    thread, codes = start(daemon)
+    base = f"http://127.0.0.1:{port}/"
+    try:
+        wait_for(lambda: _up(base), "the listener of the rejected config")
+        assert _get(base + "healthz") == (200, "ok\n")
+        assert _get(base + "readyz") == (
+            503,
+            "not ready: no valid config is loaded (see the config condition)\n",
+        )
+        assert cycle.contexts == []
+
+        (config / "repo.yaml").write_text(VALID.format(name="r"))
+        daemon.request_reload()
+        wait_for(lambda: len(cycle.contexts) == 1 and daemon._worker is None, "a cycle of the fixed config")
+        status, body = _get(base + "readyz")
+        assert status == 200 and body.startswith("ready: last cycle finished"), body
+        metrics = _get(base + "metrics")[1]
+        assert (
+            "esxi_reconciler_config_loaded 1.0" in metrics and "esxi_reconciler_cycles_total 1.0" in metrics
+        )
+
+        (config / "monitoring.yaml").write_text(MONITORING.format(port=other))
+        daemon.request_reload()
+        wait_for(lambda: _up(f"http://127.0.0.1:{other}/"), "the listener on its new port")
+        assert not _up(base)
+    finally:
+        assert stop(daemon, thread, codes) == 0
+    assert not _up(f"http://127.0.0.1:{other}/")  # stopped with the daemon
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _up(base: str) -> bool:
+    try:
+        return _get(base + "healthz")[0] == 200
+    except OSError:
+        return False
