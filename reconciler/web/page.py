@@ -186,7 +186,17 @@ def _hosts(snap: Snapshot) -> str:
         if not host["reachable"]:
             parts.append(f'<p class="failed">{text(host.get("error") or "unreachable")}</p>')
         rows = []
-        for vm in host.get("vms", []):
+        # An unreachable host lists no VMs: those the daemon protects there are still known by their
+        # conditions (from the run history), so they stay on the page.
+        seen = {vm["name"] for vm in host.get("vms", [])}
+        vms = list(host.get("vms", [])) + [
+            {"name": name, "protected_by": []}
+            for c in snap.conditions
+            if c.kind == "vm"
+            and c.name.startswith(host["name"] + "/")
+            and (name := c.name.split("/", 1)[1]) not in seen
+        ]
+        for vm in vms:
             full = f"{host['name']}/{vm['name']}"
             vc = snap.condition("vm", full)
             last = snap.last_backup.get(full)

@@ -168,6 +168,8 @@ def fold(state: Mapping[str, Any] | None, events: Iterable[Event]) -> dict[str, 
         if event.id is None or event.id <= last_id or event.kind != "backup":
             continue
         last_id = event.id
+        if not event.host or not event.vm:  # a policy run from the command line: its VMs have their own
+            continue
         key = "\t".join((event.host or "", event.vm or "", event.policy or ""))
         counts = series.setdefault(key, {})
         counts[f"backups_{event.outcome}"] = counts.get(f"backups_{event.outcome}", 0) + 1

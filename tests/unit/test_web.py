@@ -32,12 +32,12 @@ NOW = datetime(2026, 12, 7, 4, 0, tzinfo=timezone.utc)
 HOSTILE = "<script>alert(\"x\")</script>\n'q' &amp;"
 
 
-def snapshot(**extra: object) -> Snapshot:
+def snapshot(**extra: Any) -> Snapshot:
     daemon = DaemonState(
         NOW - timedelta(hours=1), True, "git:abc", 3, False, None, NOW - timedelta(minutes=2)
     )
     vm_name = f"esxi1/{HOSTILE}"
-    return Snapshot(
+    fields: dict[str, Any] = dict(
         now=NOW,
         version="0.1.0",
         daemon=daemon,
@@ -73,8 +73,9 @@ def snapshot(**extra: object) -> Snapshot:
             }
         },
         plan_text=f"  + backup esxi1/{HOSTILE!r}\n\nPlan: 1 backup.\n",
-        **extra,  # type: ignore[arg-type]
     )
+    fields.update(extra)
+    return Snapshot(**fields)
 
 
 def test_the_page_escapes_every_name_and_message() -> None:
@@ -129,6 +130,8 @@ def test_counters_fold_each_event_once_and_never_go_down() -> None:
     again = fold(first, [_backup(1, 100), _backup(3, 7)])  # 1 was folded already; 3 is new
     assert again["series"]["esxi1\ta\tp"]["bytes_read"] == 107 and again["last_id"] == 3
     assert fold(again, [])["series"] == again["series"]  # compaction deleted events: nothing goes down
+    cli_run = Event(NOW, "backup", "policy p", "ok", policy="p", id=4)  # `backup p`: no host, no VM
+    assert fold(again, [cli_run])["series"] == again["series"]
 
 
 def test_growth_walks_back_from_the_counted_size() -> None:
@@ -302,3 +305,16 @@ def _up(base: str) -> bool:
         return _get(base + "healthz")[0] == 200
     except OSError:
         return False
+
+
+def test_an_unreachable_host_still_lists_its_protected_vms() -> None:
+    down = {
+        "hosts": [
+            {"name": "esxi1", "reachable": False, "error": "connection refused", "vms": [], "datastores": []}
+        ],
+        "repositories": [],
+    }
+    html = render_page(snapshot(inventory=down))
+    hosts = html.split("<h2>Hosts and VMs</h2>", 1)[1].split("</section>", 1)[0]
+    assert "connection refused" in hosts and "&lt;script&gt;alert(&quot;x&quot;)" in hosts
+    assert "BackupFailed" in hosts
