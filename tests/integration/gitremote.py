@@ -157,6 +157,10 @@ spec:
 """
 
 
+HOST_PASSWORD_ENV = "GITREMOTE_TEST_HOST_PASSWORD"
+"""The host's password variable: the daemon resolves secrets on every load, so a test using
+:data:`HOST_DOC` sets it (``monkeypatch.setenv``); the host itself never answers."""
+
 HOST_DOC = f"""---
 apiVersion: esxi-reconciler/v1
 kind: Host
@@ -164,7 +168,7 @@ metadata: {{name: esxi1}}
 spec:
   address: 127.0.0.1
   license: free
-  credentials: {{user: root, password: {{env: NO_SUCH_PASSWORD}}}}
+  credentials: {{user: root, password: {{env: {HOST_PASSWORD_ENV}}}}}
   api: {{port: 1, thumbprint: "{THUMBPRINT}"}}
   ssh: {{port: 1, host_key: "{HOST_KEY_PIN}"}}
 """

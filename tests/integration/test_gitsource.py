@@ -27,6 +27,7 @@ from reconciler.gitsource.trust import TrustError
 from reconciler.status.store import StatusStore, status_path
 from tests.integration.gitremote import (
     HOST_DOC,
+    HOST_PASSWORD_ENV,
     ConfigRepo,
     Keys,
     make_points,
@@ -115,7 +116,8 @@ class World:
 
 
 @pytest.fixture
-def world(tmp_path: Path, keys: Keys) -> World:
+def world(tmp_path: Path, keys: Keys, monkeypatch: pytest.MonkeyPatch) -> World:
+    monkeypatch.setenv(HOST_PASSWORD_ENV, "unused-password")
     return World(tmp_path, keys)
 
 

@@ -31,6 +31,7 @@ from reconciler.status.source import SourceStatus
 from reconciler.status.store import StatusStore, status_path
 from tests.integration.gitremote import (
     HOST_DOC,
+    HOST_PASSWORD_ENV,
     ConfigRepo,
     Keys,
     make_points,
@@ -89,7 +90,10 @@ def source_status(state: Path) -> SourceStatus | None:
         return store.source_status()
 
 
-def test_the_daemon_follows_a_repository_over_ssh(server: GitServer, keys: Keys, tmp_path: Path) -> None:
+def test_the_daemon_follows_a_repository_over_ssh(
+    server: GitServer, keys: Keys, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(HOST_PASSWORD_ENV, "unused-password")
     server.create("config")
     push_ssh = " ".join(
         shlex.quote(part)
