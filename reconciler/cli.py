@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from collections.abc import Sequence
+from datetime import datetime, timezone
 
 import structlog
 
@@ -144,17 +146,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         return int(ExitCode.USAGE)
     error: str | None = None
+    started = datetime.now(timezone.utc)
     with json_mode(args.json):
         try:
             code = int(handler(args))
         except KeyboardInterrupt:
             print(f"esxi-reconciler {args.command}: interrupted", file=sys.stderr)
             code, error = int(ExitCode.INTERRUPTED), "interrupted"
+        except BrokenPipeError:
+            # `| head` has read enough: stop quietly (stdout to /dev/null, so that the flush at exit
+            # does not fail again)
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            code, error = int(ExitCode.PIPE), "the reader of the output went away"
         except Exception as exc:
             code, error = report_failure(args, exc), failure_line(exc)
         else:
             error = None if code == ExitCode.OK else f"exit code {code}"
-        record_command(args, code, error)
+        record_command(args, code, error, started)
         return code
 
 

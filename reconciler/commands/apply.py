@@ -238,6 +238,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
         return exc.code if isinstance(exc.code, int) else 143
     finally:
         if store is not None:
+            _compact_history(store)
             store.close()
     counts = {s: sum(1 for o in outcomes if o.status == s) for s in ("ok", "failed", "skipped")}
     print(f"Applied: {counts['ok']} ok, {counts['failed']} failed, {counts['skipped']} skipped.", flush=True)
@@ -246,6 +247,19 @@ def cmd_apply(args: argparse.Namespace) -> int:
     if failed:
         return ExitCode.FAILED
     return ExitCode.CHANGES if args.detailed_exitcode else ExitCode.OK
+
+
+def _compact_history(store: Any) -> None:
+    """Once a day, as the daemon does: a cron job running ``apply`` keeps the event log bounded too."""
+    from datetime import datetime, timezone
+
+    try:
+        report = store.events.compact_daily(datetime.now(timezone.utc))
+    except Exception as exc:  # the work is done; a full disk or a lock must not turn it into a failure
+        log.warning("apply.history_not_compacted", error=str(exc))
+        return
+    if report is not None:
+        log.info("history.compacted", deleted=report.deleted, compacted=report.compacted)
 
 
 def _open_store(args: argparse.Namespace) -> Any:

@@ -18,6 +18,7 @@ import os
 import sys
 import traceback
 from collections.abc import Callable, Iterator
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn, TextIO
 
@@ -57,13 +58,17 @@ class ExitCode(enum.IntEnum):
     """The configuration is missing or invalid, or a secret cannot be read (EX_CONFIG)."""
     INTERRUPTED = 130
     """Stopped by SIGINT (Ctrl-C); SIGTERM gives 143."""
+    PIPE = 141
+    """The reader of the output went away (``history | head``): nothing more written, no traceback; the
+    shell's code for a process ended by SIGPIPE."""
 
 
 EXIT_CODES_HELP = """\
 exit codes: 0 success; 1 the operation failed; 2 changes (plan/apply --detailed-exitcode);
 3 incomplete: a host or repository could not be observed (plan --detailed-exitcode), no
 status data (status); 64 usage error; 70 internal error (run again with -v); 78 configuration
-error; 130/143 interrupted by SIGINT/SIGTERM. See README "Exit codes"."""
+error; 130/143 interrupted by SIGINT/SIGTERM; 141 the reader of the output went away
+(| head). See README "Exit codes"."""
 
 
 class UsageParser(argparse.ArgumentParser):
@@ -316,7 +321,9 @@ RECORDED_VERBS = ("backup", "restore", "export", "verify")
 """Verbs whose runs go into the history (``esxi-reconciler history``) next to the daemon's own work."""
 
 
-def record_command(args: argparse.Namespace, code: int, error: str | None = None) -> None:
+def record_command(
+    args: argparse.Namespace, code: int, error: str | None = None, started: datetime | None = None
+) -> None:
     """Add a run of a data verb (:data:`RECORDED_VERBS`) to the history of the state directory: what was
     asked (from the command line, which holds no secret), when, and how it ended. Best effort: a user who
     cannot write the state directory still gets the verb's work, without a record. Only where a status
@@ -324,8 +331,6 @@ def record_command(args: argparse.Namespace, code: int, error: str | None = None
     (nothing was attempted)."""
     if args.command not in RECORDED_VERBS or code in (ExitCode.USAGE, ExitCode.CONFIG):
         return
-    from datetime import datetime, timezone
-
     from reconciler.status.history import Event, EventOutcome
     from reconciler.status.store import StatusStore, status_path
 
@@ -354,7 +359,8 @@ def record_command(args: argparse.Namespace, code: int, error: str | None = None
         kind=args.command,
         subject=subject,
         outcome=outcome,
-        message=error or f"{command_name(args)} from the command line: done",
+        message=error or f"{command_name(args)} from the command line: done (exit {int(code)})",
+        started=started,
         host=host,
         vm=vm,
         policy=policy,

@@ -1,6 +1,6 @@
 """``esxi-reconciler completion bash|zsh``: the shell completion script, generated from the parser with
-shtab; ``esxi-reconciler _complete vms|points|repositories|policies|hosts`` (not listed): the names the
-script offers for VMs, restore points and config objects; ``esxi-reconciler _manpage`` (not listed):
+shtab; ``esxi-reconciler _complete vms|points|repositories|policies|hosts|notifiers`` (not listed): the
+names the script offers for VMs, restore points and config objects; ``esxi-reconciler _manpage`` (not listed):
 the man page, from the same parser (:mod:`reconciler.commands.manpage`).
 
 shtab over argcomplete: shtab writes a static script once (``make install`` puts it in place), so a
@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from reconciler.config.model import DesiredState
 
 SHELLS = ("bash", "zsh")
-NAME_KINDS = ("vms", "points", "repositories", "policies", "hosts")
+NAME_KINDS = ("vms", "points", "repositories", "policies", "hosts", "notifiers")
 
 _EXAMPLES = """\
 examples:
@@ -28,7 +28,7 @@ examples:
   esxi-reconciler completion zsh > ~/.zfunc/_esxi-reconciler   (a directory in $fpath)
 
 `make install` installs both for every user. Besides commands and options they complete VM
-names, restore point ids and the names of repositories, policies and hosts, read from the
+names, restore point ids and the names of repositories, policies, hosts and notifiers, read from the
 config (--config on the command line, else the default) and its repositories.
 """
 
@@ -43,13 +43,14 @@ _NAMES_BY_DEST = {
     "policy": "policies",
     "host": "hosts",
     "from_host": "hosts",
+    "notifier": "notifiers",
 }
 _FILES_BY_DEST = {"config", "out", "file", "planfile", "passphrase_file", "new_passphrase_file"}
 _DIRECTORIES_BY_DEST = {"state_dir", "to", "dir"}
 
 _BASH_PREAMBLE = """\
-# The names of VMs, restore points, repositories, policies or hosts ($1), read by the program itself
-# from the config given with --config (else its default); nothing when that fails.
+# The names of VMs, restore points, repositories, policies, hosts or notifiers ($1), read by the program
+# itself from the config given with --config (else its default); nothing when that fails.
 _esxi_reconciler_names() {
   local i config=()
   for ((i = 1; i < COMP_CWORD; i++)); do
@@ -64,8 +65,8 @@ _esxi_reconciler_names() {
 """ + "".join(f'_esxi_reconciler_{kind}() {{ _esxi_reconciler_names {kind} "$1"; }}\n' for kind in NAME_KINDS)
 
 _ZSH_PREAMBLE = """\
-# The names of VMs, restore points, repositories, policies or hosts ($1), read by the program itself
-# from the config given with --config (else its default); nothing when that fails.
+# The names of VMs, restore points, repositories, policies, hosts or notifiers ($1), read by the program
+# itself from the config given with --config (else its default); nothing when that fails.
 # (The whole command line: $words holds only a subcommand's words.)
 _esxi_reconciler_names() {
   local -a line config names
@@ -182,6 +183,8 @@ def cmd_complete(args: argparse.Namespace) -> int:
             names.update(desired.policies)
         elif args.kind == "hosts":
             names.update(desired.hosts)
+        elif args.kind == "notifiers":
+            names.update(desired.notifiers)
         else:
             if args.kind == "vms":
                 for policy in desired.policies.values():

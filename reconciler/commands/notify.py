@@ -57,7 +57,7 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         epilog=_NOTIFY_EXAMPLES,
         handler=cmd_notify_test,
     )
-    test.add_argument("name", metavar="NAME", help="name of a Notifier document")
+    test.add_argument("notifier", metavar="NAME", help="name of a Notifier document")
 
 
 def _notify_usage(args: argparse.Namespace) -> int:
@@ -70,9 +70,9 @@ def cmd_notify_test(args: argparse.Namespace) -> int:
     from reconciler.notify.send import NotifierError, check, send_once
 
     desired = load_desired(args)
-    if args.name not in desired.notifiers:
-        unknown_name("notify test", "Notifier", args.name, sorted(desired.notifiers))
-    notifier = desired.notifiers[args.name]
+    if args.notifier not in desired.notifiers:
+        unknown_name("notify test", "Notifier", args.notifier, sorted(desired.notifiers))
+    notifier = desired.notifiers[args.notifier]
     try:
         check(notifier)
     except NotifierError as exc:
@@ -84,7 +84,11 @@ def cmd_notify_test(args: argparse.Namespace) -> int:
     result = send_once(notifier, message)
     _record(args, now, notifier, message, result)
     if not result.ok:
-        fail(f"notifier {notifier.name}: not sent: {result.error}", "notify-failed")
+        fail(
+            f"notifier {notifier.name}: not sent: {result.error}; check that the service is up and"
+            f" reachable from this machine, and spec.url and its secrets ({notifier.source})",
+            "notify-failed",
+        )
     if args.json:
         emit_json(
             {

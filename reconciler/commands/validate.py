@@ -5,10 +5,15 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import structlog
 
 from reconciler.commands.common import ExitCode, add_command, config_dir, emit_json, fail, plural
+
+if TYPE_CHECKING:
+    from reconciler.config.errors import ConfigIssue
+    from reconciler.config.model import DesiredState
 
 log = structlog.get_logger("reconciler.cli")
 
@@ -68,6 +73,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
             files = {issue.file for issue in error.issues}
             print(f"FAILED: {plural(len(error.issues), 'error')} in {plural(len(files), 'file')} ({path})")
         return ExitCode.CONFIG
+    warnings = [*desired.warnings, *_notifier_warnings(desired)]
     revision = desired.revision
     counts = {
         "hosts": len(desired.hosts),
@@ -88,11 +94,11 @@ def cmd_validate(args: argparse.Namespace) -> int:
             },
             "counts": counts,
             "errors": [],
-            "warnings": [w.to_dict() for w in desired.warnings],
+            "warnings": [w.to_dict() for w in warnings],
         }
         emit_json(result)
         return ExitCode.OK
-    for warning in desired.warnings:
+    for warning in warnings:
         print(f"warning: {warning}", file=sys.stderr)
     summary = ", ".join(
         (
@@ -105,3 +111,20 @@ def cmd_validate(args: argparse.Namespace) -> int:
     )
     print(f"OK: {summary} (revision {revision.id})")
     return 0
+
+
+def _notifier_warnings(desired: DesiredState) -> list[ConfigIssue]:
+    """Notifiers whose URL apprise does not understand. A warning, not an error: the daemon loads such a
+    config too (and logs ``notify.unusable``), since a notifier never stops backups; but the owner
+    would hear nothing through it."""
+    if not desired.notifiers:
+        return []  # apprise is not even loaded
+    from reconciler.config.errors import ConfigIssue
+    from reconciler.notify.send import url_problem
+
+    found = []
+    for notifier in desired.notifiers.values():
+        problem = url_problem(notifier)
+        if problem is not None:
+            found.append(ConfigIssue(notifier.source.file, notifier.source.line, 1, "spec.url", problem))
+    return found

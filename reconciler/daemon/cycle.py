@@ -10,7 +10,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
@@ -107,20 +107,13 @@ def condition_event(condition: Condition, now: datetime) -> Event:
     )
 
 
-COMPACTED_KEY = "history/compacted"
-COMPACT_EVERY = timedelta(days=1)
-
-
 def _maintain_history(store: StatusStore, now: datetime, retention: Retention) -> None:
     """Compact the event log when a day has passed since the last time."""
-    last = store.events.get_state(COMPACTED_KEY)
-    if last is not None and now - datetime.fromisoformat(last["time"]) < COMPACT_EVERY:
-        return
-    report = store.events.compact(now, retention)
-    store.events.put_state(COMPACTED_KEY, {"time": now.isoformat()}, now)
-    log.info(
-        "history.compacted", deleted=report.deleted, compacted=report.compacted, vacuumed=report.vacuumed
-    )
+    report = store.events.compact_daily(now, retention)
+    if report is not None:
+        log.info(
+            "history.compacted", deleted=report.deleted, compacted=report.compacted, vacuumed=report.vacuumed
+        )
 
 
 def after_cycle(

@@ -365,7 +365,8 @@ class Daemon:
                 self.notifications.close(timeout=2.0 if self.abandoned else 10.0)
             except Exception:
                 log.exception("notify.stop_failed")
-        self._record(Event(self.clock(), "daemon", "daemon", "info", f"stopped after {self.cycles} cycles"))
+        cycles = f"{self.cycles} cycle" + ("" if self.cycles == 1 else "s")
+        self._record(Event(self.clock(), "daemon", "daemon", "info", f"stopped after {cycles}"))
 
     def _record(self, event: Event) -> None:
         if self._store is not None:

@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import logging
 import queue
+import re
 import threading
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from urllib.parse import quote, quote_plus
@@ -25,6 +27,10 @@ import structlog
 from reconciler.config.model import Notifier
 from reconciler.config.secrets import SecretError
 from reconciler.notify.rules import Message
+
+# apprise's plugins, loaded on first use, import the deprecated imghdr: a warning line in a verb's output
+# that is neither ours to fix nor the user's to read
+warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"apprise(\.|$)")
 
 log = structlog.get_logger(__name__)
 
@@ -87,6 +93,18 @@ def resolve_url(notifier: Notifier) -> tuple[str, list[str]]:
 
 def _scheme(url: str) -> str:
     return url.split("://", 1)[0]
+
+
+def url_problem(notifier: Notifier) -> str | None:
+    """Why apprise cannot use the notifier's URL (its scheme or form), checked without its secrets (each
+    placeholder stands in as ``x``), or None: for ``validate``, which reads no secret."""
+    url = re.sub(r"\{[^{}]*\}", "x", notifier.url)
+    if apprise.Apprise().add(url):
+        return None
+    return (
+        f"apprise does not understand the URL (scheme {_scheme(url)}://): this notifier cannot send;"
+        " check it against the apprise documentation"
+    )
 
 
 def check(notifier: Notifier) -> None:

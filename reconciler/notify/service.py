@@ -145,7 +145,7 @@ class Notifications:
                 self._evaluate(notifier, facts, CONFIG_SCOPE)
 
     def _checks(self) -> dict[tuple[str, str], Check]:
-        latest = self.store.events.latest(("verify", "test-restore"))
+        latest = self.store.events.latest(("verify", "test-restore"), command_line=False)
         return {
             key: Check(e.outcome, e.message, bool(e.detail.get("transient", False)))
             for key, e in latest.items()

@@ -253,6 +253,32 @@ class Retention:
     keep_detail: timedelta = timedelta(days=90)
     max_events: int = 200_000
 
+    def to_dict(self) -> dict[str, float | int]:
+        return {
+            "keep_seconds": self.keep.total_seconds(),
+            "keep_detail_seconds": self.keep_detail.total_seconds(),
+            "max_events": self.max_events,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any] | None) -> Retention:
+        """The retention :meth:`to_dict` wrote; the default for None or a document it cannot read."""
+        if data is None:
+            return cls()
+        try:
+            return cls(
+                timedelta(seconds=float(data["keep_seconds"])),
+                timedelta(seconds=float(data["keep_detail_seconds"])),
+                int(data["max_events"]),
+            )
+        except (TypeError, KeyError, ValueError):
+            return cls()
+
+
+COMPACTED_KEY = "history/compacted"
+"""The state document saying when the event log was last compacted, and with which retention."""
+COMPACT_EVERY = timedelta(days=1)
+
 
 @dataclass(frozen=True)
 class CompactionReport:
@@ -412,16 +438,24 @@ class EventLog:
         return [_row_event(row) for row in rows]
 
     def latest(
-        self, kinds: Sequence[str], *, outcomes: Sequence[str] = ("ok", "failed")
+        self,
+        kinds: Sequence[str],
+        *,
+        outcomes: Sequence[str] = ("ok", "failed"),
+        command_line: bool = True,
     ) -> dict[tuple[str, str], Event]:
         """The newest event of each (kind, subject) among ``kinds`` with one of ``outcomes`` (by default
         work that was done: skipped attempts say nothing about the data): the last verify of each
-        repository, the last backup of each VM."""
+        repository, the last backup of each VM. ``command_line=False`` leaves out the runs of verbs from
+        the command line (:func:`reconciler.commands.common.record_command`): the notifications judge the
+        daemon's own checks, which a hand-run verify of other repositories, or one that stopped at a
+        lock, must neither hide nor fake."""
         kind_marks = ", ".join("?" for _ in kinds)
         outcome_marks = ", ".join("?" for _ in outcomes)
+        origin = "" if command_line else " AND json_extract(detail, '$.command_line') IS NULL"
         sql = (
             f"SELECT {_COLUMNS} FROM events WHERE id IN (SELECT MAX(id) FROM events"  # noqa: S608
-            f" WHERE kind IN ({kind_marks}) AND outcome IN ({outcome_marks}) GROUP BY kind, subject)"
+            f" WHERE kind IN ({kind_marks}) AND outcome IN ({outcome_marks}){origin} GROUP BY kind, subject)"
         )
         with self._lock:
             rows = self._db.execute(sql, (*kinds, *outcomes)).fetchall()
@@ -491,6 +525,20 @@ class EventLog:
                 self._db.execute("VACUUM")
                 vacuumed = True
         return CompactionReport(deleted, len(rows), vacuumed)
+
+    def compact_daily(self, now: datetime, retention: Retention | None = None) -> CompactionReport | None:
+        """:meth:`compact` when a day has passed since the last time (None when not yet). ``retention``:
+        the daemon's (``run --keep-history``), remembered here; None (``apply`` from cron, without a
+        daemon) uses the one the daemon last used on this file, else the default, so a run of ``apply``
+        never deletes what the daemon was told to keep."""
+        last = self.get_state(COMPACTED_KEY)
+        if retention is None:
+            retention = Retention.from_dict(last.get("retention") if last else None)
+        if last is not None and now - datetime.fromisoformat(last["time"]) < COMPACT_EVERY:
+            return None
+        report = self.compact(now, retention)
+        self.put_state(COMPACTED_KEY, {"time": now.isoformat(), "retention": retention.to_dict()}, now)
+        return report
 
     # -- small state documents (the notifications' memory) --------------------------------------------
 

@@ -5,6 +5,7 @@ is nowhere it must not be, a service that is down is retried, and a full queue n
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections.abc import Iterator
@@ -20,6 +21,7 @@ from reconciler.notify.rules import Message, message_for_test
 from reconciler.notify.send import Dispatcher, SendResult, send_once
 from reconciler.status.store import StatusStore, status_path
 from tests.notifyservers import HttpReceiver, http_receiver, make_certificate, smtp_server
+from tests.unit.test_cli_outcomes import check
 
 SMTP_PASSWORD = "s3cret-Pa55/word+&?#%="
 TOKEN = "AbCdEf0123456789-gotify"
@@ -174,9 +176,25 @@ def test_notify_test_verb_sends_and_records(
     assert main(["--config", str(config), "--state-dir", str(state), "notify", "test", "phone"]) == 1
     err = capsys.readouterr().err
     assert err.startswith("esxi-reconciler notify test: notifier phone: not sent:") and TOKEN not in err
+    argv = ["--config", str(config), "--state-dir", str(state), "notify", "test", "phone", "--json"]
+    assert main(argv) == 0
+    doc = json.loads(capsys.readouterr().out)
+    check("notify-test", doc)
+    assert (doc["notifier"], doc["url"], doc["attempts"]) == (
+        "phone",
+        f"gotify://127.0.0.1:{receiver.port}/{{token}}",
+        1,
+    )
+    receiver.fail_next(1, status=401)
+    assert main(argv) == 1
+    error = json.loads(capsys.readouterr().out)
+    check("error", error)
+    assert error["error"]["code"] == "notify-failed" and TOKEN not in json.dumps(error)
     with StatusStore.open(status_path(state), readonly=True) as store:
         events = store.events.events()
     assert [(e.kind, e.subject, e.outcome) for e in events] == [
+        ("notify", "phone", "failed"),
+        ("notify", "phone", "ok"),
         ("notify", "phone", "failed"),
         ("notify", "phone", "ok"),
     ]
@@ -194,6 +212,17 @@ def test_notify_test_names_what_is_wrong(tmp_path: Path, capsys: pytest.CaptureF
     notifier(tmp_path, "nosuchservice://x/y", name="odd")
     assert main(["--config", str(tmp_path / "config-odd"), "notify", "test", "odd"]) == 78
     assert "apprise does not understand the URL (scheme nosuchservice://)" in capsys.readouterr().err
+    # validate knows the scheme is wrong: a warning (the daemon loads it too, and logs notify.unusable)
+    assert main(["--config", str(tmp_path / "config-odd"), "validate"]) == 0
+    err = capsys.readouterr().err
+    assert err.startswith("warning: notifier.yaml:1:1 spec.url: apprise does not understand the URL (scheme")
+    assert main(["--config", str(tmp_path / "config-odd"), "validate", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    check("validate", doc)
+    assert [w["path"] for w in doc["warnings"]] == ["spec.url"]
+    # a known scheme, its secret not set: validate reads no secret (--resolve-secrets does), no warning
+    assert main(["--config", str(tmp_path / "config-n"), "validate"]) == 0
+    assert "warning" not in capsys.readouterr().err
 
 
 def test_a_service_down_for_a_while_is_retried(tmp_path: Path, receiver: HttpReceiver) -> None:

@@ -4,12 +4,17 @@ bomb, a 50 MB file, duplicate keys, a secret file with a loose mode. Each bad ch
 its file and line (the ``config.invalid`` log event and the ``config`` condition that ``status``
 shows), names the cause, and the daemon keeps running the last good config; what is not config (swap
 files, a file still being written) is never read as config.
+
+The config has notifiers with secrets (an SMTP password, a wrong one, a Gotify token) sending to local
+servers: every rejection is told, and the secret scan proves none of their secrets is in the daemon's
+log, ``notify test``'s output, ``history`` or the status file.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -24,12 +29,14 @@ from typing import Any
 import pytest
 
 from esxisim.handle import LabHandle
+from reconciler.cli import main
 from reconciler.config import load_config
 from reconciler.config.documents import parse_text
 from reconciler.repository import KdfParams, Repository
 from reconciler.status.conditions import CONFIG_NAME
 from reconciler.status.store import StatusStore, status_path
 from tests.integration.labconfig import PASSPHRASE, policy_yaml, private_file, write_lab_config
+from tests.notifyservers import HttpReceiver, Mail, SmtpServer, http_receiver, smtp_server
 from tests.reliability.fuzz import bounded
 from tests.reliability.ledger import Ledger
 from tests.reliability.secretscan import SecretScan
@@ -41,6 +48,9 @@ WAIT = 60.0
 DEBOUNCE = 1.0
 RESYNC = 2.0
 MAX_RSS_MIB = 400
+SMTP_PASSWORD = "n0tify/Pa55+w&rd?#%"
+WRONG_PASSWORD = "wr0ng/Pa55+w&rd?#%"
+GOTIFY_TOKEN = "Gx7-notify-token-4f9a2c"
 """The daemon's resident memory after reading a YAML bomb and a 50 MB file (it holds about 100 MiB)."""
 
 
@@ -99,14 +109,47 @@ class Env:
     good: str
     """The revision of the good config."""
     policies: int
+    smtp: SmtpServer
+    receiver: HttpReceiver
+
+
+def notifiers_yaml(secrets: Path, smtp: SmtpServer, receiver: HttpReceiver) -> str:
+    """Three notifiers with secrets by reference: mail (right password), mail with a wrong password (every
+    send fails, its error logged), Gotify (the token in the URL, sent as a header)."""
+    mail = f"mailto://backup:{{password}}@127.0.0.1:{smtp.port}?from=backup@example.org&to=ops@example.org"
+    docs = []
+    for name, url, secret, value in (
+        ("ops-mail", mail, "password", SMTP_PASSWORD),
+        ("ops-mail-wrong", mail, "password", WRONG_PASSWORD),
+        ("ops-phone", f"gotify://127.0.0.1:{receiver.port}/{{token}}", "token", GOTIFY_TOKEN),
+    ):
+        file = private_file(secrets / f"{name}.secret", value)
+        docs.append(
+            f"apiVersion: esxi-reconciler/v1\nkind: Notifier\nmetadata: {{name: {name}}}\nspec:\n"
+            f"  url: '{url}'\n  secrets: {{{secret}: {{file: {file}}}}}\n"
+            "  rate_limit: {messages: 1000, per: 1h}\n"
+        )
+    return "---\n".join(docs)
 
 
 @pytest.fixture(scope="module")
 def env(lab: LabHandle, tmp_path_factory: pytest.TempPathFactory, secret_scan: SecretScan) -> Iterator[Env]:
+    with smtp_server(password=SMTP_PASSWORD) as smtp, http_receiver() as receiver:
+        yield from _env(lab, tmp_path_factory, secret_scan, smtp, receiver)
+
+
+def _env(
+    lab: LabHandle,
+    tmp_path_factory: pytest.TempPathFactory,
+    secret_scan: SecretScan,
+    smtp: SmtpServer,
+    receiver: HttpReceiver,
+) -> Iterator[Env]:
     root = tmp_path_factory.mktemp("config-failures")
     # manual schedules: cycles observe and plan, nothing runs on the shared lab
     policies = policy_yaml("p", lab.free, ["web01"], schedule="{manual: true}")
     config = write_lab_config(lab, root, policies)
+    (config / "notifiers.yaml").write_text(notifiers_yaml(root / "secrets", smtp, receiver))
     Repository.init(root / "repo", PASSPHRASE, kdf=KdfParams(memory_kib=1024, iterations=1, lanes=1))
     state = root / "state"
     secret_scan.watch_config(config, state)
@@ -122,7 +165,16 @@ def env(lab: LabHandle, tmp_path_factory: pytest.TempPathFactory, secret_scan: S
     reader.start()
     try:
         daemon.wait(0, "the first cycle", lambda e: e.get("event") == "cycle.done")
-        yield Env(config, state, root / "secrets", daemon, desired.revision.id, len(desired.policies))
+        yield Env(
+            config,
+            state,
+            root / "secrets",
+            daemon,
+            desired.revision.id,
+            len(desired.policies),
+            smtp,
+            receiver,
+        )
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -358,3 +410,62 @@ def test_a_secret_file_readable_by_others(env: Env, ledger: Ledger) -> None:
     path.write_text(good)
     back_to_good(env, mark)
     new_file.unlink()
+
+
+def mail_after(env: Env, start: int, subject: str) -> Mail:
+    """The first mail with ``subject`` among those that arrived after the first ``start`` (a message of
+    an earlier test may still arrive)."""
+    deadline = time.monotonic() + WAIT
+    while time.monotonic() < deadline:
+        found = [m for m in env.smtp.mails[start:] if m.subject == subject]
+        if found:
+            return found[0]
+        time.sleep(0.05)
+    raise AssertionError(f"no mail {subject!r}; got {[m.subject for m in env.smtp.mails[start:]]}")
+
+
+def test_rejections_are_told_and_no_notifier_secret_is_anywhere(
+    env: Env, ledger: Ledger, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A rejected change reaches the mail and Gotify notifiers (and its recovery after the fix); the
+    notifier with the wrong password fails, and says why, without either password. The secret scan
+    (conftest) checks the daemon's log, the verbs' output and, at the end, the status file."""
+    path = env.config / "policies" / "p.yaml"
+    good = path.read_text()
+    mails = len(env.smtp.mails)
+    at = next(i for i, line in enumerate(good.splitlines()) if line.lstrip().startswith("host:")) + 1
+    mark = env.daemon.mark()
+    path.write_text(re.sub(r"(?m)^  host: .*$", "  host: esxi9", good, count=1))
+    rejected(env, mark, "policies/p.yaml", at, "esxi9")
+    ledger.count("faults_injected")
+    mail = mail_after(env, mails, "[esxi-reconciler] Config rejected: the config")
+    assert mail.authenticated_as == "backup" and f"policies/p.yaml:{at}:" in mail.body
+    push = env.receiver.wait_for(
+        1, WAIT, lambda r: r.json()["title"] == mail.subject and "esxi9" in r.json()["message"]
+    )[-1]
+    assert push.headers["x-gotify-key"] == GOTIFY_TOKEN  # the token reached Gotify, and only Gotify
+    failed = env.daemon.wait(
+        mark,
+        "the wrong password's failed attempt",
+        lambda e: e.get("event") == "notify.attempt_failed" and e.get("notifier") == "ops-mail-wrong",
+    )
+    assert "authentication" in failed["error"].lower() or "535" in failed["error"], failed
+
+    mark = env.daemon.mark()
+    path.write_text(good)
+    back_to_good(env, mark)
+    mail_after(env, env.smtp.mails.index(mail) + 1, "[esxi-reconciler] Recovered: the config")
+
+    # notify test through the wrong password: exit 1, the cause in one line, recorded in the history
+    argv = ["--config", str(env.config), "--state-dir", str(env.state), "--log-level", "critical"]
+    assert main([*argv, "notify", "test", "ops-mail-wrong"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("esxi-reconciler notify test: notifier ops-mail-wrong: not sent:"), err
+    assert main([*argv, "history", "--kind", "notify", "--json", "--limit", "0"]) == 0
+    events = json.loads(capsys.readouterr().out)["events"]
+    wrong = [e for e in events if e["subject"] == "ops-mail-wrong"]
+    assert wrong and all(e["outcome"] == "failed" for e in wrong)
+    assert any(e["subject"] == "ops-mail" and e["outcome"] == "ok" for e in events)
+    status_file = status_path(env.state).read_bytes()
+    for secret in (SMTP_PASSWORD, WRONG_PASSWORD, GOTIFY_TOKEN):
+        assert secret.encode() not in status_file

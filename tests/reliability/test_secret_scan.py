@@ -42,3 +42,24 @@ def test_loose_modes_are_reported(tmp_path: Path) -> None:
     private.chmod(0o600)
     loose.chmod(0o640)
     assert private_files([private, loose]) == [f"{loose} (mode 0640)"]
+
+
+def test_a_configs_notifier_secrets_are_watched_as_given_and_url_encoded(tmp_path: Path) -> None:
+    config = tmp_path / "config"
+    config.mkdir()
+    token = tmp_path / "token"
+    token.write_text("tok/en+with&odd?chars")
+    token.chmod(0o600)
+    (config / "n.yaml").write_text(
+        "apiVersion: esxi-reconciler/v1\nkind: Notifier\nmetadata: {name: phone}\n"
+        f"spec: {{url: 'gotify://gotify.example.org/{{token}}', secrets: {{token: {{file: {token}}}}}}}\n"
+    )
+    scan = SecretScan()
+    scan.watch_config(config)
+    assert [f.what for f in scan.output("sent with tok/en+with&odd?chars", "log")] == [
+        "secret {token} of notifier phone"
+    ]
+    leaked_url = "gotify://gotify.example.org/tok%2Fen%2Bwith%26odd%3Fchars failed"
+    assert [f.what for f in scan.output(leaked_url, "log")] == [
+        "secret {token} of notifier phone (URL-encoded)"
+    ]

@@ -77,6 +77,12 @@ def test_bash_completes_commands_subcommands_and_options(bash_script: Path) -> N
         bash_script, ["esxi-reconciler", "repo", "key", "passwd", "--"]
     )
     assert bash_complete(bash_script, ["esxi-reconciler", "schema", "b"]) == ["backup-policy"]
+    assert bash_complete(bash_script, ["esxi-reconciler", "h"]) == ["history"]
+    assert bash_complete(bash_script, ["esxi-reconciler", "notify", ""]) == ["test"]
+    assert {"--vm", "--policy", "--since", "--kind", "--failed"} <= set(
+        bash_complete(bash_script, ["esxi-reconciler", "history", "--"])
+    )
+    assert bash_complete(bash_script, ["esxi-reconciler", "history", "--kind", "no"]) == ["notify"]
     hidden = bash_complete(bash_script, ["esxi-reconciler", "_"])
     assert hidden == []  # the helper verbs are not offered
 
@@ -127,6 +133,12 @@ def test_bash_completes_vm_names_and_point_ids_from_the_repository(bash_script: 
     assert bash_complete(
         bash_script, ["esxi-reconciler", "repo", "stats", "--config", str(cfg), ""], str(CLI)
     ) == ["nas"]
+    (cfg / "notifiers.yaml").write_text(
+        "apiVersion: esxi-reconciler/v1\nkind: Notifier\nmetadata: {name: ops-mail}\n"
+        "spec: {url: 'json://127.0.0.1:1/hook'}\n"
+    )
+    words = ["esxi-reconciler", "--config", str(cfg), "notify", "test", "o"]
+    assert bash_complete(bash_script, words, program=str(CLI)) == ["ops-mail"]
     # a config that cannot be read: nothing offered, nothing printed
     words = ["esxi-reconciler", "--config", str(tmp_path / "missing"), "restore", ""]
     assert bash_complete(bash_script, words, program=str(CLI)) == []
@@ -214,6 +226,8 @@ def test_the_man_page_renders_without_warnings(tmp_path: Path) -> None:
         "repo stats",
         "schema",
         "completion",
+        "history",
+        "notify test",
     ):
         assert f"esxi-reconciler {command}\n" in text
     assert "esxi-reconciler repo key-export\n" not in text and "_complete" not in text  # unlisted

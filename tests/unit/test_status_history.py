@@ -89,6 +89,22 @@ def test_queries_by_vm_policy_kind_outcome_and_time(tmp_path: Path) -> None:
         assert [a.subject for a in store.actions(status="failed")] == ["nas", "esxi1/db01"]
 
 
+def test_the_daemons_checks_apart_from_runs_of_verbs_from_the_command_line(tmp_path: Path) -> None:
+    """A verify run by hand (recorded with its command line) is in the history, but the newest check the
+    notifications judge stays the daemon's own: a hand-run verify that stopped at a lock neither hides
+    the daemon's damage report nor becomes one."""
+    with StatusStore.open(status_path(tmp_path)) as store:
+        verify = RunVerify(reason="due", verify_policy="weekly", repository="nas", read_data_percent=10)
+        store.record_outcome(Outcome(verify, "failed", T0, T0, error="2 damaged chunks"), REV)
+        by_hand = {"command_line": {"command": "verify", "repositories": ["nas"]}, "exit_code": 1}
+        later = T0 + timedelta(hours=1)
+        store.events.record(Event(later, "verify", "nas", "failed", "locked by a backup", detail=by_hand))
+        store.events.record(Event(later, "verify", "every repository", "failed", "locked", detail=by_hand))
+        assert store.events.latest(("verify",))[("verify", "nas")].message == "locked by a backup"
+        daemons = store.events.latest(("verify",), command_line=False)
+    assert list(daemons) == [("verify", "nas")] and daemons[("verify", "nas")].message == "2 damaged chunks"
+
+
 def test_compaction_deletes_old_events_drops_old_detail_and_bounds_the_rows(tmp_path: Path) -> None:
     now = T0 + timedelta(days=500)
     with StatusStore.open(status_path(tmp_path)) as store:
@@ -106,6 +122,30 @@ def test_compaction_deletes_old_events_drops_old_detail_and_bounds_the_rows(tmp_
             store.events.record(Event(now, "condition", f"vm esxi1/v{i}", "info", "Ready"))
         report = store.events.compact(now, Retention(max_events=10))
         assert len(store.events.events(HistoryQuery(limit=None))) == 10
+
+
+def test_compacted_once_a_day_with_the_retention_the_daemon_was_given(tmp_path: Path) -> None:
+    """The daemon compacts once a day with its ``--keep-history``; ``apply`` (cron, no daemon) compacts
+    with the retention the daemon last used, so it never deletes what the daemon keeps."""
+    now = T0 + timedelta(days=1000)
+    with StatusStore.open(status_path(tmp_path)) as store:
+        for days in (900, 500, 10):
+            at = now - timedelta(days=days)
+            store.record_outcome(Outcome(backup(), "ok", at, at, detail=backup_detail()), REV)
+        long = Retention(keep=timedelta(days=800), keep_detail=timedelta(days=30))
+        first = store.events.compact_daily(now, long)
+        assert first is not None and (first.deleted, first.compacted) == (1, 1)
+        assert store.events.compact_daily(now + timedelta(hours=23), long) is None  # once a day
+        at = now + timedelta(days=1)
+        store.record_outcome(Outcome(backup(), "ok", at, at, detail=backup_detail()), REV)
+        later = store.events.compact_daily(now + timedelta(days=2))  # apply: no retention of its own
+        assert later is not None and later.deleted == 0  # 502 days old: kept for the daemon's 800
+        assert len(store.events.events()) == 3
+    with StatusStore.open(status_path(tmp_path / "fresh")) as store:  # no daemon ever: the default
+        old = now - timedelta(days=500)
+        store.record_outcome(Outcome(backup(), "ok", old, old, detail=backup_detail()), REV)
+        report = store.events.compact_daily(now)
+        assert report is not None and report.deleted == 1
 
 
 def test_state_documents(tmp_path: Path) -> None:

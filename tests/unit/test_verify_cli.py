@@ -184,6 +184,7 @@ def test_runs_are_recorded_in_an_existing_history(
         ("verify", "nas", "failed"),
         ("verify", "nas", "ok"),
     ]
-    assert events[1].message == "verify from the command line: done"
+    assert events[1].message == "verify from the command line: done (exit 0)"
+    assert events[1].seconds is not None and events[1].seconds >= 0  # TOOK in `history`
     assert events[0].detail["command_line"]["repositories"] == "['nas']"
     assert events[0].detail["exit_code"] == 1
