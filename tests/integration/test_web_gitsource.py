@@ -33,7 +33,6 @@ def post(url: str, body: bytes, headers: dict[str, str]) -> int:
 
 def test_a_push_hook_fetches_the_source_now(world: World, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
     monkeypatch.setenv("HOOK_SECRET", SECRET)
-    monkeypatch.setenv("NO_SUCH_PASSWORD", "unused: the test cycle talks to no host")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = int(s.getsockname()[1])
