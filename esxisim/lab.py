@@ -117,7 +117,7 @@ def default_vm_names(host_index: int, count: int) -> list[str]:
     return [f"app{host_index + 1}{i + 1:02d}" for i in range(count)]
 
 
-def lab_spec(
+def lab_spec(  # noqa: PLR0913  the lab's knobs, each with a default; tests name the one or two they change
     hosts: int = 2,
     licenses: Sequence[str] = LICENSES,
     vms: int = 3,
@@ -560,12 +560,12 @@ class Lab:
         for host in self.hosts.values():
             try:
                 host.sshd.stop()
-            except Exception as exc:  # keep stopping the rest, report at the end
+            except Exception as exc:  # noqa: BLE001  keep stopping the rest, report at the end
                 errors.append(f"{host.name} sshd: {exc}")
         for host in self.hosts.values():
             try:
                 host.stop_api()
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001  keep stopping the rest, report at the end
                 errors.append(f"{host.name} esxisim-host: {exc}")
         errors.extend(self.leftovers())
         if errors:

@@ -147,7 +147,7 @@ def _confirm(count: int) -> bool | None:
     return answer.strip().lower() in ("y", "yes")
 
 
-def cmd_apply(args: argparse.Namespace) -> int:
+def cmd_apply(args: argparse.Namespace) -> int:  # noqa: C901  the verb's steps in the order the user meets them (saved plan, stale check, question, apply, exit code), each with its own exit
     """Execute the (saved or fresh) plan; see the exit status in the epilog."""
     from reconciler.esxi.signals import sigterm_raises
     from reconciler.operations.apply import apply
@@ -164,7 +164,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
     desired = load_desired(args)
     try:
         history = load_history(state_dir(args), desired.revision.id)
-    except Exception as exc:  # a broken store must not be mistaken for "never ran"
+    except Exception as exc:  # noqa: BLE001  a broken store must not be mistaken for "never ran"
         fail(f"cannot read the run history in {state_dir(args)}: {exc}", "state-directory")
     observed = observe(desired, now=datetime.now(timezone.utc), history=history)
     unobserved = observed.unobserved()
@@ -223,7 +223,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
         if store is not None:
             try:
                 store.record_outcome(outcome, revision)
-            except Exception as exc:  # the outcome is printed; losing the record must not stop the run
+            except Exception as exc:  # noqa: BLE001  the outcome is printed; losing the record must not stop the run
                 log.warning("apply.record_failed", error=str(exc))
 
     print(f"\nApplying {plural(len(the_plan.actions), 'action')} ...", flush=True)
@@ -272,7 +272,7 @@ def _open_store(args: argparse.Namespace) -> Any:
     path = status_path(state_dir(args))
     try:
         return StatusStore.open(path)
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001  without a status store apply still runs, and says the outcomes go unrecorded
         log.warning("apply.no_status_store", path=str(path), error=str(exc))
         print(f"warning: outcomes are not recorded ({path}: {exc})", file=sys.stderr)
         return None

@@ -174,7 +174,7 @@ def cmd_complete(args: argparse.Namespace) -> int:
     with contextlib.redirect_stderr(io.StringIO()):
         try:
             desired = load_desired(args)
-        except Exception:  # a missing or invalid config: nothing to offer, nothing to say
+        except Exception:  # noqa: BLE001  a missing or invalid config: nothing to offer, nothing to say
             return ExitCode.FAILED
         names: set[str] = set()
         if args.kind == "repositories":
@@ -209,6 +209,6 @@ def _from_points(desired: DesiredState, kind: str) -> set[str]:
                     found.update(repo.point_ids())
                 else:
                     found.update(p.vm.name for p in repo.list_points())
-        except Exception:  # noqa: S112 - completion offers what it can read; the rest stays silent
+        except Exception:  # noqa: S112, BLE001  completion offers what it can read; the rest stays silent
             continue
     return found

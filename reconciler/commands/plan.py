@@ -128,7 +128,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     desired = load_desired(args)
     try:
         history = load_history(state_dir(args), desired.revision.id)
-    except Exception as exc:  # a broken store must not be mistaken for "never ran"
+    except Exception as exc:  # noqa: BLE001  a broken store must not be mistaken for "never ran"
         fail(f"cannot read the run history in {state_dir(args)}: {exc}", "state-directory")
     now = datetime.now(timezone.utc)
     log.info("plan.observe", hosts=len(desired.hosts), repositories=len(desired.repositories))
@@ -172,14 +172,14 @@ def _exit_code(args: argparse.Namespace, changes: bool, unobserved: tuple[str, .
     return ExitCode.OK
 
 
-def _plan_revision(args: argparse.Namespace) -> int:
+def _plan_revision(args: argparse.Namespace) -> int:  # noqa: C901  the verb's steps in order (source or refs, each load's own error, one observe, review); split, the error paths would be passed around
     """``plan --revision REF [--against BASE]`` / ``plan --source FILE``: another revision's config,
     planned against reality observed now, with the review of the change when there is a base."""
     from reconciler.config import ConfigError
     from reconciler.config.source import load_source
     from reconciler.gitsource.approve import RepositoryReader
     from reconciler.gitsource.git import GitError
-    from reconciler.gitsource.preview import Revision, Revisions
+    from reconciler.gitsource.preview import LoadedRevision, Revisions
     from reconciler.gitsource.trust import TrustError
     from reconciler.operations.observe import load_history, observe
     from reconciler.planning.plan import plan
@@ -213,7 +213,7 @@ def _plan_revision(args: argparse.Namespace) -> int:
                 "usage",
             )
         base_ref = args.against or revisions.default_base
-        loaded: list[Revision] = []
+        loaded: list[LoadedRevision] = []
         for which, name in (("revision", ref), ("base", base_ref)):
             if name is None:
                 continue
@@ -232,7 +232,7 @@ def _plan_revision(args: argparse.Namespace) -> int:
         proposed, base = loaded[0], (loaded[1] if len(loaded) > 1 else None)
         try:
             history = load_history(state_dir(args), proposed.desired.revision.id)
-        except Exception as exc:  # a broken store must not be mistaken for "never ran"
+        except Exception as exc:  # noqa: BLE001  a broken store must not be mistaken for "never ran"
             fail(f"cannot read the run history in {state_dir(args)}: {exc}", "state-directory")
         log.info("plan.observe", revision=proposed.label, hosts=len(proposed.desired.hosts))
         observed = observe(proposed.desired, now=datetime.now(timezone.utc), history=history)

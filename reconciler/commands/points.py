@@ -22,7 +22,7 @@ from reconciler.commands.common import (
     unknown_name,
 )
 from reconciler.facts.points import RestorePoint
-from reconciler.planning.backup_mode import describe, per_disks
+from reconciler.planning.backup_mode import describe_mode, per_disks
 from reconciler.printable import printable
 from reconciler.units import human_size
 
@@ -237,7 +237,7 @@ def _why(point: RestorePoint) -> list[str]:
     over (more than the one plain reason), with their reasons (disks with the same ones on one line);
     for a point written before disks recorded them, its fallback reason."""
     lines = per_disks(
-        (d.label, describe(d.mode, d.reasons))
+        (d.label, describe_mode(d.mode, d.reasons))
         for d in point.disks
         if d.mode is not None and (d.mode == "full" or len(d.reasons) > 1)
     )
@@ -351,28 +351,38 @@ def cmd_points_unprotect(args: argparse.Namespace) -> int:
     return _set_protection(args, False)
 
 
-def cmd_points_forget(args: argparse.Namespace) -> int:
-    """``points forget ID... [--force] [--gc] [--yes]``: 0 forgotten, 1 failed, declined or GC deferred, 64
-    an unknown or refused point, or not asked (before anything was deleted)."""
-    from reconciler.operations.failures import explain
-    from reconciler.operations.prune import forget, forget_refusal
+def _rows_to_forget(
+    found: dict[str, tuple[Repository, list[RestorePoint]]], wanted: list[str], *, force: bool
+) -> dict[str, dict[str, Any]]:
+    """A row per point asked for; stops the verb (64, nothing deleted yet) at a point forget refuses."""
+    from reconciler.operations.prune import forget_refusal
 
-    if args.wait < 0:
-        fail("--wait must not be negative", "usage", "usage")
-    found = _locate(args, load_desired(args), "forget")
-    wanted = list(dict.fromkeys(args.point_ids))
     rows: dict[str, dict[str, Any]] = {}
     for name, (_, points) in found.items():
         for point in points:
             if point.id in wanted:
                 rows[point.id] = {**_point_row(name, point), "decision": None, "reason": None}
-                refusal = forget_refusal(point, points, force=args.force)
+                refusal = forget_refusal(point, points, force=force)
                 if refusal is not None:
                     fail(
                         f"{refusal}; nothing was forgotten",
                         "protected" if point.protected else "newest-point",
                         "usage",
                     )
+    return rows
+
+
+def cmd_points_forget(args: argparse.Namespace) -> int:
+    """``points forget ID... [--force] [--gc] [--yes]``: 0 forgotten, 1 failed, declined or GC deferred, 64
+    an unknown or refused point, or not asked (before anything was deleted)."""
+    from reconciler.operations.failures import explain
+    from reconciler.operations.prune import forget
+
+    if args.wait < 0:
+        fail("--wait must not be negative", "usage", "usage")
+    found = _locate(args, load_desired(args), "forget")
+    wanted = list(dict.fromkeys(args.point_ids))
+    rows = _rows_to_forget(found, wanted, force=args.force)
     ordered = [rows[i] for i in wanted]
     print(f"to forget ({plural(len(ordered), 'restore point')}, cannot be restored afterwards):")
     for row in ordered:

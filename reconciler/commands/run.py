@@ -209,7 +209,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         try:
             with StatusStore.open(status_path(directory), readonly=True) as store:
                 stalled = [c.to_dict() for c in store.conditions() if c.status == "Stalled"]
-        except Exception as exc:  # the cycle's own result still says what happened
+        except Exception as exc:  # noqa: BLE001  the cycle's own result still says what happened
             print(f"esxi-reconciler run: cannot list the Stalled objects: {exc}", file=sys.stderr)
         emit_json(
             {

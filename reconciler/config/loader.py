@@ -665,7 +665,7 @@ def load_config(
     raise AssertionError("unreachable")
 
 
-def _load(root: Path, resolve_secrets: bool, commit: str | None) -> model.DesiredState:
+def _load(root: Path, resolve_secrets: bool, commit: str | None) -> model.DesiredState:  # noqa: C901  the load's passes in order (read, check, build, cross-reference); each adds issues, none stops the others
     if not root.exists():
         raise ConfigError([ConfigIssue(str(root), 0, 0, "", "config directory does not exist")])
     documents, contents, issues = _read(root)

@@ -51,7 +51,11 @@ CALENDAR_DURATION_PATTERN = r"^([0-9]+(h|d|w|m|y))+$"
 TIMEZONE_PATTERN = r"^[A-Za-z][A-Za-z0-9_+-]*(/[A-Za-z0-9_+-]+)*$"
 NOTIFY_URL_PATTERN = r"^[A-Za-z][A-Za-z0-9+.-]*://\S+$"
 PLACEHOLDER_NAME_PATTERN = r"^[a-z][a-z0-9_]{0,31}$"
-GIT_URL_PATTERN = r"^(ssh://[^@/\s]+@[^/\s]+/\S+|[A-Za-z0-9._-]+@[A-Za-z0-9.-]+:\S+|file:///\S*)$"
+GIT_URL_PATTERN = (
+    r"^(ssh://[^@/\s]+@[^/\s]+/\S+|[A-Za-z0-9._-]+@[A-Za-z0-9.-]+:\S+|file:///\S*|https?://[^/\s]+/\S+)$"
+)
+"""http:// and credentials in an https:// URL pass the pattern on purpose: the loader refuses them with
+a message that says what to do instead (and never echoes a token)."""
 SSH_PUBLIC_KEY_PATTERN = (
     r"^(ssh-ed25519|ssh-rsa|ecdsa-sha2-nistp256|ecdsa-sha2-nistp384|ecdsa-sha2-nistp521"
     r"|sk-ssh-ed25519@openssh\.com|sk-ecdsa-sha2-nistp256@openssh\.com) [A-Za-z0-9+/]+={0,3}( [^\n]*)?$"
@@ -83,7 +87,8 @@ PATTERN_HINTS: dict[str, str] = {
     PLACEHOLDER_NAME_PATTERN: "a placeholder name of 1-32 lower-case letters, digits or '_', starting with"
     " a letter",
     GIT_URL_PATTERN: "a git URL over SSH with a user (ssh://git@git.example.com:22/infra/esxi.git or"
-    " git@git.example.com:infra/esxi.git) or a local file:///path",
+    " git@git.example.com:infra/esxi.git), over HTTPS (https://git.example.com/infra/esxi.git) or a local"
+    " file:///path",
     SSH_PUBLIC_KEY_PATTERN: "an OpenSSH public key line such as 'ssh-ed25519 AAAAC3Nz… comment' (the"
     " content of a .pub file)",
     OPENPGP_KEY_PATTERN: "an ASCII-armoured OpenPGP public key (gpg --armor --export KEYID), starting with"
@@ -957,16 +962,22 @@ MONITORING_SPEC = _obj(
 
 GIT_SOURCE_SPEC = _obj(
     "Where the daemon fetches its config from: a branch or tag of a git repository, fetched on an interval"
-    " over SSH with a deploy key and a pinned host key, optionally trusting only commits signed by listed"
+    " over SSH with a deploy key and a pinned host key, or over HTTPS with an access token, optionally"
+    " trusting only commits signed by listed"
     " keys. Lives in a small bootstrap file given to `esxi-reconciler run --source FILE`, never in the"
     " config directory it fetches: a commit must not be able to change where the config comes from or whose"
     " signatures are trusted.",
     {
         "url": _str(
-            "The repository's URL: ssh://USER@HOST[:PORT]/PATH, USER@HOST:PATH (scp-like), or file:///PATH"
-            " for a repository on this machine.",
+            "The repository's URL: ssh://USER@HOST[:PORT]/PATH, USER@HOST:PATH (scp-like),"
+            " https://HOST[:PORT]/PATH, or file:///PATH for a repository on this machine. Plain http:// and"
+            " credentials inside the URL are refused: give them in spec.https.",
             GIT_URL_PATTERN,
-            examples=["ssh://git@git.example.com/infra/esxi-config.git", "file:///srv/git/esxi-config.git"],
+            examples=[
+                "ssh://git@git.example.com/infra/esxi-config.git",
+                "https://github.com/example/esxi-config.git",
+                "file:///srv/git/esxi-config.git",
+            ],
         ),
         "branch": _str(
             "The branch to follow (its head is applied). Give branch or tag.", minLength=1, examples=["main"]
@@ -1000,6 +1011,31 @@ GIT_SOURCE_SPEC = _obj(
                 },
             },
             required=("private_key", "host_keys"),
+        ),
+        "https": _obj(
+            "How the HTTPS remote is reached. Optional for a public repository whose certificate the"
+            " system trusts. The token is sent as HTTP Basic authentication by a credential helper that"
+            " reads it from a private file while a fetch runs: it is never on a command line, in the"
+            " clone's git config, a log or the status. The server's certificate is always verified.",
+            {
+                "username": _str(
+                    "The user the token belongs to (GitHub: any non-empty name such as x-access-token;"
+                    " GitLab deploy token: its username; Gitea: the account's name).",
+                    minLength=1,
+                    examples=["x-access-token", "gitlab+deploy-token-7"],
+                ),
+                "token": _ref(
+                    "secret",
+                    "The access token (read-only access to the repository is enough), by reference.",
+                ),
+                "ca_file": _str(
+                    "A PEM file with the CA certificate(s) that sign the server's certificate, trusted"
+                    " instead of the system's CA store (for a forge with a private CA).",
+                    ABSOLUTE_PATH_PATTERN,
+                    examples=["/etc/esxi-reconciler/git-ca.pem"],
+                ),
+            },
+            dependentRequired={"username": ["token"], "token": ["username"]},
         ),
         "verify": _obj(
             "Apply only commits signed by one of these keys (checked with git verify-commit). An unsigned or"

@@ -25,6 +25,14 @@ from reconciler.config.secrets import Secret
 from reconciler.config.validation import apply_defaults, validate_document
 
 SignerKind = Literal["ssh", "openpgp"]
+Scheme = Literal["ssh", "https", "file"]
+
+
+def url_scheme(url: str) -> Scheme:
+    """The transport of a (valid) source URL."""
+    if url.startswith("file://"):
+        return "file"
+    return "https" if url.startswith(("https://", "http://")) else "ssh"  # http:// is refused at load
 
 
 @dataclass(frozen=True)
@@ -47,6 +55,17 @@ class SshAccess:
 
 
 @dataclass(frozen=True)
+class HttpsAccess:
+    """How an HTTPS remote is reached: optional Basic credentials (the token by reference) and an
+    optional CA to trust instead of the system's."""
+
+    username: str | None
+    token: Secret | None
+    ca_file: Path | None
+    """A PEM file of the CA certificate(s) that sign the server's certificate."""
+
+
+@dataclass(frozen=True)
 class GitSourceSpec:
     """Where the config comes from: one branch or tag of one git remote."""
 
@@ -59,6 +78,7 @@ class GitSourceSpec:
     interval: timedelta
     timeout: timedelta
     ssh: SshAccess | None
+    https: HttpsAccess | None
     signers: tuple[Signer, ...]
     allow_rollback: bool
     source: Source = field(compare=False)
@@ -79,13 +99,14 @@ class GitSourceSpec:
         return bool(self.signers)
 
     @property
-    def scheme(self) -> Literal["ssh", "file"]:
-        """The transport: ``ssh`` (ssh:// or scp-like) or ``file``."""
-        return "file" if self.url.startswith("file://") else "ssh"
+    def scheme(self) -> Scheme:
+        """The transport: ``ssh`` (ssh:// or scp-like), ``https`` or ``file``."""
+        return url_scheme(self.url)
 
     @property
     def display_url(self) -> str:
-        """The URL as shown in status and logs (it holds no secret: keys are by reference)."""
+        """The URL as shown in status and logs (it holds no secret: keys and tokens are by reference,
+        and a URL with credentials in it is refused at load)."""
         return self.url
 
 
@@ -110,7 +131,34 @@ def _path_problem(path: str) -> str | None:
     return None
 
 
+def _without_userinfo(url: str) -> str:
+    """``url`` with any ``user:password@`` replaced by ``***@`` (for messages about it)."""
+    parts = urlsplit(url)
+    host = parts.netloc.rpartition("@")[2]
+    return parts._replace(netloc=f"***@{host}").geturl() if "@" in parts.netloc else url
+
+
 def _url_problem(url: str) -> str | None:
+    if url.startswith("http://"):
+        return (
+            f"{url!r}: plain http:// is refused (the config and any token would travel unauthenticated"
+            " and in clear); use the https:// URL of the repository"
+        )
+    if url.startswith("https://"):
+        parts = urlsplit(url)
+        try:
+            parts.port  # noqa: B018 - raises ValueError on a bad port
+        except ValueError:
+            return f"{_without_userinfo(url)!r} has an invalid port"
+        if "@" in parts.netloc:
+            return (
+                f"{_without_userinfo(url)!r} holds credentials in the URL; remove the 'user:…@' part and"
+                " give spec.https.username and spec.https.token (a secret reference: env, file or"
+                " credential)"
+            )
+        if not parts.hostname or parts.path in ("", "/"):
+            return f"{url!r} needs a host and a path: https://git.example.com/infra/esxi.git"
+        return None
     if url.startswith("ssh://"):
         parts = urlsplit(url)
         try:
@@ -122,8 +170,92 @@ def _url_problem(url: str) -> str | None:
     return None
 
 
+def _ca_problem(path: Path) -> str | None:
+    """Why ``path`` cannot be the CA of an HTTPS remote, or None."""
+    try:
+        text = path.read_bytes()
+    except OSError as exc:
+        return f"cannot read {str(path)!r}: {exc.strerror or exc}; give the PEM file of the server's CA"
+    if b"-----BEGIN CERTIFICATE-----" not in text:
+        return f"{str(path)!r} holds no PEM certificate (-----BEGIN CERTIFICATE-----); give the CA's PEM file"
+    return None
+
+
 def _issue(doc: Document, path: tuple[str, ...], message: str) -> ConfigIssue:
     return doc.issue(path, message)
+
+
+def _signers(doc: Document, entries: list[dict[str, object]], issues: list[ConfigIssue]) -> list[Signer]:
+    """``spec.verify.signers``: each with its name (``signer-N`` when unnamed); two of one name is an
+    issue."""
+    signers: list[Signer] = []
+    for number, raw in enumerate(entries, start=1):
+        kind: SignerKind = "ssh" if "ssh" in raw else "openpgp"
+        key = str(raw[kind]).strip()
+        if kind == "ssh":
+            key = " ".join(key.split()[:2])
+        signers.append(Signer(str(raw.get("name") or f"signer-{number}"), kind, key))
+    names = [s.name for s in signers]
+    for number, name in enumerate(names):
+        if name in names[:number]:
+            issues.append(
+                _issue(doc, ("spec", "verify", "signers"), f"two signers are named {name!r}; rename one")
+            )
+    return signers
+
+
+def _transport_issues(
+    doc: Document, scheme: Scheme, ssh_spec: object, https_spec: object
+) -> list[ConfigIssue]:
+    """The access blocks that do not fit the URL's transport (or the one an SSH URL lacks)."""
+    issues = []
+    if scheme == "ssh" and ssh_spec is None:
+        issues.append(
+            _issue(
+                doc,
+                ("spec", "url"),
+                "an SSH remote needs spec.ssh: private_key (the deploy key, by reference) and host_keys"
+                " (ssh-keyscan HOST)",
+            )
+        )
+    if scheme == "file" and ssh_spec is not None:
+        issues.append(_issue(doc, ("spec", "ssh"), "has no effect on a file:// URL; remove it"))
+    if scheme == "https" and ssh_spec is not None:
+        issues.append(
+            _issue(
+                doc,
+                ("spec", "ssh"),
+                "is for SSH remotes, not an https:// URL; use spec.https or an ssh:// URL",
+            )
+        )
+    if scheme != "https" and https_spec is not None:
+        issues.append(
+            _issue(
+                doc,
+                ("spec", "https"),
+                f"is for https:// URLs, not a {scheme} remote; remove it or give the repository's"
+                " https:// URL",
+            )
+        )
+    return issues
+
+
+def _https_access(doc: Document, https_spec: dict[str, object], issues: list[ConfigIssue]) -> HttpsAccess:
+    """The ``spec.https`` block; what is wrong with it goes to ``issues``."""
+    ca_file = Path(str(https_spec["ca_file"])) if "ca_file" in https_spec else None
+    if ca_file is not None:
+        problem = _ca_problem(ca_file)
+        if problem:
+            issues.append(_issue(doc, ("spec", "https", "ca_file"), problem))
+    token = https_spec.get("token")
+    username = https_spec.get("username")
+    if username is not None and any(ord(c) < 32 or ord(c) == 127 for c in str(username)):
+        issues.append(_issue(doc, ("spec", "https", "username"), "must not hold control characters"))
+    return HttpsAccess(
+        username=str(username) if username is not None else None,
+        token=Secret.from_reference(token) if isinstance(token, dict) else None,
+        ca_file=ca_file,
+    )
 
 
 def _build(doc: Document, data: dict[str, object]) -> tuple[GitSourceSpec | None, list[ConfigIssue]]:
@@ -145,39 +277,18 @@ def _build(doc: Document, data: dict[str, object]) -> tuple[GitSourceSpec | None
     if problem:
         issues.append(_issue(doc, ("spec", "path"), problem))
     ssh_spec = spec.get("ssh")
-    is_file = url.startswith("file://")
-    if not is_file and ssh_spec is None:
-        issues.append(
-            _issue(
-                doc,
-                ("spec", "url"),
-                "an SSH remote needs spec.ssh: private_key (the deploy key, by reference) and host_keys"
-                " (ssh-keyscan HOST)",
-            )
-        )
-    if is_file and ssh_spec is not None:
-        issues.append(_issue(doc, ("spec", "ssh"), "has no effect on a file:// URL; remove it"))
+    https_spec = spec.get("https")
+    scheme = url_scheme(url)
+    issues += _transport_issues(doc, scheme, ssh_spec, https_spec)
+    https = _https_access(doc, https_spec, issues) if isinstance(https_spec, dict) else None
     interval = parse_interval(str(spec["interval"]))
     timeout = parse_interval(str(spec["timeout"]))
     if interval < timedelta(seconds=1):
         issues.append(_issue(doc, ("spec", "interval"), "must be at least 1s"))
     if timeout < timedelta(seconds=1):
         issues.append(_issue(doc, ("spec", "timeout"), "must be at least 1s"))
-    signers: list[Signer] = []
     verify = spec.get("verify")
-    if isinstance(verify, dict):
-        for number, raw in enumerate(verify["signers"], start=1):
-            kind: SignerKind = "ssh" if "ssh" in raw else "openpgp"
-            key = str(raw[kind]).strip()
-            if kind == "ssh":
-                key = " ".join(key.split()[:2])
-            signers.append(Signer(str(raw.get("name") or f"signer-{number}"), kind, key))
-        names = [s.name for s in signers]
-        for number, name in enumerate(names):
-            if name in names[:number]:
-                issues.append(
-                    _issue(doc, ("spec", "verify", "signers"), f"two signers are named {name!r}; rename one")
-                )
+    signers = _signers(doc, verify["signers"], issues) if isinstance(verify, dict) else []
     ssh = None
     if isinstance(ssh_spec, dict):
         ssh = SshAccess(
@@ -197,6 +308,7 @@ def _build(doc: Document, data: dict[str, object]) -> tuple[GitSourceSpec | None
             interval=interval,
             timeout=timeout,
             ssh=ssh,
+            https=https,
             signers=tuple(signers),
             allow_rollback=bool(spec["allow_rollback"]),
             source=Source(doc.file, doc.node.start_mark.line + 1),

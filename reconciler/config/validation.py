@@ -214,6 +214,19 @@ def _message(error: ValidationError, document: Document, path: list[PathElement]
             return f"needs {'exactly' if keyword == 'oneOf' else 'at least'} one of {', '.join(keys)}"
         wanted = " or ".join(str(branch.get("description", "")).rstrip(".").lower() for branch in value)
         return f"{show(instance)} is not {wanted}"
+    return _count_message(error) or f"{show(instance)} is invalid ({keyword})"
+
+
+def _count_message(error: ValidationError) -> str | None:
+    """The message of a keyword about counts, lengths and bounds, or fields that go together."""
+    keyword = error.validator
+    value: Any = error.validator_value
+    instance = error.instance
+    if keyword == "dependentRequired" and isinstance(instance, dict):
+        for given, needed in value.items():
+            missing = [name for name in needed if given in instance and name not in instance]
+            if missing:
+                return f"{given!r} needs {' and '.join(repr(name) for name in missing)} too"
     if keyword == "minItems":
         return f"needs at least {value} item{'s' if value != 1 else ''}"
     if keyword == "uniqueItems":
@@ -222,7 +235,7 @@ def _message(error: ValidationError, document: Document, path: list[PathElement]
         return "must not be empty"
     if keyword in ("minimum", "maximum") and isinstance(instance, (int, float)):
         return error.message
-    return f"{show(instance)} is invalid ({keyword})"
+    return None
 
 
 def _issues_for(error: ValidationError, document: Document, root: Schema) -> Iterator[ConfigIssue]:

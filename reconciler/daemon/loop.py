@@ -77,7 +77,7 @@ class Daemon:
     ``cycle`` (default :func:`~reconciler.daemon.cycle.reconcile`), ``clock`` (the "now" a cycle plans
     for), ``load`` (the config loader), ``notifier`` (systemd), ``watch`` (watchdog on the config dir)."""
 
-    def __init__(
+    def __init__(  # noqa: PLR0913  the daemon's settings and collaborators, keyword-only with defaults; tests inject clock, cycle, load, source
         self,
         config_dir: Path,
         state_dir: Path,
@@ -223,10 +223,10 @@ class Daemon:
                 )
             self._heartbeat = replace(self._heartbeat, **changes)  # type: ignore[arg-type]
             write_heartbeat(self.state_dir, self._heartbeat)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001  a heartbeat that cannot be written must not stop the daemon
             log.warning("daemon.heartbeat_failed", state_dir=str(self.state_dir), error=str(exc))
 
-    def _loop(self) -> int:
+    def _loop(self) -> int:  # noqa: C901  the loop's one wait and its wake-ups (stop, reload, source, timers, watchdog) in the order they win
         self._reload()
         if self.desired is None and self.once:
             return EXIT_INVALID_CONFIG
@@ -456,7 +456,7 @@ class Daemon:
             return True
         try:
             self.source.open(self._store)
-        except Exception as exc:  # GitError, TrustError: nothing can be fetched or verified
+        except Exception as exc:  # noqa: BLE001  whatever keeps the source from opening (GitError, TrustError, OSError) is logged; the daemon waits, it does not die
             log.error("source.unusable", url=self.source.spec.display_url, error=str(exc))
             return False
         if self.once:

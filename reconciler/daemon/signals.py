@@ -48,9 +48,6 @@ class Waker:
         os.close(self._write)
 
 
-Handler = Callable[[int, FrameType | None], None]
-
-
 def install(on_reload: Callable[[], None], on_stop: Callable[[int], None]) -> Callable[[], None]:
     """Route SIGHUP to ``on_reload`` and SIGTERM/SIGINT to ``on_stop(signum)`` when called from the main
     thread (Python delivers signals only there); return a function restoring the previous handlers."""

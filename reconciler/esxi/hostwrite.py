@@ -173,7 +173,7 @@ class ParallelSshWriter:
         except ShellError:
             return False
 
-    def write(
+    def write(  # noqa: C901  the sender threads, the feeder and the shutdown share one stop event and one error list; split they would be passed around
         self,
         path: str,
         data: Iterable[tuple[int, bytes]],
@@ -216,7 +216,7 @@ class ParallelSshWriter:
                 if session is not None and not stop.is_set():
                     session.finish(path)
                     session = None
-            except BaseException as exc:
+            except BaseException as exc:  # noqa: BLE001  kept for the calling thread, which raises the first one as it was
                 errors.append(exc)
                 stop.set()
             finally:

@@ -134,7 +134,7 @@ class DiskReader(Protocol):
 class HttpsRangeReader:
     """``GET /folder/<path>?dcPath=ha-datacenter&dsName=<ds>`` with ``Range: bytes=a-b``."""
 
-    def __init__(
+    def __init__(  # noqa: PLR0913  the reader's connection settings, the optional ones keyword-only; it is what carries them
         self,
         address: str,
         port: int,

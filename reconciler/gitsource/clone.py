@@ -8,6 +8,8 @@
     applied            symlink to trees/<applied commit>/<path>: the config in force, for the CLI
                        (esxi-reconciler --config /var/lib/esxi-reconciler/source/applied points)
     ssh/               known_hosts with the pinned host keys; the deploy key only while a fetch runs
+    https/             the HTTPS credentials (git's credential format) only while a fetch runs;
+                       capath/, an empty directory standing in for the system's CA directory
     trust/             allowed signers and the private OpenPGP keyring (:mod:`.trust`)
     home/              an empty HOME for git and ssh
 
@@ -26,7 +28,15 @@ from pathlib import Path
 import structlog
 
 from reconciler.config.source import GitSourceSpec
-from reconciler.gitsource.git import HOST_KEY_ALIAS, GitError, GitRunner, isolated_env, ssh_command
+from reconciler.gitsource.git import (
+    HOST_KEY_ALIAS,
+    GitError,
+    GitRunner,
+    https_config,
+    isolated_env,
+    secret_forms,
+    ssh_command,
+)
 from reconciler.gitsource.repo import GitRepository
 from reconciler.gitsource.trust import Trust
 
@@ -53,9 +63,10 @@ class SourceClone(GitRepository):
         self.trees = self.root / "trees"
         self.applied_link = self.root / "applied"
         self.ssh_dir = self.root / "ssh"
+        self.https_dir = self.root / "https"
         self.home = self.root / "home"
         self.trust = Trust(spec.signers, self.root / "trust")
-        protocols = "file" if spec.scheme == "file" else "ssh"
+        protocols = spec.scheme
         env = isolated_env(self.home, protocols=protocols, extra=self.trust.env)
         super().__init__(GitRunner(env, LOCAL_TIMEOUT, self.git_dir, self.trust.git_config), spec.path)
         self._env = env
@@ -65,9 +76,18 @@ class SourceClone(GitRepository):
     def open(self) -> None:
         """Create the directories and the bare repository if missing; (re)write the pins and the
         trusted keys from the spec. Raises :class:`GitError` or :class:`~.trust.TrustError`."""
-        for directory in (self.root, self.trees, self.ssh_dir, self.home):
+        for directory in (
+            self.root,
+            self.trees,
+            self.ssh_dir,
+            self.https_dir,
+            self.https_dir / "capath",
+            self.home,
+        ):
             directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.root.chmod(0o700)
+        for leftover in (self.ssh_dir / "deploy_key", self.https_dir / "credentials"):
+            leftover.unlink(missing_ok=True)  # a daemon killed while fetching
         if not (self.git_dir / "HEAD").exists():
             if self.git_dir.exists():
                 shutil.rmtree(self.git_dir)  # a clone interrupted before it had a HEAD
@@ -91,8 +111,8 @@ class SourceClone(GitRepository):
     def fetch(self) -> str:
         """Fetch the followed ref from the remote; return the commit it names. Raises :class:`GitError`."""
         ref = self.spec.ref
-        with self._ssh_env() as env:
-            runner = GitRunner(env, self.spec.timeout.total_seconds(), self.git_dir)
+        with self._ssh_env() as env, self._https_access() as (config, secrets):
+            runner = GitRunner(env, self.spec.timeout.total_seconds(), self.git_dir, config, secrets)
             runner.run(
                 "fetch",
                 "--no-tags",
@@ -131,6 +151,37 @@ class SourceClone(GitRepository):
             yield env
         finally:
             key_file.unlink(missing_ok=True)
+
+    @contextlib.contextmanager
+    def _https_access(self) -> Iterator[tuple[list[str], tuple[str, ...]]]:
+        """The ``-c`` settings of a fetch over HTTPS and the values to keep out of its errors; the token
+        is written to a private file for the fetch's duration only (like the deploy key)."""
+        https = self.spec.https
+        if self.spec.scheme != "https":
+            yield [], ()
+            return
+        ca_file = https.ca_file if https is not None else None
+        empty_dir = self.https_dir / "capath"
+        if https is None or https.token is None or https.username is None:
+            yield https_config(credentials=None, ca_file=ca_file, empty_dir=empty_dir), ()
+            return
+        from reconciler.config.secrets import SecretError
+
+        try:
+            token = https.token.reveal().strip()
+        except SecretError as exc:
+            raise GitError(f"the HTTPS token cannot be read: {exc}") from None
+        if not token or any(c in token for c in "\n\r\0"):
+            raise GitError(f"the HTTPS token {https.token} is empty or spans lines; give the token alone")
+        credentials = self.https_dir / "credentials"
+        _write_private(credentials, f"username={https.username}\npassword={token}\n".encode())
+        try:
+            yield (
+                https_config(credentials=credentials, ca_file=ca_file, empty_dir=empty_dir),
+                secret_forms(https.username, token),
+            )
+        finally:
+            credentials.unlink(missing_ok=True)
 
     # -- work trees ------------------------------------------------------------------------------------
 

@@ -4,15 +4,19 @@ Every git command of the source goes through :class:`GitRunner`. The environment
 (:func:`isolated_env`): no system or global git config (``GIT_CONFIG_NOSYSTEM``, ``GIT_CONFIG_GLOBAL``),
 so no credential helper, alias, hook path or ``url.insteadOf`` of the machine applies; no terminal
 prompt; a private ``HOME``; only the protocols the source's URL needs; ssh through ``GIT_SSH_COMMAND``
-with the deploy key, the pinned host keys and nothing else (:func:`ssh_command`). A command that
-outlives its timeout is killed with its whole process group (git's ssh child included).
+with the deploy key, the pinned host keys and nothing else (:func:`ssh_command`); HTTPS with the
+token answered by a credential helper that reads a private file (:func:`https_config`), certificates
+always verified. A command that outlives its timeout is killed with its whole process group (git's ssh
+child included).
 
 Errors are :class:`GitError` with one line for people: what failed and git's own last words, never
-a secret (keys are passed as files, never on a command line).
+a secret (keys and tokens are passed as files, never on a command line or in the environment, and
+whatever the runner is told is secret is cut out of git's stderr).
 """
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import os
 import shlex
@@ -97,26 +101,81 @@ def ssh_command(*, key_file: Path, known_hosts: Path, connect_timeout: int) -> s
     return " ".join(shlex.quote(part) for part in [SSH, *options])
 
 
+def https_config(*, credentials: Path | None, ca_file: Path | None, empty_dir: Path) -> list[str]:
+    """``-c`` settings of a fetch over HTTPS.
+
+    ``credentials`` (a private file of ``username=…``/``password=…`` lines, git's credential format) is
+    answered by a one-line credential helper to git's ``get`` and nothing else, so the token never
+    becomes an argument, an environment value or part of the clone's config; git sends it only after
+    the server asks (401). Redirects are not followed: a redirect to another host would otherwise be
+    answered with the token. ``ca_file`` replaces the system's CA store (``empty_dir`` stands in for
+    its directory of hashed certificates). Certificates are always verified.
+    """
+    settings = ["http.sslVerify=true", "http.followRedirects=false", "credential.helper="]
+    if credentials is not None:
+        quoted = shlex.quote(str(credentials))
+        settings += [
+            f'credential.helper=!f() {{ cat >/dev/null; test "$1" = get && cat {quoted}; }}; f',
+            "credential.interactive=false",
+        ]
+    if ca_file is not None:
+        settings += [f"http.sslCAInfo={ca_file}", f"http.sslCAPath={empty_dir}"]
+    return settings
+
+
+def secret_forms(username: str, token: str) -> tuple[str, ...]:
+    """What to cut out of git's messages for an HTTPS credential: the token, and the Basic
+    authorization value built from it."""
+    basic = base64.b64encode(f"{username}:{token}".encode()).decode()
+    return tuple(form for form in (token, basic) if form)
+
+
 _BOILERPLATE = ("hint:", "Please make sure you have the correct access rights", "and the repository exists.")
+_REFUSED_CREDENTIALS = (
+    "the server refused the credentials: check spec.https.username and that spec.https.token is valid"
+    " and unexpired"
+)
 _HINTS = (
     ("Host key verification failed", "the server did not present a pinned host key (spec.ssh.host_keys)"),
     ("Permission denied (publickey", "the deploy key was refused (is it a deploy key of this repository?)"),
     ("couldn't find remote ref", "no such branch or tag on the remote"),
+    ("Authentication failed", _REFUSED_CREDENTIALS),
+    ("returned error: 401", _REFUSED_CREDENTIALS),
+    (
+        "could not read Username",
+        "the server wants credentials: give spec.https.username and spec.https.token",
+    ),
+    (
+        "returned error: 403",
+        "the token may not read this repository: give it read access (or use another token)",
+    ),
+    ("returned error: 404", "no repository at this URL, or the token may not see it"),
+    ("returned error: 30", "the server redirects, which is not followed: give the final URL in spec.url"),
+    (
+        "certificate",
+        "the server's certificate is not trusted: if it is signed by a private CA, give that CA's PEM"
+        " file as spec.https.ca_file",
+    ),
+    ("Could not resolve host", "check the host name in spec.url and this machine's DNS"),
+    ("Failed to connect", "check the URL's host and port and that the server is reachable from here"),
 )
 
 
-def last_words(stderr: bytes) -> str:
+def last_words(stderr: bytes, secrets: Sequence[str] = ()) -> str:
     """The lines of git's (and ssh's) stderr worth showing, on one line, with a hint for the usual
-    causes."""
-    lines = [printable(line.strip()) for line in stderr.decode("utf-8", "replace").splitlines()]
+    causes; every one of ``secrets`` is replaced by ``***``."""
+    text = stderr.decode("utf-8", "replace")
+    for secret in secrets:
+        text = text.replace(secret, "***")
+    lines = [printable(line.strip()) for line in text.splitlines()]
     lines = [line for line in lines if line and not line.startswith(_BOILERPLATE)]
     if not lines:
         return ""
     text = "; ".join(lines[-3:])
-    hints = [hint for marker, hint in _HINTS if marker in text]
-    if hints:
-        text += f" ({'; '.join(hints)})"
-    return text if len(text) <= _STDERR_MAX else text[: _STDERR_MAX - 1] + "…"
+    hints = list(dict.fromkeys(hint for marker, hint in _HINTS if marker in text))
+    if len(text) > _STDERR_MAX:  # git's words are clipped, never the fix
+        text = text[: _STDERR_MAX - 1] + "…"
+    return f"{text} ({'; '.join(hints)})" if hints else text
 
 
 @dataclass(frozen=True)
@@ -141,6 +200,8 @@ class GitRunner:
     git_dir: Path | None = None
     config: Sequence[str] = field(default=())
     """``name=value`` settings passed with ``-c`` to every command."""
+    secrets: Sequence[str] = field(default=(), repr=False)
+    """Values that must never appear in an error (cut out of git's stderr)."""
 
     def run(
         self,
@@ -179,7 +240,7 @@ class GitRunner:
             raise
         result = Result(proc.returncode, out, err)
         if check and result.returncode != 0:
-            words = last_words(err)
+            words = last_words(err, self.secrets)
             raise GitError(f"{what}: {words}" if words else f"{what}: git exited {result.returncode}")
         return result
 

@@ -32,7 +32,7 @@ LOCAL_TIMEOUT = 60.0
 
 
 @dataclass(frozen=True)
-class Revision:
+class LoadedRevision:
     """A loaded revision: how people name it, its commit and its config."""
 
     name: str
@@ -119,7 +119,7 @@ class Revisions:
         if self.trust is not None:
             shutil.rmtree(self.trust.directory, ignore_errors=True)
 
-    def load(self, ref: str) -> Revision:
+    def load(self, ref: str) -> LoadedRevision:
         """The config of ``ref``. Raises :class:`GitError` (no such revision) or :class:`ConfigError`
         (its files named from the repository's top)."""
         commit = self.repository.commit_of(ref)
@@ -144,7 +144,7 @@ class Revisions:
             desired = load_config(directory, commit=commit)
         except ConfigError as error:
             raise ConfigError(in_repository(issue, path) for issue in error.issues) from None
-        return Revision(self.names.get(ref, ref), commit, desired)
+        return LoadedRevision(self.names.get(ref, ref), commit, desired)
 
     def approvals(self, base: str, head: str) -> list[Approval]:
         """Approving commits in ``base..head``, newest first (only signed ones when signers are known)."""
@@ -159,7 +159,7 @@ class Revisions:
             found.append(Approval(commit, text, signer))
         return found
 
-    def review(self, base: Revision, proposed: Revision, reader: RepositoryReader) -> Review:
+    def review(self, base: LoadedRevision, proposed: LoadedRevision, reader: RepositoryReader) -> Review:
         """``proposed`` judged against ``base`` (see :func:`reconciler.gitsource.approve.judge`)."""
 
         def load_at(commit: str) -> DesiredState | None:

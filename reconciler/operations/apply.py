@@ -143,7 +143,7 @@ class _Run:
         if self.on_outcome is not None:
             try:
                 self.on_outcome(outcome)
-            except Exception as exc:  # e.g. the status store; the next actions must still run
+            except Exception as exc:  # noqa: BLE001  e.g. the status store; the next actions must still run
                 log.error("apply.on_outcome_failed", kind=action.kind, subject=action.subject, error=str(exc))
 
     def skip_reason(self, action: Action) -> str | None:
@@ -238,7 +238,7 @@ class _Run:
 def _close(host: HostSession) -> None:
     try:
         host.close()
-    except Exception as exc:  # closing a dead connection must not hide the outcomes
+    except Exception as exc:  # noqa: BLE001  closing a dead connection must not hide the outcomes
         log.debug("apply.close_failed", host=host.name, error=str(exc))
 
 
@@ -445,7 +445,7 @@ def _policy_backups(run: _Run, policy: str, full: bool, items: list[tuple[int, R
                 run.desired, policy, vms=set(pending), options=options, cancel=run.cancel,
                 host_factory=run.host_factory, on_result=round_,
             )  # fmt: skip
-        except Exception as exc:  # the whole run: host unreachable, repository locked or unreadable, ...
+        except Exception as exc:  # noqa: BLE001  the whole run: host unreachable, repository locked or unreadable, ...
             transient = classify(exc) == "transient"
             if transient and tries < run.retry.attempts and not run.cancel.is_set():
                 log.warning("apply.retry", what=f"backup policy {policy}", attempt=tries, error=str(exc))
@@ -624,7 +624,7 @@ def _segments(actions: tuple[Action, ...]) -> Iterator[tuple[str, list[tuple[int
         yield current[0][1].kind, current
 
 
-def apply(
+def apply(  # noqa: PLR0913  the entry point: the plan plus keyword-only hooks (cancel, on_outcome, host factory, retry) the callers set
     plan: Plan,
     desired: DesiredState,
     *,

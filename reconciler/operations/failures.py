@@ -64,7 +64,7 @@ class Failure(Exception):
 def _user() -> str:
     try:
         return getpass.getuser()
-    except Exception:  # no passwd entry in a container
+    except (KeyError, OSError):  # no passwd entry in a container
         return str(os.getuid())
 
 
@@ -132,24 +132,8 @@ def explain(
         return Failure(
             f"{exc}; fix the secret reference in the configuration or the secret itself", "secret", "config"
         )
-    if isinstance(exc, WrongKeyError):
-        return Failure(_one_line(str(exc)), "wrong-passphrase")
-    if isinstance(exc, NotARepositoryError):
-        return Failure(_one_line(str(exc)), "not-a-repository")
-    if isinstance(exc, StorageError):
-        code = {errno.ENOSPC: "disk-full", errno.EDQUOT: "disk-full", errno.EROFS: "read-only"}
-        return Failure(_one_line(str(exc)), code.get(exc.errno, "permission-denied"))
-    if isinstance(exc, LockedError):
-        return Failure(
-            _one_line(f"{exc}; wait for it to finish (or stop it), then run again"), "repository-locked"
-        )
-    if isinstance(exc, FormatError):
-        return Failure(
-            _one_line(f"{exc}; run `esxi-reconciler verify` to see which restore points are affected"),
-            "repository-damaged",
-        )
     if isinstance(exc, RepositoryError):
-        return Failure(_one_line(str(exc)), "repository")
+        return _repository_failure(exc)
     if isinstance(exc, PinMismatchError):
         who = f"{_host_prefix(host, address)}: " if host and host not in str(exc) else ""
         return Failure(
@@ -192,6 +176,27 @@ def explain(
             return None
         return _os_error(exc, path_is)
     return None
+
+
+def _repository_failure(exc: RepositoryError) -> Failure:
+    """A repository's error in one line, with its fix when there is one."""
+    if isinstance(exc, WrongKeyError):
+        return Failure(_one_line(str(exc)), "wrong-passphrase")
+    if isinstance(exc, NotARepositoryError):
+        return Failure(_one_line(str(exc)), "not-a-repository")
+    if isinstance(exc, StorageError):
+        code = {errno.ENOSPC: "disk-full", errno.EDQUOT: "disk-full", errno.EROFS: "read-only"}
+        return Failure(_one_line(str(exc)), code.get(exc.errno, "permission-denied"))
+    if isinstance(exc, LockedError):
+        return Failure(
+            _one_line(f"{exc}; wait for it to finish (or stop it), then run again"), "repository-locked"
+        )
+    if isinstance(exc, FormatError):
+        return Failure(
+            _one_line(f"{exc}; run `esxi-reconciler verify` to see which restore points are affected"),
+            "repository-damaged",
+        )
+    return Failure(_one_line(str(exc)), "repository")
 
 
 def _unreachable(exc: BaseException) -> str | None:

@@ -81,7 +81,7 @@ def _observe_hosts(
         started = time.monotonic()
         try:
             observation = _observe_host(config, factory)
-        except Exception as exc:  # any failure is an observation of this host, never a crash
+        except Exception as exc:  # noqa: BLE001  any failure is an observation of this host, never a crash
             observation = HostObservation(
                 name=config.name,
                 reachable=False,
@@ -125,7 +125,7 @@ def _observe_repository(config: RepositoryConfig, opener: RepoOpener) -> Reposit
         with repo.lock(exclusive=False, purpose="observe") as lock:
             points = repo.list_points()
             signs = garbage_signs(repo, points, lock)
-    except Exception as exc:  # unreadable repository: an observation, the plan still covers the rest
+    except Exception as exc:  # noqa: BLE001  unreadable repository: an observation, the plan still covers the rest
         error = _error_text(exc)
         log.warning("observe.repository_unreachable", repository=config.name, error=error)
         return RepositoryObservation(name=config.name, reachable=False, error=error)

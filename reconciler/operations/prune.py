@@ -27,13 +27,15 @@ import structlog
 
 from reconciler.facts.points import RestorePoint, group_points
 from reconciler.repository.errors import LockedError, MissingObjectError, ProtectedPointError
-from reconciler.repository.gc import GcReport, Progress, collect_garbage
+from reconciler.repository.gc import DeletionProgress, GcReport, collect_garbage
 from reconciler.repository.lock import list_locks
 from reconciler.repository.repo import Repository
 
 log = structlog.get_logger(__name__)
 
-Decision = Literal["deleted", "gone", "refused"]
+PruneOutcome = Literal["deleted", "gone", "refused"]
+"""What became of one point asked to be deleted (not :class:`reconciler.rules.retention.Decision`, which
+says whether retention keeps a point)."""
 
 
 @dataclass(frozen=True)
@@ -41,7 +43,7 @@ class PruneResult:
     """What became of one point asked to be deleted (``reason`` says why it was not)."""
 
     point_id: str
-    decision: Decision
+    decision: PruneOutcome
     reason: str | None = None
 
 
@@ -169,7 +171,7 @@ def collect(
     sleep: Callable[[float], None] | None = None,
     clock: Callable[[], float] = time.monotonic,
     dry_run: bool = False,
-    progress: Progress | None = None,
+    progress: DeletionProgress | None = None,
 ) -> GcResult:
     """Run GC when the exclusive lock can be had within ``wait_seconds``; else defer it.
 

@@ -525,7 +525,7 @@ def restore_new_vm(
                     host.power_off(registered)
                 host.unregister_vm(registered)
             host.delete_path(folder)
-        except Exception as exc:  # the original error is the one to report
+        except Exception as exc:  # noqa: BLE001  the original error is the one to report
             rlog.error("restore.cleanup_failed", folder=folder, error=str(exc))
         raise
     rlog.info("restore.done", vmid=result.vmid, vmx=result.vmx_path)
@@ -912,7 +912,7 @@ def _after_failure(host: RestoreHost, vm: VmInfo, journal: OverwriteJournal) -> 
             powered = ", and powered on again"
         host.delete_path(journal_path(vm))
         return f"VM {vm.name!r} is unchanged, on its original disks{powered}"
-    except Exception as exc:  # the host may be gone: the journal stays for the next command
+    except Exception as exc:  # noqa: BLE001  the host may be gone: the journal stays for the next command
         log.error("restore.overwrite_cleanup_failed", vm=vm.name, error=str(exc))
         return f"cleaning up failed too ({exc}): " + journal.notice(vm, host.name)
 
@@ -922,7 +922,7 @@ def _stage(options: RestoreOptions, name: str) -> None:
         options.on_stage(name)
 
 
-def restore_overwrite(
+def restore_overwrite(  # noqa: C901  the overwrite's journal steps in order; each failure point needs its own way back (module doc)
     host: RestoreHost,
     repo: Repository,
     point: RestorePoint,
@@ -1123,7 +1123,7 @@ def run_test_restore(
             time.sleep(2.0)
         if beat not in ("green", "gray"):
             error = f"guest heartbeat {beat} after {heartbeat_timeout:.0f}s"
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001  any failure of the test restore is its result (in the outcome); the VM is still removed below
         error = str(exc) or exc.__class__.__name__
     finally:
         if result is not None and result.vmid is not None:
@@ -1132,7 +1132,7 @@ def run_test_restore(
                     host.power_off(result.vmid)
                 host.unregister_vm(result.vmid)
                 host.delete_path(result.vmx_path.rsplit("/", 1)[0])  # the folder restore_new_vm made
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001  a failed cleanup is reported with the result; the test's own error stays first
                 error = error or f"cleanup failed: {exc}"
                 log.error("restore.test_cleanup_failed", vm=name, error=str(exc))
     ok = error is None

@@ -119,7 +119,7 @@ class RetryPolicy:
             tries += 1
             try:
                 return Attempted(fn(), None, tries)
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001  every failure reaches is_transient; a permanent one is returned at once, not retried
                 transient = is_transient(exc)
                 cancelled = cancel is not None and cancel.is_set()
                 if not transient or tries >= limit or cancelled:

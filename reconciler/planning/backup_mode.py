@@ -136,10 +136,10 @@ class ModeChoice:
 
     def describe(self) -> str:
         """``"full: no earlier restore point of this VM"``: how ``points`` shows it."""
-        return describe(self.mode, self.reasons)
+        return describe_mode(self.mode, self.reasons)
 
 
-def describe(mode: str | None, reasons: Iterable[str]) -> str:
+def describe_mode(mode: str | None, reasons: Iterable[str]) -> str:
     """A disk's mode and reasons as one line for people (``mode`` None: written before reasons were)."""
     text = "; ".join(reasons)
     if mode is None:

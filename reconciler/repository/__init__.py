@@ -20,7 +20,7 @@ from reconciler.repository.errors import (
     WrongKeyError,
 )
 from reconciler.repository.gc import GarbageSigns, GcReport, collect_garbage, garbage_signs
-from reconciler.repository.index import DIGEST_BLOCK_SIZE, DigestMap, DiskIndex
+from reconciler.repository.index import DigestMap, DiskIndex
 from reconciler.repository.lock import LockInfo, RepositoryLock, remove_stale_locks, stale_staged_files
 from reconciler.repository.repo import (
     ChunkWrite,
@@ -33,16 +33,16 @@ from reconciler.repository.repo import (
     import_key,
     list_keys,
 )
-from reconciler.repository.verify import Problem, VerifyReport, verify_repository
+from reconciler.repository.verify import Defect, VerifyReport, verify_repository
 
 __all__ = [
     "CHUNK_SIZE",
-    "DIGEST_BLOCK_SIZE",
     "HOLE",
     "Backend",
     "BlobCodec",
     "ChunkWrite",
     "ChunkWriter",
+    "Defect",
     "DigestMap",
     "DiskIndex",
     "EncodedChunk",
@@ -58,7 +58,6 @@ __all__ = [
     "MissingObjectError",
     "NotARepositoryError",
     "PassphraseChange",
-    "Problem",
     "ProtectedPointError",
     "Repository",
     "RepositoryError",

@@ -187,6 +187,43 @@ class BlobCodec:
                 raise IntegrityError(name, f"cannot decompress ({exc})") from None
         return bytes(payload)
 
+    def readable_prefix(self, blob: bytes, payload_size: int) -> int | None:
+        """How many bytes of its payload (``payload_size`` bytes when whole) a blob that failed to
+        decode still holds if it was cut short; None if it is damaged otherwise (or cannot be told
+        apart: an unknown envelope).
+
+        Compressed, what is left is decompressed as a stream: a cut frame yields less than the whole
+        payload without an error (whole zstd blocks only, so it is a lower bound). Encrypted and
+        compressed, the prefix is first decrypted without authentication, only to measure a length.
+        """
+        if len(blob) < HEADER_SIZE:
+            return 0
+        magic, _version, flags, _reserved = HEADER.unpack_from(blob)
+        if magic != MAGIC:
+            return None
+        body = blob[HEADER_SIZE:]
+        suffix = TRAILER_SIZE if flags & FLAG_TRAILER else 0  # what follows the payload
+        if flags & FLAG_AEAD:
+            if self.key is None or len(body) < NONCE_SIZE:
+                return None
+            nonce, body, suffix = body[:NONCE_SIZE], body[NONCE_SIZE:], TAG_SIZE
+            if flags & FLAG_ZSTD:
+                body = self.key.open_unauthenticated(nonce, body)
+        present = len(body)
+        if flags & FLAG_ZSTD:
+            stream = zstandard.ZstdDecompressor().decompressobj()
+            try:
+                payload = stream.decompress(body)
+            except zstandard.ZstdError:
+                return None
+            if stream.eof and len(payload) != payload_size:
+                return None
+            # a whole frame: was what follows it (checksum or tag) cut?
+            present = payload_size + len(stream.unused_data) if stream.eof else len(payload)
+        if present >= payload_size + suffix:
+            return None
+        return min(present, payload_size)
+
     # -- chunks --------------------------------------------------------------------------------------
 
     def encode_chunk(self, data: Data, chunk_id: bytes | None = None) -> EncodedChunk:

@@ -34,7 +34,7 @@ GC_MARKER = "gc-running.json"
 """Present while a GC runs, and after one that was killed or failed (§8); plaintext JSON."""
 GC_MARKER_VERSION = 1
 
-Progress = Callable[[int, int], None]
+DeletionProgress = Callable[[int, int], None]
 """Called after each deletion with (deleted so far, to delete)."""
 
 
@@ -121,7 +121,7 @@ def collect_garbage(
     *,
     dry_run: bool = False,
     lock: RepositoryLock | None = None,
-    progress: Progress | None = None,
+    progress: DeletionProgress | None = None,
 ) -> GcReport:
     """Delete unreferenced chunks, indexes and digest maps, and the staged files of writers that are gone.
 
@@ -164,7 +164,7 @@ def _collect(
     repo: Repository,
     dry_run: bool,
     lock: RepositoryLock,
-    progress: Progress | None,
+    progress: DeletionProgress | None,
     report: GcReport | None = None,
 ) -> GcReport:
     report = report or GcReport(dry_run=dry_run)

@@ -146,7 +146,7 @@ class RepositoryLock:
     ``clock``, ``host``, ``pid`` and ``alive`` exist for tests (fake time and processes).
     """
 
-    def __init__(
+    def __init__(  # noqa: PLR0913  the lock's settings, keyword-only with defaults (tests inject clock, pid, alive); it carries them
         self,
         backend: Backend,
         *,

@@ -513,7 +513,10 @@ class Repository:
         """Complete restore points, oldest first, optionally filtered by policy and VM name."""
         points = []
         for point_id in self.point_ids():
-            point = self.read_point(point_id)
+            try:
+                point = self.read_point(point_id)
+            except MissingObjectError:
+                continue  # pruned or forgotten by another process between the listing and the read
             if (policy is None or point.policy == policy) and (vm is None or point.vm.name == vm):
                 points.append(point)
         return points

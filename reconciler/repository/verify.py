@@ -27,23 +27,9 @@ from datetime import timezone
 from typing import TYPE_CHECKING, Any, Protocol
 
 import structlog
-import zstandard
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from reconciler.facts.points import RestorePoint
-from reconciler.repository.chunks import (
-    FLAG_AEAD,
-    FLAG_TRAILER,
-    FLAG_ZSTD,
-    HEADER,
-    HEADER_SIZE,
-    HOLE,
-    ID_SIZE,
-    MAGIC,
-    TRAILER_SIZE,
-    chunk_name,
-)
-from reconciler.repository.crypto import NONCE_SIZE, TAG_SIZE
+from reconciler.repository.chunks import HOLE, ID_SIZE, chunk_name
 from reconciler.repository.errors import FormatError, MissingObjectError, RepositoryError
 from reconciler.repository.index import DiskIndex, chunk_count
 
@@ -54,7 +40,7 @@ log = structlog.get_logger(__name__)
 
 MiB = 1 << 20
 SHORT_ID = 12
-"""Hex digits of an object id shown in messages (the full name is in :attr:`Problem.object`)."""
+"""Hex digits of an object id shown in messages (the full name is in :attr:`Defect.object`)."""
 MAX_NAMED = 3
 """Places named per problem message; the rest are counted."""
 INDEX_HEADER_SIZE = len(DiskIndex(0).encode())
@@ -77,7 +63,7 @@ class ProgressSink(Protocol):
 
 
 @dataclass(frozen=True)
-class Problem:
+class Defect:
     """One defect: what is wrong with which object, and which restore points cannot be restored."""
 
     kind: str
@@ -113,7 +99,7 @@ class VerifyReport:
     """Of those, read back and authenticated."""
     bytes_read: int = 0
     """Stored (encoded) bytes of the chunks read."""
-    problems: list[Problem] = field(default_factory=list)
+    problems: list[Defect] = field(default_factory=list)
     damaged_points: dict[str, str] = field(default_factory=dict)
     """Affected point id -> a label for people (``web01@2026-11-20T02:00Z``; the id if unreadable)."""
     quarantined: int = 0
@@ -200,7 +186,7 @@ class _Finding:
         entry = self.users.setdefault(point_id, [label])
         entry.append(where)
 
-    def problem(self) -> Problem:
+    def problem(self) -> Defect:
         message = f"{self.what} {self.state}"
         if self.users and self.name_users:
             named = []
@@ -212,7 +198,7 @@ class _Finding:
             tail = f", and {rest} more" if rest > 0 else ""
             count = len(self.users)
             message += f": needed by {count} point{'s' if count > 1 else ''} ({', '.join(named)}{tail})"
-        return Problem(self.kind, self.object, message, tuple(sorted(self.users)))
+        return Defect(self.kind, self.object, message, tuple(sorted(self.users)))
 
 
 class _Walk:
@@ -335,53 +321,15 @@ def _chunk_id(hexid: str) -> bytes:
 
 def _truncated_entries(repo: Repository, name: str, expected: int) -> int | None:
     """How many entries of an index blob that failed to decode are still readable if it was cut short;
-    None if it is damaged otherwise (or cannot be told apart: an unknown envelope).
-
-    Uncompressed, the complete blob's size is known. Compressed, what is left is decompressed as a
-    stream: a cut frame yields less than the whole payload without an error (whole zstd blocks only, so
-    the count is a lower bound). Encrypted, the prefix is first decrypted as AES-GCM's counter mode
-    (the key's first half, counter 2 onwards) -- unauthenticated, used only to measure a length.
-    """
+    None if it is damaged otherwise (:meth:`BlobCodec.readable_prefix`)."""
     try:
         blob = repo.backend.get(name)
     except (RepositoryError, OSError):
         return None
-    if len(blob) < HEADER_SIZE:
-        return 0
-    magic, _version, flags, _reserved = HEADER.unpack_from(blob)
-    if magic != MAGIC:
+    present = repo.codec.readable_prefix(blob, INDEX_HEADER_SIZE + expected * ID_SIZE)
+    if present is None:
         return None
-    full_payload = INDEX_HEADER_SIZE + expected * ID_SIZE
-    body = blob[HEADER_SIZE:]
-    suffix = TRAILER_SIZE if flags & FLAG_TRAILER else 0  # what follows the payload
-    key = repo.codec.key
-    if flags & FLAG_AEAD:
-        if key is None or len(body) < NONCE_SIZE:
-            return None
-        nonce, body, suffix = body[:NONCE_SIZE], body[NONCE_SIZE:], TAG_SIZE
-        if flags & FLAG_ZSTD:
-            counter = Cipher(algorithms.AES(key.material[:32]), modes.CTR(nonce + (2).to_bytes(4, "big")))
-            body = counter.decryptor().update(body)
-    if not flags & FLAG_ZSTD:
-        return _entries(len(body), full_payload + suffix, expected)
-    stream = zstandard.ZstdDecompressor().decompressobj()
-    try:
-        payload = stream.decompress(body)
-    except zstandard.ZstdError:
-        return None
-    if stream.eof:  # the frame is whole: was what follows it (checksum or tag) cut?
-        if len(payload) != full_payload:
-            return None
-        return _entries(full_payload + len(stream.unused_data), full_payload + suffix, expected)
-    return _entries(len(payload), full_payload + suffix, expected)
-
-
-def _entries(present: int, complete: int, expected: int) -> int | None:
-    """Index entries readable from the first ``present`` bytes after the envelope header if fewer than
-    the ``complete`` bytes (payload and checksum or tag) are left, else None (not a truncation)."""
-    if present >= complete:
-        return None
-    return max(0, min(expected, (present - INDEX_HEADER_SIZE) // ID_SIZE))
+    return max(0, (present - INDEX_HEADER_SIZE) // ID_SIZE)
 
 
 def _select(

@@ -332,8 +332,8 @@ _PERIODS: Final[dict[str, _Period]] = {
 # --------------------------------------------------------------------------------------------------
 
 
-def evaluate(points: Iterable[P], policy: RetentionPolicy) -> list[Decision[P]]:
-    """Decide, for every point of one retention group, whether it is kept and why. Newest first."""
+def _newest_first(points: Iterable[P]) -> list[P]:
+    """The points newest first; :class:`RetentionError` for a naive time or an id seen twice."""
     ordered = list(points)
     seen: set[str] = set()
     for point in ordered:
@@ -345,6 +345,67 @@ def evaluate(points: Iterable[P], policy: RetentionPolicy) -> list[Decision[P]]:
     # Order by instant: aware datetimes of one ZoneInfo compare by wall clock (a fall-back night's 02:50 CEST
     # would sort after its 02:10 CET), so compare in UTC.
     ordered.sort(key=lambda p: (p.time.astimezone(UTC), p.id), reverse=True)
+    return ordered
+
+
+def _keep_last(count: int, candidates: list[int], kept: dict[int, tuple[str, str]]) -> None:
+    """keep-last: the ``count`` newest candidates not kept by an earlier rule."""
+    used = 0
+    for i in candidates:
+        if used >= count:
+            break
+        if i not in kept:
+            used += 1
+            kept[i] = (f"keep-last #{used}", "keep-last")
+
+
+def _keep_periods(
+    rule: str,
+    count: int,
+    candidates: list[int],
+    local: list[datetime],
+    kept: dict[int, tuple[str, str]],
+    superseded: dict[int, str],
+) -> None:
+    """keep-hourly … keep-yearly: the newest point of each of the ``count`` newest periods not covered."""
+    unit, key_of, label_of = _PERIODS[rule]
+    keys = {i: key_of(local[i]) for i in candidates}
+    newest_in: dict[Hashable, int] = {}
+    for i in candidates:  # newest first
+        newest_in.setdefault(keys[i], i)
+    # A period is covered when its NEWEST point is kept. An older point kept by an earlier rule does not
+    # cover it: ISO weeks straddle months and years, so keep-weekly's Sunday 27 September does not stand
+    # for September when September's newest point is Wednesday the 30th (whose week is kept through
+    # Sunday 4 October). Counting September as covered would let a higher keep-weekly, or an added older
+    # point, cost the 30th its place: the rules would not be monotonic.
+    covered = {key for key, i in newest_in.items() if i in kept}
+    used = 0
+    for i in candidates:
+        if i in kept:
+            continue
+        key = keys[i]
+        if key in covered:
+            superseded.setdefault(i, f"not the newest point of {unit} {label_of(local[i])} ({rule})")
+            continue
+        if used >= count:
+            break
+        used += 1
+        covered.add(key)
+        kept[i] = (f"{rule} #{used} ({label_of(local[i])})", rule)
+
+
+def _beyond_text(policy: RetentionPolicy, active: list[tuple[str, int]]) -> str:
+    """Why a successful point no rule keeps is deleted."""
+    beyond = ", ".join(f"{rule} {count}" for rule, count in active)
+    if policy.keep_within is None:
+        return f"beyond {beyond}"
+    outside = f"older than keep-within {policy.within_text()} of newest success"
+    return f"beyond {beyond}; {outside}" if beyond else outside
+
+
+def evaluate(points: Iterable[P], policy: RetentionPolicy) -> list[Decision[P]]:
+    """Decide, for every point of one retention group, whether it is kept and why. Newest first."""
+    ordered = _newest_first(points)
     zone = policy.zone
     local = [p.time.astimezone(zone) for p in ordered]
     instant = [p.time.astimezone(UTC) for p in ordered]
@@ -376,38 +437,9 @@ def evaluate(points: Iterable[P], policy: RetentionPolicy) -> list[Decision[P]]:
     active = [(rule, count) for rule, count in policy.counts() if count is not None]
     for rule, count in active:
         if rule == "keep-last":
-            used = 0
-            for i in candidates:
-                if used >= count:
-                    break
-                if i not in kept:
-                    used += 1
-                    kept[i] = (f"keep-last #{used}", rule)
-            continue
-        unit, key_of, label_of = _PERIODS[rule]
-        keys = {i: key_of(local[i]) for i in candidates}
-        newest_in: dict[Hashable, int] = {}
-        for i in candidates:  # newest first
-            newest_in.setdefault(keys[i], i)
-        # A period is covered when its NEWEST point is kept. An older point kept by an earlier rule does not
-        # cover it: ISO weeks straddle months and years, so keep-weekly's Sunday 27 September does not stand
-        # for September when September's newest point is Wednesday the 30th (whose week is kept through
-        # Sunday 4 October). Counting September as covered would let a higher keep-weekly, or an added older
-        # point, cost the 30th its place: the rules would not be monotonic.
-        covered = {key for key, i in newest_in.items() if i in kept}
-        used = 0
-        for i in candidates:
-            if i in kept:
-                continue
-            key = keys[i]
-            if key in covered:
-                superseded.setdefault(i, f"not the newest point of {unit} {label_of(local[i])} ({rule})")
-                continue
-            if used >= count:
-                break
-            used += 1
-            covered.add(key)
-            kept[i] = (f"{rule} #{used} ({label_of(local[i])})", rule)
+            _keep_last(count, candidates, kept)
+        else:
+            _keep_periods(rule, count, candidates, local, kept, superseded)
 
     # 4: keep-within, anchored on the newest successful point (protected or not).
     cutoff: datetime | None = None
@@ -427,12 +459,7 @@ def evaluate(points: Iterable[P], policy: RetentionPolicy) -> list[Decision[P]]:
         else:
             kept[newest_success] = ("newest successful point", "newest-success")
 
-    beyond = ", ".join(f"{rule} {count}" for rule, count in active)
-    if within is not None:
-        outside = f"older than keep-within {policy.within_text()} of newest success"
-        beyond = f"beyond {beyond}; {outside}" if beyond else outside
-    else:
-        beyond = f"beyond {beyond}"
+    beyond = _beyond_text(policy, active)
     for i in candidates:
         if i in kept:
             reason, rule = kept[i]

@@ -20,7 +20,7 @@ import calendar
 import functools
 import hashlib
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import date, datetime, time, timedelta, timezone
 from typing import Final, Literal, TypeAlias
@@ -308,7 +308,6 @@ _MONTH_NAMES: Final = {
 _DOW_NAMES: Final = {
     name: number for number, name in enumerate(("sun", "mon", "tue", "wed", "thu", "fri", "sat"))
 }
-_FIELD_NAMES: Final = ("minute", "hour", "day-of-month", "month", "day-of-week")
 # (name, lowest, highest, highest for '*', names)
 _FIELDS: Final[tuple[tuple[str, int, int, int, Mapping[str, int] | None], ...]] = (
     ("minute", 0, 59, 59, None),
@@ -394,6 +393,16 @@ def parse_cron(expression: str) -> CronSpec:
     )
 
 
+def _step(item: str, step_text: str, fail: Callable[[str], ScheduleError]) -> int:
+    """The ``/step`` of a cron field's ``item``: a number of at least 1."""
+    if not _NUMBER.fullmatch(step_text):
+        raise fail(f"step {step_text!r} in {item!r} is not a number")
+    step = int(step_text)
+    if step == 0:
+        raise fail(f"step in {item!r} must be at least 1")
+    return step
+
+
 def _parse_field(
     prefix: str, text: str, name: str, low: int, high: int, star_high: int, names: Mapping[str, int] | None
 ) -> frozenset[int]:
@@ -420,13 +429,7 @@ def _parse_field(
         if item == "":
             raise fail("empty item in list")
         base, slash, step_text = item.partition("/")
-        step = 1
-        if slash:
-            if not _NUMBER.fullmatch(step_text):
-                raise fail(f"step {step_text!r} in {item!r} is not a number")
-            step = int(step_text)
-            if step == 0:
-                raise fail(f"step in {item!r} must be at least 1")
+        step = _step(item, step_text, fail) if slash else 1
         if base == "*":
             start, end = low, star_high
         elif "-" in base:

@@ -56,7 +56,7 @@ def _plan_text(plan: Mapping[str, Any]) -> str | None:
 
     try:
         return render_text(Plan.from_json(json.dumps(plan)), color=False)
-    except Exception:  # a plan saved by another version: the page still shows the rest
+    except ValueError:  # a plan saved by another version: the page still shows the rest
         return None
 
 

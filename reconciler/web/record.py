@@ -135,7 +135,7 @@ def record_repository(
             digest = _points_id(points)
             if previous is None or previous.get("points_id") != digest:
                 usage = usage_report(repo, points).to_dict()
-    except Exception as exc:  # unreadable now: the page says so and keeps the last figures
+    except Exception as exc:  # noqa: BLE001  unreadable now (locked, missing, a bad key): the page says so and keeps the last figures
         store.events.put_state(
             POINTS_KEY + config.name,
             {"time": now.isoformat(), "reachable": False, "error": str(exc), "points": None},

@@ -1,10 +1,11 @@
 """Secrets must never appear in clear: a registry of every secret the suite's fixtures create, checked
 against everything the product said and wrote.
 
-* **Secrets** (:meth:`SecretScan.secret`): host passwords, SSH private keys, repository passphrases,
-  notifier secrets (SMTP passwords, ntfy/Gotify/webhook tokens, as given and URL-encoded) — registered
-  by the fixtures, most simply with
-  :meth:`SecretScan.watch_config`, which reveals every secret reference of a config — and, at the end,
+* **Secrets** (:meth:`SecretScan.secret`): host passwords, SSH private keys, repository passphrases, a
+  git source's deploy key or HTTPS token, notifier secrets (SMTP passwords, ntfy/Gotify/webhook tokens,
+  as given and URL-encoded) — registered by the fixtures, most simply with
+  :meth:`SecretScan.watch_config`, which reveals every secret reference of a config, and
+  :meth:`SecretScan.watch_source` for a ``run --source`` file — and, at the end,
   each watched repository's master key (unwrapped with its passphrase), since that must not be in
   clear either.
 * **Output** (:meth:`SecretScan.output`): what the product printed and logged. The conftest feeds it
@@ -107,6 +108,19 @@ class SecretScan:
                 self.secret(value, what)
                 # as it is written into the apprise URL: a leaked URL holds this form
                 self.secret(quote(value, safe=""), f"{what} (URL-encoded)")
+        if state is not None:
+            self.directory(state, "state directory")
+
+    def watch_source(self, source: Path, state: Path | None = None) -> None:
+        """Register the secrets of a ``run --source`` bootstrap file (revealed now): the SSH deploy key
+        or the HTTPS token (and the state directory, which holds the clone, for the final scan)."""
+        from reconciler.config.source import load_source
+
+        spec = load_source(source)
+        if spec.ssh is not None:
+            self.secret(spec.ssh.private_key.reveal(), f"deploy key of git source {spec.name}")
+        if spec.https is not None and spec.https.token is not None:
+            self.secret(spec.https.token.reveal().strip(), f"HTTPS token of git source {spec.name}")
         if state is not None:
             self.directory(state, "state directory")
 

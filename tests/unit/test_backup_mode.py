@@ -19,7 +19,7 @@ from reconciler.planning.backup_mode import (
     PreviousDisk,
     PreviousMap,
     choose_disk_mode,
-    describe,
+    describe_mode,
     per_disks,
     point_mode,
 )
@@ -241,10 +241,10 @@ def test_point_mode_and_describe() -> None:
     assert point_mode(["cbt", "full"]) == "full"
     assert point_mode(["digest", "cbt"]) == "cbt"
     assert point_mode(["digest", "digest"]) == "digest"
-    assert describe(None, []) == "mode not recorded"
-    assert describe(None, ["old reason"]) == "old reason"
-    assert describe("cbt", []) == "cbt"
-    assert describe("full", ["a", "b"]) == "full: a; b"
+    assert describe_mode(None, []) == "mode not recorded"
+    assert describe_mode(None, ["old reason"]) == "old reason"
+    assert describe_mode("cbt", []) == "cbt"
+    assert describe_mode("full", ["a", "b"]) == "full: a; b"
 
 
 def test_disks_with_the_same_text_share_a_line() -> None:

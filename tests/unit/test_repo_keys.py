@@ -71,7 +71,7 @@ def _change_in_child(path: Path, kill_at: int | None) -> int:
                 setattr(os, name, originals[name])
             os.write(write_end, str(total).encode())
             os._exit(0)
-        except BaseException:
+        except BaseException:  # noqa: BLE001  the forked child must end in os._exit whatever happens, never return into pytest
             os._exit(3)
     os.close(write_end)
     _, status = os.waitpid(pid, 0)

@@ -216,3 +216,16 @@ def test_indexes_are_counted_as_garbage_only_when_no_other_process_may_be_writin
         later = write_point(repo, write_disk(repo, [chunk("finished after the points were read")]))
         assert garbage_signs(repo, [kept], lock).unreferenced_indexes == 1  # later's manifest is found
         assert garbage_signs(repo, [kept, later], lock).unreferenced_indexes == 1
+
+
+def test_listing_points_skips_a_point_pruned_between_the_listing_and_the_read(
+    repo: Repository, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``points`` (under a shared lock) runs while the daemon prunes: a manifest that vanished after the
+    directory listing is a point that no longer exists, not an error (seen as MissingObjectError)."""
+    kept = write_point(repo, write_disk(repo, [b"a" * MiB]))
+    pruned = write_point(repo, write_disk(repo, [b"b" * MiB]))
+    listed = repo.point_ids()
+    repo.delete_point(pruned.id)
+    monkeypatch.setattr(repo, "point_ids", lambda: listed)
+    assert [p.id for p in repo.list_points()] == [kept.id]

@@ -75,7 +75,7 @@ apiVersion: esxi-reconciler/v1
 kind: GitSource
 metadata: {name: config}
 spec:
-  url: https://example.com/x.git
+  url: ftp://example.com/x.git
   branch: main
   tag: v1
   intervall: 1m
@@ -84,7 +84,7 @@ spec:
     found = issues(tmp_path, text)
     path = str(tmp_path / "source.yaml")
     expected = [
-        f"{path}:5:3 spec.url: 'https://example.com/x.git' is not a git URL over SSH",
+        f"{path}:5:3 spec.url: 'ftp://example.com/x.git' is not a git URL over SSH",
         "spec: takes exactly one of branch, tag; found branch and tag",
         "8:3 spec.intervall: unknown field 'intervall'; did you mean 'interval'?",
         "spec.verify.signers[0].ssh: 'not a key' is not an OpenSSH public key line",
@@ -157,6 +157,76 @@ def test_run_refuses_a_bad_source_file_and_a_second_config(
     assert not (tmp_path / "state").exists()
 
 
+HTTPS_SOURCE = """\
+apiVersion: esxi-reconciler/v1
+kind: GitSource
+metadata: {name: config}
+spec:
+  url: https://git.example.com:8443/infra/esxi-config.git
+  branch: main
+  https:
+    username: x-access-token
+    token: {credential: git-token}
+"""
+
+
+def test_an_https_source_loads_with_its_token_by_reference(tmp_path: Path) -> None:
+    spec = load_source(write(tmp_path, HTTPS_SOURCE))
+    assert spec.scheme == "https" and spec.ssh is None and spec.https is not None
+    assert spec.https.username == "x-access-token" and str(spec.https.token) == "Secret(credential:git-token)"
+    assert spec.https.ca_file is None
+    public = HTTPS_SOURCE.split("  https:\n")[0]
+    spec = load_source(write(tmp_path, public))  # a public repository needs no credentials
+    assert spec.scheme == "https" and spec.https is None
+
+
+def test_an_https_ca_file_must_be_a_pem_certificate(tmp_path: Path) -> None:
+    ca = tmp_path / "ca.pem"
+    text = HTTPS_SOURCE + f"    ca_file: {ca}\n"
+    found = issues(tmp_path, text)
+    assert any("10:5 spec.https.ca_file: cannot read '" in i for i in found), found
+    assert any("': No such file or directory; give the PEM file of the server's CA" in i for i in found)
+    ca.write_text("not a certificate")
+    assert any("holds no PEM certificate" in i for i in issues(tmp_path, text))
+    ca.write_text("-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n")
+    spec = load_source(write(tmp_path, text))
+    assert spec.https is not None and spec.https.ca_file == ca
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        (
+            ("https://git.example.com:8443", "http://git.example.com"),
+            "spec.url: 'http://git.example.com/infra/esxi-config.git': plain http:// is refused (the config"
+            " and any token would travel unauthenticated and in clear); use the https:// URL",
+        ),
+        (
+            ("https://git.example.com:8443", "https://bob:glpat-Sup3rS3cret@git.example.com"),
+            "spec.url: 'https://***@git.example.com/infra/esxi-config.git' holds credentials in the URL;"
+            " remove the 'user:…@' part and give spec.https.username and spec.https.token",
+        ),
+        (
+            ("https://git.example.com:8443/", "ssh://git@git.example.com/"),
+            "7:3 spec.https: is for https:// URLs, not a ssh remote",
+        ),
+        (
+            ("  https:\n", f"  ssh: {{private_key: {{env: K}}, host_keys: ['{HOST_KEY}']}}\n  https:\n"),
+            "spec.ssh: is for SSH remotes, not an https:// URL; use spec.https or an ssh:// URL",
+        ),
+        (("    token: {credential: git-token}\n", ""), "spec.https: 'username' needs 'token' too"),
+        (("token: {credential: git-token}", 'token: "glpat-Sup3rS3cret"'), "spec.https.token"),
+    ],
+    ids=["http", "token-in-url", "https-on-ssh", "ssh-on-https", "user-without-token", "plaintext-token"],
+)
+def test_https_mistakes_are_refused_with_the_fix_and_no_token(
+    tmp_path: Path, change: tuple[str, str], expected: str
+) -> None:
+    found = issues(tmp_path, HTTPS_SOURCE.replace(*change))
+    assert any(expected in i for i in found), found
+    assert not any("Sup3rS3cret" in i for i in found)
+
+
 README = Path(__file__).resolve().parents[2] / "README.md"
 
 
@@ -166,6 +236,16 @@ def test_the_readme_source_example_loads(tmp_path: Path) -> None:
     spec = load_source(write(tmp_path, block))
     assert spec.ssh is not None and spec.verify and spec.path == "esxi"
     assert [s.kind for s in spec.signers] == ["ssh", "openpgp"]
+
+
+def test_the_readme_https_example_loads(tmp_path: Path) -> None:
+    text = README.read_text()
+    block = text.split("# /etc/esxi-reconciler/source-https.yaml\n", 1)[1].split("```", 1)[0]
+    ca = tmp_path / "git-ca.pem"
+    ca.write_text("-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n")
+    spec = load_source(write(tmp_path, block.replace("/etc/esxi-reconciler/git-ca.pem", str(ca))))
+    assert spec.scheme == "https" and spec.https is not None and spec.https.ca_file == ca
+    assert str(spec.https.token) == "Secret(credential:git-token)"
 
 
 def test_the_readme_ci_step_is_valid_shell(tmp_path: Path) -> None:

@@ -175,7 +175,7 @@ def test_a_reader_sees_the_writer_s_data_while_it_writes(tmp_path: Path) -> None
             try:
                 for i in range(50):
                     writer.record_outcome(outcome(backup(f"vm{i}")), REV)
-            except BaseException as exc:  # pragma: no cover - reported below
+            except BaseException as exc:  # pragma: no cover  # noqa: BLE001  collected here, asserted below
                 errors.append(exc)
 
         thread = threading.Thread(target=write_more)

@@ -335,7 +335,7 @@ class DiskJob:
         dm = DigestMap(DIGEST_ALGORITHM, BLOCK_SIZE, disk.capacity, DIGEST_SIZE, bytes(digests))
         return received, received + sent, dm
 
-    def _digest(
+    def _digest(  # noqa: C901  the ranges, their threads and their assemblers share one result; each branch is a fallback the host may force
         self,
         previous_map: DigestMap | None,
         asm: ChunkAssembler,

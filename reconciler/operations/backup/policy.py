@@ -125,7 +125,7 @@ def backup_policy(
             unused.close()
 
 
-def _backup_selected(
+def _backup_selected(  # noqa: PLR0913  called once, by backup_policy, with what it opened; it builds the BackupContext the VMs get
     desired: DesiredState,
     policy_name: str,
     policy: BackupPolicy,
@@ -178,7 +178,7 @@ def _backup_selected(
                 return backup_vm(ctx, info)
         except Cancelled as exc:
             return VmResult(info.name, host_cfg.name, policy.name, False, error=str(exc), exception=exc)
-        except Exception as exc:  # e.g. login failed
+        except Exception as exc:  # noqa: BLE001  one VM's failure (login refused, host gone, a bug) is its result; the other VMs still run
             if cancel.is_set():
                 log.info("backup.vm_cancelled", vm=info.name, reason=str(exc))
             else:
