@@ -827,12 +827,13 @@ NOTIFIER_SPEC = _obj(
         "url": _str(
             "The service, as an apprise URL (https://github.com/caronc/apprise/wiki). Write {NAME} where a"
             " secret goes (a password, a token) and give it under secrets: the URL itself must not hold"
-            " one. E-mail: mailto:// (STARTTLS when the server offers it) or mailtos:// (TLS), with"
-            " ?to=, ?from= and ?smtp=.",
+            " one. E-mail: mailtos:// (STARTTLS, port 587; add &mode=ssl for TLS from the start, port"
+            " 465) or mailto:// (plain SMTP, for a relay on the local network), with ?to=, ?from= and"
+            " ?smtp=.",
             NOTIFY_URL_PATTERN,
             minLength=1,
             examples=[
-                "mailtos://backup:{password}@smtp.example.com:465?to=ops@example.com",
+                "mailtos://backup:{password}@smtp.example.com:587?to=ops@example.com",
                 "ntfys://ntfy.example.com/esxi-backups",
                 "gotifys://gotify.example.com/{token}",
             ],

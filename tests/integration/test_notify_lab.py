@@ -92,6 +92,9 @@ def test_the_owner_hears_of_failures_recoveries_damage_and_gets_a_summary(
         "spec: {repository: r, schedule: {every: 10m}, read_data_percent: 100}\n"
     )
     config = write_lab_config(lab, tmp_path, policies)
+    # the daily summary 6 hours from now (UTC): never passed by the 72 minutes the clock moves before
+    # step 4, always by its 25 hours, whatever the time of day the test runs
+    summary_at = f"{datetime.now(timezone.utc) + timedelta(hours=6):%H:%M}"
     secrets = tmp_path / "secrets"
     smtp_secret = private_file(secrets / "smtp.pw", SMTP_PASSWORD)
     token_secret = private_file(secrets / "gotify.token", TOKEN)
@@ -103,7 +106,7 @@ metadata: {{name: ops-mail}}
 spec:
   url: "mailtos://backup:{{password}}@127.0.0.1:{smtp.port}?from=backup@example.org&to=ops@example.org"
   secrets: {{password: {{file: {smtp_secret}}}}}
-  summary: {{daily: {{at: "06:00"}}}}
+  summary: {{daily: {{at: "{summary_at}"}}, timezone: UTC}}
   repository_min_free: {{percent: 0}}
 ---
 apiVersion: esxi-reconciler/v1
@@ -192,7 +195,7 @@ spec:
             assert damage.subject == "[esxi-reconciler] Verification found damage: repository r"
             assert "repository r: " in damage.body and "problem" in damage.body, damage.body
 
-            # 4. The daemon's clock passes 06:00: the daily summary.
+            # 4. The daemon's clock passes the summary's time: the daily summary.
             clock.advance(timedelta(hours=25))
             wait_until("the summary", lambda: titled(smtp.mails, "[esxi-reconciler] Summary"), timeout=180)
             (summary,) = titled(smtp.mails, "[esxi-reconciler] Summary")
