@@ -247,7 +247,6 @@ class _Server(ThreadingHTTPServer):
             # The handshake happens in the request's thread (first read), never in the accepting one.
             self.socket = context.wrap_socket(self.socket, server_side=True, do_handshake_on_connect=False)
 
-
     def handle_error(self, request: Any, client_address: Any) -> None:
         """A dropped connection or a failed TLS handshake: one log line, not a traceback on stderr."""
         import sys
