@@ -5,10 +5,11 @@
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
-APT_PACKAGES := golang-go golang-github-vmware-govmomi-dev openssh-server openssh-client util-linux iproute2 python3-venv systemd busybox git gnupg chromium groff-base man-db zsh
+APT_PACKAGES := golang-go golang-github-vmware-govmomi-dev openssh-server openssh-client util-linux iproute2 python3-venv systemd busybox git gnupg chromium groff-base man-db zsh fdisk dosfstools mtools ntfs-3g e2fsprogs xfsprogs fuse3 fusefat exfat-fuse
 LAB_DIR ?= .lab
 
-.PHONY: all setup apt venv lab-build lint test unit test-reliability-long demo clean install uninstall
+.PHONY: all setup apt venv lab-build lint test unit test-reliability-long demo clean install uninstall \
+	deb image test-packaging packaging-apt
 
 all: test
 
@@ -112,3 +113,42 @@ uninstall:
 	    '$(DESTDIR)$(BASHCOMPDIR)/esxi-reconciler' '$(DESTDIR)$(ZSHCOMPDIR)/_esxi-reconciler' \
 	    '$(DESTDIR)$(MANDIR)/man1/esxi-reconciler.1'
 	rm -rf '$(DESTDIR)$(LIBDIR)' '$(DESTDIR)$(DATADIR)'
+
+# -- make deb / make image: a Debian 12 package and an OCI image (docs/packaging.md) -------------------------
+# `make deb` builds build/deb/esxi-reconciler_<version>_<arch>.deb with debhelper from a copy of the
+# tracked files (debian/rules runs `make install` into the package tree) and runs lintian on it.
+# DEB_VERSION=0.1.0+1 builds that version instead of debian/changelog's (a changelog entry is added
+# to the copy). `make image` builds the container image from that .deb: build/image/ holds the OCI
+# layout (oci/), a docker-archive for `docker load` and NAS container managers, and their digests.
+DEB_BUILD  := build/deb
+DEB_VERSION ?=
+IMAGE_BUILD := build/image
+IMAGE_NAME ?= esxi-reconciler
+PACKAGING_APT := debhelper dh-python dpkg-dev python3-pip lintian mmdebstrap buildah
+
+packaging-apt:
+	@$(MAKE) --no-print-directory apt APT_PACKAGES="$(PACKAGING_APT)"
+
+deb: packaging-apt venv
+	rm -rf $(DEB_BUILD) && mkdir -p $(DEB_BUILD)/src
+	git ls-files -z --cached --others --exclude-standard \
+	    | tar --null -T - --ignore-failed-read -cf - 2>/dev/null | tar -C $(DEB_BUILD)/src -xf -
+	if [ -n "$(DEB_VERSION)" ]; then \
+	  { printf 'esxi-reconciler (%s) bookworm; urgency=medium\n\n  * Rebuilt as %s.\n\n -- %s  %s\n\n' \
+	      '$(DEB_VERSION)' '$(DEB_VERSION)' "$$(sed -n 's/^Maintainer: //p' debian/control)" \
+	      "$$(date -R -u)"; \
+	    cat debian/changelog; } > $(DEB_BUILD)/src/debian/changelog; fi
+	cd $(DEB_BUILD)/src && BUILD_VENV=$(abspath $(VENV)) dpkg-buildpackage -b -us -uc --no-sign
+	lintian --fail-on error,warning --info --display-info $(DEB_BUILD)/*.changes
+	ls -l $(DEB_BUILD)/*.deb
+
+# The image's timestamps are the date of the changelog the .deb was built from, so that two builds of
+# one .deb are identical.
+image: deb
+	SOURCE_DATE_EPOCH=$$(dpkg-parsechangelog -l $(DEB_BUILD)/src/debian/changelog -S Timestamp) \
+	    packaging/image.sh $$(ls $(DEB_BUILD)/*.deb) $(IMAGE_BUILD)
+
+# The slow packaging tests (about 15 minutes): the .deb in a throwaway Debian root against the lab,
+# the image against the lab, the image built twice for the same digest. Not part of `make test`.
+test-packaging: setup packaging-apt
+	ESXI_RECONCILER_TEST_PACKAGING=1 $(VENV)/bin/pytest tests/packaging

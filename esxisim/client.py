@@ -83,6 +83,23 @@ class ControlClient:
             raise ControlError(f"/guest-write: unexpected answer {ans!r}")
         return ans
 
+    def guest_write_from(
+        self, vm: str, disk: int, image: str | Path, ranges: list[tuple[int, int]]
+    ) -> dict[str, Any]:
+        """Rewrite ``ranges`` (offset, length) of disk number ``disk`` (0-based) of the powered-on VM ``vm``
+        with the bytes at the same offsets of the raw image ``image``: a guest changing a file inside a
+        real filesystem (see :func:`esxisim.guestdisk.changed_ranges`)."""
+        body = {
+            "vm": vm,
+            "disk": disk,
+            "image": str(Path(image).resolve()),
+            "ranges": [{"off": off, "len": length} for off, length in ranges],
+        }
+        ans = self.request("POST", "/guest-write-from", body)
+        if not isinstance(ans, dict):
+            raise ControlError(f"/guest-write-from: unexpected answer {ans!r}")
+        return ans
+
     def fault(self, kind: str, **options: Any) -> dict[str, Any]:
         """Inject (or clear) a fault in the host process: api-slow, api-down, api-up, snapshot-fail ..."""
         ans = self.request("POST", "/fault", {"kind": kind, **options})

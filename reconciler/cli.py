@@ -48,6 +48,8 @@ COMMANDS: tuple[str, ...] = (
     "verify",
     "restore",
     "export",
+    "mount",
+    "files",
     "run",
     "status",
     "history",

@@ -32,6 +32,7 @@ func (h *Host) startControl() error {
 	mux := http.NewServeMux()
 	mux.HandleFunc("/vimcmd", h.ctlVimcmd)
 	mux.HandleFunc("/guest-write", h.ctlGuestWrite)
+	mux.HandleFunc("/guest-write-from", h.ctlGuestWriteFrom)
 	mux.HandleFunc("/fault", h.ctlFault)
 	mux.HandleFunc("/create-vm", h.ctlCreateVM)
 	mux.HandleFunc("/state", h.ctlState)
@@ -102,6 +103,30 @@ func (h *Host) ctlGuestWrite(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	res, f := vm.GuestWrite(req.Percent, req.Seed)
+	if f != nil {
+		jsonError(w, http.StatusConflict, "%s", f.Msg)
+		return
+	}
+	writeJSON(w, http.StatusOK, res)
+}
+
+// ctlGuestWriteFrom: {"vm": name, "disk": index, "image": path, "ranges": [{"off": o, "len": n}]}.
+func (h *Host) ctlGuestWriteFrom(w http.ResponseWriter, r *http.Request) {
+	var req struct {
+		VM     string  `json:"vm"`
+		Disk   int     `json:"disk"`
+		Image  string  `json:"image"`
+		Ranges []Range `json:"ranges"`
+	}
+	if !readJSON(w, r, &req) {
+		return
+	}
+	vm := h.VMByName(req.VM)
+	if vm == nil {
+		jsonError(w, http.StatusNotFound, "no VM %q", req.VM)
+		return
+	}
+	res, f := vm.GuestWriteFrom(req.Disk, req.Image, req.Ranges)
 	if f != nil {
 		jsonError(w, http.StatusConflict, "%s", f.Msg)
 		return

@@ -525,6 +525,48 @@ func (vm *VM) GuestWrite(percent float64, seed int64) (*GuestWriteResult, *OpFau
 	return res, nil
 }
 
+// GuestWriteFrom is a guest that rewrites chosen byte ranges of one disk (index in the VM's disk list)
+// with the bytes at the same offsets of a raw image file: a file changed inside a real filesystem, its
+// changed blocks computed by the caller. Like GuestWrite it lands in the top of the chain and is
+// recorded for CBT.
+func (vm *VM) GuestWriteFrom(disk int, image string, ranges []Range) (*GuestWriteResult, *OpFault) {
+	if f := vm.lock(); f != nil {
+		return nil, f
+	}
+	defer vm.mu.Unlock()
+	if vm.Power != poweredOn {
+		return nil, invalidPowerState(poweredOn, vm.Power)
+	}
+	if disk < 0 || disk >= len(vm.Disks) {
+		return nil, opFault(&types.InvalidArgument{InvalidProperty: "disk"}, "no disk %d", disk)
+	}
+	d := vm.Disks[disk]
+	for _, r := range ranges {
+		if r.Off < 0 || r.Len <= 0 || r.End() > d.Capacity {
+			return nil, opFault(&types.InvalidArgument{InvalidProperty: "ranges"}, "range %d+%d is outside the disk", r.Off, r.Len)
+		}
+	}
+	if err := copyRanges(image, d.Top.ExtentPath(), ranges); err != nil {
+		return nil, opFault(&types.FileFault{File: vm.h.dsPath(d.Top.DescPath())}, "write failed: %v", err)
+	}
+	if d.Track != nil {
+		d.Track.record(ranges)
+	}
+	d.Top.CID = newCID()
+	d.Top.LongID = newLongID(d.Top.CID)
+	vm.writeDescriptor(d, d.Top)
+	res := &GuestWriteResult{Disks: []DiskWrite{}}
+	dw := DiskWrite{Key: d.Key, File: vm.h.dsPath(d.Top.DescPath()), Written: [][]int64{}}
+	for _, r := range ranges {
+		dw.Written = append(dw.Written, []int64{r.Off, r.Len})
+		res.Bytes += r.Len
+	}
+	res.Disks = append(res.Disks, dw)
+	vm.syncModel()
+	vm.h.refreshDatastore(vm.DS)
+	return res, nil
+}
+
 // ---------------------------------------------------------------------------
 // register / reload / unregister / destroy
 

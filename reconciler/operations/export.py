@@ -126,6 +126,12 @@ def make_directories(directory: Path, mode: int) -> list[Path]:
     return list(reversed(missing))
 
 
+def disk_stem(disk: DiskRecord) -> str:
+    """A disk's file name without ``.vmdk`` (``web01_1``): what export and the mount name its image."""
+    stem = safe_file_name(posixpath.basename(split_ds_path(disk.file)[1]))
+    return stem[:-5] if stem.lower().endswith(".vmdk") else stem
+
+
 def export_point(
     repo: Repository, point: RestorePoint, directory: Path, fmt: str = "raw", *, mode: int = FILE_MODE
 ) -> ExportResult:
@@ -138,8 +144,7 @@ def export_point(
     _, vmx = point_vmx(repo, point)
     nodes = disk_nodes(vmx, point)
     for disk in sorted(point.disks, key=lambda d: d.key):
-        stem = safe_file_name(posixpath.basename(split_ds_path(disk.file)[1]))
-        stem = stem[:-5] if stem.lower().endswith(".vmdk") else stem
+        stem = disk_stem(disk)
         data_path = directory / (f"{stem}.img" if fmt == "raw" else f"{stem}-flat.vmdk")
         main = data_path if fmt == "raw" else directory / f"{stem}.vmdk"
         if fmt == "stream-optimized":

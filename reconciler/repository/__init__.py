@@ -22,6 +22,7 @@ from reconciler.repository.errors import (
 from reconciler.repository.gc import GarbageSigns, GcReport, collect_garbage, garbage_signs
 from reconciler.repository.index import DigestMap, DiskIndex
 from reconciler.repository.lock import LockInfo, RepositoryLock, remove_stale_locks, stale_staged_files
+from reconciler.repository.reader import ChunkReadError, DiskReader, open_disk
 from reconciler.repository.repo import (
     ChunkWrite,
     ChunkWriter,
@@ -40,11 +41,13 @@ __all__ = [
     "HOLE",
     "Backend",
     "BlobCodec",
+    "ChunkReadError",
     "ChunkWrite",
     "ChunkWriter",
     "Defect",
     "DigestMap",
     "DiskIndex",
+    "DiskReader",
     "EncodedChunk",
     "FormatError",
     "GarbageSigns",
@@ -71,6 +74,7 @@ __all__ = [
     "garbage_signs",
     "import_key",
     "list_keys",
+    "open_disk",
     "remove_stale_locks",
     "stale_staged_files",
     "verify_repository",

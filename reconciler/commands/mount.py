@@ -1,0 +1,121 @@
+"""``esxi-reconciler mount``: the restore points of a repository as a read-only FUSE filesystem."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import structlog
+
+from reconciler.commands.common import ExitCode, add_command, fail, load_desired, plural, unknown_name
+from reconciler.printable import printable
+
+log = structlog.get_logger("reconciler.cli")
+
+_EXAMPLES = """\
+examples:
+  mkdir /mnt/backup && esxi-reconciler mount /mnt/backup
+                                            the repository (the only one configured) until Ctrl-C
+  esxi-reconciler mount --repository offsite /mnt/backup &
+  ls /mnt/backup/vms/web01/latest/          web01.vmx web01.nvram web01.img web01_1.img
+  fdisk -l /mnt/backup/vms/web01/latest/web01.img
+  umount /mnt/backup                        (or Ctrl-C / SIGTERM on the mount process)
+
+Layout: vms/<vm>/<point id>/ with the .vmx, the .nvram and each disk as a raw image of its full
+size (read on demand from the repository: only what is read is fetched and decrypted; holes read
+as zeros), and vms/<vm>/latest pointing to the newest point. <vm> is the VM's name, or
+<name>@<host> when VMs of that name were backed up on several hosts. Everything is read-only.
+`esxi-reconciler files` copies single files out of a guest's filesystems.
+
+The repository stays share-locked while mounted: backups run, garbage collection waits.
+
+Exit 0 unmounted cleanly; 1 failed (FUSE missing, wrong passphrase ...); 64 the mount point is
+missing, not a directory or not empty, or an unknown repository.
+"""
+
+
+def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = add_command(
+        commands,
+        "mount",
+        help="browse the restore points as a read-only filesystem (FUSE)",
+        description="Mount a repository read-only with FUSE: each restore point a directory with its .vmx,"
+        " .nvram and each disk as a raw image, read on demand. Runs in the foreground until unmounted,"
+        " Ctrl-C or SIGTERM.",
+        epilog=_EXAMPLES,
+        handler=cmd_mount,
+    )
+    parser.add_argument("mountpoint", metavar="MOUNTPOINT", type=Path, help="an existing empty directory")
+    parser.add_argument("--repository", metavar="R", help="repository (default: the only one configured)")
+    parser.add_argument(
+        "--allow-other", action="store_true", help="let other users read the mount (FUSE allow_other)"
+    )
+    # internal, for `files`: one point only, and the unreadable chunks written to a file
+    parser.add_argument("--only-point", metavar="ID", help=argparse.SUPPRESS)
+    parser.add_argument("--error-file", metavar="PATH", type=Path, help=argparse.SUPPRESS)
+
+
+def choose_repository(args: argparse.Namespace, command: str) -> str:
+    """``--repository``, else the only repository of the config."""
+    desired = load_desired(args)
+    if args.repository:
+        if args.repository not in desired.repositories:
+            unknown_name(command, "Repository", args.repository, sorted(desired.repositories))
+        return str(args.repository)
+    if len(desired.repositories) != 1:
+        names = ", ".join(sorted(desired.repositories)) or "none"
+        fail(
+            f"{len(desired.repositories)} repositories are configured ({names});"
+            " choose one with --repository",
+            "ambiguous",
+            "usage",
+        )
+    return next(iter(desired.repositories))
+
+
+def cmd_mount(args: argparse.Namespace) -> int:
+    """0 unmounted; 1 failed; 64 bad mount point or repository."""
+    from reconciler.operations.failures import explain
+    from reconciler.operations.mount import build_tree, check_mountpoint, serve
+    from reconciler.operations.repositories import open_repository
+    from reconciler.operations.restore import RestoreError
+    from reconciler.repository import RepositoryError
+
+    try:
+        check_mountpoint(args.mountpoint)
+    except RestoreError as exc:
+        fail(str(exc), "bad-mountpoint", "usage")
+    name = choose_repository(args, "mount")
+    desired = load_desired(args)
+    repo = open_repository(desired.repositories[name])
+    errors = args.error_file
+
+    def on_error(message: str) -> None:
+        if errors is not None:
+            with errors.open("a", encoding="utf-8") as f:
+                f.write(message.replace("\n", " ") + "\n")
+
+    with repo.lock(purpose=f"mount on {args.mountpoint}"):
+        if args.only_point:
+            try:
+                points = [repo.read_point(args.only_point)]
+            except (RepositoryError, ValueError, OSError) as exc:
+                explained = explain(exc)
+                fail(f"restore point {args.only_point}: {explained or exc}", "no-point", "usage")
+        else:
+            points = repo.list_points()
+        tree = build_tree(points, successful_only=not args.only_point)
+        print(
+            printable(
+                f"mounting repository {name} on {args.mountpoint}: {plural(len(tree.vms), 'VM')},"
+                f" {plural(tree.points, 'restore point')}; Ctrl-C or `umount {args.mountpoint}` to stop"
+            ),
+            flush=True,
+        )
+        try:
+            serve(repo, tree, args.mountpoint, on_error=on_error, allow_other=args.allow_other)
+        except RestoreError as exc:
+            fail(str(exc), "mount-failed")
+    log.info("mount.unmounted", mountpoint=str(args.mountpoint))
+    print(printable(f"unmounted {args.mountpoint}"))
+    return ExitCode.OK

@@ -1,0 +1,651 @@
+"""File-level restore: the filesystems inside a restore point's disks, mounted read-only through the
+kernel, to list, print and copy single files (``esxi-reconciler files``).
+
+How, bottom up, all inside one work directory ``<state dir>/files/<session>/``:
+
+1. ``disks/``: the point served by ``esxi-reconciler mount --only-point`` in a child process (a FUSE
+   filesystem of raw disk images read on demand through :class:`~reconciler.repository.DiskReader`).
+   A child, not a thread: a loop device over a FUSE file served by its own process can deadlock under
+   memory pressure, and libfuse takes over the signals of the process that runs it.
+2. The partition table of each image, parsed from its bytes (:mod:`reconciler.facts.partitions`).
+3. ``losetup --read-only --offset --sizelimit`` per recognised filesystem, then a read-only mount of it
+   at ``fs/<sda1>`` that never writes: ext2/3/4 ``ro,noload`` (the journal is not replayed), XFS
+   ``ro,norecovery``, btrfs ``ro,rescue=nologreplay``, FAT and exFAT ``ro`` (through fusefat or
+   exfat-fuse when the kernel lacks the driver), NTFS through ntfs-3g ``ro``.
+
+Every loop device and mount is released when the session ends, also on SIGTERM/SIGINT. A session
+killed outright (SIGKILL, power loss) leaves its work directory and a record (``<session>.json``: pid
+and start time); the next session finds records of dead processes and removes what they left —
+mounts under their directory, loop devices whose backing file is theirs, the FUSE mount — before
+doing anything else. Nothing is ever mounted writable.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import json
+import os
+import secrets
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO
+
+import structlog
+
+from reconciler.esxi.signals import deferred_signals, sigterm_raises
+from reconciler.facts.partitions import (
+    Partition,
+    PartitionTableError,
+    detect_filesystem,
+    read_partition_table,
+)
+from reconciler.facts.points import DiskRecord, RestorePoint
+from reconciler.operations.mount import image_name
+from reconciler.operations.restore import RestoreError, describe_source
+
+log = structlog.get_logger(__name__)
+
+MOUNT_TIMEOUT = 60.0
+_COPY_PIECE = 1 << 20
+
+
+class FilesError(RestoreError):
+    """A file-level restore failed; the message names the point and the file."""
+
+
+class BadPath(FilesError):
+    """The path (or its filesystem) is not in the point, or is not what the action needs: bad input."""
+
+
+# -- what is on the disks ------------------------------------------------------------------------
+
+
+def disk_name(index: int) -> str:
+    """``sda``, ``sdb`` … ``sdz``, ``sdaa``: the disks in key order, as a Linux guest names them."""
+    letters = ""
+    index += 1
+    while index:
+        index, rest = divmod(index - 1, 26)
+        letters = chr(ord("a") + rest) + letters
+    return "sd" + letters
+
+
+@dataclass(frozen=True)
+class GuestFilesystem:
+    """One filesystem of a point: ``sda1`` (partition 1 of the first disk) or ``sdb`` (a whole disk)."""
+
+    name: str
+    disk: DiskRecord
+    partition: Partition
+    kind: str | None
+    """blkid's name (``ext4``, ``vfat``, ``ntfs``…); ``None`` when nothing known is there."""
+
+    @property
+    def browsable(self) -> bool:
+        return self.kind in _MOUNTS
+
+    def why_not_browsable(self) -> str:
+        """For people: why a partition has no tree to list."""
+        if self.kind is None:
+            return "no filesystem recognised"
+        if self.kind == "swap":
+            return "swap space"
+        if self.kind == "LVM2_member":
+            return (
+                "LVM physical volume: not browsed (export the disk and activate its volume group with lvm2)"
+            )
+        return f"{self.kind}: not supported"
+
+
+# fs kind → (mount -t type, options); "fuse:" the userspace driver to fall back to without a kernel one
+_MOUNTS: dict[str, tuple[str, str, tuple[str, ...]]] = {
+    "ext4": ("ext4", "ro,noload", ()),
+    "ext3": ("ext4", "ro,noload", ()),
+    "ext2": ("ext4", "ro,noload", ()),
+    "xfs": ("xfs", "ro,norecovery", ()),
+    "btrfs": ("btrfs", "ro,rescue=nologreplay", ()),
+    "vfat": ("vfat", "ro", ("fusefat",)),
+    "exfat": ("exfat", "ro", ("mount.exfat-fuse", "exfat-fuse")),
+    "ntfs": ("ntfs3", "ro", ("ntfs-3g",)),
+}
+_FUSE_FIRST = {"ntfs"}
+"""ntfs-3g is the NTFS driver people trust; the kernel's ntfs3 only when it is missing."""
+
+
+# -- the cleanup record ----------------------------------------------------------------------------
+
+
+def _start_time(pid: int) -> str | None:
+    """The start time of process ``pid`` (field 22 of /proc/pid/stat), to tell a reused pid apart."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return text.rsplit(")", 1)[1].split()[19]
+
+
+def _mounts_under(directory: Path) -> list[str]:
+    """Mount points at or below ``directory``, deepest first."""
+    prefix = str(directory)
+    found = []
+    with Path("/proc/self/mounts").open(encoding="utf-8", errors="surrogateescape") as f:
+        for line in f:
+            target = line.split()[1].encode().decode("unicode_escape")
+            if target == prefix or target.startswith(prefix + "/"):
+                found.append(target)
+    return sorted(set(found), key=lambda t: -t.count("/"))
+
+
+def _loops_backed_under(directory: Path, recorded: list[dict[str, object]]) -> list[str]:
+    """Loop devices whose backing file lies below ``directory``, and the ``recorded`` ones (device,
+    image path below the FUSE mount, offset) still backed by that image: once the FUSE mount is gone
+    (lazily unmounted by a dying child) the kernel shows the backing file relative to it."""
+    found = []
+    for backing in Path("/sys/block").glob("loop*/loop/backing_file"):
+        with contextlib.suppress(OSError):
+            name = backing.read_text().strip().removesuffix(" (deleted)")
+            device = "/dev/" + backing.parent.parent.name
+            offset = (backing.parent / "offset").read_text().strip()
+            if name.startswith(str(directory) + "/") or any(
+                r.get("device") == device
+                and name.endswith("/" + str(r.get("image")))
+                and str(r.get("offset")) == offset
+                for r in recorded
+            ):
+                found.append(device)
+    return sorted(found)
+
+
+def _run(argv: list[str], timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
+    """Run a system tool; a missing one is exit 127 with the reason, like a shell says it."""
+    try:
+        return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False)
+    except FileNotFoundError:
+        return subprocess.CompletedProcess(argv, 127, "", f"{argv[0]}: not installed")
+
+
+def _release(
+    workdir: Path, child_pid: int | None = None, loops: list[dict[str, object]] | None = None
+) -> list[str]:
+    """Unmount and detach everything below ``workdir`` (and the recorded ``loops``), stop the FUSE
+    child and remove the directory; what could not be released."""
+    for target in _mounts_under(workdir / "fs"):
+        if _run(["umount", target]).returncode != 0:
+            _run(["umount", "-l", target])
+    failed = []
+    for device in _loops_backed_under(workdir, loops or []):
+        result = _run(["losetup", "-d", device])  # a device still busy is detached when freed
+        if result.returncode != 0:
+            failed.append(f"loop device {device}: {result.stderr.strip()}")
+    for target in _mounts_under(workdir):  # the FUSE mount: its child then ends by itself
+        if _run(["fusermount3", "-u", "-z", target]).returncode != 0:
+            _run(["umount", "-l", target])
+    if child_pid is not None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(child_pid, signal.SIGTERM)
+    left = failed + [f"mount {target}" for target in _mounts_under(workdir)]
+    if not left:  # nothing mounted below any more: only our own files and directories
+        for directory, subdirs, files in os.walk(workdir, topdown=False):
+            for name in files:
+                with contextlib.suppress(OSError):
+                    (Path(directory) / name).unlink()
+            for name in subdirs:
+                with contextlib.suppress(OSError):
+                    (Path(directory) / name).rmdir()
+        with contextlib.suppress(OSError):
+            workdir.rmdir()
+        if workdir.exists():
+            left.append(f"directory {workdir} could not be removed")
+    return left
+
+
+def clean_stale_sessions(root: Path) -> list[str]:
+    """Release what sessions killed outright left below ``root`` (their process is gone); the work
+    directories released."""
+    cleaned = []
+    for record_path in sorted(root.glob("*.json")):
+        try:
+            record = json.loads(record_path.read_text())
+            pid, started = int(record["pid"]), str(record["started"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if _start_time(pid) == started:
+            continue  # still running
+        workdir = root / record_path.stem
+        child = record.get("child")
+        child_pid = int(child["pid"]) if isinstance(child, dict) else None
+        if child_pid is not None and _start_time(child_pid) != child.get("started"):
+            child_pid = None
+        loops = record.get("loops")
+        left = _release(workdir, child_pid, loops if isinstance(loops, list) else [])
+        if left:
+            log.warning("files.stale_left", workdir=str(workdir), left=left)
+            continue
+        record_path.unlink(missing_ok=True)
+        log.info("files.stale_cleaned", workdir=str(workdir), pid=pid)
+        cleaned.append(str(workdir))
+    return cleaned
+
+
+# -- the session -----------------------------------------------------------------------------------
+
+
+def _die_with_parent() -> None:
+    """In the FUSE child: SIGTERM when the parent dies, so a killed ``files`` unmounts its disks."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+@dataclass
+class FilesSession:
+    """The filesystems of one restore point, mounted read-only below ``workdir/fs``."""
+
+    point: RestorePoint
+    workdir: Path
+    filesystems: list[GuestFilesystem] = field(default_factory=list)
+    mounted: dict[str, Path] = field(default_factory=dict)
+    problems: list[str] = field(default_factory=list)
+    """Filesystems that could not be mounted, and why (one line each)."""
+    error_file: Path = Path()
+    record: dict[str, object] = field(default_factory=dict)
+    record_path: Path = Path()
+
+    def note_loop(self, device: str, image: str, offset: int) -> None:
+        """Add a loop device to the cleanup record at once (a kill right after must not lose it)."""
+        loops = self.record.setdefault("loops", [])
+        assert isinstance(loops, list)
+        loops.append({"device": device, "image": image, "offset": offset})
+        self.record_path.write_text(json.dumps(self.record))
+
+    def describe(self) -> str:
+        return f"restore point {self.point.id} of {describe_source(self.point)}"
+
+    def read_errors(self) -> list[str]:
+        """The unreadable chunks the FUSE child met, one line each."""
+        try:
+            return [line for line in self.error_file.read_text().splitlines() if line]
+        except OSError:
+            return []
+
+    def resolve(self, guest_path: str) -> tuple[GuestFilesystem | None, Path]:
+        """``sda1/etc/hosts`` → (its filesystem, the path below our mount); ``/`` → (None, fs/)."""
+        parts = [p for p in guest_path.split("/") if p and p != "."]
+        if ".." in parts:
+            raise BadPath(f"{guest_path!r}: '..' is not allowed in a path inside the point")
+        if not parts:
+            return None, self.workdir / "fs"
+        found = next((f for f in self.filesystems if f.name == parts[0]), None)
+        if found is None:
+            names = ", ".join(f.name for f in self.filesystems if f.browsable) or "none"
+            raise BadPath(
+                f"{self.describe()} has no filesystem {parts[0]!r} (filesystems: {names});"
+                " paths start with one, e.g. sda1/etc/hosts"
+            )
+        if found.name not in self.mounted:
+            why = next((p for p in self.problems if p.startswith(found.name + ":")), "")
+            raise FilesError(
+                f"{found.name} ({found.kind or 'unknown'}) cannot be browsed: {why or 'not mounted'}"
+            )
+        return found, self.mounted[found.name].joinpath(*parts[1:])
+
+
+@contextlib.contextmanager
+def open_point_files(
+    point: RestorePoint,
+    state_dir: Path,
+    serve_argv: Callable[[Path, Path], list[str]],
+) -> Iterator[FilesSession]:
+    """Mount the filesystems of ``point`` read-only and release everything afterwards.
+
+    ``serve_argv(mountpoint, error_file)`` is the command that serves the point's disk images with FUSE
+    at ``mountpoint`` (``esxi-reconciler mount --only-point``, with the caller's config options)."""
+    if os.geteuid() != 0:
+        raise FilesError("file-level restore mounts loop devices and filesystems: run it as root")
+    root = state_dir.resolve() / "files"  # absolute: compared with /proc/mounts and loop backing files
+    root.mkdir(parents=True, exist_ok=True, mode=0o700)
+    clean_stale_sessions(root)
+    session_id = f"{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}-{secrets.token_hex(3)}"
+    workdir = root / session_id
+    record_path = root / f"{session_id}.json"
+    record: dict[str, object] = {"pid": os.getpid(), "started": _start_time(os.getpid()), "point": point.id}
+    record_path.write_text(json.dumps(record))
+    (workdir / "disks").mkdir(parents=True, mode=0o700)
+    (workdir / "fs").mkdir(mode=0o700)
+    session = FilesSession(
+        point, workdir, error_file=workdir / "read-errors", record=record, record_path=record_path
+    )
+    child: subprocess.Popen[bytes] | None = None
+    try:
+        with sigterm_raises():
+            with (workdir / "serve.log").open("wb") as serve_log:
+                child = subprocess.Popen(
+                    serve_argv(workdir / "disks", session.error_file),
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.DEVNULL,
+                    stderr=serve_log,
+                    preexec_fn=_die_with_parent,
+                    start_new_session=True,  # Ctrl-C reaches us, who unmount in order, not the child
+                )
+            record["child"] = {"pid": child.pid, "started": _start_time(child.pid)}
+            record_path.write_text(json.dumps(record))
+            _wait_mounted(workdir / "disks", child, workdir / "serve.log")
+            _mount_filesystems(session, workdir / "disks")
+            yield session
+    finally:
+        with deferred_signals():
+            loops = record.get("loops")
+            left = _release(
+                workdir, child.pid if child is not None else None, loops if isinstance(loops, list) else []
+            )
+            if child is not None:
+                try:
+                    child.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    child.kill()
+                    child.wait()
+            if left:
+                log.error("files.cleanup_incomplete", workdir=str(workdir), left=left)
+            else:
+                record_path.unlink(missing_ok=True)
+
+
+def _wait_mounted(mountpoint: Path, child: subprocess.Popen[bytes], log_path: Path) -> None:
+    deadline = time.monotonic() + MOUNT_TIMEOUT
+    while not os.path.ismount(mountpoint):
+        if child.poll() is not None:
+            said = log_path.read_text(errors="replace").strip().splitlines()
+            raise FilesError(
+                f"the disks could not be served: {said[-1] if said else f'exit {child.returncode}'}"
+            )
+        if time.monotonic() > deadline:
+            raise FilesError(f"the disks were not served within {MOUNT_TIMEOUT:.0f} s")
+        time.sleep(0.05)
+
+
+def _image(disks_mount: Path, point: RestorePoint, disk: DiskRecord) -> Path:
+    """The image of ``disk`` in the child's tree (``vms/<vm>/<point>/<disk>.img``)."""
+    found = list(disks_mount.glob(f"vms/*/{point.id}/{image_name(disk)}"))
+    if len(found) != 1:
+        raise FilesError(f"restore point {point.id}: the image of {disk.label} is not served")
+    return found[0]
+
+
+def _pread(f: BinaryIO) -> Callable[[int, int], bytes]:
+    fd = f.fileno()
+
+    def read(offset: int, size: int) -> bytes:
+        return os.pread(fd, size, offset)
+
+    return read
+
+
+def _mount_filesystems(session: FilesSession, disks_mount: Path) -> None:
+    point = session.point
+    for index, disk in enumerate(sorted(point.disks, key=lambda d: d.key)):
+        image = _image(disks_mount, point, disk)
+        name = disk_name(index)
+        try:
+            with image.open("rb") as f:
+                read = _pread(f)
+                table = read_partition_table(read, disk.capacity)
+                kinds = {p.number: detect_filesystem(read, p.start, p.size) for p in table.partitions}
+        except PartitionTableError as exc:
+            session.problems.append(f"{name}: partition table: {exc}")
+            continue
+        except OSError as exc:
+            raise FilesError(_unreadable(session, f"{name} ({disk.label})", exc)) from exc
+        session.problems.extend(f"{name}: {p}" for p in table.problems)
+        for part in table.partitions:
+            fs = GuestFilesystem(
+                name + (str(part.number) if part.number else ""), disk, part, kinds[part.number]
+            )
+            session.filesystems.append(fs)
+            if fs.browsable:
+                _mount_one(session, fs, image)
+
+
+def _mount_one(session: FilesSession, fs: GuestFilesystem, image: Path) -> None:
+    """losetup read-only at the partition's offset, then the read-only mount of its kind."""
+    assert fs.kind is not None
+    target = session.workdir / "fs" / fs.name
+    target.mkdir(mode=0o700)
+    losetup = _run(
+        [
+            "losetup",
+            "--read-only",
+            "--find",
+            "--show",
+            "--offset",
+            str(fs.partition.start),
+            "--sizelimit",
+            str(fs.partition.size),
+            str(image),
+        ]
+    )
+    if losetup.returncode != 0:
+        session.problems.append(f"{fs.name}: losetup failed: {losetup.stderr.strip()}")
+        return
+    device = losetup.stdout.strip()
+    session.note_loop(device, str(image.relative_to(session.workdir / "disks")), fs.partition.start)
+    kernel_type, options, fuse_drivers = _MOUNTS[fs.kind]
+    attempts: list[list[str]] = [["mount", "-t", kernel_type, "-o", options, device, str(target)]]
+    for driver in fuse_drivers:
+        if shutil.which(driver):
+            fuse = [driver, "-o", "ro", device, str(target)]
+            attempts = [fuse, *attempts] if fs.kind in _FUSE_FIRST else [*attempts, fuse]
+    errors = []
+    for argv in attempts:
+        result = _run(argv)
+        if result.returncode == 0 and os.path.ismount(target):
+            if not _mounted_read_only(target):
+                _run(["umount", str(target)])
+                errors.append(f"{argv[0]}: mounted writable, refused")
+                continue
+            session.mounted[fs.name] = target
+            log.info("files.mounted", filesystem=fs.name, kind=fs.kind, how=argv[0])
+            return
+        said = (result.stderr or result.stdout).strip().splitlines()
+        errors.append(f"{argv[0]}: {said[0] if said else f'exit {result.returncode}'}")
+    _run(["losetup", "-d", device])
+    unreadable = session.read_errors()
+    cause = unreadable[-1] if unreadable else "; ".join(errors)
+    session.problems.append(f"{fs.name}: {fs.kind} cannot be mounted read-only: {cause}")
+
+
+def _mounted_read_only(target: Path) -> bool:
+    with Path("/proc/self/mounts").open(encoding="utf-8", errors="surrogateescape") as f:
+        for line in f:
+            fields = line.split()
+            if fields[1].encode().decode("unicode_escape") == str(target):
+                return "ro" in fields[3].split(",")
+    return False
+
+
+def _unreadable(session: FilesSession, what: str, exc: OSError) -> str:
+    """The one line for a read that failed: the point, the file, and the chunk the child could not read."""
+    errors = session.read_errors()
+    cause = errors[-1] if errors else (exc.strerror or str(exc))
+    hint = "; `esxi-reconciler verify` checks the whole repository" if exc.errno == errno.EIO else ""
+    return f"{session.describe()}: {what} cannot be read: {cause}{hint}"
+
+
+# -- listing, reading, copying ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Entry:
+    path: str
+    """Inside the point: ``sda1/etc/hosts``."""
+    kind: str
+    """``file``, ``dir``, ``symlink`` or ``other``."""
+    mode: int
+    uid: int
+    gid: int
+    size: int
+    mtime_ns: int
+    target: str | None = None
+
+
+def _entry(guest_path: str, path: Path) -> Entry:
+    st = path.lstat()
+    kind = (
+        "dir"
+        if stat.S_ISDIR(st.st_mode)
+        else "symlink"
+        if stat.S_ISLNK(st.st_mode)
+        else "file"
+        if stat.S_ISREG(st.st_mode)
+        else "other"
+    )
+    target = str(path.readlink()) if kind == "symlink" else None
+    return Entry(
+        guest_path, kind, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, st.st_size, st.st_mtime_ns, target
+    )
+
+
+def list_entries(session: FilesSession, guest_path: str, *, recursive: bool = False) -> list[Entry]:
+    """The entries of a directory (or the one file) at ``guest_path``; below it all with ``recursive``."""
+    fs, path = session.resolve(guest_path)
+    base = "/".join(p for p in guest_path.split("/") if p and p != ".")
+    try:
+        if fs is None:
+            return [_entry(name, session.mounted[name]) for name in sorted(session.mounted)]
+        if not path.is_dir() or path.is_symlink():
+            return [_entry(base, path)]
+        out = []
+        for child in sorted(path.iterdir(), key=lambda p: p.name):
+            rel = f"{base}/{child.name}"
+            entry = _entry(rel, child)
+            out.append(entry)
+            if recursive and entry.kind == "dir":
+                out.extend(list_entries(session, rel, recursive=True))
+        return out
+    except FileNotFoundError:
+        raise BadPath(f"{session.describe()} has no {guest_path!r}") from None
+    except OSError as exc:
+        raise FilesError(_unreadable(session, guest_path, exc)) from exc
+
+
+def cat_file(session: FilesSession, guest_path: str, out: BinaryIO) -> int:
+    """Write the file's bytes to ``out``; the bytes written."""
+    fs, path = session.resolve(guest_path)
+    if fs is None or path.is_dir():
+        raise BadPath(f"{guest_path!r} is a directory; `ls` lists it, `cp` copies it")
+    written = 0
+    try:
+        with path.open("rb") as f:
+            while piece := f.read(_COPY_PIECE):
+                out.write(piece)
+                written += len(piece)
+    except FileNotFoundError:
+        raise BadPath(f"{session.describe()} has no {guest_path!r}") from None
+    except OSError as exc:
+        raise FilesError(_unreadable(session, guest_path, exc)) from exc
+    return written
+
+
+@dataclass
+class CopyResult:
+    files: int = 0
+    directories: int = 0
+    symlinks: int = 0
+    bytes: int = 0
+    skipped: list[str] = field(default_factory=list)
+    """Special files (devices, sockets, fifos) not copied."""
+    copied: list[Path] = field(default_factory=list)
+
+
+def copy_out(
+    session: FilesSession, guest_path: str, target_dir: Path, *, on_file: Callable[[str], None] | None = None
+) -> CopyResult:
+    """Copy a file, symlink or directory tree into ``target_dir`` (``target_dir/<its name>``) with its
+    times, mode and ownership (ownership only as root, numeric ids as in the guest). Nothing existing is
+    overwritten."""
+    fs, source = session.resolve(guest_path)
+    if fs is None:
+        raise BadPath("name a path inside a filesystem (e.g. sda1/etc); `ls` lists them")
+    name = source.name if source != session.mounted[fs.name] else fs.name
+    if not os.path.lexists(source):
+        raise BadPath(f"{session.describe()} has no {guest_path!r}")
+    target_dir.mkdir(parents=True, exist_ok=True)
+    destination = target_dir / name
+    if os.path.lexists(destination):
+        raise FilesError(f"{destination} already exists; copy into another directory")
+    result = CopyResult()
+    base = "/".join(p for p in guest_path.split("/") if p and p != ".")
+    _copy_tree(session, source, destination, base, result, on_file)
+    return result
+
+
+def _copy_tree(
+    session: FilesSession,
+    source: Path,
+    destination: Path,
+    guest_path: str,
+    result: CopyResult,
+    on_file: Callable[[str], None] | None,
+) -> None:
+    try:
+        st = source.lstat()
+        if stat.S_ISLNK(st.st_mode):
+            destination.symlink_to(source.readlink())
+            result.symlinks += 1
+        elif stat.S_ISDIR(st.st_mode):
+            destination.mkdir(mode=0o700)
+            for child in sorted(source.iterdir(), key=lambda p: p.name):
+                _copy_tree(
+                    session, child, destination / child.name, f"{guest_path}/{child.name}", result, on_file
+                )
+            result.directories += 1
+        elif stat.S_ISREG(st.st_mode):
+            if on_file is not None:
+                on_file(guest_path)
+            with source.open("rb") as src, destination.open("xb") as dst:
+                os.fchmod(dst.fileno(), 0o600)
+                while piece := src.read(_COPY_PIECE):
+                    dst.write(piece)
+                    result.bytes += len(piece)
+            result.files += 1
+        else:
+            result.skipped.append(guest_path)
+            return
+    except FileExistsError:
+        raise FilesError(f"{destination} already exists; copy into another directory") from None
+    except OSError as exc:
+        if exc.filename is not None and str(exc.filename).startswith(str(destination)):
+            raise FilesError(f"cannot write {destination}: {exc.strerror}") from exc
+        raise FilesError(_unreadable(session, guest_path, exc)) from exc
+    _copy_metadata(st, destination)
+    result.copied.append(destination)
+
+
+def _copy_metadata(st: os.stat_result, destination: Path) -> None:
+    """Ownership (as root), mode and times of the source, on the copy (a symlink itself, not its target)."""
+    if os.geteuid() == 0:
+        os.lchown(destination, st.st_uid, st.st_gid)
+    if not stat.S_ISLNK(st.st_mode):
+        destination.chmod(stat.S_IMODE(st.st_mode))
+    os.utime(destination, ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=False)
+
+
+def serve_command(prefix: list[str]) -> Callable[[Path, Path], list[str]]:
+    """The FUSE child's argv: ``prefix`` (the CLI with the caller's config options) + mount options."""
+
+    def argv(mountpoint: Path, error_file: Path) -> list[str]:
+        return [*prefix, "--error-file", str(error_file), str(mountpoint)]
+
+    return argv
+
+
+def python_cli() -> list[str]:
+    """This program, run by this interpreter (also from a source tree without the launcher)."""
+    return [sys.executable, "-c", "import sys; from reconciler.cli import main; sys.exit(main())"]
