@@ -370,7 +370,7 @@ def record_command(
     try:
         with StatusStore.open(path) as store:
             store.events.record(event)
-    except Exception:  # noqa: S110 - the record is a courtesy; the verb's own output says what happened
+    except Exception:  # noqa: S110, BLE001  the record is a courtesy; the verb's output says what happened
         pass
 
 

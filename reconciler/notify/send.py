@@ -139,7 +139,7 @@ def send_once(notifier: Notifier, message: Message) -> SendResult:
                     body_format=apprise.NotifyFormat.TEXT,  # our lines stay lines, in a mail too
                 )
             )
-        except Exception as exc:  # a plugin's bug must not end the sender thread
+        except Exception as exc:  # noqa: BLE001  a plugin's bug must not end the sender thread
             ok = False
             captured.write(f"x - ERROR - {type(exc).__name__}: {exc}\n")
         said = captured.getvalue()
@@ -297,7 +297,7 @@ class Dispatcher:
             attempts += 1
             try:
                 result = self._send(notifier, message)
-            except Exception as exc:  # the sender thread must survive anything
+            except Exception as exc:  # noqa: BLE001  the sender thread must survive anything
                 result = SendResult(False, f"{type(exc).__name__}: {exc}")
             spent += result.seconds
             if result.ok:

@@ -26,7 +26,7 @@ from reconciler.repository import KdfParams, Repository
 from reconciler.repository.chunks import HOLE, chunk_name
 from reconciler.repository.errors import LockedError
 from reconciler.status.history import HistoryQuery
-from reconciler.status.store import StatusStore, status_path
+from reconciler.status.store import StatusStore, StatusStoreError, status_path
 from tests.integration.labconfig import PASSPHRASE, policy_yaml, private_file, write_lab_config
 from tests.notifyservers import HttpReceiver, Mail, http_receiver, make_certificate, smtp_server
 
@@ -135,8 +135,11 @@ spec:
         def events(**query: Any) -> list[Any]:
             if not status_path(state).exists():
                 return []
-            with StatusStore.open(status_path(state), readonly=True) as store:
-                return store.events.events(HistoryQuery(limit=None, **query))
+            try:
+                with StatusStore.open(status_path(state), readonly=True) as store:
+                    return store.events.events(HistoryQuery(limit=None, **query))
+            except StatusStoreError:  # the daemon is creating the file right now
+                return []
 
         def cycles_pass(count: int) -> None:
             target = daemon.cycles + count
