@@ -5,7 +5,7 @@
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
-APT_PACKAGES := golang-go golang-github-vmware-govmomi-dev openssh-server openssh-client util-linux iproute2 python3-venv systemd busybox git gnupg groff-base man-db zsh fdisk dosfstools mtools ntfs-3g e2fsprogs xfsprogs fuse3 fusefat exfat-fuse
+APT_PACKAGES := golang-go golang-github-vmware-govmomi-dev openssh-server openssh-client util-linux iproute2 python3-venv systemd busybox git gnupg chromium groff-base man-db zsh fdisk dosfstools mtools ntfs-3g e2fsprogs xfsprogs fuse3 fusefat exfat-fuse
 LAB_DIR ?= .lab
 
 .PHONY: all setup apt venv lab-build lint test unit test-reliability-long test-ceph demo clean install uninstall \
@@ -16,7 +16,8 @@ all: test
 # Debian packages the lab and the tests need: Go + govmomi (vcsim), OpenSSH (the simulated host's sshd),
 # BusyBox (its ash is the ESXi shell: the lab tests check the quoting of remote commands against it);
 # git and GnuPG (the git source: fetch, verify-commit of SSH and OpenPGP signatures); groff, man-db
-# and zsh check the installed man page and completion scripts.
+# and zsh check the installed man page and completion scripts; Chromium (headless) loads the status
+# page in tests/integration/test_web_lab.py.
 apt:
 	@missing=""; for p in $(APT_PACKAGES); do \
 	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; \

@@ -38,6 +38,7 @@ KINDS = {
     "copy-policy": ("CopyPolicy", "copy-policy.schema.json"),
     "git-source": ("GitSource", "git-source.schema.json"),
     "notifier": ("Notifier", "notifier.schema.json"),
+    "monitoring": ("Monitoring", "monitoring.schema.json"),
     "all": ("any kind", "esxi-reconciler.schema.json"),
 }
 """The names ``schema`` accepts (also as the kind is spelled in a document: ``BackupPolicy``)."""

@@ -50,6 +50,9 @@ class ConfigError(Exception):
         self.notifiers: tuple[Any, ...] = ()
         """The config's Notifier objects that are valid on their own (``config.model.Notifier``), so that
         the daemon can report the invalid config through them."""
+        self.monitoring: Any = None
+        """The config's Monitoring object when it is valid on its own (``config.model.Monitoring``), so that
+        the daemon's listener says why nothing runs."""
         super().__init__(self._summary())
 
     def _summary(self) -> str:

@@ -16,6 +16,7 @@ insecure opt-outs and the like) travel in ``DesiredState.warnings``.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from collections.abc import Callable, Iterable, Sequence
@@ -518,6 +519,57 @@ def _build_notifier(build: _Build, doc: Document, spec: dict[str, Any]) -> model
     )
 
 
+def _is_loopback(address: str) -> bool:
+    if address == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        return False
+
+
+def _build_monitoring(build: _Build, doc: Document, spec: dict[str, Any]) -> model.Monitoring | None:
+    listen = None
+    if "listen" in spec:
+        listen_spec = spec["listen"]
+        address: str = listen_spec["address"]
+        if address != "localhost":
+            try:
+                ipaddress.ip_address(address)
+            except ValueError:
+                build.issues.append(
+                    doc.issue(("spec", "listen", "address"), f"{address!r} is not an IP address or localhost")
+                )
+                return None
+        if "token" not in listen_spec and not _is_loopback(address):
+            build.issues.append(
+                doc.issue(
+                    ("spec", "listen", "token"),
+                    f"required when spec.listen.address is not a loopback address ({address}): give a token"
+                    " by reference (e.g. {file: /etc/esxi-reconciler/secrets/http-token}), or bind 127.0.0.1",
+                )
+            )
+            return None
+        tls = listen_spec.get("tls")
+        listen = model.Listen(
+            address=address,
+            port=int(listen_spec["port"]),
+            token=build.secret(doc, ("spec", "listen", "token"), listen_spec["token"])
+            if "token" in listen_spec
+            else None,
+            tls_cert=PurePosixPath(tls["cert_file"]) if tls else None,
+            tls_key=PurePosixPath(tls["key_file"]) if tls else None,
+        )
+    textfile = spec.get("textfile")
+    return model.Monitoring(
+        name=doc.data["metadata"]["name"],
+        listen=listen,
+        textfile=PurePosixPath(textfile) if textfile else None,
+        ready_after=parse_interval(spec["ready_after"]),
+        source=_source(doc),
+    )
+
+
 _BUILDERS: dict[str, Callable[[_Build, Document, dict[str, Any]], Any]] = {
     "Host": _build_host,
     "Repository": _build_repository,
@@ -525,6 +577,7 @@ _BUILDERS: dict[str, Callable[[_Build, Document, dict[str, Any]], Any]] = {
     "VerifyPolicy": _build_verify_policy,
     "CopyPolicy": _build_copy_policy,
     "Notifier": _build_notifier,
+    "Monitoring": _build_monitoring,
 }
 
 
@@ -666,6 +719,14 @@ def _check_s3_places(
     )
 
 
+def _check_single(build: _Build, kind: str, items: list[tuple[Any, Document]]) -> None:
+    """A kind the config may declare once (Monitoring: one listener, one text file)."""
+    for _, doc in items[1:]:
+        where = _where(items[0][1], ("kind",))
+        message = f"only one {kind} document is allowed; the first is at {where}"
+        build.issues.append(doc.issue(("kind",), message))
+
+
 def _check_host_addresses(build: _Build, hosts: list[tuple[model.Host, Document]]) -> None:
     seen: dict[tuple[str, int], tuple[model.Host, Document]] = {}
     for host, doc in hosts:
@@ -797,6 +858,7 @@ def _load(root: Path, resolve_secrets: bool, commit: str | None) -> model.Desire
         {name: c.data["spec"]["schedule"]["after"] for name, c in chains.items()},
     )
     _check_repository_paths(build, objects["Repository"])
+    _check_single(build, "Monitoring", objects["Monitoring"])
     _check_host_addresses(build, objects["Host"])
 
     if resolve_secrets:
@@ -811,6 +873,9 @@ def _load(root: Path, resolve_secrets: bool, commit: str | None) -> model.Desire
         # The Notifier documents that are valid on their own: the daemon tells its owner about the
         # invalid config through them (at start-up there is no earlier config to take them from).
         rejected.notifiers = tuple(obj for obj, _ in objects["Notifier"])
+        # The Monitoring document, when valid and alone: /readyz and the status page say why nothing runs.
+        if len(objects["Monitoring"]) == 1:
+            rejected.monitoring = objects["Monitoring"][0][0]
         raise rejected
     return model.DesiredState.build(
         hosts=(obj for obj, _ in objects["Host"]),
@@ -821,4 +886,5 @@ def _load(root: Path, resolve_secrets: bool, commit: str | None) -> model.Desire
         revision=config_revision(root, contents, commit=commit),
         warnings=build.warnings,
         notifiers=(obj for obj, _ in objects["Notifier"]),
+        monitoring=objects["Monitoring"][0][0] if objects["Monitoring"] else None,
     )

@@ -375,6 +375,29 @@ class Notifier:
         return capacity <= 0 or free * 100 >= capacity * self.repository_min_free_percent
 
 
+@dataclass(frozen=True)
+class Listen:
+    """The daemon's HTTP(S) listener: metrics, health, status page, git webhook."""
+
+    address: str
+    port: int
+    token: Secret | None
+    tls_cert: PurePosixPath | None = None
+    tls_key: PurePosixPath | None = None
+
+
+@dataclass(frozen=True)
+class Monitoring:
+    """How the daemon is watched: its listener (None: none) and the node_exporter text file (None:
+    none); ``ready_after``: how old the last cycle may be for /readyz."""
+
+    name: str
+    listen: Listen | None
+    textfile: PurePosixPath | None
+    ready_after: timedelta
+    source: Source = field(compare=False)
+
+
 # -- revision and the whole --------------------------------------------------------------------------
 
 
@@ -429,9 +452,11 @@ class DesiredState:
     warnings: tuple[ConfigIssue, ...] = ()
     copy_policies: Mapping[str, CopyPolicy] = field(default_factory=lambda: MappingProxyType({}))
     notifiers: Mapping[str, Notifier] = field(default_factory=lambda: MappingProxyType({}))
+    monitoring: Monitoring | None = None
+    """The Monitoring document, if the config has one."""
 
     @classmethod
-    def build(
+    def build(  # noqa: PLR0913  one iterable per kind of the config; the later ones keyword-only in use
         cls,
         hosts: Iterable[Host],
         repositories: Iterable[RepositoryConfig],
@@ -441,6 +466,7 @@ class DesiredState:
         warnings: Iterable[ConfigIssue] = (),
         copy_policies: Iterable[CopyPolicy] = (),
         notifiers: Iterable[Notifier] = (),
+        monitoring: Monitoring | None = None,
     ) -> DesiredState:
         """Assemble from unordered objects (names must already be unique per kind)."""
         return cls(
@@ -452,6 +478,7 @@ class DesiredState:
             warnings=tuple(sorted(warnings)),
             copy_policies=_index(_sorted_by_name(copy_policies), "name"),
             notifiers=_index(_sorted_by_name(notifiers), "name"),
+            monitoring=monitoring,
         )
 
     def host(self, name: str) -> Host:

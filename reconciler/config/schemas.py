@@ -27,7 +27,7 @@ API_VERSION = "esxi-reconciler/v1"
 SCHEMA_URI = "https://json-schema.org/draft/2020-12/schema"
 ID_PREFIX = "urn:esxi-reconciler:schema:v1:"
 
-KINDS = ("Host", "Repository", "BackupPolicy", "VerifyPolicy", "CopyPolicy", "Notifier")
+KINDS = ("Host", "Repository", "BackupPolicy", "VerifyPolicy", "CopyPolicy", "Notifier", "Monitoring")
 """Every kind of the config directory, in the order the docs present them."""
 
 SOURCE_KIND = "GitSource"
@@ -65,6 +65,8 @@ RELATIVE_PATH_PATTERN = r"^([^/\s][^\n]*)?$"
 S3_ENDPOINT_PATTERN = r"^https?://[^/\s]+/?$"
 S3_BUCKET_PATTERN = r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$"
 S3_PREFIX_PATTERN = r"^([A-Za-z0-9!_.*'()-]+(/[A-Za-z0-9!_.*'()-]+)*)?/?$"
+LISTEN_ADDRESS_PATTERN = r"^(localhost|[0-9.]+|[0-9A-Fa-f:]+)$"
+PROM_FILE_PATTERN = r"^/.*\.prom$"
 
 PATTERN_HINTS: dict[str, str] = {
     NAME_PATTERN: "a name of 1-63 lower-case letters, digits, '.', '_' or '-', starting and ending with a"
@@ -96,6 +98,9 @@ PATTERN_HINTS: dict[str, str] = {
     " -----BEGIN PGP PUBLIC KEY BLOCK-----",
     RELATIVE_PATH_PATTERN: "a path relative to the repository's top directory, such as esxi or"
     " clusters/nas1 (no leading /)",
+    LISTEN_ADDRESS_PATTERN: "an IP address to bind (127.0.0.1, ::1, 0.0.0.0, :: or one of this machine's"
+    " addresses) or localhost",
+    PROM_FILE_PATTERN: "an absolute path ending in .prom",
 }
 
 WEEKDAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
@@ -1015,6 +1020,65 @@ NOTIFIER_SPEC = _obj(
     required=("url",),
 )
 
+# -- Monitoring --------------------------------------------------------------------------------------
+
+MONITORING_SPEC = _obj(
+    "How the daemon can be watched (at most one Monitoring document): an HTTP listener serving Prometheus"
+    " metrics, /healthz and /readyz for service managers, a read-only status page and the git webhook;"
+    " and/or a Prometheus text file rewritten after every cycle for node_exporter's textfile collector.",
+    {
+        "listen": _obj(
+            "The HTTP(S) listener of `esxi-reconciler run`. On a loopback address (the default) it needs no"
+            " token; bound to any other address it must have one. /healthz and /readyz never ask for it;"
+            " every other page does when a token is set. The git webhook always needs it.",
+            {
+                "address": _str(
+                    "Address to bind. 0.0.0.0 or :: listen on every interface.",
+                    LISTEN_ADDRESS_PATTERN,
+                    default="127.0.0.1",
+                    examples=["127.0.0.1", "0.0.0.0", "192.168.1.20"],  # noqa: S104 - documentation
+                ),
+                "port": _int("TCP port.", 1, 65535, default=9137),
+                "token": _ref(
+                    "secret",
+                    "The access token, by reference. Clients send it as `Authorization: Bearer TOKEN`, or as"
+                    " the password of HTTP basic authentication (any user name: what a browser asks for);"
+                    " git forges as the webhook secret (X-Gitlab-Token, or the HMAC signature"
+                    " X-Hub-Signature-256 of GitHub, Gitea and Forgejo). Read on every request, so it can be"
+                    " rotated without a restart.",
+                ),
+                "tls": _obj(
+                    "Serve HTTPS with this certificate and key (PEM files, read when the listener starts).",
+                    {
+                        "cert_file": _str(
+                            "Absolute path of the certificate chain (PEM).", ABSOLUTE_PATH_PATTERN
+                        ),
+                        "key_file": _str(
+                            "Absolute path of the private key (PEM, unencrypted; chmod 600).",
+                            ABSOLUTE_PATH_PATTERN,
+                        ),
+                    },
+                    required=("cert_file", "key_file"),
+                ),
+            },
+            default={},
+        ),
+        "textfile": _str(
+            "Also write the metrics to this file after every cycle (atomically: a temporary file renamed),"
+            " for node_exporter's textfile collector (--collector.textfile.directory). The name must end"
+            " in .prom.",
+            PROM_FILE_PATTERN,
+            examples=["/var/lib/node_exporter/textfile_collector/esxi_reconciler.prom"],
+        ),
+        "ready_after": _ref(
+            "duration",
+            "/readyz answers 503 when no cycle is running and the last one finished longer ago than this"
+            " (or none has, or no valid config is loaded).",
+            default="30m",
+        ),
+    },
+)
+
 # -- GitSource: the bootstrap file of `run --source` -------------------------------------------------
 
 GIT_SOURCE_SPEC = _obj(
@@ -1125,6 +1189,7 @@ _SPECS: dict[str, tuple[str, Schema]] = {
     "VerifyPolicy": ("verify-policy", VERIFY_POLICY_SPEC),
     "CopyPolicy": ("copy-policy", COPY_POLICY_SPEC),
     "Notifier": ("notifier", NOTIFIER_SPEC),
+    "Monitoring": ("monitoring", MONITORING_SPEC),
     SOURCE_KIND: ("git-source", GIT_SOURCE_SPEC),
 }
 

@@ -26,6 +26,7 @@ from reconciler.status.store import StatusStore
 
 if TYPE_CHECKING:
     from reconciler.notify.service import Notifications
+    from reconciler.web.service import Monitor
 
 log = structlog.get_logger(__name__)
 
@@ -49,6 +50,8 @@ class CycleContext:
     """Told what the cycle concluded (:mod:`reconciler.notify`); None: nothing is sent."""
     history: Retention = field(default_factory=Retention)
     """How long the event log is kept (compacted at most once a day, at the end of a cycle)."""
+    monitor: Monitor | None = None
+    """Records what the status page and the metrics show (:mod:`reconciler.web`); None: nothing."""
 
 
 @dataclass(frozen=True)
@@ -126,6 +129,9 @@ def after_cycle(
     if ctx.notifications is not None:
         notifications = ctx.notifications
         _guarded("notify", lambda: notifications.after_cycle(ctx.desired, observed, after, now), None)
+    if ctx.monitor is not None:  # before compaction: the metrics' counters fold the newest events first
+        monitor = ctx.monitor
+        _guarded("web", lambda: monitor.after_cycle(ctx.store, ctx.desired, observed), None)
     _guarded("history", lambda: _maintain_history(ctx.store, now, ctx.history), None)
 
 

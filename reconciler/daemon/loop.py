@@ -37,8 +37,11 @@ from reconciler.status.history import Event, EventOutcome, Retention
 from reconciler.status.store import StatusStore, status_path
 
 if TYPE_CHECKING:
+    from reconciler.config.model import Monitoring
     from reconciler.config.model import Notifier as NotifierConfig
     from reconciler.notify.service import Notifications
+    from reconciler.web.service import Monitor
+    from reconciler.web.view import DaemonState
 
 log = structlog.get_logger(__name__)
 
@@ -112,6 +115,8 @@ class Daemon:
         self.notify_delays = notify_delays
         """Seconds between a failed notification's attempts (None: ``notify.send.RETRY_DELAYS``)."""
         self.notifications: Notifications | None = None
+        self.monitor: Monitor | None = None
+        """The listener and text file of the config's Monitoring document (:mod:`reconciler.web`)."""
         self.debouncer = Debouncer(debounce)
         self.cancel = threading.Event()
         self.waker = signals.Waker()
@@ -178,6 +183,7 @@ class Daemon:
             self._store = StatusStore.open(status_path(self.state_dir))
             self._beat(started=self.clock())
             self._start_notifications()
+            self._start_monitor()
             if not self._start_source():
                 return EXIT_INVALID_CONFIG
             if watcher is not None:
@@ -197,6 +203,8 @@ class Daemon:
             if self.source is not None:
                 self.source.stop()
             restore()
+            if self.monitor is not None:
+                self.monitor.close()
             self._stop_notifications()
             if self._store is not None and not self.abandoned:
                 self._store.close()
@@ -298,6 +306,8 @@ class Daemon:
         except ConfigError as error:
             issues = error.issues
             partial = {n.name: n for n in error.notifiers}
+            if self.desired is None:  # nothing in force yet: the rejected config's own listener says why
+                self._use_monitoring(error.monitoring)
         except Exception as exc:  # an unreadable directory or a bug must not stop the daemon
             log.exception("config.load_failed", config=str(self.config_dir))
             issues = (ConfigIssue(str(self.config_dir), 0, 0, "", f"cannot be loaded: {exc}"),)
@@ -313,6 +323,7 @@ class Daemon:
                 policies=len(desired.policies),
             )
             condition = config_condition(now, revision=desired.revision.id, desired=desired)
+            self._use_monitoring(desired.monitoring)
             self._set_config_condition(condition)
             self._config_event(now, changed, condition, desired.notifiers)
             return changed
@@ -391,6 +402,54 @@ class Daemon:
             except Exception:
                 log.exception("notify.failed", what="config")
 
+    # -- the status page and the metrics (reconciler.web) ---------------------------------------------
+
+    def _start_monitor(self) -> None:
+        """The listener's owner (started by the first config that declares one; never fatal)."""
+        try:
+            from reconciler.web.service import Monitor
+
+            poll = self.source.poll_now if self.source is not None and not self.once else None
+            self.monitor = Monitor(
+                status_path(self.state_dir),
+                daemon_state=self.daemon_state,
+                clock=self.clock,
+                poll_source=poll,
+            )
+        except Exception:
+            log.exception("web.start_failed")
+            self.monitor = None
+
+    def _use_monitoring(self, config: Monitoring | None) -> None:
+        if self.monitor is None:
+            return
+        try:
+            # --once has no listener (nothing would be there to ask it); its cycle still writes the file
+            self.monitor.use(None if self.once or config is None else config)
+        except Exception:
+            log.exception("web.failed", what="listener")
+
+    def daemon_state(self) -> DaemonState | None:
+        """What the loop knows of itself, for /readyz, the page and the metrics (any thread)."""
+        from reconciler.web.view import DaemonState
+
+        beat = self._heartbeat
+        if beat is None:
+            return None
+        result = self.last_result
+        desired = self.desired
+        return DaemonState(
+            started=beat.started,
+            config_loaded=desired is not None,
+            revision=desired.revision.id if desired is not None else None,
+            cycles=self.cycles,
+            cycle_running=self._worker is not None,
+            last_cycle_started=beat.cycle_started,
+            last_cycle_finished=beat.cycle_finished,
+            last_cycle_ok=result.ok if result is not None else None,
+            git_source=self.source is not None,
+        )
+
     # -- the git source -------------------------------------------------------------------------------
 
     def _start_source(self) -> bool:
@@ -463,6 +522,7 @@ class Daemon:
             clock=self.clock,
             notifications=self.notifications,
             history=self.history,
+            monitor=self.monitor,
         )
         self._beat(cycle_started=ctx.now)
         log.debug("cycle.start", cycle=self.cycles, revision=self.desired.revision.id)  # cycle.done says it

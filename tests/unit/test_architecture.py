@@ -18,12 +18,12 @@ LINT_IMPORTS = Path(sys.executable).with_name("lint-imports")
 
 IO_LIBRARIES = (
     *("pyVmomi", "pyVim", "paramiko", "urllib3", "cryptography", "zstandard", "sqlite3", "watchdog"),
-    *("yaml", "jsonschema", "subprocess", "socket", "apprise", "smtplib"),
+    *("yaml", "jsonschema", "subprocess", "socket", "apprise", "smtplib", "prometheus_client"),
 )
 IO_PACKAGES = (
     *("reconciler.esxi", "reconciler.repository", "reconciler.operations", "reconciler.status.store"),
     *("reconciler.config.loader", "reconciler.config.revision", "reconciler.daemon", "reconciler.commands"),
-    *("reconciler.gitsource", "reconciler.config.source"),
+    *("reconciler.gitsource", "reconciler.config.source", "reconciler.web.read", "reconciler.web.server"),
 )
 
 
@@ -84,6 +84,10 @@ def test_every_exception_is_needed(tmp_path: Path, line: str) -> None:
         ("notify/rules.py", "import time", "Deciding what to notify does no I/O"),
         ("gitsource/sync.py", "import reconciler.daemon.loop", "Layers"),
         ("planning/approval.py", "import reconciler.gitsource.git", "Deciding does no I/O"),
+        ("web/page.py", "import reconciler.web.read", "The status page is a pure function"),
+        ("web/charts.py", "import os", "The status page is a pure function"),
+        ("status/store.py", "import prometheus_client", "prometheus-client only inside web/"),
+        ("web/server.py", "import reconciler.gitsource.sync", "Layers"),
     ],
 )
 def test_a_violation_is_caught(tmp_path: Path, module: str, statement: str, contract: str) -> None:
@@ -106,6 +110,7 @@ def test_a_violation_is_caught(tmp_path: Path, module: str, statement: str, cont
         "reconciler.planning.review",
         "reconciler.status.conditions",
         "reconciler.notify.rules",
+        "reconciler.web.page",
         "reconciler.status.source",
         "reconciler.rules.schedule",
         "reconciler.rules.retention",

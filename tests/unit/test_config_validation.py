@@ -203,7 +203,7 @@ CASES: list[tuple[str, dict[str, str], list[str]]] = [
         [
             "policies/nightly.yaml:7:3 spec.repository: no Repository named 'nas'",
             "repositories.yaml:2:1 kind: unknown kind 'Repo'; expected one of Host, Repository, BackupPolicy,"
-            " VerifyPolicy, CopyPolicy, Notifier; did you mean 'Repository'?",
+            " VerifyPolicy, CopyPolicy, Notifier, Monitoring; did you mean 'Repository'?",
         ],
     ),
     (
