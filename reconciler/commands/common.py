@@ -397,3 +397,21 @@ def ask(args: argparse.Namespace, question: str, nothing_done: str) -> None:
     print(printable(question) + " [y/N] ", end="", file=sys.stderr, flush=True)
     if sys.stdin.readline().strip().lower() not in ("y", "yes"):
         fail(f"not confirmed; {nothing_done}", "declined")
+
+
+def since_argument(text: str) -> datetime:
+    """An argparse ``type`` for ``--since``: an age such as ``7d`` or ``24h``, or an ISO date/time
+    (``2026-11-01``, ``2026-11-01T02:00``; UTC unless it has an offset)."""
+    from reconciler.config import parse_interval
+
+    try:
+        return datetime.now(timezone.utc) - parse_interval(text)
+    except ValueError:
+        pass
+    try:
+        moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is neither an age (7d, 24h) nor a date/time (2026-11-01, 2026-11-01T02:00Z)"
+        ) from None
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=timezone.utc)

@@ -3,10 +3,18 @@
 from __future__ import annotations
 
 import argparse
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
-from reconciler.commands.common import ExitCode, add_command, emit_json, fail, plural, state_dir
+from reconciler.commands.common import (
+    ExitCode,
+    add_command,
+    emit_json,
+    fail,
+    plural,
+    since_argument,
+    state_dir,
+)
 from reconciler.printable import printable
 
 if TYPE_CHECKING:
@@ -30,23 +38,6 @@ Exit 0; 3 when there is no status data (has the daemon run with this --state-dir
 
 DEFAULT_LIMIT = 50
 MESSAGE_WIDTH = 90
-
-
-def _since(text: str) -> datetime:
-    """``7d`` (ago), ``2026-11-01`` or ``2026-11-01T02:00`` (UTC unless it has an offset)."""
-    from reconciler.config import parse_interval
-
-    try:
-        return datetime.now(timezone.utc) - parse_interval(text)
-    except ValueError:
-        pass
-    try:
-        value = datetime.fromisoformat(text.replace("Z", "+00:00"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"{text!r} is neither a duration (7d, 24h) nor a date (2026-11-01, 2026-11-01T02:00)"
-        ) from None
-    return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
 
 
 def _limit(text: str) -> int:
@@ -84,7 +75,10 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     )
     parser.add_argument("--failed", action="store_true", help="only what failed")
     parser.add_argument(
-        "--since", metavar="WHEN", type=_since, help="only since WHEN: a duration ago (7d, 24h) or a date"
+        "--since",
+        metavar="WHEN",
+        type=since_argument,
+        help="only since WHEN: a duration ago (7d, 24h) or a date",
     )
     parser.add_argument(
         "--limit",

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from datetime import datetime, timezone
+from datetime import timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -22,6 +22,7 @@ from reconciler.commands.common import (
     load_desired,
     plural,
     repository_config,
+    since_argument,
     unknown_name,
 )
 from reconciler.printable import printable
@@ -263,7 +264,7 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     copy.add_argument(
         "--since",
         metavar="WHEN",
-        type=_since,
+        type=since_argument,
         help="only points taken at or after WHEN: a date/time (2026-12-01, 2026-12-01T02:00Z) or an age (7d)",
     )
     gc.add_argument("--dry-run", action="store_true", help="report what would be removed; delete nothing")
@@ -274,23 +275,6 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         default=0.0,
         help="wait up to this long for a running backup to release the repository (default: 0)",
     )
-
-
-def _since(text: str) -> datetime:
-    """``--since``: an ISO date/time (UTC unless it has an offset) or an age such as ``7d``."""
-    from reconciler.config import parse_interval
-
-    try:
-        return datetime.now(timezone.utc) - parse_interval(text)
-    except ValueError:
-        pass
-    try:
-        moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"{text!r} is neither a date/time (2026-12-01T02:00Z) nor an age (7d, 12h)"
-        ) from None
-    return moment if moment.tzinfo is not None else moment.replace(tzinfo=timezone.utc)
 
 
 def _repo_usage(args: argparse.Namespace) -> int:

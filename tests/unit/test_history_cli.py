@@ -130,7 +130,7 @@ def test_filters_and_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
 @pytest.mark.parametrize(
     ("argv", "said"),
     [
-        (["--since", "last tuesday"], "neither a duration (7d, 24h) nor a date"),
+        (["--since", "last tuesday"], "neither an age (7d, 24h) nor a date/time"),
         (["--kind", "backups"], "invalid choice: 'backups'"),
         (["--limit", "-1"], "must be 0 (no limit) or more"),
     ],

@@ -161,7 +161,7 @@ def test_copy_refuses_bad_input_with_one_line(
     with pytest.raises(SystemExit) as usage:
         main([*base, "nas", "offsite", "--since", "yesterday"])
     assert usage.value.code == 64
-    assert "neither a date/time" in capsys.readouterr().err
+    assert "neither an age (7d, 24h) nor a date/time" in capsys.readouterr().err
     # the bucket has no repository yet
     assert main([*base, "nas", "offsite"]) == 1
     err = capsys.readouterr().err.strip()
