@@ -7,7 +7,7 @@
    the repository passphrase as ``file:`` secrets (mode 600), the ``nas`` repository in
    ``STATE_DIR/demo/repository``, the policies ``web-daily`` (free host; without its night window, so
    it is due whenever the demo runs) and ``apps-nightly`` (licensed host) with a small post hook;
-3. ``validate``, ``repo init``, ``repo key-export``;
+3. ``validate``, ``repo init``, ``repo key export``;
 4. ``plan`` (CBT to switch on esxi2, pending on the free esxi1, backups due), ``apply --yes``, ``points``;
 5. guest writes (2 % of every disk), ``backup`` of both policies now (incremental: digest-compare on
    the free host, CBT on the licensed one) and the savings against the first run;
@@ -256,7 +256,7 @@ def _run(lab: Lab, info: dict[str, Any], demo_dir: Path) -> None:
 
     _step("the repository")
     cli.run("repo", "init", "nas")
-    cli.run("repo", "key-export", "nas", "--out", str(demo_dir / "nas-key.json"))
+    cli.run("repo", "key", "export", "nas", "--out", str(demo_dir / "nas-key.json"))
 
     _step("plan: what the reconciler would do, and why (a dry run: nothing changes)")
     cli.run("plan", "--detailed-exitcode", ok=(2,))
