@@ -21,7 +21,8 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from datetime import datetime, timedelta, timezone
+from datetime import timedelta
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +46,8 @@ from reconciler.repository.errors import LockedError
 from reconciler.repository.verify import verify_repository
 from reconciler.status.conditions import CONFIG_NAME
 from reconciler.status.store import StatusStore, status_path
+from tests.waiting import OffsetClock as Clock
+from tests.waiting import wait_until as _wait_until
 
 pytestmark = [pytest.mark.lab, pytest.mark.usefixtures("restore_logging")]
 
@@ -53,28 +56,7 @@ FREE_VMS = ("web01", "db 01")
 LICENSED_VMS = ("app201", "app202")
 
 
-class Clock:
-    """Real time plus an offset the test moves forward."""
-
-    def __init__(self) -> None:
-        self.offset = timedelta(0)
-
-    def __call__(self) -> datetime:
-        return datetime.now(timezone.utc) + self.offset
-
-    def advance(self, delta: timedelta) -> None:
-        self.offset += delta
-
-
-def wait_until(what: str, check: Callable[[], Any], timeout: float = 90.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for: {what}")
-        time.sleep(0.3)
+wait_until = partial(_wait_until, timeout=90.0, poll=0.3)
 
 
 def edit_policy(config: Path, file: str, change: Callable[[dict[str, Any]], None]) -> None:

@@ -10,9 +10,9 @@ from __future__ import annotations
 import json
 import re
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +37,7 @@ from tests.integration.gitremote import (
     run,
     source_doc,
 )
+from tests.waiting import wait_until
 
 WAIT = 60.0
 
@@ -51,15 +52,7 @@ def valid_json(name: str, doc: object) -> None:
     jsonschema.Draft202012Validator(json.loads(text)).validate(doc)
 
 
-def wait_for(what: str, check: Callable[[], Any]) -> Any:
-    deadline = time.monotonic() + WAIT
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for: {what}")
-        time.sleep(0.05)
+wait_for = partial(wait_until, timeout=WAIT, poll=0.05)
 
 
 @pytest.fixture(scope="module")

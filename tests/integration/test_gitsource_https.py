@@ -17,8 +17,8 @@ import json
 import secrets
 import subprocess
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +44,7 @@ from tests.integration.gitremote import (
     source_doc,
 )
 from tests.reliability.secretscan import SecretScan
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.usefixtures("restore_logging")
 
@@ -53,15 +54,7 @@ TOKEN = f"glpat-{secrets.token_hex(16)}"
 BASIC = base64.b64encode(f"{USER}:{TOKEN}".encode()).decode()
 
 
-def wait_for(what: str, check: Callable[[], Any]) -> Any:
-    deadline = time.monotonic() + WAIT
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for: {what}")
-        time.sleep(0.1)
+wait_for = partial(wait_until, timeout=WAIT, poll=0.1)
 
 
 @pytest.fixture(scope="module")

@@ -15,9 +15,9 @@ from __future__ import annotations
 import shlex
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -40,21 +40,14 @@ from tests.integration.gitremote import (
     repository_doc,
     source_doc,
 )
+from tests.waiting import wait_until
 
 pytestmark = [pytest.mark.lab, pytest.mark.usefixtures("restore_logging")]
 
 WAIT = 90.0
 
 
-def wait_for(what: str, check: Callable[[], Any]) -> Any:
-    deadline = time.monotonic() + WAIT
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for: {what}")
-        time.sleep(0.1)
+wait_for = partial(wait_until, timeout=WAIT, poll=0.1)
 
 
 @pytest.fixture(scope="module")

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,8 @@ from reconciler.status.history import HistoryQuery
 from reconciler.status.store import StatusStore, StatusStoreError, status_path
 from tests.integration.labconfig import PASSPHRASE, policy_yaml, private_file, write_lab_config
 from tests.notifyservers import HttpReceiver, Mail, http_receiver, make_certificate, smtp_server
+from tests.waiting import OffsetClock as Clock
+from tests.waiting import wait_until as _wait_until
 
 pytestmark = [pytest.mark.lab, pytest.mark.usefixtures("restore_logging")]
 
@@ -37,28 +40,7 @@ TOKEN = "GotifyTokenLab0123456789"
 VM = "app202"
 
 
-class Clock:
-    """Real time plus an offset the test moves forward."""
-
-    def __init__(self) -> None:
-        self.offset = timedelta(0)
-
-    def __call__(self) -> datetime:
-        return datetime.now(timezone.utc) + self.offset
-
-    def advance(self, delta: timedelta) -> None:
-        self.offset += delta
-
-
-def wait_until(what: str, check: Callable[[], Any], timeout: float = 120.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for: {what}")
-        time.sleep(0.3)
+wait_until = partial(_wait_until, timeout=120.0, poll=0.3)
 
 
 def titled(mails: list[Mail], prefix: str) -> list[Mail]:

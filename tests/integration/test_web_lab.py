@@ -19,11 +19,11 @@ import shutil
 import socket
 import subprocess
 import threading
-import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import partial
 from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
@@ -41,6 +41,7 @@ from reconciler.repository.stats import usage_report
 from reconciler.status.history import HistoryQuery
 from reconciler.status.store import StatusStore, status_path
 from tests.integration.labconfig import PASSPHRASE, policy_yaml, private_file, write_lab_config
+from tests.waiting import wait_until as _wait_until
 
 pytestmark = [pytest.mark.lab, pytest.mark.usefixtures("restore_logging")]
 
@@ -57,15 +58,7 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def wait_until(what: str, check: Callable[[], Any], timeout: float = 180.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for: {what}")
-        time.sleep(0.2)
+wait_until = partial(_wait_until, timeout=180.0, poll=0.2)
 
 
 @dataclass

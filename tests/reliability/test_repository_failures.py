@@ -13,12 +13,11 @@ import shutil
 import subprocess
 import sys
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
+from functools import partial
 from itertools import count
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -35,6 +34,8 @@ from tests.reliability.invariants import assert_nothing_lost, baseline
 from tests.reliability.ledger import Ledger
 from tests.reliability.site import FAST_KDF, ROOT, Site, assert_killed
 from tests.smallvolume import fill, free_bytes, small_volume
+from tests.waiting import OffsetClock as Clock
+from tests.waiting import wait_until
 
 pytestmark = [pytest.mark.lab, pytest.mark.usefixtures("restore_logging")]
 
@@ -308,16 +309,6 @@ def test_two_runs_at_once(site: Site, ledger: Ledger, capsys: pytest.CaptureFixt
     assert_nothing_lost(ledger, before)
 
 
-class Clock:
-    """Real time plus an offset the test moves (the daemon plans with it; hosts use real time)."""
-
-    def __init__(self) -> None:
-        self.offset = timedelta(0)
-
-    def __call__(self) -> datetime:
-        return datetime.now(timezone.utc) + self.offset
-
-
 def test_the_clock_stepping_hours_back_and_forth_while_the_daemon_runs(
     site: Site, tmp_path: Path, ledger: Ledger
 ) -> None:
@@ -379,12 +370,4 @@ def test_the_clock_stepping_hours_back_and_forth_while_the_daemon_runs(
     assert_nothing_lost(ledger, before)
 
 
-def wait_for(what: str, check: Callable[[], Any], timeout: float = 120.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for: {what}")
-        time.sleep(0.2)
+wait_for = partial(wait_until, timeout=120.0, poll=0.2)

@@ -11,6 +11,7 @@ import threading
 import time
 from collections.abc import Iterator
 from datetime import datetime, timezone
+from functools import partial
 from itertools import count
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,7 @@ from tests.integration.labconfig import policy_yaml
 from tests.reliability.invariants import assert_nothing_lost, baseline
 from tests.reliability.ledger import Ledger
 from tests.reliability.site import Site
+from tests.waiting import wait_until
 
 pytestmark = [pytest.mark.lab, pytest.mark.usefixtures("restore_logging")]
 
@@ -287,12 +289,4 @@ def test_an_api_down_when_the_daemon_starts_is_backed_up_once_it_is_back(
     assert_nothing_lost(ledger, before)
 
 
-def wait_for(what: str, check: Any, timeout: float = 90.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for: {what}")
-        time.sleep(0.3)
+wait_for = partial(wait_until, timeout=90.0, poll=0.3)
