@@ -65,9 +65,34 @@ class ExportResult:
     disks: list[ExportedDisk] = field(default_factory=list)
 
 
+DIRECT_FILESYSTEMS = frozenset({"ext2", "ext3", "ext4", "xfs", "btrfs", "f2fs"})
+"""Local disk filesystems, where ``O_DIRECT`` means DMA from our buffer to the disk. Elsewhere (NFS,
+SMB, FUSE, ZFS before 2.3, tmpfs) it is either emulated, ignored or a synchronous round trip per
+write, so the page cache is used."""
+
 DIRECT_ALIGN = 4096
 """Offsets, lengths and buffer addresses of ``O_DIRECT`` writes are multiples of this: the largest
 logical block size of the disks a NAS has (4Kn); 512-byte disks accept it too."""
+
+
+def filesystem_type(path: Path) -> str | None:
+    """The type of the filesystem holding ``path`` (``ext4``, ``nfs4``, ``fuse.sshfs`` …), from the
+    mount table: the mount point that is the longest prefix of the resolved path."""
+    target = str(path.resolve())
+    found: tuple[int, str] | None = None
+    try:
+        with Path("/proc/self/mounts").open(encoding="utf-8", errors="surrogateescape") as mounts:
+            for line in mounts:
+                fields = line.split()
+                if len(fields) < 3:
+                    continue
+                point = fields[1].encode().decode("unicode_escape")  # \040 for a space
+                inside = target == point or target.startswith(point.rstrip("/") + "/")
+                if inside and (found is None or len(point) >= found[0]):
+                    found = (len(point), fields[2])
+    except OSError:
+        return None
+    return found[1] if found else None
 
 
 class ImageWriter:
@@ -81,12 +106,16 @@ class ImageWriter:
     a filesystem that refuses ``O_DIRECT`` (tmpfs, some network filesystems) gets every write that
     way. :meth:`sync` makes all of it durable."""
 
-    def __init__(self, path: Path, fd: int, *, direct: bool = True) -> None:
+    def __init__(self, path: Path, fd: int, *, direct: bool | None = None) -> None:
+        """``direct``: None to bypass the page cache where ``path`` is on a :data:`DIRECT_FILESYSTEMS`
+        one; True or False to decide."""
         self._fd = fd
         self._local = threading.local()
         self._buffers: list[mmap.mmap] = []
         self._buffers_lock = threading.Lock()
         self._direct: int | None = None
+        if direct is None:
+            direct = filesystem_type(path) in DIRECT_FILESYSTEMS
         if not direct:
             return
         try:

@@ -20,7 +20,7 @@ from reconciler.esxi.vmdk import Descriptor, flat_descriptor
 from reconciler.esxi.vmx import VmxFile
 from reconciler.facts.points import DiskRecord, RestorePoint, VmRef, new_point_id
 from reconciler.operations import vmdkstream
-from reconciler.operations.export import ImageWriter, export_point
+from reconciler.operations.export import DIRECT_FILESYSTEMS, ImageWriter, export_point, filesystem_type
 from reconciler.operations.restore import RestoreError, disk_content, disk_sha256, find_point
 from reconciler.repository import CHUNK_SIZE, Repository
 
@@ -236,3 +236,28 @@ def test_image_writer_writes_every_piece_either_way(tmp_path: Path, direct: bool
     writer.close()
     os.close(fd)
     assert path.read_bytes() == bytes(expected)
+
+
+def test_the_page_cache_is_bypassed_only_on_local_disk_filesystems(tmp_path: Path) -> None:
+    """O_DIRECT on NFS, SMB or FUSE is a synchronous round trip per write (or ignored): only local disk
+    filesystems get it; the filesystem is found from the mount table, for the path itself."""
+    assert filesystem_type(Path("/proc/self")) == "proc"
+    assert filesystem_type(Path("/")) is not None
+    kind = filesystem_type(tmp_path)
+    path = tmp_path / "img"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        writer = ImageWriter(path, fd)
+        assert writer.direct is (kind in DIRECT_FILESYSTEMS and _direct_io_works(tmp_path))
+        writer.close()
+    finally:
+        os.close(fd)
+    shm = Path("/dev/shm")
+    if filesystem_type(shm) == "tmpfs":
+        probe = shm / f"export-test-{os.getpid()}"
+        fd = os.open(probe, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            assert ImageWriter(probe, fd).direct is False  # tmpfs: RAM already, nothing to bypass
+        finally:
+            os.close(fd)
+            probe.unlink()
