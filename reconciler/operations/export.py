@@ -15,16 +15,15 @@ its grain directory and its SHA-256 compared with the point's content (that chec
 from __future__ import annotations
 
 import errno
-import mmap
 import os
 import posixpath
-import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
 import structlog
 
+from reconciler.directio import AlignedBuffers, aligned_head, direct_io_fits, pwrite_all, pwrite_direct
 from reconciler.esxi.vmdk import SECTOR, Descriptor, Extent, flat_descriptor
 from reconciler.facts.inventory import split_ds_path
 from reconciler.facts.points import DiskRecord, RestorePoint
@@ -37,7 +36,6 @@ from reconciler.operations.restore import (
     hashed,
     point_file,
     point_vmx,
-    pwrite_all,
     safe_file_name,
 )
 from reconciler.repository import Repository
@@ -65,98 +63,45 @@ class ExportResult:
     disks: list[ExportedDisk] = field(default_factory=list)
 
 
-DIRECT_FILESYSTEMS = frozenset({"ext2", "ext3", "ext4", "xfs", "btrfs", "f2fs"})
-"""Local disk filesystems, where ``O_DIRECT`` means DMA from our buffer to the disk. Elsewhere (NFS,
-SMB, FUSE, ZFS before 2.3, tmpfs) it is either emulated, ignored or a synchronous round trip per
-write, so the page cache is used."""
-
-DIRECT_ALIGN = 4096
-"""Offsets, lengths and buffer addresses of ``O_DIRECT`` writes are multiples of this: the largest
-logical block size of the disks a NAS has (4Kn); 512-byte disks accept it too."""
-
-
-def filesystem_type(path: Path) -> str | None:
-    """The type of the filesystem holding ``path`` (``ext4``, ``nfs4``, ``fuse.sshfs`` …), from the
-    mount table: the mount point that is the longest prefix of the resolved path."""
-    target = str(path.resolve())
-    found: tuple[int, str] | None = None
-    try:
-        with Path("/proc/self/mounts").open(encoding="utf-8", errors="surrogateescape") as mounts:
-            for line in mounts:
-                fields = line.split()
-                if len(fields) < 3:
-                    continue
-                point = fields[1].encode().decode("unicode_escape")  # \040 for a space
-                inside = target == point or target.startswith(point.rstrip("/") + "/")
-                if inside and (found is None or len(point) >= found[0]):
-                    found = (len(point), fields[2])
-    except OSError:
-        return None
-    return found[1] if found else None
-
-
 class ImageWriter:
-    """Positioned writes of a disk image, from any thread, past the page cache where it can.
-
-    Why: through the page cache every byte of a restore is copied once more in the kernel, and on a
-    NAS a large restore evicts everything else cached; measured on the benchmark disk, buffered
-    writes cost 5–7 s of system CPU for 2.6 GB, ``O_DIRECT`` 1.2 s (bench/RESULTS.md). Each thread
-    copies its piece into its own page-aligned buffer and writes it with ``O_DIRECT``; a piece that
-    is not aligned (the short last chunk of a disk) goes through the ordinary descriptor ``fd``, and
-    a filesystem that refuses ``O_DIRECT`` (tmpfs, some network filesystems) gets every write that
-    way. :meth:`sync` makes all of it durable."""
+    """Positioned writes of a disk image, from any thread, past the page cache where it can
+    (:mod:`reconciler.directio`): each piece is copied into the thread's page-aligned buffer and its
+    aligned part written with ``O_DIRECT``; the rest (the short last chunk of a disk, an odd offset) and
+    every write on a filesystem that refuses it go through the ordinary descriptor ``fd``. :meth:`sync`
+    makes all of it durable."""
 
     def __init__(self, path: Path, fd: int, *, direct: bool | None = None) -> None:
-        """``direct``: None to bypass the page cache where ``path`` is on a :data:`DIRECT_FILESYSTEMS`
-        one; True or False to decide."""
+        """``direct``: None to bypass the page cache where ``path`` is on a local disk filesystem
+        (:func:`~reconciler.directio.direct_io_fits`); True or False to decide."""
         self._fd = fd
-        self._local = threading.local()
-        self._buffers: list[mmap.mmap] = []
-        self._buffers_lock = threading.Lock()
+        self._buffers = AlignedBuffers()
         self._direct: int | None = None
         if direct is None:
-            direct = filesystem_type(path) in DIRECT_FILESYSTEMS
-        if not direct:
-            return
-        try:
-            self._direct = os.open(path, os.O_WRONLY | os.O_DIRECT | os.O_CLOEXEC)
-        except OSError as exc:
-            if exc.errno != errno.EINVAL:
-                raise
-            self._direct = None
+            direct = direct_io_fits(path)
+        if direct:
+            try:
+                self._direct = os.open(path, os.O_WRONLY | os.O_DIRECT | os.O_CLOEXEC)
+            except OSError as exc:
+                if exc.errno != errno.EINVAL:
+                    raise
 
     @property
     def direct(self) -> bool:
         """Whether writes still bypass the page cache."""
         return self._direct is not None
 
-    def _buffer(self, size: int) -> mmap.mmap:
-        buf: mmap.mmap | None = getattr(self._local, "buffer", None)
-        if buf is None or len(buf) < size:
-            buf = mmap.mmap(-1, max(size, 1 << 20))  # anonymous: page-aligned
-            self._local.buffer = buf
-            with self._buffers_lock:
-                self._buffers.append(buf)
-        return buf
-
     def write(self, offset: int, data: bytes) -> None:
         """Write all of ``data`` at ``offset``."""
-        size = len(data)
+        done = 0
         direct = self._direct
-        if direct is not None and offset % DIRECT_ALIGN == 0 and size % DIRECT_ALIGN == 0:
-            buf = self._buffer(size)
-            buf[:size] = data
-            try:
-                written = os.pwrite(direct, memoryview(buf)[:size], offset)
-            except OSError as exc:
-                if exc.errno != errno.EINVAL:
-                    raise
-                self._direct = None  # refused after opening (some FUSE and network filesystems)
-                written = 0
-            if written == size:
-                return
-            data, offset = data[written:], offset + written  # the rest, cut short: the ordinary way
-        pwrite_all(self._fd, data, offset)
+        if direct is not None and aligned_head(offset, len(data)):
+            view = self._buffers.fill([data])
+            done = pwrite_direct(direct, view, offset)
+            if done < 0:  # refused after opening (some FUSE and network filesystems)
+                self._direct, done = None, 0
+                os.close(direct)
+        if done < len(data):
+            pwrite_all(self._fd, memoryview(data)[done:], offset + done)
 
     def sync(self) -> None:
         """Everything written is on disk: the direct writes' allocations and the buffered pieces."""
@@ -166,10 +111,6 @@ class ImageWriter:
         if self._direct is not None:
             os.close(self._direct)
             self._direct = None
-        with self._buffers_lock:
-            for buf in self._buffers:
-                buf.close()
-            self._buffers.clear()
 
 
 def _write_image(repo: Repository, disk: DiskRecord, path: Path, mode: int) -> str:

@@ -16,11 +16,12 @@ from pathlib import Path
 
 import pytest
 
+from reconciler.directio import DIRECT_FILESYSTEMS, filesystem_type
 from reconciler.esxi.vmdk import Descriptor, flat_descriptor
 from reconciler.esxi.vmx import VmxFile
 from reconciler.facts.points import DiskRecord, RestorePoint, VmRef, new_point_id
 from reconciler.operations import vmdkstream
-from reconciler.operations.export import DIRECT_FILESYSTEMS, ImageWriter, export_point, filesystem_type
+from reconciler.operations.export import ImageWriter, export_point
 from reconciler.operations.restore import RestoreError, disk_content, disk_sha256, find_point
 from reconciler.repository import CHUNK_SIZE, Repository
 
