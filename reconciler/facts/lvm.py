@@ -20,7 +20,6 @@ import re
 import struct
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Union
 
 Reader = Callable[[int, int], bytes]
 SECTOR = 512
@@ -100,7 +99,7 @@ def read_pv_label(read: Reader, start: int) -> PvLabel | None:
 
 # -- the metadata text ---------------------------------------------------------------------------
 
-Value = Union[str, int, float, list["Value"], dict[str, "Value"]]
+Value = str | int | float | list["Value"] | dict[str, "Value"]
 
 _TOKEN = re.compile(
     r"""\s+|\#[^\n]*
@@ -125,59 +124,61 @@ def _tokens(text: str) -> list[tuple[str, str]]:
     return out
 
 
-def parse_config(text: str) -> dict[str, Value]:
-    """lvm2's configuration syntax (metadata and ``lvm.conf``): ``name { key = value ... }``, values
-    strings, numbers or ``[ lists ]``, ``#`` comments."""
-    tokens = _tokens(text)
-    position = 0
+class _Parser:
+    def __init__(self, text: str) -> None:
+        self.tokens = _tokens(text)
+        self.position = 0
 
-    def take() -> tuple[str, str]:
-        nonlocal position
-        if position >= len(tokens):
+    def take(self) -> tuple[str, str]:
+        if self.position >= len(self.tokens):
             raise LvmMetadataError("the metadata ends in the middle of a section")
-        position += 1
-        return tokens[position - 1]
+        self.position += 1
+        return self.tokens[self.position - 1]
 
-    def value() -> Value:
-        kind, token = take()
+    def value(self) -> Value:
+        kind, word = self.take()
         if kind == "string":
-            return re.sub(r"\\(.)", r"\1", token[1:-1])
+            return re.sub(r"\\(.)", r"\1", word[1:-1])
         if kind == "number":
-            return float(token) if "." in token else int(token)
-        if token == "[":
-            items: list[Value] = []
-            while True:
-                if tokens[position:position + 1] == [("punct", "]")]:
-                    take()
-                    return items
-                items.append(value())
-                kind, token = take()
-                if token == "]":
-                    return items
-                if token != ",":
-                    raise LvmMetadataError(f"expected ',' or ']' in a list, found {token!r}")
-        raise LvmMetadataError(f"expected a value, found {token!r}")
+            return float(word) if "." in word else int(word)
+        if word != "[":
+            raise LvmMetadataError(f"expected a value, found {word!r}")
+        items: list[Value] = []
+        if self.tokens[self.position : self.position + 1] == [("punct", "]")]:
+            self.take()
+            return items
+        while True:
+            items.append(self.value())
+            _, word = self.take()
+            if word == "]":
+                return items
+            if word != ",":
+                raise LvmMetadataError(f"expected ',' or ']' in a list, found {word!r}")
 
-    def section(closing: bool) -> dict[str, Value]:
+    def section(self, closing: bool) -> dict[str, Value]:
         out: dict[str, Value] = {}
-        while position < len(tokens):
-            kind, token = take()
-            if token == "}" and closing:
+        while self.position < len(self.tokens):
+            kind, word = self.take()
+            if word == "}" and closing:
                 return out
             if kind not in ("name", "number"):
-                raise LvmMetadataError(f"expected a name, found {token!r}")
-            _, after = take()
+                raise LvmMetadataError(f"expected a name, found {word!r}")
+            _, after = self.take()
             if after == "{":
-                out[token] = section(True)
+                out[word] = self.section(True)
             elif after == "=":
-                out[token] = value()
+                out[word] = self.value()
             else:
-                raise LvmMetadataError(f"expected '=' or '{{' after {token!r}, found {after!r}")
+                raise LvmMetadataError(f"expected '=' or '{{' after {word!r}, found {after!r}")
         if closing:
             raise LvmMetadataError("the metadata ends in the middle of a section")
         return out
 
-    return section(False)
+
+def parse_config(text: str) -> dict[str, Value]:
+    """lvm2's configuration syntax (metadata and ``lvm.conf``): ``name { key = value ... }``, values
+    strings, numbers or ``[ lists ]``, ``#`` comments."""
+    return _Parser(text).section(False)
 
 
 # -- the volume group ----------------------------------------------------------------------------
@@ -295,7 +296,9 @@ def parse_volume_group(text: str) -> VolumeGroup:
             if kind == "snapshot":
                 stores[_str(seg, "cow_store")] = _str(seg, "origin")
             segments.append(
-                Segment(_int(seg, "start_extent", where), _int(seg, "extent_count", where), kind, tuple(stripes))
+                Segment(
+                    _int(seg, "start_extent", where), _int(seg, "extent_count", where), kind, tuple(stripes)
+                )
             )
         segments.sort(key=lambda s: s.start_extent)
         lvs.append(LogicalVolume(lv_name, "VISIBLE" in status_names, tuple(segments), status_names))
