@@ -143,10 +143,12 @@ def _ls(args: argparse.Namespace, session: Any) -> int:
                 {"ok": True, "point_id": session.point.id, "filesystems": rows, "problems": session.problems}
             )
             return ExitCode.OK
+        width = max([6, *(len(row["name"]) for row in rows)])
         for row in rows:
             print(
                 printable(
-                    f"{row['name']:<6} {row['kind'] or '-':<11} {human_size(row['size']):>10}  {row['type']}"
+                    f"{row['name']:<{width}} {row['kind'] or '-':<11} {human_size(row['size']):>10}"
+                    f"  {row['type']}"
                     f"{' ' + repr(row['label']) if row['label'] else ''}  ({row['disk']}) {row['state']}"
                 )
             )

@@ -315,6 +315,14 @@ class FilesSession:
             return None, self.workdir / "fs"
         found = next((f for f in self.filesystems if f.name == parts[0]), None)
         if found is None:
+            volume = next(
+                (f for f in self.filesystems if f.volume and f.partition.name == "/".join(parts[:2])), None
+            )
+            if volume is not None:
+                raise BadPath(
+                    f"{'/'.join(parts[:2])!r}: LVM volumes are named as /dev/mapper names them:"
+                    f" {'/'.join([volume.name, *parts[2:]])}"
+                )
             names = ", ".join(f.name for f in self.filesystems if f.browsable) or "none"
             raise BadPath(
                 f"{self.describe()} has no filesystem {parts[0]!r} (filesystems: {names});"
@@ -322,6 +330,8 @@ class FilesSession:
             )
         if found.name not in self.mounted:
             why = next((p for p in self.problems if p.startswith(found.name + ":")), "")
+            if not found.browsable:
+                why = found.why_not_browsable()
             raise FilesError(
                 f"{found.name} ({found.kind or 'unknown'}) cannot be browsed: {why or 'not mounted'}"
             )
