@@ -14,7 +14,6 @@ import random
 import shutil
 import signal
 import subprocess
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from importlib import resources
@@ -28,6 +27,7 @@ from esxisim.handle import LabHandle
 from reconciler.repository import KdfParams, Repository
 from tests.integration.labconfig import PASSPHRASE, policy_yaml, write_lab_config
 from tests.integration.test_files_lab import NEW_TIME, OLD_TIME, _cli, _leftovers
+from tests.waiting import wait_until
 
 pytestmark = [pytest.mark.lab]
 
@@ -209,20 +209,18 @@ def test_a_killed_files_leaves_no_mount_loop_device_or_helper(
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
     )
-    deadline = time.monotonic() + 60
-    while not any("/fs/ubuntu--vg-root" in m for m in _leftovers(lvm_env.state)):
+
+    def copying() -> bool:
         assert proc.poll() is None, proc.communicate()
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
+        return any("/fs/ubuntu--vg-root" in m for m in _leftovers(lvm_env.state))
+
+    wait_until("the two-segment volume mounted", copying, timeout=60, poll=0.01)
     assert any(m.endswith("/volumes") for m in _leftovers(lvm_env.state))  # the composing helper's
     proc.send_signal(how)
     proc.communicate(timeout=60)
     assert proc.returncode != 0
     if how == signal.SIGKILL:  # the next run releases what the killed one left
         lvm_env.run("files", VM, "ls")
-    deadline = time.monotonic() + 30
-    while _leftovers(lvm_env.state) and time.monotonic() < deadline:
-        time.sleep(0.1)
     assert _leftovers(lvm_env.state) == []
     assert list((lvm_env.state / "files").iterdir()) == []
 
