@@ -253,6 +253,10 @@ def clean_stale_sessions(root: Path) -> list[str]:
         child_pid = int(child["pid"]) if isinstance(child, dict) else None
         if child_pid is not None and _start_time(child_pid) != child.get("started"):
             child_pid = None
+        helper = record.get("volumes_child")  # the LVM composing helper, when there was one
+        if isinstance(helper, dict) and _start_time(int(helper["pid"])) == helper.get("started"):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(helper["pid"]), signal.SIGTERM)
         loops = record.get("loops")
         left = _release(workdir, child_pid, loops if isinstance(loops, list) else [])
         if left:
