@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+from typing import Protocol
 
 import jsonschema
 import pytest
@@ -39,7 +40,12 @@ NEW_TIME = 1_760_000_000
 BIG = random.Random(1807).randbytes(3 * MiB)
 
 
-def _cli(env: Env, *args: str) -> list[str]:
+class _Configured(Protocol):
+    config: Path
+    state: Path
+
+
+def _cli(env: _Configured, *args: str) -> list[str]:
     return [
         sys.executable,
         "-c",
