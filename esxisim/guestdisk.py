@@ -2,8 +2,10 @@
 
 :func:`build_disk` writes a raw disk image holding a partition table (``sfdisk``: GPT or MBR) and one
 filesystem made from a directory tree: ext4 (``mkfs.ext4 -d``, times, modes, owners and symlinks kept),
-FAT (``mkfs.vfat`` + ``mcopy -s -m``, times kept) or NTFS (``mkntfs`` + ``ntfscp``, files at the root
-only). A lab VM is created with the image as its disk (``ControlClient.create_vm`` with ``"image"``).
+FAT (``mkfs.vfat`` + ``mcopy -s -m``, times kept), exFAT (``mkfs.exfat``, then copied in through a
+read-write ``mount.exfat-fuse`` of a loop device on a private temporary directory, times kept; root
+only) or NTFS (``mkntfs`` + ``ntfscp``, files at the root only). A lab VM is created with the image
+as its disk (``ControlClient.create_vm`` with ``"image"``).
 
 :func:`build_lvm_disks` writes disks as an installer with LVM leaves them (Ubuntu, RHEL): GPT, a small
 ext4 ``/boot`` on the first, then a physical volume on each and one volume group over them, its logical
@@ -15,19 +17,22 @@ volume created small and extended after another one has two segments, as after a
 
 :func:`change_file` is a guest editing one file: it rewrites the file inside a copy of the image
 (``debugfs -w`` for ext4, ``mcopy -o`` for FAT, ``xfs_db -x`` for XFS (same size only) — never through
-a kernel mount; in an LVM volume too) and returns the byte
+a kernel mount; in an LVM volume too; exFAT, which has no such tool, through the same private
+exfat-fuse mount as it was built with) and returns the byte
 ranges that differ, which ``ControlClient.guest_write_from`` then writes into the running VM's disk (so
 CBT sees a guest write of exactly those blocks).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,7 +41,7 @@ PART_START = MiB
 """The partition starts at 1 MiB, as fdisk and the installers place it."""
 _COMPARE = 64 * 1024
 
-KINDS = ("ext4", "vfat", "ntfs", "xfs")
+KINDS = ("ext4", "vfat", "ntfs", "xfs", "exfat")
 _GPT_LVM = "E6D6D379-F507-44C2-A23C-238F2A3DF928"
 LVM_TOOLS = ("losetup", "pvcreate", "vgcreate", "lvcreate", "lvextend", "lvs", "pvs")
 
@@ -58,12 +63,16 @@ class GuestDisk:
 
 
 def available(kind: str) -> bool:
-    """Whether this machine has the tools to build (and change files of) a ``kind`` filesystem."""
+    """Whether this machine has the tools to build (and change files of) a ``kind`` filesystem; exFAT
+    also needs root (its files are written through a FUSE mount of a loop device)."""
+    if kind == "exfat" and os.geteuid() != 0:
+        return False
     tools = {
         "ext4": ("sfdisk", "mkfs.ext4", "debugfs"),
         "vfat": ("sfdisk", "mkfs.vfat", "mcopy"),
         "ntfs": ("sfdisk", "mkntfs", "ntfscp"),
         "xfs": ("sfdisk", "mkfs.xfs", "xfs_db"),
+        "exfat": ("sfdisk", "mkfs.exfat", "fsck.exfat", "losetup", "mount.exfat-fuse", "umount"),
     }[kind]
     return all(shutil.which(t) for t in tools)
 
@@ -82,11 +91,12 @@ def build_disk(
     part_size = size - PART_START - (MiB if scheme == "gpt" else 0)  # GPT keeps a backup table at the end
     with path.open("wb") as f:
         f.truncate(size)
-    mbr_type = {"ext4": "83", "vfat": "c", "ntfs": "7"}[kind]
+    mbr_type = {"ext4": "83", "vfat": "c", "ntfs": "7", "exfat": "7"}[kind]
     gpt_type = {
         "ext4": "L",
         "vfat": "EBD0A0A2-B9E5-4433-87C0-68B6B72699C7",
         "ntfs": "EBD0A0A2-B9E5-4433-87C0-68B6B72699C7",
+        "exfat": "EBD0A0A2-B9E5-4433-87C0-68B6B72699C7",
     }[kind]
     part_type = gpt_type if scheme == "gpt" else mbr_type
     script = (
@@ -134,6 +144,11 @@ def _make_filesystem(part: Path, part_size: int, kind: str, tree: Path, label: s
                 _run("ntfscp", "-f", str(part), str(entry), entry.name)
     elif kind == "xfs":
         _make_xfs(part, tree, label)
+    elif kind == "exfat":
+        _run("mkfs.exfat", "-L", label[:11], str(part))
+        with _exfat_mounted(part) as mounted:
+            _copy_tree(tree, mounted)
+        _run("fsck.exfat", "-n", str(part))
     else:
         raise ValueError(f"unknown filesystem kind {kind!r}")
 
@@ -180,6 +195,12 @@ def change_file(
             _run("mcopy", "-o", "-m", "-i", str(part), str(source), f"::{guest_path}")
         elif disk.kind == "xfs":
             _rewrite_xfs_file(part, guest_path, data, mtime=mtime, mode=mode)
+        elif disk.kind == "exfat":
+            with _exfat_mounted(part) as mounted:
+                target = mounted / guest_path.lstrip("/")
+                target.write_bytes(data)
+                os.utime(target, (mtime, mtime))
+            _run("fsck.exfat", "-n", str(part))
         else:
             raise ValueError(f"changing a file of {disk.kind} is not supported")
         with part.open("rb") as src, new_image.open("r+b") as out:
@@ -191,6 +212,45 @@ def change_file(
                     out.write(piece)
                     remaining -= len(piece)
     return changed_ranges(disk.path, new_image)
+
+
+# -- exFAT through exfat-fuse --------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _exfat_mounted(part: Path) -> Iterator[Path]:
+    """The exFAT filesystem in the file ``part`` mounted read-write by exfat-fuse on a private temporary
+    directory (a read-write loop device: as root exfat-fuse wants a block device); unmounted and the
+    loop device detached on the way out. ``umount`` of this ``fuseblk`` mount returns once exfat-fuse
+    has flushed and closed the device, so ``part`` then holds everything written."""
+    loop = subprocess.run(
+        ["losetup", "--find", "--show", str(part)], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            mountpoint = Path(tmp) / "mnt"
+            mountpoint.mkdir(mode=0o700)
+            _run("mount.exfat-fuse", "-o", "rw", loop, str(mountpoint))
+            try:
+                yield mountpoint
+            finally:
+                _run("umount", str(mountpoint))
+    finally:
+        subprocess.run(["losetup", "-d", loop], capture_output=True, check=False)
+
+
+def _copy_tree(tree: Path, mounted: Path) -> None:
+    """``tree`` into the mounted exFAT root with the contents and modification times (exFAT keeps
+    no owners, modes or links); directories' times set last, deepest first, since writing into a
+    directory touches its time."""
+    for entry in tree.rglob("*"):
+        if entry.is_symlink():
+            raise ValueError(f"{entry}: exFAT cannot hold symlinks")
+    shutil.copytree(tree, mounted, dirs_exist_ok=True, copy_function=shutil.copy2)
+    directories = sorted((p for p in tree.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts))
+    for directory in directories:
+        st = directory.stat()
+        os.utime(mounted / directory.relative_to(tree), ns=(st.st_atime_ns, st.st_mtime_ns))
 
 
 # -- XFS without a kernel mount -------------------------------------------------------------------

@@ -68,6 +68,33 @@ def test_mbr_with_logical_partitions_numbered_from_five(tmp_path: Path) -> None:
 
 
 @needs_sfdisk
+def test_mbr_type_7_is_told_exfat_or_ntfs_by_its_boot_sector(tmp_path: Path) -> None:
+    """Type 0x07 stands for HPFS, NTFS and exFAT alike: the boot sector's OEM name decides."""
+    if shutil.which("mkfs.exfat") is None or shutil.which("mkntfs") is None:
+        pytest.skip("mkfs.exfat (exfatprogs) or mkntfs (ntfs-3g) missing")
+    path = tmp_path / "d.img"
+    _sfdisk(path, 40 * MiB, "label: dos\nstart=2048, size=16M, type=7\nsize=16M, type=7\n")
+    exfat, ntfs = tmp_path / "exfat.img", tmp_path / "ntfs.img"
+    for part, mkfs in ((exfat, ["mkfs.exfat", "-L", "data"]), (ntfs, ["mkntfs", "-Q", "-F", "-q"])):
+        with part.open("wb") as f:
+            f.truncate(16 * MiB)
+        subprocess.run([*mkfs, str(part)], check=True, capture_output=True)
+    with path.open("r+b") as f:
+        f.seek(MiB)
+        f.write(exfat.read_bytes())
+        f.write(ntfs.read_bytes())
+    read = _reader(path)
+    table = read_partition_table(read, 40 * MiB)
+    assert [(p.number, p.type, p.start) for p in table.partitions] == [
+        (1, "0x07", MiB),
+        (2, "0x07", 17 * MiB),
+    ]
+    assert [detect_filesystem(read, p.start, p.size) for p in table.partitions] == ["exfat", "ntfs"]
+    assert detect_filesystem(_reader(exfat), 0, 16 * MiB) == "exfat"  # a whole disk of exFAT too
+    assert read_partition_table(_reader(exfat), 16 * MiB).partitions[0].number == 0
+
+
+@needs_sfdisk
 def test_damaged_primary_gpt_header_is_read_from_the_backup(tmp_path: Path) -> None:
     path = tmp_path / "d.img"
     _sfdisk(path, 16 * MiB, 'label: gpt\nstart=2048, size=4M, type=L, name="a"\n')
