@@ -216,6 +216,11 @@ def change_file(
 
 # -- exFAT through exfat-fuse --------------------------------------------------------------------
 
+EXFAT_GUEST_TZ = "JST-9"
+"""The guest's clock: exFAT stores local time with its offset from UTC, and a Windows guest keeps
+local time, so the lab writes as a guest in UTC+9 would (a POSIX TZ, no tzdata needed); a reader must
+apply the stored offset to get the times right on a machine in UTC."""
+
 
 @contextlib.contextmanager
 def _exfat_mounted(part: Path) -> Iterator[Path]:
@@ -230,7 +235,14 @@ def _exfat_mounted(part: Path) -> Iterator[Path]:
         with tempfile.TemporaryDirectory() as tmp:
             mountpoint = Path(tmp) / "mnt"
             mountpoint.mkdir(mode=0o700)
-            _run("mount.exfat-fuse", "-o", "rw", loop, str(mountpoint))
+            _run(
+                "mount.exfat-fuse",
+                "-o",
+                "rw",
+                loop,
+                str(mountpoint),
+                env={**os.environ, "TZ": EXFAT_GUEST_TZ},
+            )
             try:
                 yield mountpoint
             finally:

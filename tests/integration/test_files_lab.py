@@ -35,8 +35,12 @@ pytestmark = [pytest.mark.lab]
 MiB = 1 << 20
 EXT4_VM = "files-ext4"
 FAT_VM = "files-fat"
+EXFAT_VM = "files-exfat"
 OLD_TIME = 1_700_000_000
 NEW_TIME = 1_760_000_000
+EXFAT_NEW_TIME = NEW_TIME + 1
+"""An odd second: exFAT keeps times in 2 s steps plus a 10 ms field, which must carry it."""
+EXFAT_NAME = "報告書 2025.txt"
 BIG = random.Random(1807).randbytes(3 * MiB)
 
 
@@ -72,6 +76,7 @@ class Env:
     ntfs: guestdisk.GuestDisk | None
     points: dict[str, list[str]]
     """VM → its point ids, oldest first."""
+    exfat: guestdisk.GuestDisk | None = None
 
     def run(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         result = subprocess.run(_cli(self, *args), capture_output=True, text=True, timeout=300, check=False)
@@ -118,6 +123,14 @@ def env(lab: LabHandle, tmp_path_factory: pytest.TempPathFactory) -> Iterator[En
     ntfs = None
     if guestdisk.available("ntfs") and shutil.which("ntfs-3g"):
         ntfs = guestdisk.build_disk(root / "ntfs.img", 16 * MiB, "mbr", "ntfs", root / "t2" / "etc")
+    exfat = None
+    vms = [EXT4_VM, FAT_VM]
+    if guestdisk.available("exfat"):
+        exfat_tree = _tree(root / "t3", symlinks=False)
+        (exfat_tree / "home" / "ann" / EXFAT_NAME).write_text("四半期\n")
+        os.utime(exfat_tree / "home" / "ann" / EXFAT_NAME, (OLD_TIME + 3, OLD_TIME + 3))
+        exfat = guestdisk.build_disk(root / "exfat.img", 24 * MiB, "mbr", "exfat", exfat_tree)
+        vms.append(EXFAT_VM)
     client = lab.client(lab.free)
     client.create_vm(
         {
@@ -130,10 +143,13 @@ def env(lab: LabHandle, tmp_path_factory: pytest.TempPathFactory) -> Iterator[En
     if ntfs is not None:
         fat_disks.append({"size": ntfs.path.stat().st_size, "image": str(ntfs.path)})
     client.create_vm({"name": FAT_VM, "disks": fat_disks, "power": "poweredOn"})
+    if exfat is not None:
+        exfat_disk = {"size": exfat.path.stat().st_size, "image": str(exfat.path)}
+        client.create_vm({"name": EXFAT_VM, "disks": [exfat_disk], "power": "poweredOn"})
     try:
-        cfg = write_lab_config(lab, root, policy_yaml("files", lab.free, [EXT4_VM, FAT_VM]))
+        cfg = write_lab_config(lab, root, policy_yaml("files", lab.free, vms))
         Repository.init(root / "repo", PASSPHRASE, kdf=KdfParams(memory_kib=1024, iterations=1, lanes=1))
-        env = Env(lab, root, cfg, root / "state", root / "repo", ext4, fat, ntfs, {})
+        env = Env(lab, root, cfg, root / "state", root / "repo", ext4, fat, ntfs, {}, exfat)
         env.run("backup", "files")
         new_ext4 = root / "ext4-v2.img"
         ranges = guestdisk.change_file(
@@ -143,15 +159,21 @@ def env(lab: LabHandle, tmp_path_factory: pytest.TempPathFactory) -> Iterator[En
         new_fat = root / "fat-v2.img"
         ranges = guestdisk.change_file(fat, new_fat, "/etc/app.conf", b"version = 2 (fat)\n", mtime=NEW_TIME)
         client.guest_write_from(FAT_VM, 0, new_fat, ranges)
+        if exfat is not None:
+            new_exfat = root / "exfat-v2.img"
+            ranges = guestdisk.change_file(
+                exfat, new_exfat, "/etc/app.conf", b"version = 2 (exfat)\n", mtime=EXFAT_NEW_TIME
+            )
+            client.guest_write_from(EXFAT_VM, 0, new_exfat, ranges)
         env.run("backup", "files")
         repo = Repository.open(root / "repo", PASSPHRASE)
-        for vm in (EXT4_VM, FAT_VM):
+        for vm in vms:
             env.points[vm] = sorted(p.id for p in repo.list_points(vm=vm))
             assert len(env.points[vm]) == 2
         yield env
     finally:
         for vm in client.state()["vms"]:
-            if vm["name"] in (EXT4_VM, FAT_VM):
+            if vm["name"] in (EXT4_VM, FAT_VM, EXFAT_VM):
                 client.vimcmd(["vmsvc/power.off", str(vm["vmid"])])
                 client.vimcmd(["vmsvc/destroy", str(vm["vmid"])])
 
@@ -258,6 +280,40 @@ def test_cp_brings_back_each_version_from_its_point_with_times_and_modes(env: En
     if env.ntfs is not None:
         env.run("files", FAT_VM, "cp", "sdb1/app.conf", "--to", str(tmp_path / "ntfs"))
         assert (tmp_path / "ntfs" / "app.conf").read_bytes() == b"version = 1\n"
+    assert _leftovers(env.state) == []
+
+
+def test_exfat_lists_and_copies_each_version_with_its_modification_time(env: Env, tmp_path: Path) -> None:
+    """An MBR type 0x07 partition holding exFAT (told from NTFS by its boot sector), mounted through
+    the kernel's exfat or exfat-fuse: the times as the guest wrote them, whatever the UTC offset the
+    driver stored with them (exFAT keeps local time plus an offset)."""
+    if env.exfat is None:
+        pytest.skip("an exFAT lab disk needs root, mkfs.exfat (exfatprogs) and mount.exfat-fuse")
+    old, new = env.points[EXFAT_VM]
+    top = env.run("files", EXFAT_VM, "ls").stdout
+    assert "sda1" in top and "exfat" in top and "HPFS/NTFS/exFAT" in top and "mounted read-only" in top
+    (fs,) = json.loads(env.run("--json", "files", EXFAT_VM, "ls").stdout)["filesystems"]
+    assert (fs["name"], fs["kind"], fs["type"], fs["state"]) == ("sda1", "exfat", "0x07", "mounted read-only")
+    listed = json.loads(env.run("--json", "files", EXFAT_VM, "--point", old, "ls", "sda1", "-R").stdout)
+    mtimes = {e["path"]: e["mtime_ns"] // 10**9 for e in listed["entries"] if e["kind"] == "file"}
+    assert mtimes == {
+        "sda1/etc/app.conf": OLD_TIME,
+        "sda1/home/ann/big.bin": OLD_TIME + 60,
+        f"sda1/home/ann/{EXFAT_NAME}": OLD_TIME + 3,
+    }
+    env.run("files", EXFAT_VM, "--point", old, "cp", "sda1/etc", "--to", str(tmp_path / "old"))
+    env.run("files", EXFAT_VM, "--point", new, "cp", "sda1/etc/app.conf", "--to", str(tmp_path / "new"))
+    env.run("files", EXFAT_VM, "cp", "sda1/home", "--to", str(tmp_path / "home"))
+    conf = tmp_path / "old" / "etc" / "app.conf"
+    assert (conf.read_bytes(), conf.stat().st_mtime) == (b"version = 1\n", OLD_TIME)
+    conf = tmp_path / "new" / "app.conf"
+    assert (conf.read_bytes(), conf.stat().st_mtime) == (b"version = 2 (exfat)\n", EXFAT_NEW_TIME)
+    ann = tmp_path / "home" / "home" / "ann"
+    assert (ann / "big.bin").read_bytes() == BIG and (ann / "big.bin").stat().st_mtime == OLD_TIME + 60
+    assert (ann / EXFAT_NAME).read_text() == "四半期\n"
+    assert (ann / EXFAT_NAME).stat().st_mtime == OLD_TIME + 3
+    said = env.run("files", EXFAT_VM, "--point", new, "cat", f"sda1/home/ann/{EXFAT_NAME}").stdout
+    assert said == "四半期\n"
     assert _leftovers(env.state) == []
 
 
