@@ -117,39 +117,17 @@ def cmd_files(args: argparse.Namespace) -> int:
 
 
 def _ls(args: argparse.Namespace, session: Any) -> int:
-    from reconciler.operations.files import list_entries
+    from reconciler.operations.files import filesystem_line, filesystem_rows, list_entries
 
     if args.path in ("", "/"):
-        rows = []
-        for fs in session.filesystems:
-            state = (
-                "mounted read-only"
-                if fs.name in session.mounted
-                else (f"not browsable: {fs.why_not_browsable()}" if not fs.browsable else "NOT MOUNTED")
-            )
-            rows.append(
-                {
-                    "name": fs.name,
-                    "kind": fs.kind,
-                    "size": fs.partition.size,
-                    "type": fs.partition.type_name,
-                    "label": fs.partition.name,
-                    "disk": fs.disk.label,
-                    "state": state,
-                }
-            )
+        rows = filesystem_rows(session)
         if args.json:
             emit_json(
                 {"ok": True, "point_id": session.point.id, "filesystems": rows, "problems": session.problems}
             )
             return ExitCode.OK
         for row in rows:
-            print(
-                printable(
-                    f"{row['name']:<6} {row['kind'] or '-':<11} {human_size(row['size']):>10}  {row['type']}"
-                    f"{' ' + repr(row['label']) if row['label'] else ''}  ({row['disk']}) {row['state']}"
-                )
-            )
+            print(printable(filesystem_line(row)))
         for problem in session.problems:
             print(printable(f"  note: {problem}"))
         if not rows:
