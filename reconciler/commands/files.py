@@ -64,18 +64,9 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     parser.add_argument("-R", "--recursive", action="store_true", help="ls: the whole tree below PATH")
 
 
-def _serve_prefix(args: argparse.Namespace, repository: str, point_id: str) -> list[str]:
-    from reconciler.operations.files import python_cli
-
-    argv = python_cli()
-    if args.config is not None:
-        argv += ["--config", str(args.config)]
-    argv += ["--state-dir", str(state_dir(args)), "--log-format", "json"]
-    return [*argv, "mount", "--repository", repository, "--only-point", point_id]
-
-
 def cmd_files(args: argparse.Namespace) -> int:
     """0 done; 1 failed; 64 bad input."""
+    from reconciler.commands.mount import serve_point_command
     from reconciler.commands.restore import describe_point, find_repository
     from reconciler.operations.files import BadPath, FilesError, open_point_files, serve_command
     from reconciler.operations.repositories import open_repository
@@ -97,7 +88,7 @@ def cmd_files(args: argparse.Namespace) -> int:
         print(describe_point(point), flush=True)
     try:
         with open_point_files(
-            point, state_dir(args), serve_command(_serve_prefix(args, name, point.id))
+            point, state_dir(args), serve_command(serve_point_command(args, name, point.id))
         ) as session:
             for problem in session.problems:
                 log.warning("files.problem", problem=problem)
