@@ -242,11 +242,13 @@ def clean_stale_sessions(root: Path) -> list[str]:
 
 def _parent_death_signal() -> Callable[[], None]:
     """The FUSE child's ``preexec_fn``: SIGTERM when the thread that started it dies, so a killed
-    ``files`` or ``mount --files`` unmounts its disks. libc is looked up here, in the parent: after a
-    fork in a process with threads the child must not take the loader's locks."""
+    ``files`` or ``mount --files`` unmounts its disks; and no signal blocked (a thread libfuse started
+    blocks SIGTERM, SIGINT, SIGHUP and SIGQUIT, and a child inherits its mask). libc is looked up here,
+    in the parent: after a fork in a process with threads the child must not take the loader's locks."""
     prctl = ctypes.CDLL(None, use_errno=True).prctl
 
     def set_signal() -> None:
+        signal.pthread_sigmask(signal.SIG_SETMASK, ())
         prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
     return set_signal

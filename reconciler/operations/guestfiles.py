@@ -14,8 +14,9 @@ by us, and ``..`` is refused, so nothing outside the guest's tree is ever read o
 
 At most :data:`MAX_OPEN_POINTS` points are open at once (:class:`SessionPool`): the least recently used
 idle one is released for a new one; a point with open files is never released (a new point is then
-``EBUSY``). Sessions are started from one long-lived thread of the pool: a FUSE child dies with the
-thread that started it (``PR_SET_PDEATHSIG``), and libfuse ends idle worker threads. Everything is
+``EBUSY``). Sessions are started from one long-lived thread of the pool, itself started by the
+caller before the FUSE loop: a FUSE child dies with the thread that started it (``PR_SET_PDEATHSIG``),
+libfuse ends idle worker threads, and its threads block the signals a child then inherits. Everything is
 released by :meth:`GuestFiles.close` when the mount ends; a mount killed outright leaves the cleanup
 records of ``files``, which the next ``files`` or ``mount --files`` uses.
 """
@@ -131,6 +132,7 @@ class SessionPool:
         """Point id → its session (or its start under way), least recently used first."""
         self._failed: dict[str, tuple[float, str]] = {}
         self._starter = ThreadPoolExecutor(max_workers=1, thread_name_prefix="files-sessions")
+        self._starter.submit(int).result()  # its thread started now, by the caller, not by libfuse's
         self._closed = False
 
     def open_points(self) -> list[str]:
@@ -387,10 +389,18 @@ class GuestFiles:
         if handle.data is not None:
             return handle.data[offset : offset + size]
         assert handle.fd is not None
+        pieces = []
+        done = 0
         try:
-            return os.pread(handle.fd, size, offset)
-        except OSError as exc:
+            while done < size:  # a short read is EOF for FUSE: the file would silently end early
+                piece = os.pread(handle.fd, size - done, offset + done)
+                if not piece:
+                    break
+                pieces.append(piece)
+                done += len(piece)
+        except OSError as exc:  # the kernel read what it could before the damaged part
             raise self._failed(handle.session, handle.path.split("/"), exc) from None
+        return b"".join(pieces)
 
     def release(self, handle: GuestHandle) -> None:
         fd, handle.fd = handle.fd, None
