@@ -37,7 +37,7 @@ examples:
   umount /mnt/backup                        (or Ctrl-C / SIGTERM on the mount process)
   esxi-reconciler mount --files /mnt/backup &              (as root: the guests' files too)
   ls /mnt/backup/vms/web01/latest/files/    README.txt sda1 sdb1
-  cp -a /mnt/backup/vms/web01/2024-05-01T02-00-00Z-ab12/files/sda1/etc/fstab /tmp/
+  cp -a /mnt/backup/vms/web01/20240501T020000123456Z-ab12cd34/files/sda1/etc/fstab /tmp/
 
 Layout: vms/<vm>/<point id>/ with the .vmx, the .nvram and each disk as a raw image of its full
 size (read on demand from the repository: only what is read is fetched and decrypted; holes read
@@ -58,7 +58,7 @@ mount ends; a mount killed outright is cleaned up by the next `mount --files` or
 The repository stays share-locked while mounted: backups run, garbage collection waits.
 
 Exit 0 unmounted cleanly; 1 failed (FUSE missing, wrong passphrase ...); 64 the mount point is
-missing, not a directory or not empty, or an unknown repository.
+missing, not a directory or not empty, an unknown repository, or --files without root.
 """
 
 
@@ -123,8 +123,6 @@ def _guest_files(args: argparse.Namespace, repository: str) -> GuestFiles:
     from reconciler.operations.files import clean_stale_sessions, serve_command, start_point_files
     from reconciler.operations.guestfiles import GuestFiles, SessionPool
 
-    if os.geteuid() != 0:
-        fail("--files mounts loop devices and the guests' filesystems: run mount as root", "usage", "usage")
     sessions = state_dir(args).resolve() / "files"
     if sessions.is_dir():
         clean_stale_sessions(sessions)
@@ -150,6 +148,8 @@ def cmd_mount(args: argparse.Namespace) -> int:
         fail(str(exc), "bad-mountpoint", "usage")
     if args.files and args.only_point:
         fail("--files and --only-point do not go together", "usage", "usage")
+    if args.files and os.geteuid() != 0:
+        fail("--files mounts loop devices and the guests' filesystems: run mount as root", "usage", "usage")
     name = choose_repository(args, "mount")
     desired = load_desired(args)
     repo = open_repository(desired.repositories[name])
