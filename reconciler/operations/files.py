@@ -439,7 +439,7 @@ def _mount_filesystems(session: FilesSession, disks_mount: Path) -> None:
             session.problems.append(f"{name}: partition table: {exc}")
             continue
         except OSError as exc:
-            raise FilesError(unreadable_message(session, f"{name} ({disk.label})", exc)) from exc
+            raise FilesError(_unreadable(session, f"{name} ({disk.label})", exc)) from exc
         session.problems.extend(f"{name}: {p}" for p in table.problems)
         for part in table.partitions:
             fs = GuestFilesystem(
@@ -507,7 +507,7 @@ def _mounted_read_only(target: Path) -> bool:
     return False
 
 
-def unreadable_message(session: FilesSession, what: str, exc: OSError) -> str:
+def _unreadable(session: FilesSession, what: str, exc: OSError) -> str:
     """The one line for a read that failed: the point, the file, and the chunk the child could not read."""
     errors = session.read_errors()
     cause = errors[-1] if errors else (exc.strerror or str(exc))
@@ -603,7 +603,7 @@ def list_entries(session: FilesSession, guest_path: str, *, recursive: bool = Fa
     except FileNotFoundError:
         raise BadPath(f"{session.describe()} has no {guest_path!r}") from None
     except OSError as exc:
-        raise FilesError(unreadable_message(session, guest_path, exc)) from exc
+        raise FilesError(_unreadable(session, guest_path, exc)) from exc
 
 
 def cat_file(session: FilesSession, guest_path: str, out: BinaryIO) -> int:
@@ -620,7 +620,7 @@ def cat_file(session: FilesSession, guest_path: str, out: BinaryIO) -> int:
     except FileNotFoundError:
         raise BadPath(f"{session.describe()} has no {guest_path!r}") from None
     except OSError as exc:
-        raise FilesError(unreadable_message(session, guest_path, exc)) from exc
+        raise FilesError(_unreadable(session, guest_path, exc)) from exc
     return written
 
 
@@ -694,7 +694,7 @@ def _copy_tree(
     except OSError as exc:
         if exc.filename is not None and str(exc.filename).startswith(str(destination)):
             raise FilesError(f"cannot write {destination}: {exc.strerror}") from exc
-        raise FilesError(unreadable_message(session, guest_path, exc)) from exc
+        raise FilesError(_unreadable(session, guest_path, exc)) from exc
     _copy_metadata(st, destination)
     result.copied.append(destination)
 

@@ -44,8 +44,8 @@ from reconciler.operations.files import (
     FilesSession,
     filesystem_line,
     filesystem_rows,
-    unreadable_message,
 )
+from reconciler.operations.files import _unreadable as unreadable_message  # the line `files` says
 from reconciler.operations.restore import describe_source
 
 log = structlog.get_logger(__name__)
