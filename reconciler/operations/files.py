@@ -240,18 +240,17 @@ def clean_stale_sessions(root: Path) -> list[str]:
 # -- the session -----------------------------------------------------------------------------------
 
 
-def _parent_death_signal() -> Callable[[], None]:
+_PRCTL = ctypes.CDLL(None, use_errno=True).prctl
+"""libc's prctl, looked up here, in the parent: after a fork in a process with threads the child must
+not take the loader's locks."""
+
+
+def _die_with_parent() -> None:
     """The FUSE child's ``preexec_fn``: SIGTERM when the thread that started it dies, so a killed
     ``files`` or ``mount --files`` unmounts its disks; and no signal blocked (a thread libfuse started
-    blocks SIGTERM, SIGINT, SIGHUP and SIGQUIT, and a child inherits its mask). libc is looked up here,
-    in the parent: after a fork in a process with threads the child must not take the loader's locks."""
-    prctl = ctypes.CDLL(None, use_errno=True).prctl
-
-    def set_signal() -> None:
-        signal.pthread_sigmask(signal.SIG_SETMASK, ())
-        prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-    return set_signal
+    blocks SIGTERM, SIGINT, SIGHUP and SIGQUIT, and a child inherits its mask)."""
+    signal.pthread_sigmask(signal.SIG_SETMASK, ())
+    _PRCTL(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 @dataclass
@@ -364,7 +363,7 @@ def start_point_files(
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
                 stderr=serve_log,
-                preexec_fn=_parent_death_signal(),
+                preexec_fn=_die_with_parent,
                 start_new_session=True,  # Ctrl-C reaches us, who unmount in order, not the child
             )
         record["child"] = {"pid": session.child.pid, "started": _start_time(session.child.pid)}
@@ -573,12 +572,12 @@ def filesystem_rows(session: FilesSession) -> list[dict[str, object]]:
     return rows
 
 
-def filesystem_line(row: dict[str, object]) -> str:
+def filesystem_line(row: dict[str, object], name_width: int = 6) -> str:
     """A row of :func:`filesystem_rows` for people: ``sda1   ext4   1.0 GiB  Linux filesystem …``."""
     size = row["size"]
     assert isinstance(size, int)
     return (
-        f"{row['name']:<6} {row['kind'] or '-':<11} {human_size(size):>10}  {row['type']}"
+        f"{row['name']:<{name_width}} {row['kind'] or '-':<11} {human_size(size):>10}  {row['type']}"
         f"{' ' + repr(row['label']) if row['label'] else ''}  ({row['disk']}) {row['state']}"
     )
 
