@@ -266,9 +266,9 @@ class GuestFiles:
             "(the same as `esxi-reconciler files VM --point ID ls` shows):",
             "",
         ]
-        lines += [filesystem_line(row) for row in filesystem_rows(session)] or [
-            "no partitions or filesystems found"
-        ]
+        rows = filesystem_rows(session)
+        width = max([6, *(len(str(row["name"])) for row in rows)])
+        lines += [filesystem_line(row, width) for row in rows] or ["no partitions or filesystems found"]
         lines += [f"  note: {problem}" for problem in session.problems]
         return ("\n".join(lines) + "\n").encode()
 
