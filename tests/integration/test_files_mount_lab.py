@@ -13,7 +13,6 @@ import os
 import signal
 import stat
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -31,6 +30,7 @@ from tests.integration.test_files_lab import (
     damaged_chunk_under_big,
     env,
 )
+from tests.waiting import wait_until
 
 pytestmark = [pytest.mark.lab]
 __all__ = ["env"]  # the module's fixture: the VMs and their two points
@@ -47,11 +47,12 @@ class Mounted:
             self.proc = subprocess.Popen(
                 _cli(env, "mount", "--files", str(mountpoint)), stdout=subprocess.DEVNULL, stderr=log
             )
-        deadline = time.monotonic() + 60
-        while not os.path.ismount(mountpoint):
+
+        def up() -> bool:
             assert self.proc.poll() is None, self.log.read_text()
-            assert time.monotonic() < deadline
-            time.sleep(0.1)
+            return os.path.ismount(mountpoint)
+
+        wait_until(f"mount --files on {mountpoint}", up, timeout=60)
 
     def files(self, vm: str, point: str) -> Path:
         return self.mountpoint / "vms" / vm / point / "files"
