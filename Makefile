@@ -5,7 +5,7 @@
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
-APT_PACKAGES := golang-go golang-github-vmware-govmomi-dev openssh-server openssh-client util-linux iproute2 python3-venv systemd busybox git gnupg chromium groff-base man-db zsh fdisk dosfstools mtools ntfs-3g e2fsprogs xfsprogs fuse3 fusefat exfat-fuse
+APT_PACKAGES := golang-go golang-github-vmware-govmomi-dev openssh-server openssh-client util-linux iproute2 python3-venv systemd busybox git gnupg chromium groff-base man-db zsh fdisk dosfstools mtools ntfs-3g e2fsprogs xfsprogs fuse3 fusefat exfat-fuse lvm2
 LAB_DIR ?= .lab
 
 .PHONY: all setup apt venv lab-build lint test unit test-reliability-long test-ceph demo clean install uninstall \

@@ -407,6 +407,15 @@ def versions() -> dict[str, str]:
     return out
 
 
+def compile_product() -> None:
+    """Byte-compile the product, as an installed copy is (pip and dh_python3 do): without ``.pyc``
+    files, every run of the CLI compiled about 100 modules again (0.17 s) when the environment had
+    ``PYTHONDONTWRITEBYTECODE`` set, which counted against the small incrementals."""
+    import compileall
+
+    compileall.compile_dir(str(ROOT / "reconciler"), quiet=1)
+
+
 def machine() -> dict[str, str]:
     cpu = "?"
     with open("/proc/cpuinfo") as f:
@@ -639,6 +648,7 @@ def main() -> int:
     parser.add_argument("--markdown", help="write the report (markdown) here")
     args = parser.parse_args()
     info = machine()
+    compile_product()
     print(" ".join(f"{k}={v}" for k, v in info.items()), flush=True)
     if args.rss_sweep:
         sweep = rss_sweep(args)

@@ -36,6 +36,7 @@ from bench.backup import (
     MiB,
     Row,
     borg,
+    compile_product,
     copy_flat,
     image_for,
     machine,
@@ -239,6 +240,7 @@ def main() -> int:
     parser.add_argument("--markdown", help="write the report (markdown) here")
     args = parser.parse_args()
     info = machine()
+    compile_product()
     load = Path("/proc/loadavg").read_text().split()[0]
     print(" ".join(f"{k}={v}" for k, v in info.items()) + f" load={load}", flush=True)
     res = main_run(args)

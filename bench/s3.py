@@ -26,7 +26,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from bench.backup import MiB, fmt_bytes, image_for, machine, run_child
+from bench.backup import MiB, compile_product, fmt_bytes, image_for, machine, run_child
 from esxisim.lab import parse_size
 
 PASSPHRASE = "bench passphrase, not a secret"
@@ -259,6 +259,7 @@ def main() -> int:
             child_client(rest[0], rest[1], rest[2], rest[3], int(rest[4]))
         return 0
     info = machine()
+    compile_product()
     load = os.getloadavg()[0]
     res = main_run(args)
     print(f"Machine: {info}. Load average at the start: {load:.2f}.")

@@ -24,13 +24,16 @@ examples:
   esxi-reconciler files web01 cat sda1/etc/hosts
   esxi-reconciler files web01 --point ID cp sda1/home/ann/report.ods --to /tmp/restored
   esxi-reconciler files web01 --from-host esxi2 cp sdb2/Users --to /srv/restore
+  esxi-reconciler files web01 cp ubuntu--vg-ubuntu--lv/etc/fstab --to /tmp/restored    (LVM)
 
 Paths start with the filesystem: sda1 is partition 1 of the first disk (disks in the order of the
 .vmx: sda, sdb ...), sdb a filesystem on a whole disk. MBR (with logical partitions) and GPT; ext2/3/4,
-XFS, btrfs, FAT, exFAT and NTFS. Each filesystem is mounted read-only (ext4 without replaying the
-journal, XFS without log recovery) on a read-only loop device over the point's disk image, which is
-read on demand from the repository; everything is unmounted and detached afterwards, also after
-Ctrl-C or SIGTERM (a run killed outright is cleaned up by the next one). Runs as root.
+XFS, btrfs, FAT, exFAT and NTFS; LVM linear volumes (with lvm2 installed) named as /dev/mapper names
+them: ubuntu-vg/root is ubuntu--vg-root (a '-' inside a name doubled), also when extended or spread
+over several disks; nothing is activated on this machine. Each filesystem is mounted read-only (ext4
+without replaying the journal, XFS without log recovery) on a read-only loop device over the point's
+disk image, which is read on demand from the repository; everything is unmounted and detached
+afterwards, also after Ctrl-C or SIGTERM (a run killed outright is cleaned up by the next one). Runs as root.
 
 cp keeps modes, times, ownership (numeric ids, as in the guest) and symlinks, and never overwrites:
 the copy is DIR/<name>.
@@ -117,8 +120,9 @@ def _ls(args: argparse.Namespace, session: Any) -> int:
                 {"ok": True, "point_id": session.point.id, "filesystems": rows, "problems": session.problems}
             )
             return ExitCode.OK
+        width = max([6, *(len(str(row["name"])) for row in rows)])
         for row in rows:
-            print(printable(filesystem_line(row)))
+            print(printable(filesystem_line(row, width)))
         for problem in session.problems:
             print(printable(f"  note: {problem}"))
         if not rows:

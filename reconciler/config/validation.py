@@ -57,8 +57,9 @@ _TYPE_WORDS = {
 
 @functools.cache
 def _validator(kind: str | None) -> Draft202012Validator:
+    """Our own schemas are not checked against the meta-schema here (0.13 s of every command's start):
+    they are generated, and ``tests/unit/test_config_example.py`` checks each one."""
     schema = schemas.kind_schema(kind) if kind else schemas.envelope_schema()
-    Draft202012Validator.check_schema(schema)
     return Draft202012Validator(schema)
 
 

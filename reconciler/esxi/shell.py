@@ -202,6 +202,19 @@ NO_EXIT_STATUS = -1
 """What paramiko reports when a session closed without an exit status (connection lost, command killed)."""
 
 
+def send_all(channel: paramiko.Channel, data: bytes) -> None:
+    """``channel.sendall(data)`` without its copying: paramiko's loop keeps ``data[sent:]``, a new copy
+    of the rest after every 32 KiB packet, so one 1 MiB write copied about 16 MiB (on a restore, more
+    client CPU than the encryption). A memoryview is sliced without copying, and paramiko's message
+    takes it as it is."""
+    view = memoryview(data)
+    while view:
+        sent = channel.send(view)  # type: ignore[arg-type]  # the stubs say bytes; paramiko takes any buffer
+        if sent <= 0:
+            raise EOFError("the channel was closed while sending")
+        view = view[sent:]
+
+
 class RemoteStream:
     """stdout of a running remote command, read in pieces; :meth:`close` checks the exit status."""
 
@@ -243,7 +256,7 @@ class RemoteStream:
     def write(self, data: bytes) -> None:
         """Send ``data`` to the command's stdin."""
         try:
-            self.channel.sendall(data)
+            send_all(self.channel, data)
         except (paramiko.SSHException, EOFError, OSError) as exc:
             raise ShellError(f"{self.command[:120]}: sending stdin failed: {exc}") from exc
 
@@ -339,7 +352,7 @@ class ShellConnection:
         try:
             channel.settimeout(timeout)  # bounds sendall when the command does not read its stdin
             if stdin is not None:
-                channel.sendall(stdin)
+                send_all(channel, stdin)
             channel.shutdown_write()
             while True:
                 if channel.recv_ready():

@@ -6,12 +6,15 @@ read it), or a ``stream-optimized`` VMDK (one compressed file, what OVF/OVA pack
 
 Raw and flat images are written by positioned writes on the decoding threads (holes never written, so
 the output stays sparse) while the SHA-256 of the disk is computed from the very pieces written, every
-``pwrite`` checked complete; no second read of the file. A stream-optimized file is read back through
+``pwrite`` checked complete; no second read of the file. The writes bypass the page cache
+(``O_DIRECT``, :class:`ImageWriter`) where the filesystem allows it, and the image is on disk
+(``fdatasync``) before the export reports it. A stream-optimized file is read back through
 its grain directory and its SHA-256 compared with the point's content (that checks our encoder).
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import posixpath
 from dataclasses import dataclass, field
@@ -20,6 +23,7 @@ from typing import BinaryIO
 
 import structlog
 
+from reconciler.directio import AlignedBuffers, aligned_head, direct_io_fits, pwrite_all, pwrite_direct
 from reconciler.esxi.vmdk import SECTOR, Descriptor, Extent, flat_descriptor
 from reconciler.facts.inventory import split_ds_path
 from reconciler.facts.points import DiskRecord, RestorePoint
@@ -32,7 +36,6 @@ from reconciler.operations.restore import (
     hashed,
     point_file,
     point_vmx,
-    pwrite_all,
     safe_file_name,
 )
 from reconciler.repository import Repository
@@ -60,18 +63,72 @@ class ExportResult:
     disks: list[ExportedDisk] = field(default_factory=list)
 
 
+class ImageWriter:
+    """Positioned writes of a disk image, from any thread, past the page cache where it can
+    (:mod:`reconciler.directio`): each piece is copied into the thread's page-aligned buffer and its
+    aligned part written with ``O_DIRECT``; the rest (the short last chunk of a disk, an odd offset) and
+    every write on a filesystem that refuses it go through the ordinary descriptor ``fd``. :meth:`sync`
+    makes all of it durable."""
+
+    def __init__(self, path: Path, fd: int, *, direct: bool | None = None) -> None:
+        """``direct``: None to bypass the page cache where ``path`` is on a local disk filesystem
+        (:func:`~reconciler.directio.direct_io_fits`); True or False to decide."""
+        self._fd = fd
+        self._buffers = AlignedBuffers()
+        self._direct: int | None = None
+        if direct is None:
+            direct = direct_io_fits(path)
+        if direct:
+            try:
+                self._direct = os.open(path, os.O_WRONLY | os.O_DIRECT | os.O_CLOEXEC)
+            except OSError as exc:
+                if exc.errno != errno.EINVAL:
+                    raise
+
+    @property
+    def direct(self) -> bool:
+        """Whether writes still bypass the page cache."""
+        return self._direct is not None
+
+    def write(self, offset: int, data: bytes) -> None:
+        """Write all of ``data`` at ``offset``."""
+        done = 0
+        direct = self._direct
+        if direct is not None and aligned_head(offset, len(data)):
+            view = self._buffers.fill([data])
+            done = pwrite_direct(direct, view, offset)
+            if done < 0:  # refused after opening (some FUSE and network filesystems)
+                self._direct, done = None, 0
+                os.close(direct)
+        if done < len(data):
+            pwrite_all(self._fd, memoryview(data)[done:], offset + done)
+
+    def sync(self) -> None:
+        """Everything written is on disk: the direct writes' allocations and the buffered pieces."""
+        os.fdatasync(self._fd)
+
+    def close(self) -> None:
+        if self._direct is not None:
+            os.close(self._direct)
+            self._direct = None
+
+
 def _write_image(repo: Repository, disk: DiskRecord, path: Path, mode: int) -> str:
     """Write the disk into a new sparse file at ``path`` and return the SHA-256 of what was written
-    (holes as zeros). Chunks are decoded and written (``pwrite``, every byte checked written) on the
-    worker threads of :func:`disk_pieces`, in any order, while this thread hashes them in disk order;
-    holes are never written, so they stay file holes. No second read of the file: what was written is
-    what was hashed. The file is created with exactly ``mode``."""
+    (holes as zeros). Chunks are decoded and written (:class:`ImageWriter`, every byte checked written)
+    on the worker threads of :func:`disk_pieces`, in any order, while this thread hashes them in disk
+    order; holes are never written, so they stay file holes. No second read of the file: what was
+    written is what was hashed. The file is created with exactly ``mode`` and is on disk on return."""
     digest = ContentHash()
     with _open_new(path, mode) as f:
         f.truncate(disk.capacity)
-        fd = f.fileno()
-        for off, data in disk_pieces(repo, disk, sink=lambda o, d: pwrite_all(fd, d, o)):
-            digest.update(off, data)
+        writer = ImageWriter(path, f.fileno())
+        try:
+            for off, data in disk_pieces(repo, disk, sink=lambda o, d: writer.write(o, d)):
+                digest.update(off, data)
+            writer.sync()
+        finally:
+            writer.close()
     return digest.hexdigest(disk.capacity)
 
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
 import errno
 import json
 import os
@@ -42,6 +43,16 @@ from typing import BinaryIO
 import structlog
 
 from reconciler.esxi.signals import deferred_signals, sigterm_raises
+from reconciler.facts.lvm import (
+    LvmMetadataError,
+    PlacedVolume,
+    PvLocation,
+    VolumeGroup,
+    parse_volume_group,
+    place_volume,
+    read_pv_label,
+    volume_reader,
+)
 from reconciler.facts.partitions import (
     Partition,
     PartitionTableError,
@@ -49,6 +60,13 @@ from reconciler.facts.partitions import (
     read_partition_table,
 )
 from reconciler.facts.points import DiskRecord, RestorePoint
+from reconciler.operations.lvm import (
+    LvmToolError,
+    lvm_tools_missing,
+    read_metadata,
+    serve_volumes_argv,
+    write_spec,
+)
 from reconciler.operations.mount import image_name
 from reconciler.operations.restore import RestoreError, describe_source
 from reconciler.units import human_size
@@ -82,20 +100,30 @@ def disk_name(index: int) -> str:
 
 @dataclass(frozen=True)
 class GuestFilesystem:
-    """One filesystem of a point: ``sda1`` (partition 1 of the first disk) or ``sdb`` (a whole disk)."""
+    """One filesystem of a point: ``sda1`` (partition 1 of the first disk), ``sdb`` (a whole disk) or
+    ``ubuntu--vg-root`` (LVM logical volume ``root`` of volume group ``ubuntu-vg``, named as
+    ``/dev/mapper`` names it; its ``partition`` is where its first piece starts, its size the volume's)."""
 
     name: str
     disk: DiskRecord
     partition: Partition
     kind: str | None
     """blkid's name (``ext4``, ``vfat``, ``ntfs``…); ``None`` when nothing known is there."""
+    volume: PlacedVolume | None = None
+    """For a logical volume: where its bytes are on the point's disks (or why they cannot be read)."""
+    note: str | None = None
+    """What to tell people instead of the generic reason (an LVM physical volume: what became of it)."""
 
     @property
     def browsable(self) -> bool:
-        return self.kind in _MOUNTS
+        return self.kind in _MOUNTS and (self.volume is None or self.volume.problem is None)
 
     def why_not_browsable(self) -> str:
         """For people: why a partition has no tree to list."""
+        if self.note is not None:
+            return self.note
+        if self.volume is not None and self.volume.problem is not None:
+            return self.volume.problem
         if self.kind is None:
             return "no filesystem recognised"
         if self.kind == "swap":
@@ -226,6 +254,10 @@ def clean_stale_sessions(root: Path) -> list[str]:
         child_pid = int(child["pid"]) if isinstance(child, dict) else None
         if child_pid is not None and _start_time(child_pid) != child.get("started"):
             child_pid = None
+        helper = record.get("volumes_child")  # the LVM composing helper, when there was one
+        if isinstance(helper, dict) and _start_time(int(helper["pid"])) == helper.get("started"):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(helper["pid"]), signal.SIGTERM)
         loops = record.get("loops")
         left = _release(workdir, child_pid, loops if isinstance(loops, list) else [])
         if left:
@@ -267,6 +299,8 @@ class FilesSession:
     record: dict[str, object] = field(default_factory=dict)
     record_path: Path = Path()
     child: subprocess.Popen[bytes] | None = None
+    helpers: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    """Processes serving composed LVM volume images; they end when their FUSE mount is released."""
     closed: bool = False
 
     def note_loop(self, device: str, image: str, offset: int) -> None:
@@ -288,12 +322,14 @@ class FilesSession:
             self.child.pid if self.child is not None else None,
             loops if isinstance(loops, list) else [],
         )
-        if self.child is not None:
+        for process in [self.child, *self.helpers]:
+            if process is None:
+                continue
             try:
-                self.child.wait(timeout=30)
+                process.wait(timeout=30)
             except subprocess.TimeoutExpired:
-                self.child.kill()
-                self.child.wait()
+                process.kill()
+                process.wait()
         if left:
             log.error("files.cleanup_incomplete", workdir=str(self.workdir), left=left)
         else:
@@ -318,6 +354,14 @@ class FilesSession:
             return None, self.workdir / "fs"
         found = next((f for f in self.filesystems if f.name == parts[0]), None)
         if found is None:
+            volume = next(
+                (f for f in self.filesystems if f.volume and f.partition.name == "/".join(parts[:2])), None
+            )
+            if volume is not None:
+                raise BadPath(
+                    f"{'/'.join(parts[:2])!r}: LVM volumes are named as /dev/mapper names them:"
+                    f" {'/'.join([volume.name, *parts[2:]])}"
+                )
             names = ", ".join(f.name for f in self.filesystems if f.browsable) or "none"
             raise BadPath(
                 f"{self.describe()} has no filesystem {parts[0]!r} (filesystems: {names});"
@@ -325,6 +369,8 @@ class FilesSession:
             )
         if found.name not in self.mounted:
             why = next((p for p in self.problems if p.startswith(found.name + ":")), "")
+            if not found.browsable:
+                why = found.why_not_browsable()
             raise FilesError(
                 f"{found.name} ({found.kind or 'unknown'}) cannot be browsed: {why or 'not mounted'}"
             )
@@ -426,9 +472,11 @@ def _pread(f: BinaryIO) -> Callable[[int, int], bytes]:
 
 def _mount_filesystems(session: FilesSession, disks_mount: Path) -> None:
     point = session.point
+    images: dict[str, tuple[DiskRecord, Path]] = {}
     for index, disk in enumerate(sorted(point.disks, key=lambda d: d.key)):
         image = _image(disks_mount, point, disk)
         name = disk_name(index)
+        images[name] = (disk, image)
         try:
             with image.open("rb") as f:
                 read = _pread(f)
@@ -447,6 +495,192 @@ def _mount_filesystems(session: FilesSession, disks_mount: Path) -> None:
             session.filesystems.append(fs)
             if fs.browsable:
                 _mount_one(session, fs, image)
+    if any(fs.kind == "LVM2_member" for fs in session.filesystems):
+        _mount_volumes(session, images)
+
+
+@dataclass
+class _PhysicalVolumes:
+    """What the point's LVM physical volumes hold: where each is (by uuid), which filesystem entry it
+    is, and the newest metadata of each volume group (by uuid)."""
+
+    found: dict[str, PvLocation] = field(default_factory=dict)
+    entry: dict[str, int] = field(default_factory=dict)
+    groups: dict[str, VolumeGroup] = field(default_factory=dict)
+
+
+def _note(session: FilesSession, index: int, text: str) -> None:
+    session.filesystems[index] = dataclasses.replace(session.filesystems[index], note=text)
+
+
+def _mount_volumes(session: FilesSession, images: dict[str, tuple[DiskRecord, Path]]) -> None:
+    """LVM: the volume groups of the point's physical volumes, read with lvm2's ``pvck`` from a copy of
+    each volume's head (nothing activated, no block device with a PV label), and each linear logical
+    volume mounted like a partition: a loop device at its offset when it is one piece, over a composed
+    image (served by a helper process) when it is several."""
+    pv_indexes = [i for i, fs in enumerate(session.filesystems) if fs.kind == "LVM2_member"]
+    missing = lvm_tools_missing()
+    if missing is not None:
+        for index in pv_indexes:
+            _note(session, index, f"LVM physical volume: its logical volumes cannot be listed: {missing}")
+        return
+    pvs = _PhysicalVolumes()
+    for index in pv_indexes:
+        _read_physical_volume(session, index, images, pvs)
+    readers: dict[str, BinaryIO] = {}
+
+    def read_disk(disk: str, offset: int, size: int) -> bytes:
+        if disk not in readers:
+            readers[disk] = images[disk][1].open("rb")
+        return os.pread(readers[disk].fileno(), size, offset)
+
+    taken = {fs.name for fs in session.filesystems}
+    composed: list[GuestFilesystem] = []
+    try:
+        for vg in sorted(pvs.groups.values(), key=lambda g: (g.name, g.uuid)):
+            listed = [lv for lv in vg.logical_volumes if lv.visible]
+            for pv in vg.physical_volumes:
+                if pv.uuid in pvs.entry:
+                    names = ", ".join(lv.name for lv in listed) or "none"
+                    _note(
+                        session,
+                        pvs.entry[pv.uuid],
+                        f"LVM physical volume of volume group {vg.name} ({names})",
+                    )
+            for lv in listed:
+                placed = place_volume(vg, lv, pvs.found)
+                if placed.name in taken:
+                    problem = f"another filesystem of this point is also named {placed.name}"
+                    placed = dataclasses.replace(placed, pieces=(), problem=problem)
+                taken.add(placed.name)
+                fs = _volume_filesystem(session, placed, images, read_disk)
+                session.filesystems.append(fs)
+                if fs.browsable and len(placed.pieces) == 1:
+                    _mount_one(session, fs, images[placed.pieces[0].disk][1])
+                elif fs.browsable:
+                    composed.append(fs)
+    finally:
+        for f in readers.values():
+            f.close()
+    if composed:
+        _mount_composed(session, composed, images)
+
+
+def _read_physical_volume(
+    session: FilesSession, index: int, images: dict[str, tuple[DiskRecord, Path]], pvs: _PhysicalVolumes
+) -> None:
+    """The label of the physical volume at ``session.filesystems[index]`` and its group's metadata."""
+    fs = session.filesystems[index]
+    disk = next(name for name, (record, _) in images.items() if record.key == fs.disk.key)
+    try:
+        with images[disk][1].open("rb") as f:
+            read = _pread(f)
+            label = read_pv_label(read, fs.partition.start)
+            if label is None:
+                _note(session, index, "LVM physical volume whose label cannot be read")
+                return
+            head = read(fs.partition.start, min(label.head_size, fs.partition.size))
+        if label.uuid in pvs.found:
+            other = session.filesystems[pvs.entry[label.uuid]].name
+            _note(
+                session,
+                index,
+                f"LVM physical volume {label.uuid} again (also {other}): a copied disk? not used",
+            )
+            return
+        pvs.found[label.uuid] = PvLocation(disk, fs.partition.start, fs.partition.size)
+        pvs.entry[label.uuid] = index
+        lvm_dir = session.workdir / "lvm"
+        lvm_dir.mkdir(mode=0o700, exist_ok=True)
+        head_file = lvm_dir / f"{fs.name}.head"
+        head_file.write_bytes(head)
+        text = read_metadata(head_file, session.workdir)
+        if text is None:
+            return  # no metadata area here: another physical volume of its group holds it
+        vg = parse_volume_group(text)
+    except OSError as exc:
+        _note(
+            session,
+            index,
+            f"LVM physical volume: {_unreadable(session, f'{fs.name} (its LVM metadata)', exc)}",
+        )
+        return
+    except (LvmToolError, LvmMetadataError) as exc:
+        _note(session, index, f"LVM physical volume whose metadata cannot be read: {exc}")
+        return
+    newest = pvs.groups.get(vg.uuid)
+    if newest is None or vg.seqno > newest.seqno:
+        pvs.groups[vg.uuid] = vg
+
+
+def _volume_filesystem(
+    session: FilesSession,
+    placed: PlacedVolume,
+    images: dict[str, tuple[DiskRecord, Path]],
+    read_disk: Callable[[str, int, int], bytes],
+) -> GuestFilesystem:
+    """The entry of a logical volume: its filesystem (detected through its pieces) and where it is."""
+    kind = None
+    if placed.problem is None:
+        try:
+            kind = detect_filesystem(volume_reader(placed.pieces, read_disk), 0, placed.size)
+        except OSError as exc:
+            what = f"{placed.name} ({placed.vg}/{placed.lv})"
+            raise FilesError(_unreadable(session, what, exc)) from exc
+    first = placed.pieces[0] if placed.pieces else None
+    on = sorted({p.disk for p in placed.pieces})
+    disk = (
+        images[first.disk][0]
+        if first
+        else next(fs.disk for fs in session.filesystems if fs.kind == "LVM2_member")
+    )
+    where = f" on {' + '.join(on)}" if on else ""
+    partition = Partition(
+        0,
+        first.offset if first else 0,
+        placed.size,
+        "",
+        f"LVM logical volume{where}",
+        f"{placed.vg}/{placed.lv}",
+    )
+    return GuestFilesystem(placed.name, disk, partition, kind, volume=placed)
+
+
+def _mount_composed(
+    session: FilesSession, volumes: list[GuestFilesystem], images: dict[str, tuple[DiskRecord, Path]]
+) -> None:
+    """Serve one image per volume of several pieces (a helper FUSE process reading the disk images),
+    then mount each from offset 0 of its image."""
+    mountpoint = session.workdir / "volumes"
+    mountpoint.mkdir(mode=0o700)
+    spec = session.workdir / "lvm" / "volumes.json"
+    files = {}
+    for fs in volumes:
+        assert fs.volume is not None
+        pieces = [(str(images[p.disk][1]), p.offset, p.length) for p in fs.volume.pieces]
+        files[f"{fs.name}.img"] = (fs.volume.size, pieces)
+    write_spec(spec, files)
+    log_path = session.workdir / "volumes.log"
+    with log_path.open("wb") as log_file:
+        helper = subprocess.Popen(
+            serve_volumes_argv(spec, mountpoint),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=log_file,
+            preexec_fn=_die_with_parent,
+            start_new_session=True,
+        )
+    session.helpers.append(helper)
+    session.record["volumes_child"] = {"pid": helper.pid, "started": _start_time(helper.pid)}
+    session.record_path.write_text(json.dumps(session.record))
+    try:
+        _wait_mounted(mountpoint, helper, log_path)
+    except FilesError as exc:
+        session.problems.extend(f"{fs.name}: its pieces cannot be joined: {exc}" for fs in volumes)
+        return
+    for fs in volumes:
+        at_zero = dataclasses.replace(fs, partition=dataclasses.replace(fs.partition, start=0))
+        _mount_one(session, at_zero, mountpoint / f"{fs.name}.img")
 
 
 def _mount_one(session: FilesSession, fs: GuestFilesystem, image: Path) -> None:
@@ -471,7 +705,10 @@ def _mount_one(session: FilesSession, fs: GuestFilesystem, image: Path) -> None:
         session.problems.append(f"{fs.name}: losetup failed: {losetup.stderr.strip()}")
         return
     device = losetup.stdout.strip()
-    session.note_loop(device, str(image.relative_to(session.workdir / "disks")), fs.partition.start)
+    served_by = session.workdir / (
+        "volumes" if image.is_relative_to(session.workdir / "volumes") else "disks"
+    )
+    session.note_loop(device, str(image.relative_to(served_by)), fs.partition.start)
     kernel_type, options, fuse_drivers = _MOUNTS[fs.kind]
     attempts: list[list[str]] = [["mount", "-t", kernel_type, "-o", options, device, str(target)]]
     for driver in fuse_drivers:

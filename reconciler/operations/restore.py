@@ -105,17 +105,6 @@ def disk_pieces(
     return ordered_parallel(work, fetch, streams)
 
 
-def pwrite_all(fd: int, data: bytes, offset: int) -> None:
-    """Write all of ``data`` at ``offset`` (``os.pwrite`` may write less than asked)."""
-    view = memoryview(data)
-    while view:
-        n = os.pwrite(fd, view, offset)
-        if n <= 0:
-            raise OSError(f"pwrite wrote nothing at offset {offset}")
-        offset += n
-        view = view[n:]
-
-
 def stored_bytes(repo: Repository, disk: DiskRecord) -> int:
     """Bytes of the disk that are not holes (what a thin restore allocates)."""
     index = repo.read_index(disk.index)

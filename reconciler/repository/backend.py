@@ -41,6 +41,14 @@ from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
 from typing import Protocol, cast
 
+from reconciler.directio import (
+    DIRECT_ALIGN,
+    AlignedBuffers,
+    direct_io_fits,
+    pwrite_all,
+    pwrite_direct,
+    set_direct,
+)
 from reconciler.repository.errors import (
     MissingObjectError,
     NotARepositoryError,
@@ -301,6 +309,10 @@ class LocalBackend:
         """A directory listing shows a new file at once."""
         self.host = socket.gethostname()
         self._use_syncfs = sync == "syncfs" and _SYNCFS is not None
+        self._direct = self._use_syncfs and direct_io_fits(self.root)
+        """Chunk files are written past the page cache (:mod:`reconciler.directio`) on a local disk
+        filesystem: a full backup's 1.9 GB of chunks cost about 4 s of system CPU through it."""
+        self._buffers = AlignedBuffers()
         self._lock = threading.Lock()
         self._pending: dict[str, tuple[Path, int]] = {}
         self._flushing: set[str] = set()
@@ -384,13 +396,16 @@ class LocalBackend:
 
     def _create_tmp(self, parts: Sequence[Data], *, fsync: bool, name: str) -> tuple[Path, int]:
         """Write ``parts`` to a new staged file (``name``: the object it is for, for messages); on any
-        failure the staged file is removed."""
+        failure the staged file is removed. A staged chunk (not ``fsync``ed here: the batch's
+        ``syncfs`` is) of at least a block goes past the page cache where that is on."""
         tmp = self._tmp_path()
         needed = sum(memoryview(part).nbytes for part in parts)
+        direct = self._direct and not fsync and needed >= DIRECT_ALIGN
         with self.volume_errors(f"writing {object_kind(name)}", needed):
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o600)
+            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+            fd = os.open(tmp, flags, 0o600)
             try:
-                size = _write_all(fd, parts)
+                size = self._write_direct(fd, parts) if direct else _write_all(fd, parts)
                 if fsync:
                     os.fsync(fd)
             except BaseException:
@@ -400,6 +415,19 @@ class LocalBackend:
                 raise
             os.close(fd)
         return tmp, size
+
+    def _write_direct(self, fd: int, parts: Sequence[Data]) -> int:
+        """The whole blocks with ``O_DIRECT``, the tail through the page cache; everything through it
+        when the filesystem refuses (then for good)."""
+        view = self._buffers.fill(parts)
+        done = pwrite_direct(fd, view, 0) if set_direct(fd, True) else -1
+        if done < 0:
+            self._direct, done = False, 0
+        else:
+            set_direct(fd, False)
+        if done < len(view):
+            pwrite_all(fd, view[done:], done)
+        return len(view)
 
     # -- writes --------------------------------------------------------------------------------------
 
