@@ -10,7 +10,7 @@ How, bottom up, all inside one work directory ``<state dir>/files/<session>/``:
 2. The partition table of each image, parsed from its bytes (:mod:`reconciler.facts.partitions`).
 3. ``losetup --read-only --offset --sizelimit`` per recognised filesystem, then a read-only mount of it
    at ``fs/<sda1>`` that never writes: ext2/3/4 ``ro,noload`` (the journal is not replayed), XFS
-   ``ro,norecovery``, btrfs ``ro,rescue=nologreplay``, FAT and exFAT ``ro`` (through fusefat or
+   ``ro,norecovery,nouuid``, btrfs ``ro,rescue=nologreplay``, FAT and exFAT ``ro`` (through fusefat or
    exfat-fuse when the kernel lacks the driver), NTFS through ntfs-3g ``ro``.
 
 Every loop device and mount is released when the session ends, also on SIGTERM/SIGINT. A session
@@ -135,12 +135,15 @@ class GuestFilesystem:
         return f"{self.kind}: not supported"
 
 
-# fs kind → (mount -t type, options); "fuse:" the userspace driver to fall back to without a kernel one
+# fs kind → (mount -t type, options); "fuse:" the userspace driver to fall back to without a kernel one.
+# Two points of one VM hold the same filesystem UUID, and `mount --files` (or a `files` beside it) has
+# both mounted at once: XFS refuses a second mount of a UUID without nouuid; btrfs gives a single-device
+# clone a temporary fsid by itself (Linux 6.7+).
 _MOUNTS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "ext4": ("ext4", "ro,noload", ()),
     "ext3": ("ext4", "ro,noload", ()),
     "ext2": ("ext4", "ro,noload", ()),
-    "xfs": ("xfs", "ro,norecovery", ()),
+    "xfs": ("xfs", "ro,norecovery,nouuid", ()),
     "btrfs": ("btrfs", "ro,rescue=nologreplay", ()),
     "vfat": ("vfat", "ro", ("fusefat",)),
     "exfat": ("exfat", "ro", ("mount.exfat-fuse", "exfat-fuse")),

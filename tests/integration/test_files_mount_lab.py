@@ -26,20 +26,22 @@ from tests.integration.test_files_lab import (
     OLD_TIME,
     Env,
     _cli,
+    _Configured,
     _leftovers,
     damaged_chunk_under_big,
     env,
 )
+from tests.integration.test_files_lvm_lab import ROOT_BIG, SPAN_BIG, VM, XFS_REPORT, LvmEnv, lvm_env
 from tests.waiting import wait_until
 
 pytestmark = [pytest.mark.lab]
-__all__ = ["env"]  # the module's fixture: the VMs and their two points
+__all__ = ["env", "lvm_env"]  # the module's fixtures: the VMs and their two points
 
 
 class Mounted:
     """``esxi-reconciler mount --files`` running in the background."""
 
-    def __init__(self, env: Env, mountpoint: Path) -> None:
+    def __init__(self, env: _Configured, mountpoint: Path) -> None:
         mountpoint.mkdir(exist_ok=True)
         self.mountpoint = mountpoint
         self.log = mountpoint.with_name(mountpoint.name + ".log")
@@ -167,3 +169,28 @@ def test_a_damaged_chunk_under_a_guest_file_is_eio_and_one_line_naming_point_and
     lines = [ln for ln in err.splitlines() if old in ln and "sda1/home/ann/big.bin" in ln]
     assert lines and all("cannot be read" in ln for ln in lines), err
     assert _leftovers(env.state) == []
+
+
+def test_files_shows_the_logical_volumes_of_an_lvm_guest(lvm_env: LvmEnv, tmp_path: Path) -> None:
+    old, new = lvm_env.points
+    mount = Mounted(lvm_env, tmp_path / "mnt")
+    try:
+        files = mount.files(VM, new)
+        assert {"README.txt", "sda1", "ubuntu--vg-root", "ubuntu--vg-data", "data--vg-archive"} <= set(
+            os.listdir(files)
+        )
+        readme = (files / "README.txt").read_text()
+        assert "LVM physical volume of volume group ubuntu-vg (root, data)" in readme
+        assert (files / "ubuntu--vg-root" / "home" / "ann" / "big.bin").read_bytes() == ROOT_BIG
+        assert (files / "data--vg-archive" / "archive.bin").read_bytes() == SPAN_BIG  # on two disks
+        report = mount.files(VM, old) / "ubuntu--vg-data" / "srv" / "report.bin"
+        assert report.read_bytes() == XFS_REPORT
+        assert (report.stat().st_mtime, stat.S_IMODE(report.stat().st_mode)) == (OLD_TIME + 120, 0o600)
+        for point, version in ((old, 1), (new, 2)):
+            conf = mount.files(VM, point) / "ubuntu--vg-data" / "etc" / "app.conf"
+            assert conf.read_bytes() == f"version = {version}\n".encode()
+    finally:
+        code, err = mount.stop()
+    assert code == 0, err
+    assert _leftovers(lvm_env.state) == []
+    assert list((lvm_env.state / "files").iterdir()) == []
