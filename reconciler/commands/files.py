@@ -67,18 +67,9 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     parser.add_argument("-R", "--recursive", action="store_true", help="ls: the whole tree below PATH")
 
 
-def _serve_prefix(args: argparse.Namespace, repository: str, point_id: str) -> list[str]:
-    from reconciler.operations.files import python_cli
-
-    argv = python_cli()
-    if args.config is not None:
-        argv += ["--config", str(args.config)]
-    argv += ["--state-dir", str(state_dir(args)), "--log-format", "json"]
-    return [*argv, "mount", "--repository", repository, "--only-point", point_id]
-
-
 def cmd_files(args: argparse.Namespace) -> int:
     """0 done; 1 failed; 64 bad input."""
+    from reconciler.commands.mount import serve_point_command
     from reconciler.commands.restore import describe_point, find_repository
     from reconciler.operations.files import BadPath, FilesError, open_point_files, serve_command
     from reconciler.operations.repositories import open_repository
@@ -100,7 +91,7 @@ def cmd_files(args: argparse.Namespace) -> int:
         print(describe_point(point), flush=True)
     try:
         with open_point_files(
-            point, state_dir(args), serve_command(_serve_prefix(args, name, point.id))
+            point, state_dir(args), serve_command(serve_point_command(args, name, point.id))
         ) as session:
             for problem in session.problems:
                 log.warning("files.problem", problem=problem)
@@ -120,41 +111,18 @@ def cmd_files(args: argparse.Namespace) -> int:
 
 
 def _ls(args: argparse.Namespace, session: Any) -> int:
-    from reconciler.operations.files import list_entries
+    from reconciler.operations.files import filesystem_line, filesystem_rows, list_entries
 
     if args.path in ("", "/"):
-        rows = []
-        for fs in session.filesystems:
-            state = (
-                "mounted read-only"
-                if fs.name in session.mounted
-                else (f"not browsable: {fs.why_not_browsable()}" if not fs.browsable else "NOT MOUNTED")
-            )
-            rows.append(
-                {
-                    "name": fs.name,
-                    "kind": fs.kind,
-                    "size": fs.partition.size,
-                    "type": fs.partition.type_name,
-                    "label": fs.partition.name,
-                    "disk": fs.disk.label,
-                    "state": state,
-                }
-            )
+        rows = filesystem_rows(session)
         if args.json:
             emit_json(
                 {"ok": True, "point_id": session.point.id, "filesystems": rows, "problems": session.problems}
             )
             return ExitCode.OK
-        width = max([6, *(len(row["name"]) for row in rows)])
+        width = max([6, *(len(str(row["name"])) for row in rows)])
         for row in rows:
-            print(
-                printable(
-                    f"{row['name']:<{width}} {row['kind'] or '-':<11} {human_size(row['size']):>10}"
-                    f"  {row['type']}"
-                    f"{' ' + repr(row['label']) if row['label'] else ''}  ({row['disk']}) {row['state']}"
-                )
-            )
+            print(printable(filesystem_line(row, width)))
         for problem in session.problems:
             print(printable(f"  note: {problem}"))
         if not rows:

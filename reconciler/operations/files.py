@@ -10,7 +10,7 @@ How, bottom up, all inside one work directory ``<state dir>/files/<session>/``:
 2. The partition table of each image, parsed from its bytes (:mod:`reconciler.facts.partitions`).
 3. ``losetup --read-only --offset --sizelimit`` per recognised filesystem, then a read-only mount of it
    at ``fs/<sda1>`` that never writes: ext2/3/4 ``ro,noload`` (the journal is not replayed), XFS
-   ``ro,norecovery``, btrfs ``ro,rescue=nologreplay``, FAT and exFAT ``ro`` (through fusefat or
+   ``ro,norecovery,nouuid``, btrfs ``ro,rescue=nologreplay``, FAT and exFAT ``ro`` (through fusefat or
    exfat-fuse when the kernel lacks the driver), NTFS through ntfs-3g ``ro``.
 
 Every loop device and mount is released when the session ends, also on SIGTERM/SIGINT. A session
@@ -69,6 +69,7 @@ from reconciler.operations.lvm import (
 )
 from reconciler.operations.mount import image_name
 from reconciler.operations.restore import RestoreError, describe_source
+from reconciler.units import human_size
 
 log = structlog.get_logger(__name__)
 
@@ -134,12 +135,15 @@ class GuestFilesystem:
         return f"{self.kind}: not supported"
 
 
-# fs kind → (mount -t type, options); "fuse:" the userspace driver to fall back to without a kernel one
+# fs kind → (mount -t type, options); "fuse:" the userspace driver to fall back to without a kernel one.
+# Two points of one VM hold the same filesystem UUID, and `mount --files` (or a `files` beside it) has
+# both mounted at once: XFS refuses a second mount of a UUID without nouuid; btrfs gives a single-device
+# clone a temporary fsid by itself (Linux 6.7+).
 _MOUNTS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "ext4": ("ext4", "ro,noload", ()),
     "ext3": ("ext4", "ro,noload", ()),
     "ext2": ("ext4", "ro,noload", ()),
-    "xfs": ("xfs", "ro,norecovery", ()),
+    "xfs": ("xfs", "ro,norecovery,nouuid", ()),
     "btrfs": ("btrfs", "ro,rescue=nologreplay", ()),
     "vfat": ("vfat", "ro", ("fusefat",)),
     "exfat": ("exfat", "ro", ("mount.exfat-fuse", "exfat-fuse")),
@@ -271,10 +275,17 @@ def clean_stale_sessions(root: Path) -> list[str]:
 # -- the session -----------------------------------------------------------------------------------
 
 
+_PRCTL = ctypes.CDLL(None, use_errno=True).prctl
+"""libc's prctl, looked up here, in the parent: after a fork in a process with threads the child must
+not take the loader's locks."""
+
+
 def _die_with_parent() -> None:
-    """In the FUSE child: SIGTERM when the parent dies, so a killed ``files`` unmounts its disks."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    """The FUSE child's ``preexec_fn``: SIGTERM when the thread that started it dies, so a killed
+    ``files`` or ``mount --files`` unmounts its disks; and no signal blocked (a thread libfuse started
+    blocks SIGTERM, SIGINT, SIGHUP and SIGQUIT, and a child inherits its mask)."""
+    signal.pthread_sigmask(signal.SIG_SETMASK, ())
+    _PRCTL(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 @dataclass
@@ -290,8 +301,10 @@ class FilesSession:
     error_file: Path = Path()
     record: dict[str, object] = field(default_factory=dict)
     record_path: Path = Path()
+    child: subprocess.Popen[bytes] | None = None
     helpers: list[subprocess.Popen[bytes]] = field(default_factory=list)
     """Processes serving composed LVM volume images; they end when their FUSE mount is released."""
+    closed: bool = False
 
     def note_loop(self, device: str, image: str, offset: int) -> None:
         """Add a loop device to the cleanup record at once (a kill right after must not lose it)."""
@@ -299,6 +312,31 @@ class FilesSession:
         assert isinstance(loops, list)
         loops.append({"device": device, "image": image, "offset": offset})
         self.record_path.write_text(json.dumps(self.record))
+
+    def close(self) -> None:
+        """Unmount, detach, stop the FUSE child, remove the work directory and the record (kept, with
+        what is left, when something could not be released: the next session retries). Once."""
+        if self.closed:
+            return
+        self.closed = True
+        loops = self.record.get("loops")
+        left = _release(
+            self.workdir,
+            self.child.pid if self.child is not None else None,
+            loops if isinstance(loops, list) else [],
+        )
+        for process in [self.child, *self.helpers]:
+            if process is None:
+                continue
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        if left:
+            log.error("files.cleanup_incomplete", workdir=str(self.workdir), left=left)
+        else:
+            self.record_path.unlink(missing_ok=True)
 
     def describe(self) -> str:
         return f"restore point {self.point.id} of {describe_source(self.point)}"
@@ -342,16 +380,16 @@ class FilesSession:
         return found, self.mounted[found.name].joinpath(*parts[1:])
 
 
-@contextlib.contextmanager
-def open_point_files(
-    point: RestorePoint,
-    state_dir: Path,
-    serve_argv: Callable[[Path, Path], list[str]],
-) -> Iterator[FilesSession]:
-    """Mount the filesystems of ``point`` read-only and release everything afterwards.
+def start_point_files(
+    point: RestorePoint, state_dir: Path, serve_argv: Callable[[Path, Path], list[str]]
+) -> FilesSession:
+    """Mount the filesystems of ``point`` read-only; the caller closes the session. On any failure (or
+    SIGTERM raised as ``SystemExit``) what was set up is released before the exception goes on.
 
-    ``serve_argv(mountpoint, error_file)`` is the command that serves the point's disk images with FUSE
-    at ``mountpoint`` (``esxi-reconciler mount --only-point``, with the caller's config options)."""
+    Any thread may call it (``mount --files`` does from its own); the FUSE child dies with the calling
+    thread, so that thread must outlive the session. ``serve_argv(mountpoint, error_file)`` is the command
+    that serves the point's disk images with FUSE at ``mountpoint`` (``esxi-reconciler mount
+    --only-point``, with the caller's config options)."""
     if os.geteuid() != 0:
         raise FilesError("file-level restore mounts loop devices and filesystems: run it as root")
     root = state_dir.resolve() / "files"  # absolute: compared with /proc/mounts and loop backing files
@@ -367,41 +405,42 @@ def open_point_files(
     session = FilesSession(
         point, workdir, error_file=workdir / "read-errors", record=record, record_path=record_path
     )
-    child: subprocess.Popen[bytes] | None = None
     try:
-        with sigterm_raises():
-            with (workdir / "serve.log").open("wb") as serve_log:
-                child = subprocess.Popen(
-                    serve_argv(workdir / "disks", session.error_file),
-                    stdin=subprocess.DEVNULL,
-                    stdout=subprocess.DEVNULL,
-                    stderr=serve_log,
-                    preexec_fn=_die_with_parent,
-                    start_new_session=True,  # Ctrl-C reaches us, who unmount in order, not the child
-                )
-            record["child"] = {"pid": child.pid, "started": _start_time(child.pid)}
-            record_path.write_text(json.dumps(record))
-            _wait_mounted(workdir / "disks", child, workdir / "serve.log")
-            _mount_filesystems(session, workdir / "disks")
-            yield session
-    finally:
-        with deferred_signals():
-            loops = record.get("loops")
-            left = _release(
-                workdir, child.pid if child is not None else None, loops if isinstance(loops, list) else []
+        with (workdir / "serve.log").open("wb") as serve_log:
+            session.child = subprocess.Popen(
+                serve_argv(workdir / "disks", session.error_file),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=serve_log,
+                preexec_fn=_die_with_parent,
+                start_new_session=True,  # Ctrl-C reaches us, who unmount in order, not the child
             )
-            for process in [child, *session.helpers]:
-                if process is None:
-                    continue
-                try:
-                    process.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    process.kill()
-                    process.wait()
-            if left:
-                log.error("files.cleanup_incomplete", workdir=str(workdir), left=left)
-            else:
-                record_path.unlink(missing_ok=True)
+        record["child"] = {"pid": session.child.pid, "started": _start_time(session.child.pid)}
+        record_path.write_text(json.dumps(record))
+        _wait_mounted(workdir / "disks", session.child, workdir / "serve.log")
+        _mount_filesystems(session, workdir / "disks")
+    except BaseException:
+        with deferred_signals():
+            session.close()
+        raise
+    return session
+
+
+@contextlib.contextmanager
+def open_point_files(
+    point: RestorePoint,
+    state_dir: Path,
+    serve_argv: Callable[[Path, Path], list[str]],
+) -> Iterator[FilesSession]:
+    """:func:`start_point_files` for the length of a ``with``, SIGTERM included: everything is released
+    afterwards, also when SIGTERM or Ctrl-C ends the command."""
+    with sigterm_raises():
+        session = start_point_files(point, state_dir, serve_argv)
+        try:
+            yield session
+        finally:
+            with deferred_signals():
+                session.close()
 
 
 def _wait_mounted(mountpoint: Path, child: subprocess.Popen[bytes], log_path: Path) -> None:
@@ -746,6 +785,40 @@ def _entry(guest_path: str, path: Path) -> Entry:
     target = str(path.readlink()) if kind == "symlink" else None
     return Entry(
         guest_path, kind, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, st.st_size, st.st_mtime_ns, target
+    )
+
+
+def filesystem_rows(session: FilesSession) -> list[dict[str, object]]:
+    """One row per filesystem of the point, with whether it is mounted or why not (``files ls``, the
+    README of ``mount --files``)."""
+    rows: list[dict[str, object]] = []
+    for fs in session.filesystems:
+        state = (
+            "mounted read-only"
+            if fs.name in session.mounted
+            else (f"not browsable: {fs.why_not_browsable()}" if not fs.browsable else "NOT MOUNTED")
+        )
+        rows.append(
+            {
+                "name": fs.name,
+                "kind": fs.kind,
+                "size": fs.partition.size,
+                "type": fs.partition.type_name,
+                "label": fs.partition.name,
+                "disk": fs.disk.label,
+                "state": state,
+            }
+        )
+    return rows
+
+
+def filesystem_line(row: dict[str, object], name_width: int = 6) -> str:
+    """A row of :func:`filesystem_rows` for people: ``sda1   ext4   1.0 GiB  Linux filesystem …``."""
+    size = row["size"]
+    assert isinstance(size, int)
+    return (
+        f"{row['name']:<{name_width}} {row['kind'] or '-':<11} {human_size(size):>10}  {row['type']}"
+        f"{' ' + repr(row['label']) if row['label'] else ''}  ({row['disk']}) {row['state']}"
     )
 
 

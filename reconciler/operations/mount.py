@@ -4,6 +4,7 @@ Layout::
 
     MOUNTPOINT/vms/<vm>/<point id>/<name>.vmx, <name>.nvram, <disk>.img ...
     MOUNTPOINT/vms/<vm>/latest -> <newest point id>
+    MOUNTPOINT/vms/<vm>/<point id>/files/sda1/...   (``mount --files``: the guest's filesystems)
 
 ``<vm>`` is one VM *identity* (host, BIOS UUID), grouped by :func:`restore.backed_up_vms` as restore and
 export choose points: the VM's name when no other backed-up VM has it, ``<name>@<host>`` when VMs of
@@ -16,6 +17,9 @@ is ``EIO`` for the reader and one error line naming the point and the disk, neve
 FUSE through mfusepy (ctypes over the system's libfuse3, synchronous callbacks on libfuse's threads,
 which suits the thread-safe DiskReader; pyfuse3 needs a C build against libfuse3-dev and trio).
 libfuse handles SIGINT/SIGTERM/SIGHUP: the loop ends and the filesystem is unmounted.
+
+With ``files/`` directories (:mod:`reconciler.operations.guestfiles`), every path at or below one is
+handed to a :class:`GuestTree` with the point and the path's components below ``files/``.
 """
 
 from __future__ import annotations
@@ -27,10 +31,11 @@ import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import structlog
 
+from reconciler.esxi.signals import deferred_signals
 from reconciler.facts.points import DiskRecord, RestorePoint, StoredFile
 from reconciler.operations.export import disk_stem
 from reconciler.operations.restore import RestoreError, backed_up_vms, safe_file_name
@@ -39,6 +44,27 @@ from reconciler.repository import ChunkReadError, DiskReader, Repository, open_d
 log = structlog.get_logger(__name__)
 
 OnError = Callable[[str], None]
+FILES = "files"
+"""The directory of a point holding its guest filesystems (``mount --files``)."""
+
+
+class GuestTree(Protocol):
+    """What is below each point's ``files/``: ``parts`` are the path's components below it. Errors are
+    ``OSError`` with the errno the kernel gets."""
+
+    def getattr(self, point: RestorePoint, parts: list[str]) -> dict[str, Any]: ...
+
+    def readdir(self, point: RestorePoint, parts: list[str]) -> list[str]: ...
+
+    def readlink(self, point: RestorePoint, parts: list[str]) -> str: ...
+
+    def open(self, point: RestorePoint, parts: list[str]) -> Any: ...
+
+    def read(self, handle: Any, size: int, offset: int) -> bytes: ...
+
+    def release(self, handle: Any) -> None: ...
+
+    def close(self) -> None: ...
 
 
 def image_name(disk: DiskRecord) -> str:
@@ -70,7 +96,8 @@ def vm_directories(points: Iterable[RestorePoint]) -> dict[tuple[str, str, str],
 
 @dataclass
 class _Node:
-    """A directory (``children``), a symlink (``target``), a stored file or a disk image."""
+    """A directory (``children``), a symlink (``target``), a stored file, a disk image, or the
+    ``files/`` directory of a point (``files_of``: what is below it is the :class:`GuestTree`'s)."""
 
     mtime_ns: int
     children: dict[str, _Node] | None = None
@@ -79,6 +106,7 @@ class _Node:
     disk: DiskRecord | None = None
     point: RestorePoint | None = None
     size: int = 0
+    files_of: RestorePoint | None = None
 
 
 @dataclass
@@ -86,6 +114,8 @@ class _Handle:
     node: _Node
     data: bytes | None = None
     reader: DiskReader | None = None
+    guest: Any = None
+    """The :class:`GuestTree`'s handle of a guest file."""
 
 
 @dataclass
@@ -98,9 +128,12 @@ class PointTree:
     """VM directory → its point ids, newest last."""
 
 
-def build_tree(points: Iterable[RestorePoint], *, successful_only: bool = True) -> PointTree:
+def build_tree(
+    points: Iterable[RestorePoint], *, successful_only: bool = True, guest_files: bool = False
+) -> PointTree:
     """The tree of the successful ``points`` (of all of them with ``successful_only=False``: a point
-    named by its id, as ``files --point`` names one)."""
+    named by its id, as ``files --point`` names one); with ``guest_files`` a ``files/`` directory in
+    each point."""
     good = sorted((p for p in points if p.status == "success" or not successful_only), key=lambda p: p.id)
     names = vm_directories(good)
     newest = max((p.snapshot_time for p in good), default=None)
@@ -121,6 +154,8 @@ def build_tree(points: Iterable[RestorePoint], *, successful_only: bool = True) 
                 files[safe_file_name(stored.name)] = _Node(when, stored=stored, point=point, size=stored.size)
         for disk in sorted(point.disks, key=lambda d: d.key):
             files[image_name(disk)] = _Node(when, disk=disk, point=point, size=disk.capacity)
+        if guest_files:
+            files[FILES] = _Node(when, children={}, files_of=point)
         vm_node.children[point.id] = _Node(when, children=files)
         vm_node.children["latest"] = _Node(when, target=point.id)
         tree.vms.setdefault(directory, []).append(point.id)
@@ -133,14 +168,22 @@ class ReadOnlyPoints:
 
     Disk readers are opened on the first ``open`` of an image and shared by every handle of it until
     the last is released. ``on_error`` hears one line per unreadable chunk (the mount verb logs it;
-    ``files`` reads it to name the point and the file)."""
+    ``files`` reads it to name the point and the file). ``guest`` serves what is below ``files/``."""
 
     use_ns = True
 
-    def __init__(self, repo: Repository, tree: PointTree, *, on_error: OnError | None = None) -> None:
+    def __init__(
+        self,
+        repo: Repository,
+        tree: PointTree,
+        *,
+        on_error: OnError | None = None,
+        guest: GuestTree | None = None,
+    ) -> None:
         self.repo = repo
         self.tree = tree
         self.on_error = on_error
+        self.guest = guest
         self._uid, self._gid = os.getuid(), os.getgid()
         self._lock = threading.Lock()
         self._handles: dict[int, _Handle] = {}
@@ -149,18 +192,35 @@ class ReadOnlyPoints:
 
     # -- lookup --------------------------------------------------------------------------------------
 
-    def _node(self, path: str) -> _Node:
+    def _locate(self, path: str) -> tuple[_Node, list[str]]:
+        """The node of ``path``; for a path at or below a ``files/``, that directory's node and the
+        components below it (the guest's part)."""
         node = self.tree.root
-        for part in path.strip("/").split("/"):
+        parts = path.strip("/").split("/")
+        for at, part in enumerate(parts):
             if not part:
                 continue
+            if node.files_of is not None and self.guest is not None:
+                return node, parts[at:]
             if node.children is None or part not in node.children:
                 raise _fuse_error(errno.ENOENT)
             node = node.children[part]
+        return node, []
+
+    def _node(self, path: str) -> _Node:
+        node, rest = self._locate(path)
+        if rest:
+            raise _fuse_error(errno.ENOENT)
         return node
 
+    def _guest(self) -> GuestTree:
+        assert self.guest is not None
+        return self.guest
+
     def getattr(self, path: str, fh: int | None = None) -> dict[str, Any]:
-        node = self._node(path)
+        node, rest = self._locate(path)
+        if rest and node.files_of is not None:
+            return self._guest().getattr(node.files_of, rest)
         if node.children is not None:
             mode, size, nlink = stat.S_IFDIR | 0o555, 0, 2 + len(node.children)
         elif node.target is not None:
@@ -180,13 +240,17 @@ class ReadOnlyPoints:
         }
 
     def readdir(self, path: str, fh: int) -> list[str]:
-        node = self._node(path)
+        node, rest = self._locate(path)
+        if node.files_of is not None and self.guest is not None:
+            return self.guest.readdir(node.files_of, rest)
         if node.children is None:
             raise _fuse_error(errno.ENOTDIR)
         return [".", "..", *node.children]
 
     def readlink(self, path: str) -> str:
-        node = self._node(path)
+        node, rest = self._locate(path)
+        if rest and node.files_of is not None:
+            return self._guest().readlink(node.files_of, rest)
         if node.target is None:
             raise _fuse_error(errno.EINVAL)
         return node.target
@@ -199,10 +263,13 @@ class ReadOnlyPoints:
     def open(self, path: str, flags: int) -> int:
         if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND):
             raise _fuse_error(errno.EROFS)
-        node = self._node(path)
-        if node.children is not None:
+        node, rest = self._locate(path)
+        if node.children is not None and not rest:
             raise _fuse_error(errno.EISDIR)
         handle = _Handle(node)
+        if rest and node.files_of is not None:
+            handle.guest = self._guest().open(node.files_of, rest)
+            return self._new_handle(handle)
         try:
             if node.stored is not None:
                 handle.data = self.repo.read_file(node.stored)
@@ -211,6 +278,9 @@ class ReadOnlyPoints:
         except Exception as exc:
             self._report(f"{path.lstrip('/')}: cannot be opened: {exc}")
             raise _fuse_error(errno.EIO) from exc
+        return self._new_handle(handle)
+
+    def _new_handle(self, handle: _Handle) -> int:
         with self._lock:
             fh = self._next_fh
             self._next_fh += 1
@@ -221,6 +291,8 @@ class ReadOnlyPoints:
         handle = self._handles.get(fh)
         if handle is None:
             raise _fuse_error(errno.EBADF)
+        if handle.guest is not None:
+            return self._guest().read(handle.guest, size, offset)
         if handle.data is not None:
             return handle.data[offset : offset + size]
         if handle.reader is None:
@@ -237,6 +309,8 @@ class ReadOnlyPoints:
     def release(self, path: str, fh: int) -> int:
         with self._lock:
             handle = self._handles.pop(fh, None)
+        if handle is not None and handle.guest is not None:
+            self._guest().release(handle.guest)
         if handle is not None and handle.reader is not None and handle.node.point and handle.node.disk:
             self._drop(handle.node.point, handle.node.disk)
         return 0
@@ -248,6 +322,13 @@ class ReadOnlyPoints:
             self._readers.clear()
         for reader in readers:
             reader.close()
+
+    def close(self) -> None:
+        """After the FUSE loop: the readers, and everything the guest tree holds (mounts, loop devices,
+        FUSE children), released."""
+        self.destroy("/")
+        if self.guest is not None:
+            self.guest.close()
 
     def _acquire(self, point: RestorePoint, disk: DiskRecord, path: str) -> DiskReader:
         key = (point.id, disk.key)
@@ -314,19 +395,25 @@ def serve(
     *,
     on_error: OnError | None = None,
     allow_other: bool = False,
+    guest: GuestTree | None = None,
 ) -> None:
     """Mount ``tree`` read-only at ``mountpoint`` and serve it until unmounted (``fusermount3 -u``,
-    ``umount``) or SIGINT/SIGTERM/SIGHUP, which libfuse turns into a clean unmount."""
+    ``umount``) or SIGINT/SIGTERM/SIGHUP, which libfuse turns into a clean unmount. With ``guest``
+    (the ``files/`` directories) the guests' device files and set-id bits have no effect (``nodev``,
+    ``nosuid``) and the kernel checks the guests' modes (``default_permissions``, for
+    ``allow_other``); what it holds is released when the loop ends, a second signal held meanwhile."""
     try:
         import mfusepy
     except (ImportError, OSError) as exc:  # mfusepy loads libfuse when imported
         raise RestoreError(f"FUSE is not available ({exc}); install the fuse3 package") from exc
 
     check_mountpoint(mountpoint)
-    operations = ReadOnlyPoints(repo, tree, on_error=on_error)
+    operations = ReadOnlyPoints(repo, tree, on_error=on_error, guest=guest)
     options: dict[str, Any] = {"foreground": True, "ro": True, "fsname": "esxi-reconciler"}
     if allow_other:
         options["allow_other"] = True
+    if guest is not None:
+        options.update(nodev=True, nosuid=True, default_permissions=True)
     try:
         mfusepy.FUSE(operations, str(mountpoint), **options)
     except RuntimeError as exc:
@@ -334,4 +421,5 @@ def serve(
             f"cannot mount {mountpoint}: {exc} (is /dev/fuse there and fuse3 installed?)"
         ) from exc
     finally:
-        operations.destroy("/")
+        with deferred_signals():
+            operations.close()

@@ -6,6 +6,7 @@ one-line error naming the point and the file."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -345,18 +346,28 @@ def test_a_killed_files_leaves_no_mount_and_no_loop_device(env: Env, how: signal
     assert list((env.state / "files").iterdir()) == []
 
 
-def test_a_damaged_chunk_under_a_file_names_the_point_and_the_file(env: Env, tmp_path: Path) -> None:
-    old, _ = env.points[EXT4_VM]
+@contextlib.contextmanager
+def damaged_chunk_under_big(env: Env, point_id: str) -> Iterator[None]:
+    """The stored chunk of ``point_id`` holding part of ``/home/ann/big.bin`` damaged (some bytes
+    flipped) for the length of the ``with``, then put back."""
     image = env.ext4.path.read_bytes()
     where = image.find(BIG[2 * MiB : 2 * MiB + 4096])
     assert where > 0
     repo = Repository.open(env.repo, PASSPHRASE)
-    (disk,) = repo.read_point(old).disks
+    (disk,) = repo.read_point(point_id).disks
     chunk = env.repo / chunk_name(repo.read_index(disk.index)[where // MiB])
     saved = chunk.read_bytes()
     chunk.chmod(0o600)
     chunk.write_bytes(saved[:100] + bytes(b ^ 0xFF for b in saved[100:200]) + saved[200:])
     try:
+        yield
+    finally:
+        chunk.write_bytes(saved)
+
+
+def test_a_damaged_chunk_under_a_file_names_the_point_and_the_file(env: Env, tmp_path: Path) -> None:
+    old, _ = env.points[EXT4_VM]
+    with damaged_chunk_under_big(env, old):
         result = env.run(
             "files",
             EXT4_VM,
@@ -368,8 +379,6 @@ def test_a_damaged_chunk_under_a_file_names_the_point_and_the_file(env: Env, tmp
             str(tmp_path),
             check=False,
         )
-    finally:
-        chunk.write_bytes(saved)
     assert result.returncode == 1
     (line,) = [ln for ln in result.stderr.splitlines() if old in ln and "sda1/home/ann/big.bin" in ln]
     assert "cannot be read" in line
