@@ -135,19 +135,26 @@ class GuestFilesystem:
         return f"{self.kind}: not supported"
 
 
-# fs kind → (mount -t type, options); "fuse:" the userspace driver to fall back to without a kernel one.
-# Two points of one VM hold the same filesystem UUID, and `mount --files` (or a `files` beside it) has
-# both mounted at once: XFS refuses a second mount of a UUID without nouuid; btrfs gives a single-device
-# clone a temporary fsid by itself (Linux 6.7+).
-_MOUNTS: dict[str, tuple[str, str, tuple[str, ...]]] = {
+# fs kind → (mount -t type, options, the userspace drivers to fall back to without a kernel one, with
+# their options). Two points of one VM hold the same filesystem UUID, and `mount --files` (or a `files`
+# beside it) has both mounted at once: XFS refuses a second mount of a UUID without nouuid; btrfs gives a
+# single-device clone a temporary fsid by itself (Linux 6.7+). FAT, exFAT and NTFS have no Unix modes:
+# without masks their drivers show everything as 0777, and `cp` would restore Windows files executable
+# and world-writable; with them files are 0644 and directories 0755 (fusefat takes no masks: 0700).
+_NO_UNIX_MODES = "ro,fmask=0133,dmask=0022"
+_MOUNTS: dict[str, tuple[str, str, tuple[tuple[str, str], ...]]] = {
     "ext4": ("ext4", "ro,noload", ()),
     "ext3": ("ext4", "ro,noload", ()),
     "ext2": ("ext4", "ro,noload", ()),
     "xfs": ("xfs", "ro,norecovery,nouuid", ()),
     "btrfs": ("btrfs", "ro,rescue=nologreplay", ()),
-    "vfat": ("vfat", "ro", ("fusefat",)),
-    "exfat": ("exfat", "ro", ("mount.exfat-fuse", "exfat-fuse")),
-    "ntfs": ("ntfs3", "ro", ("ntfs-3g",)),
+    "vfat": ("vfat", _NO_UNIX_MODES, (("fusefat", "ro"),)),
+    "exfat": (
+        "exfat",
+        _NO_UNIX_MODES,
+        (("mount.exfat-fuse", _NO_UNIX_MODES), ("exfat-fuse", _NO_UNIX_MODES)),
+    ),
+    "ntfs": ("ntfs3", _NO_UNIX_MODES, (("ntfs-3g", _NO_UNIX_MODES),)),
 }
 _FUSE_FIRST = {"ntfs"}
 """ntfs-3g is the NTFS driver people trust; the kernel's ntfs3 only when it is missing."""
@@ -714,9 +721,9 @@ def _mount_one(session: FilesSession, fs: GuestFilesystem, image: Path) -> None:
     session.note_loop(device, str(image.relative_to(served_by)), fs.partition.start)
     kernel_type, options, fuse_drivers = _MOUNTS[fs.kind]
     attempts: list[list[str]] = [["mount", "-t", kernel_type, "-o", options, device, str(target)]]
-    for driver in fuse_drivers:
+    for driver, fuse_options in fuse_drivers:
         if shutil.which(driver):
-            fuse = [driver, "-o", "ro", device, str(target)]
+            fuse = [driver, "-o", fuse_options, device, str(target)]
             attempts = [fuse, *attempts] if fs.kind in _FUSE_FIRST else [*attempts, fuse]
     errors = []
     for argv in attempts:

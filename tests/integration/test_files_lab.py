@@ -13,6 +13,7 @@ import os
 import random
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -281,6 +282,7 @@ def test_cp_brings_back_each_version_from_its_point_with_times_and_modes(env: En
     if env.ntfs is not None:
         env.run("files", FAT_VM, "cp", "sdb1/app.conf", "--to", str(tmp_path / "ntfs"))
         assert (tmp_path / "ntfs" / "app.conf").read_bytes() == b"version = 1\n"
+        assert stat.S_IMODE((tmp_path / "ntfs" / "app.conf").stat().st_mode) == 0o644  # not ntfs-3g's 0777
     assert _leftovers(env.state) == []
 
 
@@ -318,6 +320,9 @@ def test_exfat_lists_and_copies_each_version_with_its_modification_time(env: Env
     assert (ann / "big.bin").read_bytes() == BIG and (ann / "big.bin").stat().st_mtime == OLD_TIME + 60
     assert (ann / EXFAT_NAME).read_text() == "四半期\n"
     assert (ann / EXFAT_NAME).stat().st_mtime == OLD_TIME + 3
+    # exFAT has no Unix modes: files come back 0644 and directories 0755, not the driver's 0777
+    assert stat.S_IMODE(conf.stat().st_mode) == 0o644
+    assert stat.S_IMODE((tmp_path / "old" / "etc").stat().st_mode) == 0o755
     said = env.run("files", EXFAT_VM, "--point", new, "cat", f"sda1/home/ann/{EXFAT_NAME}").stdout
     assert said == "四半期\n"
     assert _leftovers(env.state) == []
