@@ -35,6 +35,7 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 MiB = 1 << 20
 PART_START = MiB
@@ -174,11 +175,7 @@ def change_file(
         with disk.path.open("rb") as src, part.open("wb") as out:
             for _, offset, length in runs:
                 src.seek(offset)
-                remaining = length
-                while remaining:
-                    piece = src.read(min(MiB, remaining))
-                    out.write(piece)
-                    remaining -= len(piece)
+                _copy_bytes(src, out, length)
         source = Path(tmp) / "new"
         source.write_bytes(data)
         os.utime(source, (mtime, mtime))
@@ -206,12 +203,18 @@ def change_file(
         with part.open("rb") as src, new_image.open("r+b") as out:
             for _, offset, length in runs:
                 out.seek(offset)
-                remaining = length
-                while remaining:
-                    piece = src.read(min(MiB, remaining))
-                    out.write(piece)
-                    remaining -= len(piece)
+                _copy_bytes(src, out, length)
     return changed_ranges(disk.path, new_image)
+
+
+def _copy_bytes(src: BinaryIO, out: BinaryIO, length: int) -> None:
+    """``length`` bytes from ``src``'s position to ``out``'s, a MiB at a time."""
+    while length:
+        piece = src.read(min(MiB, length))
+        if not piece:
+            raise ValueError(f"{src.name}: {length} bytes missing")
+        out.write(piece)
+        length -= len(piece)
 
 
 # -- exFAT through exfat-fuse --------------------------------------------------------------------
