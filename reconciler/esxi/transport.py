@@ -76,17 +76,22 @@ def pieces(extents: Iterable[tuple[int, int]], piece_size: int = PIECE_SIZE) -> 
 
 
 def ordered_parallel(
-    work: Iterable[tuple[int, int]], fetch: Callable[[int, int], bytes], streams: int
+    work: Iterable[tuple[int, int]],
+    fetch: Callable[[int, int], bytes],
+    streams: int,
+    *,
+    window: int | None = None,
 ) -> Iterator[tuple[int, bytes]]:
     """Run ``fetch(offset, length)`` on ``streams`` threads, yield results in input order, keep at most
-    ``2 × streams`` pieces pending."""
+    ``window`` (default ``2 × streams``) pieces pending: a wider window lets the threads run ahead of a
+    slow piece at the head, at the cost of memory."""
     with concurrent.futures.ThreadPoolExecutor(max_workers=streams, thread_name_prefix="disk-read") as pool:
         pending: deque[tuple[int, int, concurrent.futures.Future[bytes]]] = deque()
         it = iter(work)
         try:
             for off, length in it:
                 pending.append((off, length, pool.submit(fetch, off, length)))
-                if len(pending) >= 2 * streams:
+                if len(pending) >= (window or 2 * streams):
                     yield _result(*pending.popleft())
             while pending:
                 yield _result(*pending.popleft())
