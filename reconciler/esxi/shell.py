@@ -258,7 +258,10 @@ class RemoteStream:
         try:
             send_all(self.channel, data)
         except (paramiko.SSHException, EOFError, OSError) as exc:
-            raise ShellError(f"{self.command[:120]}: sending stdin failed: {exc}") from exc
+            raise ShellError(
+                f"SSH to {self.where or 'the host'}: the connection was lost while sending ({exc})"
+                f" ({self.command[:60]})"
+            ) from exc
 
     def close_stdin(self) -> None:
         try:
