@@ -75,12 +75,15 @@ class ImageWriter:
         (:func:`~reconciler.directio.direct_io_fits`); True or False to decide."""
         self._fd = fd
         self._buffers = AlignedBuffers()
-        self._direct: int | None = None
+        self._direct_fd: int | None = None
+        self._refused = False
+        """Set by the first refused direct write; the descriptor stays open until :meth:`close`, since
+        other threads may be writing through it (closing it there could let its number be reused)."""
         if direct is None:
             direct = direct_io_fits(path)
         if direct:
             try:
-                self._direct = os.open(path, os.O_WRONLY | os.O_DIRECT | os.O_CLOEXEC)
+                self._direct_fd = os.open(path, os.O_WRONLY | os.O_DIRECT | os.O_CLOEXEC)
             except OSError as exc:
                 if exc.errno != errno.EINVAL:
                     raise
@@ -88,18 +91,16 @@ class ImageWriter:
     @property
     def direct(self) -> bool:
         """Whether writes still bypass the page cache."""
-        return self._direct is not None
+        return self._direct_fd is not None and not self._refused
 
     def write(self, offset: int, data: bytes) -> None:
         """Write all of ``data`` at ``offset``."""
         done = 0
-        direct = self._direct
-        if direct is not None and aligned_head(offset, len(data)):
-            view = self._buffers.fill([data])
-            done = pwrite_direct(direct, view, offset)
+        if self.direct and aligned_head(offset, len(data)):
+            assert self._direct_fd is not None
+            done = pwrite_direct(self._direct_fd, self._buffers.fill([data]), offset)
             if done < 0:  # refused after opening (some FUSE and network filesystems)
-                self._direct, done = None, 0
-                os.close(direct)
+                self._refused, done = True, 0
         if done < len(data):
             pwrite_all(self._fd, memoryview(data)[done:], offset + done)
 
@@ -108,9 +109,10 @@ class ImageWriter:
         os.fdatasync(self._fd)
 
     def close(self) -> None:
-        if self._direct is not None:
-            os.close(self._direct)
-            self._direct = None
+        """After the writing threads are done."""
+        if self._direct_fd is not None:
+            os.close(self._direct_fd)
+            self._direct_fd = None
 
 
 def _write_image(repo: Repository, disk: DiskRecord, path: Path, mode: int) -> str:

@@ -421,10 +421,9 @@ class LocalBackend:
         when the filesystem refuses (then for good)."""
         view = self._buffers.fill(parts)
         done = pwrite_direct(fd, view, 0) if set_direct(fd, True) else -1
+        set_direct(fd, False)  # the tail, and everything after a refused direct write, go through the cache
         if done < 0:
             self._direct, done = False, 0
-        else:
-            set_direct(fd, False)
         if done < len(view):
             pwrite_all(fd, view[done:], done)
         return len(view)
