@@ -24,6 +24,7 @@ from reconciler.esxi.hostdigest import (
     compare_on_host,
 )
 from reconciler.esxi.hostwrite import ParallelSshWriter
+from reconciler.esxi.openssh import OpenSsh
 from reconciler.esxi.transport import DiskReader, HttpsRangeReader, SshDdReader, SshDdWriter, vmfs_path
 from reconciler.esxi.vmdk import vmfs_descriptor
 from reconciler.facts.inventory import FrozenDisk, split_ds_path
@@ -194,8 +195,13 @@ class Disks:
             if self._receiver is None:
                 self._receiver = ParallelSshWriter.available(shell.connection())
             if self._receiver:
-                parallel = ParallelSshWriter(shell.new_connection, streams=streams)
-                parallel.write(vmfs_path(data_file), pieces, on_written)
+                bulk = OpenSsh.start(shell.connection())  # None: paramiko carries the data
+                try:
+                    parallel = ParallelSshWriter(shell.new_connection, streams=streams, bulk=bulk)
+                    parallel.write(vmfs_path(data_file), pieces, on_written)
+                finally:
+                    if bulk is not None:
+                        bulk.close()
                 return True
             writer = SshDdWriter(shell.new_connection, host=self.conn.name)
             try:
