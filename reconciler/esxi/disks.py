@@ -182,6 +182,15 @@ class Disks:
         finally:
             self.conn.refresh_api()
 
+    def checks_writes(self) -> bool:
+        """Whether :meth:`write_disk` checks on the host what it writes: over SSH to a host whose Python
+        runs :mod:`.hostwrite`'s receiver (probed once)."""
+        if self.conn.shell is None:
+            return False
+        if self._receiver is None:
+            self._receiver = ParallelSshWriter.available(self.conn.ssh().connection())
+        return self._receiver
+
     def _write_disk(
         self,
         data_file: str,
@@ -192,9 +201,7 @@ class Disks:
     ) -> bool:
         if self.conn.shell is not None:
             shell = self.conn.ssh()
-            if self._receiver is None:
-                self._receiver = ParallelSshWriter.available(shell.connection())
-            if self._receiver:
+            if self.checks_writes():
                 bulk = OpenSsh.start(shell.connection())  # None: paramiko carries the data
                 try:
                     parallel = ParallelSshWriter(shell.new_connection, streams=streams, bulk=bulk)
