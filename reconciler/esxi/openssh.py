@@ -93,8 +93,9 @@ class ProcessStream:
         self._in: int | None = proc.stdin.fileno()
         self._out = proc.stdout.fileno()
         os.set_blocking(self._in, False)
-        with contextlib.suppress(OSError):  # a lower pipe-max-size only costs wake-ups
-            fcntl.fcntl(self._in, fcntl.F_SETPIPE_SZ, _PIPE_SIZE)
+        for fd in (self._in, self._out):
+            with contextlib.suppress(OSError):  # a lower pipe-max-size only costs wake-ups
+                fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, _PIPE_SIZE)
 
     def _wait_for(self, fd: int, event: int) -> None:
         poller = select.poll()
@@ -144,6 +145,23 @@ class ProcessStream:
         """Up to ``size`` bytes of stdout (b"" at its end)."""
         self._wait_for(self._out, select.POLLIN)
         return os.read(self._out, size)
+
+    def read_exact(self, size: int) -> bytes:
+        """Exactly ``size`` bytes; ShellError if the stream ends first (the connection was lost or the
+        command ended)."""
+        parts = []
+        left = size
+        while left:
+            chunk = self.read(min(left, 1 << 20))
+            if not chunk:
+                raise ShellError(
+                    f"SSH to {self.where}: the connection was lost or the remote command ended {left} bytes"
+                    f" early ({_last_line(self._stderr_text())}) ({self.command[:60]})",
+                    host=self.where,
+                )
+            parts.append(chunk)
+            left -= len(chunk)
+        return b"".join(parts)
 
     def _stderr_text(self) -> bytes:
         self._stderr.seek(0)

@@ -16,6 +16,7 @@ import pytest
 
 from esxisim.handle import LabHandle
 from reconciler.esxi.errors import CommandError, ShellError
+from reconciler.esxi.hostdigest import compare_on_host
 from reconciler.esxi.hostwrite import ParallelSshWriter
 from reconciler.esxi.openssh import OpenSsh
 from reconciler.esxi.shell import ShellConnection, ShellSession, SshTarget
@@ -49,7 +50,11 @@ def ssh_children() -> list[int]:
     """Our child processes that run ``ssh``."""
     found = []
     for task in Path(f"/proc/{os.getpid()}/task").iterdir():
-        for pid in (task / "children").read_text().split():
+        try:
+            children = (task / "children").read_text().split()
+        except FileNotFoundError:  # a thread that ended meanwhile
+            continue
+        for pid in children:
             try:
                 if Path(f"/proc/{pid}/comm").read_text().strip() == "ssh":
                     found.append(int(pid))
@@ -192,3 +197,34 @@ def test_failures_reach_the_caller_and_leave_no_ssh(lab: LabHandle, target: tupl
     finally:
         session.close()
     assert ssh_children() == []
+
+
+def test_the_digest_program_runs_through_the_binary(lab: LabHandle, target: tuple[str, Path]) -> None:
+    """The free host's digest compare (backups' reads) reads the same blocks through ``ssh`` as through
+    paramiko, changed blocks in disk order."""
+    ds_path, local = target
+    pieces = scattered(15)
+    with local.open("r+b") as fh:
+        for off, data in pieces:
+            fh.seek(off)
+            fh.write(data)
+    session = ShellSession(target_of(lab, lab.free))
+    try:
+        bulk = OpenSsh.start(session.connection())
+        assert bulk is not None
+        try:
+            through_ssh: list[tuple[int, bytes]] = []
+            by_ssh = compare_on_host(bulk, vmfs_path(ds_path), None, lambda o, d: through_ssh.append((o, d)))
+        finally:
+            bulk.close()
+        through_paramiko: list[tuple[int, bytes]] = []
+        by_paramiko = compare_on_host(
+            session.connection(), vmfs_path(ds_path), None, lambda o, d: through_paramiko.append((o, d))
+        )
+    finally:
+        session.close()
+    assert through_ssh == through_paramiko and by_ssh.digests == by_paramiko.digests
+    image = bytearray(SIZE)
+    for off, data in through_ssh:
+        image[off : off + len(data)] = data
+    assert bytes(image) == expected(pieces)
