@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import random
-from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -21,11 +20,12 @@ from reconciler.esxi.hostwrite import ParallelSshWriter
 from reconciler.esxi.openssh import OpenSsh
 from reconciler.esxi.shell import ShellConnection, ShellSession, SshTarget
 from reconciler.esxi.transport import vmfs_path
+from tests.integration.test_esxi_hostwrite import SIZE, expected, scattered, target
 from tests.waiting import wait_until
 
 pytestmark = pytest.mark.lab
 MiB = 1 << 20
-SIZE = 24 * MiB
+__all__ = ["target"]  # the fixture, shared with the paramiko writer's tests
 
 
 def target_of(lab: LabHandle, host: str, *, key: bool = True, password: bool = False) -> SshTarget:
@@ -61,35 +61,6 @@ def ssh_children() -> list[int]:
             except FileNotFoundError:
                 continue
     return found
-
-
-@pytest.fixture
-def target(lab: LabHandle) -> Iterator[tuple[str, Path]]:
-    """An empty sparse file with a hostile name on the free host's datastore."""
-    ds_path = "[datastore1] openssh 'q' $(x) ファイル-flat.vmdk"
-    local = lab.local_path(lab.free, ds_path)
-    with local.open("wb") as fh:
-        fh.truncate(SIZE)
-    try:
-        yield ds_path, local
-    finally:
-        local.unlink()
-
-
-def scattered(seed: int) -> list[tuple[int, bytes]]:
-    rnd = random.Random(seed)
-    out = []
-    for i, off in enumerate((0, 3 * MiB, 4 * MiB, 9 * MiB + 512, 15 * MiB, 16 * MiB, SIZE - 4096)):
-        n = 4096 if off == SIZE - 4096 else (MiB if i % 2 == 0 else 700_001)
-        out.append((off, rnd.randbytes(n)))
-    return out
-
-
-def expected(pieces: list[tuple[int, bytes]]) -> bytes:
-    image = bytearray(SIZE)
-    for off, data in pieces:
-        image[off : off + len(data)] = data
-    return bytes(image)
 
 
 @pytest.mark.parametrize("login", ["key", "password"])
