@@ -316,6 +316,9 @@ class OpenSsh:
                     stdout=subprocess.PIPE,
                     stderr=stderr,
                     env=self._env,
+                    # no controlling terminal: an ssh that cannot use the askpass script (older than
+                    # OpenSSH 8.4) fails the login instead of asking the person at the terminal
+                    start_new_session=True,
                 )
             except OSError as exc:
                 raise ShellError(f"SSH to {self.where}: cannot start ssh: {exc}", host=self.where) from exc
