@@ -40,6 +40,7 @@ from typing import IO
 
 from reconciler.esxi.errors import CommandError, ShellError
 from reconciler.esxi.shell import ShellConnection, read_exactly, to_line
+from reconciler.esxi.vimcmd import command_line
 
 log = logging.getLogger(__name__)
 
@@ -291,7 +292,7 @@ class OpenSsh:
             log.info("bulk transfers to %s go through paramiko: %s", where, exc)
             return None
         try:
-            with client.stream("true", timeout=_PROBE_TIMEOUT) as probe:
+            with client.stream(command_line(["true"]), timeout=_PROBE_TIMEOUT) as probe:
                 probe.close_stdin()
         except ShellError as exc:
             log.info(
