@@ -198,15 +198,19 @@ def main():
     want_count = int(sys.argv[4]) if len(sys.argv) > 4 else -1
     inp = sys.stdin.buffer
     out = sys.stdout.buffer
-    head = inp.read(18)
-    if len(head) != 18 or head[:4] != b"ERHQ":
+    head = inp.read(5)
+    if len(head) != 5 or head[:4] != b"ERHQ":
         sys.stderr.write("hostdigest: bad request header\n")
         return 2
     if head[4] != 2:
         sys.stderr.write("hostdigest: request version %d, this program speaks version 2\n" % head[4])
         return 2
-    alg = head[5]
-    req_block, count = struct.unpack(">IQ", head[6:18])
+    head = inp.read(13)
+    if len(head) != 13:
+        sys.stderr.write("hostdigest: bad request header\n")
+        return 2
+    alg = head[0]
+    req_block, count = struct.unpack(">IQ", head[1:13])
     if alg == 0 and count:
         sys.stderr.write("hostdigest: a previous map needs its algorithm\n")
         return 2
