@@ -206,6 +206,7 @@ def _result(action: str, point: RestorePoint, result: RestoreResult) -> dict[str
                 "node": d.node,
                 "path": d.descriptor,
                 "sha256": d.sha256,
+                "verified": d.verified,
                 "bytes_written": d.written,
             }
             for d in result.disks
@@ -342,7 +343,7 @@ def cmd_restore(args: argparse.Namespace) -> int:  # noqa: C901  the verb's argu
                     f" at {printable(result.vmx_path)}"
                 )
                 for d in result.disks:
-                    print(printable(f"  {d.label} ({d.node}): {d.descriptor} sha256 {d.sha256[:16]}… ok"))
+                    print(printable(f"  {d.label} ({d.node}): {d.descriptor} {d.check_line()}"))
                 if result.powered_on:
                     print("  powered on")
                 if args.json:
@@ -459,9 +460,9 @@ def _overwrite(
             host, repo, point, target, options, disk=args.disk, other_vm=bool(args.to_vm)
         )
     count = plural(len(result.disks), "disk")
-    _say(f"overwrote {count} of {result.vm_name} on {host.name} (verified by SHA-256)")
+    _say(f"overwrote {count} of {result.vm_name} on {host.name} (each disk checked)")
     for d in result.disks:
-        _say(f"  {d.label} ({d.node}): {d.descriptor} sha256 {d.sha256[:16]}… ok")
+        _say(f"  {d.label} ({d.node}): {d.descriptor} {d.check_line()}")
     if result.powered_on:
         print("  powered on")
     elif result.power_state_before == "poweredOn":

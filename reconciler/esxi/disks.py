@@ -24,6 +24,7 @@ from reconciler.esxi.hostdigest import (
     compare_on_host,
 )
 from reconciler.esxi.hostwrite import ParallelSshWriter
+from reconciler.esxi.openssh import OpenSsh
 from reconciler.esxi.transport import DiskReader, HttpsRangeReader, SshDdReader, SshDdWriter, vmfs_path
 from reconciler.esxi.vmdk import vmfs_descriptor
 from reconciler.facts.inventory import FrozenDisk, split_ds_path
@@ -184,6 +185,15 @@ class Disks:
         finally:
             self.conn.refresh_api()
 
+    def checks_writes(self) -> bool:
+        """Whether :meth:`write_disk` checks on the host what it writes: over SSH to a host whose Python
+        runs :mod:`.hostwrite`'s receiver (probed once)."""
+        if self.conn.shell is None:
+            return False
+        if self._receiver is None:
+            self._receiver = ParallelSshWriter.available(self.conn.ssh().connection())
+        return self._receiver
+
     def _write_disk(
         self,
         data_file: str,
@@ -194,11 +204,14 @@ class Disks:
     ) -> bool:
         if self.conn.shell is not None:
             shell = self.conn.ssh()
-            if self._receiver is None:
-                self._receiver = ParallelSshWriter.available(shell.connection())
-            if self._receiver:
-                parallel = ParallelSshWriter(shell.new_connection, streams=streams)
-                parallel.write(vmfs_path(data_file), pieces, on_written)
+            if self.checks_writes():
+                bulk = OpenSsh.start(shell.connection())  # None: paramiko carries the data
+                try:
+                    parallel = ParallelSshWriter(shell.new_connection, streams=streams, bulk=bulk)
+                    parallel.write(vmfs_path(data_file), pieces, on_written)
+                finally:
+                    if bulk is not None:
+                        bulk.close()
                 return True
             writer = SshDdWriter(shell.new_connection, host=self.conn.name)
             try:

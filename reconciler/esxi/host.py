@@ -385,6 +385,11 @@ class EsxiHost:
         self._disks.delete_disk(descriptor)
 
     @_boundary
+    def checks_disk_writes(self) -> bool:
+        """Whether :meth:`write_disk` checks on the host what it writes (:meth:`.Disks.checks_writes`)."""
+        return self._disks.checks_writes()
+
+    @_boundary
     def write_disk(
         self,
         data_file: str,

@@ -17,6 +17,10 @@ client one line ``ERHW <sha256 hex of the frames, headers included> <data bytes 
 connection carries at most :data:`~.transport.ROTATE_BYTES` (paramiko's rekey, see
 :mod:`.transport`), then its session ends (and is checked) and a new one starts.
 
+Each session runs through the OpenSSH client binary when the caller passes an :class:`~.openssh.OpenSsh`
+(C encryption; see :mod:`.openssh` for why and how it is trusted), else through paramiko. Only paramiko's
+sessions rotate after ``rotate_bytes``.
+
 A host without Python (where the probe in :meth:`ParallelSshWriter.available` fails) is written with
 :class:`~.transport.SshDdWriter` and checked by reading the file back.
 """
@@ -30,9 +34,13 @@ import re
 import struct
 import threading
 from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager
+from functools import partial
+from typing import Protocol
 
 from reconciler.esxi.errors import ShellError, TransportError
-from reconciler.esxi.shell import RemoteStream, ShellConnection
+from reconciler.esxi.openssh import OpenSsh
+from reconciler.esxi.shell import ShellConnection
 from reconciler.esxi.transport import ROTATE_BYTES
 from reconciler.esxi.vimcmd import command_line
 
@@ -95,14 +103,28 @@ def receive_command(path: str) -> str:
     return command_line(["python", "-c", bootstrap, path])
 
 
+class DataStream(Protocol):
+    """A remote command's stdin and stdout: :class:`~.shell.RemoteStream` (paramiko) or
+    :class:`~.openssh.ProcessStream` (the ssh binary)."""
+
+    def write(self, data: bytes) -> None: ...
+    def read(self, size: int) -> bytes: ...
+    def close_stdin(self) -> None: ...
+    def abort(self) -> None: ...
+
+
+StreamOpener = Callable[[str], AbstractContextManager[DataStream]]
+"""Starts a command line and yields its stream; the exit status is checked when the block ends."""
+
+
 class _Session:
     """One receiver run on one connection: frames sent, hashed here as on the host."""
 
-    def __init__(self, conn: ShellConnection, path: str, timeout: float) -> None:
+    def __init__(self, open_stream: StreamOpener, path: str) -> None:
         self.digest = hashlib.sha256()
         self.sent = 0
-        self._cm = conn.stream(receive_command(path), timeout=timeout)
-        self.stream: RemoteStream = self._cm.__enter__()
+        self._cm = open_stream(receive_command(path))
+        self.stream = self._cm.__enter__()
         try:
             self.stream.write(RECEIVE_PROGRAM.encode("utf-8") + b"ERHW" + bytes([VERSION]))
         except BaseException as exc:
@@ -143,12 +165,13 @@ class _Session:
 
     def abandon(self) -> None:
         with contextlib.suppress(Exception):
-            self.stream.channel.close()
+            self.stream.abort()
 
 
 class ParallelSshWriter:
     """Writes ``(offset, bytes)`` pieces into an existing file on the host over ``streams`` SSH
-    connections (see the module doc). ``connect`` opens a new authenticated connection."""
+    connections (see the module doc). ``connect`` opens a new authenticated paramiko connection;
+    with ``bulk`` the sessions run through the ssh binary instead."""
 
     def __init__(
         self,
@@ -157,10 +180,12 @@ class ParallelSshWriter:
         streams: int = 4,
         timeout: float = 600.0,
         rotate_bytes: int = ROTATE_BYTES,
+        bulk: OpenSsh | None = None,
     ) -> None:
         if streams < 1:
             raise ValueError("streams must be at least 1")
         self._connect = connect
+        self._bulk = bulk
         self.streams = streams
         self.timeout = timeout
         self.rotate_bytes = rotate_bytes
@@ -198,16 +223,20 @@ class ParallelSshWriter:
                     if item is None or stop.is_set():
                         break
                     off, piece = item
-                    if session is not None and session.sent + len(piece) > self.rotate_bytes:
+                    full = session is not None and session.sent + len(piece) > self.rotate_bytes
+                    if full and session is not None and self._bulk is None:  # paramiko rekeys: ROTATE_BYTES
                         session.finish(path)
                         session = None
                         if conn is not None:
                             conn.close()
                             conn = None
                     if session is None:
-                        if conn is None:
-                            conn = self._connect()
-                        session = _Session(conn, path, self.timeout)
+                        if self._bulk is not None:
+                            session = _Session(partial(self._bulk.stream, timeout=self.timeout), path)
+                        else:
+                            if conn is None:
+                                conn = self._connect()
+                            session = _Session(partial(conn.stream, timeout=self.timeout), path)
                     session.send(off, piece)
                     totals[index] += len(piece)
                     if on_written is not None:

@@ -263,6 +263,11 @@ class RemoteStream:
                 f" ({self.command[:60]})"
             ) from exc
 
+    def abort(self) -> None:
+        """Close the channel at once (the remote command sees its stdin end)."""
+        with contextlib.suppress(paramiko.SSHException, EOFError, OSError):
+            self.channel.close()
+
     def close_stdin(self) -> None:
         try:
             self.channel.shutdown_write()

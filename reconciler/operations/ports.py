@@ -205,6 +205,10 @@ class RestoreHost(HostSession, VmLookup, VmFilesReader, GuestPower, Protocol):
         self, descriptor: str, capacity: int, /, *, thin: bool, adapter: str, hw_version: str
     ) -> str: ...
 
+    def checks_disk_writes(self) -> bool:
+        """Whether :meth:`write_disk` will check on the host what it writes."""
+        ...
+
     def write_disk(
         self,
         data_file: str,

@@ -144,6 +144,8 @@ def test_free_host_new_vm_equals_the_snapshot_content(env: Env, capsys: pytest.C
     assert env.cli("restore", "web01", "--name", "web01 copy", "--power-on") == 0, capsys.readouterr()
     out = capsys.readouterr().out
     assert "restored as new VM 'web01 copy'" in out and "powered on" in out
+    # the host's receiver checked every piece as it wrote it: no whole-disk hash to print
+    assert out.count("checked on the host as written") == len(point.disks) and "sha256" not in out
     try:
         check_new_vm(env, lab.free, "web01 copy", point)
         assert vm_state(lab, lab.free, "web01 copy")["power"] == "poweredOn"  # type: ignore[index]
@@ -184,9 +186,15 @@ def test_licensed_host_without_ssh_new_vm(env: Env, capsys: pytest.CaptureFixtur
     assert env.desired.host(lab.licensed).ssh.enabled is False
     point = env.backup("lic", "app201")
     lab.client(lab.licensed).guest_write("app201", 10, seed=902)
-    assert env.cli("restore", "app201", "--name", "app201-r") == 0, capsys.readouterr()
+    capsys.readouterr()
+    assert env.cli("--json", "restore", "app201", "--name", "app201-r") == 0, capsys.readouterr()
     try:
         check_new_vm(env, lab.licensed, "app201-r", point)
+        # uploaded over HTTPS and read back: the whole disk's SHA-256 was compared
+        report = json.loads(capsys.readouterr().out)
+        assert [(d["verified"], d["sha256"]) for d in report["disks"]] == [
+            ("read-back", env.frozen[("app201", rec.key)]) for rec in point.disks
+        ]
     finally:
         remove_vm(env, lab.licensed, "app201-r")
     assert vm_state(lab, lab.licensed, "app201-r") is None
