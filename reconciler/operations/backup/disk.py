@@ -350,7 +350,7 @@ class DiskJob:
             asm.finish()
         finally:
             reader.close()
-        self.log.debug("backup.https_full", areas=len(areas), bytes_read=received, algorithm=algorithm)
+        self.log.debug("backup.https_full", areas=len(areas), bytes_read=received)
         dm = DigestMap(algorithm, BLOCK_SIZE, disk.capacity, DIGEST_SIZE, bytes(digests))
         return received, received + sent, dm
 
