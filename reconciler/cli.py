@@ -23,6 +23,7 @@ from datetime import datetime, timezone
 import structlog
 
 from reconciler import __version__
+from reconciler.allocator import tune_allocator
 from reconciler.commands.common import (
     EXIT_CODES_HELP,
     GLOBAL_DEFAULTS,
@@ -142,6 +143,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     configure_logging(args.log_format, args.log_level)
+    tune_allocator()
     log.debug("command", command=args.command, version=__version__)
     handler: Handler | None = getattr(args, "handler", None)
     if handler is None:

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 
 import structlog
 
+from reconciler.allocator import release_free_memory
 from reconciler.config import ConfigError, ConfigIssue, DesiredState, load_config
 from reconciler.daemon import signals
 from reconciler.daemon.cycle import Cycle, CycleContext, CycleResult, reconcile
@@ -555,6 +556,7 @@ class Daemon:
 
     def _finish_cycle(self, now: float) -> None:
         self._worker = None
+        release_free_memory()  # the cycle's transfer buffers, kept by the tuned allocator
         self._beat(cycle_finished=self.clock())
         self.last_result = self._result
         delay = self.resync * (1 + RESYNC_JITTER * (2 * self.rng.random() - 1))

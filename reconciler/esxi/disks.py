@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import posixpath
+import threading
 from collections.abc import Callable, Iterable, Iterator
 
 from reconciler.esxi import vimcmd
@@ -25,6 +26,7 @@ from reconciler.esxi.hostdigest import (
 )
 from reconciler.esxi.hostwrite import ParallelSshWriter
 from reconciler.esxi.openssh import OpenSsh
+from reconciler.esxi.shell import ShellConnection
 from reconciler.esxi.transport import DiskReader, HttpsRangeReader, SshDdReader, SshDdWriter, vmfs_path
 from reconciler.esxi.vmdk import vmfs_descriptor
 from reconciler.facts.inventory import FrozenDisk, split_ds_path
@@ -40,6 +42,25 @@ class Disks:
         self.files = files
         self._receiver: bool | None = None
         """Whether the host runs :mod:`.hostwrite`'s receiver (probed at the first disk write)."""
+        self._bulk: OpenSsh | None = None
+        self._bulk_tried = False
+        self._bulk_lock = threading.Lock()
+
+    def bulk(self) -> OpenSsh | None:
+        """The ssh binary for this host's bulk streams (the digest programs, restored disks), started at
+        the first use and kept until :meth:`close`; None where there is no SSH or ``ssh`` cannot log in
+        there (then paramiko carries them: :mod:`.openssh`)."""
+        with self._bulk_lock:
+            if not self._bulk_tried and self.conn.shell is not None:
+                self._bulk_tried = True
+                self._bulk = OpenSsh.start(self.conn.ssh().connection())
+            return self._bulk
+
+    def close(self) -> None:
+        with self._bulk_lock:
+            if self._bulk is not None:
+                self._bulk.close()
+                self._bulk = None
 
     # -- reading
 
@@ -78,11 +99,12 @@ class Disks:
         every block whose digest differs from ``previous`` (None: every non-zero block), digests computed
         with ``algorithm`` (the previous map's; None: the host measures and takes its faster one). With a
         block range, only blocks ``[first_block, first_block + block_count)`` (``previous`` and the result's
-        digests cover that range); each call uses its own SSH connection, so ranges can run in parallel."""
-        conn = self.conn.ssh().new_connection()
-        try:
+        digests cover that range); each call uses its own SSH connection (an ``ssh`` process, else a
+        paramiko connection), so ranges can run in parallel."""
+
+        def compare(runner: ShellConnection | OpenSsh) -> DigestResult:
             return compare_on_host(
-                conn,
+                runner,
                 vmfs_path(disk.data_file),
                 previous,
                 on_block,
@@ -92,6 +114,13 @@ class Disks:
                 first_block=first_block,
                 block_count=block_count,
             )
+
+        bulk = self.bulk()
+        if bulk is not None:
+            return compare(bulk)
+        conn = self.conn.ssh().new_connection()
+        try:
+            return compare(conn)
         finally:
             conn.close()
 
@@ -205,13 +234,8 @@ class Disks:
         if self.conn.shell is not None:
             shell = self.conn.ssh()
             if self.checks_writes():
-                bulk = OpenSsh.start(shell.connection())  # None: paramiko carries the data
-                try:
-                    parallel = ParallelSshWriter(shell.new_connection, streams=streams, bulk=bulk)
-                    parallel.write(vmfs_path(data_file), pieces, on_written)
-                finally:
-                    if bulk is not None:
-                        bulk.close()
+                parallel = ParallelSshWriter(shell.new_connection, streams=streams, bulk=self.bulk())
+                parallel.write(vmfs_path(data_file), pieces, on_written)
                 return True
             writer = SshDdWriter(shell.new_connection, host=self.conn.name)
             try:

@@ -131,6 +131,7 @@ class EsxiHost:
         return self.shell is not None
 
     def close(self) -> None:
+        self._disks.close()
         self.api.close()
         if self.shell is not None:
             self.shell.close()

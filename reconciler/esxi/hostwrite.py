@@ -61,6 +61,7 @@ def main():
     fd = os.open(path, os.O_WRONLY)
     digest = hashlib.sha256()
     written = 0
+    buf = memoryview(bytearray(1 << 20))  # one buffer for every read: no fresh pages per MiB
     while True:
         frame = inp.read(12)
         if len(frame) != 12:
@@ -71,18 +72,18 @@ def main():
             break
         digest.update(frame)
         while length:
-            data = inp.read(min(length, 1 << 20))
-            if not data:
+            got = inp.readinto(buf[:min(length, len(buf))])
+            if not got:
                 sys.stderr.write("hostwrite: stream ended inside a frame\n")
                 return 3
-            digest.update(data)
-            view = memoryview(data)
+            view = buf[:got]
+            digest.update(view)
             while view:
                 n = os.pwrite(fd, view, offset)
                 offset += n
                 view = view[n:]
-            written += len(data)
-            length -= len(data)
+            written += got
+            length -= got
     os.close(fd)
     sys.stdout.write("ERHW %s %d\n" % (digest.hexdigest(), written))
     sys.stdout.flush()

@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import IO
 
 from reconciler.esxi.errors import CommandError, ShellError
-from reconciler.esxi.shell import ShellConnection, to_line
+from reconciler.esxi.shell import ShellConnection, read_exactly, to_line
 
 log = logging.getLogger(__name__)
 
@@ -93,8 +93,9 @@ class ProcessStream:
         self._in: int | None = proc.stdin.fileno()
         self._out = proc.stdout.fileno()
         os.set_blocking(self._in, False)
-        with contextlib.suppress(OSError):  # a lower pipe-max-size only costs wake-ups
-            fcntl.fcntl(self._in, fcntl.F_SETPIPE_SZ, _PIPE_SIZE)
+        for fd in (self._in, self._out):
+            with contextlib.suppress(OSError):  # a lower pipe-max-size only costs wake-ups
+                fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, _PIPE_SIZE)
 
     def _wait_for(self, fd: int, event: int) -> None:
         poller = select.poll()
@@ -112,14 +113,21 @@ class ProcessStream:
         except subprocess.TimeoutExpired:
             self.abort()
             status = 255
+        failure = self._failure(status, f"the connection was lost while {doing}")
+        assert failure is not None  # ssh ended while we wrote: never with 0
+        return failure
+
+    def _failure(self, status: int, lost: str) -> ShellError | None:
+        """What a non-zero exit status means: ``ssh``'s own failure (255: ``lost``, with its message) or
+        the remote command's (CommandError with its stderr); None for 0."""
         said = self._stderr_text()
         if status == 255:
             return ShellError(
-                f"SSH to {self.where}: the connection was lost while {doing} ({_last_line(said)})"
-                f" ({self.command[:60]})",
-                host=self.where,
+                f"SSH to {self.where}: {lost} ({_last_line(said)}) ({self.command[:60]})", host=self.where
             )
-        return CommandError(self.command, status, "", said.decode("utf-8", "replace"), host=self.where)
+        if status != 0:
+            return CommandError(self.command, status, "", said.decode("utf-8", "replace"), host=self.where)
+        return None
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         """Send ``data`` to the command's stdin."""
@@ -145,6 +153,14 @@ class ProcessStream:
         self._wait_for(self._out, select.POLLIN)
         return os.read(self._out, size)
 
+    def read_exact(self, size: int) -> bytes:
+        """Exactly ``size`` bytes; ShellError if the stream ends first (the connection was lost or the
+        command ended)."""
+        try:
+            return read_exactly(self.read, size, self.where, self.command[:60])
+        except ShellError as exc:  # what ssh said, read only when it is needed
+            raise ShellError(f"{exc} (ssh: {_last_line(self._stderr_text())})", host=self.where) from None
+
     def _stderr_text(self) -> bytes:
         self._stderr.seek(0)
         return self._stderr.read(64 << 10)
@@ -167,15 +183,9 @@ class ProcessStream:
                 f"SSH to {self.where}: no exit status after {self.timeout:.0f} s ({self.command[:60]})",
                 host=self.where,
             ) from None
-        said = self._stderr_text()
-        if status == 255:
-            raise ShellError(
-                f"SSH to {self.where}: the connection was lost or the remote command was killed"
-                f" ({_last_line(said)}) ({self.command[:60]})",
-                host=self.where,
-            )
-        if check and status != 0:
-            raise CommandError(self.command, status, "", said.decode("utf-8", "replace"), host=self.where)
+        failure = self._failure(status, "the connection was lost or the remote command was killed")
+        if failure is not None and (check or status == 255):
+            raise failure
         return status
 
     def release(self) -> None:
@@ -306,6 +316,9 @@ class OpenSsh:
                     stdout=subprocess.PIPE,
                     stderr=stderr,
                     env=self._env,
+                    # no controlling terminal: an ssh that cannot use the askpass script (older than
+                    # OpenSSH 8.4) fails the login instead of asking the person at the terminal
+                    start_new_session=True,
                 )
             except OSError as exc:
                 raise ShellError(f"SSH to {self.where}: cannot start ssh: {exc}", host=self.where) from exc

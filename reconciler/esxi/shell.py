@@ -215,6 +215,23 @@ def send_all(channel: paramiko.Channel, data: bytes) -> None:
         view = view[sent:]
 
 
+def read_exactly(read: Callable[[int], bytes], size: int, where: str, what: str) -> bytes:
+    """Exactly ``size`` bytes from ``read``; ShellError naming ``where`` and ``what`` (the command) if
+    the stream ends first: the SSH connection was lost or the remote command ended."""
+    parts = []
+    left = size
+    while left:
+        chunk = read(min(left, 1 << 20))
+        if not chunk:
+            raise ShellError(
+                f"SSH to {where}: the connection was lost or the remote command ended {left} bytes early"
+                f" ({what})"
+            )
+        parts.append(chunk)
+        left -= len(chunk)
+    return b"".join(parts)
+
+
 class RemoteStream:
     """stdout of a running remote command, read in pieces; :meth:`close` checks the exit status."""
 
@@ -239,19 +256,7 @@ class RemoteStream:
 
     def read_exact(self, size: int) -> bytes:
         """Exactly ``size`` bytes; ShellError if the stream ends first."""
-        parts = []
-        left = size
-        while left:
-            chunk = self.read(min(left, 1 << 20))
-            if not chunk:
-                # the remote side closed: the SSH connection was lost or the command was killed
-                raise ShellError(
-                    f"SSH to {self.where or 'the host'}: the connection was lost or the remote command ended"
-                    f" {left} bytes early ({self.command[:60]})"
-                )
-            parts.append(chunk)
-            left -= len(chunk)
-        return b"".join(parts)
+        return read_exactly(self.read, size, self.where or "the host", self.command[:60])
 
     def write(self, data: bytes) -> None:
         """Send ``data`` to the command's stdin."""

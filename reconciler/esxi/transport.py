@@ -26,14 +26,12 @@ otherwise, unless overridden.
 from __future__ import annotations
 
 import base64
-import concurrent.futures
 import contextlib
 import http.client
 import logging
 import ssl
 import threading
 import time
-from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from typing import Protocol
 from urllib.parse import quote
@@ -44,6 +42,7 @@ from reconciler.esxi.errors import ShellError, TransportError, transient_os_erro
 from reconciler.esxi.shell import RemoteStream, ShellConnection
 from reconciler.esxi.vimcmd import command_line
 from reconciler.facts.inventory import split_ds_path
+from reconciler.parallel import ordered_parallel
 
 log = logging.getLogger(__name__)
 
@@ -75,36 +74,12 @@ def pieces(extents: Iterable[tuple[int, int]], piece_size: int = PIECE_SIZE) -> 
             off += n
 
 
-def ordered_parallel(
-    work: Iterable[tuple[int, int]],
-    fetch: Callable[[int, int], bytes],
-    streams: int,
-    *,
-    window: int | None = None,
-) -> Iterator[tuple[int, bytes]]:
-    """Run ``fetch(offset, length)`` on ``streams`` threads, yield results in input order, keep at most
-    ``window`` (default ``2 × streams``) pieces pending: a wider window lets the threads run ahead of a
-    slow piece at the head, at the cost of memory."""
-    with concurrent.futures.ThreadPoolExecutor(max_workers=streams, thread_name_prefix="disk-read") as pool:
-        pending: deque[tuple[int, int, concurrent.futures.Future[bytes]]] = deque()
-        it = iter(work)
-        try:
-            for off, length in it:
-                pending.append((off, length, pool.submit(fetch, off, length)))
-                if len(pending) >= (window or 2 * streams):
-                    yield _result(*pending.popleft())
-            while pending:
-                yield _result(*pending.popleft())
-        finally:
-            for _, _, fut in pending:
-                fut.cancel()
-
-
-def _result(off: int, length: int, fut: concurrent.futures.Future[bytes]) -> tuple[int, bytes]:
-    data = fut.result()
-    if len(data) != length:  # a response cut short: the next try reads it whole
+def _whole(data: bytes, off: int, length: int) -> bytes:
+    """``data`` if it is the ``length`` bytes asked for at ``off``; a response cut short is transient
+    (the next try reads it whole)."""
+    if len(data) != length:
         raise TransportError(f"read {len(data)} bytes at {off}, expected {length}", transient=True)
-    return off, data
+    return data
 
 
 def _status_error(what: str, status: int, host: str) -> TransportError:
@@ -245,9 +220,11 @@ class HttpsRangeReader:
 
     def read(self, ds_path: str, extents: Iterable[tuple[int, int]]) -> Iterator[tuple[int, bytes]]:
         """Yield (offset, data) for the extents, in order."""
-        return ordered_parallel(
-            pieces(extents, self.piece_size), lambda o, n: self._get(ds_path, o, n), self.streams
-        )
+
+        def fetch(off: int, length: int) -> bytes:
+            return _whole(self._get(ds_path, off, length), off, length)
+
+        return ordered_parallel(pieces(extents, self.piece_size), fetch, self.streams)
 
     def put_file(self, ds_path: str, body: Iterable[bytes], size: int, *, timeout: float = 3600.0) -> None:
         """Upload a whole file with one streamed ``PUT /folder/...`` of ``size`` bytes (the only way to
@@ -358,7 +335,7 @@ class SshDdReader:
         """Yield (offset, data) for the extents, in order."""
         path = vmfs_path(ds_path)
         return ordered_parallel(
-            pieces(extents, self.piece_size), lambda o, n: self._dd(path, o, n), self.streams
+            pieces(extents, self.piece_size), lambda o, n: _whole(self._dd(path, o, n), o, n), self.streams
         )
 
     def close(self) -> None:

@@ -51,7 +51,6 @@ import structlog
 
 from reconciler.config.model import DesiredState
 from reconciler.esxi.errors import EsxiError, InsufficientSpaceError
-from reconciler.esxi.transport import ordered_parallel
 from reconciler.esxi.vmdk import Descriptor
 from reconciler.esxi.vmx import VmxFile, prepare_restored_vmx
 from reconciler.facts.inventory import DiskInfo, VmInfo, split_ds_path
@@ -60,6 +59,7 @@ from reconciler.killpoint import kill_point
 from reconciler.operations.ports import RestoreHost
 from reconciler.operations.progress import Progress
 from reconciler.operations.vmlock import vm_lock
+from reconciler.parallel import ordered_parallel
 from reconciler.repository import HOLE, Repository
 from reconciler.repository.lock import pid_alive
 

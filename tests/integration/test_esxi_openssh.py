@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import random
-from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -16,15 +15,17 @@ import pytest
 
 from esxisim.handle import LabHandle
 from reconciler.esxi.errors import CommandError, ShellError
+from reconciler.esxi.hostdigest import compare_on_host
 from reconciler.esxi.hostwrite import ParallelSshWriter
 from reconciler.esxi.openssh import OpenSsh
 from reconciler.esxi.shell import ShellConnection, ShellSession, SshTarget
 from reconciler.esxi.transport import vmfs_path
+from tests.integration.test_esxi_hostwrite import SIZE, expected, scattered, target
 from tests.waiting import wait_until
 
 pytestmark = pytest.mark.lab
 MiB = 1 << 20
-SIZE = 24 * MiB
+__all__ = ["target"]  # the fixture, shared with the paramiko writer's tests
 
 
 def target_of(lab: LabHandle, host: str, *, key: bool = True, password: bool = False) -> SshTarget:
@@ -49,42 +50,17 @@ def ssh_children() -> list[int]:
     """Our child processes that run ``ssh``."""
     found = []
     for task in Path(f"/proc/{os.getpid()}/task").iterdir():
-        for pid in (task / "children").read_text().split():
+        try:
+            children = (task / "children").read_text().split()
+        except FileNotFoundError:  # a thread that ended meanwhile
+            continue
+        for pid in children:
             try:
                 if Path(f"/proc/{pid}/comm").read_text().strip() == "ssh":
                     found.append(int(pid))
             except FileNotFoundError:
                 continue
     return found
-
-
-@pytest.fixture
-def target(lab: LabHandle) -> Iterator[tuple[str, Path]]:
-    """An empty sparse file with a hostile name on the free host's datastore."""
-    ds_path = "[datastore1] openssh 'q' $(x) ファイル-flat.vmdk"
-    local = lab.local_path(lab.free, ds_path)
-    with local.open("wb") as fh:
-        fh.truncate(SIZE)
-    try:
-        yield ds_path, local
-    finally:
-        local.unlink()
-
-
-def scattered(seed: int) -> list[tuple[int, bytes]]:
-    rnd = random.Random(seed)
-    out = []
-    for i, off in enumerate((0, 3 * MiB, 4 * MiB, 9 * MiB + 512, 15 * MiB, 16 * MiB, SIZE - 4096)):
-        n = 4096 if off == SIZE - 4096 else (MiB if i % 2 == 0 else 700_001)
-        out.append((off, rnd.randbytes(n)))
-    return out
-
-
-def expected(pieces: list[tuple[int, bytes]]) -> bytes:
-    image = bytearray(SIZE)
-    for off, data in pieces:
-        image[off : off + len(data)] = data
-    return bytes(image)
 
 
 @pytest.mark.parametrize("login", ["key", "password"])
@@ -192,3 +168,34 @@ def test_failures_reach_the_caller_and_leave_no_ssh(lab: LabHandle, target: tupl
     finally:
         session.close()
     assert ssh_children() == []
+
+
+def test_the_digest_program_runs_through_the_binary(lab: LabHandle, target: tuple[str, Path]) -> None:
+    """The free host's digest compare (backups' reads) reads the same blocks through ``ssh`` as through
+    paramiko, changed blocks in disk order."""
+    ds_path, local = target
+    pieces = scattered(15)
+    with local.open("r+b") as fh:
+        for off, data in pieces:
+            fh.seek(off)
+            fh.write(data)
+    session = ShellSession(target_of(lab, lab.free))
+    try:
+        bulk = OpenSsh.start(session.connection())
+        assert bulk is not None
+        try:
+            through_ssh: list[tuple[int, bytes]] = []
+            by_ssh = compare_on_host(bulk, vmfs_path(ds_path), None, lambda o, d: through_ssh.append((o, d)))
+        finally:
+            bulk.close()
+        through_paramiko: list[tuple[int, bytes]] = []
+        by_paramiko = compare_on_host(
+            session.connection(), vmfs_path(ds_path), None, lambda o, d: through_paramiko.append((o, d))
+        )
+    finally:
+        session.close()
+    assert through_ssh == through_paramiko and by_ssh.digests == by_paramiko.digests
+    image = bytearray(SIZE)
+    for off, data in through_ssh:
+        image[off : off + len(data)] = data
+    assert bytes(image) == expected(pieces)

@@ -21,12 +21,13 @@ from reconciler.config.model import BackupPolicy
 from reconciler.esxi import hostdigest
 from reconciler.esxi.errors import ProtocolError, TransportError
 from reconciler.esxi.hostdigest import BLOCK_SIZE, DigestResult
-from reconciler.esxi.transport import ordered_parallel, pieces
+from reconciler.esxi.transport import pieces
 from reconciler.facts.inventory import BackupSnapshot, FrozenDisk, SnapshotInfo, VmInfo
 from reconciler.facts.points import DiskRecord, RestorePoint, VmRef, new_point_id
 from reconciler.operations.backup import BackupContext, BackupOptions, DiskResult
 from reconciler.operations.backup.disk import DiskJob
 from reconciler.operations.ports import DiskReader, DiskSource
+from reconciler.parallel import ordered_parallel
 from reconciler.repository import Repository
 from tests.unit.planfixtures import load_desired, policy_doc
 
