@@ -89,14 +89,16 @@ class Disks:
         previous: bytes | None,
         on_block: Callable[[int, bytes], None],
         *,
+        algorithm: str | None = None,
         block_size: int = BLOCK_SIZE,
         timeout: float = 600.0,
         first_block: int = 0,
         block_count: int | None = None,
     ) -> DigestResult:
         """Run :mod:`.hostdigest` on the host against the frozen disk: ``on_block(offset, data)`` gets
-        every block whose digest differs from ``previous`` (None: every non-zero block). With a block
-        range, only blocks ``[first_block, first_block + block_count)`` (``previous`` and the result's
+        every block whose digest differs from ``previous`` (None: every non-zero block), digests computed
+        with ``algorithm`` (the previous map's; None: the host measures and takes its faster one). With a
+        block range, only blocks ``[first_block, first_block + block_count)`` (``previous`` and the result's
         digests cover that range); each call uses its own SSH connection (an ``ssh`` process, else a
         paramiko connection), so ranges can run in parallel."""
 
@@ -106,6 +108,7 @@ class Disks:
                 vmfs_path(disk.data_file),
                 previous,
                 on_block,
+                algorithm=algorithm,
                 block_size=block_size,
                 timeout=timeout,
                 first_block=first_block,

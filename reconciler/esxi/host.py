@@ -339,16 +339,19 @@ class EsxiHost:
         previous: bytes | None,
         on_block: Callable[[int, bytes], None],
         *,
+        algorithm: str | None = None,
         block_size: int = BLOCK_SIZE,
         timeout: float = 600.0,
         first_block: int = 0,
         block_count: int | None = None,
     ) -> DigestResult:
-        """Compare block digests on the host (:mod:`.hostdigest`); ``on_block`` gets the changed blocks."""
+        """Compare block digests on the host (:mod:`.hostdigest`) with ``algorithm`` (the previous map's;
+        None: the host's faster one); ``on_block`` gets the changed blocks."""
         return self._disks.digest_compare(
             disk,
             previous,
             on_block,
+            algorithm=algorithm,
             block_size=block_size,
             timeout=timeout,
             first_block=first_block,

@@ -144,6 +144,7 @@ class DiskSource(Protocol):
         on_block: Callable[[int, bytes], None],
         /,
         *,
+        algorithm: str | None = ...,
         first_block: int = ...,
         block_count: int | None = ...,
     ) -> DigestResult: ...

@@ -9,8 +9,8 @@ chosen. What is learnt only by trying goes into the facts and the question is as
 fallback and its reason is decided here:
 
 * QueryChangedDiskAreas refuses (:attr:`DiskFacts.cbt_refused`: CBT reset, inactive, licence);
-* the previous digest map, read only once the digest compare is chosen, is of another algorithm,
-  block size or capacity (:attr:`PreviousDisk.digest_map`);
+* the previous digest map, read only once the digest compare is chosen, is of an algorithm this
+  version does not compute, another block size or capacity (:attr:`PreviousDisk.digest_map`);
 * the allocated areas (``"*"``) of a full read are refused (:attr:`DiskFacts.allocated_refused`);
 * HTTPS disk reads are refused (:attr:`DiskFacts.https_refused`).
 
@@ -22,8 +22,9 @@ Order of preference:
    aside (an incremental would keep referencing them; a full read stores them again);
 3. **cbt** on a licensed host when the disk has a changeId under our snapshot and the previous point
    recorded one: only the areas changed since are read;
-4. **digest** with SSH and a previous digest map of this host program's algorithm, block size and the
-   disk's capacity: the host compares block digests and sends only the differing blocks;
+4. **digest** with SSH and a previous digest map of one of the host program's algorithms, its block
+   size and the disk's capacity: the host compares block digests (with the map's algorithm) and sends
+   only the differing blocks;
 5. **full** otherwise, with the reasons 3 and 4 did not apply.
 
 A full read, in order: the allocated areas by QueryChangedDiskAreas ``"*"`` (licensed, CBT active);
@@ -107,8 +108,8 @@ class DiskFacts:
     """The host answers QueryChangedDiskAreas (its licence allows API writes and CBT queries)."""
     ssh: bool
     """SSH is enabled for the host (the digest program can run)."""
-    digest_shape: DigestShape
-    """The shape of the maps this host program computes."""
+    digest_shapes: tuple[DigestShape, ...]
+    """The shapes of the maps the host program computes (one per algorithm it can be asked for)."""
     previous_point: str | None = None
     """Id of the VM's previous successful restore point of this policy (None: the first backup)."""
     previous: PreviousDisk | None = None
@@ -198,11 +199,12 @@ def choose_disk_mode(facts: DiskFacts) -> ModeChoice:
         reasons.append("no digest compare: SSH is disabled for the host")
     elif not prev.has_digest_map:
         reasons.append("no digest compare: the previous point has no digest map of the disk")
-    elif prev.digest_map is not None and prev.digest_map.shape != facts.digest_shape:
-        old, ours = prev.digest_map.shape, facts.digest_shape
+    elif prev.digest_map is not None and prev.digest_map.shape not in facts.digest_shapes:
+        old = prev.digest_map.shape
+        ours = " or ".join(f"{s.algorithm}/{s.block_size}" for s in facts.digest_shapes)
         reasons.append(
             f"no digest compare: the previous digest map is {old.algorithm}/{old.block_size}-byte blocks,"
-            f" this host program computes {ours.algorithm}/{ours.block_size}"
+            f" this host program computes {ours}"
         )
     elif prev.digest_map is not None and prev.digest_map.capacity != facts.capacity:
         reasons.append("no digest compare: the previous digest map is of another capacity")

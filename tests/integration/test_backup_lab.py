@@ -23,7 +23,7 @@ from esxisim.handle import LabHandle
 from reconciler import cli
 from reconciler.config import load_config
 from reconciler.config.model import DesiredState
-from reconciler.esxi.hostdigest import request
+from reconciler.esxi.hostdigest import ALGORITHMS, request
 from reconciler.esxi.signals import sigterm_raises
 from reconciler.facts.inventory import BackupSnapshot, FrozenDisk
 from reconciler.facts.points import RestorePoint
@@ -46,6 +46,7 @@ def lab_policies(lab: LabHandle) -> str:
     return (
         policy_yaml("free-web", lab.free, ["web01"])
         + policy_yaml("free-digest", lab.free, ["web01"])  # only the first test's: its first run is full
+        + policy_yaml("free-blake", lab.free, ["web01"])  # only the BLAKE2b chain test's
         + policy_yaml("free-odd", lab.free, ["db 01", HOSTILE])
         + policy_yaml("lic", lab.licensed, ["app203"])
     )
@@ -118,8 +119,15 @@ def run(
     vm: str | None = None,
     full: bool = False,
     on_data: Callable[[FrozenDisk, int, int], None] | None = None,
+    digest_algorithm: str | None = None,
 ) -> list[VmResult]:
-    options = BackupOptions(full=full, workers=2, on_snapshot=capture.on_snapshot, on_data=on_data)
+    options = BackupOptions(
+        full=full,
+        workers=2,
+        on_snapshot=capture.on_snapshot,
+        on_data=on_data,
+        digest_algorithm=digest_algorithm,
+    )
     try:
         return backup_policy(env.desired, policy, vm=vm, options=options)
     finally:
@@ -186,7 +194,7 @@ def test_free_host_full_then_digest_incrementals_with_guest_writes(env: Env) -> 
     assert all(d.mode == "digest" and d.reasons == (DIGEST_SINCE_PREVIOUS,) for d in p2.disks)
     changed = written_bytes(between)
     prev_maps = [env.repo.read_digest_map(d.digest_map) for d in p1.disks if d.digest_map]
-    overhead = sum(len(request(m.digests)) + 4096 for m in prev_maps)
+    overhead = sum(len(request(m.digests, m.algorithm)) + 4096 for m in prev_maps)
     assert second.bytes_sent <= 2 * changed + overhead, (second.bytes_sent, changed, overhead)
     no_snapshots(lab, lab.free)
 
@@ -198,7 +206,38 @@ def test_free_host_full_then_digest_incrementals_with_guest_writes(env: Env) -> 
     assert third.mode == "digest"
     assert third.bytes_sent <= 2 * written_bytes(during) + overhead, (third.bytes_sent, written_bytes(during))
     dm = env.repo.read_digest_map(p3.disks[0].digest_map or "")
-    assert dm.algorithm == "blake2b-128" and dm.block_size == 65536
+    assert dm.algorithm in ALGORITHMS and dm.block_size == 65536  # the one the host computes faster
+    assert dm.algorithm == prev_maps[0].algorithm  # a chain keeps the algorithm of its first map
+    no_snapshots(lab, lab.free)
+
+
+def test_a_chain_started_under_blake2b_continues_after_hosts_choose(env: Env) -> None:
+    """Maps written before hosts chose their algorithm are BLAKE2b-128 (made here by asking for it): the
+    next incrementals continue that chain whatever the host would choose, find the changed blocks and
+    restore identical disks."""
+    lab = env.lab
+    cap = Capture(lab, lab.free)
+    (first,) = run(env, "free-blake", cap, digest_algorithm="blake2b-128")
+    (p1,) = check_restores(env, [first], cap)
+    maps = [env.repo.read_digest_map(d.digest_map or "") for d in p1.disks]
+    assert first.mode == "full" and maps and all(m.algorithm == "blake2b-128" for m in maps)
+
+    between = [lab.client(lab.free).guest_write("web01", 2, seed=701)]
+    cap = Capture(lab, lab.free)
+    (second,) = run(env, "free-blake", cap)  # the host's choice is not asked: the chain has one
+    (p2,) = check_restores(env, [second], cap)
+    assert second.mode == "digest" and all(d.mode == "digest" for d in p2.disks)
+    assert (
+        0
+        < second.bytes_sent
+        <= 2 * written_bytes(between) + sum(len(request(m.digests, m.algorithm)) + 4096 for m in maps)
+    )
+    assert all(env.repo.read_digest_map(d.digest_map or "").algorithm == "blake2b-128" for d in p2.disks)
+
+    cap = Capture(lab, lab.free)  # and nothing changed: nothing but the program and the map crosses
+    (third,) = run(env, "free-blake", cap)
+    (p3,) = check_restores(env, [third], cap)
+    assert third.mode == "digest" and [d.bytes_stored for d in p3.disks] == [0] * len(p3.disks)
     no_snapshots(lab, lab.free)
 
 

@@ -398,6 +398,7 @@ def test_free_host_cbt_switch_edits_the_vmx_with_the_vm_off(lab: LabHandle, free
 def test_digest_map_finds_exactly_the_written_blocks(lab: LabHandle, free: EsxiHost) -> None:
     vm_name = "web01"
     maps: dict[int, bytes] = {}
+    algorithms: dict[int, str] = {}
     with free.backup_snapshot(free.find_vm(vm_name)) as bs:
         for disk in bs.disks:
             local = lab.local_path(lab.free, disk.data_file).read_bytes()
@@ -408,6 +409,7 @@ def test_digest_map_finds_exactly_the_written_blocks(lab: LabHandle, free: EsxiH
             assert all(got[o] == local[o : o + BLOCK_SIZE] for o in got)
             assert res.changed_blocks == len(nonzero) and res.used_seek_data
             maps[disk.key] = res.digests
+            algorithms[disk.key] = res.algorithm  # the host's choice; the next compare must ask for it
     written = lab.client(lab.free).guest_write(vm_name, 2, seed=51)
     with free.backup_snapshot(free.find_vm(vm_name)) as bs:
         lab.client(lab.free).guest_write(vm_name, 2, seed=52)  # during the backup: not in this point
@@ -422,7 +424,7 @@ def test_digest_map_finds_exactly_the_written_blocks(lab: LabHandle, free: EsxiH
             )
             local = lab.local_path(lab.free, disk.data_file).read_bytes()
             got = {}
-            res = free.digest_compare(disk, maps[disk.key], got.__setitem__)
+            res = free.digest_compare(disk, maps[disk.key], got.__setitem__, algorithm=algorithms[disk.key])
             assert sorted(got) == touched
             assert all(got[o] == local[o : o + BLOCK_SIZE] for o in got)
             changed_bytes = sum(n for _, n in w["written"])

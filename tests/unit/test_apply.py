@@ -223,6 +223,7 @@ class FakeHost:
         previous: bytes | None,
         on_block: Callable[[int, bytes], None],
         *,
+        algorithm: str | None = None,
         first_block: int = 0,
         block_count: int | None = None,
     ) -> DigestResult:

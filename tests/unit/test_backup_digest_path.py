@@ -1,5 +1,7 @@
 """The digest-compare path of one disk without a host: a stand-in answers like the host program
-(changed non-zero blocks sent, zero blocks not), including blocks that became zero since the last point."""
+(changed non-zero blocks sent, zero blocks not), including blocks that became zero since the last point;
+the digest algorithm of a chain (the host's choice for a new one, the same for every parallel range,
+the previous map's for an incremental)."""
 
 from __future__ import annotations
 
@@ -13,14 +15,22 @@ from pathlib import Path
 import pytest
 
 from reconciler.config.model import BackupPolicy
-from reconciler.esxi.errors import TransportError
-from reconciler.esxi.hostdigest import BLOCK_SIZE, DIGEST_SIZE, Allocation, DigestResult, block_digest
+from reconciler.esxi.errors import ShellError, TransportError
+from reconciler.esxi.hostdigest import (
+    BLOCK_SIZE,
+    DEFAULT_ALGORITHM,
+    DIGEST_SIZE,
+    Allocation,
+    DigestResult,
+    block_digest,
+)
 from reconciler.facts.inventory import BackupSnapshot, FrozenDisk, SnapshotInfo, VmInfo
 from reconciler.facts.points import DiskRecord, RestorePoint, VmRef, new_point_id
 from reconciler.operations.backup import BackupContext, BackupOptions, DiskResult
+from reconciler.operations.backup import disk as disk_job
 from reconciler.operations.backup.disk import DiskJob
 from reconciler.operations.ports import DiskReader, DiskSource, RangeReader
-from reconciler.repository import Repository
+from reconciler.repository import CHUNK_SIZE, Repository
 from tests.unit.planfixtures import load_desired, policy_doc
 
 MiB = 1 << 20
@@ -33,9 +43,15 @@ class FakeHost:
     license = "free"
     ssh_enabled = True
 
-    def __init__(self, content: bytes) -> None:
+    def __init__(self, content: bytes, choice: str = "sha256-128", measures: bool = True) -> None:
         self.content = content
         self.sent = 0
+        self.choice = choice
+        """The algorithm this host computes faster."""
+        self.measures = measures
+        """Whether the allocation listing (which measures) runs."""
+        self.asked: list[str | None] = []
+        self.allocations = 0
 
     def https_reader(self, streams: int) -> RangeReader:
         raise TransportError("API unreachable")  # so the full read runs the digest program
@@ -49,7 +65,11 @@ class FakeHost:
         raise AssertionError("a free host has no CBT")
 
     def allocation(self, disk: FrozenDisk) -> Allocation:
-        raise AssertionError("only a full read over HTTPS lists the allocation")
+        """Asked for the host's choice (the listing itself matters only to a read over HTTPS)."""
+        self.allocations += 1
+        if not self.measures:
+            raise ShellError("SSH to esxi1: the connection was lost")
+        return Allocation(len(self.content), None, self.choice)
 
     def digest_compare(
         self,
@@ -57,16 +77,20 @@ class FakeHost:
         previous: bytes | None,
         on_block: Callable[[int, bytes], None],
         *,
+        algorithm: str | None = None,
         first_block: int = 0,
         block_count: int | None = None,
     ) -> DigestResult:
-        """The host program over blocks ``[first_block, first_block + block_count)``."""
+        """The host program over blocks ``[first_block, first_block + block_count)``, in ``algorithm`` or
+        its own choice."""
+        self.asked.append(algorithm)
+        used = algorithm or self.choice
         end = len(self.content) if block_count is None else (first_block + block_count) * BLOCK_SIZE
         digests = bytearray()
         changed = zero = same = 0
         for off in range(first_block * BLOCK_SIZE, min(end, len(self.content)), BLOCK_SIZE):
             block = self.content[off : off + BLOCK_SIZE]
-            d = block_digest(block)
+            d = block_digest(block, used)
             i = off // BLOCK_SIZE - first_block
             prev = previous[i * DIGEST_SIZE : (i + 1) * DIGEST_SIZE] if previous else None
             if block.count(0) == len(block):
@@ -78,7 +102,9 @@ class FakeHost:
                 self.sent += len(block)
                 changed += 1
             digests += d
-        return DigestResult(BLOCK_SIZE, len(self.content), bytes(digests), changed, zero, same, True, 0, 0, 0)
+        return DigestResult(
+            BLOCK_SIZE, len(self.content), bytes(digests), changed, zero, same, True, 0, 0, 0, used
+        )
 
 
 @pytest.fixture
@@ -100,10 +126,14 @@ SNAPSHOT = BackupSnapshot(
 
 
 def run_job(
-    repo: Repository, host: DiskSource, previous: RestorePoint | None, pool: concurrent.futures.Executor
+    repo: Repository,
+    host: DiskSource,
+    previous: RestorePoint | None,
+    pool: concurrent.futures.Executor,
+    options: BackupOptions | None = None,
 ) -> tuple[DiskRecord, DiskResult]:
     ctx = BackupContext(
-        host, repo, a_policy(repo.path.parent), "rev", BackupOptions(), pool, threading.Event()
+        host, repo, a_policy(repo.path.parent), "rev", options or BackupOptions(), pool, threading.Event()
     )
     return DiskJob(ctx, SNAPSHOT, DISK, previous).run()
 
@@ -179,3 +209,59 @@ def test_another_digest_algorithm_means_a_full_read(
     second, result = run_job(repo, host, as_previous(record), pool)
     assert result.mode == "full" and "sha1" in (result.fallback_reason or "")
     assert host.sent == CAPACITY and restore(repo, second) == content
+
+
+def test_a_new_chain_takes_the_hosts_choice_and_keeps_it(
+    tmp_path: Path, pool: concurrent.futures.Executor
+) -> None:
+    """One range: the program chooses. The incremental asks for the previous map's algorithm, even on
+    a host that would now choose the other one (the maps must stay comparable)."""
+    repo = Repository.init(tmp_path / "repo")
+    disk = bytearray(random.Random(5).randbytes(CAPACITY))
+    host = FakeHost(bytes(disk), choice="sha256-128")
+    first, _ = run_job(repo, host, None, pool)
+    assert host.asked == [None] and host.allocations == 0  # one range: the program itself measures
+    assert repo.read_digest_map(first.digest_map or "").algorithm == "sha256-128"
+    disk[BLOCK_SIZE + 5] ^= 0xFF
+    host = FakeHost(bytes(disk), choice="blake2b-128")
+    second, result = run_job(repo, host, as_previous(first), pool)
+    assert result.mode == "digest" and host.asked == ["sha256-128"] and host.sent == BLOCK_SIZE
+    assert repo.read_digest_map(second.digest_map or "").algorithm == "sha256-128"
+    assert restore(repo, second) == bytes(disk)
+
+
+@pytest.mark.parametrize("measures", [True, False])
+def test_parallel_ranges_of_a_new_chain_use_one_algorithm(
+    tmp_path: Path, pool: concurrent.futures.Executor, monkeypatch: pytest.MonkeyPatch, measures: bool
+) -> None:
+    """Several ranges (each its own host program): the host is asked once which algorithm it computes
+    faster and every range asks for it; when it cannot say, BLAKE2b-128 (computed everywhere)."""
+    monkeypatch.setattr(disk_job, "DIGEST_RANGE_MIN", MiB)
+    repo = Repository.init(tmp_path / "repo")
+    disk = bytearray(random.Random(6).randbytes(CAPACITY))
+    host = FakeHost(bytes(disk), choice="sha256-128", measures=measures)
+    options = BackupOptions(digest_streams=3)
+    ranges = len(disk_job.digest_ranges(CAPACITY, CHUNK_SIZE, 3))
+    assert ranges > 1
+    first, _ = run_job(repo, host, None, pool, options)
+    expected = "sha256-128" if measures else DEFAULT_ALGORITHM
+    assert host.allocations == 1 and host.asked == [expected] * ranges
+    assert repo.read_digest_map(first.digest_map or "").algorithm == expected
+    assert restore(repo, first) == bytes(disk)
+    disk[2 * MiB + 7] ^= 0xFF
+    host = FakeHost(bytes(disk), choice="blake2b-128")
+    second, result = run_job(repo, host, as_previous(first), pool, options)
+    assert result.mode == "digest" and host.asked == [expected] * ranges and host.allocations == 0
+    assert host.sent == BLOCK_SIZE and restore(repo, second) == bytes(disk)
+
+
+def test_a_chain_can_be_started_with_a_chosen_algorithm(
+    tmp_path: Path, pool: concurrent.futures.Executor
+) -> None:
+    repo = Repository.init(tmp_path / "repo")
+    host = FakeHost(random.Random(7).randbytes(CAPACITY), choice="sha256-128")
+    first, _ = run_job(repo, host, None, pool, BackupOptions(digest_algorithm="blake2b-128"))
+    assert host.asked == ["blake2b-128"]
+    assert repo.read_digest_map(first.digest_map or "").algorithm == "blake2b-128"
+    with pytest.raises(ValueError, match="unknown digest algorithm 'sha1'"):
+        BackupOptions(digest_algorithm="sha1")

@@ -26,6 +26,7 @@ from reconciler.planning.backup_mode import (
 
 GiB = 1 << 30
 OURS = DigestShape("blake2b-128", 65536, 16)
+SHA = DigestShape("sha256-128", 65536, 16)
 POINT = "20260101T000000000000Z-0a0b0c0d"
 
 
@@ -36,7 +37,7 @@ def facts(*, licensed: bool = False, ssh: bool = True, **changes: object) -> Dis
         change_id="52 de/7" if licensed else None,
         licensed=licensed,
         ssh=ssh,
-        digest_shape=OURS,
+        digest_shapes=(OURS, SHA),
         previous_point=POINT,
         previous=PreviousDisk(
             capacity=10 * GiB, change_id="52 de/6" if licensed else None, has_digest_map=not licensed
@@ -148,6 +149,8 @@ def test_digest_compare_is_chosen_then_confirmed_once_the_map_is_read() -> None:
     assert choose_disk_mode(f) == ModeChoice("digest", "digest-compare", (DIGEST_SINCE_PREVIOUS,))
     read = previous(f, digest_map=PreviousMap(OURS, 10 * GiB))
     assert choose_disk_mode(read) == ModeChoice("digest", "digest-compare", (DIGEST_SINCE_PREVIOUS,))
+    sha = previous(f, digest_map=PreviousMap(SHA, 10 * GiB))  # either algorithm the program computes
+    assert choose_disk_mode(sha) == ModeChoice("digest", "digest-compare", (DIGEST_SINCE_PREVIOUS,))
 
 
 def test_a_map_of_another_shape_or_capacity_means_a_full_read() -> None:
@@ -156,7 +159,7 @@ def test_a_map_of_another_shape_or_capacity_means_a_full_read() -> None:
     assert choice.mode == "full" and choice.read == "https-allocated"
     assert choice.reasons == (
         "no digest compare: the previous digest map is sha1/65536-byte blocks, this host program computes"
-        " blake2b-128/65536",
+        " blake2b-128/65536 or sha256-128/65536",
     )
     smaller = previous(facts(), digest_map=PreviousMap(OURS, 9 * GiB))
     assert choose_disk_mode(smaller).reasons == (
@@ -201,7 +204,7 @@ def test_every_combination_keeps_the_invariants() -> None:
     """Reasons always; cbt only unrefused; a fallback is a full not asked for; each fact the caller
     learns by trying (refusal, map read, allocated areas or HTTPS refused) moves the choice on, so the
     caller's ask-try-ask loop ends."""
-    shapes = [None, PreviousMap(OURS, 10 * GiB), PreviousMap(DigestShape("md5", 65536, 16), 10 * GiB)]
+    shapes = [None, PreviousMap(SHA, GiB), PreviousMap(DigestShape("md5", 65536, 16), GiB)]
     for licensed, ssh, change_id, prev_cid, has_map, shape, full, refused, alloc, https in itertools.product(
         *([False, True],) * 4, [False, True], shapes, [False, True], [None, "change-id-rejected"],
         *([False, True],) * 2,
@@ -211,7 +214,7 @@ def test_every_combination_keeps_the_invariants() -> None:
             change_id="c" if change_id else None,
             licensed=licensed,
             ssh=ssh,
-            digest_shape=OURS,
+            digest_shapes=(OURS, SHA),
             previous_point=POINT,
             previous=PreviousDisk(GiB, "p" if prev_cid else None, has_map, 0, shape if has_map else None),
             full_requested=full,
@@ -227,7 +230,7 @@ def test_every_combination_keeps_the_invariants() -> None:
             assert choose_disk_mode(replace(f, cbt_refused=CbtRefusal("x"))).mode != "cbt"
         if choice.mode == "digest":
             assert ssh and has_map and choice.read == "digest-compare"
-            assert shape is None or shape.shape == OURS
+            assert shape is None or shape.shape in (OURS, SHA)
         if choice.read == "allocated-areas":
             assert choose_disk_mode(replace(f, allocated_refused=True)).read != "allocated-areas"
         if choice.read == "https-allocated":

@@ -19,12 +19,16 @@ B = hostdigest.BLOCK_SIZE
 
 
 def run_range(
-    path: Path, previous: bytes | None, first: int, count: int | None
+    path: Path, previous: bytes | None, first: int, count: int | None, algorithm: str = "sha256-128"
 ) -> tuple[hostdigest.DigestResult, dict[int, bytes]]:
     line = hostdigest.host_command(str(path), B, first, count)
     line = line.replace("python ", shlex.quote(sys.executable) + " ", 1)
     proc = subprocess.run(
-        ["sh", "-c", line], input=hostdigest.request(previous), capture_output=True, check=True, timeout=60
+        ["sh", "-c", line],
+        input=hostdigest.request(previous, algorithm),
+        capture_output=True,
+        check=True,
+        timeout=60,
     )
     blocks: dict[int, bytes] = {}
 
@@ -38,7 +42,13 @@ def run_range(
             return data
 
     result = hostdigest.parse_stream(
-        Source(), previous, blocks.__setitem__, block_size=B, first_block=first, block_count=count
+        Source(),
+        previous,
+        blocks.__setitem__,
+        algorithm=algorithm,
+        block_size=B,
+        first_block=first,
+        block_count=count,
     )
     return result, blocks
 
@@ -54,7 +64,7 @@ def test_ranges_concatenate_to_the_whole_disk(tmp_path: Path, cuts: list[int]) -
             fh.seek(off)
             fh.write(rnd.randbytes(length))
     data = disk.read_bytes()
-    whole = b"".join(hostdigest.block_digest(data[i : i + B]) for i in range(0, size, B))
+    whole = hostdigest.local_digests(data, "sha256-128")
     spans = list(itertools.pairwise(cuts))
     parts = [run_range(disk, None, a, b - a) for a, b in spans]
     assert b"".join(r.digests for r, _ in parts) == whole

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -52,11 +53,15 @@ def sample_disk(path: Path, size: int, seed: int) -> bytes:
     return path.read_bytes()
 
 
-def host_map(path: Path) -> bytes:
-    """The digest map the on-host program returns for ``path`` (no previous map)."""
+def host_map(path: Path, algorithm: str) -> bytes:
+    """The digest map the on-host program returns for ``path`` (no previous map) in ``algorithm``."""
     line = hostdigest.host_command(str(path), B).replace("python ", shlex.quote(sys.executable) + " ", 1)
     proc = subprocess.run(
-        ["sh", "-c", line], input=hostdigest.request(None), capture_output=True, check=True, timeout=60
+        ["sh", "-c", line],
+        input=hostdigest.request(None, algorithm),
+        capture_output=True,
+        check=True,
+        timeout=60,
     )
 
     class Source:
@@ -68,7 +73,7 @@ def host_map(path: Path) -> bytes:
             assert len(data) == size
             return data
 
-    return hostdigest.parse_stream(Source(), None, lambda o, d: None).digests
+    return hostdigest.parse_stream(Source(), None, lambda o, d: None, algorithm=algorithm).digests
 
 
 def host_allocation(path: Path) -> hostdigest.Allocation:
@@ -84,26 +89,28 @@ def host_allocation(path: Path) -> hostdigest.Allocation:
 
 
 def client_map(data: bytes, alloc: hostdigest.Allocation, piece: int = 4 * MiB) -> bytes:
-    """What the engine computes: holes zero, each read piece through local_digests."""
+    """What the engine computes: holes zero, each read piece through local_digests in the host's choice."""
     out = bytearray(-(-len(data) // B) * hostdigest.DIGEST_SIZE)
     areas = alloc.ranges if alloc.ranges is not None else [(0, len(data))]
     for off, n in pieces(areas, piece):
-        entries = hostdigest.local_digests(data[off : off + n])
+        entries = hostdigest.local_digests(data[off : off + n], alloc.algorithm)
         i = off // B * hostdigest.DIGEST_SIZE
         out[i : i + len(entries)] = entries
     return bytes(out)
 
 
+@pytest.mark.parametrize("algorithm", list(hostdigest.ALGORITHMS))
 @pytest.mark.parametrize("size", [64 * B + 300, 64 * B, 3 * MiB + 5 * B + 100])
-def test_local_map_is_byte_identical_to_the_host_programs(tmp_path: Path, size: int) -> None:
+def test_local_map_is_byte_identical_to_the_host_programs(tmp_path: Path, size: int, algorithm: str) -> None:
     disk = tmp_path / "d-flat.vmdk"
     data = sample_disk(disk, size, seed=size)
-    expected = host_map(disk)
-    alloc = host_allocation(disk)
-    assert alloc.size == size
+    expected = host_map(disk, algorithm)
+    measured = host_allocation(disk)
+    assert measured.size == size and measured.algorithm in hostdigest.ALGORITHMS  # the host's choice
+    alloc = replace(measured, algorithm=algorithm)
     assert client_map(data, alloc) == expected
     assert client_map(data, alloc, piece=B) == expected  # piece size does not matter
-    assert client_map(data, hostdigest.Allocation(size, None)) == expected  # nor reading holes
+    assert client_map(data, hostdigest.Allocation(size, None, algorithm)) == expected  # nor reading holes
     # the sample really has zero and non-zero blocks (holes and written zeros)
     entries = {expected[i : i + 16] for i in range(0, len(expected), 16)}
     assert hostdigest.ZERO_DIGEST in entries and len(entries) > 3
@@ -126,8 +133,14 @@ def test_parse_allocation_rejects_garbage() -> None:
     with pytest.raises(ProtocolError):
         hostdigest.parse_allocation("nope\n")
     with pytest.raises(ProtocolError):
-        hostdigest.parse_allocation("ERHA 1 10 2\n0 5\nEND\n")
-    assert hostdigest.parse_allocation("ERHA 0 10 0\nEND\n").ranges is None
+        hostdigest.parse_allocation("ERHA 1 10 2 1\n0 5\nEND\n")
+    with pytest.raises(ProtocolError, match="algorithm number 7, unknown here"):
+        hostdigest.parse_allocation("ERHA 0 10 0 7\nEND\n")
+    with pytest.raises(ProtocolError):
+        hostdigest.parse_allocation("ERHA 0 10 0\nEND\n")  # a listing without the host's choice
+    assert hostdigest.parse_allocation("ERHA 0 10 0 2\nEND\n") == hostdigest.Allocation(
+        10, None, "sha256-128"
+    )
 
 
 # -- the engine's path ---------------------------------------------------------------------------------
@@ -164,11 +177,14 @@ class FakeHost:
     license = "free"
     ssh_enabled = True
 
-    def __init__(self, path: Path, https: bool = True) -> None:
+    def __init__(self, path: Path, https: bool = True, choice: str = "sha256-128") -> None:
         self.path = path
         self.https = https
+        self.choice = choice
+        """The algorithm this host computes faster."""
         self.reads: list[tuple[int, int]] = []
         self.digest_calls = 0
+        self.asked: list[str | None] = []
 
     def https_reader(self, streams: int) -> FakeReader:
         if not self.https:
@@ -176,7 +192,7 @@ class FakeHost:
         return FakeReader(self.path.read_bytes(), self.reads)
 
     def allocation(self, disk: FrozenDisk) -> hostdigest.Allocation:
-        return host_allocation(self.path)
+        return replace(host_allocation(self.path), algorithm=self.choice)
 
     def disk_reader(self, transport: str, *, streams: int) -> DiskReader:
         raise AssertionError("with SSH a free host's disk is read over HTTPS or by the digest program")
@@ -192,20 +208,23 @@ class FakeHost:
         previous: bytes | None,
         on_block: Callable[[int, bytes], None],
         *,
+        algorithm: str | None = None,
         first_block: int = 0,
         block_count: int | None = None,
     ) -> DigestResult:
         """Every non-zero block of ``[first_block, first_block + block_count)`` (``previous`` ignored)."""
         self.digest_calls += 1
+        self.asked.append(algorithm)
+        used = algorithm or self.choice
         content = self.path.read_bytes()
         end = len(content) if block_count is None else min(len(content), (first_block + block_count) * B)
         blocks = range(first_block * B, end, B)
-        digests = b"".join(hostdigest.block_digest(content[o : o + B]) for o in blocks)
+        digests = b"".join(hostdigest.block_digest(content[o : o + B], used) for o in blocks)
         for o in blocks:
             block = content[o : o + B]
             if block.count(0) != len(block):
                 on_block(o, block)
-        return DigestResult(B, len(content), digests, 0, 0, 0, True, len(content), 0, 0)
+        return DigestResult(B, len(content), digests, 0, 0, 0, True, len(content), 0, 0, used)
 
 
 SNAPSHOT = BackupSnapshot(
@@ -234,28 +253,34 @@ def restore(repo: Repository, record: DiskRecord) -> bytes:
     return b"".join(repo.read_chunk(index[s])[: index.chunk_length(s)] for s in range(index.count))
 
 
+@pytest.mark.parametrize("choice", list(hostdigest.ALGORITHMS))
 @pytest.mark.parametrize("https", [True, False])
-def test_free_full_reads_over_https_with_the_hosts_map(tmp_path: Path, https: bool) -> None:
+def test_free_full_reads_over_https_with_the_hosts_map(tmp_path: Path, https: bool, choice: str) -> None:
+    """The full read's map is in the algorithm the host computes faster (listed with the allocation, or
+    chosen by the program), byte-identical to the program's; the incremental asks for that algorithm."""
     disk = tmp_path / "d-flat.vmdk"
     data = sample_disk(disk, CAPACITY, seed=9)
     repo = Repository.init(tmp_path / "repo")
-    host = FakeHost(disk, https=https)
+    host = FakeHost(disk, https=https, choice=choice)
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
         record, result = run_job(repo, host, None, pool)
         assert result.mode == "full" and record.digest_map
         assert restore(repo, record) == data
-        assert repo.read_digest_map(record.digest_map).digests == host_map(disk)
+        dm = repo.read_digest_map(record.digest_map)
+        assert dm.algorithm == choice and dm.digests == host_map(disk, choice)
         if https:
             assert host.digest_calls == 0 and host.reads
             if host_allocation(disk).ranges is not None:
                 assert sum(n for _, n in host.reads) < CAPACITY  # holes not read
         else:
             assert host.digest_calls == 1 and not host.reads  # fell back to the digest program
+            assert host.asked == [None]  # which chose
         # the next run is a digest incremental against that map
         t = datetime.now(timezone.utc)
         point = RestorePoint(
             new_point_id(), "p", VmRef("vm", "u", "h", "1"), t, t, t, "success", "full", "rev",
             disks=(record,),
         )  # fmt: skip
+        host.asked.clear()
         _, second = run_job(repo, host, point, pool)
-        assert second.mode == "digest"
+        assert second.mode == "digest" and host.asked == [choice]

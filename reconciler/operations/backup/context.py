@@ -13,6 +13,7 @@ from typing import Generic, TypeVar
 import structlog
 
 from reconciler.config.model import BackupPolicy
+from reconciler.esxi.hostdigest import check_algorithm
 from reconciler.facts.inventory import BackupSnapshot, FrozenDisk
 from reconciler.facts.points import BackupMode
 from reconciler.operations.ports import BackupHost, DiskSource
@@ -50,6 +51,14 @@ class BackupOptions:
     """Called for every piece of disk data received: (disk, offset, length)."""
     lock_dir: Path | None = None
     """Where the per-VM locks live (default: :func:`reconciler.operations.vmlock.default_lock_dir`)."""
+    digest_algorithm: str | None = None
+    """The digest algorithm of a new digest chain (a full read on a free host), one of
+    :data:`reconciler.esxi.hostdigest.ALGORITHMS`; None: the host measures which it computes faster.
+    An incremental always continues with its previous map's algorithm."""
+
+    def __post_init__(self) -> None:
+        if self.digest_algorithm is not None:
+            check_algorithm(self.digest_algorithm)
 
 
 HostT_co = TypeVar("HostT_co", bound=DiskSource, covariant=True)

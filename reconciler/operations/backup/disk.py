@@ -12,6 +12,12 @@ the digest map computed here exactly as the host program computes it (so the nex
 incremental); the host digest program (:mod:`reconciler.esxi.hostdigest`), in parallel ranges on large
 disks, sending only blocks whose digests differ from the previous map.
 
+Digest algorithm: a chain of digest maps keeps the algorithm of its first map (an incremental asks the
+host for the previous map's, and its new map records it); a new chain (a full read) takes the one the
+host computes faster, measured on the host (:mod:`reconciler.esxi.hostdigest`): by the allocation
+listing of the HTTPS read, by the program itself for one range, by the allocation listing once for
+all the parallel ranges of a disk (they must agree), or ``BackupOptions.digest_algorithm`` if set.
+
 Pipeline and memory: the transport reads on its own threads (<= 2 x streams pieces of 4 MiB in flight)
 or the digest stream delivers 64 KiB blocks; the VM's thread assembles 1 MiB chunks
 (:class:`~reconciler.operations.backup.assembler.ChunkAssembler`); the shared encode pool hashes,
@@ -26,7 +32,15 @@ import time
 from dataclasses import dataclass, replace
 
 from reconciler.esxi.errors import EsxiError, FullBackupNeededError
-from reconciler.esxi.hostdigest import BLOCK_SIZE, DIGEST_SIZE, ZERO_DIGEST, DigestResult, local_digests
+from reconciler.esxi.hostdigest import (
+    ALGORITHMS,
+    BLOCK_SIZE,
+    DEFAULT_ALGORITHM,
+    DIGEST_SIZE,
+    ZERO_DIGEST,
+    DigestResult,
+    local_digests,
+)
 from reconciler.facts.inventory import BackupSnapshot, FrozenDisk
 from reconciler.facts.points import DiskRecord, RestorePoint
 from reconciler.killpoint import kill_point
@@ -46,10 +60,10 @@ from reconciler.planning.backup_mode import (
 )
 from reconciler.repository import HOLE, ChunkWriter, DigestMap
 
-DIGEST_ALGORITHM = "blake2b-128"
-"""Name recorded in digest maps made by :mod:`reconciler.esxi.hostdigest` (BLAKE2b, 16-byte digests)."""
-OUR_DIGESTS = DigestShape(DIGEST_ALGORITHM, BLOCK_SIZE, DIGEST_SIZE)
-"""The shape of the maps the host program (and :func:`local_digests`) computes."""
+DIGEST_SHAPES = tuple(DigestShape(name, BLOCK_SIZE, DIGEST_SIZE) for name in ALGORITHMS)
+"""The shapes of the maps the host program (and :func:`local_digests`) computes, one per algorithm
+(:data:`reconciler.esxi.hostdigest.ALGORITHMS`: ``blake2b-128``, the only one before hosts chose, and
+``sha256-128``); a map of another algorithm is never compared (a full read, with the reason)."""
 
 
 class _RangeAborted(Cancelled):
@@ -122,7 +136,7 @@ class DiskJob:
             change_id=disk.change_id,
             licensed=host.license == "licensed",
             ssh=host.ssh_enabled,
-            digest_shape=OUR_DIGESTS,
+            digest_shapes=DIGEST_SHAPES,
             previous_point=self.previous.id if self.previous is not None else None,
             previous=previous,
             full_requested=options.full,
@@ -305,12 +319,14 @@ class DiskJob:
                     f"disk {disk.label}: {disk.data_file} has {size} bytes, the disk {disk.capacity}"
                 )
             sent = 0
+            algorithm = DEFAULT_ALGORITHM  # when the host cannot be asked (it computes it everywhere)
             try:
                 alloc = self.ctx.host.allocation(disk)
             except EsxiError as exc:
                 self.log.info("backup.allocation_unavailable", reason=str(exc))
                 areas = [(0, disk.capacity)]
             else:
+                algorithm = alloc.algorithm
                 if alloc.size != disk.capacity:
                     raise BackupError(
                         f"disk {disk.label}: {disk.data_file} has {alloc.size} bytes (host listing), the"
@@ -318,13 +334,14 @@ class DiskJob:
                     )
                 areas = [(0, disk.capacity)] if alloc.ranges is None else alloc.ranges
                 sent += 64 + 40 * len(alloc.ranges or [])  # the listing, roughly (program sent once)
+            algorithm = self.ctx.options.digest_algorithm or algorithm
             digests = bytearray(-(-disk.capacity // BLOCK_SIZE) * DIGEST_SIZE)
             received = 0
             for off, data in reader.read(disk.data_file, areas):
                 if self.ctx.options.on_data is not None:
                     self.ctx.options.on_data(disk, off, len(data))
                 i = off // BLOCK_SIZE * DIGEST_SIZE
-                entries = local_digests(data)
+                entries = local_digests(data, algorithm)
                 digests[i : i + len(entries)] = entries
                 asm.add(off, data)
                 received += len(data)
@@ -334,7 +351,7 @@ class DiskJob:
         finally:
             reader.close()
         self.log.debug("backup.https_full", areas=len(areas), bytes_read=received)
-        dm = DigestMap(DIGEST_ALGORITHM, BLOCK_SIZE, disk.capacity, DIGEST_SIZE, bytes(digests))
+        dm = DigestMap(algorithm, BLOCK_SIZE, disk.capacity, DIGEST_SIZE, bytes(digests))
         return received, received + sent, dm
 
     def _digest(  # noqa: C901  the ranges, their threads and their assemblers share one result; each branch is a fallback the host may force
@@ -345,9 +362,14 @@ class DiskJob:
         progress: DiskProgress | None,
     ) -> tuple[int, int, DigestMap]:
         """The host program compares block digests with ``previous_map`` (None: a full read) and sends
-        the blocks that differ, in parallel ranges on large disks."""
+        the blocks that differ, in parallel ranges on large disks, all with one algorithm (module doc)."""
         previous = previous_map.digests if previous_map is not None else None
         ranges = digest_ranges(self.disk.capacity, writer.index.chunk_size, self.ctx.options.digest_streams)
+        algorithm = self.ctx.options.digest_algorithm
+        if previous_map is not None:
+            algorithm = previous_map.algorithm
+        elif algorithm is None and len(ranges) > 1:
+            algorithm = self._host_algorithm()
         # one assembler per range (ranges are chunk-aligned, so they never share a chunk); the first
         # range runs on this thread, the others on their own threads and SSH connections
         assemblers = [asm] + [
@@ -373,10 +395,10 @@ class DiskJob:
             if previous is not None:
                 prev = previous[first * DIGEST_SIZE : (first + count) * DIGEST_SIZE]
             if len(ranges) == 1:
-                res = self.ctx.host.digest_compare(self.disk, prev, on_block)
+                res = self.ctx.host.digest_compare(self.disk, prev, on_block, algorithm=algorithm)
             else:
                 res = self.ctx.host.digest_compare(
-                    self.disk, prev, on_block, first_block=first, block_count=count
+                    self.disk, prev, on_block, algorithm=algorithm, first_block=first, block_count=count
                 )
             part.finish()
             return res
@@ -409,12 +431,27 @@ class DiskJob:
                     f"disk {self.disk.label}: {self.disk.data_file} has {result.disk_size} bytes, the disk"
                     f" {self.disk.capacity}"
                 )
+        used = {r.algorithm for r in results}
+        if len(used) != 1 or (algorithm is not None and used != {algorithm}):
+            raise BackupError(
+                f"disk {self.disk.label}: the digest ranges answered with {sorted(used)}, not one algorithm"
+            )
+        (algorithm,) = used
         digests = b"".join(r.digests for r in results)
         if previous is not None:
             self._zero_blocks_that_became_zero(previous, digests, writer)
-        dm = DigestMap(DIGEST_ALGORITHM, BLOCK_SIZE, self.disk.capacity, DIGEST_SIZE, digests)
+        dm = DigestMap(algorithm, BLOCK_SIZE, self.disk.capacity, DIGEST_SIZE, digests)
         read = sum(r.host_bytes_read for r in results)
         return read, sum(r.wire_bytes_in + r.wire_bytes_out for r in results), dm
+
+    def _host_algorithm(self) -> str:
+        """The algorithm the host computes faster, asked once for all the parallel ranges of a new chain
+        (the allocation listing measures it); :data:`DEFAULT_ALGORITHM` when the host cannot say."""
+        try:
+            return self.ctx.host.allocation(self.disk).algorithm
+        except EsxiError as exc:
+            self.log.info("backup.digest_algorithm_unmeasured", reason=str(exc), algorithm=DEFAULT_ALGORITHM)
+            return DEFAULT_ALGORITHM
 
     def _zero_blocks_that_became_zero(self, previous: bytes, digests: bytes, writer: ChunkWriter) -> None:
         """The host does not send blocks that are zero now; where they held data before, the patched
