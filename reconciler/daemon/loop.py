@@ -556,7 +556,6 @@ class Daemon:
 
     def _finish_cycle(self, now: float) -> None:
         self._worker = None
-        release_free_memory()  # the cycle's transfer buffers, kept by the tuned allocator
         self._beat(cycle_finished=self.clock())
         self.last_result = self._result
         delay = self.resync * (1 + RESYNC_JITTER * (2 * self.rng.random() - 1))
@@ -566,6 +565,9 @@ class Daemon:
             delay = min(delay, max(self.min_interval, until_due))
         self._next_cycle = now + delay
         self.notifier.status(self._status_line())
+        # last: the cycle's transfer buffers, kept by the tuned allocator, go back to the kernel once the
+        # result is recorded (readiness and the heartbeat must not wait for it)
+        release_free_memory()
 
     def _status_line(self) -> str:
         """One line for ``systemctl status``: the config, the last cycle, the next one."""

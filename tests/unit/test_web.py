@@ -278,6 +278,8 @@ def test_the_daemon_serves_readiness_from_start_up_through_a_fixed_config(tmp_pa
         (config / "repo.yaml").write_text(VALID.format(name="r"))
         daemon.request_reload()
         wait_for(lambda: len(cycle.contexts) == 1 and daemon._worker is None, "a cycle of the fixed config")
+        # the loop records the finished cycle just after it marks the worker gone: poll, not one look
+        wait_for(lambda: _get(base + "readyz")[0] == 200, "readiness after the fixed config's cycle")
         status, body = _get(base + "readyz")
         assert status == 200 and body.startswith("ready: last cycle finished"), body
         metrics = _get(base + "metrics")[1]
