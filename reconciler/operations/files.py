@@ -496,7 +496,7 @@ def _mount_filesystems(session: FilesSession, disks_mount: Path) -> None:
             session.problems.append(f"{name}: partition table: {exc}")
             continue
         except OSError as exc:
-            raise FilesError(_unreadable(session, f"{name} ({disk.label})", exc)) from exc
+            raise FilesError(unreadable_message(session, f"{name} ({disk.label})", exc)) from exc
         session.problems.extend(f"{name}: {p}" for p in table.problems)
         for part in table.partitions:
             fs = GuestFilesystem(
@@ -612,7 +612,7 @@ def _read_physical_volume(
         _note(
             session,
             index,
-            f"LVM physical volume: {_unreadable(session, f'{fs.name} (its LVM metadata)', exc)}",
+            f"LVM physical volume: {unreadable_message(session, f'{fs.name} (its LVM metadata)', exc)}",
         )
         return
     except (LvmToolError, LvmMetadataError) as exc:
@@ -636,7 +636,7 @@ def _volume_filesystem(
             kind = detect_filesystem(volume_reader(placed.pieces, read_disk), 0, placed.size)
         except OSError as exc:
             what = f"{placed.name} ({placed.vg}/{placed.lv})"
-            raise FilesError(_unreadable(session, what, exc)) from exc
+            raise FilesError(unreadable_message(session, what, exc)) from exc
     first = placed.pieces[0] if placed.pieces else None
     on = sorted({p.disk for p in placed.pieces})
     disk = (
@@ -753,7 +753,7 @@ def _mounted_read_only(target: Path) -> bool:
     return False
 
 
-def _unreadable(session: FilesSession, what: str, exc: OSError) -> str:
+def unreadable_message(session: FilesSession, what: str, exc: OSError) -> str:
     """The one line for a read that failed: the point, the file, and the chunk the child could not read."""
     errors = session.read_errors()
     cause = errors[-1] if errors else (exc.strerror or str(exc))
@@ -849,7 +849,7 @@ def list_entries(session: FilesSession, guest_path: str, *, recursive: bool = Fa
     except FileNotFoundError:
         raise BadPath(f"{session.describe()} has no {guest_path!r}") from None
     except OSError as exc:
-        raise FilesError(_unreadable(session, guest_path, exc)) from exc
+        raise FilesError(unreadable_message(session, guest_path, exc)) from exc
 
 
 def cat_file(session: FilesSession, guest_path: str, out: BinaryIO) -> int:
@@ -866,7 +866,7 @@ def cat_file(session: FilesSession, guest_path: str, out: BinaryIO) -> int:
     except FileNotFoundError:
         raise BadPath(f"{session.describe()} has no {guest_path!r}") from None
     except OSError as exc:
-        raise FilesError(_unreadable(session, guest_path, exc)) from exc
+        raise FilesError(unreadable_message(session, guest_path, exc)) from exc
     return written
 
 
@@ -940,7 +940,7 @@ def _copy_tree(
     except OSError as exc:
         if exc.filename is not None and str(exc.filename).startswith(str(destination)):
             raise FilesError(f"cannot write {destination}: {exc.strerror}") from exc
-        raise FilesError(_unreadable(session, guest_path, exc)) from exc
+        raise FilesError(unreadable_message(session, guest_path, exc)) from exc
     _copy_metadata(st, destination)
     result.copied.append(destination)
 

@@ -34,7 +34,7 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import structlog
 
@@ -44,11 +44,12 @@ from reconciler.operations.files import (
     FilesSession,
     filesystem_line,
     filesystem_rows,
+    unreadable_message,
 )
-from reconciler.operations.files import _unreadable as unreadable_message  # the line `files` says
 from reconciler.operations.restore import describe_source
 
 log = structlog.get_logger(__name__)
+T = TypeVar("T")
 
 MAX_OPEN_POINTS = 4
 """Points whose filesystems are mounted at once (each holds a FUSE child, loop devices and mounts)."""
@@ -85,6 +86,16 @@ def open_parent(root: Path, parts: Sequence[str]) -> int:
         os.close(fd)
         raise
     return fd
+
+
+def in_parent(root: Path, parts: Sequence[str], act: Callable[[int, str], T]) -> T:
+    """``act(parent_fd, name)`` on the last of ``parts``, its directory reached by :func:`open_parent`
+    (closed again afterwards)."""
+    parent = open_parent(root, parts)
+    try:
+        return act(parent, parts[-1])
+    finally:
+        os.close(parent)
 
 
 def _attributes(st: os.stat_result) -> dict[str, Any]:
@@ -316,11 +327,9 @@ class GuestFiles:
             try:
                 if not rest:
                     return _attributes(root.stat())
-                parent = open_parent(root, rest)
-                try:
-                    return _attributes(os.stat(rest[-1], dir_fd=parent, follow_symlinks=False))
-                finally:
-                    os.close(parent)
+                return _attributes(
+                    in_parent(root, rest, lambda d, name: os.stat(name, dir_fd=d, follow_symlinks=False))
+                )
             except OSError as exc:
                 raise self._failed(session, parts, exc) from None
 
@@ -332,12 +341,8 @@ class GuestFiles:
             try:
                 if not rest:
                     return [".", "..", *(p.name for p in root.iterdir())]
-                parent = open_parent(root, rest)
-                try:
-                    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-                    fd = os.open(rest[-1], flags, dir_fd=parent)
-                finally:
-                    os.close(parent)
+                flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+                fd = in_parent(root, rest, lambda d, name: os.open(name, flags, dir_fd=d))
                 try:
                     return [".", "..", *os.listdir(fd)]  # noqa: PTH208 (a directory fd: no pathlib form)
                 finally:
@@ -353,11 +358,7 @@ class GuestFiles:
             if not rest:
                 raise OSError(errno.EINVAL, "not a symlink")
             try:
-                parent = open_parent(root, rest)
-                try:
-                    return os.readlink(rest[-1], dir_fd=parent)
-                finally:
-                    os.close(parent)
+                return in_parent(root, rest, lambda d, name: os.readlink(name, dir_fd=d))
             except OSError as exc:
                 raise self._failed(session, parts, exc) from None
 
@@ -373,11 +374,8 @@ class GuestFiles:
             if not rest:
                 raise OSError(errno.EISDIR, "a directory")
             try:
-                parent = open_parent(root, rest)
-                try:
-                    fd = os.open(rest[-1], os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent)
-                finally:
-                    os.close(parent)
+                flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+                fd = in_parent(root, rest, lambda d, name: os.open(name, flags, dir_fd=d))
             except OSError as exc:
                 raise self._failed(session, parts, exc) from None
             self.pool.acquire(point)  # held by the handle: the session is already open, this is a count
