@@ -32,7 +32,7 @@ from reconciler.daemon.heartbeat import Heartbeat, write_heartbeat
 from reconciler.daemon.lock import AlreadyRunning, InstanceLock
 from reconciler.daemon.notify import Notifier
 from reconciler.daemon.source import SourceTracker
-from reconciler.daemon.watch import ConfigWatcher, Debouncer, changed_within
+from reconciler.daemon.watch import ConfigWatcher, Debouncer, changed_within, open_for_writing
 from reconciler.status.conditions import CONFIG_NAME, Condition, config_condition
 from reconciler.status.history import Event, EventOutcome, Retention
 from reconciler.status.store import StatusStore, status_path
@@ -56,6 +56,9 @@ DUE_SLACK = 1.0
 DEFAULT_MIN_INTERVAL = 10.0
 """Least time between the end of a cycle and the next one started by ``next_due`` (a planner that keeps
 saying "due now" must not make the daemon hammer the hosts)."""
+
+WRITER_RECHECK = 0.5
+"""Seconds between asking the kernel again whether a config file is still open for writing."""
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -141,6 +144,8 @@ class Daemon:
         self._store: StatusStore | None = None
         self._ready_sent = False
         self._source_update = False
+        self._written_since: float | None = None
+        """When the kernel first said a config file was open for writing (None: nothing is)."""
 
     # -- requests (from signal handlers, the watcher thread or tests) -------------------------------
 
@@ -244,7 +249,7 @@ class Daemon:
                 self._reload()
                 self._cycle_requested = True  # "reload now" also means "reconcile now"
                 self.notifier.ready(self._status_line())
-            if self.debouncer.take(now):
+            if self.debouncer.due(now) and not self._being_written(now) and self.debouncer.take(now):
                 if self.debouncer.abandoned:
                     log.warning(
                         "config.still_being_written",
@@ -264,7 +269,7 @@ class Daemon:
                 if self.once:
                     return EXIT_OK if self.last_result and self.last_result.ok else EXIT_FAILED
             if self._worker is None and (self._cycle_requested or now >= self._next_cycle):
-                if not self._cycle_requested and self._config_settled():
+                if not self._cycle_requested and self._config_settled(now):
                     self._reload()  # a resync re-reads the config too (a commit in a parent repo)
                 if self.desired is not None:
                     self._start_cycle()
@@ -280,16 +285,45 @@ class Daemon:
                 next_ping = now + interval
             self.waker.wait(self._sleep(now, next_ping if interval is not None else None))
 
-    def _config_settled(self) -> bool:
+    def _config_settled(self, now: float) -> bool:
         """Whether a resync may re-read the config: nothing being written, no burst of events pending
         (the debouncer reloads after it), and no file changed within the quiet period whose events may
         still be on their way from the watcher thread (a half-written file read then was seen in CI)."""
         if self.debouncer.writing() or self.debouncer.deadline is not None:
             return False
-        return not (self.watch and changed_within(self.config_dir, self.debouncer.quiet, time.time()))
+        if not self.watch:
+            return True
+        recent = changed_within(self.config_dir, self.debouncer.quiet, time.time())
+        return not (recent or self._being_written(now))
+
+    def _being_written(self, now: float) -> bool:
+        """Whether a process has a config file open for writing (the kernel's answer: watcher events may
+        be late, or missing when the directory could not be watched), for at most the debouncer's
+        ``hold`` seconds, after which the files are read anyway (logged). Only for a watched directory:
+        a git source's revision is written whole before it is applied."""
+        files = open_for_writing(self.config_dir) if self.watch else ()
+        if not files:
+            self._written_since = None
+            return False
+        if self._written_since is None:
+            self._written_since = now
+            log.info("config.being_written", files=list(files), detail="reading them once they are closed")
+        if now < self._written_since + self.debouncer.hold:
+            return True
+        log.warning(
+            "config.still_being_written",
+            files=list(files),
+            seconds=self.debouncer.hold,
+            detail="reading them anyway",
+        )
+        self._written_since = None
+        return False
 
     def _sleep(self, now: float, next_ping: float | None) -> float | None:
-        deadlines = [d for d in (next_ping, self.debouncer.deadline) if d is not None]
+        # while a writer holds a due reload back, look again soon: its close may bring no event
+        held = self._written_since is not None and self.debouncer.due(now)
+        burst_end = now + WRITER_RECHECK if held else self.debouncer.deadline
+        deadlines = [d for d in (next_ping, burst_end) if d is not None]
         if self._worker is None:
             deadlines.append(self._next_cycle)
         return max(0.0, min(deadlines) - now) if deadlines else None

@@ -14,10 +14,18 @@ end is often valid YAML that says less than its author meant. So a config file (
 closed after writing (``closed``), deleted or renamed away; the burst is not over while one is, for at
 most ``hold`` seconds (a writer that never closes must not stop reloads for good). Files written
 elsewhere and renamed into place (atomic saves) are complete when they appear.
+
+Events can be late (a busy machine) or missing (no inotify instance left, so nothing is watched), so
+before reading, the loop also asks the kernel (:func:`open_for_writing`): a read lease is refused while
+any process has the file open for writing.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
+import os
+import signal
 import threading
 from collections.abc import Callable
 from pathlib import Path, PurePath
@@ -83,13 +91,21 @@ class Debouncer:
                 end = max(end, min(self._writing.values()) + self.hold)
             return end
 
+    def due(self, now: float) -> bool:
+        """Whether :meth:`take` would be true now (the caller may still hold the reload back)."""
+        with self._lock:
+            return self._due(now)
+
+    def _due(self, now: float) -> bool:
+        if self._last is None or now < self._last + self.quiet:
+            return False
+        return not (self._writing and now < min(self._writing.values()) + self.hold)
+
     def take(self, now: float) -> bool:
         """True (once) when a burst has been quiet long enough and nothing is being written (or has been
         for ``hold``); the caller then reloads."""
         with self._lock:
-            if self._last is None or now < self._last + self.quiet:
-                return False
-            if self._writing and now < min(self._writing.values()) + self.hold:
+            if not self._due(now):
                 return False
             self.abandoned = tuple(sorted(self._writing))
             self._writing.clear()
@@ -108,6 +124,33 @@ def changed_within(root: Path, seconds: float, now: float) -> bool:
         except OSError:  # removed meanwhile: that is a change too
             return True
     return False
+
+
+def open_for_writing(root: Path) -> tuple[str, ...]:
+    """The config files under ``root`` that some process has open for writing, as the kernel says: a
+    read lease (``F_SETLEASE``) is refused with ``EAGAIN`` while a writer has the file open, whatever
+    events the watcher did or did not see. A file the kernel will not answer for (not ours and no
+    ``CAP_LEASE``, a filesystem without leases, leases disabled) is not listed: its events decide."""
+    found = []
+    for path in find_files(root) if root.exists() else ():
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError:  # gone or unreadable meanwhile: the reload says so
+            continue
+        try:
+            # a writer opening the file while the lease is held would make the kernel signal us
+            # (SIGIO, which ends a process): SIGURG is ignored unless handled, and we drop the lease
+            # at once, so the writer waits microseconds
+            fcntl.fcntl(fd, fcntl.F_SETSIG, signal.SIGURG)
+            fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_RDLCK)
+        except OSError as exc:
+            if exc.errno == errno.EAGAIN:
+                found.append(str(path))
+        else:
+            fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_UNLCK)
+        finally:
+            os.close(fd)
+    return tuple(found)
 
 
 def relevant(path: str, root: Path, event_type: str) -> bool:

@@ -283,7 +283,8 @@ def test_a_file_written_in_parts_is_read_only_when_complete(env: Env, ledger: Le
         f.write(first)
         f.flush()
         time.sleep(3 * (DEBOUNCE + RESYNC))  # quiet far longer than the debounce, resyncs due
-        assert env.daemon.since(mark, "config.loaded") == []  # the first part alone was never loaded
+        # the first part alone was never loaded (the daemon's events since the mark say why if it was)
+        assert env.daemon.since(mark, "config.loaded") == [], env.daemon.since(mark)
         f.write(second)
     loaded = env.daemon.wait(mark, "the whole file", lambda e: e.get("event") == "config.loaded")
     assert loaded["policies"] == env.policies + 2

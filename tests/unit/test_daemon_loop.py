@@ -467,3 +467,34 @@ def test_a_resync_does_not_read_a_file_written_a_moment_ago(
     )
     assert time.monotonic() - written >= 1.5 - 0.2  # never earlier than the quiet period (mtime resolution)
     assert stop(daemon, thread, codes) == 0
+
+
+@pytest.mark.parametrize("watcher", ["late", "real"])
+def test_a_file_open_for_writing_is_read_only_once_closed(
+    config_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, watcher: str
+) -> None:
+    """Seen in CI: a policy file whose first part (a valid config on its own) had been written and flushed
+    was loaded while its writer still had it open. Whether the watcher's events come (``real``) or never
+    do (``late``: a busy machine, or no inotify instance left), the kernel says the file is open for
+    writing, so neither the debounced reload nor a resync reads it until it is closed."""
+    import reconciler.daemon.loop as loop
+
+    if watcher == "late":
+        monkeypatch.setattr(loop, "ConfigWatcher", _LateWatcher)
+    cycle, loads = Recorder(), Loads()
+    daemon = make(config_dir, tmp_path, cycle, watch=True, load=loads, resync=0.05, debounce=0.2)
+    thread, codes = start(daemon)
+    wait_for(lambda: len(cycle.contexts) >= 3, "resync cycles")
+    with (config_dir / "repo2.yaml").open("w") as f:
+        f.write(VALID.format(name="r2"))
+        f.flush()
+        before = len(cycle.contexts)
+        wait_for(lambda: len(cycle.contexts) >= before + 20, "resync cycles while the file is open")
+        time.sleep(1.0)  # well past the quiet period: the first part alone is a valid config
+        assert daemon.desired is not None and "r2" not in daemon.desired.repositories
+        f.write("---\n" + VALID.format(name="r3"))
+    wait_for(
+        lambda: daemon.desired is not None and {"r2", "r3"} <= set(daemon.desired.repositories),
+        "the whole file, read once it is closed",
+    )
+    assert stop(daemon, thread, codes) == 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
 import threading
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import pytest
 
 from reconciler.daemon.lock import AlreadyRunning, InstanceLock, running_daemon
 from reconciler.daemon.notify import Notifier
-from reconciler.daemon.watch import ConfigWatcher, Debouncer, config_file, relevant
+from reconciler.daemon.watch import ConfigWatcher, Debouncer, config_file, open_for_writing, relevant
 
 
 def test_notifier_sends_datagrams_to_an_abstract_socket() -> None:
@@ -154,3 +155,27 @@ def test_the_watcher_reports_a_changed_file(tmp_path: Path) -> None:
 
 def test_watching_a_missing_directory_is_reported_not_raised(tmp_path: Path) -> None:
     assert not ConfigWatcher(tmp_path / "missing", lambda path, event: None).start()
+
+
+def test_the_kernel_says_which_config_files_are_open_for_writing(tmp_path: Path) -> None:
+    """Whatever events the watcher did or did not deliver: files open for writing, by this process or
+    another, are listed; files open only for reading, and files the loader does not read, are not."""
+    config = tmp_path / "config"
+    (config / "hosts").mkdir(parents=True)
+    for name in ("p.yaml", "hosts/esxi1.yml", "r.yaml", ".p.yaml.swp"):
+        (config / name).write_text("x: 1\n")
+    assert open_for_writing(config) == ()
+    other = subprocess.Popen(
+        ["sh", "-c", 'exec 3>>"$1"; echo open; read line', "sh", str(config / "hosts/esxi1.yml")],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert other.stdout is not None and other.stdout.readline() == "open\n"
+        with (config / "p.yaml").open("a"), (config / "r.yaml").open(), (config / ".p.yaml.swp").open("a"):
+            assert open_for_writing(config) == (str(config / "hosts/esxi1.yml"), str(config / "p.yaml"))
+        assert open_for_writing(config) == (str(config / "hosts/esxi1.yml"),)
+    finally:
+        other.communicate("\n", timeout=10)
+    assert open_for_writing(config) == ()
