@@ -178,6 +178,31 @@ def tree_size(path: Path) -> int:
 # -- the product ------------------------------------------------------------------------------------
 
 
+def write_bench_point(repo: Any, index: str, size: int, files: tuple[Any, ...] = ()) -> None:
+    """Record a one-disk restore point of the VM "bench" whose disk is the chunk index ``index``: how the
+    benches that store an image without a lab (files, s3) make a point to read back."""
+    from datetime import datetime, timezone
+
+    from reconciler.facts.points import DiskRecord, RestorePoint, VmRef, new_point_id
+
+    now = datetime.now(timezone.utc)
+    repo.write_point(
+        RestorePoint(
+            id=new_point_id(now),
+            policy="bench",
+            vm=VmRef("bench", "uuid-bench", "esxi1", "1"),
+            started=now,
+            snapshot_time=now,
+            finished=now,
+            status="success",
+            mode="full",
+            config_revision="bench",
+            files=files,
+            disks=(DiskRecord(2000, "Hard disk 1", "[ds] bench/bench.vmdk", size, index),),
+        )
+    )
+
+
 def write_config(handle: LabHandle, root: Path, *, licensed_ssh: bool = True) -> Path:
     """The product's config for the lab: one repository and policy per host. ``licensed_ssh=False``:
     the licensed host without SSH (everything over the API and HTTPS, as a host with SSH off)."""

@@ -23,10 +23,9 @@ import subprocess
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
-from bench.backup import PASSPHRASE, MiB, image_for, machine, versions
+from bench.backup import PASSPHRASE, MiB, image_for, machine, versions, write_bench_point
 from esxisim.lab import parse_size
 
 _SERVE = """
@@ -41,7 +40,6 @@ serve(repo, build_tree(repo.list_points()), Path(sys.argv[3]))
 
 def store(root: Path, src: Path, size: int) -> Path:
     """Our repository with one point whose one disk is ``src``."""
-    from reconciler.facts.points import DiskRecord, RestorePoint, VmRef, new_point_id
     from reconciler.repository import Repository
 
     repo_path = root / "repo"
@@ -54,22 +52,8 @@ def store(root: Path, src: Path, size: int) -> Path:
                 writer.write(offset, piece)
             offset += len(piece)
     index = writer.finish()
-    now = datetime.now(timezone.utc)
-    repo.write_point(
-        RestorePoint(
-            id=new_point_id(now),
-            policy="bench",
-            vm=VmRef("bench", "uuid", "esxi1", "1"),
-            started=now,
-            snapshot_time=now,
-            finished=now,
-            status="success",
-            mode="full",
-            config_revision="bench",
-            files=(repo.write_file("bench.vmx", b'scsi0:0.fileName = "bench.vmdk"\n'),),
-            disks=(DiskRecord(2000, "Hard disk 1", "[ds] bench/bench.vmdk", size, index),),
-        )
-    )
+    vmx = repo.write_file("bench.vmx", b'scsi0:0.fileName = "bench.vmdk"\n')
+    write_bench_point(repo, index, size, (vmx,))
     repo.flush()
     return repo_path
 

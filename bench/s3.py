@@ -22,11 +22,10 @@ import os
 import sys
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from bench.backup import MiB, compile_product, fmt_bytes, image_for, machine, run_child
+from bench.backup import MiB, compile_product, fmt_bytes, image_for, machine, run_child, write_bench_point
 from esxisim.lab import parse_size
 
 PASSPHRASE = "bench passphrase, not a secret"
@@ -61,7 +60,6 @@ def _target(spec: str) -> Any:
 
 
 def child_backup(target: str, image: Path) -> dict[str, Any]:
-    from reconciler.facts.points import DiskRecord, RestorePoint, VmRef, new_point_id
     from reconciler.repository import KdfParams, Repository
 
     repo = Repository.init(_target(target), PASSPHRASE, kdf=KdfParams(1024, 1, 1))
@@ -75,21 +73,7 @@ def child_backup(target: str, image: Path) -> dict[str, Any]:
         with ThreadPoolExecutor(2) as pool:  # the backup's two writer threads
             list(pool.map(slot, range(0, size, MiB)))
         index = writer.finish()
-        now = datetime.now(timezone.utc)
-        repo.write_point(
-            RestorePoint(
-                id=new_point_id(now),
-                policy="bench",
-                vm=VmRef("bench", "uuid-bench", "bench", "1"),
-                started=now,
-                snapshot_time=now,
-                finished=now,
-                status="success",
-                mode="full",
-                config_revision="bench",
-                disks=(DiskRecord(2000, "Hard disk 1", "[ds] bench/bench.vmdk", size, index),),
-            )
-        )
+        write_bench_point(repo, index, size)
     return {"stored": writer.bytes_stored}
 
 

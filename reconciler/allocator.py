@@ -29,7 +29,8 @@ MMAP_THRESHOLD = 16 << 20
 """Allocations at least this large get their own mapping (a chunk buffer never does)."""
 
 
-def _glibc() -> ctypes.CDLL | None:
+def glibc() -> ctypes.CDLL | None:
+    """The C library when it is glibc (whose allocator has these knobs); None for any other."""
     try:
         os.confstr("CS_GNU_LIBC_VERSION")
     except (ValueError, OSError):  # not glibc (musl, another OS): its allocator has no such knobs
@@ -45,7 +46,7 @@ def _glibc() -> ctypes.CDLL | None:
 
 def tune_allocator() -> bool:
     """Apply the thresholds (see the module doc); False where the C library is not glibc."""
-    libc = _glibc()
+    libc = glibc()
     if libc is None:
         return False
     ok: bool = libc.mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1
@@ -57,6 +58,6 @@ def tune_allocator() -> bool:
 
 def release_free_memory() -> None:
     """Give the memory that is free back to the kernel (``malloc_trim``), e.g. after a daemon cycle."""
-    libc = _glibc()
+    libc = glibc()
     if libc is not None:
         libc.malloc_trim(0)

@@ -39,6 +39,7 @@ from functools import partial
 from typing import Protocol
 
 from reconciler.esxi.errors import ShellError, TransportError
+from reconciler.esxi.hostdigest import HostStream
 from reconciler.esxi.openssh import OpenSsh
 from reconciler.esxi.shell import ShellConnection
 from reconciler.esxi.transport import ROTATE_BYTES
@@ -104,13 +105,10 @@ def receive_command(path: str) -> str:
     return command_line(["python", "-c", bootstrap, path])
 
 
-class DataStream(Protocol):
-    """A remote command's stdin and stdout: :class:`~.shell.RemoteStream` (paramiko) or
-    :class:`~.openssh.ProcessStream` (the ssh binary)."""
+class DataStream(HostStream, Protocol):
+    """A remote command's stdin and stdout (:class:`~.shell.RemoteStream` through paramiko, or
+    :class:`~.openssh.ProcessStream` through the ssh binary) that a failed write can also abort."""
 
-    def write(self, data: bytes) -> None: ...
-    def read(self, size: int) -> bytes: ...
-    def close_stdin(self) -> None: ...
     def abort(self) -> None: ...
 
 

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from reconciler.allocator import _glibc
+from reconciler.allocator import glibc
 
 PROGRAM = """
 import os, sys
@@ -34,7 +34,7 @@ def kept_after_free(mode: str) -> tuple[int, int]:
     return int(kept), int(released)
 
 
-@pytest.mark.skipif(_glibc() is None, reason="the C library is not glibc")
+@pytest.mark.skipif(glibc() is None, reason="the C library is not glibc")
 def test_a_freed_buffer_is_kept_for_the_next_chunk_and_released_after_the_job() -> None:
     kept, released = kept_after_free("tuned")
     assert kept >= 7 << 20  # reused by the next allocation instead of faulted in again
