@@ -373,6 +373,20 @@ def record_command(
         pass
 
 
+def add_point_selection(parser: argparse.ArgumentParser) -> None:
+    """``VM``, ``--point``, ``--from-host`` and ``--repository``: how every verb that reads one restore
+    point (restore, export, files) names it (resolved by ``commands.restore.find_repository``)."""
+    parser.add_argument("vm", metavar="VM", help="the VM's name as backed up (see `points`)")
+    parser.add_argument("--point", metavar="ID", default="latest", help="restore point id; default: latest")
+    parser.add_argument(
+        "--from-host",
+        metavar="H",
+        help="the VM named VM as backed up on host H, when VMs of that name were backed up on several"
+        " hosts (`points --vm VM` lists them)",
+    )
+    parser.add_argument("--repository", metavar="R", help="repository (default: the one holding the VM)")
+
+
 def add_yes_option(parser: argparse.ArgumentParser, what: str) -> None:
     """``--yes``/``-y`` for a verb that destroys or replaces something (``what`` it does)."""
     parser.add_argument(

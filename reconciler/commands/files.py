@@ -11,7 +11,16 @@ from typing import Any
 
 import structlog
 
-from reconciler.commands.common import ExitCode, add_command, emit_json, fail, load_desired, plural, state_dir
+from reconciler.commands.common import (
+    ExitCode,
+    add_command,
+    add_point_selection,
+    emit_json,
+    fail,
+    load_desired,
+    plural,
+    state_dir,
+)
 from reconciler.printable import printable
 from reconciler.units import human_size
 
@@ -53,12 +62,7 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         epilog=_EXAMPLES,
         handler=cmd_files,
     )
-    parser.add_argument("vm", metavar="VM", help="the VM's name as backed up")
-    parser.add_argument("--point", metavar="ID", default="latest", help="restore point id; default: latest")
-    parser.add_argument(
-        "--from-host", metavar="H", help="the VM named VM as backed up on host H (when several hosts had one)"
-    )
-    parser.add_argument("--repository", metavar="R", help="repository (default: the one holding the VM)")
+    add_point_selection(parser)
     parser.add_argument(
         "action", choices=("ls", "cat", "cp"), help="ls: list; cat: print a file; cp: copy out"
     )

@@ -16,7 +16,15 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 import structlog
 
-from reconciler.commands.common import ExitCode, add_command, emit_json, fail, load_desired, plural
+from reconciler.commands.common import (
+    ExitCode,
+    add_command,
+    add_point_selection,
+    emit_json,
+    fail,
+    load_desired,
+    plural,
+)
 from reconciler.printable import printable
 from reconciler.units import human_size
 
@@ -69,15 +77,7 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         epilog=_EXAMPLES,
         handler=cmd_restore,
     )
-    parser.add_argument("vm", metavar="VM", help="the VM's name as backed up (see `points`)")
-    parser.add_argument("--point", metavar="ID", default="latest", help="restore point id; default: latest")
-    parser.add_argument(
-        "--from-host",
-        metavar="H",
-        help="the VM named VM as backed up on host H, when VMs of that name were backed up on several"
-        " hosts (`points --vm VM` lists them)",
-    )
-    parser.add_argument("--repository", metavar="R", help="repository (default: the one holding the VM)")
+    add_point_selection(parser)
     parser.add_argument(
         "--host",
         metavar="H",
