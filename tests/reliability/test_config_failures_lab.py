@@ -187,6 +187,29 @@ def _env(
     assert proc.returncode == 0, daemon.since(0)[-20:]
 
 
+def config_files(root: Path) -> dict[Path, bytes]:
+    return {p: p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file() and ".git" not in p.parts}
+
+
+@pytest.fixture(autouse=True)
+def config_put_back(env: Env) -> Iterator[None]:
+    """Each case leaves the config as it found it, even when it fails: a case that fails half-way would
+    otherwise leave its change in force, and every later case would fail on a config that is no longer
+    the good one (CI once turned one failure into six this way)."""
+    before = config_files(env.config)
+    yield
+    after = config_files(env.config)
+    if after == before:
+        return
+    mark = env.daemon.mark()
+    for path in after.keys() - before.keys():
+        path.unlink()
+    for path, content in before.items():
+        if after.get(path) != content:
+            path.write_bytes(content)
+    back_to_good(env, mark)
+
+
 def config_condition(env: Env, status: str) -> Any:
     """The ``config`` condition once it has ``status`` (the daemon logs before it writes the store)."""
     deadline = time.monotonic() + WAIT
