@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -179,3 +180,41 @@ def test_the_kernel_says_which_config_files_are_open_for_writing(tmp_path: Path)
     finally:
         other.communicate("\n", timeout=10)
     assert open_for_writing(config) == ()
+
+
+PROBE_LOOP = """
+import sys
+from pathlib import Path
+from reconciler.daemon.watch import open_for_writing
+root = Path(sys.argv[1])
+print(sum(bool(open_for_writing(root)) for _ in range(10000)))
+"""
+
+WRITER_LOOP = """
+import os, sys
+while True:
+    os.close(os.open(sys.argv[1], os.O_WRONLY))
+"""
+
+
+def test_a_writer_opening_a_file_during_the_probe_does_not_end_the_daemon(tmp_path: Path) -> None:
+    """A writer that opens the file while the probe holds its read lease makes the kernel signal the
+    holder, with SIGIO unless told otherwise, and SIGIO ends a process: without ``F_SETSIG`` a probe
+    in a loop against a writer in a loop died of it within a second here."""
+    config = tmp_path / "config"
+    config.mkdir()
+    (config / "p.yaml").write_text("x: 1\n")
+    writer = subprocess.Popen([sys.executable, "-c", WRITER_LOOP, str(config / "p.yaml")])
+    try:
+        probe = subprocess.run(
+            [sys.executable, "-c", PROBE_LOOP, str(config)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+    finally:
+        writer.kill()
+        writer.wait()
+    assert probe.returncode == 0, (probe.returncode, probe.stderr)
+    assert int(probe.stdout) > 0  # the writer was seen: the two did run into each other
