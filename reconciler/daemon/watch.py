@@ -36,6 +36,7 @@ from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 
 from reconciler.config.documents import YAML_SUFFIXES, find_files
+from reconciler.directio import filesystem_type
 
 log = structlog.get_logger(__name__)
 
@@ -126,13 +127,22 @@ def changed_within(root: Path, seconds: float, now: float) -> bool:
     return False
 
 
+LEASE_FILESYSTEMS = frozenset({"ext2", "ext3", "ext4", "xfs", "btrfs", "f2fs", "zfs", "tmpfs", "overlay"})
+"""Local filesystems whose refused read lease means a local writer. Elsewhere it means nothing or
+something else: NFS refuses every lease (``EINVAL``), SMB refuses a read lease with ``EAGAIN`` whenever
+the server has not granted a read oplock, which would hold every reload back."""
+
+
 def open_for_writing(root: Path) -> tuple[str, ...]:
     """The config files under ``root`` that some process has open for writing, as the kernel says: a
     read lease (``F_SETLEASE``) is refused with ``EAGAIN`` while a writer has the file open, whatever
-    events the watcher did or did not see. A file the kernel will not answer for (not ours and no
-    ``CAP_LEASE``, a filesystem without leases, leases disabled) is not listed: its events decide."""
+    events the watcher did or did not see. A file the kernel will not answer for (not on one of
+    :data:`LEASE_FILESYSTEMS`, not ours and no ``CAP_LEASE``, leases disabled) is not listed: its events
+    decide."""
     found = []
     for path in find_files(root) if root.exists() else ():
+        if filesystem_type(path) not in LEASE_FILESYSTEMS:
+            continue
         try:
             fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
         except OSError:  # gone or unreadable meanwhile: the reload says so

@@ -182,6 +182,19 @@ def test_the_kernel_says_which_config_files_are_open_for_writing(tmp_path: Path)
     assert open_for_writing(config) == ()
 
 
+def test_on_smb_or_nfs_the_kernel_is_not_asked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """SMB refuses a read lease whenever the server granted no read oplock, writer or not: asked there,
+    the kernel would hold every reload back for a minute. The watcher's events decide alone."""
+    import reconciler.daemon.watch as watch
+
+    (tmp_path / "p.yaml").write_text("x: 1\n")
+    with (tmp_path / "p.yaml").open("a"):
+        assert open_for_writing(tmp_path) == (str(tmp_path / "p.yaml"),)
+        for network in ("cifs", "smb3", "nfs4", "fuse.sshfs"):
+            monkeypatch.setattr(watch, "filesystem_type", lambda path, kind=network: kind)
+            assert open_for_writing(tmp_path) == (), network
+
+
 PROBE_LOOP = """
 import sys
 from pathlib import Path
