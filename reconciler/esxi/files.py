@@ -12,7 +12,7 @@ import hashlib
 import posixpath
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from pyVmomi import vim, vmodl
@@ -176,6 +176,47 @@ class Files:
             return sorted(str(f.path) for f in (result.file or []))
 
         return self.conn.api.call(f"list {folder}", search)
+
+    def find_in_vm_folders(self, datastores: Sequence[str], pattern: str) -> list[str]:
+        """Datastore paths of the files matching the glob ``pattern`` in any top-level folder of these
+        datastores (where VMs keep their files), in one pass per host: ``find`` over SSH, else one
+        recursive datastore-browser search per datastore. A datastore that cannot be read is skipped."""
+        if self.conn.shell is not None:
+            roots = {vmfs_path(f"[{ds}] "): ds for ds in datastores}
+            res = self.conn.ssh().run(
+                ["find", *roots, "-maxdepth", "2", "-type", "f", "-name", pattern, "-print0"],
+                check=False,
+                timeout=120,
+            )
+            found = []
+            for path in res.stdout.decode("utf-8", "surrogateescape").split("\0"):
+                root = max((r for r in roots if path.startswith(r)), key=len, default=None)
+                rel = path[len(root) :].lstrip("/") if root else ""
+                if root and rel.count("/") == 1:
+                    found.append(f"[{roots[root]}] {rel}")
+            return sorted(found)
+
+        def search() -> list[str]:
+            found: list[str] = []
+            for ds in datastores:
+                store = self.conn.datastore_mo(ds)
+                if store is None:
+                    continue
+                spec = vim.host.DatastoreBrowser.SearchSpec(matchPattern=[pattern])  # type: ignore[no-untyped-call]
+                try:
+                    task = store.browser.SearchDatastoreSubFolders_Task(
+                        datastorePath=f"[{ds}]", searchSpec=spec
+                    )
+                    results = wait_task(task, 120, f"search [{ds}] for {pattern}")
+                except (ApiError, vim.fault.FileNotFound):
+                    continue
+                for result in results or []:
+                    folder = split_ds_path(str(result.folderPath))[1].strip("/")
+                    if folder and "/" not in folder:
+                        found.extend(f"[{ds}] {folder}/{f.path}" for f in result.file or [])
+            return sorted(found)
+
+        return self.conn.api.call(f"search datastores for {pattern}", search)
 
     def make_directory(self, ds_path: str) -> None:
         """Create the folder ``[ds] dir``; raises :class:`EsxiError` if it already exists (so a caller

@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Concatenate, ParamSpec, TypeVar
 
 from reconciler.esxi.api import ApiSession
@@ -299,6 +299,11 @@ class EsxiHost:
     def list_folder(self, folder: str, pattern: str = "*") -> list[str]:
         """Names of the files in ``[ds] dir`` matching the glob ``pattern`` (not recursive)."""
         return self._files.list_folder(folder, pattern)
+
+    @_boundary
+    def find_in_vm_folders(self, datastores: Sequence[str], pattern: str) -> list[str]:
+        """Files matching ``pattern`` in the top-level folders of ``datastores`` (datastore paths)."""
+        return self._files.find_in_vm_folders(datastores, pattern)
 
     @_boundary
     def make_directory(self, ds_path: str) -> None:

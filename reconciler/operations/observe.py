@@ -25,6 +25,7 @@ from reconciler.operations.failures import explain
 from reconciler.operations.hosts import HostFactory, connect
 from reconciler.operations.ports import HostReader
 from reconciler.operations.repositories import open_repository
+from reconciler.operations.restore import unfinished_overwrites
 from reconciler.planning.observed import HostObservation, ObservedState, RepositoryObservation, RunRecord
 from reconciler.repository import Repository, garbage_signs
 
@@ -57,6 +58,11 @@ def _observe_host(config: Host, factory: HostFactory[HostReader]) -> HostObserva
         license = host.license
         vms = tuple(host.list_vms())
         datastores = tuple(host.datastores())
+        try:
+            overwrites = unfinished_overwrites(host, config.name, vms, [d.name for d in datastores])
+        except Exception as exc:  # noqa: BLE001  a journal that cannot be looked for must not hide the host
+            log.warning("observe.overwrite_journals_unreadable", host=config.name, error=_error_text(exc))
+            overwrites = ()
         return HostObservation(
             name=config.name,
             reachable=True,
@@ -65,6 +71,7 @@ def _observe_host(config: Host, factory: HostFactory[HostReader]) -> HostObserva
             vms=vms,
             datastores=datastores,
             snapshot_prefix=host.prefix,
+            unfinished_overwrites=overwrites,
         )
     finally:
         host.close()

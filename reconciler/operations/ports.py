@@ -22,7 +22,7 @@ This module loads no host library (pyVmomi, paramiko, urllib3): the values are t
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from typing import Protocol, TypeVar
 
@@ -86,6 +86,12 @@ class HostReader(Protocol):
     def list_vms(self) -> list[VmInfo]: ...
 
     def datastores(self) -> list[DatastoreInfo]: ...
+
+    def find_in_vm_folders(self, datastores: Sequence[str], pattern: str, /) -> list[str]:
+        """Files matching ``pattern`` in the VM folders of ``datastores`` (the overwrite journals)."""
+        ...
+
+    def read_file(self, ds_path: str, max_size: int = ..., /) -> bytes: ...
 
     def close(self) -> None: ...
 

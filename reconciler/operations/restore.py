@@ -43,7 +43,7 @@ import secrets
 import shlex
 import socket
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 
@@ -56,7 +56,7 @@ from reconciler.esxi.vmx import VmxFile, prepare_restored_vmx
 from reconciler.facts.inventory import DiskInfo, VmInfo, split_ds_path
 from reconciler.facts.points import DiskRecord, RestorePoint, StoredFile, temporary_vm_name
 from reconciler.killpoint import kill_point
-from reconciler.operations.ports import RestoreHost
+from reconciler.operations.ports import HostReader, RestoreHost
 from reconciler.operations.progress import Progress
 from reconciler.operations.vmlock import vm_lock
 from reconciler.parallel import ordered_parallel
@@ -801,6 +801,21 @@ def unfinished_overwrite(host: RestoreHost, vm: VmInfo) -> OverwriteJournal | No
     if not host.file_exists(path):
         return None
     return OverwriteJournal.from_json(host.read_file(path, 1 << 20))
+
+
+def unfinished_overwrites(
+    host: HostReader, host_name: str, vms: Sequence[VmInfo], datastores: Sequence[str]
+) -> tuple[tuple[str, str], ...]:
+    """``(VM name, notice)`` for every VM of the host whose folder holds an overwrite journal: one search
+    of the host's VM folders, then only the journals found are read (the daemon asks each cycle)."""
+    found = set(host.find_in_vm_folders(datastores, "*" + JOURNAL_SUFFIX))
+    out = []
+    for vm in vms:
+        path = journal_path(vm)
+        if path in found:
+            journal = OverwriteJournal.from_json(host.read_file(path, 1 << 20))
+            out.append((vm.name, journal.notice(vm, host_name)))
+    return tuple(out)
 
 
 def _write_journal(host: RestoreHost, vm: VmInfo, journal: OverwriteJournal) -> None:

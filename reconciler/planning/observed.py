@@ -30,6 +30,9 @@ class HostObservation:
     vms: tuple[VmInfo, ...] = ()
     datastores: tuple[DatastoreInfo, ...] = ()
     snapshot_prefix: str = SNAPSHOT_PREFIX
+    unfinished_overwrites: tuple[tuple[str, str], ...] = ()
+    """``(VM name, what to do)`` for each VM an interrupted ``restore --overwrite`` left powered off
+    (its journal is still in the VM's folder)."""
 
     def vm(self, name: str) -> VmInfo | None:
         """The VM with this display name, or None."""

@@ -507,6 +507,8 @@ def _plan_host(b: _Builder, desired: DesiredState, observed: ObservedState, name
             )
         return
     _plan_orphans(b, host)
+    for vm, notice in host.unfinished_overwrites:  # powered off until a person finishes or aborts it
+        b.notice("warning", _vm_subject(name, vm), notice)
     _plan_cbt(b, host, policies)
     _plan_backups(b, desired, observed, host, policies, facts)
 

@@ -67,6 +67,10 @@ class Condition:
         }
 
 
+OVERWRITE_UNFINISHED = "OverwriteUnfinished"
+"""A ``restore --overwrite`` of the VM was killed: the VM is powered off until it is run again or
+given up (``--abort``); the message says both commands."""
+
 # Reasons, by action kind: (while due or running, after a failure).
 _REASONS: dict[str, tuple[str, str]] = {
     "backup": ("BackupDue", "BackupFailed"),
@@ -288,7 +292,9 @@ class _Deriver:
         out = []
         for host in self.desired.hosts:
             seen = self.observed.hosts.get(host)
-            for vm in self.vm_names(host):
+            overwrites = dict(seen.unfinished_overwrites) if seen is not None and seen.reachable else {}
+            protected = self.vm_names(host)
+            for vm in protected:
                 name = f"{host}/{vm}"
                 policies = self.desired.policies_for_vm(host, vm)
                 records = {
@@ -296,7 +302,11 @@ class _Deriver:
                 }
                 last_success = _latest(r.last_succeeded for r in records.values())
                 next_due = _earliest(self.policy_next_due(p, vm, records[p.name]) for p in policies)
-                if seen is not None and not seen.reachable:
+                if vm in overwrites:
+                    base = self.make(
+                        "vm", name, "Stalled", OVERWRITE_UNFINISHED, overwrites[vm], last_success, next_due
+                    )
+                elif seen is not None and not seen.reachable:
                     base = self.make(
                         "vm",
                         name,
@@ -325,6 +335,9 @@ class _Deriver:
                         )
                         base = self.make("vm", name, "Ready", "UpToDate", message, last_success, next_due)
                 out.append(self.activity("vm", name, base))
+            for vm, notice in overwrites.items():
+                if vm not in protected:  # restored over by hand: no policy names it, the host has it
+                    out.append(self.make("vm", f"{host}/{vm}", "Stalled", OVERWRITE_UNFINISHED, notice))
             if seen is not None and seen.reachable:
                 present = {vm.name for vm in seen.vms}
                 for policy in self.desired.policies.values():

@@ -15,6 +15,7 @@ import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
@@ -28,10 +29,12 @@ from reconciler.facts.inventory import BackupSnapshot
 from reconciler.facts.points import RestorePoint
 from reconciler.operations.backup import BackupOptions, backup_policy
 from reconciler.operations.hosts import connect
+from reconciler.operations.observe import observe
 from reconciler.operations.ports import BackupHost
 from reconciler.operations.repositories import open_repository
 from reconciler.operations.restore import (
     OverwriteFailed,
+    OverwriteJournal,
     RestoreOptions,
     disk_content,
     journal_path,
@@ -224,6 +227,36 @@ def test_licensed_host_without_ssh_overwrite(env: Env, capsys: pytest.CaptureFix
                 assert sha(disk_content(env.repo, p2, disk.key)) == expected[disk.key]
         finally:
             remove_vm(env, lab.licensed, SCRATCH_API)
+
+
+def test_a_journal_is_found_through_the_api_on_a_host_without_ssh(env: Env) -> None:
+    """Without SSH, the daemon's observation finds overwrite journals with the datastore browser (one
+    recursive search per datastore): the journal of app201 (as a killed overwrite leaves it) is seen,
+    with its point and power state; a file of the same suffix deeper down or not a VM's is not."""
+    lab = env.lab
+    with connect(env.desired.host(lab.licensed)) as host:
+        app = host.find_vm("app201")
+    journal = OverwriteJournal(
+        point="20261201T020000Z-feed", source="app201 on esxi2", started=datetime.now(timezone.utc),
+        power_state="poweredOn", stamp="s", point_vm="app201",
+    )  # fmt: skip
+    planted = lab.local_path(lab.licensed, journal_path(app))
+    deeper = planted.parent / "sub" / planted.name
+    try:
+        planted.write_bytes(journal.to_json())
+        deeper.parent.mkdir()
+        deeper.write_bytes(journal.to_json())
+        seen = observe(env.desired, now=datetime.now(timezone.utc), history={})
+        ((name, notice),) = seen.hosts[lab.licensed].unfinished_overwrites
+        assert name == "app201" and "--point 20261201T020000Z-feed" in notice and "it was poweredOn" in notice
+        assert seen.hosts[lab.free].unfinished_overwrites == ()
+    finally:
+        planted.unlink(missing_ok=True)
+        deeper.unlink(missing_ok=True)
+        if deeper.parent.exists():
+            deeper.parent.rmdir()
+    seen = observe(env.desired, now=datetime.now(timezone.utc), history={})
+    assert seen.hosts[lab.licensed].unfinished_overwrites == ()
 
 
 def test_test_restore_boots_and_removes_the_vm(env: Env, capsys: pytest.CaptureFixture[str]) -> None:
@@ -514,6 +547,12 @@ def test_killed_overwrite_leaves_the_vm_powered_off_and_the_next_command_gives_i
     # the next restore of the VM says what happened and the way on (here: not confirmed, nothing done)
     assert env.cli("restore", SCRATCH, "--overwrite") == 64
     assert "an overwrite that did not finish" in capsys.readouterr().out
+    # and so do the daemon's status and `plan`: every cycle looks for the journals
+    assert unfinished(env).startswith(f"VM {SCRATCH!r} on {lab.free} is powered off after an overwrite")
+    assert env.cli("plan") in (0, 2)
+    assert f"{SCRATCH!r} on {lab.free} is powered off after an overwrite that did not finish" in (
+        capsys.readouterr().out
+    )
 
     if then == "abort":
         assert env.cli("restore", SCRATCH, "--abort", "--host", lab.free) == 0, capsys.readouterr()
@@ -542,8 +581,15 @@ def test_killed_overwrite_leaves_the_vm_powered_off_and_the_next_command_gives_i
         with connect(env.desired.host(lab.free)) as host:
             host.power_on(host.find_vm(SCRATCH))  # as the fixture made it
     assert not journal_file.exists()
+    assert unfinished(env) == ""
     assert env.cli("restore", SCRATCH, "--abort") == 0  # nothing left to abort
     assert "nothing to abort" in capsys.readouterr().out
+
+
+def unfinished(env: Env) -> str:
+    """What a daemon cycle's observation says of an unfinished overwrite of SCRATCH ("" for nothing)."""
+    seen = observe(env.desired, now=datetime.now(timezone.utc), history={})
+    return dict(seen.hosts[env.lab.free].unfinished_overwrites).get(SCRATCH, "")
 
 
 def test_failed_overwrite_gives_the_vm_its_power_back(ssh_env: Env) -> None:

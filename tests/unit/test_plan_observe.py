@@ -3,7 +3,9 @@ repositories are read under a shared lock, the run history comes from the status
 
 from __future__ import annotations
 
+import fnmatch
 import threading
+from collections.abc import Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -14,6 +16,7 @@ from reconciler.esxi.errors import EsxiError
 from reconciler.facts.inventory import DatastoreInfo, VmInfo
 from reconciler.operations.observe import load_history, observe
 from reconciler.operations.ports import HostReader
+from reconciler.operations.restore import OverwriteJournal, journal_path
 from reconciler.planning.observed import RunRecord
 from reconciler.repository import Repository
 from tests.unit.planfixtures import NOW_TEXT, at, load_desired, point, repo_doc, vm
@@ -27,9 +30,16 @@ class FakeHost:
     prefix = "esxi-reconciler-"
 
     def __init__(
-        self, vms: list[VmInfo], *, fail: Exception | None = None, hang: threading.Event | None = None
+        self,
+        vms: list[VmInfo],
+        *,
+        fail: Exception | None = None,
+        hang: threading.Event | None = None,
+        files: dict[str, bytes] | None = None,
+        search_fails: bool = False,
     ):
         self.vms, self.fail, self.hang = vms, fail, hang
+        self.files, self.search_fails = files or {}, search_fails
         self.closed = False
 
     @property
@@ -46,8 +56,45 @@ class FakeHost:
     def datastores(self) -> list[DatastoreInfo]:
         return [DatastoreInfo("ds1", 100, 50, True, "VMFS")]
 
+    def find_in_vm_folders(self, datastores: Sequence[str], pattern: str) -> list[str]:
+        if self.search_fails:
+            raise EsxiError("datastore browser: permission denied")
+        return sorted(p for p in self.files if fnmatch.fnmatch(p.rsplit("/", 1)[-1], pattern))
+
+    def read_file(self, ds_path: str, max_size: int = 1 << 20) -> bytes:
+        return self.files[ds_path]
+
     def close(self) -> None:
         self.closed = True
+
+
+def test_a_killed_overwrite_is_observed_from_its_journal(tmp_path: Path) -> None:
+    """A VM whose folder holds an overwrite journal (a ``restore --overwrite`` was killed, the VM is
+    powered off): observed with the two ways on. A host whose folders cannot be searched is still
+    observed, without overwrites."""
+    desired = load_desired(tmp_path)
+    web, db = vm("web01", power="poweredOff"), vm("db01")
+    journal = OverwriteJournal(
+        point="20261125T020000Z-aaaa", source="web01 on esxi1", started=at("2026-11-26 09:00"),
+        power_state="poweredOn", stamp="s", point_vm="web01",
+    )  # fmt: skip
+    files = {journal_path(web): journal.to_json(), "[ds1] other/notes.txt": b"x"}
+    seen = observe(desired, now=NOW, history={}, host_factory=lambda config: FakeHost([web, db], files=files))
+    ((name, notice),) = seen.hosts["esxi1"].unfinished_overwrites
+    assert name == "web01"
+    assert "VM 'web01' on esxi1 is powered off after an overwrite that did not finish" in notice
+    assert "it was poweredOn before" in notice
+    assert "`esxi-reconciler restore web01 --host esxi1 --overwrite --point 20261125T020000Z-aaaa`" in notice
+    assert "`esxi-reconciler restore web01 --host esxi1 --abort`" in notice
+
+    broken = FakeHost([web, db], files=files, search_fails=True)
+    seen = observe(desired, now=NOW, history={}, host_factory=lambda config: broken)
+    host = seen.hosts["esxi1"]
+    assert (
+        host.reachable
+        and host.unfinished_overwrites == ()
+        and [v.name for v in host.vms] == ["web01", "db01"]
+    )
 
 
 def test_hosts_that_fail_or_hang_are_unreachable_and_the_rest_is_observed(tmp_path: Path) -> None:

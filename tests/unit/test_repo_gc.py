@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import threading
+from collections.abc import Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -46,6 +47,12 @@ class NoVms:
 
     def datastores(self) -> list[DatastoreInfo]:
         return []
+
+    def find_in_vm_folders(self, datastores: Sequence[str], pattern: str) -> list[str]:
+        return []
+
+    def read_file(self, ds_path: str, max_size: int = 0) -> bytes:
+        raise AssertionError(f"nothing to read: {ds_path}")
 
     def close(self) -> None:
         pass

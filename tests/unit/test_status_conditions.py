@@ -166,3 +166,33 @@ def test_a_valid_config_is_ready_and_says_what_it_declares(desired: DesiredState
     condition = config_condition(NOW, revision=desired.revision.id, desired=desired)
     assert (condition.status, condition.reason) == ("Ready", "Loaded")
     assert condition.message == "2 hosts, 1 repository, 1 backup policy, 0 verify policies"
+
+
+def test_a_killed_overwrite_stalls_its_vm_with_the_two_ways_on(desired: DesiredState) -> None:
+    """A VM an interrupted ``restore --overwrite`` left powered off is Stalled (``OverwriteUnfinished``,
+    with the commands) whether a policy protects it or not, even while its backup is due; ``plan``
+    shows the same as a warning. Once the journal is gone, the VM is as before."""
+    from dataclasses import replace
+
+    from reconciler.planning.plan import plan as make_plan
+
+    notice = "VM 'web01' on esxi1 is powered off after an overwrite that did not finish (...): run `a` or `b`"
+    other = "VM 'scratch' on esxi1 is powered off after an overwrite that did not finish (...)"
+    esxi1 = host("esxi1", [vm("web01", power="poweredOff"), vm("db01"), vm("scratch", power="poweredOff")])
+    seen = observed(
+        NOW,
+        [replace(esxi1, unfinished_overwrites=(("web01", notice), ("scratch", other))), host("esxi2", [])],
+    )
+    planned = make_plan(desired, seen)
+    assert any(isinstance(a, RunBackup) and a.vm == "web01" for a in planned.actions)  # due: not hidden by it
+    assert Notice("warning", "esxi1/web01", notice) in planned.notices
+    assert Notice("warning", "esxi1/scratch", other) in planned.notices
+
+    c = by_name(derive_conditions(desired, seen, plan=planned))
+    web, scratch = c[("vm", "esxi1/web01")], c[("vm", "esxi1/scratch")]
+    assert (web.status, web.reason, web.message) == ("Stalled", "OverwriteUnfinished", notice)
+    assert (scratch.status, scratch.reason, scratch.message) == ("Stalled", "OverwriteUnfinished", other)
+    assert c[("vm", "esxi1/db01")].reason == "BackupDue"
+
+    after = by_name(derive_conditions(desired, observed(NOW, [esxi1, host("esxi2", [])]), plan=planned))
+    assert after[("vm", "esxi1/web01")].reason == "BackupDue" and ("vm", "esxi1/scratch") not in after
