@@ -74,6 +74,25 @@ def test_an_unreachable_host_is_one_problem_naming_its_vms_and_the_cause(
     assert "Connection refused" in only.message and "web01" in only.message and "db01" in only.message
 
 
+def test_a_vm_left_powered_off_by_a_killed_overwrite_is_told_as_an_error(
+    desired: DesiredState, ops: Notifier
+) -> None:
+    """Its backups go on, so it is not ``backup-failed``: an ``error`` naming the VM, with the commands."""
+    notice = "VM 'scratch' on esxi1 is powered off after an overwrite that did not finish (...): run `x`"
+    esxi1 = replace(
+        host("esxi1", [vm("web01"), vm("db01"), vm("scratch")]), unfinished_overwrites=(("scratch", notice),)
+    )
+    seen = observed(NOW, [esxi1, host("esxi2", [])])
+    conditions = derive_conditions(desired, seen, plan=plan(desired, seen))
+    (found,) = problems(Facts(NOW, conditions, {}, observed=seen, desired=desired), ops)
+    assert (found.key, found.event, found.subject, found.message) == (
+        "error/vm/esxi1/scratch",
+        "error",
+        "VM esxi1/scratch",
+        notice,
+    )
+
+
 def test_stale_when_the_last_success_is_older_than_the_rpo(desired: DesiredState, ops: Notifier) -> None:
     record = RunRecord(at("2026-11-26 02:00"), at("2026-11-23 02:10"), 3, None, "host unreachable")
     facts = Facts(NOW, (), {backup_key("web-daily", "esxi1", "web01"): record}, desired=desired)
