@@ -177,14 +177,15 @@ class Files:
 
         return self.conn.api.call(f"list {folder}", search)
 
-    def find_in_vm_folders(self, datastores: Sequence[str], pattern: str) -> list[str]:
-        """Datastore paths of the files matching the glob ``pattern`` in any top-level folder of these
-        datastores (where VMs keep their files), in one pass per host: ``find`` over SSH, else one
-        recursive datastore-browser search per datastore. A datastore that cannot be read is skipped."""
+    def find_in_vm_folders(self, datastores: Sequence[str], pattern: str, depth: int = 1) -> list[str]:
+        """Datastore paths of the files matching the glob ``pattern`` in the folders of these datastores
+        down to ``depth`` (1: the top-level folders, where VMs keep their files), in one pass per host:
+        ``find`` over SSH, else one recursive datastore-browser search per datastore. A datastore that
+        cannot be read is skipped."""
         if self.conn.shell is not None:
             roots = {vmfs_path(f"[{ds}] "): ds for ds in datastores}
             res = self.conn.ssh().run(
-                ["find", *roots, "-maxdepth", "2", "-type", "f", "-name", pattern, "-print0"],
+                ["find", *roots, "-maxdepth", str(depth + 1), "-type", "f", "-name", pattern, "-print0"],
                 check=False,
                 timeout=120,
             )
@@ -192,7 +193,7 @@ class Files:
             for path in res.stdout.decode("utf-8", "surrogateescape").split("\0"):
                 root = max((r for r in roots if path.startswith(r)), key=len, default=None)
                 rel = path[len(root) :].lstrip("/") if root else ""
-                if root and rel.count("/") == 1:
+                if root and 1 <= rel.count("/") <= depth:
                     found.append(f"[{roots[root]}] {rel}")
             return sorted(found)
 
@@ -212,7 +213,7 @@ class Files:
                     continue
                 for result in results or []:
                     folder = split_ds_path(str(result.folderPath))[1].strip("/")
-                    if folder and "/" not in folder:
+                    if folder and folder.count("/") < depth:
                         found.extend(f"[{ds}] {folder}/{f.path}" for f in result.file or [])
             return sorted(found)
 

@@ -301,9 +301,9 @@ class EsxiHost:
         return self._files.list_folder(folder, pattern)
 
     @_boundary
-    def find_in_vm_folders(self, datastores: Sequence[str], pattern: str) -> list[str]:
-        """Files matching ``pattern`` in the top-level folders of ``datastores`` (datastore paths)."""
-        return self._files.find_in_vm_folders(datastores, pattern)
+    def find_in_vm_folders(self, datastores: Sequence[str], pattern: str, depth: int = 1) -> list[str]:
+        """Files matching ``pattern`` in the folders of ``datastores`` down to ``depth`` (datastore paths)."""
+        return self._files.find_in_vm_folders(datastores, pattern, depth)
 
     @_boundary
     def make_directory(self, ds_path: str) -> None:

@@ -87,8 +87,8 @@ class HostReader(Protocol):
 
     def datastores(self) -> list[DatastoreInfo]: ...
 
-    def find_in_vm_folders(self, datastores: Sequence[str], pattern: str, /) -> list[str]:
-        """Files matching ``pattern`` in the VM folders of ``datastores`` (the overwrite journals)."""
+    def find_in_vm_folders(self, datastores: Sequence[str], pattern: str, depth: int = ..., /) -> list[str]:
+        """Files matching ``pattern`` in the folders of ``datastores`` down to ``depth`` (1: top level)."""
         ...
 
     def read_file(self, ds_path: str, max_size: int = ..., /) -> bytes: ...

@@ -701,6 +701,8 @@ def _remove_leftovers(host: RestoreHost, vm: VmInfo, disk_files: Iterable[str]) 
 # -- the overwrite journal: what a killed overwrite leaves for the next command ----------------------
 
 JOURNAL_SUFFIX = ".esxi-reconciler-overwrite.json"
+MAX_FOLDER_DEPTH = 4
+"""Deepest VM folder below a datastore's root that the daemon looks for journals in."""
 
 
 @dataclass(frozen=True)
@@ -808,7 +810,9 @@ def unfinished_overwrites(
 ) -> tuple[tuple[str, str], ...]:
     """``(VM name, notice)`` for every VM of the host whose folder holds an overwrite journal: one search
     of the host's VM folders, then only the journals found are read (the daemon asks each cycle)."""
-    found = set(host.find_in_vm_folders(datastores, "*" + JOURNAL_SUFFIX))
+    # VMs keep their files in a top-level folder, unless someone made them deeper (VMs/web01/...)
+    depth = min(MAX_FOLDER_DEPTH, max((split_ds_path(vm.vmx_path)[1].count("/") for vm in vms), default=1))
+    found = set(host.find_in_vm_folders(datastores, "*" + JOURNAL_SUFFIX, max(depth, 1)))
     out = []
     for vm in vms:
         path = journal_path(vm)

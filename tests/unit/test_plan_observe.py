@@ -6,6 +6,7 @@ from __future__ import annotations
 import fnmatch
 import threading
 from collections.abc import Sequence
+from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -41,6 +42,7 @@ class FakeHost:
         self.vms, self.fail, self.hang = vms, fail, hang
         self.files, self.search_fails = files or {}, search_fails
         self.closed = False
+        self.depths: list[int] = []
 
     @property
     def license(self) -> str:
@@ -56,7 +58,8 @@ class FakeHost:
     def datastores(self) -> list[DatastoreInfo]:
         return [DatastoreInfo("ds1", 100, 50, True, "VMFS")]
 
-    def find_in_vm_folders(self, datastores: Sequence[str], pattern: str) -> list[str]:
+    def find_in_vm_folders(self, datastores: Sequence[str], pattern: str, depth: int = 1) -> list[str]:
+        self.depths.append(depth)
         if self.search_fails:
             raise EsxiError("datastore browser: permission denied")
         return sorted(p for p in self.files if fnmatch.fnmatch(p.rsplit("/", 1)[-1], pattern))
@@ -86,6 +89,12 @@ def test_a_killed_overwrite_is_observed_from_its_journal(tmp_path: Path) -> None
     assert "it was poweredOn before" in notice
     assert "`esxi-reconciler restore web01 --host esxi1 --overwrite --point 20261125T020000Z-aaaa`" in notice
     assert "`esxi-reconciler restore web01 --host esxi1 --abort`" in notice
+
+    # a VM kept one folder deeper (VMs/app/app.vmx): the search goes that deep
+    deep = replace(vm("app"), vmx_path="[ds1] VMs/app/app.vmx")
+    fake = FakeHost([web, deep], files={journal_path(deep): journal.to_json()})
+    seen = observe(desired, now=NOW, history={}, host_factory=lambda config: fake)
+    assert [n for n, _ in seen.hosts["esxi1"].unfinished_overwrites] == ["app"] and set(fake.depths) == {2}
 
     broken = FakeHost([web, db], files=files, search_fails=True)
     seen = observe(desired, now=NOW, history={}, host_factory=lambda config: broken)

@@ -48,7 +48,7 @@ class NoVms:
     def datastores(self) -> list[DatastoreInfo]:
         return []
 
-    def find_in_vm_folders(self, datastores: Sequence[str], pattern: str) -> list[str]:
+    def find_in_vm_folders(self, datastores: Sequence[str], pattern: str, depth: int = 1) -> list[str]:
         return []
 
     def read_file(self, ds_path: str, max_size: int = 0) -> bytes:
