@@ -35,10 +35,14 @@ import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from esxisim.handle import LabHandle
 from esxisim.lab import DatastoreSpec, DiskSpec, HostSpec, Lab, VMSpec, parse_size
+
+if TYPE_CHECKING:
+    from reconciler.facts.points import StoredFile
+    from reconciler.repository import Repository
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -178,7 +182,7 @@ def tree_size(path: Path) -> int:
 # -- the product ------------------------------------------------------------------------------------
 
 
-def write_bench_point(repo: Any, index: str, size: int, files: tuple[Any, ...] = ()) -> None:
+def write_bench_point(repo: Repository, index: str, size: int, files: tuple[StoredFile, ...] = ()) -> None:
     """Record a one-disk restore point of the VM "bench" whose disk is the chunk index ``index``: how the
     benches that store an image without a lab (files, s3) make a point to read back."""
     from datetime import datetime, timezone

@@ -251,12 +251,7 @@ class Daemon:
                 self.notifier.ready(self._status_line())
             if self.debouncer.due(now) and not self._being_written(now) and self.debouncer.take(now):
                 if self.debouncer.abandoned:
-                    log.warning(
-                        "config.still_being_written",
-                        files=list(self.debouncer.abandoned),
-                        seconds=self.debouncer.hold,
-                        detail="reading them anyway",
-                    )
+                    self._reading_anyway(self.debouncer.abandoned)
                 if self._reload():
                     self._cycle_requested = True
             if self._source_update:
@@ -310,14 +305,18 @@ class Daemon:
             log.info("config.being_written", files=list(files), detail="reading them once they are closed")
         if now < self._written_since + self.debouncer.hold:
             return True
+        self._reading_anyway(files)
+        self._written_since = None
+        return False
+
+    def _reading_anyway(self, files: Sequence[str]) -> None:
+        """Config files still open for writing after ``hold`` seconds are read anyway: say so."""
         log.warning(
             "config.still_being_written",
             files=list(files),
             seconds=self.debouncer.hold,
             detail="reading them anyway",
         )
-        self._written_since = None
-        return False
 
     def _sleep(self, now: float, next_ping: float | None) -> float | None:
         # while a writer holds a due reload back, look again soon: its close may bring no event

@@ -85,28 +85,29 @@ class Debouncer:
         """When the pending burst ends (None: nothing pending); while a file is being written, when
         waiting for it gives up (its close wakes the loop earlier)."""
         with self._lock:
-            if self._last is None:
-                return None
-            end = self._last + self.quiet
-            if self._writing:
-                end = max(end, min(self._writing.values()) + self.hold)
-            return end
+            return self._deadline()
+
+    def _deadline(self) -> float | None:
+        if self._last is None:
+            return None
+        end = self._last + self.quiet
+        if self._writing:
+            end = max(end, min(self._writing.values()) + self.hold)
+        return end
 
     def due(self, now: float) -> bool:
-        """Whether :meth:`take` would be true now (the caller may still hold the reload back)."""
+        """Whether :meth:`take` would be true now, i.e. the deadline has passed (the caller may still
+        hold the reload back)."""
         with self._lock:
-            return self._due(now)
-
-    def _due(self, now: float) -> bool:
-        if self._last is None or now < self._last + self.quiet:
-            return False
-        return not (self._writing and now < min(self._writing.values()) + self.hold)
+            deadline = self._deadline()
+        return deadline is not None and now >= deadline
 
     def take(self, now: float) -> bool:
         """True (once) when a burst has been quiet long enough and nothing is being written (or has been
         for ``hold``); the caller then reloads."""
         with self._lock:
-            if not self._due(now):
+            deadline = self._deadline()
+            if deadline is None or now < deadline:
                 return False
             self.abandoned = tuple(sorted(self._writing))
             self._writing.clear()
@@ -140,8 +141,12 @@ def open_for_writing(root: Path) -> tuple[str, ...]:
     :data:`LEASE_FILESYSTEMS`, not ours and no ``CAP_LEASE``, leases disabled) is not listed: its events
     decide."""
     found = []
+    kinds: dict[Path, str | None] = {}  # the mount table read once per directory, not once per file
     for path in find_files(root) if root.exists() else ():
-        if filesystem_type(path) not in LEASE_FILESYSTEMS:
+        directory = path.resolve().parent
+        if directory not in kinds:
+            kinds[directory] = filesystem_type(directory)
+        if kinds[directory] not in LEASE_FILESYSTEMS:
             continue
         try:
             fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)

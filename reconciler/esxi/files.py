@@ -9,6 +9,7 @@ browser and HTTPS ``/folder`` (GET, and PUT of a whole file).
 from __future__ import annotations
 
 import hashlib
+import logging
 import posixpath
 import re
 import time
@@ -25,6 +26,8 @@ from reconciler.esxi.transport import vmfs_path
 from reconciler.esxi.vmdk import Descriptor
 from reconciler.esxi.vmx import VmxFile
 from reconciler.facts.inventory import VmInfo, split_ds_path
+
+log = logging.getLogger(__name__)
 
 _VMFS_UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{12}$")
 
@@ -181,7 +184,7 @@ class Files:
         """Datastore paths of the files matching the glob ``pattern`` in the folders of these datastores
         down to ``depth`` (1: the top-level folders, where VMs keep their files), in one pass per host:
         ``find`` over SSH, else one recursive datastore-browser search per datastore. A datastore that
-        cannot be read is skipped."""
+        cannot be read is skipped, with a warning naming it."""
         if self.conn.shell is not None:
             roots = {vmfs_path(f"[{ds}] "): ds for ds in datastores}
             res = self.conn.ssh().run(
@@ -189,6 +192,10 @@ class Files:
                 check=False,
                 timeout=120,
             )
+            if res.exit_status != 0:  # a datastore find could not read; what it could read still counts
+                reason = res.stderr.decode("utf-8", "replace").strip().splitlines()[:1]
+                log.warning("host %s: searching the VM folders for %s: %s", self.conn.name, pattern,
+                            reason[0] if reason else f"find exited {res.exit_status}")  # fmt: skip
             found = []
             for path in res.stdout.decode("utf-8", "surrogateescape").split("\0"):
                 root = max((r for r in roots if path.startswith(r)), key=len, default=None)
@@ -209,7 +216,8 @@ class Files:
                         datastorePath=f"[{ds}]", searchSpec=spec
                     )
                     results = wait_task(task, 120, f"search [{ds}] for {pattern}")
-                except (ApiError, vim.fault.FileNotFound):
+                except (ApiError, vim.fault.FileNotFound) as exc:
+                    log.warning("host %s: searching [%s] for %s: %s", self.conn.name, ds, pattern, exc)
                     continue
                 for result in results or []:
                     folder = split_ds_path(str(result.folderPath))[1].strip("/")
